@@ -1,0 +1,152 @@
+"""``VcpuFd``: a vCPU file descriptor, its kvm_run page and its dirty ring mapping.
+
+KVM_RUN is called through :func:`ioctl_nocheck` so the hot path never builds an exception: an
+interrupted run (signal or ``immediate_exit``) comes back as EINTR and is reported to the caller
+as the exit reason KVM_EXIT_INTR.
+"""
+from __future__ import annotations
+
+import ctypes as C
+import errno
+import mmap as _mmap
+import os
+from typing import TYPE_CHECKING
+
+from ..errors import KvmError
+from . import _uapi as U
+from ._ioctl import ioctl, ioctl_nocheck
+from .mapping import PAGE_SIZE, Mapping
+
+if TYPE_CHECKING:
+    from .vm import VmFd
+
+
+class VcpuFd:
+    """A vCPU made by :meth:`VmFd.create_vcpu`."""
+
+    def __init__(self, fd: int, vm: VmFd, vcpu_id: int) -> None:
+        self.fd = fd
+        self.vm = vm
+        self.id = vcpu_id
+        size = vm.kvm.get_vcpu_mmap_size()
+        self._run_map = Mapping(fd, size)
+        # SAFETY: the kvm_run struct sits at offset 0 of a mapping of at least its size.
+        self.run_struct = U.kvm_run.from_address(self._run_map.addr)
+        self.ring_map: Mapping | None = None
+        if vm.dirty_ring_bytes:
+            self.ring_map = Mapping(fd, vm.dirty_ring_bytes,
+                                    offset=U.KVM_DIRTY_LOG_PAGE_OFFSET * PAGE_SIZE,
+                                    prot=_mmap.PROT_READ | _mmap.PROT_WRITE)
+
+    # --- running ------------------------------------------------------------------------------
+    def run(self) -> int:
+        """Wraps KVM_RUN; returns the exit reason (KVM_EXIT_INTR when interrupted by a signal)."""
+        ret, err = ioctl_nocheck(self.fd, U.KVM_RUN)
+        if ret < 0:
+            if err == errno.EINTR:
+                return U.KVM_EXIT_INTR
+            raise KvmError("KVM_RUN", err)
+        return int(self.run_struct.exit_reason)
+
+    def io_data(self, offset: int, size: int) -> C.Array[C.c_char]:
+        """The data bytes of a KVM_EXIT_IO, inside the kvm_run mapping."""
+        # SAFETY: data_offset is set by KVM and points inside the vCPU mmap area.
+        return (C.c_char * size).from_address(self._run_map.addr + offset)
+
+    # --- state ----------------------------------------------------------------------------------
+    def get_regs(self) -> U.kvm_regs:
+        r = U.kvm_regs()
+        ioctl(self.fd, U.KVM_GET_REGS, r)
+        return r
+
+    def set_regs(self, r: U.kvm_regs) -> None:
+        ioctl(self.fd, U.KVM_SET_REGS, r)
+
+    def get_sregs(self) -> U.kvm_sregs:
+        s = U.kvm_sregs()
+        ioctl(self.fd, U.KVM_GET_SREGS, s)
+        return s
+
+    def set_sregs(self, s: U.kvm_sregs) -> None:
+        ioctl(self.fd, U.KVM_SET_SREGS, s)
+
+    def get_fpu(self) -> U.kvm_fpu:
+        f = U.kvm_fpu()
+        ioctl(self.fd, U.KVM_GET_FPU, f)
+        return f
+
+    def set_fpu(self, f: U.kvm_fpu) -> None:
+        ioctl(self.fd, U.KVM_SET_FPU, f)
+
+    def get_xsave(self) -> U.kvm_xsave:
+        x = U.kvm_xsave()
+        ioctl(self.fd, U.KVM_GET_XSAVE, x)
+        return x
+
+    def set_xsave(self, x: U.kvm_xsave) -> None:
+        ioctl(self.fd, U.KVM_SET_XSAVE, x)
+
+    def get_xcrs(self) -> U.kvm_xcrs:
+        x = U.kvm_xcrs()
+        ioctl(self.fd, U.KVM_GET_XCRS, x)
+        return x
+
+    def set_xcrs(self, x: U.kvm_xcrs) -> None:
+        ioctl(self.fd, U.KVM_SET_XCRS, x)
+
+    def get_msrs(self, indices: list[int]) -> dict[int, int]:
+        """Wraps KVM_GET_MSRS; returns {index: value} for the MSRs KVM could read."""
+        buf, entries = U.msrs_buffer(len(indices))
+        for e, i in zip(entries, indices):
+            e.index = i
+        n = ioctl(self.fd, U.KVM_GET_MSRS, buf)
+        return {entries[k].index: entries[k].data for k in range(n)}
+
+    def set_msrs(self, values: dict[int, int]) -> int:
+        """Wraps KVM_SET_MSRS; returns how many were set (KVM stops at the first it refuses)."""
+        buf, entries = U.msrs_buffer(len(values))
+        for e, (i, v) in zip(entries, values.items()):
+            e.index, e.data = i, v
+        n = ioctl(self.fd, U.KVM_SET_MSRS, buf)
+        if n != len(values):
+            bad = list(values)[n]
+            raise KvmError("KVM_SET_MSRS", errno.EINVAL, f"MSR {bad:#x} refused")
+        return n
+
+    def get_lapic(self) -> U.kvm_lapic_state:
+        s = U.kvm_lapic_state()
+        ioctl(self.fd, U.KVM_GET_LAPIC, s)
+        return s
+
+    def set_lapic(self, s: U.kvm_lapic_state) -> None:
+        ioctl(self.fd, U.KVM_SET_LAPIC, s)
+
+    def get_vcpu_events(self) -> U.kvm_vcpu_events:
+        e = U.kvm_vcpu_events()
+        ioctl(self.fd, U.KVM_GET_VCPU_EVENTS, e)
+        return e
+
+    def set_vcpu_events(self, e: U.kvm_vcpu_events) -> None:
+        ioctl(self.fd, U.KVM_SET_VCPU_EVENTS, e)
+
+    def get_mp_state(self) -> int:
+        m = U.kvm_mp_state()
+        ioctl(self.fd, U.KVM_GET_MP_STATE, m)
+        return int(m.mp_state)
+
+    def set_mp_state(self, state: int) -> None:
+        ioctl(self.fd, U.KVM_SET_MP_STATE, U.kvm_mp_state(state))
+
+    def set_cpuid2(self, cpuid_buf: C.Array[C.c_uint8]) -> None:
+        ioctl(self.fd, U.KVM_SET_CPUID2, cpuid_buf)
+
+    def get_tsc_khz(self) -> int:
+        return ioctl(self.fd, U.KVM_GET_TSC_KHZ)
+
+    def close(self) -> None:
+        if self.ring_map is not None:
+            self.ring_map.close()
+        self._run_map.close()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

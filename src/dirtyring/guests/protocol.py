@@ -1,0 +1,75 @@
+"""The VMM side of the guest programs' protocol; mirrors ``guest.h`` (a test compares them).
+
+Guests: ``dirtier`` (writes the control page's iteration into data pages by pattern),
+``compute`` (a verifiable hash chain), ``kvstore`` (a key-value table served through a
+shared-memory request/response device with a doorbell port). Each vCPU has a status block.
+"""
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+
+CONTROL_MAGIC = int.from_bytes(b"DRGUEST1", "little")
+
+# Control page field offsets (u64 each).
+CONTROL_FIELDS = ("magic", "data_gpa", "data_pages", "pattern", "hot_pages", "rate_pps",
+                  "tsc_khz", "seed", "iteration", "nr_vcpus", "exit_every", "report_every",
+                  "stop", "max_writes")
+CONTROL_OFFSET = {name: 8 * i for i, name in enumerate(CONTROL_FIELDS)}
+STATUS_FIELDS = ("progress", "passes", "report_i", "report_h", "hash", "step")
+STATUS_OFFSET = {name: 8 * i for i, name in enumerate(STATUS_FIELDS)}
+
+
+class Port(enum.IntEnum):
+    DONE = 0x10
+    CONSOLE = 0x11
+    REPORT = 0x12
+    TICK = 0x13
+    KV_WAIT = 0x20
+    KV_DONE = 0x21
+
+
+class Pattern(enum.IntEnum):
+    SEQUENTIAL = 0
+    RANDOM = 1
+    HOT = 2
+
+
+# Key-value device.
+KV_RING = 128
+KV_PUT, KV_GET = 1, 2
+KV_OK, KV_NOT_FOUND, KV_FULL, KV_BAD_OP = 0, 1, 2, 3
+KV_HEADER_OFFSETS = {"req_prod": 0, "req_cons": 64, "resp_prod": 128, "resp_cons": 192}
+KV_REQ_OFFSET = 0x1000   # from QUEUE_GPA
+KV_RESP_OFFSET = 0x2000
+KV_ENTRY = struct.Struct("<IIQQQ")  # op_or_status, id, key, value, pad
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GuestParams:
+    """What the VMM writes into the control page before the guest starts."""
+
+    pattern: Pattern = Pattern.RANDOM
+    hot_pages: int = 64
+    rate_pps: int = 0
+    seed: int = 1
+    exit_every: int = 0
+    report_every: int = 100_000
+    max_writes: int = 0
+
+
+def splitmix64(x: int) -> int:
+    m = (1 << 64) - 1
+    x = (x + 0x9E3779B97F4A7C15) & m
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & m
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & m
+    return x ^ (x >> 31)
+
+
+def hash_chain(seed: int, steps: int, start: tuple[int, int] | None = None) -> int:
+    """The compute guest's chain value after ``steps`` steps (optionally from (step, hash))."""
+    i, h = start if start else (0, seed)
+    for k in range(i, steps):
+        h = splitmix64(h ^ k)
+    return h

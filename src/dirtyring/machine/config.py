@@ -1,0 +1,59 @@
+"""``MachineConfig``: everything needed to build an identical machine (a standby, a restore)."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+from ..errors import ConfigError
+from ..guests import NAMES
+from ..guests.protocol import GuestParams, Pattern
+from ..tracking import KINDS
+
+MiB = 1 << 20
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MachineConfig:
+    guest: str = "dirtier"
+    vcpus: int = 1
+    data_slots: tuple[int, ...] = (64 * MiB,)  # bytes per data memslot
+    tracker: str = "ring"  # ring | bitmap | bitmap-clear | hotset | none
+    ring_entries: int = 4096  # per vCPU; the dirty budget of an epoch is this minus 64
+    hot_epochs: int = 8
+    kvmclock: bool = False  # enable kvmclock + steal time: KVM writes guest pages itself
+    block_signals_in_reset: bool = True  # off only to demonstrate the host defect
+    params: GuestParams = field(default_factory=GuestParams)
+
+    def __post_init__(self) -> None:
+        if self.guest not in NAMES:
+            raise ConfigError(f"unknown guest {self.guest!r}; choose one of {', '.join(NAMES)}")
+        if not 1 <= self.vcpus <= 64:
+            raise ConfigError(f"vcpus must be 1..64, not {self.vcpus}")
+        if self.tracker not in (*KINDS, "none"):
+            raise ConfigError(f"unknown tracker {self.tracker!r}; choose one of "
+                              f"{', '.join((*KINDS, 'none'))}")
+        n = self.ring_entries
+        if self.tracker == "ring" and (n < 256 or n & (n - 1)):
+            raise ConfigError(f"ring_entries must be a power of two >= 256, not {n}")
+        if not self.data_slots:
+            raise ConfigError("at least one data slot is needed")
+
+    @property
+    def data_bytes(self) -> int:
+        return sum(self.data_slots)
+
+    def to_json(self) -> bytes:
+        d = asdict(self)
+        d["params"] = {k: int(v) for k, v in asdict(self.params).items()}
+        return json.dumps(d, sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, b: bytes) -> MachineConfig:
+        try:
+            d = json.loads(b)
+            p = d.pop("params")
+            p["pattern"] = Pattern(p["pattern"])
+            d["data_slots"] = tuple(d["data_slots"])
+            return cls(**d, params=GuestParams(**p))
+        except (ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"machine configuration is malformed: {e}") from None

@@ -1,0 +1,47 @@
+"""The guest's control ports: DONE (finished), TICK (dirtier progress), REPORT (compute chain)."""
+from __future__ import annotations
+
+import struct
+from typing import TYPE_CHECKING
+
+from ...guests.protocol import STATUS_OFFSET, Port
+from .. import layout
+from .base import OutputSink
+
+if TYPE_CHECKING:
+    from ..memory import GuestMemory
+    from ..vcpu import VcpuRunner
+
+
+class ControlPorts:
+    name = "control"
+    ports = (int(Port.DONE), int(Port.TICK), int(Port.REPORT))
+
+    def __init__(self, memory: GuestMemory, sink: OutputSink) -> None:
+        self.memory = memory
+        self.sink = sink
+        self.ticks = 0
+        self.reports = 0
+
+    def io_out(self, vcpu: VcpuRunner, port: int, value: int, size: int) -> None:
+        if port == Port.DONE:
+            vcpu.finished = True
+            vcpu.exit_code = value
+            vcpu.machine.on_finished(vcpu)
+        elif port == Port.TICK:
+            self.ticks += 1
+        elif port == Port.REPORT:
+            self.reports += 1
+            base = layout.status_gpa(vcpu.index)
+            i = self.memory.read_u64(base + STATUS_OFFSET["report_i"])
+            h = self.memory.read_u64(base + STATUS_OFFSET["report_h"])
+            self.sink("report", (vcpu.index, i, h))
+
+    def io_in(self, vcpu: VcpuRunner, port: int, size: int) -> int:
+        return 0xFFFFFFFF
+
+    def save(self) -> bytes:
+        return struct.pack("<QQ", self.ticks, self.reports)
+
+    def restore(self, data: bytes) -> None:
+        self.ticks, self.reports = struct.unpack("<QQ", data)

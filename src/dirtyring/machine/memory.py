@@ -1,0 +1,133 @@
+"""Guest memory: memslots backed by memfd, so another process or a snapshot can map the same pages.
+
+Every write the VMM makes into guest memory goes through :meth:`GuestMemory.write` or is
+announced with :meth:`GuestMemory.mark_dirty`: KVM never logs such writes, so the trackers merge
+this record into each harvest (dirty = KVM log ∪ VMM writes).
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+from .._bindings import Mapping, memfd
+from ..errors import ConfigError
+from . import layout
+
+PAGE = layout.PAGE
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SlotInfo:
+    """One memslot as the machine state records it."""
+
+    slot: int
+    gpa: int
+    size: int
+    name: str
+
+    @property
+    def pages(self) -> int:
+        return self.size // PAGE
+
+
+class Slot:
+    """A memslot: its memfd, its host mapping and a uint8 view."""
+
+    def __init__(self, info: SlotInfo, fd: int | None = None) -> None:
+        self.info = info
+        self.fd = fd if fd is not None else memfd(f"dirtyring-{info.name}", info.size)
+        self.map = Mapping(self.fd, info.size, noreserve=True)
+        self.view = self.map.array()
+
+    def close(self) -> None:
+        import os
+        self.map.close()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def plan_slots(data_sizes: list[int]) -> list[SlotInfo]:
+    """Slot 0 is the system slot; data slots follow back to back from layout.DATA_GPA."""
+    infos = [SlotInfo(slot=0, gpa=0, size=layout.SYSTEM_SLOT_SIZE, name="system")]
+    gpa = layout.DATA_GPA
+    for i, size in enumerate(data_sizes, start=1):
+        if size <= 0 or size % PAGE:
+            raise ConfigError(f"data slot {i} size {size} must be a positive multiple of 4096")
+        infos.append(SlotInfo(slot=i, gpa=gpa, size=size, name=f"data{i}"))
+        gpa += size
+    if gpa - layout.DATA_GPA > layout.MAX_DATA_BYTES:
+        raise ConfigError(f"guest data memory above {layout.MAX_DATA_BYTES >> 30} GiB")
+    return infos
+
+
+class GuestMemory:
+    """All memslots of one machine and the record of VMM-side writes."""
+
+    def __init__(self, infos: list[SlotInfo], fds: list[int] | None = None) -> None:
+        self.slots = [Slot(info, None if fds is None else fds[i])
+                      for i, info in enumerate(infos)]
+        self._vmm_dirty: dict[int, set[int]] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def infos(self) -> list[SlotInfo]:
+        return [s.info for s in self.slots]
+
+    @property
+    def data_gpa(self) -> int:
+        return layout.DATA_GPA
+
+    @property
+    def data_bytes(self) -> int:
+        return sum(s.info.size for s in self.slots[1:])
+
+    def locate(self, gpa: int) -> tuple[Slot, int]:
+        for s in self.slots:
+            if s.info.gpa <= gpa < s.info.gpa + s.info.size:
+                return s, gpa - s.info.gpa
+        raise ValueError(f"guest address {gpa:#x} is in no memslot")
+
+    def read(self, gpa: int, n: int) -> bytes:
+        s, off = self.locate(gpa)
+        return s.view[off:off + n].tobytes()
+
+    def read_u64(self, gpa: int) -> int:
+        s, off = self.locate(gpa)
+        return int(s.view[off:off + 8].view(np.uint64)[0])
+
+    def write(self, gpa: int, data: bytes | np.ndarray) -> None:
+        """A VMM write into guest memory; recorded as dirty."""
+        s, off = self.locate(gpa)
+        b = np.frombuffer(bytes(data), np.uint8) if not isinstance(data, np.ndarray) else data
+        s.view[off:off + len(b)] = b
+        self.mark_dirty(s.info.slot, off // PAGE, (off + len(b) - 1) // PAGE + 1)
+
+    def write_u64(self, gpa: int, value: int) -> None:
+        self.write(gpa, int(value).to_bytes(8, "little"))
+
+    def mark_dirty(self, slot: int, first_page: int, end_page: int | None = None) -> None:
+        """Record that the VMM wrote pages [first_page, end_page) of ``slot``."""
+        end = first_page + 1 if end_page is None else end_page
+        with self._lock:
+            self._vmm_dirty.setdefault(slot, set()).update(range(first_page, end))
+
+    def take_vmm_dirty(self) -> list[tuple[int, np.ndarray]]:
+        """Drain the record of VMM writes (trackers merge it into each harvest)."""
+        with self._lock:
+            d, self._vmm_dirty = self._vmm_dirty, {}
+        return [(slot, np.fromiter(pages, np.int64, len(pages))) for slot, pages in d.items()]
+
+    def digest(self) -> bytes:
+        """A digest of all guest memory (for tests and verify modes; reads every byte)."""
+        import hashlib
+        h = hashlib.blake2b(digest_size=16)
+        for s in self.slots:
+            h.update(memoryview(s.view))
+        return h.digest()
+
+    def close(self) -> None:
+        for s in self.slots:
+            s.close()

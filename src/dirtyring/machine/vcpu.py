@@ -1,0 +1,160 @@
+"""A vCPU on its own thread, with a pause protocol that never traps the GIL.
+
+Theory of operation
+-------------------
+The thread loops on KVM_RUN (which releases the GIL). To pause it, the controller sets
+``kvm_run.immediate_exit = 1`` and then sends KICK_SIGNAL to the thread: if the thread is inside
+KVM_RUN the signal makes it return EINTR; if it is just about to enter, immediate_exit makes
+KVM_RUN return EINTR at once. Either way the thread sees KVM_EXIT_INTR and parks on a Condition.
+
+A vCPU parks only after a KVM_RUN that returned INTR (or after DIRTY_RING_FULL / a crash). That
+matters for state capture: after an I/O exit, the instruction completes on the *next* KVM_RUN,
+so a vCPU parked straight after an I/O exit would be captured mid-instruction. Re-running with
+immediate_exit set completes the I/O and returns without entering the guest.
+"""
+from __future__ import annotations
+
+import signal
+import threading
+from collections import Counter
+from typing import TYPE_CHECKING, Callable
+
+from .._bindings import VcpuFd
+from .._bindings import _uapi as U
+from ..errors import DirtyringError, KvmError
+
+if TYPE_CHECKING:
+    from .vm import Machine
+
+KICK_SIGNAL = signal.SIGUSR1
+
+EXIT_NAMES = {v: k[len("KVM_EXIT_"):] for k, v in vars(U).items()
+              if k.startswith("KVM_EXIT_") and isinstance(v, int) and k not in
+              ("KVM_EXIT_IO_IN", "KVM_EXIT_IO_OUT")}
+
+
+def _noop(signum: int, frame: object) -> None:
+    pass
+
+
+def install_kick_handler() -> None:
+    """KVM_RUN is only interrupted by a signal that has a handler (an ignored one is dropped)."""
+    if signal.getsignal(KICK_SIGNAL) is _noop:
+        return
+    if threading.current_thread() is not threading.main_thread():
+        raise DirtyringError("the first machine must be created from the main thread "
+                             "(it installs the vCPU kick signal handler)")
+    signal.signal(KICK_SIGNAL, _noop)
+
+
+class VcpuRunner:
+    """One vCPU and the thread that runs it."""
+
+    def __init__(self, machine: Machine, fd: VcpuFd, index: int) -> None:
+        self.machine = machine
+        self.fd = fd
+        self.index = index
+        self.run_struct = fd.run_struct
+        self.exits: Counter[int] = Counter()
+        self.pause_requested = False
+        self.parked = False
+        self.finished = False
+        self.exit_code: int | None = None
+        self.ring_full = False
+        self.crash: str | None = None
+        self.quit = False
+        self.thread: threading.Thread | None = None
+
+    # --- controller side ----------------------------------------------------------------------
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._main, name=f"vcpu{self.index}", daemon=True)
+        self.thread.start()
+
+    def kick(self) -> None:
+        """Make the thread leave KVM_RUN soon (call with pause_requested or quit set)."""
+        self.run_struct.immediate_exit = 1
+        t = self.thread
+        if t is not None and t.ident is not None and t.is_alive() and not self.parked:
+            try:
+                signal.pthread_kill(t.ident, KICK_SIGNAL)
+            except ProcessLookupError:
+                pass
+
+    @property
+    def runnable(self) -> bool:
+        return not (self.finished or self.crash or self.quit)
+
+    # --- thread side ----------------------------------------------------------------------------
+    def _must_park(self) -> bool:
+        return self.pause_requested or self.finished or self.ring_full or self.crash is not None \
+            or self.quit
+
+    def _park(self) -> None:
+        cv = self.machine.cv
+        with cv:
+            self.parked = True
+            cv.notify_all()
+            while self._must_park() and not self.quit:
+                cv.wait()
+            self.parked = False
+        self.run_struct.immediate_exit = 0 if not self._must_park() else 1
+
+    def _main(self) -> None:
+        m = self.machine
+        run = self.fd.run
+        handle_io: Callable[[VcpuRunner], None] = m.handle_io
+        try:
+            while not self.quit:
+                if self.pause_requested or self.finished:
+                    # Not yet proven clean: re-run with immediate_exit to complete pending I/O.
+                    self.run_struct.immediate_exit = 1
+                reason = run()
+                self.exits[reason] += 1
+                if reason == U.KVM_EXIT_INTR:
+                    if self._must_park():
+                        self._park()
+                elif reason == U.KVM_EXIT_IO:
+                    handle_io(self)
+                elif reason == U.KVM_EXIT_DIRTY_RING_FULL:
+                    self.ring_full = True
+                    m.on_ring_full(self)
+                    self._park()
+                elif reason == U.KVM_EXIT_MMIO:
+                    m.handle_mmio(self)
+                else:
+                    self.crash = self._describe(reason)
+                    m.on_crash(self)
+                    self._park()
+        except KvmError as e:
+            self.crash = str(e)
+            m.on_crash(self)
+            with m.cv:
+                self.parked = True
+                m.cv.notify_all()
+        except BaseException as e:  # a device handler bug must not hang the controller
+            self.crash = f"VMM error on vCPU {self.index}: {type(e).__name__}: {e}"
+            m.on_crash(self)
+            with m.cv:
+                self.parked = True
+                m.cv.notify_all()
+        with m.cv:
+            self.parked = True
+            m.cv.notify_all()
+
+    def _describe(self, reason: int) -> str:
+        name = EXIT_NAMES.get(reason, str(reason))
+        extra = ""
+        try:
+            regs = self.fd.get_regs()
+            extra = f" at rip={regs.rip:#x}"
+        except KvmError:
+            pass
+        if reason == U.KVM_EXIT_SHUTDOWN:
+            return f"guest on vCPU {self.index} triple-faulted (KVM_EXIT_SHUTDOWN){extra}"
+        if reason == U.KVM_EXIT_INTERNAL_ERROR:
+            sub = self.run_struct.u.internal.suberror
+            return f"KVM internal error {sub} on vCPU {self.index}{extra}"
+        if reason == U.KVM_EXIT_FAIL_ENTRY:
+            why = self.run_struct.u.fail_entry.hardware_entry_failure_reason
+            return f"VM entry failed on vCPU {self.index} (reason {why:#x}){extra}"
+        return f"unexpected exit {name} on vCPU {self.index}{extra}"

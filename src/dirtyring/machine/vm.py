@@ -1,0 +1,383 @@
+"""``Machine``: a runnable VM built from a MachineConfig: memory, vCPU threads, devices, tracker.
+
+Two ways to build one (as Firecracker's builder): ``Machine(config)`` boots the guest program
+fresh; ``Machine(config, boot=False)`` builds the same hardware with empty memory and parked
+vCPUs, to be filled by restoring a checkpoint or snapshot (``restore_state``).
+"""
+from __future__ import annotations
+
+import ctypes as C
+import threading
+import time
+from typing import Any
+
+from .._bindings import Cap, Kvm, VcpuFd
+from .._bindings import _uapi as U
+from .._bindings.caps import REQUIRED
+from ..errors import CapabilityMissing, ConfigError, GuestCrashed, KvmError
+from ..guests import load_guest
+from ..guests.protocol import CONTROL_MAGIC, CONTROL_OFFSET
+from ..tracking import BitmapTracker, HotSetTracker, RingTracker, TrackedSlot, Tracker
+from . import layout
+from .config import MachineConfig
+from .devices import Console, ControlPorts, Device, KvDevice, OutputSink
+from .memory import GuestMemory, plan_slots
+from .state import DeviceState, MachineState, VcpuState
+from .vcpu import VcpuRunner, install_kick_handler
+
+#: MSRs captured with every vCPU state (those KVM saves that a CPL3 guest can depend on).
+STATE_MSRS = (U.MSR_IA32_TSC, U.MSR_IA32_SYSENTER_CS, U.MSR_IA32_SYSENTER_ESP,
+              U.MSR_IA32_SYSENTER_EIP, U.MSR_STAR, U.MSR_LSTAR, U.MSR_CSTAR, U.MSR_SYSCALL_MASK,
+              U.MSR_KERNEL_GS_BASE, U.MSR_IA32_CR_PAT, U.MSR_KVM_SYSTEM_TIME_NEW,
+              U.MSR_KVM_STEAL_TIME)
+KVMCLOCK_GPA = 0x9000   # 32 bytes per vCPU (pvclock_vcpu_time_info)
+STEAL_TIME_GPA = 0xA000  # 64 bytes per vCPU (kvm_steal_time)
+
+
+class Machine:
+    """One VM. Not thread-safe: one controller thread drives pause/resume/capture."""
+
+    def __init__(self, config: MachineConfig, *, sink: OutputSink | None = None,
+                 boot: bool = True, kvm: Kvm | None = None) -> None:
+        install_kick_handler()
+        self.config = config
+        self.cv = threading.Condition()
+        self.outputs: list[tuple[str, Any]] = []
+        self.sink: OutputSink = sink or (lambda kind, payload: self.outputs.append((kind, payload)))
+        #: Set when the controller should look: a ring is full, or the guest stopped or crashed.
+        self.attention = threading.Event()
+        self.stopped_event = threading.Event()
+        self._own_kvm = kvm is None
+        self.kvm = kvm or Kvm()
+        self._check_caps()
+        self.vm = self.kvm.create_vm()
+        self.memory: GuestMemory | None = None
+        self.runners: list[VcpuRunner] = []
+        self.tracker: Tracker | None = None
+        self._closed = False
+        try:
+            self._build(boot)
+        except BaseException:
+            self.close()
+            raise
+
+    # --- construction ---------------------------------------------------------------------------
+    def _check_caps(self) -> None:
+        need = list(REQUIRED["machine"]) + list(REQUIRED.get(self.config.tracker, ()))
+        missing = [c.name for c in need if not self.kvm.check_extension(c)]
+        if missing:
+            raise CapabilityMissing(missing, f"a {self.config.tracker}-tracked machine")
+        if self.config.tracker == "ring":
+            max_bytes = self.kvm.check_extension_int(Cap.DIRTY_LOG_RING)
+            if self.config.ring_entries * 16 > max_bytes:
+                raise ConfigError(f"ring of {self.config.ring_entries} entries is larger than "
+                                  f"this host allows ({max_bytes // 16})")
+        nr = self.kvm.check_extension_int(Cap.MAX_VCPUS) or self.kvm.check_extension_int(
+            Cap.NR_VCPUS)
+        if self.config.vcpus > nr:
+            raise ConfigError(f"{self.config.vcpus} vCPUs asked, this host allows {nr}")
+
+    def _build(self, boot: bool) -> None:
+        cfg = self.config
+        vm = self.vm
+        try:
+            vm.create_irqchip()
+            self.has_irqchip = True
+        except KvmError:
+            self.has_irqchip = False
+        if cfg.tracker == "ring":
+            vm.enable_dirty_log_ring(cfg.ring_entries * 16)
+        elif cfg.tracker in ("bitmap-clear", "hotset"):
+            vm.enable_manual_dirty_log_protect()
+        self.memory = GuestMemory(plan_slots(list(cfg.data_slots)))
+        for s in self.memory.slots:
+            vm.set_user_memory_region(s.info.slot, s.info.gpa, s.info.size, s.map.addr)
+        self.tsc_khz = 0
+        cpuid = self.kvm.get_supported_cpuid()
+        for i in range(cfg.vcpus):
+            fd = vm.create_vcpu(i)
+            fd.set_cpuid2(cpuid)
+            self.runners.append(VcpuRunner(self, fd, i))
+        if self.runners:
+            try:
+                self.tsc_khz = self.runners[0].fd.get_tsc_khz()
+            except KvmError:
+                self.tsc_khz = 0
+        self.console = Console(self._emit)
+        self.control = ControlPorts(self.memory, self._emit)
+        self.kv = KvDevice(self.memory, self._emit)
+        self.devices: list[Device] = [self.console, self.control, self.kv]
+        self._ports: dict[int, Device] = {p: d for d in self.devices for p in d.ports}
+        self.tracker = self._make_tracker()
+        if self.tracker is not None:
+            self.tracker.start()
+        if boot:
+            self._boot()
+        else:
+            for r in self.runners:
+                r.pause_requested = True
+        for r in self.runners:
+            r.start()
+
+    def _make_tracker(self) -> Tracker | None:
+        assert self.memory is not None
+        slots = [TrackedSlot(slot=s.info.slot, gpa=s.info.gpa, pages=s.info.pages,
+                             userspace_addr=s.map.addr) for s in self.memory.slots]
+        src = self.memory.take_vmm_dirty
+        cfg = self.config
+        if cfg.tracker == "ring":
+            return RingTracker(self.vm, [r.fd for r in self.runners], slots, src,
+                               block_signals=cfg.block_signals_in_reset)
+        if cfg.tracker == "bitmap":
+            return BitmapTracker(self.vm, slots, src)
+        if cfg.tracker == "bitmap-clear":
+            return BitmapTracker(self.vm, slots, src, manual=True)
+        if cfg.tracker == "hotset":
+            return HotSetTracker(self.vm, slots, src, hot_epochs=cfg.hot_epochs)
+        return None
+
+    def _boot(self) -> None:
+        mem = self.memory
+        assert mem is not None
+        cfg = self.config
+        layout.build_system_slot(mem.slots[0].view, mem.data_bytes)
+        code = load_guest(cfg.guest)
+        if len(code) > layout.CODE_LIMIT - layout.CODE_GPA:
+            raise ConfigError(f"guest {cfg.guest} is too large ({len(code)} bytes)")
+        mem.slots[0].view[layout.CODE_GPA:layout.CODE_GPA + len(code)] = bytearray(code)
+        p = cfg.params
+        ctl = {"magic": CONTROL_MAGIC, "data_gpa": layout.DATA_GPA,
+               "data_pages": mem.data_bytes // layout.PAGE, "pattern": int(p.pattern),
+               "hot_pages": p.hot_pages, "rate_pps": p.rate_pps, "tsc_khz": self.tsc_khz,
+               "seed": p.seed, "iteration": 1, "nr_vcpus": cfg.vcpus,
+               "exit_every": p.exit_every, "report_every": p.report_every, "stop": 0,
+               "max_writes": p.max_writes}
+        for k, v in ctl.items():
+            self.set_control(k, v)
+        mem.mark_dirty(0, 0, layout.SYSTEM_SLOT_SIZE // layout.PAGE)
+        for r in self.runners:
+            self._setup_vcpu(r.fd, r.index)
+        if cfg.kvmclock:
+            for r in self.runners:
+                self.enable_kvmclock(r.fd, r.index)
+
+    def _setup_vcpu(self, fd: VcpuFd, index: int) -> None:
+        s = fd.get_sregs()
+        code = dict(base=0, limit=0xFFFFFFFF, selector=layout.SEL_USER_CODE, type=11, present=1,
+                    dpl=3, db=0, s=1, l=1, g=1)
+        data = dict(base=0, limit=0xFFFFFFFF, selector=layout.SEL_USER_DATA, type=3, present=1,
+                    dpl=3, db=1, s=1, l=0, g=1)
+        for name, vals in [("cs", code), ("ds", data), ("es", data), ("fs", data), ("gs", data),
+                           ("ss", data)]:
+            seg = getattr(s, name)
+            for k, v in vals.items():
+                setattr(seg, k, v)
+            seg.avl = seg.unusable = 0
+        s.tr.base, s.tr.limit, s.tr.selector = layout.TSS_GPA, 0x67, layout.SEL_TSS
+        s.tr.type, s.tr.present, s.tr.dpl, s.tr.s, s.tr.l, s.tr.g, s.tr.unusable = \
+            11, 1, 0, 0, 0, 0, 0
+        s.gdt.base, s.gdt.limit = layout.GDT_GPA, layout.GDT_LIMIT
+        s.idt.base, s.idt.limit = 0, 0
+        s.cr0, s.cr3, s.cr4, s.efer = layout.CR0, layout.PML4_GPA, layout.CR4, layout.EFER
+        fd.set_sregs(s)
+        r = U.kvm_regs()
+        r.rip = layout.CODE_GPA
+        r.rsp = layout.stack_top(index)
+        r.rdi = index
+        r.rflags = layout.RFLAGS
+        fd.set_regs(r)
+        fd.set_mp_state(U.KVM_MP_STATE_RUNNABLE)
+
+    def enable_kvmclock(self, fd: VcpuFd, index: int) -> None:
+        """Turn on kvmclock and steal time: from now on KVM itself writes those guest pages
+        (on this vCPU's behalf, so they land in its dirty ring)."""
+        fd.set_msrs({U.MSR_KVM_SYSTEM_TIME_NEW: (KVMCLOCK_GPA + 32 * index) | 1,
+                     U.MSR_KVM_STEAL_TIME: (STEAL_TIME_GPA + 64 * index) | 1})
+
+    # --- control page -------------------------------------------------------------------------
+    def set_control(self, field: str, value: int) -> None:
+        assert self.memory is not None
+        self.memory.write_u64(layout.CONTROL_GPA + CONTROL_OFFSET[field], value)
+
+    def get_control(self, field: str) -> int:
+        assert self.memory is not None
+        return self.memory.read_u64(layout.CONTROL_GPA + CONTROL_OFFSET[field])
+
+    def status(self, vcpu: int, field: str) -> int:
+        from ..guests.protocol import STATUS_OFFSET
+        assert self.memory is not None
+        return self.memory.read_u64(layout.status_gpa(vcpu) + STATUS_OFFSET[field])
+
+    def progress(self) -> int:
+        """Sum of the guest's progress counters over all vCPUs (read without pausing)."""
+        return sum(self.status(r.index, "progress") for r in self.runners)
+
+    # --- vCPU callbacks (called on vCPU threads) --------------------------------------------------
+    def _emit(self, kind: str, payload: Any) -> None:
+        self.sink(kind, payload)
+
+    def handle_io(self, r: VcpuRunner) -> None:
+        io = r.run_struct.u.io
+        dev = self._ports.get(io.port)
+        size = io.size
+        data = r.fd.io_data(io.data_offset, size * max(1, io.count))
+        if io.direction == U.KVM_EXIT_IO_OUT:
+            value = int.from_bytes(bytes(data)[:size], "little")
+            if dev is not None:
+                dev.io_out(r, io.port, value, size)
+        else:
+            value = dev.io_in(r, io.port, size) if dev is not None else 0xFFFFFFFF
+            C.memmove(data, (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little"), size)
+
+    def handle_mmio(self, r: VcpuRunner) -> None:
+        """No MMIO devices exist: reads return all ones, writes are dropped (counted)."""
+        mm = r.run_struct.u.mmio
+        if not mm.is_write:
+            for i in range(8):
+                mm.data[i] = 0xFF
+
+    def on_ring_full(self, r: VcpuRunner) -> None:
+        rt = self.tracker
+        if isinstance(rt, RingTracker):
+            rt.note_ring_full()
+        self.attention.set()
+
+    def on_finished(self, r: VcpuRunner) -> None:
+        if all(not x.runnable for x in self.runners):
+            self.stopped_event.set()
+            self.attention.set()
+
+    def on_crash(self, r: VcpuRunner) -> None:
+        self.stopped_event.set()
+        self.attention.set()
+
+    # --- controller API -------------------------------------------------------------------------
+    def pause_all(self) -> None:
+        """Stop every vCPU and wait until all are parked (out of KVM_RUN, I/O completed)."""
+        with self.cv:
+            for r in self.runners:
+                r.pause_requested = True
+        for r in self.runners:
+            r.kick()
+        self.kv.wake()
+        with self.cv:
+            while not all(r.parked for r in self.runners):
+                if not self.cv.wait(5.0):
+                    stuck = [r.index for r in self.runners if not r.parked]
+                    raise GuestCrashed(f"vCPU(s) {stuck} did not stop within 5 s")
+
+    def resume_all(self) -> None:
+        """Let every runnable vCPU go on. Clears ring-full parks (call only after a harvest)."""
+        with self.cv:
+            for r in self.runners:
+                r.pause_requested = False
+                r.ring_full = False
+            if not self.stopped_event.is_set():
+                self.attention.clear()
+            self.cv.notify_all()
+
+    @property
+    def crashed(self) -> str | None:
+        for r in self.runners:
+            if r.crash:
+                return r.crash
+        return None
+
+    @property
+    def finished(self) -> bool:
+        return all(r.finished for r in self.runners)
+
+    def check(self) -> None:
+        """Raise GuestCrashed if any vCPU crashed."""
+        c = self.crashed
+        if c:
+            raise GuestCrashed(c)
+
+    def capture_state(self) -> MachineState:
+        """Every vCPU's and device's state. All vCPUs must be parked (``pause_all``)."""
+        assert all(r.parked for r in self.runners), "capture_state needs paused vCPUs"
+        vcpus = []
+        for r in self.runners:
+            fd = r.fd
+            lapic = bytes(fd.get_lapic()) if self.has_irqchip else b""
+            vcpus.append(VcpuState(
+                index=r.index, regs=bytes(fd.get_regs()), sregs=bytes(fd.get_sregs()),
+                fpu=bytes(fd.get_fpu()), xsave=bytes(fd.get_xsave()), xcrs=bytes(fd.get_xcrs()),
+                msrs=tuple(sorted(fd.get_msrs(list(STATE_MSRS)).items())), lapic=lapic,
+                events=bytes(fd.get_vcpu_events()), mp_state=fd.get_mp_state(),
+                finished=r.finished))
+        devices = tuple(DeviceState(name=d.name, data=d.save()) for d in self.devices)
+        return MachineState(config=self.config.to_json(), vcpus=tuple(vcpus), devices=devices)
+
+    def capture_regs(self) -> list[U.kvm_regs]:
+        """Only the general registers (the cheapest capture, for the ceiling benchmark)."""
+        return [r.fd.get_regs() for r in self.runners]
+
+    def restore_state(self, state: MachineState) -> None:
+        """Load vCPU and device state (vCPUs parked). Memory is restored by the caller."""
+        assert all(r.parked for r in self.runners), "restore_state needs paused vCPUs"
+        if len(state.vcpus) != len(self.runners):
+            raise ConfigError(f"state has {len(state.vcpus)} vCPUs, machine has "
+                              f"{len(self.runners)}")
+        for r, v in zip(self.runners, state.vcpus):
+            fd = r.fd
+            fd.set_sregs(U.kvm_sregs.from_buffer_copy(v.sregs))
+            fd.set_msrs({i: d for i, d in v.msrs if d or i not in (
+                U.MSR_KVM_SYSTEM_TIME_NEW, U.MSR_KVM_STEAL_TIME)})
+            fd.set_regs(U.kvm_regs.from_buffer_copy(v.regs))
+            fd.set_fpu(U.kvm_fpu.from_buffer_copy(v.fpu))
+            fd.set_xsave(U.kvm_xsave.from_buffer_copy(v.xsave))
+            fd.set_xcrs(U.kvm_xcrs.from_buffer_copy(v.xcrs))
+            if v.lapic and self.has_irqchip:
+                fd.set_lapic(U.kvm_lapic_state.from_buffer_copy(v.lapic))
+            fd.set_vcpu_events(U.kvm_vcpu_events.from_buffer_copy(v.events))
+            fd.set_mp_state(v.mp_state)
+            r.finished = v.finished
+            r.crash = None
+        by_name = {d.name: d for d in state.devices}
+        for d in self.devices:
+            if d.name in by_name:
+                d.restore(by_name[d.name].data)
+        self.stopped_event.clear()
+
+    def wait_stopped(self, timeout: float | None = None) -> bool:
+        """Block until every vCPU finished or one crashed; True if that happened in time."""
+        return self.stopped_event.wait(timeout)
+
+    def stop_guest(self) -> None:
+        """Ask the guest to finish (control page ``stop``) and wake an idle one."""
+        self.set_control("stop", 1)
+        self.kv.wake()
+
+    def close(self) -> None:
+        """Stop and join every vCPU thread, then release fds and memory. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        with self.cv:
+            for r in self.runners:
+                r.quit = True
+            self.cv.notify_all()
+        for r in self.runners:
+            r.kick()
+        if hasattr(self, "kv"):
+            self.kv.wake()
+        deadline = time.monotonic() + 5
+        for r in self.runners:
+            if r.thread is not None:
+                while r.thread.is_alive() and time.monotonic() < deadline:
+                    r.kick()
+                    r.thread.join(0.05)
+        for r in self.runners:
+            r.fd.close()
+        if self.memory is not None:
+            self.memory.close()
+        self.vm.close()
+        if self._own_kvm:
+            self.kvm.close()
+
+    def __enter__(self) -> Machine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

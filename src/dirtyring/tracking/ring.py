@@ -1,0 +1,200 @@
+"""Dirty-ring tracking (KVM_CAP_DIRTY_LOG_RING).
+
+Theory of operation
+-------------------
+Each vCPU has a ring of ``struct kvm_dirty_gfn {u32 flags; u32 slot; u64 offset}`` mapped from
+its fd. KVM pushes an entry (flags = DIRTY) when the vCPU, or KVM on its behalf (kvmclock, steal
+time), first writes a write-protected page. We keep a free-running fetch index per vCPU and read
+entries in order while flags has DIRTY, store RESET into each, and then call
+KVM_RESET_DIRTY_RINGS once for all vCPUs, which re-protects those pages and frees the entries.
+
+Harvest is vectorised with numpy views of the mapped ring: we probe a growing window from the
+fetch index (64, 256, 1024 … entries), so the cost follows the number of dirty entries, not the
+ring size.
+
+Host defect handled here: on Linux 6.17+ KVM_RESET_DIRTY_RINGS bails out when a signal is
+pending and leaves the last gathered batch unprotected forever (see shared platform notes). We
+block every blockable signal in the calling thread for the duration of the reset. EINTR from the
+reset is then a bug to report: we raise TrackingError so the caller resyncs.
+
+Overflow: a ring-full exit with nothing to harvest, an entry for an unknown slot or an offset
+past the slot's end, or a completely DIRTY ring mean entries may have been lost (seen with
+emulated CPL0 guests): RingOverflow, and the caller must resync (``full()``).
+"""
+from __future__ import annotations
+
+import signal
+import time
+
+import numpy as np
+
+from .._bindings import VcpuFd, VmFd
+from .._bindings import _uapi as U
+from ..errors import KvmError, RingOverflow, TrackingError
+from .dirtyset import DirtySet
+from .tracker import TrackedSlot, TrackerStats, VmmDirtySource, all_pages
+
+GFN_DTYPE = np.dtype([("flags", "<u4"), ("slot", "<u4"), ("offset", "<u8")])
+_ALL_SIGNALS = signal.valid_signals()
+PAGE = 4096
+
+
+def blocked_signals_call(fn, *args):  # type: ignore[no-untyped-def]
+    """Run ``fn`` with every blockable signal blocked in this thread, then restore the mask."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _ALL_SIGNALS)
+    try:
+        return fn(*args)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+class _VcpuRing:
+    def __init__(self, fd: VcpuFd) -> None:
+        assert fd.ring_map is not None, "ring not enabled before vCPU creation"
+        self.entries = fd.ring_map.array(GFN_DTYPE)
+        self.flags = self.entries["flags"]
+        self.size = len(self.entries)
+        self.fetch = 0  # free-running
+
+    def harvest(self) -> tuple[np.ndarray, np.ndarray]:
+        """Consume every published entry in order; returns (slots, offsets)."""
+        n, start = self.size, self.fetch % self.size
+        count, window = 0, 64
+        while count < n:
+            w = min(window, n - count)
+            idx = (start + count + np.arange(w)) % n
+            dirty = (self.flags[idx] & U.KVM_DIRTY_GFN_F_DIRTY) != 0
+            if dirty.all():
+                count += w
+                window *= 4
+                continue
+            count += int(np.argmin(dirty))
+            break
+        if count == 0:
+            return np.zeros(0, np.uint32), np.zeros(0, np.uint64)
+        idx = (start + np.arange(count)) % n
+        got = self.entries[idx]
+        # SAFETY: store RESET only into entries we consumed; KVM owns all the others.
+        self.flags[idx] = U.KVM_DIRTY_GFN_F_RESET
+        self.fetch += count
+        return got["slot"], got["offset"]
+
+
+class RingTracker:
+    """Tracks dirty pages through the per-vCPU dirty rings of one VM."""
+
+    kind = "ring"
+
+    def __init__(self, vm: VmFd, vcpus: list[VcpuFd], slots: list[TrackedSlot],
+                 vmm_dirty: VmmDirtySource, *, block_signals: bool = True) -> None:
+        self.vm = vm
+        self.vcpus = vcpus
+        self.slots = {s.slot: s for s in slots}
+        self._slot_list = slots
+        self.vmm_dirty = vmm_dirty
+        #: Switch off only to demonstrate the host defect (tests and `doctor`).
+        self.block_signals = block_signals
+        self.rings = [_VcpuRing(v) for v in vcpus]
+        self._harvests = self._pages = self._resets = self._short = 0
+        self._overflows = self._resyncs = 0
+        self._last_us = 0.0
+        self._pending_full_exit = False
+        self.ring_entries = self.rings[0].size if self.rings else 0
+
+    def _set_logging(self, on: bool) -> None:
+        for s in self._slot_list:
+            self.vm.set_user_memory_region(s.slot, s.gpa, s.pages * PAGE, s.userspace_addr,
+                                           U.KVM_MEM_LOG_DIRTY_PAGES if on else 0)
+
+    def start(self) -> None:
+        self._set_logging(True)
+
+    def stop(self) -> None:
+        self._set_logging(False)
+
+    def note_ring_full(self) -> None:
+        """A vCPU left KVM_RUN with DIRTY_RING_FULL; the next harvest must find entries."""
+        self._pending_full_exit = True
+
+    def _reset(self) -> int:
+        try:
+            if self.block_signals:
+                return int(blocked_signals_call(self.vm.reset_dirty_rings))
+            return self.vm.reset_dirty_rings()
+        except KvmError as e:
+            raise TrackingError(f"KVM_RESET_DIRTY_RINGS was interrupted ({e}); pages may have "
+                                "stayed unprotected, resync required") from None
+
+    def harvest(self) -> DirtySet:
+        t0 = time.perf_counter()
+        parts_s, parts_o = [], []
+        wrapped = False
+        for r in self.rings:
+            s, o = r.harvest()
+            wrapped |= len(s) >= r.size
+            if len(s):
+                parts_s.append(s)
+                parts_o.append(o)
+        n = int(sum(len(s) for s in parts_s))
+        full_exit, self._pending_full_exit = self._pending_full_exit, False
+        if n:
+            reset = self._reset()
+            self._resets += 1
+            if reset < n:
+                self._short += n - reset
+        slots = np.concatenate(parts_s) if parts_s else np.zeros(0, np.uint32)
+        offs = np.concatenate(parts_o).astype(np.int64) if parts_o else np.zeros(0, np.int64)
+        self._check(slots, offs, n, full_exit, wrapped)
+        ds = DirtySet.from_pairs(slots.astype(np.int64), offs)
+        vmm = self.vmm_dirty()
+        if vmm:
+            ds = ds | DirtySet.from_arrays(vmm)
+        self._harvests += 1
+        self._pages += len(ds)
+        self._last_us = (time.perf_counter() - t0) * 1e6
+        return ds
+
+    def _check(self, slots: np.ndarray, offs: np.ndarray, n: int, full_exit: bool,
+               wrapped: bool) -> None:
+        problem = ""
+        if full_exit and n == 0:
+            problem = "a vCPU reported its ring full but no entry was harvestable"
+        elif wrapped:
+            problem = "a ring was found completely DIRTY (it may have wrapped)"
+        elif len(slots):
+            # Entries carry (address space << 16 | slot id); we only use address space 0.
+            known = np.isin(slots, np.fromiter(self.slots, np.uint32))
+            if not known.all():
+                problem = f"ring entry for unknown slot {int(slots[~known][0])}"
+            else:
+                limits = np.zeros(int(slots.max()) + 1, np.int64)
+                for s in self.slots.values():
+                    if s.slot < len(limits):
+                        limits[s.slot] = s.pages
+                bad = offs >= limits[slots]
+                if bad.any():
+                    problem = f"ring entry offset {int(offs[bad][0])} past the end of its slot"
+        if problem:
+            self._overflows += 1
+            raise RingOverflow(f"dirty ring lost or corrupted entries ({problem}); "
+                               "resync required")
+
+    def full(self) -> DirtySet:
+        """Resync: drain the rings, re-protect every page (toggle logging), report everything."""
+        for r in self.rings:
+            r.harvest()
+        try:
+            self._reset()
+        except TrackingError:
+            pass
+        self._set_logging(False)
+        self._set_logging(True)
+        self.vmm_dirty()
+        self._resyncs += 1
+        return all_pages(self._slot_list)
+
+    def statistics(self) -> TrackerStats:
+        return TrackerStats(kind=self.kind, harvests=self._harvests, pages_reported=self._pages,
+                            resets=self._resets, reset_shortfall=self._short,
+                            overflows=self._overflows, resyncs=self._resyncs, hot_pages=0,
+                            last_harvest_us=self._last_us)

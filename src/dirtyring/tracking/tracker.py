@@ -1,0 +1,66 @@
+"""The tracker interface: one call, ``harvest()``, gives the pages dirtied since the last one.
+
+``harvest()`` does the kernel's whole protocol in the required order (collect, then re-arm write
+protection) before it returns, so a caller that copies the returned pages afterwards can never
+miss a write: the harvest → reset → copy order is built in, not left to callers. It must be
+called while every vCPU of the VM is out of KVM_RUN (the set is only complete then). Pages the
+VMM wrote itself are merged in through the ``vmm_dirty`` callback.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import numpy as np
+
+from .dirtyset import DirtySet
+
+#: Drains the VMM's own writes: returns (slot, pages) pairs.
+VmmDirtySource = Callable[[], list[tuple[int, np.ndarray]]]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TrackedSlot:
+    """A memslot as trackers see it (ids, size and where it is mapped in the host)."""
+
+    slot: int
+    gpa: int
+    pages: int
+    userspace_addr: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TrackerStats:
+    """Counters of one tracker (a frozen snapshot; see ``Tracker.statistics``)."""
+
+    kind: str
+    harvests: int
+    pages_reported: int
+    resets: int
+    reset_shortfall: int
+    overflows: int
+    resyncs: int
+    hot_pages: int
+    last_harvest_us: float
+
+
+class Tracker(Protocol):
+    kind: str
+
+    def start(self) -> None:
+        """Begin logging (enables KVM_MEM_LOG_DIRTY_PAGES on every tracked slot)."""
+
+    def harvest(self) -> DirtySet:
+        """Pages dirtied since the last harvest, already re-armed; all vCPUs must be paused."""
+
+    def full(self) -> DirtySet:
+        """Every page of every slot, and tracking re-armed from here (a full resync)."""
+
+    def stop(self) -> None:
+        """End logging."""
+
+    def statistics(self) -> TrackerStats: ...
+
+
+def all_pages(slots: list[TrackedSlot]) -> DirtySet:
+    return DirtySet.from_arrays((s.slot, np.arange(s.pages, dtype=np.int64)) for s in slots)
