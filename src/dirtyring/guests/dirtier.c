@@ -13,6 +13,7 @@ void guest_main(u64 idx)
     u64 base = c->data_gpa + idx * share * 4096UL;
     u64 pattern = c->pattern, hot = c->hot_pages, exit_every = c->exit_every;
     u64 max_writes = c->max_writes;
+    u64 stride = c->stride ? c->stride : 1;
     u64 rng = splitmix64(c->seed + idx + 1) | 1;
     u64 ticks_per_write = 0, next = 0;
     u64 pos = 0, since_tick = 0;
@@ -29,11 +30,11 @@ void guest_main(u64 idx)
         if (pattern == 1) {              /* random: xorshift64 */
             rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17;
             page = rng % share;
-        } else if (pattern == 2) {       /* hot set, sequential inside it */
-            page = pos;
+        } else if (pattern == 2) {       /* hot set: hot pages `stride` apart, in order */
+            page = (pos * stride) % share;
             if (++pos == hot) { pos = 0; s->passes = s->passes + 1; }
-        } else {                         /* sequential over the share */
-            page = pos;
+        } else {                         /* sequential over the share, `stride` apart */
+            page = (pos * stride) % share;
             if (++pos == share) { pos = 0; s->passes = s->passes + 1; }
         }
         volatile u64 *p = (volatile u64 *)(base + page * 4096UL);

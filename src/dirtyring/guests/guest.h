@@ -34,6 +34,7 @@ struct control {
     u64 report_every; /* 88  compute: report through PORT_REPORT every N steps */
     u64 stop;         /* 96  nonzero: finish and out PORT_DONE */
     u64 max_writes;   /* 104 dirtier: stop after this many writes, 0 = never */
+    u64 stride;       /* 112 dirtier: page step for sequential and hot patterns, 0 = 1 */
 };
 
 /* Per-vCPU status block (guest writes, VMM reads). */

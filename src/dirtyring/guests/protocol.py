@@ -15,7 +15,7 @@ CONTROL_MAGIC = int.from_bytes(b"DRGUEST1", "little")
 # Control page field offsets (u64 each).
 CONTROL_FIELDS = ("magic", "data_gpa", "data_pages", "pattern", "hot_pages", "rate_pps",
                   "tsc_khz", "seed", "iteration", "nr_vcpus", "exit_every", "report_every",
-                  "stop", "max_writes")
+                  "stop", "max_writes", "stride")
 CONTROL_OFFSET = {name: 8 * i for i, name in enumerate(CONTROL_FIELDS)}
 STATUS_FIELDS = ("progress", "passes", "report_i", "report_h", "hash", "step")
 STATUS_OFFSET = {name: 8 * i for i, name in enumerate(STATUS_FIELDS)}
@@ -57,6 +57,7 @@ class GuestParams:
     exit_every: int = 0
     report_every: int = 100_000
     max_writes: int = 0
+    stride: int = 1
 
 
 def splitmix64(x: int) -> int:

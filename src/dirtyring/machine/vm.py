@@ -151,7 +151,7 @@ class Machine:
                "hot_pages": p.hot_pages, "rate_pps": p.rate_pps, "tsc_khz": self.tsc_khz,
                "seed": p.seed, "iteration": 1, "nr_vcpus": cfg.vcpus,
                "exit_every": p.exit_every, "report_every": p.report_every, "stop": 0,
-               "max_writes": p.max_writes}
+               "max_writes": p.max_writes, "stride": p.stride}
         for k, v in ctl.items():
             self.set_control(k, v)
         mem.mark_dirty(0, 0, layout.SYSTEM_SLOT_SIZE // layout.PAGE)

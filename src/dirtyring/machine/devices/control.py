@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import struct
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from ...guests.protocol import STATUS_OFFSET, Port
 from .. import layout
@@ -22,6 +22,8 @@ class ControlPorts:
         self.sink = sink
         self.ticks = 0
         self.reports = 0
+        #: Called on the vCPU thread for every TICK (benchmarks use it to stop after N writes).
+        self.on_tick: Callable[[VcpuRunner], None] | None = None
 
     def io_out(self, vcpu: VcpuRunner, port: int, value: int, size: int) -> None:
         if port == Port.DONE:
@@ -30,6 +32,8 @@ class ControlPorts:
             vcpu.machine.on_finished(vcpu)
         elif port == Port.TICK:
             self.ticks += 1
+            if self.on_tick is not None:
+                self.on_tick(vcpu)
         elif port == Port.REPORT:
             self.reports += 1
             base = layout.status_gpa(vcpu.index)

@@ -1,0 +1,37 @@
+"""Shared test fixtures. KVM tests are marked ``kvm`` and skipped only where /dev/kvm is absent;
+``.ci/run`` fails the run if /dev/kvm exists and any KVM test was skipped."""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+HAVE_KVM = os.path.exists("/dev/kvm")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    skip = pytest.mark.skip(reason="KVM_SKIP: /dev/kvm is absent on this host")
+    for item in items:
+        if "/tests/kvm/" in str(item.fspath) or "/tests/integration/" in str(item.fspath):
+            item.add_marker(pytest.mark.kvm)
+        if item.get_closest_marker("kvm") and not HAVE_KVM:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def make_machine() -> Iterator:
+    """Build machines that are always closed (threads joined, fds and memory released)."""
+    from dirtyring.machine.config import MachineConfig
+    from dirtyring.machine.vm import Machine
+
+    made: list[Machine] = []
+
+    def make(**kw: object) -> Machine:
+        m = Machine(MachineConfig(**kw))  # type: ignore[arg-type]
+        made.append(m)
+        return m
+
+    yield make
+    for m in made:
+        m.close()
