@@ -23,6 +23,7 @@ emulated CPL0 guests): RingOverflow, and the caller must resync (``full()``).
 """
 from __future__ import annotations
 
+import ctypes as C
 import signal
 import time
 
@@ -35,17 +36,25 @@ from .dirtyset import DirtySet
 from .tracker import TrackedSlot, TrackerStats, VmmDirtySource, all_pages
 
 GFN_DTYPE = np.dtype([("flags", "<u4"), ("slot", "<u4"), ("offset", "<u8")])
-_ALL_SIGNALS = signal.valid_signals()
 PAGE = 4096
+
+# pthread_sigmask through libc: signal.pthread_sigmask builds a set of ~60 enum members per call
+# (~50 µs here), far more than the reset it protects.
+_libc = C.CDLL(None, use_errno=True)
+_libc.pthread_sigmask.argtypes = [C.c_int, C.c_void_p, C.c_void_p]
+_SIGSET = C.c_uint8 * 128
+_ALL = _SIGSET(*([0xFF] * 128))
 
 
 def blocked_signals_call(fn, *args):  # type: ignore[no-untyped-def]
     """Run ``fn`` with every blockable signal blocked in this thread, then restore the mask."""
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, _ALL_SIGNALS)
+    old = _SIGSET()
+    if _libc.pthread_sigmask(signal.SIG_BLOCK, _ALL, old) != 0:
+        raise OSError(C.get_errno(), "pthread_sigmask failed")
     try:
         return fn(*args)
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        _libc.pthread_sigmask(signal.SIG_SETMASK, old, None)
 
 
 class _VcpuRing:
@@ -62,8 +71,12 @@ class _VcpuRing:
         count, window = 0, 64
         while count < n:
             w = min(window, n - count)
-            idx = (start + count + np.arange(w)) % n
-            dirty = (self.flags[idx] & U.KVM_DIRTY_GFN_F_DIRTY) != 0
+            a = (start + count) % n
+            if a + w <= n:
+                f = self.flags[a:a + w]
+            else:
+                f = np.concatenate((self.flags[a:], self.flags[:a + w - n]))
+            dirty = (f & U.KVM_DIRTY_GFN_F_DIRTY) != 0
             if dirty.all():
                 count += w
                 window *= 4
@@ -72,10 +85,14 @@ class _VcpuRing:
             break
         if count == 0:
             return np.zeros(0, np.uint32), np.zeros(0, np.uint64)
-        idx = (start + np.arange(count)) % n
-        got = self.entries[idx]
-        # SAFETY: store RESET only into entries we consumed; KVM owns all the others.
-        self.flags[idx] = U.KVM_DIRTY_GFN_F_RESET
+        if start + count <= n:
+            got = self.entries[start:start + count].copy()
+            # SAFETY: store RESET only into entries we consumed; KVM owns all the others.
+            self.flags[start:start + count] = U.KVM_DIRTY_GFN_F_RESET
+        else:
+            idx = (start + np.arange(count)) % n
+            got = self.entries[idx]
+            self.flags[idx] = U.KVM_DIRTY_GFN_F_RESET
         self.fetch += count
         return got["slot"], got["offset"]
 
@@ -99,7 +116,11 @@ class RingTracker:
         self._overflows = self._resyncs = 0
         self._last_us = 0.0
         self._pending_full_exit = False
+        self.last_per_vcpu: list[tuple[np.ndarray, np.ndarray]] = []
         self.ring_entries = self.rings[0].size if self.rings else 0
+        self._limits = np.zeros(max(self.slots) + 1 if self.slots else 0, np.int64)
+        for sl in slots:
+            self._limits[sl.slot] = sl.pages
 
     def _set_logging(self, on: bool) -> None:
         for s in self._slot_list:
@@ -129,8 +150,10 @@ class RingTracker:
         t0 = time.perf_counter()
         parts_s, parts_o = [], []
         wrapped = False
+        per_vcpu = []
         for r in self.rings:
             s, o = r.harvest()
+            per_vcpu.append((s, o))
             wrapped |= len(s) >= r.size
             if len(s):
                 parts_s.append(s)
@@ -144,6 +167,8 @@ class RingTracker:
                 self._short += n - reset
         slots = np.concatenate(parts_s) if parts_s else np.zeros(0, np.uint32)
         offs = np.concatenate(parts_o).astype(np.int64) if parts_o else np.zeros(0, np.int64)
+        #: What each vCPU's ring held at the last harvest: [(slots, offsets)] by vCPU index.
+        self.last_per_vcpu = per_vcpu
         self._check(slots, offs, n, full_exit, wrapped)
         ds = DirtySet.from_pairs(slots.astype(np.int64), offs)
         vmm = self.vmm_dirty()
@@ -163,17 +188,15 @@ class RingTracker:
             problem = "a ring was found completely DIRTY (it may have wrapped)"
         elif len(slots):
             # Entries carry (address space << 16 | slot id); we only use address space 0.
-            known = np.isin(slots, np.fromiter(self.slots, np.uint32))
-            if not known.all():
-                problem = f"ring entry for unknown slot {int(slots[~known][0])}"
-            else:
-                limits = np.zeros(int(slots.max()) + 1, np.int64)
-                for s in self.slots.values():
-                    if s.slot < len(limits):
-                        limits[s.slot] = s.pages
-                bad = offs >= limits[slots]
-                if bad.any():
-                    problem = f"ring entry offset {int(offs[bad][0])} past the end of its slot"
+            # Unknown slots have limit 0, so any offset in them fails the same test.
+            lim = self._limits
+            known = slots < len(lim)
+            bad = ~known
+            bad[known] = offs[known] >= lim[slots[known]]
+            if bad.any():
+                k = int(np.argmax(bad))
+                problem = (f"ring entry (slot {int(slots[k])}, offset {int(offs[k])}) is "
+                           "outside every tracked slot")
         if problem:
             self._overflows += 1
             raise RingOverflow(f"dirty ring lost or corrupted entries ({problem}); "
