@@ -35,3 +35,20 @@ def make_machine() -> Iterator:
     yield make
     for m in made:
         m.close()
+
+
+_skipped_kvm: list[str] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.skipped and "kvm" in report.keywords:
+        _skipped_kvm.append(report.nodeid)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Where /dev/kvm exists, a skipped KVM test is a failure of the run (ground rule)."""
+    if HAVE_KVM and _skipped_kvm:
+        print(f"\nERROR: /dev/kvm exists but {len(_skipped_kvm)} KVM test(s) were skipped:")
+        for n in _skipped_kvm[:20]:
+            print(f"  {n}")
+        session.exitstatus = 1

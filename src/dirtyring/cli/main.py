@@ -1,0 +1,47 @@
+"""``dirtyring``: entry point. Every user mistake ends as one clear line, never a traceback."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..errors import DirtyringError
+from . import doctor, run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="dirtyring",
+        description="Checkpoint KVM guests thousands of times a second with KVM's dirty ring.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    run.add_parser(sub)
+    doctor.add_parser(sub)
+    try:
+        from .. import bench
+    except ImportError:
+        bench = None  # type: ignore[assignment]
+    if bench is not None:
+        bp = sub.add_parser("bench", help="benchmarks (JSON + PNG out)")
+        bench.register(bp.add_subparsers(dest="bench", metavar="BENCH", required=True))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except DirtyringError as e:
+        print(f"dirtyring: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("dirtyring: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

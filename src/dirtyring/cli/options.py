@@ -1,0 +1,38 @@
+"""Argument parsing helpers shared by subcommands: sizes, durations, choices with clear errors."""
+from __future__ import annotations
+
+import argparse
+import re
+
+_UNITS = {"": 1 << 20, "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20,
+          "g": 1 << 30, "gib": 1 << 30, "t": 1 << 40, "tib": 1 << 40}
+
+
+def size(text: str) -> int:
+    """'64M', '4GiB', '512k' or a bare number of MiB -> bytes (a multiple of 4 KiB)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (try 64M, 4G, 512k)")
+    n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if n <= 0 or n % 4096:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive multiple of 4 KiB")
+    return n
+
+
+def duration(text: str) -> float:
+    """'250us', '2ms', '1.5s' or a bare number of milliseconds -> seconds."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(us|µs|ms|s|)\s*", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration (try 500us, 2ms, 1s)")
+    scale = {"us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "": 1e-3}[m.group(2)]
+    return float(m.group(1)) * scale
+
+
+def positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
+    return v
