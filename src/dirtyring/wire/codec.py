@@ -1,0 +1,304 @@
+"""Frames: events <-> bytes. Stateless; ``connection.py`` owns the sequence counters.
+
+Frame layout (all integers big-endian)::
+
+    offset  size  field
+         0     4  magic      b"DRW1"
+         4     2  version    WIRE_VERSION (1)
+         6     2  type       FrameType
+         8     4  length     body length in bytes, at most max_frame_size (64 MiB by default)
+        12     8  sequence   0, 1, 2, ... per direction; detects replay, loss and reordering
+        20     4  crc32      zlib.crc32 over header bytes 0..19 + body
+        24     n  body       per-type layout: encode_body / the _d_* decoders below
+      24+n    32  mac        HMAC-SHA256(key, header + body)
+
+The MAC alone would catch everything, but it cannot tell a flipped bit from a wrong key. The
+CRC is checked first, so corruption reads "corrupt frame" and only a frame that is intact yet
+unauthenticated reads "authentication failed". The MAC also covers the sequence number, so a
+replayed or reordered frame can't be passed off as fresh within a session.
+
+Bodies are fixed ``struct`` heads; a variable-length last field (config, reason, blob, digest)
+runs to the end of the body. Pages bodies are described in ``pagecodec.py``.
+"""
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+import struct
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+from dirtyring.errors import LocalProtocolError, RemoteProtocolError
+
+from . import events as ev
+from .pagecodec import Buffer, PageEncoding, decode_pages, encode_pages_parts, nbytes
+from .receivebuffer import ReceiveBuffer
+
+__all__ = [
+    "MAGIC", "WIRE_VERSION", "HEADER_LEN", "MAC_LEN", "FRAME_OVERHEAD", "MAX_FRAME_SIZE",
+    "FrameType", "PageEncoding", "Frame", "Buffer", "frame_type_of", "encode_event", "encode_body",
+    "encode_pages_parts", "frame_parts", "read_frame", "decode_body",
+]
+
+MAGIC: Final = b"DRW1"
+WIRE_VERSION: Final = 1
+HEADER: Final = struct.Struct("!4sHHIQI")
+HEADER_LEN: Final = HEADER.size                # 24
+_CRC_OFFSET: Final = 20                        # the crc covers the header up to itself
+MAC_LEN: Final = 32
+FRAME_OVERHEAD: Final = HEADER_LEN + MAC_LEN
+MAX_FRAME_SIZE: Final = 64 * 1024 * 1024
+
+
+class FrameType(enum.IntEnum):
+    """The u16 type field; values are part of the wire format and never reused."""
+
+    HELLO = 1
+    HELLO_ACK = 2
+    EPOCH_BEGIN = 3
+    PAGES = 4
+    MACHINE_BLOB = 5
+    EPOCH_END = 6
+    ACK = 7
+    HEARTBEAT = 8
+    FAILOVER = 9
+    GOODBYE = 10
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """One decoded, verified frame; sizes are for statistics."""
+
+    type: FrameType
+    seq: int
+    event: ev.Event
+    body_len: int
+
+    @property
+    def wire_len(self) -> int:
+        return self.body_len + FRAME_OVERHEAD
+
+
+_TYPE_OF: Final[dict[type, FrameType]] = {
+    ev.Hello: FrameType.HELLO, ev.HelloAck: FrameType.HELLO_ACK,
+    ev.EpochBegin: FrameType.EPOCH_BEGIN, ev.Pages: FrameType.PAGES,
+    ev.MachineBlob: FrameType.MACHINE_BLOB, ev.EpochEnd: FrameType.EPOCH_END,
+    ev.Ack: FrameType.ACK, ev.Heartbeat: FrameType.HEARTBEAT,
+    ev.Failover: FrameType.FAILOVER, ev.Goodbye: FrameType.GOODBYE,
+}
+
+_HELLO: Final = struct.Struct("!BI16s")       # role, version, session_id; then config
+_HELLO_ACK: Final = struct.Struct("!16sB")    # session_id, accepted; then reason
+_EPOCH_BEGIN: Final = struct.Struct("!QB")    # epoch, kind
+_U64: Final = struct.Struct("!Q")             # Ack.epoch; MachineBlob.epoch, then blob
+_EPOCH_END: Final = struct.Struct("!QQQ")     # epoch, n_pages, output_seq; then digest
+_HEARTBEAT: Final = struct.Struct("!QQ")      # seq, sent_ns
+_ROLE_CODES: Final = {"primary": 0, "standby": 1}
+_KIND_CODES: Final = {"full": 0, "delta": 1}
+
+
+# ------------------------------------------------------------------------------- encoding
+
+
+def _reason_bytes(reason: str) -> bytes:
+    return reason.encode("utf-8")
+
+
+def encode_body(event: ev.Event, *, compress_level: int = 1) -> list[Buffer]:
+    """Encode the body of ``event`` (no header, no MAC) as a list of buffers."""
+    if isinstance(event, ev.Pages):
+        return encode_pages_parts(event, compress_level=compress_level)
+    if isinstance(event, ev.Hello):
+        return [_HELLO.pack(_ROLE_CODES[event.role], event.version, event.session_id),
+                event.config]
+    if isinstance(event, ev.HelloAck):
+        return [_HELLO_ACK.pack(event.session_id, event.accepted), _reason_bytes(event.reason)]
+    if isinstance(event, ev.EpochBegin):
+        return [_EPOCH_BEGIN.pack(event.epoch, _KIND_CODES[event.kind])]
+    if isinstance(event, ev.MachineBlob):
+        return [_U64.pack(event.epoch), event.blob]
+    if isinstance(event, ev.EpochEnd):
+        return [_EPOCH_END.pack(event.epoch, event.n_pages, event.output_seq), event.digest]
+    if isinstance(event, ev.Ack):
+        return [_U64.pack(event.epoch)]
+    if isinstance(event, ev.Heartbeat):
+        return [_HEARTBEAT.pack(event.seq, event.sent_ns)]
+    if isinstance(event, (ev.Failover, ev.Goodbye)):
+        return [_reason_bytes(event.reason)]
+    raise LocalProtocolError(f"{type(event).__name__} is not a wire event")
+
+
+def frame_parts(ftype: int, seq: int, body: Sequence[Buffer], key: bytes) -> list[Buffer]:
+    """Wrap body buffers into a frame: ``[header, *body, mac]``; the body is not copied."""
+    length = sum(nbytes(b) for b in body)
+    if length > 0xFFFF_FFFF:
+        raise LocalProtocolError(f"frame body of {length} bytes does not fit the length field")
+    crc = zlib.crc32(HEADER.pack(MAGIC, WIRE_VERSION, ftype, length, seq, 0)[:_CRC_OFFSET])
+    for b in body:
+        crc = zlib.crc32(b, crc)
+    header = HEADER.pack(MAGIC, WIRE_VERSION, ftype, length, seq, crc)
+    mac = hmac.new(key, header, hashlib.sha256)
+    for b in body:
+        mac.update(b)
+    return [header, *body, mac.digest()]
+
+
+def frame_type_of(event: object) -> FrameType:
+    """The frame type that carries ``event``; LocalProtocolError if it never goes on the wire."""
+    ftype = _TYPE_OF.get(type(event))
+    if ftype is None:
+        raise LocalProtocolError(f"{type(event).__name__} is not a wire event")
+    return ftype
+
+
+def encode_event(event: ev.Event, seq: int, key: bytes, *, compress_level: int = 1,
+                 max_frame_size: int = MAX_FRAME_SIZE) -> list[Buffer]:
+    """Encode ``event`` as frame number ``seq``; raises LocalProtocolError if it can't be sent."""
+    ftype = frame_type_of(event)
+    if isinstance(event, ev.Pages) and len(event.data) > max_frame_size:
+        # The receiver caps how far one frame may expand by the same limit.
+        raise LocalProtocolError(f"Pages carries {len(event.data)} bytes of pages, more than "
+                                 f"max_frame_size={max_frame_size}; split it")
+    body = encode_body(event, compress_level=compress_level)
+    length = sum(nbytes(b) for b in body)
+    if length > max_frame_size:
+        raise LocalProtocolError(f"{type(event).__name__} frame body is {length} bytes, more "
+                                 f"than max_frame_size={max_frame_size}; split it")
+    return frame_parts(ftype, seq, body, key)
+
+
+# ------------------------------------------------------------------------------- decoding
+
+
+def read_frame(buf: ReceiveBuffer, key: bytes, *, expected_seq: int,
+               max_frame_size: int = MAX_FRAME_SIZE) -> Frame | None:
+    """Cut one verified frame off the front of ``buf``; None if more bytes are needed.
+
+    Checks run cheapest-and-most-specific first, so the error names the real problem: magic,
+    version and size as soon as the header is in; then crc (corruption), MAC (key or tampering),
+    sequence (replay/reorder), type and body. Raises RemoteProtocolError.
+    """
+    head = buf.peek(HEADER_LEN)
+    if head[:len(MAGIC)] != MAGIC[:len(head)]:
+        raise RemoteProtocolError(f"bad magic {head[:len(MAGIC)]!r} (expected {MAGIC!r}): "
+                                  "not a dirtyring wire stream, or the stream lost sync")
+    if len(head) < HEADER_LEN:
+        return None
+    _, version, ftype, length, seq, crc = HEADER.unpack(head)
+    if version != WIRE_VERSION:
+        raise RemoteProtocolError(
+            f"unsupported wire version {version} (this end speaks {WIRE_VERSION})")
+    if length > max_frame_size:
+        raise RemoteProtocolError(
+            f"oversize frame: body length {length} exceeds the {max_frame_size}-byte cap")
+    total = HEADER_LEN + length + MAC_LEN
+    if len(buf) < total:
+        return None
+    frame = memoryview(buf.consume(total))
+    signed = frame[:HEADER_LEN + length]
+    body = frame[HEADER_LEN:HEADER_LEN + length]
+    if zlib.crc32(body, zlib.crc32(frame[:_CRC_OFFSET])) != crc:
+        raise RemoteProtocolError(
+            f"corrupt frame: crc32 mismatch (frame with a {length}-byte body; bit error, "
+            "truncation or a cut-and-spliced stream)")
+    if not hmac.compare_digest(hmac.new(key, signed, hashlib.sha256).digest(),
+                               frame[HEADER_LEN + length:]):
+        raise RemoteProtocolError(
+            "authentication failed: HMAC mismatch (wrong key, or the frame was forged)")
+    if seq < expected_seq:
+        raise RemoteProtocolError(
+            f"replayed frame: sequence {seq} was already received (expected {expected_seq})")
+    if seq > expected_seq:
+        raise RemoteProtocolError(f"out-of-order frame: sequence {seq}, expected {expected_seq} "
+                                  "(frames lost or reordered)")
+    try:
+        kind = FrameType(ftype)
+    except ValueError:
+        raise RemoteProtocolError(f"unknown frame type {ftype}") from None
+    event = decode_body(kind, body, max_pages_bytes=max_frame_size)
+    return Frame(type=kind, seq=seq, event=event, body_len=length)
+
+
+def decode_body(ftype: FrameType, body: memoryview, *, max_pages_bytes: int) -> ev.Event:
+    """Decode a verified body; any malformation raises RemoteProtocolError naming the type."""
+    try:
+        return _DECODERS[ftype](body, max_pages_bytes)
+    except (struct.error, UnicodeDecodeError, KeyError, LocalProtocolError) as exc:
+        raise RemoteProtocolError(f"malformed {ftype.name} frame: {exc}") from None
+
+
+def _exact(s: struct.Struct, body: memoryview) -> tuple[Any, ...]:
+    if len(body) != s.size:
+        raise struct.error(f"body is {len(body)} bytes, expected {s.size}")
+    return s.unpack(body)
+
+
+def _head(s: struct.Struct, body: memoryview) -> tuple[tuple[Any, ...], memoryview]:
+    if len(body) < s.size:
+        raise struct.error(f"body is {len(body)} bytes, shorter than its {s.size}-byte head")
+    return s.unpack_from(body), body[s.size:]
+
+
+def _enum_name(codes: dict[str, int], code: int, what: str) -> str:
+    for name, c in codes.items():
+        if c == code:
+            return name
+    raise LocalProtocolError(f"unknown {what} code {code}")
+
+
+def _d_hello(body: memoryview, _: int) -> ev.Event:
+    (role, version, session_id), rest = _head(_HELLO, body)
+    return ev.Hello(role=_enum_name(_ROLE_CODES, role, "role"), version=version,
+                    session_id=session_id, config=bytes(rest))
+
+
+def _d_hello_ack(body: memoryview, _: int) -> ev.Event:
+    (session_id, accepted), rest = _head(_HELLO_ACK, body)
+    if accepted > 1:
+        raise LocalProtocolError(f"accepted flag must be 0 or 1, got {accepted}")
+    return ev.HelloAck(session_id=session_id, accepted=bool(accepted),
+                       reason=str(rest, "utf-8"))
+
+
+def _d_epoch_begin(body: memoryview, _: int) -> ev.Event:
+    epoch, kind = _exact(_EPOCH_BEGIN, body)
+    return ev.EpochBegin(epoch=epoch, kind=_enum_name(_KIND_CODES, kind, "epoch kind"))
+
+
+def _d_machine_blob(body: memoryview, _: int) -> ev.Event:
+    (epoch,), rest = _head(_U64, body)
+    return ev.MachineBlob(epoch=epoch, blob=bytes(rest))
+
+
+def _d_epoch_end(body: memoryview, _: int) -> ev.Event:
+    (epoch, n_pages, output_seq), rest = _head(_EPOCH_END, body)
+    return ev.EpochEnd(epoch=epoch, n_pages=n_pages, output_seq=output_seq, digest=bytes(rest))
+
+
+def _d_ack(body: memoryview, _: int) -> ev.Event:
+    return ev.Ack(epoch=_exact(_U64, body)[0])
+
+
+def _d_heartbeat(body: memoryview, _: int) -> ev.Event:
+    seq, sent_ns = _exact(_HEARTBEAT, body)
+    return ev.Heartbeat(seq=seq, sent_ns=sent_ns)
+
+
+def _d_failover(body: memoryview, _: int) -> ev.Event:
+    return ev.Failover(reason=str(body, "utf-8"))
+
+
+def _d_goodbye(body: memoryview, _: int) -> ev.Event:
+    return ev.Goodbye(reason=str(body, "utf-8"))
+
+
+_DECODERS: Final[dict[FrameType, Callable[[memoryview, int], ev.Event]]] = {
+    FrameType.HELLO: _d_hello, FrameType.HELLO_ACK: _d_hello_ack,
+    FrameType.EPOCH_BEGIN: _d_epoch_begin, FrameType.PAGES: decode_pages,
+    FrameType.MACHINE_BLOB: _d_machine_blob, FrameType.EPOCH_END: _d_epoch_end,
+    FrameType.ACK: _d_ack, FrameType.HEARTBEAT: _d_heartbeat,
+    FrameType.FAILOVER: _d_failover, FrameType.GOODBYE: _d_goodbye,
+}

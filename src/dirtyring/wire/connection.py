@@ -1,0 +1,235 @@
+"""The sans-IO connection: the only glue between bytes, frames and the protocol rules.
+
+There is no networking code here at all. The caller owns the socket, the clock and the threads:
+it writes whatever :meth:`Connection.send` returns, feeds whatever it reads to
+:meth:`Connection.receive_data`, and pulls events with :meth:`Connection.next_event`. That keeps
+every protocol decision testable with plain bytes, and lets replication, migration and snapshot
+transports (TCP, unix sockets, a file) share one implementation.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Final, Literal, TypeAlias
+
+from dirtyring.errors import LocalProtocolError, RemoteProtocolError
+
+from .codec import MAX_FRAME_SIZE, Buffer, encode_event, frame_type_of, read_frame
+from .events import ConnectionClosed, Event, Pages
+from .pagecodec import nbytes
+from .receivebuffer import ReceiveBuffer
+from .states import CLOSED, ConnectionState, Role, State
+
+__all__ = ["Connection", "NEED_DATA", "NeedData", "WireStatistics", "MIN_KEY_LEN"]
+
+#: Shorter keys are only accepted with ``insecure=True`` (HMAC-SHA256 wants >= 128 bits).
+MIN_KEY_LEN: Final = 16
+_MAX_SEQ: Final = (1 << 64) - 1
+
+
+class _NeedData(enum.Enum):
+    NEED_DATA = "NEED_DATA"
+
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+#: Returned by :meth:`Connection.next_event` when no whole frame is buffered yet.
+NEED_DATA: Final = _NeedData.NEED_DATA
+NeedData: TypeAlias = Literal[_NeedData.NEED_DATA]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WireStatistics:
+    """Counters of one connection; ``page_bytes_raw_*`` vs ``page_bytes_wire_*`` is the
+    page data as in guest memory vs the Pages frame bodies that carried it."""
+
+    our_role: Role
+    our_state: State
+    their_state: State
+    frames_out: int
+    bytes_out: int
+    frames_in: int
+    bytes_in: int
+    page_bytes_raw_out: int
+    page_bytes_wire_out: int
+    page_bytes_raw_in: int
+    page_bytes_wire_in: int
+    bytes_buffered: int
+
+    @property
+    def compression_ratio_out(self) -> float:
+        """Raw page bytes per encoded byte sent (> 1 means the codec saved bandwidth)."""
+        wire = self.page_bytes_wire_out
+        return self.page_bytes_raw_out / wire if wire else 1.0
+
+    @property
+    def compression_ratio_in(self) -> float:
+        wire = self.page_bytes_wire_in
+        return self.page_bytes_raw_in / wire if wire else 1.0
+
+
+class Connection:
+    """One end of a replication/migration session, as a pure state machine over bytes.
+
+    Args:
+        role: ``"primary"`` (sends Hello and epochs) or ``"standby"`` (answers and acks).
+        key: shared HMAC key; at least MIN_KEY_LEN bytes unless ``insecure=True``, which also
+            allows ``b""`` (frames are then checksummed but not authenticated).
+        max_frame_size: largest body accepted or sent, and the most page data one Pages frame
+            may carry (so a small frame can't inflate into a huge one).
+        compress_level: zlib level for page runs, 0 to never try.
+
+    Any error puts the connection in ERROR for good: ``send`` raises LocalProtocolError and
+    ``next_event`` raises RemoteProtocolError from then on.
+    """
+
+    def __init__(self, role: Role | str, key: bytes, *, insecure: bool = False,
+                 max_frame_size: int = MAX_FRAME_SIZE, compress_level: int = 1) -> None:
+        try:
+            self._role = Role(role)
+        except ValueError:
+            raise LocalProtocolError(f"role must be 'primary' or 'standby', got {role!r}") from None
+        if not isinstance(key, (bytes, bytearray)):
+            raise LocalProtocolError(f"key must be bytes, got {type(key).__name__}")
+        if len(key) < MIN_KEY_LEN and not insecure:
+            raise LocalProtocolError(f"key is {len(key)} bytes; use at least {MIN_KEY_LEN} or "
+                                     "pass insecure=True to run without real authentication")
+        if not 0 <= compress_level <= 9:
+            raise LocalProtocolError(f"compress_level must be 0..9, got {compress_level}")
+        if not 0 < max_frame_size <= 0xFFFF_FFFF:
+            raise LocalProtocolError(f"max_frame_size must be in (0, 2**32), got {max_frame_size}")
+        self._key = bytes(key)
+        self._max_frame_size = max_frame_size
+        self._compress_level = compress_level
+        self._state = ConnectionState()
+        self._buf = ReceiveBuffer()
+        self._eof = False
+        self._error: str | None = None
+        self._seq_out = 0
+        self._seq_in = 0
+        self._frames_out = self._bytes_out = self._frames_in = self._bytes_in = 0
+        self._raw_out = self._wire_out = self._raw_in = self._wire_in = 0
+
+    # -------------------------------------------------------------------- introspection
+
+    @property
+    def our_role(self) -> Role:
+        return self._role
+
+    @property
+    def their_role(self) -> Role:
+        return self._role.peer
+
+    @property
+    def our_state(self) -> State:
+        return self._state.states[self._role]
+
+    @property
+    def their_state(self) -> State:
+        return self._state.states[self._role.peer]
+
+    @property
+    def session_id(self) -> bytes | None:
+        """The session id from the Hello, once it has been sent or received."""
+        return self._state.session_id
+
+    @property
+    def error(self) -> str | None:
+        """Why the connection entered ERROR, or None."""
+        return self._error
+
+    def statistics(self) -> WireStatistics:
+        return WireStatistics(
+            our_role=self._role, our_state=self.our_state, their_state=self.their_state,
+            frames_out=self._frames_out, bytes_out=self._bytes_out,
+            frames_in=self._frames_in, bytes_in=self._bytes_in,
+            page_bytes_raw_out=self._raw_out, page_bytes_wire_out=self._wire_out,
+            page_bytes_raw_in=self._raw_in, page_bytes_wire_in=self._wire_in,
+            bytes_buffered=len(self._buf))
+
+    # -------------------------------------------------------------------- sending
+
+    def send(self, event: Event) -> bytes:
+        """Return the bytes of one frame carrying ``event``; raise LocalProtocolError if illegal."""
+        return b"".join(self.send_parts(event))
+
+    def send_parts(self, event: Event) -> list[Buffer]:
+        """Like :meth:`send`, but as a list of buffers for ``socket.sendmsg`` (page data is not
+        copied). The caller must send all of them, in order, before the next frame."""
+        if self._error is not None:
+            raise LocalProtocolError(f"connection is in ERROR, cannot send: {self._error}")
+        try:
+            frame_type_of(event)  # reject non-wire objects before they touch the state machine
+            if self._seq_out > _MAX_SEQ:
+                raise LocalProtocolError("frame sequence space exhausted")
+            self._state.process_event(self._role, event)
+            parts = encode_event(event, self._seq_out, self._key,
+                                 compress_level=self._compress_level,
+                                 max_frame_size=self._max_frame_size)
+        except LocalProtocolError as exc:
+            self._fail(str(exc))
+            raise
+        self._seq_out += 1
+        size = sum(nbytes(p) for p in parts)
+        self._frames_out += 1
+        self._bytes_out += size
+        if isinstance(event, Pages):
+            self._raw_out += len(event.data)
+            self._wire_out += size - len(parts[0]) - len(parts[-1])
+        return parts
+
+    # -------------------------------------------------------------------- receiving
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Feed bytes read from the peer; ``b""`` means the peer closed its side (EOF)."""
+        if self._error is not None:
+            raise LocalProtocolError(f"connection is in ERROR, not accepting data: {self._error}")
+        if self._eof:
+            raise LocalProtocolError("receive_data called after EOF")
+        if len(data) == 0:
+            self._eof = True
+        else:
+            self._buf.append(data)
+
+    def next_event(self) -> Event | NeedData:
+        """Return the next event from the peer, NEED_DATA, or ConnectionClosed after EOF.
+
+        Raises RemoteProtocolError (and enters ERROR) on any malformed, unauthenticated,
+        out-of-sequence or illegal frame, or on EOF inside a frame.
+        """
+        if self._error is not None:
+            raise RemoteProtocolError(f"connection is in ERROR: {self._error}")
+        try:
+            frame = read_frame(self._buf, self._key, expected_seq=self._seq_in,
+                               max_frame_size=self._max_frame_size)
+            if frame is None:
+                if not self._eof:
+                    return NEED_DATA
+                if self._buf:
+                    raise RemoteProtocolError(
+                        f"truncated frame at EOF: stream ended {len(self._buf)} bytes into a frame")
+                return ConnectionClosed(clean=self.their_state is CLOSED)
+            try:
+                self._state.process_event(self._role.peer, frame.event)
+            except LocalProtocolError as exc:
+                raise RemoteProtocolError(f"illegal event: {exc}") from None
+        except RemoteProtocolError as exc:
+            self._fail(str(exc))
+            raise
+        self._seq_in += 1
+        self._frames_in += 1
+        self._bytes_in += frame.wire_len
+        if isinstance(frame.event, Pages):
+            self._raw_in += len(frame.event.data)
+            self._wire_in += frame.body_len
+        return frame.event
+
+    def _fail(self, why: str) -> None:
+        self._error = why
+        self._state.process_error()
+        self._buf.clear()
+
+    def __repr__(self) -> str:
+        return (f"<Connection {self._role.value} ours={self.our_state.value} "
+                f"theirs={self.their_state.value} out={self._seq_out} in={self._seq_in}>")

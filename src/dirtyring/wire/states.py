@@ -1,0 +1,231 @@
+"""Protocol rules: which event may be sent when, by whom. Every rule lives in this file.
+
+Theory of operation
+-------------------
+Two parties talk over one ordered, reliable byte stream: the PRIMARY runs the VM and streams
+its memory and machine state; the STANDBY (a replica, or a migration target) keeps a shadow
+copy and acknowledges. Each direction is its own ordered stream, so, like h11, we keep one
+state per role and judge an event only against the state of the role that *sent* it. Both
+``Connection`` objects of a pair therefore walk through exactly the same states, whatever the
+interleaving of frames crossing in flight (an Ack may arrive while the next epoch is already
+streaming; that is the point of pipelining).
+
+The primary's stream::
+
+    IDLE --Hello--> HANDSHAKE ==(standby's HelloAck accepted)==> SYNCING
+    SYNCING --EpochBegin--> IN_EPOCH --Pages|MachineBlob--> IN_EPOCH --EpochEnd--> SYNCING
+    SYNCING|IN_EPOCH --Heartbeat--> (same)     SYNCING|IN_EPOCH --Failover|Goodbye--> CLOSED
+
+The standby's stream::
+
+    IDLE ==(primary's Hello)==> HANDSHAKE --HelloAck(accepted)--> SYNCING
+    HANDSHAKE --HelloAck(rejected)|Goodbye--> CLOSED
+    SYNCING --Ack|Heartbeat--> SYNCING         SYNCING --Failover|Goodbye--> CLOSED
+
+Single arrows are :data:`TRANSITIONS` (the sender's own state moves); double arrows are
+:data:`PEER_TRANSITIONS` (an event from the *other* role moves this role: the only two
+couplings are the handshake). Anything not in the tables is illegal: a second Hello, Pages
+outside an epoch, Heartbeat before the handshake, anything after CLOSED.
+
+Some rules depend on values, not types, and are checked by :class:`ConnectionState` here too:
+the HelloAck must echo the Hello's session id; epochs strictly increase; Pages, MachineBlob and
+EpochEnd carry the open epoch's number; EpochEnd's ``n_pages`` equals the pages actually sent in
+the epoch; an Ack is cumulative, names an epoch that has *ended*, and never goes backwards;
+heartbeat sequence numbers and ``output_seq`` never go backwards.
+
+Any violation raises :class:`~dirtyring.errors.LocalProtocolError`; ``Connection`` re-raises it
+as ``RemoteProtocolError`` when the peer was the sender. Either way the caller then calls
+:meth:`ConnectionState.process_error` and both roles are in ERROR for good: after a broken
+rule neither side can trust its picture of the other.
+"""
+from __future__ import annotations
+
+import enum
+from typing import Final, TypeAlias
+
+from dirtyring.errors import LocalProtocolError
+
+from .events import (
+    Ack, EpochBegin, EpochEnd, Event, Failover, Goodbye, Heartbeat, Hello, HelloAck, MachineBlob,
+    Pages,
+)
+
+__all__ = [
+    "Role", "State", "PRIMARY", "STANDBY", "IDLE", "HANDSHAKE", "SYNCING", "IN_EPOCH", "CLOSED",
+    "ERROR", "HelloRejected", "TRANSITIONS", "PEER_TRANSITIONS", "ConnectionState", "event_key",
+]
+
+
+class Role(enum.Enum):
+    """Which end of the stream we are; the value is the string used in :class:`Hello`."""
+
+    PRIMARY = "primary"
+    STANDBY = "standby"
+
+    @property
+    def peer(self) -> Role:
+        return Role.STANDBY if self is Role.PRIMARY else Role.PRIMARY
+
+
+class State(enum.Enum):
+    """Per-role protocol state; see the module docstring for the diagram."""
+
+    IDLE = "IDLE"
+    HANDSHAKE = "HANDSHAKE"
+    SYNCING = "SYNCING"
+    IN_EPOCH = "IN_EPOCH"
+    CLOSED = "CLOSED"
+    ERROR = "ERROR"
+
+
+PRIMARY: Final = Role.PRIMARY
+STANDBY: Final = Role.STANDBY
+IDLE: Final = State.IDLE
+HANDSHAKE: Final = State.HANDSHAKE
+SYNCING: Final = State.SYNCING
+IN_EPOCH: Final = State.IN_EPOCH
+CLOSED: Final = State.CLOSED
+ERROR: Final = State.ERROR
+
+
+class HelloRejected:
+    """Table key standing for ``HelloAck(accepted=False)``, which leads somewhere else."""
+
+
+EventKey: TypeAlias = type
+Table: TypeAlias = dict[Role, dict[State, dict[EventKey, State]]]
+
+#: role -> that role's state -> type of event the role sends -> its new state.
+TRANSITIONS: Final[Table] = {
+    PRIMARY: {
+        IDLE: {Hello: HANDSHAKE},
+        HANDSHAKE: {Goodbye: CLOSED},
+        SYNCING: {EpochBegin: IN_EPOCH, Heartbeat: SYNCING, Failover: CLOSED, Goodbye: CLOSED},
+        IN_EPOCH: {Pages: IN_EPOCH, MachineBlob: IN_EPOCH, EpochEnd: SYNCING,
+                   Heartbeat: IN_EPOCH, Failover: CLOSED, Goodbye: CLOSED},
+        CLOSED: {},
+        ERROR: {},
+    },
+    STANDBY: {
+        IDLE: {},  # the standby says nothing until the primary's Hello arrives
+        HANDSHAKE: {HelloAck: SYNCING, HelloRejected: CLOSED, Goodbye: CLOSED},
+        SYNCING: {Ack: SYNCING, Heartbeat: SYNCING, Failover: CLOSED, Goodbye: CLOSED},
+        CLOSED: {},
+        ERROR: {},
+    },
+}
+
+#: role -> that role's state -> type of event the *other* role sends -> this role's new state.
+PEER_TRANSITIONS: Final[Table] = {
+    STANDBY: {IDLE: {Hello: HANDSHAKE}},
+    PRIMARY: {HANDSHAKE: {HelloAck: SYNCING, HelloRejected: CLOSED}},
+}
+
+#: Appended to "illegal in state" messages so a log line says what the rule is.
+_HINTS: Final[dict[EventKey, str]] = {
+    Hello: "a session has exactly one Hello, sent first by the primary",
+    Pages: "pages belong inside an epoch (EpochBegin ... EpochEnd)",
+    MachineBlob: "machine state belongs inside an epoch (EpochBegin ... EpochEnd)",
+    EpochEnd: "no epoch is open",
+    EpochBegin: "the previous epoch must end first, after the handshake",
+    Heartbeat: "heartbeats start after the handshake",
+}
+
+
+def event_key(event: Event) -> EventKey:
+    """The table key for ``event``: its type, except a rejecting HelloAck."""
+    if isinstance(event, HelloAck) and not event.accepted:
+        return HelloRejected
+    return type(event)
+
+
+def _opt(v: int | None) -> str:
+    return "none" if v is None else str(v)
+
+
+class ConnectionState:
+    """Both roles' states plus the counters the value rules need; knows no bytes and no side."""
+
+    def __init__(self) -> None:
+        self.states: dict[Role, State] = {PRIMARY: IDLE, STANDBY: IDLE}
+        self.session_id: bytes | None = None
+        self.open_epoch: int | None = None
+        self.last_epoch: int | None = None   # last epoch begun
+        self.last_ended: int | None = None   # last epoch ended (what an Ack may name)
+        self.last_acked: int | None = None
+        self.pages_in_epoch = 0
+        self.output_seq = 0
+        self._heartbeat: dict[Role, int | None] = {PRIMARY: None, STANDBY: None}
+
+    def process_event(self, role: Role, event: Event) -> None:
+        """Apply ``event`` sent by ``role``, or raise LocalProtocolError and change nothing."""
+        state = self.states[role]
+        key = event_key(event)
+        new = TRANSITIONS[role].get(state, {}).get(key)
+        if new is None:
+            name = "HelloAck(rejected)" if key is HelloRejected else type(event).__name__
+            hint = _HINTS.get(key)
+            raise LocalProtocolError(f"{name} from {role.value} is illegal in state {state.value}"
+                                     + (f": {hint}" if hint else ""))
+        self._check_values(role, event)
+        self._apply_values(role, event)
+        self.states[role] = new
+        peer = role.peer
+        peer_new = PEER_TRANSITIONS.get(peer, {}).get(self.states[peer], {}).get(key)
+        if peer_new is not None:
+            self.states[peer] = peer_new
+
+    def process_error(self) -> None:
+        """Enter ERROR for good (both roles: one broken rule voids the shared picture)."""
+        self.states = {PRIMARY: ERROR, STANDBY: ERROR}
+
+    def _check_values(self, role: Role, ev: Event) -> None:
+        what = type(ev).__name__
+        if isinstance(ev, Hello) and ev.role != role.value:
+            raise LocalProtocolError(
+                f"Hello claims role {ev.role!r} but was sent by the {role.value} side")
+        if isinstance(ev, HelloAck) and ev.session_id != self.session_id:
+            raise LocalProtocolError("HelloAck session_id does not match the Hello's")
+        if isinstance(ev, EpochBegin) and self.last_epoch is not None \
+                and ev.epoch <= self.last_epoch:
+            raise LocalProtocolError(
+                f"EpochBegin epoch {ev.epoch} does not advance (last epoch {self.last_epoch})")
+        if isinstance(ev, (Pages, MachineBlob, EpochEnd)) and ev.epoch != self.open_epoch:
+            raise LocalProtocolError(
+                f"{what} for epoch {ev.epoch} while epoch {_opt(self.open_epoch)} is open")
+        if isinstance(ev, EpochEnd):
+            if ev.n_pages != self.pages_in_epoch:
+                raise LocalProtocolError(f"EpochEnd says {ev.n_pages} pages but epoch {ev.epoch} "
+                                         f"carried {self.pages_in_epoch}")
+            if ev.output_seq < self.output_seq:
+                raise LocalProtocolError(
+                    f"EpochEnd output_seq {ev.output_seq} went back from {self.output_seq}")
+        if isinstance(ev, Ack):
+            if self.last_ended is None or ev.epoch > self.last_ended:
+                raise LocalProtocolError(f"Ack for epoch {ev.epoch} which has not ended "
+                                         f"(last ended epoch: {_opt(self.last_ended)})")
+            if self.last_acked is not None and ev.epoch <= self.last_acked:
+                raise LocalProtocolError(
+                    f"Ack for epoch {ev.epoch} does not advance (already acked {self.last_acked})")
+        if isinstance(ev, Heartbeat):
+            last = self._heartbeat[role]
+            if last is not None and ev.seq <= last:
+                raise LocalProtocolError(
+                    f"Heartbeat seq {ev.seq} from {role.value} does not advance (last {last})")
+
+    def _apply_values(self, role: Role, ev: Event) -> None:
+        if isinstance(ev, Hello):
+            self.session_id = ev.session_id
+        elif isinstance(ev, EpochBegin):
+            self.open_epoch = self.last_epoch = ev.epoch
+            self.pages_in_epoch = 0
+        elif isinstance(ev, Pages):
+            self.pages_in_epoch += ev.n_pages
+        elif isinstance(ev, EpochEnd):
+            self.last_ended = ev.epoch
+            self.open_epoch = None
+            self.output_seq = ev.output_seq
+        elif isinstance(ev, Ack):
+            self.last_acked = ev.epoch
+        elif isinstance(ev, Heartbeat):
+            self._heartbeat[role] = ev.seq

@@ -1,0 +1,268 @@
+"""Frame and body encoding: exact bytes, three-way reads, page runs and compression, bad bodies."""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import struct
+import sys
+import zlib
+
+import numpy as np
+import pytest
+
+from dirtyring.errors import LocalProtocolError, RemoteProtocolError
+from dirtyring.wire import (
+    Ack, ConnectionClosed, EpochBegin, Event, FrameType, Goodbye, Heartbeat, PageEncoding, Pages,
+    encode_pages_parts,
+)
+from dirtyring.wire.codec import (
+    FRAME_OVERHEAD, HEADER_LEN, MAGIC, encode_event, frame_parts, read_frame,
+)
+from dirtyring.wire.pagecodec import MAX_RUN_BYTES
+from dirtyring.wire.receivebuffer import ReceiveBuffer
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if _HERE not in sys.path:  # wire_helpers sits beside the tests; works in any import mode
+    sys.path.insert(0, _HERE)
+from wire_helpers import (  # noqa: E402
+    KEY, PAGE, all_events_in_order, feed_ways, mixed_pages, read_one,
+)
+
+# (event, sequence number, exact frame bytes with KEY = bytes(range(32))): header | body | mac.
+SIMPLE_CASES: list[tuple[Event, int, str]] = [
+    (Ack(epoch=7), 0,
+     "44525731" "0001" "0007" "00000008" "0000000000000000" "bb0efa6f"
+     "0000000000000007"
+     "608dc8fd11024183dc13184bc46980808e0f59741d37c9332f16b8a5a4624218"),
+    (Heartbeat(seq=1, sent_ns=2), 5,
+     "44525731" "0001" "0008" "00000010" "0000000000000005" "b0e6dc70"
+     "0000000000000001" "0000000000000002"
+     "6d332dd67cef2e5e36e6f45d7c1f7c3acdb49061bdd5b0f3675b27f59e521875"),
+    (Goodbye(reason="bye"), 2,
+     "44525731" "0001" "000a" "00000003" "0000000000000002" "3d607b5c"
+     "627965"
+     "ccec9ef5c1077b1d006015ae48b6f3c07e38f6291d042c9207c6029982a62d8a"),
+    (EpochBegin(epoch=258, kind="delta"), 1,
+     "44525731" "0001" "0003" "00000009" "0000000000000001" "58377d85"
+     "0000000000000102" "01"
+     "7bbc8569002accadeeeb9e6f2838c3727791fcdf6cfa9f8ab8b8ca7494094944"),
+]
+
+
+def frame(event: Event, seq: int = 0, key: bytes = KEY, **kw: int) -> bytes:
+    return b"".join(encode_event(event, seq, key, **kw))
+
+
+@pytest.mark.parametrize("event,seq,hexbytes", SIMPLE_CASES)
+def test_simple_cases_write_exact_bytes(event: Event, seq: int, hexbytes: str) -> None:
+    assert frame(event, seq).hex() == hexbytes
+
+
+@pytest.mark.parametrize("event,seq,hexbytes", SIMPLE_CASES)
+def test_simple_cases_read_exact_bytes_three_ways(event: Event, seq: int, hexbytes: str) -> None:
+    data = bytes.fromhex(hexbytes)
+    nxt = frame(Ack(epoch=1), seq + 1)
+    for how, chunks in feed_ways(data, trailing=nxt[:HEADER_LEN + 3]):
+        got, buf = read_one(chunks, seq=seq)
+        assert got == event, how
+        assert len(buf) == (HEADER_LEN + 3 if how == "trailing" else 0), how
+
+
+@pytest.mark.parametrize("event,seq,hexbytes", SIMPLE_CASES)
+def test_crc_and_mac_match_an_independent_computation(event: Event, seq: int,
+                                                      hexbytes: str) -> None:
+    data = bytes.fromhex(hexbytes)
+    magic, version, ftype, length, fseq, crc = struct.unpack("!4sHHIQI", data[:24])
+    body, mac = data[24:24 + length], data[24 + length:]
+    assert (magic, version, fseq, len(mac)) == (b"DRW1", 1, seq, 32)
+    assert zlib.crc32(data[:20] + body) == crc
+    assert hmac.new(KEY, data[:24 + length], hashlib.sha256).digest() == mac
+
+
+@pytest.mark.parametrize("sender,event", all_events_in_order(),
+                         ids=[type(e).__name__ for _, e in all_events_in_order()])
+def test_every_event_round_trips_three_ways(sender: str, event: Event) -> None:
+    data = frame(event, seq=3)
+    for how, chunks in feed_ways(data, trailing=frame(Ack(epoch=1), seq=4)[:10]):
+        got, _ = read_one(chunks, seq=3)
+        assert got == event and type(got) is type(event), how
+
+
+def test_two_frames_in_one_chunk_come_out_in_order() -> None:
+    buf = ReceiveBuffer()
+    buf.append(frame(Ack(epoch=1), 0) + frame(Ack(epoch=2), 1))
+    first = read_frame(buf, KEY, expected_seq=0)
+    second = read_frame(buf, KEY, expected_seq=1)
+    assert first is not None and second is not None
+    assert (first.event, second.event) == (Ack(epoch=1), Ack(epoch=2))
+    assert read_frame(buf, KEY, expected_seq=2) is None and len(buf) == 0
+
+
+def test_connection_closed_is_not_a_wire_event() -> None:
+    with pytest.raises(LocalProtocolError, match="not a wire event"):
+        frame(ConnectionClosed(clean=True))
+
+
+# ------------------------------------------------------------------------------ pages codec
+
+
+def runs_of(body: bytes) -> list[tuple[int, int, PageEncoding, int]]:
+    """Parse the run heads of a Pages body (independently of the decoder)."""
+    n_runs = struct.unpack_from("!I", body, 20)[0]
+    off, out = 24, []
+    for _ in range(n_runs):
+        first, count, enc, plen = struct.unpack_from("!QIBI", body, off)
+        out.append((first, count, PageEncoding(enc), plen))
+        off += 17 + plen
+    assert off == len(body)
+    return out
+
+
+def body_of(p: Pages, **kw: int) -> bytes:
+    return b"".join(encode_pages_parts(p, **kw))
+
+
+def test_all_zero_pages_encode_tiny() -> None:
+    p = Pages(epoch=1, slot=0, page_size=PAGE, pages=np.arange(4096), data=bytes(4096 * PAGE))
+    body = body_of(p)
+    assert len(body) == 24 + 17  # one ZERO run for 16 MiB
+    assert runs_of(body) == [(0, 4096, PageEncoding.ZERO, 0)]
+    assert read_one([frame(p)])[0] == p
+
+
+def test_random_pages_are_not_inflated_beyond_run_heads() -> None:
+    rng = np.random.default_rng(3)
+    n = 300
+    p = Pages(epoch=1, slot=0, page_size=PAGE, pages=np.arange(n), data=rng.bytes(n * PAGE))
+    body = body_of(p)
+    runs = runs_of(body)
+    assert all(enc is PageEncoding.RAW for _, _, enc, _ in runs)
+    assert len(runs) == -(-n * PAGE // MAX_RUN_BYTES)  # split into 1 MiB runs
+    assert len(body) - n * PAGE == 24 + 17 * len(runs)
+    assert read_one([frame(p)])[0] == p
+
+
+def test_compressible_pages_are_deflated() -> None:
+    n = 64
+    p = Pages(epoch=1, slot=0, page_size=PAGE, pages=np.arange(n), data=b"ab" * (n * PAGE // 2))
+    body = body_of(p)
+    assert [enc for _, _, enc, _ in runs_of(body)] == [PageEncoding.ZLIB]
+    assert len(body) < n * PAGE // 50
+    assert read_one([frame(p)])[0] == p
+    assert [enc for _, _, enc, _ in runs_of(body_of(p, compress_level=0))] == [PageEncoding.RAW]
+
+
+def test_runs_follow_index_gaps_and_zero_boundaries() -> None:
+    data = bytearray(6 * PAGE)
+    data[0] = 1                  # page 10: data
+    data[3 * PAGE + 5] = 1       # page 13: data after two zero pages
+    p = Pages(epoch=2, slot=1, page_size=PAGE, pages=(10, 11, 12, 13, 20, 21), data=bytes(data))
+    heads = [(first, count, enc) for first, count, enc, _ in runs_of(body_of(p))]
+    assert heads == [(10, 1, PageEncoding.ZLIB), (11, 2, PageEncoding.ZERO),
+                     (13, 1, PageEncoding.ZLIB), (20, 2, PageEncoding.ZERO)]
+    assert read_one([frame(p)])[0] == p
+
+
+def test_mixed_pages_round_trip_bytewise_with_small_pages() -> None:
+    rng = np.random.default_rng(5)
+    raw = bytearray(rng.bytes(40 * 512))
+    raw[512 * 5:512 * 9] = bytes(512 * 4)
+    p = Pages(epoch=9, slot=7, page_size=512, pages=np.arange(0, 80, 2), data=bytes(raw))
+    for how, chunks in feed_ways(frame(p), trailing=b"DRW"):
+        assert read_one(chunks)[0] == p, how
+
+
+def test_big_raw_runs_are_passed_by_reference() -> None:
+    p = mixed_pages(n=96)
+    parts = encode_pages_parts(p)
+    views = [x for x in parts if isinstance(x, memoryview)]
+    assert views and all(v.obj is p.data for v in views)
+    assert len(parts) <= 2 * len(views) + 1  # small pieces are coalesced between them
+
+
+def test_pages_larger_than_the_frame_cap_are_refused_at_send() -> None:
+    p = mixed_pages(n=16)
+    with pytest.raises(LocalProtocolError, match="split it"):
+        frame(p, max_frame_size=15 * PAGE)
+
+
+# -------------------------------------------------------------------------- malformed bodies
+
+
+def forged(ftype: int, body: bytes, seq: int = 0) -> bytes:
+    """A correctly framed and authenticated frame around an arbitrary body."""
+    return b"".join(frame_parts(ftype, seq, [body], KEY))
+
+
+def pages_body(runs: list[tuple[int, int, int, bytes]], n: int | None = None,
+               page_size: int = 512) -> bytes:
+    n = sum(c for _, c, _, _ in runs) if n is None else n
+    out = struct.pack("!QIIII", 1, 0, page_size, n, len(runs))
+    for first, count, enc, payload in runs:
+        out += struct.pack("!QIBI", first, count, enc, len(payload)) + payload
+    return out
+
+
+MALFORMED: list[tuple[str, int, bytes]] = [
+    ("Ack trailing", FrameType.ACK, struct.pack("!Q", 1) + b"x"),
+    ("Ack short", FrameType.ACK, b"\x00" * 7),
+    ("bad kind", FrameType.EPOCH_BEGIN, struct.pack("!QB", 1, 7)),
+    ("bad role", FrameType.HELLO, struct.pack("!BI16s", 9, 1, b"s" * 16)),
+    ("accepted flag", FrameType.HELLO_ACK, struct.pack("!16sB", b"s" * 16, 2)),
+    ("bad utf-8", FrameType.GOODBYE, b"\xff\xfe"),
+    ("digest too long", FrameType.EPOCH_END, struct.pack("!QQQ", 1, 0, 0) + b"d" * 65),
+    ("xor delta", FrameType.PAGES, pages_body([(0, 1, PageEncoding.XOR_DELTA, b"x")])),
+    ("unknown encoding", FrameType.PAGES, pages_body([(0, 1, 9, b"")])),
+    ("raw wrong size", FrameType.PAGES, pages_body([(0, 1, PageEncoding.RAW, b"x" * 511)])),
+    ("zero with payload", FrameType.PAGES, pages_body([(0, 1, PageEncoding.ZERO, b"x")])),
+    ("zlib bomb", FrameType.PAGES,
+     pages_body([(0, 1, PageEncoding.ZLIB, zlib.compress(bytes(1 << 20)))])),
+    ("zlib short", FrameType.PAGES,
+     pages_body([(0, 2, PageEncoding.ZLIB, zlib.compress(bytes(512)))])),
+    ("zlib garbage", FrameType.PAGES, pages_body([(0, 1, PageEncoding.ZLIB, b"nope")])),
+    ("overlap", FrameType.PAGES,
+     pages_body([(5, 2, PageEncoding.ZERO, b""), (6, 1, PageEncoding.ZERO, b"")])),
+    ("count mismatch", FrameType.PAGES, pages_body([(0, 1, PageEncoding.ZERO, b"")], n=2)),
+    ("too many pages", FrameType.PAGES, pages_body([(0, 3, PageEncoding.ZERO, b"")], n=2)),
+    ("bad page size", FrameType.PAGES, pages_body([(0, 1, PageEncoding.ZERO, b"")], page_size=768)),
+    ("expands past cap", FrameType.PAGES,
+     pages_body([(0, 1 << 20, PageEncoding.ZERO, b"")], page_size=1 << 20)),
+    ("trailing run bytes", FrameType.PAGES, pages_body([(0, 1, PageEncoding.ZERO, b"")]) + b"!"),
+    ("cut run head", FrameType.PAGES, pages_body([(0, 1, PageEncoding.ZERO, b"")])[:-3]),
+]
+
+
+@pytest.mark.parametrize("name,ftype,body", MALFORMED, ids=[m[0] for m in MALFORMED])
+def test_malformed_bodies_are_remote_errors(name: str, ftype: int, body: bytes) -> None:
+    buf = ReceiveBuffer()
+    buf.append(forged(ftype, body))
+    with pytest.raises(RemoteProtocolError, match=f"malformed {FrameType(ftype).name} frame"):
+        read_frame(buf, KEY, expected_seq=0)
+
+
+def test_unknown_frame_type_is_reported_after_authentication() -> None:
+    buf = ReceiveBuffer()
+    buf.append(forged(99, b""))
+    with pytest.raises(RemoteProtocolError, match="unknown frame type 99"):
+        read_frame(buf, KEY, expected_seq=0)
+
+
+def test_bad_magic_is_seen_from_the_first_wrong_byte() -> None:
+    buf = ReceiveBuffer()
+    buf.append(MAGIC[:2])
+    assert read_frame(buf, KEY, expected_seq=0) is None
+    buf.append(b"X")
+    with pytest.raises(RemoteProtocolError, match="bad magic"):
+        read_frame(buf, KEY, expected_seq=0)
+
+
+def test_oversize_is_reported_from_the_header_alone() -> None:
+    buf = ReceiveBuffer()
+    buf.append(frame(Goodbye(reason="x" * 100))[:HEADER_LEN])
+    with pytest.raises(RemoteProtocolError, match="oversize frame"):
+        read_frame(buf, KEY, expected_seq=0, max_frame_size=99)
+
+
+def test_frame_overhead_is_56_bytes() -> None:
+    assert FRAME_OVERHEAD == 56 and len(frame(Goodbye())) == 56
