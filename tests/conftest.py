@@ -41,7 +41,7 @@ _skipped_kvm: list[str] = []
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    if report.skipped and "kvm" in report.keywords:
+    if report.skipped and "kvm" in report.keywords and not hasattr(report, "wasxfail"):
         _skipped_kvm.append(report.nodeid)
 
 

@@ -331,7 +331,7 @@ KVM_SET_XCRS = _IOW(0xA7, C.sizeof(kvm_xcrs))
 #: Every ioctl number by kernel name (used for error messages and the header check).
 IOCTL_NAMES: dict[int, str] = {
     v: k for k, v in list(globals().items())
-    if k.startswith("KVM_") and isinstance(v, int) and v > 0xFFFF
+    if k.startswith("KVM_") and isinstance(v, int) and (v >> _IOC_TYPESHIFT) & 0xFF == KVMIO
 }
 
 

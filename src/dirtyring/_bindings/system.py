@@ -26,7 +26,11 @@ class Kvm:
         except OSError as e:
             raise KvmUnavailable(f"cannot open {path}: {e.strerror}") from None
         self.path = path
-        version = self.get_api_version()
+        try:
+            version = self.get_api_version()
+        except KvmError as e:
+            os.close(self.fd)
+            raise KvmUnavailable(f"{path} is not a KVM device ({e})") from None
         if version != U.KVM_API_VERSION:
             os.close(self.fd)
             raise KvmUnavailable(f"{path} speaks KVM API {version}, expected {U.KVM_API_VERSION}")

@@ -34,9 +34,15 @@ class VcpuFd:
         self.run_struct = U.kvm_run.from_address(self._run_map.addr)
         self.ring_map: Mapping | None = None
         if vm.dirty_ring_bytes:
-            self.ring_map = Mapping(fd, vm.dirty_ring_bytes,
-                                    offset=U.KVM_DIRTY_LOG_PAGE_OFFSET * PAGE_SIZE,
-                                    prot=_mmap.PROT_READ | _mmap.PROT_WRITE)
+            try:
+                self.ring_map = Mapping(fd, vm.dirty_ring_bytes,
+                                        offset=U.KVM_DIRTY_LOG_PAGE_OFFSET * PAGE_SIZE,
+                                        prot=_mmap.PROT_READ | _mmap.PROT_WRITE)
+            except BaseException:
+                self._run_map.close()
+                os.close(fd)
+                self.fd = -1
+                raise
 
     # --- running ------------------------------------------------------------------------------
     def run(self) -> int:

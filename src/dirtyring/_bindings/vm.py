@@ -12,11 +12,13 @@ Kernel facts that shape this class (Documentation/virt/kvm/api.rst):
 from __future__ import annotations
 
 import ctypes as C
+import errno
 import os
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..errors import KvmError
 from . import _uapi as U
 from ._ioctl import ioctl
 from .caps import Cap
@@ -59,7 +61,12 @@ class VmFd:
         """KVM_ENABLE_CAP(KVM_CAP_DIRTY_LOG_RING, size in bytes). Requires: Cap.DIRTY_LOG_RING.
 
         Must precede every KVM_CREATE_VCPU (EINVAL otherwise); E2BIG above the host maximum.
+        The kernel reads the size as a u32, so larger values are refused here rather than
+        silently truncated.
         """
+        if not 0 < size_bytes < 1 << 32:
+            raise KvmError("KVM_ENABLE_CAP", errno.EINVAL,
+                           f"dirty ring size {size_bytes} bytes does not fit the kernel's u32")
         self.enable_cap(Cap.DIRTY_LOG_RING, size_bytes)
         self.dirty_ring_bytes = size_bytes
 
