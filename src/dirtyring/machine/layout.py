@@ -49,6 +49,10 @@ DATA_PD_GPA = 0x200000
 DATA_GPA = 1 << 30
 MAX_DATA_BYTES = 255 << 30  # one PDPT: 512 GiB of guest-physical space, GiB 0 is the system slot
 
+IO_BITMAP_OFFSET = 0x68
+IO_PORTS = 0x400  # ports the guest may use without exiting with #GP (all go to the VMM)
+TSS_LIMIT = IO_BITMAP_OFFSET + IO_PORTS // 8  # includes the trailing 0xFF byte
+
 # Segment selectors (GDT index << 3 | RPL).
 SEL_USER_CODE = (3 << 3) | 3
 SEL_USER_DATA = (4 << 3) | 3
@@ -103,14 +107,20 @@ def build_system_slot(mem: np.ndarray, data_bytes: int) -> None:
         q[DATA_PD_GPA // 8: DATA_PD_GPA // 8 + n2m] = gpas | np.uint64(P | RW | US | A | D | PS)
     # GDT: null, kernel code, kernel data, user code 64, user data, TSS (16 bytes).
     gdt = [0, 0x00AF9A000000FFFF, 0x00CF92000000FFFF, 0x00AFFA000000FFFF, 0x00CFF2000000FFFF]
-    tss_limit = 0x67
+    tss_limit = TSS_LIMIT
     tss_lo = (tss_limit & 0xFFFF) | ((TSS_GPA & 0xFFFFFF) << 16) | (0x89 << 40) \
         | (((TSS_GPA >> 24) & 0xFF) << 56)
     gdt += [tss_lo, TSS_GPA >> 32]
     mem[GDT_GPA:GDT_GPA + 8 * len(gdt)] = np.frombuffer(struct.pack(f"<{len(gdt)}Q", *gdt),
                                                          np.uint8)
-    # TSS: I/O map base beyond the limit (no I/O bitmap: IOPL=3 governs port access).
-    mem[TSS_GPA + 0x66:TSS_GPA + 0x68] = np.frombuffer(struct.pack("<H", 0x68), np.uint8)
+    # TSS with an all-zero I/O permission bitmap for ports 0..IO_PORTS-1 (then the 0xFF byte
+    # the CPU may read past the end). We also set IOPL=3, but kvm_pvm does not keep IOPL for
+    # the guest (rflags reads back without it after KVM_RUN), so at CPL3 every in/out is
+    # checked against this bitmap; without it the first in/out #GPs and triple-faults.
+    mem[TSS_GPA + 0x66:TSS_GPA + 0x68] = np.frombuffer(struct.pack("<H", IO_BITMAP_OFFSET),
+                                                         np.uint8)
+    mem[TSS_GPA + IO_BITMAP_OFFSET:TSS_GPA + IO_BITMAP_OFFSET + IO_PORTS // 8] = 0
+    mem[TSS_GPA + IO_BITMAP_OFFSET + IO_PORTS // 8] = 0xFF
 
 
 GDT_LIMIT = 7 * 8 - 1

@@ -118,6 +118,12 @@ class Machine:
                 r.pause_requested = True
         for r in self.runners:
             r.start()
+        if not boot:
+            # A restore target: return only once every vCPU thread is parked, so that
+            # restore_state() can follow at once.
+            with self.cv:
+                while not all(r.parked for r in self.runners):
+                    self.cv.wait(1.0)
 
     def _make_tracker(self) -> Tracker | None:
         assert self.memory is not None
@@ -173,7 +179,7 @@ class Machine:
             for k, v in vals.items():
                 setattr(seg, k, v)
             seg.avl = seg.unusable = 0
-        s.tr.base, s.tr.limit, s.tr.selector = layout.TSS_GPA, 0x67, layout.SEL_TSS
+        s.tr.base, s.tr.limit, s.tr.selector = layout.TSS_GPA, layout.TSS_LIMIT, layout.SEL_TSS
         s.tr.type, s.tr.present, s.tr.dpl, s.tr.s, s.tr.l, s.tr.g, s.tr.unusable = \
             11, 1, 0, 0, 0, 0, 0
         s.gdt.base, s.gdt.limit = layout.GDT_GPA, layout.GDT_LIMIT
