@@ -5,7 +5,7 @@ import argparse
 import sys
 
 from ..errors import DirtyringError
-from . import doctor, run
+from . import demo, doctor, replication, run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -15,6 +15,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     run.add_parser(sub)
     doctor.add_parser(sub)
+    replication.add_parsers(sub)
+    demo.add_parser(sub)
     try:
         from .. import bench
     except ImportError:

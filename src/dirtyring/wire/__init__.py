@@ -13,7 +13,7 @@ from .codec import (
 from .connection import MIN_KEY_LEN, NEED_DATA, Connection, NeedData, WireStatistics
 from .events import (
     Ack, ConnectionClosed, EpochBegin, EpochEnd, Event, Failover, Goodbye, Heartbeat, Hello,
-    HelloAck, MachineBlob, Pages,
+    HelloAck, MachineBlob, Pages, Resync,
 )
 from .states import (
     CLOSED, ERROR, HANDSHAKE, IDLE, IN_EPOCH, PRIMARY, STANDBY, SYNCING, Role, State,
@@ -24,7 +24,7 @@ __all__ = [
     "Connection", "NEED_DATA", "NeedData", "WireStatistics", "MIN_KEY_LEN",
     # events
     "Event", "Hello", "HelloAck", "EpochBegin", "Pages", "MachineBlob", "EpochEnd", "Ack",
-    "Heartbeat", "Failover", "Goodbye", "ConnectionClosed",
+    "Resync", "Heartbeat", "Failover", "Goodbye", "ConnectionClosed",
     # roles and states
     "Role", "State", "PRIMARY", "STANDBY", "IDLE", "HANDSHAKE", "SYNCING", "IN_EPOCH", "CLOSED",
     "ERROR",

@@ -18,7 +18,8 @@ unauthenticated reads "authentication failed". The MAC also covers the sequence 
 replayed or reordered frame can't be passed off as fresh within a session.
 
 Bodies are fixed ``struct`` heads; a variable-length last field (config, reason, blob, digest)
-runs to the end of the body. Pages bodies are described in ``pagecodec.py``.
+runs to the end of the body. The one optional middle field, HelloAck's nonce, has a u8 length
+(0 or 16) in the head. Pages bodies are described in ``pagecodec.py``.
 """
 from __future__ import annotations
 
@@ -66,6 +67,7 @@ class FrameType(enum.IntEnum):
     HEARTBEAT = 8
     FAILOVER = 9
     GOODBYE = 10
+    RESYNC = 11
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,12 +90,13 @@ _TYPE_OF: Final[dict[type, FrameType]] = {
     ev.MachineBlob: FrameType.MACHINE_BLOB, ev.EpochEnd: FrameType.EPOCH_END,
     ev.Ack: FrameType.ACK, ev.Heartbeat: FrameType.HEARTBEAT,
     ev.Failover: FrameType.FAILOVER, ev.Goodbye: FrameType.GOODBYE,
+    ev.Resync: FrameType.RESYNC,
 }
 
 _HELLO: Final = struct.Struct("!BI16s")       # role, version, session_id; then config
-_HELLO_ACK: Final = struct.Struct("!16sB")    # session_id, accepted; then reason
+_HELLO_ACK: Final = struct.Struct("!16sBB")   # session_id, accepted, len(nonce); nonce, reason
 _EPOCH_BEGIN: Final = struct.Struct("!QB")    # epoch, kind
-_U64: Final = struct.Struct("!Q")             # Ack.epoch; MachineBlob.epoch, then blob
+_U64: Final = struct.Struct("!Q")             # Ack.epoch; MachineBlob/Resync.epoch, then more
 _EPOCH_END: Final = struct.Struct("!QQQ")     # epoch, n_pages, output_seq; then digest
 _HEARTBEAT: Final = struct.Struct("!QQ")      # seq, sent_ns
 _ROLE_CODES: Final = {"primary": 0, "standby": 1}
@@ -115,7 +118,8 @@ def encode_body(event: ev.Event, *, compress_level: int = 1) -> list[Buffer]:
         return [_HELLO.pack(_ROLE_CODES[event.role], event.version, event.session_id),
                 event.config]
     if isinstance(event, ev.HelloAck):
-        return [_HELLO_ACK.pack(event.session_id, event.accepted), _reason_bytes(event.reason)]
+        return [_HELLO_ACK.pack(event.session_id, event.accepted, len(event.nonce)),
+                event.nonce + _reason_bytes(event.reason)]
     if isinstance(event, ev.EpochBegin):
         return [_EPOCH_BEGIN.pack(event.epoch, _KIND_CODES[event.kind])]
     if isinstance(event, ev.MachineBlob):
@@ -124,6 +128,8 @@ def encode_body(event: ev.Event, *, compress_level: int = 1) -> list[Buffer]:
         return [_EPOCH_END.pack(event.epoch, event.n_pages, event.output_seq), event.digest]
     if isinstance(event, ev.Ack):
         return [_U64.pack(event.epoch)]
+    if isinstance(event, ev.Resync):
+        return [_U64.pack(event.epoch), _reason_bytes(event.reason)]
     if isinstance(event, ev.Heartbeat):
         return [_HEARTBEAT.pack(event.seq, event.sent_ns)]
     if isinstance(event, (ev.Failover, ev.Goodbye)):
@@ -256,11 +262,15 @@ def _d_hello(body: memoryview, _: int) -> ev.Event:
 
 
 def _d_hello_ack(body: memoryview, _: int) -> ev.Event:
-    (session_id, accepted), rest = _head(_HELLO_ACK, body)
+    (session_id, accepted, nonce_len), rest = _head(_HELLO_ACK, body)
     if accepted > 1:
         raise LocalProtocolError(f"accepted flag must be 0 or 1, got {accepted}")
+    if nonce_len not in (0, ev.NONCE_LEN):
+        raise LocalProtocolError(f"nonce length must be 0 or {ev.NONCE_LEN}, got {nonce_len}")
+    if len(rest) < nonce_len:
+        raise struct.error(f"body ends {nonce_len - len(rest)} bytes into the nonce")
     return ev.HelloAck(session_id=session_id, accepted=bool(accepted),
-                       reason=str(rest, "utf-8"))
+                       nonce=bytes(rest[:nonce_len]), reason=str(rest[nonce_len:], "utf-8"))
 
 
 def _d_epoch_begin(body: memoryview, _: int) -> ev.Event:
@@ -282,6 +292,11 @@ def _d_ack(body: memoryview, _: int) -> ev.Event:
     return ev.Ack(epoch=_exact(_U64, body)[0])
 
 
+def _d_resync(body: memoryview, _: int) -> ev.Event:
+    (epoch,), rest = _head(_U64, body)
+    return ev.Resync(epoch=epoch, reason=str(rest, "utf-8"))
+
+
 def _d_heartbeat(body: memoryview, _: int) -> ev.Event:
     seq, sent_ns = _exact(_HEARTBEAT, body)
     return ev.Heartbeat(seq=seq, sent_ns=sent_ns)
@@ -301,4 +316,5 @@ _DECODERS: Final[dict[FrameType, Callable[[memoryview, int], ev.Event]]] = {
     FrameType.MACHINE_BLOB: _d_machine_blob, FrameType.EPOCH_END: _d_epoch_end,
     FrameType.ACK: _d_ack, FrameType.HEARTBEAT: _d_heartbeat,
     FrameType.FAILOVER: _d_failover, FrameType.GOODBYE: _d_goodbye,
+    FrameType.RESYNC: _d_resync,
 }

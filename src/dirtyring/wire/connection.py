@@ -102,7 +102,7 @@ class Connection:
         self._key = bytes(key)
         self._max_frame_size = max_frame_size
         self._compress_level = compress_level
-        self._state = ConnectionState()
+        self._state = ConnectionState(side=self._role)
         self._buf = ReceiveBuffer()
         self._eof = False
         self._error: str | None = None

@@ -21,14 +21,16 @@ from dirtyring.errors import LocalProtocolError
 
 __all__ = [
     "Event", "Hello", "HelloAck", "EpochBegin", "Pages", "MachineBlob", "EpochEnd", "Ack",
-    "Heartbeat", "Failover", "Goodbye", "ConnectionClosed",
-    "ROLES", "EPOCH_KINDS", "SESSION_ID_LEN", "MAX_DIGEST_LEN", "MAX_REASON_LEN",
+    "Resync", "Heartbeat", "Failover", "Goodbye", "ConnectionClosed",
+    "ROLES", "EPOCH_KINDS", "SESSION_ID_LEN", "NONCE_LEN", "MAX_DIGEST_LEN", "MAX_REASON_LEN",
     "MIN_PAGE_SIZE", "MAX_PAGE_SIZE",
 ]
 
 ROLES: Final = ("primary", "standby")
 EPOCH_KINDS: Final = ("full", "delta")
 SESSION_ID_LEN: Final = 16
+#: HelloAck.nonce is this long, or empty (no nonce).
+NONCE_LEN: Final = 16
 #: A digest longer than SHA-512 is surely a bug; the bound also keeps EpochEnd tiny.
 MAX_DIGEST_LEN: Final = 64
 #: Reasons are for humans and logs, not for payloads.
@@ -124,17 +126,27 @@ class Hello(Event):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class HelloAck(Event):
-    """The standby's answer to :class:`Hello`; echoes the session id so answers can't cross."""
+    """The standby's answer to :class:`Hello`; echoes the session id so answers can't cross.
+
+    ``nonce`` is empty (no nonce) or NONCE_LEN fresh random bytes of the standby's, which a
+    transport may mix into its session keys to bind the session to this standby's answer.
+    """
 
     session_id: bytes
     accepted: bool
     reason: str = ""
+    nonce: bytes = b""
 
     def __post_init__(self) -> None:
         _set(self, "session_id", _bytes("session_id", self.session_id, exact=SESSION_ID_LEN))
         if not isinstance(self.accepted, bool):
             raise LocalProtocolError("accepted must be bool")
         _set(self, "reason", _reason(self.reason))
+        nonce = _bytes("nonce", self.nonce)
+        if len(nonce) not in (0, NONCE_LEN):
+            raise LocalProtocolError(
+                f"nonce must be empty or exactly {NONCE_LEN} bytes, got {len(nonce)}")
+        _set(self, "nonce", nonce)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -267,6 +279,24 @@ class Ack(Event):
 
     def __post_init__(self) -> None:
         _set(self, "epoch", _uint("epoch", self.epoch))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Resync(Event):
+    """The standby no longer trusts its committed memory and asks for a full copy.
+
+    Sent when verification found that committed memory differs from what the primary computed
+    for ``epoch`` (its EpochEnd digest), or the standby otherwise lost confidence. ``epoch``
+    names an epoch that has ended; unlike :class:`Ack` it need not be past the last Ack (an
+    acked epoch can fail verification later). The primary's next EpochBegin must be ``full``.
+    """
+
+    epoch: int
+    reason: str
+
+    def __post_init__(self) -> None:
+        _set(self, "epoch", _uint("epoch", self.epoch))
+        _set(self, "reason", _reason(self.reason))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

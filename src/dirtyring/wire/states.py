@@ -20,18 +20,28 @@ The standby's stream::
 
     IDLE ==(primary's Hello)==> HANDSHAKE --HelloAck(accepted)--> SYNCING
     HANDSHAKE --HelloAck(rejected)|Goodbye--> CLOSED
-    SYNCING --Ack|Heartbeat--> SYNCING         SYNCING --Failover|Goodbye--> CLOSED
+    SYNCING --Ack|Resync|Heartbeat--> SYNCING  SYNCING --Failover|Goodbye--> CLOSED
 
 Single arrows are :data:`TRANSITIONS` (the sender's own state moves); double arrows are
 :data:`PEER_TRANSITIONS` (an event from the *other* role moves this role: the only two
 couplings are the handshake). Anything not in the tables is illegal: a second Hello, Pages
-outside an epoch, Heartbeat before the handshake, anything after CLOSED.
+outside an epoch, Heartbeat or Resync before the handshake, anything after CLOSED.
 
 Some rules depend on values, not types, and are checked by :class:`ConnectionState` here too:
 the HelloAck must echo the Hello's session id; epochs strictly increase; Pages, MachineBlob and
 EpochEnd carry the open epoch's number; EpochEnd's ``n_pages`` equals the pages actually sent in
 the epoch; an Ack is cumulative, names an epoch that has *ended*, and never goes backwards;
-heartbeat sequence numbers and ``output_seq`` never go backwards.
+a Resync also names an ended epoch, but may repeat or go below the last Ack (an acked epoch can
+fail verification later); heartbeat sequence numbers and ``output_seq`` never go backwards.
+
+One rule depends on how the two streams interleave: after the standby's Resync, the primary's
+next EpochBegin must be ``full``. "Next" means next *after the primary processed the Resync*,
+which only the primary can know: EpochBegins it sent earlier may still be in flight when the
+standby's Resync leaves, and are legal. So :class:`ConnectionState` tracks ``resync_pending``
+only on the primary's side (``side=PRIMARY``, or ``side=None``: one global order, as when a test
+drives both roles); there an EpochBegin(kind="delta") while pending is a LocalProtocolError.
+The standby cannot tell a late delta from an early one, so it does not judge the rule: it must
+treat every epoch as untrusted until a full one commits.
 
 Any violation raises :class:`~dirtyring.errors.LocalProtocolError`; ``Connection`` re-raises it
 as ``RemoteProtocolError`` when the peer was the sender. Either way the caller then calls
@@ -47,7 +57,7 @@ from dirtyring.errors import LocalProtocolError
 
 from .events import (
     Ack, EpochBegin, EpochEnd, Event, Failover, Goodbye, Heartbeat, Hello, HelloAck, MachineBlob,
-    Pages,
+    Pages, Resync,
 )
 
 __all__ = [
@@ -109,7 +119,8 @@ TRANSITIONS: Final[Table] = {
     STANDBY: {
         IDLE: {},  # the standby says nothing until the primary's Hello arrives
         HANDSHAKE: {HelloAck: SYNCING, HelloRejected: CLOSED, Goodbye: CLOSED},
-        SYNCING: {Ack: SYNCING, Heartbeat: SYNCING, Failover: CLOSED, Goodbye: CLOSED},
+        SYNCING: {Ack: SYNCING, Resync: SYNCING, Heartbeat: SYNCING, Failover: CLOSED,
+                  Goodbye: CLOSED},
         CLOSED: {},
         ERROR: {},
     },
@@ -129,6 +140,7 @@ _HINTS: Final[dict[EventKey, str]] = {
     EpochEnd: "no epoch is open",
     EpochBegin: "the previous epoch must end first, after the handshake",
     Heartbeat: "heartbeats start after the handshake",
+    Resync: "only the standby sends Resync, once the handshake is done",
 }
 
 
@@ -144,9 +156,16 @@ def _opt(v: int | None) -> str:
 
 
 class ConnectionState:
-    """Both roles' states plus the counters the value rules need; knows no bytes and no side."""
+    """Both roles' states plus the counters the value rules need; knows no bytes.
 
-    def __init__(self) -> None:
+    ``side`` is the role whose order of events this object sees (a Connection passes its own
+    role), or None for one global order. It matters to a single rule, the Resync one (see the
+    module docstring): ``resync_pending`` is only ever set when ``side`` is not STANDBY.
+    """
+
+    def __init__(self, side: Role | None = None) -> None:
+        self.side = side
+        self.resync_pending = False  # the primary owes a full epoch (Resync seen, no EpochBegin)
         self.states: dict[Role, State] = {PRIMARY: IDLE, STANDBY: IDLE}
         self.session_id: bytes | None = None
         self.open_epoch: int | None = None
@@ -190,6 +209,10 @@ class ConnectionState:
                 and ev.epoch <= self.last_epoch:
             raise LocalProtocolError(
                 f"EpochBegin epoch {ev.epoch} does not advance (last epoch {self.last_epoch})")
+        if isinstance(ev, EpochBegin) and self.resync_pending and ev.kind != "full":
+            raise LocalProtocolError(
+                f"EpochBegin(kind={ev.kind!r}) for epoch {ev.epoch} while a Resync is pending: "
+                "the first epoch after the standby's Resync must be kind='full'")
         if isinstance(ev, (Pages, MachineBlob, EpochEnd)) and ev.epoch != self.open_epoch:
             raise LocalProtocolError(
                 f"{what} for epoch {ev.epoch} while epoch {_opt(self.open_epoch)} is open")
@@ -207,6 +230,9 @@ class ConnectionState:
             if self.last_acked is not None and ev.epoch <= self.last_acked:
                 raise LocalProtocolError(
                     f"Ack for epoch {ev.epoch} does not advance (already acked {self.last_acked})")
+        if isinstance(ev, Resync) and (self.last_ended is None or ev.epoch > self.last_ended):
+            raise LocalProtocolError(f"Resync for epoch {ev.epoch} which has not ended "
+                                     f"(last ended epoch: {_opt(self.last_ended)})")
         if isinstance(ev, Heartbeat):
             last = self._heartbeat[role]
             if last is not None and ev.seq <= last:
@@ -219,6 +245,7 @@ class ConnectionState:
         elif isinstance(ev, EpochBegin):
             self.open_epoch = self.last_epoch = ev.epoch
             self.pages_in_epoch = 0
+            self.resync_pending = False
         elif isinstance(ev, Pages):
             self.pages_in_epoch += ev.n_pages
         elif isinstance(ev, EpochEnd):
@@ -227,5 +254,7 @@ class ConnectionState:
             self.output_seq = ev.output_seq
         elif isinstance(ev, Ack):
             self.last_acked = ev.epoch
+        elif isinstance(ev, Resync):
+            self.resync_pending = self.side is not STANDBY
         elif isinstance(ev, Heartbeat):
             self._heartbeat[role] = ev.seq

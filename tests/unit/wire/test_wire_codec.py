@@ -13,11 +13,11 @@ import pytest
 
 from dirtyring.errors import LocalProtocolError, RemoteProtocolError
 from dirtyring.wire import (
-    Ack, ConnectionClosed, EpochBegin, Event, FrameType, Goodbye, Heartbeat, PageEncoding, Pages,
-    encode_pages_parts,
+    Ack, ConnectionClosed, EpochBegin, Event, FrameType, Goodbye, Heartbeat, HelloAck,
+    PageEncoding, Pages, Resync, encode_pages_parts,
 )
 from dirtyring.wire.codec import (
-    FRAME_OVERHEAD, HEADER_LEN, MAGIC, encode_event, frame_parts, read_frame,
+    _TYPE_OF, FRAME_OVERHEAD, HEADER_LEN, MAGIC, encode_event, frame_parts, read_frame,
 )
 from dirtyring.wire.pagecodec import MAX_RUN_BYTES
 from dirtyring.wire.receivebuffer import ReceiveBuffer
@@ -26,7 +26,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 if _HERE not in sys.path:  # wire_helpers sits beside the tests; works in any import mode
     sys.path.insert(0, _HERE)
 from wire_helpers import (  # noqa: E402
-    KEY, PAGE, all_events_in_order, feed_ways, mixed_pages, read_one,
+    KEY, NONCE, PAGE, SESSION, all_events_in_order, feed_ways, mixed_pages, read_one,
 )
 
 # (event, sequence number, exact frame bytes with KEY = bytes(range(32))): header | body | mac.
@@ -47,6 +47,18 @@ SIMPLE_CASES: list[tuple[Event, int, str]] = [
      "44525731" "0001" "0003" "00000009" "0000000000000001" "58377d85"
      "0000000000000102" "01"
      "7bbc8569002accadeeeb9e6f2838c3727791fcdf6cfa9f8ab8b8ca7494094944"),
+    (Resync(epoch=3, reason="bad digest"), 4,
+     "44525731" "0001" "000b" "00000012" "0000000000000004" "1a7f7070"
+     "0000000000000003" "62616420646967657374"
+     "5ee06ed4ba5b3b22d0554cd4a0fe9a048695720473694e9476766b813706c77a"),
+    (HelloAck(session_id=SESSION, accepted=True, nonce=NONCE, reason="ok"), 0,
+     "44525731" "0001" "0002" "00000024" "0000000000000000" "5293bb0c"
+     "6465666768696a6b6c6d6e6f70717273" "01" "10" "c8c9cacbcccdcecfd0d1d2d3d4d5d6d7" "6f6b"
+     "80ef47f7aba5ed50f9d0d4c266d6086090e821fbeef03662fba3f90edd7f6d75"),
+    (HelloAck(session_id=SESSION, accepted=False, reason="no"), 0,
+     "44525731" "0001" "0002" "00000014" "0000000000000000" "f41f7e7f"
+     "6465666768696a6b6c6d6e6f70717273" "00" "00" "6e6f"
+     "3f4fb55b144b936d2eb7ee959fa136a135832eaab53a018c5ba2ba40e505d977"),
 ]
 
 
@@ -87,6 +99,26 @@ def test_every_event_round_trips_three_ways(sender: str, event: Event) -> None:
     for how, chunks in feed_ways(data, trailing=frame(Ack(epoch=1), seq=4)[:10]):
         got, _ = read_one(chunks, seq=3)
         assert got == event and type(got) is type(event), how
+
+
+def test_the_sample_session_covers_every_wire_event_type() -> None:
+    assert {type(e) for _, e in all_events_in_order()} == set(_TYPE_OF)
+    assert len(set(_TYPE_OF.values())) == len(_TYPE_OF) == len(FrameType)
+
+
+@pytest.mark.parametrize("event", [
+    Resync(epoch=0, reason=""),
+    Resync(epoch=(1 << 64) - 1, reason="lost confidence \N{WARNING SIGN}"),
+    HelloAck(session_id=SESSION, accepted=True),
+    HelloAck(session_id=SESSION, accepted=True, nonce=bytes(16)),
+    HelloAck(session_id=SESSION, accepted=False, reason="no room", nonce=NONCE),
+], ids=repr)
+def test_resync_and_hello_ack_nonce_round_trip_three_ways(event: Event) -> None:
+    data = frame(event, seq=9)
+    for how, chunks in feed_ways(data, trailing=frame(Ack(epoch=1), seq=10)[:HEADER_LEN + 1]):
+        got, buf = read_one(chunks, seq=9)
+        assert got == event and type(got) is type(event), how
+        assert len(buf) == (HEADER_LEN + 1 if how == "trailing" else 0), how
 
 
 def test_two_frames_in_one_chunk_come_out_in_order() -> None:
@@ -209,7 +241,12 @@ MALFORMED: list[tuple[str, int, bytes]] = [
     ("Ack short", FrameType.ACK, b"\x00" * 7),
     ("bad kind", FrameType.EPOCH_BEGIN, struct.pack("!QB", 1, 7)),
     ("bad role", FrameType.HELLO, struct.pack("!BI16s", 9, 1, b"s" * 16)),
-    ("accepted flag", FrameType.HELLO_ACK, struct.pack("!16sB", b"s" * 16, 2)),
+    ("accepted flag", FrameType.HELLO_ACK, struct.pack("!16sBB", b"s" * 16, 2, 0)),
+    ("HelloAck v0 head", FrameType.HELLO_ACK, struct.pack("!16sB", b"s" * 16, 1)),
+    ("nonce length", FrameType.HELLO_ACK, struct.pack("!16sBB", b"s" * 16, 1, 8) + b"n" * 8),
+    ("nonce cut short", FrameType.HELLO_ACK, struct.pack("!16sBB", b"s" * 16, 1, 16) + b"n" * 15),
+    ("Resync short", FrameType.RESYNC, b"\x00" * 7),
+    ("Resync bad utf-8", FrameType.RESYNC, struct.pack("!Q", 1) + b"\xff\xfe"),
     ("bad utf-8", FrameType.GOODBYE, b"\xff\xfe"),
     ("digest too long", FrameType.EPOCH_END, struct.pack("!QQQ", 1, 0, 0) + b"d" * 65),
     ("xor delta", FrameType.PAGES, pages_body([(0, 1, PageEncoding.XOR_DELTA, b"x")])),

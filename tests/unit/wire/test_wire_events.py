@@ -12,12 +12,13 @@ import pytest
 from dirtyring.errors import LocalProtocolError
 from dirtyring.wire import (
     Ack, EpochBegin, EpochEnd, Failover, Goodbye, Heartbeat, Hello, HelloAck, MachineBlob, Pages,
+    Resync,
 )
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 if _HERE not in sys.path:  # wire_helpers sits beside the tests; works in any import mode
     sys.path.insert(0, _HERE)
-from wire_helpers import PAGE, SESSION, hello, mixed_pages  # noqa: E402
+from wire_helpers import NONCE, PAGE, SESSION, hello, mixed_pages  # noqa: E402
 
 
 def pages(**kw: Any) -> Pages:
@@ -35,6 +36,17 @@ BAD: list[tuple[str, Any]] = [
                    config="{}")),  # type: ignore[arg-type]
     ("version", lambda: Hello(role="primary", version=1 << 32, session_id=SESSION, config=b"")),
     ("accepted", lambda: HelloAck(session_id=SESSION, accepted=1)),  # type: ignore[arg-type]
+    ("nonce must be empty or exactly 16",
+     lambda: HelloAck(session_id=SESSION, accepted=True, nonce=b"n" * 15)),
+    ("nonce must be empty or exactly 16",
+     lambda: HelloAck(session_id=SESSION, accepted=True, nonce=b"n" * 17)),
+    ("nonce must be bytes",
+     lambda: HelloAck(session_id=SESSION, accepted=True,
+                      nonce=NONCE.hex())),  # type: ignore[arg-type]
+    ("epoch", lambda: Resync(epoch=-1, reason="x")),
+    ("epoch", lambda: Resync(epoch=True, reason="x")),
+    ("reason", lambda: Resync(epoch=1, reason="x" * 4097)),
+    ("reason must be str", lambda: Resync(epoch=1, reason=b"x")),  # type: ignore[arg-type]
     ("kind", lambda: EpochBegin(epoch=1, kind="partial")),
     ("epoch", lambda: EpochBegin(epoch=-1, kind="full")),
     ("epoch", lambda: Ack(epoch=1 << 64)),
@@ -72,6 +84,11 @@ def test_values_are_normalized() -> None:
     assert type(e.epoch) is int and type(e.n_pages) is int and type(e.digest) is bytes
     p = pages(data=memoryview(bytes(2 * PAGE)))
     assert type(p.data) is bytes
+    a = HelloAck(session_id=SESSION, accepted=True,
+                 nonce=bytearray(NONCE))  # type: ignore[arg-type]
+    assert type(a.nonce) is bytes and a.nonce == NONCE
+    r = Resync(epoch=np.uint64(4), reason="x")  # type: ignore[arg-type]
+    assert type(r.epoch) is int and r == Resync(epoch=4, reason="x")
 
 
 def test_events_are_frozen() -> None:
@@ -110,5 +127,6 @@ def test_big_payloads_stay_out_of_repr() -> None:
 
 def test_defaults() -> None:
     assert HelloAck(session_id=SESSION, accepted=True).reason == ""
+    assert HelloAck(session_id=SESSION, accepted=True).nonce == b""
     assert Goodbye().reason == ""
     assert EpochEnd(epoch=1, n_pages=0, output_seq=0).digest == b""

@@ -7,13 +7,14 @@ import numpy as np
 
 from dirtyring.wire import (
     NEED_DATA, Ack, Connection, EpochBegin, EpochEnd, Event, Failover, Goodbye, Heartbeat, Hello,
-    HelloAck, MachineBlob, Pages,
+    HelloAck, MachineBlob, Pages, Resync,
 )
 from dirtyring.wire.codec import read_frame
 from dirtyring.wire.receivebuffer import ReceiveBuffer
 
 KEY = bytes(range(32))
 SESSION = bytes(range(100, 116))
+NONCE = bytes(range(200, 216))
 PAGE = 4096
 
 
@@ -21,8 +22,9 @@ def hello(session: bytes = SESSION) -> Hello:
     return Hello(role="primary", version=1, session_id=session, config=b'{"mem_mib": 64}')
 
 
-def hello_ack(session: bytes = SESSION, accepted: bool = True) -> HelloAck:
-    return HelloAck(session_id=session, accepted=accepted, reason="" if accepted else "no room")
+def hello_ack(session: bytes = SESSION, accepted: bool = True, nonce: bytes = b"") -> HelloAck:
+    return HelloAck(session_id=session, accepted=accepted, reason="" if accepted else "no room",
+                    nonce=nonce)
 
 
 def mixed_pages(epoch: int = 1, n: int = 64, seed: int = 7) -> Pages:
@@ -99,7 +101,7 @@ def all_events_in_order() -> list[tuple[str, Event]]:
     pages = mixed_pages(1)
     return [
         ("primary", hello()),
-        ("standby", hello_ack()),
+        ("standby", hello_ack(nonce=NONCE)),
         ("primary", Heartbeat(seq=1, sent_ns=123_456_789)),
         ("standby", Heartbeat(seq=1, sent_ns=987_654_321)),
         ("primary", EpochBegin(epoch=1, kind="full")),
@@ -107,6 +109,10 @@ def all_events_in_order() -> list[tuple[str, Event]]:
         ("primary", MachineBlob(epoch=1, blob=bytes(range(256)) * 3)),
         ("primary", EpochEnd(epoch=1, n_pages=pages.n_pages, digest=b"\x11" * 32, output_seq=9)),
         ("standby", Ack(epoch=1)),
+        ("standby", Resync(epoch=1, reason="digest mismatch after commit")),
+        ("primary", EpochBegin(epoch=2, kind="full")),
+        ("primary", EpochEnd(epoch=2, n_pages=0, output_seq=10)),
+        ("standby", Ack(epoch=2)),
         ("primary", Failover(reason="planned switchover \N{RIGHTWARDS ARROW} standby")),
         ("standby", Goodbye(reason="bye")),
     ]

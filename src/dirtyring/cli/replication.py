@@ -1,0 +1,217 @@
+"""``dirtyring protect`` (primary), ``dirtyring standby`` and ``dirtyring failover``."""
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import socket
+import sys
+import threading
+import time
+from typing import Any
+
+from ..errors import DirtyringError
+from ..guests import NAMES
+from ..guests.protocol import GuestParams, Pattern
+from ..machine.config import MachineConfig
+from ..machine.vm import Machine
+from ..products.kvservice import KvService
+from ..products.replicate import Primary, PrimaryOptions
+from ..products.standby import Standby
+from ..products.transport import listen, load_key, parse_addr
+from ..tracking import KINDS
+from .options import duration, positive_int, size
+
+
+def _printer(as_json: bool, live: bool) -> Any:
+    lock = threading.Lock()
+
+    def out(e: dict[str, Any]) -> None:
+        with lock:
+            if as_json:
+                print(json.dumps(e), flush=True)
+                return
+            kind = e["event"]
+            if kind == "stats":
+                line = (f"[{e['state']:>9}] epoch {e['epoch']:7d}  {e['epochs_per_s']:6.0f} ckpt/s"
+                        f"  pause p50 {e['pause_us_p50']:5.0f} µs p99 {e['pause_us_p99']:6.0f} µs"
+                        f"  {e['dirty_pages_per_epoch']:5.0f} pages/epoch  {e['mb_per_s']:6.1f} MB/s"
+                        f"  ack {e['ack_ms_p50']:5.2f} ms  held {e['output_held']:4d}")
+                print("\r" + line if live else line, end="" if live else "\n", flush=True)
+            else:
+                rest = " ".join(f"{k}={v}" for k, v in e.items() if k not in ("event", "t"))
+                print(("\n" if live else "") + f"{kind}: {rest}", flush=True)
+    return out
+
+
+def add_parsers(sub: Any) -> None:
+    p = sub.add_parser("protect", help="run a guest protected by a standby (Remus primary)")
+    p.add_argument("guest", choices=NAMES)
+    p.add_argument("--standby", required=True, metavar="HOST:PORT")
+    p.add_argument("--key", help="shared key, hex (or $DIRTYRING_KEY)")
+    p.add_argument("--insecure", action="store_true", help="no key (trusted loopback only)")
+    p.add_argument("--tracker", choices=KINDS, default="ring")
+    p.add_argument("--vcpus", type=positive_int, default=1)
+    p.add_argument("--memory", type=size, default=64 << 20, metavar="SIZE")
+    p.add_argument("--pattern", choices=[x.name.lower() for x in Pattern], default="hot")
+    p.add_argument("--hot-pages", type=positive_int, default=64)
+    p.add_argument("--rate", type=int, default=0, metavar="PAGES_PER_S")
+    p.add_argument("--interval", type=duration, default=1e-3, metavar="DURATION",
+                   help="epoch length (default 1ms)")
+    p.add_argument("--budget", type=positive_int, default=None, metavar="PAGES",
+                   help="end an epoch early after about this many dirty pages (ring only)")
+    p.add_argument("--heartbeat", type=duration, default=0.1, metavar="DURATION")
+    p.add_argument("--heartbeat-timeout", type=duration, default=1.0, metavar="DURATION")
+    p.add_argument("--unsafe-output", action="store_true",
+                   help="release guest output before its checkpoint is acknowledged (benchmarks)")
+    p.add_argument("--verify", action="store_true",
+                   help="send a memory digest with every epoch (the standby checks it)")
+    p.add_argument("--serve", metavar="HOST:PORT", help="key-value clients port (kvstore)")
+    p.add_argument("--seconds", type=float, default=None, help="stop after this long")
+    p.add_argument("--json", action="store_true", help="JSON lines instead of the live view")
+    p.set_defaults(func=protect)
+
+    s = sub.add_parser("standby", help="hold a non-running replica and take over on failure")
+    s.add_argument("--listen", required=True, metavar="HOST:PORT")
+    s.add_argument("--key", help="shared key, hex (or $DIRTYRING_KEY)")
+    s.add_argument("--insecure", action="store_true")
+    s.add_argument("--heartbeat", type=duration, default=0.1, metavar="DURATION")
+    s.add_argument("--heartbeat-timeout", type=duration, default=1.0, metavar="DURATION")
+    s.add_argument("--verify", action="store_true", help="check memory digests at every commit")
+    s.add_argument("--no-auto-failover", action="store_true",
+                   help="only fail over on `dirtyring failover`")
+    s.add_argument("--serve", metavar="HOST:PORT", help="key-value clients port after failover")
+    s.add_argument("--control", metavar="HOST:PORT",
+                   help="control port for `dirtyring failover` / status (default: none)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=standby)
+
+    f = sub.add_parser("failover", help="tell a standby to take over now (manual failover)")
+    f.add_argument("control", metavar="HOST:PORT", help="the standby's --control address")
+    f.add_argument("--status", action="store_true", help="only print the standby's status")
+    f.set_defaults(func=failover_cmd)
+
+
+def protect(args: argparse.Namespace) -> int:
+    key, insecure = load_key(args.key, allow_insecure=args.insecure)
+    ring = 4096
+    if args.budget:
+        ring = 1 << max(8, (args.budget + 64 - 1).bit_length())
+    cfg = MachineConfig(guest=args.guest, tracker=args.tracker, vcpus=args.vcpus,
+                        data_slots=(args.memory,), ring_entries=ring,
+                        params=GuestParams(pattern=Pattern[args.pattern.upper()],
+                                           hot_pages=args.hot_pages, rate_pps=args.rate))
+    live = sys.stdout.isatty() and not args.json
+    out = _printer(args.json, live)
+    if args.unsafe_output:
+        print("WARNING: --unsafe-output: guest output is released BEFORE its checkpoint is "
+              "acknowledged; a failover can lose what clients were told", file=sys.stderr)
+    opt = PrimaryOptions(interval=args.interval, heartbeat_interval=args.heartbeat,
+                         heartbeat_timeout=args.heartbeat_timeout,
+                         unsafe_output=args.unsafe_output, verify=args.verify)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *a: stop.set())
+    with Machine(cfg) as m:
+        svc = None
+        if args.serve:
+            svc = KvService(m.kv, parse_addr(args.serve))
+        prim = Primary(m, parse_addr(args.standby), key, insecure=insecure, options=opt,
+                       on_event=out, release=svc.release if svc else None)
+        try:
+            prim.run(args.seconds, stop=stop)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            prim.close()
+            if svc:
+                svc.close()
+        out({"event": "done", **prim.snapshot()})
+    return 0
+
+
+def standby(args: argparse.Namespace) -> int:
+    key, insecure = load_key(args.key, allow_insecure=args.insecure)
+    out = _printer(args.json, False)
+    svc_holder: dict[str, KvService] = {}
+
+    def sink(kind: str, payload: Any) -> None:
+        svc = svc_holder.get("svc")
+        if svc is not None:
+            svc.release(kind, payload, sb.committed_epoch)
+
+    sb = Standby(parse_addr(args.listen), key, insecure=insecure,
+                 heartbeat_timeout=args.heartbeat_timeout, heartbeat_interval=args.heartbeat,
+                 verify=args.verify, auto_failover=not args.no_auto_failover, on_event=out,
+                 sink=sink)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *a: stop.set())
+    ctl = None
+    if args.control:
+        ctl = _control_server(parse_addr(args.control), sb, stop)
+    try:
+        sb.serve(stop)
+        if sb.failed_over.is_set() and sb.state == "failed_over":
+            if args.serve and sb.machine is not None:
+                svc_holder["svc"] = KvService(sb.machine.kv, parse_addr(args.serve))
+                out({"event": "serving", "addr": args.serve})
+            while not stop.is_set():
+                if sb.machine is not None and sb.machine.wait_stopped(0.5):
+                    out({"event": "guest_stopped", "crash": sb.machine.crashed})
+                    break
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if "svc" in svc_holder:
+            svc_holder["svc"].close()
+        if ctl is not None:
+            ctl.close()
+        sb.close()
+    return 0 if sb.state in ("failed_over", "following", "protected", "waiting") else 1
+
+
+def _control_server(addr: tuple[str, int], sb: Standby, stop: threading.Event) -> socket.socket:
+    srv = listen(addr)
+    srv.settimeout(0.2)
+
+    def loop() -> None:
+        while not stop.is_set():
+            try:
+                c, _ = srv.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            with c:
+                try:
+                    cmd = c.recv(256).decode(errors="replace").strip()
+                    if cmd == "failover":
+                        sb.request_failover()
+                        sb.failed_over.wait(5.0)
+                    elif cmd != "status":
+                        c.sendall(json.dumps({"error": f"unknown command {cmd!r}"}).encode())
+                        continue
+                    c.sendall((json.dumps(sb.status()) + "\n").encode())
+                except OSError:
+                    pass
+
+    threading.Thread(target=loop, name="control", daemon=True).start()
+    return srv
+
+
+def failover_cmd(args: argparse.Namespace) -> int:
+    host, port = parse_addr(args.control)
+    try:
+        with socket.create_connection((host, port), timeout=10) as c:
+            c.sendall(b"status\n" if args.status else b"failover\n")
+            c.settimeout(10)
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = c.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+    except OSError as e:
+        raise DirtyringError(f"cannot reach the standby's control port {args.control}: "
+                             f"{e.strerror or e}") from None
+    print(data.decode().strip())
+    return 0

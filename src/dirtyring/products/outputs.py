@@ -1,0 +1,90 @@
+"""Output commit: guest output leaves the primary only after the standby acknowledged the
+checkpoint that contains it (Remus's network buffering).
+
+Output emitted while the guest runs in epoch N is produced by state that checkpoint N captures
+(the vCPUs are parked before the capture), so it is tagged N and released on Ack(N). If the
+standby is lost, the primary is the only copy and everything held is released at once.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable
+
+#: Receives released output: (kind, payload, epoch it belongs to).
+Release = Callable[[str, Any, int], None]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OutputStats:
+    held: int
+    released: int
+    max_released_epoch: int
+    delay_ms_p50: float
+    delay_ms_max: float
+
+
+class OutputGate:
+    def __init__(self, release: Release, *, hold: bool = True) -> None:
+        self.release = release
+        self.hold = hold
+        self.open_epoch = 1
+        self.committed = 0
+        self._pending: deque[tuple[int, str, Any, float]] = deque()
+        self._lock = threading.Lock()
+        self.released = 0
+        self.max_released_epoch = 0
+        self._delays: deque[float] = deque(maxlen=4096)
+        self.violations = 0  # released output of an epoch not yet committed (must stay 0)
+
+    def emit(self, kind: str, payload: Any) -> None:
+        """Called on vCPU threads for every piece of output."""
+        with self._lock:
+            epoch = self.open_epoch
+            if self.hold:
+                self._pending.append((epoch, kind, payload, time.monotonic()))
+                return
+        self._out(kind, payload, epoch, 0.0)
+
+    def advance(self, next_epoch: int) -> None:
+        """The guest is paused and checkpoint ``next_epoch - 1`` captured: new output is newer."""
+        with self._lock:
+            self.open_epoch = next_epoch
+
+    def commit(self, epoch: int) -> None:
+        """Ack(epoch) arrived: release everything of epochs <= epoch, in order."""
+        out = []
+        with self._lock:
+            self.committed = max(self.committed, epoch)
+            while self._pending and self._pending[0][0] <= epoch:
+                out.append(self._pending.popleft())
+        now = time.monotonic()
+        for e, kind, payload, t in out:
+            self._out(kind, payload, e, now - t)
+
+    def unhold(self) -> None:
+        """The standby is gone: the primary is the only copy; release everything, hold no more."""
+        with self._lock:
+            self.hold = False
+            out = list(self._pending)
+            self._pending.clear()
+        now = time.monotonic()
+        for e, kind, payload, t in out:
+            self._out(kind, payload, e, now - t)
+
+    def _out(self, kind: str, payload: Any, epoch: int, delay: float) -> None:
+        if self.hold and epoch > self.committed:
+            self.violations += 1
+        self.released += 1
+        self.max_released_epoch = max(self.max_released_epoch, epoch)
+        self._delays.append(delay * 1e3)
+        self.release(kind, payload, epoch)
+
+    def statistics(self) -> OutputStats:
+        d = sorted(self._delays)
+        return OutputStats(held=len(self._pending), released=self.released,
+                           max_released_epoch=self.max_released_epoch,
+                           delay_ms_p50=d[len(d) // 2] if d else 0.0,
+                           delay_ms_max=d[-1] if d else 0.0)

@@ -1,0 +1,292 @@
+"""The Remus standby: keep a VM of the primary's configuration that does not run, commit each
+checkpoint atomically, and take over when the primary fails.
+
+Theory of operation
+-------------------
+Pages and machine state of an epoch go to *staging* as they arrive. Only EpochEnd commits:
+the staged runs are written into the (never-running) VM's memory and the state blob becomes the
+committed state; then we Ack. A connection that breaks mid-epoch leaves committed memory and
+state exactly as they were: staging is simply dropped. The first epoch is a live full copy
+with no state; the standby is *consistent* (able to fail over) from the first committed epoch
+that carries machine state. In verify mode the memory digest after each commit must equal the
+digest the primary computed for the paused guest; a mismatch is reported, the standby becomes
+inconsistent and asks for a full resync (Resync), and it never fails over to that state.
+
+Failover (connection lost, no frame within the heartbeat timeout, or a manual command): load the
+committed state into the vCPUs and resume them; the guest carries on from the last commit.
+"""
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from ..errors import ConfigError, DirtyringError, ProtocolError
+from ..machine.config import MachineConfig
+from ..machine.state import MachineState
+from ..machine.vcpu import install_kick_handler
+from ..machine.vm import Machine
+from ..wire import (STANDBY, Ack, Connection, EpochBegin, EpochEnd, Failover, Goodbye, Heartbeat,
+                    Hello, HelloAck, MachineBlob, Pages)
+from ..wire import Resync as ResyncEvent
+from .checkpoint import apply_runs
+from .transport import Link, LinkClosed, listen, tune
+
+EventSink = Callable[[dict[str, Any]], None]
+
+
+class Standby:
+    def __init__(self, listen_addr: tuple[str, int], key: bytes, *, insecure: bool = False,
+                 heartbeat_timeout: float = 1.0, heartbeat_interval: float = 0.1,
+                 verify: bool = False, auto_failover: bool = True,
+                 on_event: EventSink | None = None,
+                 sink: Callable[[str, Any], None] | None = None) -> None:
+        install_kick_handler()  # the standby VM is built later, on the connection's thread
+        self.addr = listen_addr
+        self.key = key
+        self.insecure = insecure
+        self.hb_timeout = heartbeat_timeout
+        self.hb_interval = heartbeat_interval
+        self.verify = verify
+        self.auto_failover = auto_failover
+        self.on_event = on_event or (lambda e: None)
+        self.sink = sink
+        self.machine: Machine | None = None
+        self.config: MachineConfig | None = None
+        self.committed_epoch = 0
+        self.committed_state: bytes | None = None
+        self.consistent_epoch = 0
+        self.consistent = False
+        self.state = "waiting"
+        self.failover_requested = threading.Event()
+        self.failed_over = threading.Event()
+        self.failover_detected_at = 0.0
+        self.failover_done_at = 0.0
+        self.epochs = 0
+        self.mismatches = 0
+        self.rejected = 0
+        self.pages = 0
+        self._busy = threading.Lock()
+        self._staged: list[tuple[int, np.ndarray, bytes]] = []
+        self._staged_blob: bytes | None = None
+        self._staged_epoch = 0
+        self._staged_kind = "delta"
+        self.staging_bytes = 0
+        self.max_staging_bytes = 0
+        self._listener: socket.socket | None = None
+        self._link: Link | None = None
+
+    def _emit(self, kind: str, **fields: Any) -> None:
+        self.on_event({"event": kind, "t": time.time(), **fields})
+
+    # --- serving ---------------------------------------------------------------------------------
+    def serve(self, stop: threading.Event | None = None) -> None:
+        """Accept the primary and follow it until failover (or ``stop``)."""
+        self._listener = listen(self.addr)
+        self._listener.settimeout(0.1)
+        self._emit("listening", addr=f"{self.addr[0]}:{self.addr[1]}")
+        try:
+            while not self.failed_over.is_set() and not (stop is not None and stop.is_set()):
+                if self.failover_requested.is_set():
+                    self.failover("manual failover command")
+                    break
+                try:
+                    sock, peer = self._listener.accept()
+                except socket.timeout:
+                    continue
+                tune(sock)
+                if self._busy.locked():
+                    self._refuse(sock, "this standby already follows a primary")
+                    continue
+                threading.Thread(target=self._follow, args=(sock, peer), daemon=True).start()
+        finally:
+            self._listener.close()
+
+    def _refuse(self, sock: socket.socket, reason: str) -> None:
+        """A second primary: answer its Hello with a refusal, touch nothing."""
+        self.rejected += 1
+        self._emit("rejected", reason=reason)
+        link = Link(sock, Connection(STANDBY, self.key, insecure=self.insecure))
+        try:
+            for ev in link.events(timeout=2.0):
+                if isinstance(ev, Hello):
+                    link.send(HelloAck(session_id=ev.session_id, accepted=False, reason=reason))
+                break
+        except (TimeoutError, LinkClosed, ProtocolError):
+            pass
+        link.close()
+
+    def _follow(self, sock: socket.socket, peer: Any) -> None:
+        with self._busy:
+            link = Link(sock, Connection(STANDBY, self.key, insecure=self.insecure))
+            self._link = link
+            reason = ""
+            graceful = False
+            hb = threading.Thread(target=self._heartbeats, args=(link,), daemon=True)
+            try:
+                for ev in link.events(timeout=self.hb_timeout):
+                    if self.failover_requested.is_set():
+                        reason = "manual failover command"
+                        break
+                    if isinstance(ev, Hello):
+                        self._hello(link, ev)
+                        hb.start()
+                    elif isinstance(ev, EpochBegin):
+                        self._staged, self._staged_blob = [], None
+                        self._staged_epoch, self._staged_kind = ev.epoch, ev.kind
+                        self.staging_bytes = 0
+                    elif isinstance(ev, Pages):
+                        self._staged.append((ev.slot, ev.indices, ev.data))
+                        self.staging_bytes += len(ev.data)
+                        self.max_staging_bytes = max(self.max_staging_bytes, self.staging_bytes)
+                    elif isinstance(ev, MachineBlob):
+                        self._staged_blob = ev.blob
+                    elif isinstance(ev, EpochEnd):
+                        self._commit(link, ev)
+                    elif isinstance(ev, Goodbye):
+                        reason = f"primary said goodbye: {ev.reason}"
+                        graceful = True
+                        break
+                    elif isinstance(ev, Heartbeat):
+                        pass
+            except TimeoutError:
+                reason = f"no frame from the primary for {self.hb_timeout:g} s"
+            except LinkClosed as e:
+                reason = f"primary connection lost ({e})"
+            except ProtocolError as e:
+                # A malformed/unauthenticated frame: never touches committed state.
+                self.rejected += 1
+                self._emit("protocol_error", error=str(e))
+                reason = f"protocol error from the primary: {e}"
+                if self.committed_epoch == 0:
+                    link.close()
+                    self._link = None
+                    return  # a stranger or garbage before any commit: keep waiting
+            finally:
+                self._staged, self._staged_blob = [], None
+                self.staging_bytes = 0
+            self.failover_detected_at = time.monotonic()
+            self._emit("primary_lost", reason=reason, committed_epoch=self.committed_epoch)
+            if self.failover_requested.is_set() or (self.auto_failover and not graceful):
+                self.failover(reason, link)
+            link.close()
+            self._link = None
+
+    def _heartbeats(self, link: Link) -> None:
+        seq = 0
+        while not link.closed and not self.failed_over.is_set():
+            time.sleep(self.hb_interval)
+            seq += 1
+            try:
+                link.send(Heartbeat(seq=seq, sent_ns=time.monotonic_ns()))
+            except (LinkClosed, ProtocolError):
+                return
+
+    def _hello(self, link: Link, ev: Hello) -> None:
+        try:
+            cfg = MachineConfig.from_json(ev.config)
+        except ConfigError as e:
+            link.send(HelloAck(session_id=ev.session_id, accepted=False, reason=str(e)))
+            raise LinkClosed(f"bad configuration from the primary: {e}") from None
+        if self.config is not None and cfg != self.config:
+            link.send(HelloAck(session_id=ev.session_id, accepted=False,
+                               reason="configuration differs from the machine this standby holds"))
+            raise LinkClosed("primary's configuration differs")
+        if self.machine is None:
+            self.machine = Machine(cfg, boot=False, sink=self.sink)
+            self.config = cfg
+            self._emit("standby_vm_created", vcpus=cfg.vcpus, memory_bytes=cfg.data_bytes,
+                       guest=cfg.guest)
+        link.send(HelloAck(session_id=ev.session_id, accepted=True))
+        self.state = "following"
+        self._emit("primary_connected")
+
+    def _commit(self, link: Link, ev: EpochEnd) -> None:
+        m = self.machine
+        assert m is not None and m.memory is not None
+        if ev.epoch != self._staged_epoch:
+            raise ProtocolError("EpochEnd for an epoch that was not begun")
+        n = apply_runs(m.memory, self._staged)
+        self.pages += n
+        if self._staged_kind == "full":
+            self._needs_full = False
+        if self._staged_blob is not None:
+            self.committed_state = self._staged_blob
+            self.consistent = not self._needs_full
+        else:
+            self.consistent = False  # a live full copy: consistent once the next delta lands
+        self.committed_epoch = ev.epoch
+        self.epochs += 1
+        self._staged, self._staged_blob = [], None
+        self.staging_bytes = 0
+        if self.verify and ev.digest:
+            mine = m.memory.digest()
+            if mine != ev.digest:
+                self.mismatches += 1
+                self.consistent = False
+                self._needs_full = True
+                self._emit("verify_mismatch", epoch=ev.epoch,
+                           detail="standby memory differs from the primary's paused guest")
+                link.send(ResyncEvent(epoch=ev.epoch, reason="memory digest mismatch"))
+        if self.consistent and not self.consistent_epoch:
+            self.consistent_epoch = ev.epoch
+            self.state = "protected"
+            self._emit("protected", epoch=ev.epoch)
+        link.send(Ack(epoch=ev.epoch))
+
+    #: Until a full epoch commits, deltas have no base (start, or after a verify mismatch).
+    _needs_full = True
+
+    # --- failover ----------------------------------------------------------------------------------
+    def request_failover(self) -> None:
+        self.failover_requested.set()
+        link = self._link
+        if link is not None:
+            try:
+                link.sock.shutdown(socket.SHUT_RD)
+            except OSError:
+                pass
+
+    def failover(self, reason: str, link: Link | None = None) -> None:
+        if self.failed_over.is_set():
+            return
+        if self.machine is None or self.committed_state is None or not self.consistent:
+            self.state = "failed"
+            self._emit("failover_impossible", reason=reason,
+                       detail="no consistent committed checkpoint to resume from")
+            self.failed_over.set()
+            return
+        t0 = time.monotonic()
+        if self.failover_detected_at == 0.0:
+            self.failover_detected_at = t0
+        self._emit("failover_started", reason=reason, epoch=self.committed_epoch)
+        m = self.machine
+        st = MachineState.decode(self.committed_state)
+        m.restore_state(st)
+        if m.tracker is not None:
+            m.tracker.stop()
+        m.resume_all()
+        self.failover_done_at = time.monotonic()
+        self.state = "failed_over"
+        if link is not None:
+            try:
+                link.send(Failover(reason="standby took over"))
+            except (LinkClosed, ProtocolError):
+                pass
+        self._emit("failover_done", epoch=self.committed_epoch,
+                   resume_ms=(self.failover_done_at - t0) * 1e3,
+                   since_detection_ms=(self.failover_done_at - self.failover_detected_at) * 1e3)
+        self.failed_over.set()
+
+    def status(self) -> dict[str, Any]:
+        return {"state": self.state, "committed_epoch": self.committed_epoch,
+                "consistent": self.consistent, "epochs": self.epochs, "pages": self.pages,
+                "mismatches": self.mismatches, "rejected": self.rejected,
+                "staging_bytes_max": self.max_staging_bytes}
+
+    def close(self) -> None:
+        if self.machine is not None:
+            self.machine.close()
