@@ -47,6 +47,13 @@ class EpochDriver:
     def run_epoch(self, interval: float) -> Epoch:
         m = self.m
         t0 = time.perf_counter()
+        if not m.threaded:
+            why = m.runners[0].run_inline(interval)
+            t1 = time.perf_counter()
+            dirty, resync = self.harvest_paused()
+            self.number += 1
+            return Epoch(number=self.number, reason=why, dirty=dirty, resync=resync,
+                         run_s=t1 - t0, harvest_s=time.perf_counter() - t1)
         m.resume_all()
         woke = m.attention.wait(interval) if interval > 0 else m.attention.is_set()
         t1 = time.perf_counter()

@@ -23,7 +23,7 @@ from .config import MachineConfig
 from .devices import Console, ControlPorts, Device, KvDevice, OutputSink
 from .memory import GuestMemory, plan_slots
 from .state import DeviceState, MachineState, VcpuState
-from .vcpu import VcpuRunner, install_kick_handler
+from .vcpu import VcpuRunner, install_alarm_handler, install_kick_handler
 
 #: MSRs captured with every vCPU state (those KVM saves that a CPL3 guest can depend on).
 STATE_MSRS = (U.MSR_IA32_TSC, U.MSR_IA32_SYSENTER_CS, U.MSR_IA32_SYSENTER_ESP,
@@ -38,8 +38,13 @@ class Machine:
     """One VM. Not thread-safe: one controller thread drives pause/resume/capture."""
 
     def __init__(self, config: MachineConfig, *, sink: OutputSink | None = None,
-                 boot: bool = True, kvm: Kvm | None = None) -> None:
+                 boot: bool = True, kvm: Kvm | None = None, threaded: bool = True) -> None:
         install_kick_handler()
+        if not threaded:
+            if config.vcpus != 1:
+                raise ConfigError("the single-threaded (inline) mode runs exactly one vCPU")
+            install_alarm_handler()
+        self.threaded = threaded
         self.config = config
         self.cv = threading.Condition()
         self.outputs: list[tuple[str, Any]] = []
@@ -116,6 +121,10 @@ class Machine:
         else:
             for r in self.runners:
                 r.pause_requested = True
+        if not self.threaded:
+            for r in self.runners:
+                r.parked = True  # runs only inside run_inline() on the caller's thread
+            return
         for r in self.runners:
             r.start()
         if not boot:
@@ -260,6 +269,8 @@ class Machine:
     # --- controller API -------------------------------------------------------------------------
     def pause_all(self) -> None:
         """Stop every vCPU and wait until all are parked (out of KVM_RUN, I/O completed)."""
+        if not self.threaded:
+            return
         with self.cv:
             for r in self.runners:
                 r.pause_requested = True
@@ -274,6 +285,8 @@ class Machine:
 
     def resume_all(self) -> None:
         """Let every runnable vCPU go on. Clears ring-full parks (call only after a harvest)."""
+        if not self.threaded:
+            return
         with self.cv:
             for r in self.runners:
                 r.pause_requested = False

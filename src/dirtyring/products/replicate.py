@@ -86,6 +86,7 @@ class Primary:
         self.staging_bytes = 0
         self.max_staging_bytes = 0
         self.fenced = False
+        self.skipped_after_resync = 0
 
     # --- events ---------------------------------------------------------------------------------
     def _emit(self, kind: str, **fields: Any) -> None:
@@ -147,7 +148,11 @@ class Primary:
                 evs.append(EpochEnd(epoch=cp.epoch, n_pages=cp.n_pages, digest=cp.digest,
                                     output_seq=cp.outputs))
                 self._sent_at[cp.epoch] = time.monotonic()
-                self.link.send_many(evs)
+                # A delta captured before a Resync arrived is superseded by the full epoch the
+                # main loop captures next: drop it rather than send an illegal delta.
+                if not self.link.send_many(evs, skip_if_resync=cp.kind == "delta"):
+                    self._sent_at.pop(cp.epoch, None)
+                    self.skipped_after_resync += 1
                 last = time.monotonic()
                 self.staging_bytes -= cp.nbytes
             except (LinkClosed, ProtocolError) as e:

@@ -73,13 +73,18 @@ class Link:
                 parts = self.conn.send_parts(event)
             self._sendmsg(parts)
 
-    def send_many(self, events: list[Event]) -> None:
+    def send_many(self, events: list[Event], *, skip_if_resync: bool = False) -> bool:
+        """Send events as one batch. With ``skip_if_resync``, send nothing and return False if
+        the peer asked for a resync (a delta epoch would be illegal; the full one is coming)."""
         with self._send_lock:
             parts: list = []
             with self._conn_lock:
+                if skip_if_resync and self.conn.resync_pending:
+                    return False
                 for e in events:
                     parts.extend(self.conn.send_parts(e))
             self._sendmsg(parts)
+            return True
 
     def _sendmsg(self, parts: list) -> None:
         try:

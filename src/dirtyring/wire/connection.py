@@ -130,6 +130,11 @@ class Connection:
         return self._state.states[self._role.peer]
 
     @property
+    def resync_pending(self) -> bool:
+        """The standby asked for a resync and our next EpochBegin must be a full one."""
+        return self._state.resync_pending
+
+    @property
     def session_id(self) -> bytes | None:
         """The session id from the Hello, once it has been sent or received."""
         return self._state.session_id

@@ -14,7 +14,7 @@ from dirtyring.errors import LocalProtocolError, RemoteProtocolError
 from dirtyring.wire import (
     CLOSED, ERROR, HANDSHAKE, IDLE, IN_EPOCH, NEED_DATA, SYNCING, Ack, Connection,
     ConnectionClosed, EpochBegin, EpochEnd, Event, Failover, Goodbye, Heartbeat, MachineBlob,
-    Pages, Role,
+    Pages, Resync, Role,
 )
 from dirtyring.wire.codec import HEADER_LEN, encode_event, frame_parts
 
@@ -22,7 +22,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 if _HERE not in sys.path:  # wire_helpers sits beside the tests; works in any import mode
     sys.path.insert(0, _HERE)
 from wire_helpers import (  # noqa: E402
-    KEY, SESSION, ConnectionPair, all_events_in_order, hello, hello_ack, mixed_pages,
+    KEY, NONCE, SESSION, ConnectionPair, all_events_in_order, hello, hello_ack, mixed_pages,
 )
 
 SPLITS: dict[str, Callable[[bytes], list[bytes]]] = {
@@ -81,6 +81,72 @@ def test_ack_crossing_the_next_epoch() -> None:
     assert pair.primary.our_state is IN_EPOCH
     pair.send(pair.standby, Ack(epoch=1))
     assert pair.primary.our_state is IN_EPOCH
+
+
+# ------------------------------------------------------------------------------ resync
+
+
+def resynced(split: Callable[[bytes], list[bytes]] = SPLITS["whole"]) -> ConnectionPair:
+    """Two epochs, both acked, then the standby's Resync naming the first (already acked)."""
+    pair = ConnectionPair()
+    pair.handshake()
+    pair.one_epoch(1)
+    pair.one_epoch(2)
+    pair.send(pair.standby, Ack(epoch=2))
+    pair.send(pair.standby, Resync(epoch=1, reason="digest mismatch"), split)
+    assert pair.standby.our_state is SYNCING and pair.primary.their_state is SYNCING
+    return pair
+
+
+@pytest.mark.parametrize("split", SPLITS, ids=list(SPLITS))
+def test_full_epoch_after_resync_is_accepted(split: str) -> None:
+    pair = resynced(SPLITS[split])
+    pair.send(pair.primary, EpochBegin(epoch=3, kind="full"), SPLITS[split])
+    p = mixed_pages(3, n=6)
+    pair.send(pair.primary, p, SPLITS[split])
+    pair.send(pair.primary, EpochEnd(epoch=3, n_pages=6, output_seq=3), SPLITS[split])
+    pair.send(pair.standby, Ack(epoch=3))
+    pair.send(pair.standby, Resync(epoch=3, reason="still wrong"))  # may be asked again
+    pair.send(pair.primary, EpochBegin(epoch=4, kind="full"))
+    pair.send(pair.primary, EpochEnd(epoch=4, n_pages=0, output_seq=4))
+    pair.one_epoch(5)  # deltas again once a full epoch followed the Resync
+    assert pair.primary.our_state is SYNCING and pair.standby.statistics().frames_in == 18
+
+
+def test_delta_after_resync_is_refused_at_send() -> None:
+    pair = resynced()
+    with pytest.raises(LocalProtocolError, match="EpochBegin.kind='delta'. for epoch 3 while a "
+                                                 "Resync is pending.*kind='full'"):
+        pair.primary.send(EpochBegin(epoch=3, kind="delta"))
+    assert pair.primary.our_state is ERROR and "Resync is pending" in str(pair.primary.error)
+
+
+def test_resync_crossing_a_delta_epoch_in_flight() -> None:
+    """The standby's Resync and the primary's next delta epoch cross on the wire: both legal.
+
+    Only epochs the primary begins *after* it has processed the Resync must be full; the standby
+    cannot tell which those are, so it accepts the early delta (and must not trust it)."""
+    pair = ConnectionPair()
+    pair.handshake()
+    pair.one_epoch(1)
+    in_flight = pair.primary.send(EpochBegin(epoch=2, kind="delta"))
+    resync = pair.standby.send(Resync(epoch=1, reason="digest mismatch"))
+    pair.standby.receive_data(in_flight)
+    assert pair.standby.next_event() == EpochBegin(epoch=2, kind="delta")
+    pair.primary.receive_data(resync)
+    assert pair.primary.next_event() == Resync(epoch=1, reason="digest mismatch")
+    pair.send(pair.primary, mixed_pages(2, n=3))  # the open delta epoch may still finish
+    pair.send(pair.primary, EpochEnd(epoch=2, n_pages=3, output_seq=2))
+    pair.send(pair.standby, Ack(epoch=2))
+    with pytest.raises(LocalProtocolError, match="while a Resync is pending"):
+        pair.primary.send(EpochBegin(epoch=3, kind="delta"))
+
+
+def test_hello_ack_nonce_reaches_the_primary() -> None:
+    pair = ConnectionPair()
+    pair.send(pair.primary, hello())
+    data = pair.send(pair.standby, hello_ack(nonce=NONCE))
+    assert NONCE in data and pair.primary.our_state is SYNCING
 
 
 def test_states_through_the_handshake() -> None:
@@ -193,6 +259,18 @@ def case_ack_before_end() -> tuple[Connection, bytes]:
     return pair.primary, b"".join(encode_event(Ack(epoch=1), 1, KEY))
 
 
+def case_resync_before_hello_ack() -> tuple[Connection, bytes]:
+    primary = Connection("primary", KEY)
+    primary.send(hello())
+    return primary, b"".join(encode_event(Resync(epoch=0, reason="x"), 0, KEY))
+
+
+def case_resync_before_end() -> tuple[Connection, bytes]:
+    pair = started()
+    pair.send(pair.primary, EpochBegin(epoch=1, kind="full"))
+    return pair.primary, b"".join(encode_event(Resync(epoch=1, reason="x"), 1, KEY))
+
+
 def case_pages_outside_epoch() -> tuple[Connection, bytes]:
     pair = started()
     return pair.standby, b"".join(encode_event(mixed_pages(1, n=3), 1, KEY))
@@ -226,6 +304,9 @@ REMOTE_ERRORS: list[tuple[str, Callable[[], tuple[Connection, bytes, bool]]]] = 
     ("a session has exactly one Hello",
      lambda: (started().standby, b"".join(encode_event(hello(), 1, KEY)), False)),
     ("Ack for epoch 1 which has not ended", lambda: case_ack_before_end() + (False,)),
+    ("Resync from standby is illegal in state HANDSHAKE",
+     lambda: case_resync_before_hello_ack() + (False,)),
+    ("Resync for epoch 1 which has not ended", lambda: case_resync_before_end() + (False,)),
     ("pages belong inside an epoch", lambda: case_pages_outside_epoch() + (False,)),
     ("heartbeats start after the handshake",
      lambda: (fresh_standby(), b"".join(encode_event(Heartbeat(seq=0, sent_ns=0), 0, KEY)),
@@ -288,10 +369,34 @@ def test_illegal_send_raises_local_error_and_enters_error() -> None:
     ("primary", ConnectionClosed(clean=True), "not a wire event"),
     ("primary", "Hello", "str is not a wire event"),
     ("standby", Ack(epoch=0), "Ack from standby is illegal in state IDLE"),
+    ("standby", Resync(epoch=0, reason=""), "Resync from standby is illegal in state IDLE"),
+    ("primary", Resync(epoch=0, reason=""), "Resync from primary is illegal in state IDLE"),
 ])
 def test_more_illegal_sends(role: str, event: Event, needle: str) -> None:
     with pytest.raises(LocalProtocolError, match=needle):
         Connection(role, KEY).send(event)
+
+
+def test_resync_is_refused_during_the_handshake_and_before_any_epoch_ended() -> None:
+    standby = Connection("standby", KEY)
+    standby.receive_data(hello_frame())
+    assert standby.next_event() == hello()
+    with pytest.raises(LocalProtocolError, match="Resync from standby is illegal in state "
+                                                 "HANDSHAKE: only the standby sends Resync"):
+        standby.send(Resync(epoch=0, reason="x"))
+    pair = started()
+    pair.send(pair.primary, EpochBegin(epoch=1, kind="full"))
+    with pytest.raises(LocalProtocolError, match="Resync for epoch 1 which has not ended "
+                                                 r"\(last ended epoch: none\)"):
+        pair.standby.send(Resync(epoch=1, reason="x"))
+    assert pair.standby.our_state is ERROR
+
+
+def test_primary_cannot_send_resync() -> None:
+    pair = started()
+    pair.one_epoch(1)
+    with pytest.raises(LocalProtocolError, match="Resync from primary is illegal in state SYNCING"):
+        pair.primary.send(Resync(epoch=1, reason="x"))
 
 
 def test_second_hello_cannot_be_sent() -> None:
