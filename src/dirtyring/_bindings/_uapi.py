@@ -200,10 +200,19 @@ class _run_exit_union(C.Union):
                 ("internal", _run_internal), ("padding", C.c_char * 256)]
 
 
+class kvm_sync_regs(C.Structure):
+    _fields_ = [("regs", kvm_regs), ("sregs", kvm_sregs), ("events", kvm_vcpu_events)]
+
+
+class _run_sync_union(C.Union):
+    _fields_ = [("regs", kvm_sync_regs), ("padding", C.c_char * 2048)]
+
+
 class kvm_run(C.Structure):
     _fields_ = [("request_interrupt_window", u8), ("immediate_exit", u8), ("padding1", u8 * 6),
                 ("exit_reason", u32), ("ready_for_interrupt_injection", u8), ("if_flag", u8),
-                ("flags", u16), ("cr8", u64), ("apic_base", u64), ("u", _run_exit_union)]
+                ("flags", u16), ("cr8", u64), ("apic_base", u64), ("u", _run_exit_union),
+                ("kvm_valid_regs", u64), ("kvm_dirty_regs", u64), ("s", _run_sync_union)]
 
 
 class kvm_stats_header(C.Structure):
@@ -228,6 +237,7 @@ KVM_CAP_XSAVE = 55
 KVM_CAP_XCRS = 56
 KVM_CAP_GET_TSC_KHZ = 61
 KVM_CAP_MAX_VCPUS = 66
+KVM_CAP_SYNC_REGS = 74
 KVM_CAP_IMMEDIATE_EXIT = 136
 KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 = 168
 KVM_CAP_DIRTY_LOG_RING = 192
@@ -261,6 +271,10 @@ KVM_EXIT_INTR = 10
 KVM_EXIT_INTERNAL_ERROR = 17
 KVM_EXIT_SYSTEM_EVENT = 24
 KVM_EXIT_DIRTY_RING_FULL = 31
+
+KVM_SYNC_X86_REGS = 1 << 0
+KVM_SYNC_X86_SREGS = 1 << 1
+KVM_SYNC_X86_EVENTS = 1 << 2
 
 KVM_EXIT_IO_IN = 0
 KVM_EXIT_IO_OUT = 1

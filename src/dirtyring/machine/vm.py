@@ -46,6 +46,7 @@ class Machine:
             install_alarm_handler()
         self.threaded = threaded
         self.config = config
+        self._config_json = config.to_json()
         self.cv = threading.Condition()
         self.outputs: list[tuple[str, Any]] = []
         self.sink: OutputSink = sink or (lambda kind, payload: self.outputs.append((kind, payload)))
@@ -202,12 +203,19 @@ class Machine:
         r.rflags = layout.RFLAGS
         fd.set_regs(r)
         fd.set_mp_state(U.KVM_MP_STATE_RUNNABLE)
+        for x in self.runners:
+            if x.fd is fd:
+                x.sync_valid = False
+                x.static_state = None
 
     def enable_kvmclock(self, fd: VcpuFd, index: int) -> None:
         """Turn on kvmclock and steal time: from now on KVM itself writes those guest pages
         (on this vCPU's behalf, so they land in its dirty ring)."""
         fd.set_msrs({U.MSR_KVM_SYSTEM_TIME_NEW: (KVMCLOCK_GPA + 32 * index) | 1,
                      U.MSR_KVM_STEAL_TIME: (STEAL_TIME_GPA + 64 * index) | 1})
+        for x in self.runners:
+            if x.fd is fd:
+                x.static_state = None
 
     # --- control page -------------------------------------------------------------------------
     def set_control(self, field: str, value: int) -> None:
@@ -313,20 +321,43 @@ class Machine:
             raise GuestCrashed(c)
 
     def capture_state(self) -> MachineState:
-        """Every vCPU's and device's state. All vCPUs must be parked (``pause_all``)."""
+        """Every vCPU's and device's state. All vCPUs must be parked (``pause_all``).
+
+        Costs here are ~6 µs per ioctl, so the capture is built to need few of them per epoch:
+        regs, sregs and events come from kvm_run's sync area (filled by KVM on every exit);
+        XSAVE covers the FPU; of the MSRs only the TSC can change at CPL3 (the others need
+        WRMSR, a CPL0 instruction), and XCR0 (XSETBV), the LAPIC (not mapped in the guest) and
+        the MP state (no INIT/SIPI without a LAPIC) can only be changed by the VMM. Those are
+        read once and again after every restore (``static_state``).
+        """
         assert all(r.parked for r in self.runners), "capture_state needs paused vCPUs"
         vcpus = []
         for r in self.runners:
             fd = r.fd
-            lapic = bytes(fd.get_lapic()) if self.has_irqchip else b""
+            st = r.static_state
+            if st is None:
+                others = [i for i in STATE_MSRS if i != U.MSR_IA32_TSC]
+                st = r.static_state = {
+                    "xcrs": bytes(fd.get_xcrs()),
+                    "lapic": bytes(fd.get_lapic()) if self.has_irqchip else b"",
+                    "mp_state": fd.get_mp_state(),
+                    "msrs": fd.get_msrs(others)}
+            if r.sync_valid:
+                sr = r.run_struct.s.regs
+                regs, sregs, events = bytes(sr.regs), bytes(sr.sregs), bytes(sr.events)
+            else:
+                regs = bytes(fd.get_regs())
+                sregs = bytes(fd.get_sregs())
+                events = bytes(fd.get_vcpu_events())
+            msrs = dict(st["msrs"])  # type: ignore[call-overload]
+            msrs.update(fd.get_msrs([U.MSR_IA32_TSC]))
             vcpus.append(VcpuState(
-                index=r.index, regs=bytes(fd.get_regs()), sregs=bytes(fd.get_sregs()),
-                fpu=bytes(fd.get_fpu()), xsave=bytes(fd.get_xsave()), xcrs=bytes(fd.get_xcrs()),
-                msrs=tuple(sorted(fd.get_msrs(list(STATE_MSRS)).items())), lapic=lapic,
-                events=bytes(fd.get_vcpu_events()), mp_state=fd.get_mp_state(),
+                index=r.index, regs=regs, sregs=sregs, fpu=b"", xsave=bytes(fd.get_xsave()),
+                xcrs=st["xcrs"], msrs=tuple(sorted(msrs.items())),  # type: ignore[arg-type]
+                lapic=st["lapic"], events=events, mp_state=st["mp_state"],  # type: ignore[arg-type]
                 finished=r.finished))
         devices = tuple(DeviceState(name=d.name, data=d.save()) for d in self.devices)
-        return MachineState(config=self.config.to_json(), vcpus=tuple(vcpus), devices=devices)
+        return MachineState(config=self._config_json, vcpus=tuple(vcpus), devices=devices)
 
     def capture_regs(self) -> list[U.kvm_regs]:
         """Only the general registers (the cheapest capture, for the ceiling benchmark)."""
@@ -344,7 +375,8 @@ class Machine:
             fd.set_msrs({i: d for i, d in v.msrs if d or i not in (
                 U.MSR_KVM_SYSTEM_TIME_NEW, U.MSR_KVM_STEAL_TIME)})
             fd.set_regs(U.kvm_regs.from_buffer_copy(v.regs))
-            fd.set_fpu(U.kvm_fpu.from_buffer_copy(v.fpu))
+            if v.fpu:
+                fd.set_fpu(U.kvm_fpu.from_buffer_copy(v.fpu))
             fd.set_xsave(U.kvm_xsave.from_buffer_copy(v.xsave))
             fd.set_xcrs(U.kvm_xcrs.from_buffer_copy(v.xcrs))
             if v.lapic and self.has_irqchip:
@@ -353,6 +385,8 @@ class Machine:
             fd.set_mp_state(v.mp_state)
             r.finished = v.finished
             r.crash = None
+            r.sync_valid = False
+            r.static_state = None
         by_name = {d.name: d for d in state.devices}
         for d in self.devices:
             if d.name in by_name:

@@ -18,11 +18,17 @@ PAGE = 4096
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PageRun:
-    """Pages of one slot (sorted indices) and their contents, ``len(pages) * 4096`` bytes."""
+    """Pages of one slot (sorted indices) and their contents, ``len(pages) * 4096`` bytes.
+
+    ``data`` is the uint8 array the gather produced (one copy, made while the guest is
+    paused); turning it into bytes for the wire happens later, on the sender's thread."""
 
     slot: int
     pages: np.ndarray
-    data: bytes
+    data: np.ndarray
+
+    def payload(self) -> bytes:
+        return self.data.tobytes()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -40,7 +46,7 @@ class Checkpoint:
 
     @property
     def nbytes(self) -> int:
-        return sum(len(r.data) for r in self.runs) + len(self.state)
+        return sum(r.data.nbytes for r in self.runs) + len(self.state)
 
 
 def gather(memory: GuestMemory, dirty: DirtySet, max_run_pages: int = 4096) -> tuple[PageRun, ...]:
@@ -50,7 +56,7 @@ def gather(memory: GuestMemory, dirty: DirtySet, max_run_pages: int = 4096) -> t
         view = memory.slots[slot].view.reshape(-1, PAGE)
         for i in range(0, len(pages), max_run_pages):
             p = pages[i:i + max_run_pages]
-            runs.append(PageRun(slot=slot, pages=p, data=np.take(view, p, axis=0).tobytes()))
+            runs.append(PageRun(slot=slot, pages=p, data=np.take(view, p, axis=0)))
     return tuple(runs)
 
 

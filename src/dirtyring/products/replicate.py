@@ -142,7 +142,7 @@ class Primary:
                 evs: list[Any] = [EpochBegin(epoch=cp.epoch, kind=cp.kind)]
                 for r in cp.runs:
                     evs.append(Pages(epoch=cp.epoch, slot=r.slot, page_size=PAGE, pages=r.pages,
-                                     data=r.data))
+                                     data=r.payload()))
                 if cp.state:
                     evs.append(MachineBlob(epoch=cp.epoch, blob=cp.state))
                 evs.append(EpochEnd(epoch=cp.epoch, n_pages=cp.n_pages, digest=cp.digest,

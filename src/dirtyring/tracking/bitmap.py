@@ -127,25 +127,27 @@ class HotSetTracker(BitmapTracker):
         super().__init__(vm, slots, vmm_dirty, manual=True)
         self.kind = "hotset"
         self.hot_epochs = hot_epochs
-        # Per slot: age (harvests since the page joined the hot set) of each hot page.
-        self._age: dict[int, dict[int, int]] = {s.slot: {} for s in slots}
+        # Per slot: the hot pages (sorted) and, aligned with them, harvests since each joined.
+        empty = np.zeros(0, np.int64)
+        self._hot: dict[int, tuple[np.ndarray, np.ndarray]] = {
+            s.slot: (empty, empty) for s in slots}
 
     def harvest(self) -> DirtySet:
         t0 = time.perf_counter()
         parts = []
         for s in self.slots:
             pages = decode_bitmap(self._get(s))  # hot pages stay set: reported every epoch
-            ages = self._age[s.slot]
-            cool = []
-            for p in pages.tolist():
-                a = ages.get(p, -1) + 1
-                if a >= self.hot_epochs:
-                    cool.append(p)
-                    del ages[p]
-                else:
-                    ages[p] = a
-            if cool:
-                self._clear(s, np.asarray(cool, np.int64))
+            hot, age = self._hot[s.slot]
+            ages = np.zeros(len(pages), np.int64)
+            if len(hot) and len(pages):
+                i = np.minimum(np.searchsorted(hot, pages), len(hot) - 1)
+                known = hot[i] == pages
+                ages[known] = age[i[known]] + 1
+            cool = ages >= self.hot_epochs
+            if cool.any():
+                self._clear(s, pages[cool])
+            keep = ~cool
+            self._hot[s.slot] = (pages[keep], ages[keep])
             parts.append((s.slot, pages))
         ds = DirtySet.from_arrays(parts + self.vmm_dirty())
         self._harvests += 1
@@ -154,14 +156,15 @@ class HotSetTracker(BitmapTracker):
         return ds
 
     def full(self) -> DirtySet:
-        for ages in self._age.values():
-            ages.clear()
+        empty = np.zeros(0, np.int64)
+        for k in self._hot:
+            self._hot[k] = (empty, empty)
         return super().full()
 
     def statistics(self) -> TrackerStats:
         st = super().statistics()
         return TrackerStats(kind=self.kind, harvests=st.harvests, pages_reported=st.pages_reported,
                             resets=st.resets, reset_shortfall=0, overflows=0,
-                            resyncs=st.resyncs, hot_pages=sum(len(a) for a in
-                                                              self._age.values()),
+                            resyncs=st.resyncs, hot_pages=sum(len(h) for h, _ in
+                                                              self._hot.values()),
                             last_harvest_us=st.last_harvest_us)
