@@ -72,10 +72,13 @@ STRUCTS: tuple[StructSpec, ...] = (
     StructSpec("kvm_dirty_gfn"),
     StructSpec("kvm_cpuid_entry2"),
     StructSpec("kvm_cpuid2", tail_member="entries"),
-    # We declare kvm_run up to the end of the exit union; C continues with kvm_valid_regs.
     # The exit union is anonymous in C: our `u` is its `char padding[256]` member.
-    StructSpec("kvm_run", renames={"u": "padding"}, prefixes={"u.": ""},
-               tail_member="kvm_valid_regs", prefix_only=True),
+    StructSpec("kvm_run", renames={"u": "padding",
+                                   "s.regs.events.triple_fault_pending":
+                                   "s.regs.events.triple_fault.pending"},
+               prefixes={"u.": ""}),
+    StructSpec("kvm_sync_regs",
+               renames={"events.triple_fault_pending": "events.triple_fault.pending"}),
     StructSpec("kvm_stats_header"),
 )
 
