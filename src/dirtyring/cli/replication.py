@@ -111,7 +111,8 @@ def protect(args: argparse.Namespace) -> int:
                          unsafe_output=args.unsafe_output, verify=args.verify)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *a: stop.set())
-    with Machine(cfg) as m:
+    # One vCPU runs inline on this thread (no thread hand-offs per epoch); more use threads.
+    with Machine(cfg, threaded=cfg.vcpus > 1) as m:
         svc = None
         if args.serve:
             svc = KvService(m.kv, parse_addr(args.serve))

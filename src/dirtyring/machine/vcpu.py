@@ -14,6 +14,8 @@ immediate_exit set completes the I/O and returns without entering the guest.
 """
 from __future__ import annotations
 
+import ctypes as C
+import os
 import signal
 import threading
 from collections import Counter
@@ -39,6 +41,80 @@ def _noop(signum: int, frame: object) -> None:
 
 #: The kvm_run of the vCPU currently run inline, if any (SIGALRM sets its immediate_exit).
 _ARMED: list = [None]
+
+
+class _sigevent(C.Structure):
+    _fields_ = [("sigev_value", C.c_uint64), ("sigev_signo", C.c_int), ("sigev_notify", C.c_int),
+                ("sigev_notify_thread_id", C.c_int), ("_pad", C.c_int * 11)]
+
+
+class _timespec(C.Structure):
+    _fields_ = [("tv_sec", C.c_long), ("tv_nsec", C.c_long)]
+
+
+class _itimerspec(C.Structure):
+    _fields_ = [("it_interval", _timespec), ("it_value", _timespec)]
+
+
+class ThreadTimer:
+    """A one-shot POSIX timer whose SIGALRM goes to *this* thread (SIGEV_THREAD_ID).
+
+    setitimer's SIGALRM is process-directed: with other threads about (a sender, a receiver),
+    the kernel may hand it to one of them, and the guest thread then stays in KVM_RUN until
+    the guest exits on its own (seen here as epochs of ~100 ms instead of 100 µs).
+    """
+
+    SIGEV_THREAD_ID = 4
+
+    def __init__(self) -> None:
+        libc = C.CDLL(None, use_errno=True)
+        self._create = libc.timer_create
+        self._create.argtypes = [C.c_int, C.POINTER(_sigevent), C.POINTER(C.c_void_p)]
+        self._settime = libc.timer_settime
+        self._settime.argtypes = [C.c_void_p, C.c_int, C.POINTER(_itimerspec),
+                                  C.POINTER(_itimerspec)]
+        self._gettime = libc.timer_gettime
+        self._gettime.argtypes = [C.c_void_p, C.POINTER(_itimerspec)]
+        self._delete = libc.timer_delete
+        self._delete.argtypes = [C.c_void_p]
+        ev = _sigevent(sigev_signo=int(signal.SIGALRM), sigev_notify=self.SIGEV_THREAD_ID,
+                       sigev_notify_thread_id=threading.get_native_id())
+        self._id = C.c_void_p()
+        if self._create(1, C.byref(ev), C.byref(self._id)) != 0:  # CLOCK_MONOTONIC
+            raise DirtyringError(f"timer_create failed: {os.strerror(C.get_errno())}")
+        self.thread_id = threading.get_native_id()
+        self._spec = _itimerspec()
+        self._zero = _itimerspec()
+        self._now = _itimerspec()
+
+    def arm(self, seconds: float) -> None:
+        ns = max(int(seconds * 1e9), 1000)
+        self._spec.it_value.tv_sec, self._spec.it_value.tv_nsec = divmod(ns, 1_000_000_000)
+        self._settime(self._id, 0, C.byref(self._spec), None)
+
+    def pending(self) -> bool:
+        """True while the timer has not fired yet."""
+        self._gettime(self._id, C.byref(self._now))
+        return bool(self._now.it_value.tv_sec or self._now.it_value.tv_nsec)
+
+    def disarm(self) -> None:
+        self._settime(self._id, 0, C.byref(self._zero), None)
+
+    def close(self) -> None:
+        if self._id is not None:
+            self._delete(self._id)
+            self._id = None  # type: ignore[assignment]
+
+
+_TIMERS: dict[int, ThreadTimer] = {}
+
+
+def thread_timer() -> ThreadTimer:
+    tid = threading.get_native_id()
+    t = _TIMERS.get(tid)
+    if t is None:
+        t = _TIMERS[tid] = ThreadTimer()
+    return t
 
 
 def _alarm(signum: int, frame: object) -> None:
@@ -171,8 +247,8 @@ class VcpuRunner:
         """Run the guest in this thread for up to ``seconds``; returns why it stopped:
         "interval", "budget" (ring full), "stopped" (finished or crashed).
 
-        The single-threaded epoch driver: a one-shot ITIMER_REAL, armed right before entering
-        the guest, interrupts KVM_RUN (the main thread gets the process-directed SIGALRM first).
+        The single-threaded epoch driver: a one-shot timer aimed at this thread, armed right
+        before entering the guest, interrupts KVM_RUN.
         If the timer fires while we are in Python between two exits, its handler sets
         immediate_exit so the next KVM_RUN returns at once: no expiry is ever lost. This beat a
         kicker thread on our hosts (``time.sleep`` overshot each epoch by 100-140 µs).
@@ -185,14 +261,15 @@ class VcpuRunner:
         self.parked = False
         rs.immediate_exit = 0
         _ARMED[0] = rs
-        signal.setitimer(signal.ITIMER_REAL, max(seconds, 1e-6))
+        timer = thread_timer()
+        timer.arm(seconds)
         try:
             while True:
                 reason = run()
                 self.sync_valid = True
                 self.exits[reason] += 1
                 if reason == U.KVM_EXIT_INTR:
-                    if rs.immediate_exit or not signal.getitimer(signal.ITIMER_REAL)[0]:
+                    if rs.immediate_exit or not timer.pending():
                         # Either way, re-run once with immediate_exit set so a pending I/O
                         # completes before the state can be captured.
                         if self.quit:
@@ -215,7 +292,7 @@ class VcpuRunner:
                     m.on_crash(self)
                     return "stopped"
         finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
+            timer.disarm()
             _ARMED[0] = None
             rs.immediate_exit = 0
             self.ring_full = False

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import queue
+import sys
 import threading
 import time
 from collections import deque
@@ -35,6 +36,7 @@ from ..machine.vm import Machine
 from ..wire import (PRIMARY, Ack, Connection, EpochBegin, EpochEnd, Failover, Goodbye, Heartbeat,
                     Hello, HelloAck, MachineBlob, Pages, WIRE_VERSION)
 from ..wire import Resync as ResyncEvent
+from ..tracking import DirtySet
 from .checkpoint import Checkpoint, capture, gather
 from .outputs import OutputGate
 from .transport import Link, LinkClosed, connect
@@ -206,11 +208,15 @@ class Primary:
 
     # --- main loop ------------------------------------------------------------------------------
     _consistent_epoch = 0
+    _carry = DirtySet()
 
     def run(self, duration: float | None = None, *, progress_every: float = 0.5,
             stop: threading.Event | None = None) -> None:
         if self.link is None:
             self.connect()
+        # The vCPU (inline: this thread) re-takes the GIL after every KVM_RUN; with the default
+        # 5 ms switch interval a busy sender thread would hold it that long.
+        sys.setswitchinterval(1e-4)
         for fn in (self._sender, self._receiver):
             t = threading.Thread(target=fn, name=fn.__name__.strip("_"), daemon=True)
             t.start()
@@ -250,8 +256,20 @@ class Primary:
         m.resume_all()
         self.epoch = 1
         assert m.memory is not None
-        cp = Checkpoint(epoch=1, kind="full", runs=gather(m.memory, everything), state=b"",
-                        digest=b"", outputs=0)
+        if m.threaded:
+            runs = gather(m.memory, everything)  # the vCPU threads run meanwhile
+        else:
+            # Single-threaded: copy in chunks and let the guest run between them, so the full
+            # copy is taken "while the guest runs" here too. What it dirties meanwhile is
+            # carried into the first delta epoch.
+            runs_l = []
+            for run in gather(m.memory, everything, max_run_pages=2048):
+                runs_l.append(run)
+                why = m.runners[0].run_inline(self.opt.interval)
+                if why == "budget":
+                    self._carry = self._carry | self.drv.harvest_paused()[0]
+            runs = tuple(runs_l)
+        cp = Checkpoint(epoch=1, kind="full", runs=runs, state=b"", digest=b"", outputs=0)
         self._emit("sync_started", pages=cp.n_pages, bytes=cp.nbytes)
         self._queue(cp)
 
@@ -270,6 +288,8 @@ class Primary:
         e = self.drv.run_epoch(self.opt.interval)
         t0 = time.perf_counter()
         dirty = e.dirty
+        if self._carry:
+            dirty, self._carry = dirty | self._carry, DirtySet()
         kind = "delta"
         if e.resync:
             kind = "full"  # tracking failed and already re-armed everything: e.dirty is all
@@ -298,7 +318,10 @@ class Primary:
         while not (stop is not None and stop.is_set()):
             if t_end is not None and time.monotonic() >= t_end:
                 break
-            if m.wait_stopped(0.2) and m.crashed:
+            if m.threaded:
+                if m.wait_stopped(0.2) and m.crashed:
+                    break
+            elif m.runners[0].run_inline(0.2) == "stopped":
                 break
             self.stats.progress(m.progress())
             self._emit("stats", **self.snapshot())
