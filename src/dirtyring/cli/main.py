@@ -23,7 +23,10 @@ def build_parser() -> argparse.ArgumentParser:
         bench = None  # type: ignore[assignment]
     if bench is not None:
         bp = sub.add_parser("bench", help="benchmarks (JSON + PNG out)")
-        bench.register(bp.add_subparsers(dest="bench", metavar="BENCH", required=True))
+        bsub = bp.add_subparsers(dest="bench", metavar="BENCH", required=True)
+        bench.register(bsub)
+        from ..bench import replicate as bench_replicate
+        bench_replicate.add_parser(bsub)
     return p
 
 

@@ -333,6 +333,7 @@ class Primary:
         o = self.gate.statistics()
         w = self.link.conn.statistics() if self.link is not None else None
         s.update(state=self.state, epoch=self.epoch, acked=self.acked,
+                 guest_progress=self.m.progress(),
                  ack_ms_p50=float(np.percentile(rtt, 50)), ack_ms_p99=float(np.percentile(rtt, 99)),
                  output_held=o.held, output_released=o.released,
                  output_delay_ms_p50=o.delay_ms_p50, output_delay_ms_max=o.delay_ms_max,

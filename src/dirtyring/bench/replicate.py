@@ -1,0 +1,241 @@
+"""``dirtyring bench replicate``: committed checkpoints per second and guest progress under
+replication, for each tracker, epoch length and working set, against the same guest unprotected,
+and the host's ceiling measured in the same run (the guest paused and resumed at the same rate
+with only its registers read: no tracking, copy or network).
+
+Each cell runs a real standby process on loopback and the primary in this process (one vCPU,
+inline on the main thread), with the dirtier rewriting a hot set of N pages.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import DirtyringError
+from ..guests.protocol import GuestParams, Pattern
+from ..machine.config import MachineConfig
+from ..machine.vm import Machine
+from .records import Record, write_json
+
+BENCH = "replicate"
+INTERVALS_US = (100, 250, 1000, 5000, 25000)
+WORKING_SETS = (16, 64, 256, 4096)
+TRACKERS = ("ring", "bitmap", "hotset")
+QUICK_INTERVALS_US = (250, 5000)
+QUICK_WORKING_SETS = (64,)
+SECONDS, QUICK_SECONDS = 2.0, 0.8
+WARMUP = 0.4
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Cell:
+    tracker: str
+    interval_us: int
+    pages: int
+
+    @property
+    def id(self) -> str:
+        return f"{self.tracker}-{self.interval_us}us-{self.pages}p"
+
+
+def _config(tracker: str, pages: int) -> MachineConfig:
+    mem = max(pages, 64) * 4096 * 2
+    ring = 1 << max(12, (pages + 64).bit_length())
+    return MachineConfig(guest="dirtier", tracker=tracker, data_slots=(mem,),
+                         ring_entries=min(ring, 65536),
+                         params=GuestParams(pattern=Pattern.HOT, hot_pages=pages))
+
+
+def unprotected_rate(pages: int, seconds: float) -> float:
+    """Page writes per second of the guest running alone (inline, no epochs)."""
+    m = Machine(MachineConfig(guest="dirtier", tracker="none",
+                              data_slots=(max(pages, 64) * 8192,),
+                              params=GuestParams(pattern=Pattern.HOT, hot_pages=pages)),
+                threaded=False)
+    try:
+        m.runners[0].run_inline(0.05)
+        a, t = m.progress(), time.perf_counter()
+        m.runners[0].run_inline(seconds)
+        return (m.progress() - a) / (time.perf_counter() - t)
+    finally:
+        m.close()
+
+
+def ceiling(interval: float, pages: int, seconds: float) -> tuple[float, float]:
+    """(stops per second, page writes per second) pausing and resuming at ``interval`` with
+    only the registers read."""
+    m = Machine(MachineConfig(guest="dirtier", tracker="none",
+                              data_slots=(max(pages, 64) * 8192,),
+                              params=GuestParams(pattern=Pattern.HOT, hot_pages=pages)),
+                threaded=False)
+    try:
+        r = m.runners[0]
+        r.run_inline(0.05)
+        n, a, t0 = 0, m.progress(), time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            r.run_inline(interval)
+            m.capture_regs()
+            n += 1
+        el = time.perf_counter() - t0
+        return n / el, (m.progress() - a) / el
+    finally:
+        m.close()
+
+
+class _StandbyProc:
+    def __init__(self, key_hex: str) -> None:
+        import socket
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        env = dict(os.environ, DIRTYRING_KEY=key_hex)
+        self.p = subprocess.Popen([sys.executable, "-m", "dirtyring.cli.main", "standby",
+                                   "--listen", f"127.0.0.1:{self.port}", "--json"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env,
+                                  text=True)
+        assert self.p.stdout is not None
+        line = self.p.stdout.readline()
+        if "listening" not in line:
+            self.stop()
+            raise DirtyringError("the standby process did not start")
+
+    def stop(self) -> None:
+        if self.p.poll() is None:
+            self.p.kill()
+        self.p.wait(5)
+
+
+def measure(cell: Cell, seconds: float, key: bytes) -> dict[str, float]:
+    from ..products.replicate import Primary, PrimaryOptions
+    sb = _StandbyProc(key.hex())
+    samples: list[dict[str, Any]] = []
+    try:
+        m = Machine(_config(cell.tracker, cell.pages), threaded=False)
+        try:
+            prim = Primary(m, ("127.0.0.1", sb.port), key,
+                           options=PrimaryOptions(interval=cell.interval_us * 1e-6,
+                                                  unsafe_output=True),
+                           on_event=lambda e: samples.append(e) if e["event"] == "stats" else None)
+            try:
+                prim.run(seconds + WARMUP + 0.3, progress_every=0.1)
+            finally:
+                prim.close()
+        finally:
+            m.close()
+    finally:
+        sb.stop()
+    protected = [s for s in samples if s["state"] == "protected"]
+    if len(protected) < 2:
+        raise DirtyringError(f"cell {cell.id}: the primary never became protected")
+    t_first = protected[0]["t"]
+    window = [s for s in protected if s["t"] >= t_first + WARMUP] or protected
+    a, b = window[0], window[-1]
+    dt = max(b["t"] - a["t"], 1e-6)
+    return {"committed_per_s": (b["acked"] - a["acked"]) / dt,
+            "progress_per_s": (b["guest_progress"] - a["guest_progress"]) / dt,
+            "pause_us_p50": b["pause_us_p50"], "pause_us_p99": b["pause_us_p99"],
+            "mb_per_s": b["mb_per_s"], "ack_ms_p50": b["ack_ms_p50"],
+            "compression_ratio": b["compression_ratio"]}
+
+
+def run(*, quick: bool, seconds: float | None = None,
+        progress: Any = None) -> list[Record]:
+    intervals = QUICK_INTERVALS_US if quick else INTERVALS_US
+    sets = QUICK_WORKING_SETS if quick else WORKING_SETS
+    secs = seconds or (QUICK_SECONDS if quick else SECONDS)
+    key = os.urandom(32)
+    recs: list[Record] = []
+    base = {n: unprotected_rate(n, 0.5 if quick else 1.0) for n in sets}
+    for n, rate in base.items():
+        recs.append(Record.make(BENCH, "unprotected_progress", rate, "writes/s", pages=n))
+    for iv in intervals:
+        for n in sets:
+            stops, prog = ceiling(iv * 1e-6, n, secs / 2)
+            recs.append(Record.make(BENCH, "ceiling_stops", stops, "1/s", interval_us=iv,
+                                    pages=n, tracker="ceiling"))
+            recs.append(Record.make(BENCH, "progress_fraction", prog / base[n], "ratio",
+                                    interval_us=iv, pages=n, tracker="ceiling"))
+            for tr in TRACKERS:
+                cell = Cell(tracker=tr, interval_us=iv, pages=n)
+                r = measure(cell, secs, key)
+                d = dict(interval_us=iv, pages=n, tracker=tr)
+                recs.append(Record.make(BENCH, "committed", r["committed_per_s"], "1/s", **d))
+                recs.append(Record.make(BENCH, "progress_fraction",
+                                        r["progress_per_s"] / base[n], "ratio", **d))
+                recs.append(Record.make(BENCH, "pause_us", r["pause_us_p50"], "us", stat="p50",
+                                        **d))
+                recs.append(Record.make(BENCH, "pause_us", r["pause_us_p99"], "us", stat="p99",
+                                        **d))
+                recs.append(Record.make(BENCH, "throughput", r["mb_per_s"], "MB/s", **d))
+                recs.append(Record.make(BENCH, "ack_ms", r["ack_ms_p50"], "ms", stat="p50",
+                                        **d))
+                if progress:
+                    progress(cell, r, base[n], stops, prog)
+    return recs
+
+
+def plot(records: list[Record], path: Path) -> Path | None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    sets = sorted({r.dims["pages"] for r in records if "interval_us" in r.dims})
+    fig, axes = plt.subplots(1, len(sets), figsize=(5 * len(sets), 4), squeeze=False)
+    for ax, n in zip(axes[0], sets):
+        for tr in (*TRACKERS, "ceiling"):
+            metric = "ceiling_stops" if tr == "ceiling" else "committed"
+            pts = sorted((r.dims["interval_us"], r.value) for r in records
+                         if r.metric == metric and r.dims.get("pages") == n
+                         and r.dims.get("tracker") == tr)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=tr,
+                        linestyle="--" if tr == "ceiling" else "-")
+        ax.set_xscale("log")
+        ax.set_xlabel("epoch length (µs)")
+        ax.set_ylabel("committed checkpoints / s")
+        ax.set_title(f"hot set of {n} pages")
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("replicate", help="committed checkpoints/s and guest progress under "
+                                         "replication vs unprotected and the host ceiling")
+    p.add_argument("--out", type=Path, default=Path("results"), metavar="DIR")
+    p.add_argument("--quick", action="store_true", help="small matrix (tests, CI)")
+    p.add_argument("--seconds", type=float, default=None, help="measured seconds per cell")
+    p.set_defaults(func=command)
+
+
+def command(args: argparse.Namespace) -> int:
+    def show(cell: Cell, r: dict[str, float], base: float, stops: float, prog: float) -> None:
+        print(f"{cell.tracker:>7} {cell.interval_us:6d} µs {cell.pages:5d} pages: "
+              f"{r['committed_per_s']:7.0f} committed/s, guest at "
+              f"{100 * r['progress_per_s'] / base:5.1f} % | ceiling {stops:7.0f} stops/s at "
+              f"{100 * prog / base:5.1f} %  (pause p50 {r['pause_us_p50']:.0f} µs, "
+              f"{r['mb_per_s']:.0f} MB/s)", flush=True)
+    try:
+        recs = run(quick=args.quick, seconds=args.seconds, progress=show)
+    except DirtyringError as e:
+        print(f"dirtyring bench replicate: error: {e}", file=sys.stderr)
+        return 1
+    out = Path(args.out)
+    j = write_json(out / f"{BENCH}.json", BENCH, recs, settings={"quick": args.quick})
+    png = plot(recs, out / f"{BENCH}.png")
+    print(f"wrote {j}" + (f" and {png}" if png else " (matplotlib missing: no plot)"))
+    return 0
