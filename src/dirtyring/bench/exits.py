@@ -2,8 +2,8 @@
 
 (a) Round trip: the dirtier guest rewrites one page and does ``out PORT_TICK`` after every write
 (``exit_every=1``), untracked (``tracker="none"``), so each loop of its vCPU thread is one
-KVM_RUN → KVM_EXIT_IO → Python dispatch → KVM_RUN. We count ``control.ticks`` over a fixed wall
-time per trial (the controller sleeps meanwhile and never holds the GIL) and report exits/s and
+KVM_RUN, KVM_EXIT_IO, Python dispatch, KVM_RUN again. We count ``control.ticks`` over a fixed
+wall time per trial (the controller sleeps meanwhile and never holds the GIL) and report exits/s and
 its inverse, µs per round trip. The Python part of an exit is timed separately: with the vCPU
 parked we call ``Machine.handle_io`` directly on a TICK exit copied from the guest's own last
 one (the kvm_run page keeps it), so it is the dispatch + device cost without the ioctl.

@@ -58,6 +58,10 @@ def plot_harvest(records: Sequence[Record], path: Path) -> Path | None:
                 ax.errorbar(xs, ys, yerr=[[0.0] * len(ys), hi], color=color, marker=marker,
                             capsize=3, label=t)
             ax.set_xscale("log", base=2)
+            sizes = sorted({float(r.dims["slot_gib"]) for r in times})
+            ax.set_xticks(sizes)
+            ax.set_xticklabels([f"{x:g}" for x in sizes])
+            ax.minorticks_off()
             ax.set_yscale("log")
             ax.set_title(f"{n} {lay} dirty pages", fontsize=10)
             ax.grid(True, which="both", alpha=0.3)

@@ -166,7 +166,7 @@ def run(*, quick: bool, seconds: float | None = None,
             for tr in TRACKERS:
                 cell = Cell(tracker=tr, interval_us=iv, pages=n)
                 r = measure(cell, secs, key)
-                d = dict(interval_us=iv, pages=n, tracker=tr)
+                d: dict[str, Any] = dict(interval_us=iv, pages=n, tracker=tr)
                 recs.append(Record.make(BENCH, "committed", r["committed_per_s"], "1/s", **d))
                 recs.append(Record.make(BENCH, "progress_fraction",
                                         r["progress_per_s"] / base[n], "ratio", **d))

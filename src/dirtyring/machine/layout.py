@@ -47,7 +47,7 @@ QUEUE_GPA = 0x100000
 QUEUE_SIZE = 0x10000
 DATA_PD_GPA = 0x200000
 DATA_GPA = 1 << 30
-MAX_DATA_BYTES = 255 << 30  # one PDPT: 512 GiB of guest-physical space, GiB 0 is the system slot
+MAX_DATA_BYTES = 511 << 30  # one PDPT: 512 GiB of guest-physical space, GiB 0 is the system slot
 
 IO_BITMAP_OFFSET = 0x68
 IO_PORTS = 0x400  # ports the guest may use without exiting with #GP (all go to the VMM)
