@@ -35,10 +35,20 @@ class DirtySet:
         """Build from parallel arrays of slot ids and page indices (as a ring harvest gives)."""
         if len(slots) == 0:
             return cls({})
-        u = np.unique(slots)
-        if len(u) == 1:
-            return cls.from_arrays([(int(u[0]), pages)])
-        return cls.from_arrays((int(s), pages[slots == s]) for s in u)
+        # One sort of (slot << 40 | page) keys, then split at the slot boundaries.
+        keys = np.unique((np.asarray(slots, np.int64) << 40) | np.asarray(pages, np.int64))
+        ids = keys >> 40
+        pg = keys & ((1 << 40) - 1)
+        if ids[0] == ids[-1]:
+            pg.setflags(write=False)
+            return cls({int(ids[0]): pg})
+        cuts = np.flatnonzero(np.diff(ids)) + 1
+        out = {}
+        for a, b in zip(np.concatenate(([0], cuts)), np.concatenate((cuts, [len(keys)]))):
+            part = pg[a:b]
+            part.setflags(write=False)
+            out[int(ids[a])] = part
+        return cls(out)
 
     def union(self, other: DirtySet) -> DirtySet:
         if not other.pages:
