@@ -32,6 +32,9 @@ class VcpuFd:
         self._run_map = Mapping(fd, size)
         # SAFETY: the kvm_run struct sits at offset 0 of a mapping of at least its size.
         self.run_struct = U.kvm_run.from_address(self._run_map.addr)
+        #: kvm_run's sync area (regs/sregs/events, KVM_CAP_SYNC_REGS) matches the vCPU: set by
+        #: whoever just ran KVM_RUN, cleared by any KVM_SET_REGS/SREGS/VCPU_EVENTS.
+        self.sync_valid = False
         self.ring_map: Mapping | None = None
         if vm.dirty_ring_bytes:
             try:
@@ -66,6 +69,7 @@ class VcpuFd:
         return r
 
     def set_regs(self, r: U.kvm_regs) -> None:
+        self.sync_valid = False
         ioctl(self.fd, U.KVM_SET_REGS, r)
 
     def get_sregs(self) -> U.kvm_sregs:
@@ -74,6 +78,7 @@ class VcpuFd:
         return s
 
     def set_sregs(self, s: U.kvm_sregs) -> None:
+        self.sync_valid = False
         ioctl(self.fd, U.KVM_SET_SREGS, s)
 
     def get_fpu(self) -> U.kvm_fpu:
@@ -133,6 +138,7 @@ class VcpuFd:
         return e
 
     def set_vcpu_events(self, e: U.kvm_vcpu_events) -> None:
+        self.sync_valid = False
         ioctl(self.fd, U.KVM_SET_VCPU_EVENTS, e)
 
     def get_mp_state(self) -> int:

@@ -10,6 +10,8 @@ from ..guests.protocol import GuestParams, Pattern
 from ..tracking import KINDS
 
 MiB = 1 << 20
+#: Stacks of 16 KiB between 0xF0000 and the device queues at 0x100000 (machine/layout.py).
+MAX_VCPUS = 4
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -27,8 +29,9 @@ class MachineConfig:
     def __post_init__(self) -> None:
         if self.guest not in NAMES:
             raise ConfigError(f"unknown guest {self.guest!r}; choose one of {', '.join(NAMES)}")
-        if not 1 <= self.vcpus <= 64:
-            raise ConfigError(f"vcpus must be 1..64, not {self.vcpus}")
+        if not 1 <= self.vcpus <= MAX_VCPUS:
+            raise ConfigError(f"vcpus must be 1..{MAX_VCPUS} (the guest layout has stacks and "
+                              f"status blocks for {MAX_VCPUS}), not {self.vcpus}")
         if self.tracker not in (*KINDS, "none"):
             raise ConfigError(f"unknown tracker {self.tracker!r}; choose one of "
                               f"{', '.join((*KINDS, 'none'))}")

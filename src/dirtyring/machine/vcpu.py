@@ -157,9 +157,7 @@ class VcpuRunner:
         self.quit = False
         self.thread: threading.Thread | None = None
         #: KVM copies regs, sregs and events into kvm_run on every exit (KVM_CAP_SYNC_REGS), so a
-        #: capture after a run needs no ioctl for them. False until the first run after any
-        #: state was set from outside.
-        self.sync_valid = False
+        #: capture after a run needs no ioctl for them (fd.sync_valid says whether it is current).
         self.static_state: dict[str, object] | None = None
         if machine.kvm.check_extension_int(U.KVM_CAP_SYNC_REGS) & 7 == 7:
             self.run_struct.kvm_valid_regs = (U.KVM_SYNC_X86_REGS | U.KVM_SYNC_X86_SREGS
@@ -209,7 +207,7 @@ class VcpuRunner:
                     # Not yet proven clean: re-run with immediate_exit to complete pending I/O.
                     self.run_struct.immediate_exit = 1
                 reason = run()
-                self.sync_valid = True
+                self.fd.sync_valid = True
                 self.exits[reason] += 1
                 if reason == U.KVM_EXIT_INTR:
                     if self._must_park():
@@ -266,7 +264,7 @@ class VcpuRunner:
         try:
             while True:
                 reason = run()
-                self.sync_valid = True
+                self.fd.sync_valid = True
                 self.exits[reason] += 1
                 if reason == U.KVM_EXIT_INTR:
                     if rs.immediate_exit or not timer.pending():

@@ -205,7 +205,6 @@ class Machine:
         fd.set_mp_state(U.KVM_MP_STATE_RUNNABLE)
         for x in self.runners:
             if x.fd is fd:
-                x.sync_valid = False
                 x.static_state = None
 
     def enable_kvmclock(self, fd: VcpuFd, index: int) -> None:
@@ -342,7 +341,7 @@ class Machine:
                     "lapic": bytes(fd.get_lapic()) if self.has_irqchip else b"",
                     "mp_state": fd.get_mp_state(),
                     "msrs": fd.get_msrs(others)}
-            if r.sync_valid:
+            if fd.sync_valid:
                 sr = r.run_struct.s.regs
                 regs, sregs, events = bytes(sr.regs), bytes(sr.sregs), bytes(sr.events)
             else:
@@ -385,7 +384,6 @@ class Machine:
             fd.set_mp_state(v.mp_state)
             r.finished = v.finished
             r.crash = None
-            r.sync_valid = False
             r.static_state = None
         by_name = {d.name: d for d in state.devices}
         for d in self.devices:

@@ -35,6 +35,8 @@ class KvRequest:
     def __post_init__(self) -> None:
         if self.op not in (KV_PUT, KV_GET):
             raise ValueError(f"bad kv op {self.op}")
+        if not 0 <= self.id < 1 << 32:
+            raise ValueError("kv request ids are 0..2^32-1 (the ring entry holds a u32)")
         if not 0 < self.key < 1 << 64 or not 0 <= self.value < 1 << 64:
             raise ValueError("kv keys are 1..2^64-1 and values 0..2^64-1")
 
