@@ -147,6 +147,12 @@ class kvm_vcpu_events(C.Structure):
                 ("exception_has_payload", u8), ("exception_payload", u64)]
 
 
+class kvm_signal_mask(C.Structure):
+    """Header only; ``len`` bytes of kernel sigset follow (8 on x86-64)."""
+
+    _fields_ = [("len", u32)]
+
+
 class kvm_mp_state(C.Structure):
     _fields_ = [("mp_state", u32)]
 
@@ -328,6 +334,7 @@ KVM_SET_SREGS = _IOW(0x84, C.sizeof(kvm_sregs))
 KVM_GET_MSRS = _IOWR(0x88, C.sizeof(kvm_msrs))
 KVM_SET_MSRS = _IOW(0x89, C.sizeof(kvm_msrs))
 KVM_SET_CPUID2 = _IOW(0x90, C.sizeof(kvm_cpuid2))
+KVM_SET_SIGNAL_MASK = _IOW(0x8B, C.sizeof(kvm_signal_mask))
 KVM_GET_FPU = _IOR(0x8C, C.sizeof(kvm_fpu))
 KVM_SET_FPU = _IOW(0x8D, C.sizeof(kvm_fpu))
 KVM_GET_LAPIC = _IOR(0x8E, C.sizeof(kvm_lapic_state))

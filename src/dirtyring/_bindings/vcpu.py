@@ -149,6 +149,20 @@ class VcpuFd:
     def set_mp_state(self, state: int) -> None:
         ioctl(self.fd, U.KVM_SET_MP_STATE, U.kvm_mp_state(state))
 
+    def set_signal_mask(self, blocked: set[int]) -> None:
+        """Wraps KVM_SET_SIGNAL_MASK: the signal mask in force *while in KVM_RUN*.
+
+        A thread can keep a signal blocked (so it stays pending instead of being consumed by a
+        handler at the wrong moment) yet still have it interrupt the guest.
+        """
+        buf = (C.c_uint8 * (C.sizeof(U.kvm_signal_mask) + 8))()
+        U.kvm_signal_mask.from_buffer(buf).len = 8
+        mask = 0
+        for sig in blocked:
+            mask |= 1 << (int(sig) - 1)
+        buf[4:12] = list(mask.to_bytes(8, "little"))
+        ioctl(self.fd, U.KVM_SET_SIGNAL_MASK, buf)
+
     def set_cpuid2(self, cpuid_buf: C.Array[C.c_uint8]) -> None:
         ioctl(self.fd, U.KVM_SET_CPUID2, cpuid_buf)
 

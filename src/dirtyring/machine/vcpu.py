@@ -39,6 +39,8 @@ def _noop(signum: int, frame: object) -> None:
     pass
 
 
+_ALRM = {signal.SIGALRM}
+
 #: The kvm_run of the vCPU currently run inline, if any (SIGALRM sets its immediate_exit).
 _ARMED: list = [None]
 
@@ -134,9 +136,14 @@ def install_kick_handler() -> None:
 
 
 def install_alarm_handler() -> None:
-    """SIGALRM ends inline epochs; must be installed (and used) from the main thread."""
+    """SIGALRM ends inline epochs. It stays *blocked* in the thread that runs the vCPU (and in
+    every thread it starts later) and is unblocked only inside KVM_RUN (KVM_SET_SIGNAL_MASK):
+    a handler could otherwise consume it in the instant between releasing the GIL and entering
+    KVM_RUN, and the guest would run on until it exits by itself (seen: epochs that never end).
+    A pending SIGALRM makes KVM_RUN return at once; we then consume it with sigtimedwait."""
     if signal.getsignal(signal.SIGALRM) is not _alarm:
         signal.signal(signal.SIGALRM, _alarm)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
 
 
 class VcpuRunner:
@@ -159,6 +166,7 @@ class VcpuRunner:
         #: KVM copies regs, sregs and events into kvm_run on every exit (KVM_CAP_SYNC_REGS), so a
         #: capture after a run needs no ioctl for them (fd.sync_valid says whether it is current).
         self.static_state: dict[str, object] | None = None
+        self._inline_ready = False
         if machine.kvm.check_extension_int(U.KVM_CAP_SYNC_REGS) & 7 == 7:
             self.run_struct.kvm_valid_regs = (U.KVM_SYNC_X86_REGS | U.KVM_SYNC_X86_SREGS
                                               | U.KVM_SYNC_X86_EVENTS)
@@ -253,6 +261,10 @@ class VcpuRunner:
         """
         if self.finished or self.crash:
             return "stopped"
+        if not self._inline_ready:
+            install_alarm_handler()
+            self.fd.set_signal_mask(set())  # in KVM_RUN, every signal interrupts the guest
+            self._inline_ready = True
         rs = self.run_struct
         run = self.fd.run
         m = self.machine
@@ -267,6 +279,7 @@ class VcpuRunner:
                 self.fd.sync_valid = True
                 self.exits[reason] += 1
                 if reason == U.KVM_EXIT_INTR:
+                    signal.sigtimedwait(_ALRM, 0)  # eat the (blocked, pending) timer signal
                     if rs.immediate_exit or not timer.pending():
                         # Either way, re-run once with immediate_exit set so a pending I/O
                         # completes before the state can be captured.

@@ -74,12 +74,18 @@ def capture(machine: Machine, dirty: DirtySet, *, epoch: int, kind: str = "delta
     return Checkpoint(epoch=epoch, kind=kind, runs=runs, state=state, digest=d, outputs=outputs)
 
 
-def apply_runs(memory: GuestMemory, runs: list[tuple[int, np.ndarray, bytes | memoryview]]) -> int:
-    """Write page runs into guest memory (standby commit, snapshot restore). Returns pages."""
+def apply_runs(memory: GuestMemory, runs: list[tuple]) -> int:  # type: ignore[type-arg]
+    """Write page runs ``(slot, pages, data[, delta])`` into guest memory (standby commit,
+    snapshot restore). A delta run holds the XOR of new and current contents. Returns pages."""
     n = 0
-    for slot, pages, data in runs:
+    for run in runs:
+        slot, pages, data = run[0], run[1], run[2]
         view = memory.slots[slot].view.reshape(-1, PAGE)
-        view[pages] = np.frombuffer(data, np.uint8).reshape(-1, PAGE)
+        new = np.frombuffer(data, np.uint8).reshape(-1, PAGE)
+        if len(run) > 3 and run[3]:
+            view[pages] ^= new
+        else:
+            view[pages] = new
         n += len(pages)
     return n
 

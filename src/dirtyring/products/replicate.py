@@ -89,6 +89,7 @@ class Primary:
         self.max_staging_bytes = 0
         self.fenced = False
         self.skipped_after_resync = 0
+        self._shadows: dict[int, np.ndarray | None] = {}
 
     # --- events ---------------------------------------------------------------------------------
     def _emit(self, kind: str, **fields: Any) -> None:
@@ -122,6 +123,20 @@ class Primary:
         self.link = link
         self._emit("connected", standby=f"{self.addr[0]}:{self.addr[1]}")
 
+    #: Slots up to this size keep a shadow of what the standby holds, for XOR deltas.
+    SHADOW_MAX_BYTES = 4 << 30
+
+    def _shadow_of(self, slot: int) -> np.ndarray | None:
+        sh = self._shadows.get(slot)
+        if sh is None and slot not in self._shadows:
+            assert self.m.memory is not None
+            size = self.m.memory.slots[slot].info.size
+            # np.zeros is calloc: untouched parts of a big, sparse slot cost nothing.
+            sh = np.zeros((size // PAGE, PAGE), np.uint8) if size <= self.SHADOW_MAX_BYTES \
+                else None
+            self._shadows[slot] = sh
+        return sh
+
     # --- threads --------------------------------------------------------------------------------
     def _sender(self) -> None:
         assert self.link is not None
@@ -142,9 +157,20 @@ class Primary:
                         last = time.monotonic()
                     continue
                 evs: list[Any] = [EpochBegin(epoch=cp.epoch, kind=cp.kind)]
+                shadow_updates = []
                 for r in cp.runs:
-                    evs.append(Pages(epoch=cp.epoch, slot=r.slot, page_size=PAGE, pages=r.pages,
-                                     data=r.payload()))
+                    sh = self._shadow_of(r.slot)
+                    if sh is not None and cp.kind == "delta":
+                        # XOR against what the standby holds: a page that changed a little
+                        # becomes mostly zero words, which the codec sends sparse.
+                        data = np.bitwise_xor(r.data, sh[r.pages]).tobytes()
+                        evs.append(Pages(epoch=cp.epoch, slot=r.slot, page_size=PAGE,
+                                         pages=r.pages, data=data, delta=True))
+                    else:
+                        evs.append(Pages(epoch=cp.epoch, slot=r.slot, page_size=PAGE,
+                                         pages=r.pages, data=r.payload()))
+                    if sh is not None:
+                        shadow_updates.append((sh, r.pages, r.data))
                 if cp.state:
                     evs.append(MachineBlob(epoch=cp.epoch, blob=cp.state))
                 evs.append(EpochEnd(epoch=cp.epoch, n_pages=cp.n_pages, digest=cp.digest,
@@ -155,6 +181,9 @@ class Primary:
                 if not self.link.send_many(evs, skip_if_resync=cp.kind == "delta"):
                     self._sent_at.pop(cp.epoch, None)
                     self.skipped_after_resync += 1
+                else:
+                    for sh, pages, data in shadow_updates:  # the standby's copy, from now on
+                        sh[pages] = data
                 last = time.monotonic()
                 self.staging_bytes -= cp.nbytes
             except (LinkClosed, ProtocolError) as e:

@@ -169,7 +169,10 @@ class Pages(Event):
     ``numpy.int64`` array (use :attr:`indices` for a precisely typed view). Indices must be
     strictly increasing so the codec can find runs with one vectorized pass and the receiver can
     apply them in one sweep. ``data`` holds ``len(pages) * page_size`` bytes, page ``i`` at
-    ``data[i*page_size:(i+1)*page_size]``. Equality compares values (arrays by content).
+    ``data[i*page_size:(i+1)*page_size]``. With ``delta`` the data is the XOR of the new
+    contents with the receiver's current copy of those pages (mostly zero bytes when a page
+    changed a little, which the codec then sends as sparse words). Equality compares values
+    (arrays by content).
     """
 
     epoch: int
@@ -177,6 +180,7 @@ class Pages(Event):
     page_size: int
     pages: npt.NDArray[np.int64] | tuple[int, ...]
     data: bytes
+    delta: bool = False
 
     def __post_init__(self) -> None:
         _set(self, "epoch", _uint("epoch", self.epoch))
@@ -226,7 +230,7 @@ class Pages(Event):
         if not isinstance(other, Pages):
             return NotImplemented
         return (self.epoch == other.epoch and self.slot == other.slot
-                and self.page_size == other.page_size
+                and self.page_size == other.page_size and self.delta == other.delta
                 and np.array_equal(self.indices, other.indices) and self.data == other.data)
 
     def __hash__(self) -> int:
@@ -234,6 +238,7 @@ class Pages(Event):
 
     def __repr__(self) -> str:  # never dump megabytes of page data into a log line
         return (f"Pages(epoch={self.epoch}, slot={self.slot}, page_size={self.page_size}, "
+                f"{'delta, ' if self.delta else ''}"
                 f"n_pages={self.n_pages}, first={int(self.indices[0])}, "
                 f"last={int(self.indices[-1])})")
 

@@ -3,13 +3,16 @@
 Why runs: dirty sets are clustered, so one 17-byte head per run of consecutive page indices is
 cheap, and a run is the natural unit for both zero-page elision and compression. Layout::
 
-    head  24 bytes  epoch u64, slot u32, page_size u32, n_pages u32, n_runs u32
+    head  25 bytes  epoch u64, slot u32, page_size u32, n_pages u32, n_runs u32, flags u8
+                    (flags bit 0: the data is an XOR delta against the receiver's copy)
     run   17 bytes  first page u64, count u32, encoding u8, payload length u32; then payload
 
 Encodings: RAW (the pages as they are), ZERO (no payload: every page in the run is zero),
+SPARSE64 (only the non-zero 64-bit words: count u32, word offsets u32[count], values
+u64[count]; chosen when a run is mostly zero, which is what an XOR delta of a page that changed
+a little looks like: 64 pages with 24 changed bytes each cost ~2 KiB instead of 256 KiB),
 ZLIB (the pages deflated; used only when that saves at least 1/8, so incompressible data costs
-just the run head), XOR_DELTA (reserved for XOR against the receiver's previous copy of the
-pages; rejected by this version). Zero-page and run detection is one vectorized numpy pass; RAW
+just the run head), XOR_DELTA (reserved, rejected). Zero-page and run detection is one vectorized numpy pass; RAW
 payloads are memoryviews into the event's data, so big pages are never copied on the way out.
 """
 from __future__ import annotations
@@ -47,10 +50,16 @@ class PageEncoding(enum.IntEnum):
     RAW = 0
     ZERO = 1
     ZLIB = 2
-    XOR_DELTA = 3  # reserved: XOR against the previous copy (then usually ZERO/ZLIB-friendly)
+    XOR_DELTA = 3  # reserved (deltas are a Pages flag; their runs use the other encodings)
+    SPARSE64 = 4
 
 
-_PAGES_HEAD: Final = struct.Struct("!QIIII")  # epoch, slot, page_size, n_pages, n_runs
+#: A run goes SPARSE64 when its non-zero words are at most this fraction of its words.
+_SPARSE_MAX_FRACTION: Final = 1 / 8
+
+
+_PAGES_HEAD: Final = struct.Struct("!QIIIIB")  # epoch, slot, page_size, n_pages, n_runs, flags
+_FLAG_DELTA: Final = 1
 _RUN: Final = struct.Struct("!QIBI")          # first page, count, encoding, payload length
 
 
@@ -119,13 +128,23 @@ def encode_pages_parts(event: ev.Pages, *, compress_level: int = 1) -> list[Buff
     starts = np.flatnonzero(brk)
     ends = np.append(starts[1:], n)
     out = _Parts()
-    out.add(_PAGES_HEAD.pack(event.epoch, event.slot, ps, n, len(starts)))
+    out.add(_PAGES_HEAD.pack(event.epoch, event.slot, ps, n, len(starts),
+                             _FLAG_DELTA if event.delta else 0))
     data = memoryview(event.data)
+    flat = words.reshape(-1)
     for s, e, first, nz in zip(starts.tolist(), ends.tolist(), idx[starts].tolist(),
                                nonzero[starts].tolist()):
         count = e - s
         if not nz:
             out.add(_RUN.pack(first, count, PageEncoding.ZERO, 0))
+            continue
+        run_words = flat[s * (ps // 8):e * (ps // 8)]
+        where = np.flatnonzero(run_words)
+        if len(where) <= len(run_words) * _SPARSE_MAX_FRACTION:
+            payload = (struct.pack("!I", len(where)) + where.astype(">u4").tobytes()
+                       + run_words[where].astype(">u8").tobytes())
+            out.add(_RUN.pack(first, count, PageEncoding.SPARSE64, len(payload)))
+            out.add(payload)
             continue
         chunk = data[s * ps:e * ps]
         if compress_level and _worth_deflating(chunk, compress_level):
@@ -144,7 +163,9 @@ def decode_pages(body: memoryview, max_pages_bytes: int) -> ev.Pages:
 
     Raises LocalProtocolError or struct.error; the codec reports either as RemoteProtocolError.
     """
-    epoch, slot, ps, n, n_runs = _PAGES_HEAD.unpack_from(body)  # struct.error if short
+    epoch, slot, ps, n, n_runs, flags = _PAGES_HEAD.unpack_from(body)  # struct.error if short
+    if flags & ~_FLAG_DELTA:
+        raise LocalProtocolError(f"unknown Pages flags {flags:#x}")
     if ps < ev.MIN_PAGE_SIZE or ps > ev.MAX_PAGE_SIZE or ps & (ps - 1):
         raise LocalProtocolError(f"bad page_size {ps}")
     if n == 0 or not 0 < n_runs <= n:
@@ -182,6 +203,8 @@ def decode_pages(body: memoryview, max_pages_bytes: int) -> ev.Pages:
                     or not inflater.eof:
                 raise LocalProtocolError(f"run {r} does not inflate to exactly {size} bytes")
             pieces.append(plain)
+        elif enc == PageEncoding.SPARSE64:
+            pieces.append(_inflate_sparse(payload, size, r))
         elif enc == PageEncoding.XOR_DELTA:
             raise LocalProtocolError(f"page encoding XOR_DELTA (run {r}) is not supported yet")
         elif enc in (PageEncoding.RAW, PageEncoding.ZERO):
@@ -198,4 +221,21 @@ def decode_pages(body: memoryview, max_pages_bytes: int) -> ev.Pages:
         raise LocalProtocolError(f"runs carry {seen} pages, head says {n}")
     run_start = np.cumsum(counts) - counts  # position of each run's first page in the output
     indices = np.arange(n, dtype=np.int64) + np.repeat(firsts - run_start, counts)
-    return ev.Pages(epoch=epoch, slot=slot, page_size=ps, pages=indices, data=b"".join(pieces))
+    return ev.Pages(epoch=epoch, slot=slot, page_size=ps, pages=indices, data=b"".join(pieces),
+                    delta=bool(flags & _FLAG_DELTA))
+
+
+def _inflate_sparse(payload: memoryview, size: int, r: int) -> bytes:
+    """SPARSE64 payload -> the run's bytes; offsets must be increasing and inside the run."""
+    if len(payload) < 4:
+        raise LocalProtocolError(f"run {r} SPARSE64 payload is cut short")
+    (k,) = struct.unpack_from("!I", payload)
+    if len(payload) != 4 + 12 * k or k > size // 8:
+        raise LocalProtocolError(f"run {r} SPARSE64 payload does not hold {k} words")
+    where = np.frombuffer(payload, ">u4", k, 4).astype(np.int64)
+    vals = np.frombuffer(payload, ">u8", k, 4 + 4 * k)
+    if k and (int(where[-1]) >= size // 8 or (k > 1 and not bool(np.all(np.diff(where) > 0)))):
+        raise LocalProtocolError(f"run {r} SPARSE64 word offsets are out of order or range")
+    out = np.zeros(size // 8, np.uint64)
+    out[where] = vals
+    return out.tobytes()

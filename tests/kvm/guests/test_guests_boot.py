@@ -27,7 +27,8 @@ def machines() -> Iterator[list[Machine]]:
 
 
 @pytest.mark.parametrize("vcpus", [1, 2])
-def test_first_port_io_of_a_freshly_booted_guest_works(make_machine, vcpus: int) -> None:  # type: ignore[no-untyped-def]
+def test_first_port_io_of_a_freshly_booted_guest_works(
+        make_machine, vcpus: int) -> None:  # type: ignore[no-untyped-def]
     """Regression: kvm_pvm drops RFLAGS.IOPL, so port I/O at CPL3 needs the TSS I/O bitmap;
     without it the guest's first in/out #GPs and triple-faults (fixed in bddf74b)."""
     m = make_machine(guest="dirtier", tracker="none", vcpus=vcpus, data_slots=(MiB,),
@@ -128,7 +129,8 @@ def test_crash_of_a_restored_guest_is_reported(machines: list[Machine]) -> None:
     assert ok.crashed is None and ok.status(0, "progress") > before
 
 
-def test_capture_sees_registers_set_while_paused(make_machine) -> None:  # type: ignore[no-untyped-def]
+def test_capture_sees_registers_set_while_paused(
+        make_machine) -> None:  # type: ignore[no-untyped-def]
     m = make_machine(guest="dirtier", tracker="none", data_slots=(MiB,),
                      params=GuestParams(pattern=Pattern.SEQUENTIAL))
     time.sleep(0.01)

@@ -256,8 +256,10 @@ def test_restored_table_memory_is_identical(machines: list[Machine]) -> None:
 
 
 def test_two_vcpus_answer_each_request_once(machines: list[Machine]) -> None:
-    # A 64 MiB table: most PUTs touch a fresh page, which slows a vCPU's pass over the ring
-    # enough for the other vCPU to come out of the doorbell and serve the same entries.
+    """Regression: every vCPU used to serve the one request ring unsynchronised, so req_cons
+    overtook req_prod and both vCPUs spun on garbage (seen: req_prod 512, req_cons 216506793).
+    A 64 MiB table makes most PUTs touch a fresh page, which slows a pass over the ring enough
+    for a second server to collide; bursts of 2 rings' worth exposed it every time."""
     m = boot(machines, kv_config(vcpus=2, data_slots=(64 * MiB,)))
     n = 0
     deadline = time.monotonic() + 2.0
@@ -273,3 +275,5 @@ def test_two_vcpus_answer_each_request_once(machines: list[Machine]) -> None:
     assert m.crashed is None
     assert sorted(ids) == list(range(n)), f"{n - len(ids)} of {n} requests never answered"
     assert max(ids.values()) == 1, f"{sum(v > 1 for v in ids.values())} answered twice"
+    assert m.status(0, "progress") == n
+    assert m.status(1, "progress") == 0  # vCPU 1 does not serve the queue

@@ -158,6 +158,7 @@ VCPU_METHODS: list[tuple[str, Callable[[VcpuFd], Any], str]] = [
     ("get_mp_state", lambda v: v.get_mp_state(), "KVM_GET_MP_STATE"),
     ("set_mp_state", lambda v: v.set_mp_state(0), "KVM_SET_MP_STATE"),
     ("set_cpuid2", lambda v: v.set_cpuid2(U.cpuid_buffer(1)[0]), "KVM_SET_CPUID2"),
+    ("set_signal_mask", lambda v: v.set_signal_mask(set()), "KVM_SET_SIGNAL_MASK"),
     ("get_tsc_khz", lambda v: v.get_tsc_khz(), "KVM_GET_TSC_KHZ"),
 ]
 

@@ -65,6 +65,7 @@ STRUCTS: tuple[StructSpec, ...] = (
     # 6.1: `struct { __u8 pending; } triple_fault;` where we declare `triple_fault_pending`.
     StructSpec("kvm_vcpu_events", renames={"triple_fault_pending": "triple_fault.pending"}),
     StructSpec("kvm_mp_state"),
+    StructSpec("kvm_signal_mask", tail_member="sigset"),
     StructSpec("kvm_enable_cap"),
     # dirty_bitmap sits in an anonymous union { void *dirty_bitmap; __u64 padding2; }.
     StructSpec("kvm_dirty_log"),
@@ -115,7 +116,7 @@ IOCTLS: tuple[str, ...] = (
     "KVM_SET_MSRS", "KVM_SET_CPUID2", "KVM_GET_FPU", "KVM_SET_FPU", "KVM_GET_LAPIC",
     "KVM_SET_LAPIC", "KVM_GET_MP_STATE", "KVM_SET_MP_STATE", "KVM_GET_VCPU_EVENTS",
     "KVM_SET_VCPU_EVENTS", "KVM_GET_TSC_KHZ", "KVM_GET_XSAVE", "KVM_SET_XSAVE", "KVM_GET_XCRS",
-    "KVM_SET_XCRS",
+    "KVM_SET_XCRS", "KVM_SET_SIGNAL_MASK",
 )
 
 #: The ioctls encoded with _IO (no size, no direction): numbers 0xAE00..0xAEFF.

@@ -142,7 +142,7 @@ def test_connection_closed_is_not_a_wire_event() -> None:
 def runs_of(body: bytes) -> list[tuple[int, int, PageEncoding, int]]:
     """Parse the run heads of a Pages body (independently of the decoder)."""
     n_runs = struct.unpack_from("!I", body, 20)[0]
-    off, out = 24, []
+    off, out = 25, []
     for _ in range(n_runs):
         first, count, enc, plen = struct.unpack_from("!QIBI", body, off)
         out.append((first, count, PageEncoding(enc), plen))
@@ -158,7 +158,7 @@ def body_of(p: Pages, **kw: int) -> bytes:
 def test_all_zero_pages_encode_tiny() -> None:
     p = Pages(epoch=1, slot=0, page_size=PAGE, pages=np.arange(4096), data=bytes(4096 * PAGE))
     body = body_of(p)
-    assert len(body) == 24 + 17  # one ZERO run for 16 MiB
+    assert len(body) == 25 + 17  # one ZERO run for 16 MiB
     assert runs_of(body) == [(0, 4096, PageEncoding.ZERO, 0)]
     assert read_one([frame(p)])[0] == p
 
@@ -171,7 +171,7 @@ def test_random_pages_are_not_inflated_beyond_run_heads() -> None:
     runs = runs_of(body)
     assert all(enc is PageEncoding.RAW for _, _, enc, _ in runs)
     assert len(runs) == -(-n * PAGE // MAX_RUN_BYTES)  # split into 1 MiB runs
-    assert len(body) - n * PAGE == 24 + 17 * len(runs)
+    assert len(body) - n * PAGE == 25 + 17 * len(runs)
     assert read_one([frame(p)])[0] == p
 
 
@@ -191,9 +191,27 @@ def test_runs_follow_index_gaps_and_zero_boundaries() -> None:
     data[3 * PAGE + 5] = 1       # page 13: data after two zero pages
     p = Pages(epoch=2, slot=1, page_size=PAGE, pages=(10, 11, 12, 13, 20, 21), data=bytes(data))
     heads = [(first, count, enc) for first, count, enc, _ in runs_of(body_of(p))]
-    assert heads == [(10, 1, PageEncoding.ZLIB), (11, 2, PageEncoding.ZERO),
-                     (13, 1, PageEncoding.ZLIB), (20, 2, PageEncoding.ZERO)]
+    assert heads == [(10, 1, PageEncoding.SPARSE64), (11, 2, PageEncoding.ZERO),
+                     (13, 1, PageEncoding.SPARSE64), (20, 2, PageEncoding.ZERO)]
     assert read_one([frame(p)])[0] == p
+
+
+def test_sparse_pages_and_xor_deltas_are_small_and_round_trip() -> None:
+    # what an XOR delta of 64 pages that each changed 24 bytes looks like
+    rng = np.random.default_rng(9)
+    data = bytearray(64 * PAGE)
+    for i in range(64):
+        data[i * PAGE:i * PAGE + 24] = rng.bytes(24)
+    p = Pages(epoch=3, slot=1, page_size=PAGE, pages=np.arange(100, 164), data=bytes(data),
+              delta=True)
+    body = body_of(p)
+    assert [enc for _, _, enc, _ in runs_of(body)] == [PageEncoding.SPARSE64]
+    assert len(body) < 64 * 3 * 12 + 100
+    for how, chunks in feed_ways(frame(p), trailing=b"DRW"):
+        got = read_one(chunks)[0]
+        assert got == p and got.delta, how
+    plain = Pages(epoch=3, slot=1, page_size=PAGE, pages=np.arange(100, 164), data=bytes(data))
+    assert read_one([frame(plain)])[0].delta is False
 
 
 def test_mixed_pages_round_trip_bytewise_with_small_pages() -> None:
@@ -230,7 +248,7 @@ def forged(ftype: int, body: bytes, seq: int = 0) -> bytes:
 def pages_body(runs: list[tuple[int, int, int, bytes]], n: int | None = None,
                page_size: int = 512) -> bytes:
     n = sum(c for _, c, _, _ in runs) if n is None else n
-    out = struct.pack("!QIIII", 1, 0, page_size, n, len(runs))
+    out = struct.pack("!QIIIIB", 1, 0, page_size, n, len(runs), 0)
     for first, count, enc, payload in runs:
         out += struct.pack("!QIBI", first, count, enc, len(payload)) + payload
     return out
@@ -251,6 +269,13 @@ MALFORMED: list[tuple[str, int, bytes]] = [
     ("digest too long", FrameType.EPOCH_END, struct.pack("!QQQ", 1, 0, 0) + b"d" * 65),
     ("xor delta", FrameType.PAGES, pages_body([(0, 1, PageEncoding.XOR_DELTA, b"x")])),
     ("unknown encoding", FrameType.PAGES, pages_body([(0, 1, 9, b"")])),
+    ("sparse short", FrameType.PAGES, pages_body([(0, 1, PageEncoding.SPARSE64, b"\x00")])),
+    ("sparse count", FrameType.PAGES,
+     pages_body([(0, 1, PageEncoding.SPARSE64, struct.pack("!I", 2) + bytes(12))])),
+    ("sparse range", FrameType.PAGES,
+     pages_body([(0, 1, PageEncoding.SPARSE64, struct.pack("!IIQ", 1, 64, 5))])),
+    ("sparse order", FrameType.PAGES,
+     pages_body([(0, 1, PageEncoding.SPARSE64, struct.pack("!IIIQQ", 2, 3, 1, 5, 6))])),
     ("raw wrong size", FrameType.PAGES, pages_body([(0, 1, PageEncoding.RAW, b"x" * 511)])),
     ("zero with payload", FrameType.PAGES, pages_body([(0, 1, PageEncoding.ZERO, b"x")])),
     ("zlib bomb", FrameType.PAGES,
