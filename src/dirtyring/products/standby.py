@@ -65,12 +65,13 @@ class Standby:
         self.failed_over = threading.Event()
         self.failover_detected_at = 0.0
         self.failover_done_at = 0.0
+        self.resumed_wall = 0.0
         self.epochs = 0
         self.mismatches = 0
         self.rejected = 0
         self.pages = 0
         self._busy = threading.Lock()
-        self._staged: list[tuple[int, np.ndarray, bytes]] = []
+        self._staged: list[tuple[int, np.ndarray, bytes, bool]] = []
         self._staged_blob: bytes | None = None
         self._staged_epoch = 0
         self._staged_kind = "delta"
@@ -125,6 +126,7 @@ class Standby:
             self._link = link
             reason = ""
             graceful = False
+            switchover = False
             hb = threading.Thread(target=self._heartbeats, args=(link,), daemon=True)
             try:
                 for ev in link.events(timeout=self.hb_timeout):
@@ -139,13 +141,21 @@ class Standby:
                         self._staged_epoch, self._staged_kind = ev.epoch, ev.kind
                         self.staging_bytes = 0
                     elif isinstance(ev, Pages):
-                        self._staged.append((ev.slot, ev.indices, ev.data))
+                        if self.epochs == 0 and not np.frombuffer(ev.data, np.uint64).any():
+                            continue  # nothing committed yet: this VM's memory is zero already
+                        self._staged.append((ev.slot, ev.indices, ev.data, ev.delta))
                         self.staging_bytes += len(ev.data)
                         self.max_staging_bytes = max(self.max_staging_bytes, self.staging_bytes)
                     elif isinstance(ev, MachineBlob):
                         self._staged_blob = ev.blob
                     elif isinstance(ev, EpochEnd):
                         self._commit(link, ev)
+                    elif isinstance(ev, Failover):
+                        # From the primary this means "take over now" (a planned switchover,
+                        # the end of a migration): everything it sent is committed already.
+                        reason = f"switchover requested by the primary: {ev.reason}"
+                        switchover = True
+                        break
                     elif isinstance(ev, Goodbye):
                         reason = f"primary said goodbye: {ev.reason}"
                         graceful = True
@@ -169,8 +179,10 @@ class Standby:
                 self._staged, self._staged_blob = [], None
                 self.staging_bytes = 0
             self.failover_detected_at = time.monotonic()
-            self._emit("primary_lost", reason=reason, committed_epoch=self.committed_epoch)
-            if self.failover_requested.is_set() or (self.auto_failover and not graceful):
+            self._emit("switchover_requested" if switchover else "primary_lost", reason=reason,
+                       committed_epoch=self.committed_epoch)
+            if self.failover_requested.is_set() or switchover or \
+                    (self.auto_failover and not graceful):
                 self.failover(reason, link)
             link.close()
             self._link = None
@@ -270,13 +282,14 @@ class Standby:
             m.tracker.stop()
         m.resume_all()
         self.failover_done_at = time.monotonic()
+        self.resumed_wall = time.time()  # wall clock: a migration source compares it with its own
         self.state = "failed_over"
         if link is not None:
             try:
                 link.send(Failover(reason="standby took over"))
             except (LinkClosed, ProtocolError):
                 pass
-        self._emit("failover_done", epoch=self.committed_epoch,
+        self._emit("failover_done", epoch=self.committed_epoch, resumed_t=self.resumed_wall,
                    resume_ms=(self.failover_done_at - t0) * 1e3,
                    since_detection_ms=(self.failover_done_at - self.failover_detected_at) * 1e3)
         self.failed_over.set()
