@@ -18,6 +18,7 @@ import ctypes as C
 import os
 import signal
 import threading
+import time
 from collections import Counter
 from typing import TYPE_CHECKING, Callable
 
@@ -167,6 +168,9 @@ class VcpuRunner:
         #: capture after a run needs no ioctl for them (fd.sync_valid says whether it is current).
         self.static_state: dict[str, object] | None = None
         self._inline_ready = False
+        #: When an inline epoch ends (time.monotonic()); devices that block (the key-value
+        #: doorbell) never wait past it. 0 when not running inline.
+        self.deadline = 0.0
         if machine.kvm.check_extension_int(U.KVM_CAP_SYNC_REGS) & 7 == 7:
             self.run_struct.kvm_valid_regs = (U.KVM_SYNC_X86_REGS | U.KVM_SYNC_X86_SREGS
                                               | U.KVM_SYNC_X86_EVENTS)
@@ -272,6 +276,7 @@ class VcpuRunner:
         rs.immediate_exit = 0
         _ARMED[0] = rs
         timer = thread_timer()
+        self.deadline = time.monotonic() + seconds
         timer.arm(seconds)
         try:
             while True:
@@ -304,6 +309,7 @@ class VcpuRunner:
                     return "stopped"
         finally:
             timer.disarm()
+            self.deadline = 0.0
             _ARMED[0] = None
             rs.immediate_exit = 0
             self.ring_full = False

@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import struct
 import threading
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -99,7 +100,10 @@ class KvDevice:
         prod = self._push_pending()
         cons = self.memory.read_u64(self._h["req_cons"])
         if prod == cons and not vcpu.pause_requested:
-            self._wake.wait(self.WAIT_SLICE)
+            wait = self.WAIT_SLICE
+            if vcpu.deadline:  # inline: never hold the vCPU past the end of its epoch
+                wait = max(0.0, min(wait, vcpu.deadline - time.monotonic()))
+            self._wake.wait(wait)
             self._wake.clear()
             prod = self._push_pending()
         return prod & 0xFFFFFFFF
