@@ -15,6 +15,7 @@ precisely again, and it re-enters the hot set if it is written again.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -26,14 +27,41 @@ from .tracker import TrackedSlot, TrackerStats, VmmDirtySource, all_pages
 PAGE = 4096
 
 
+#: Up to this many non-zero words are decoded with Python integers (peeling the lowest set bit):
+#: each numpy call costs a few µs here, more than the whole scalar loop for a small dirty set.
+_SCALAR_WORDS = 48
+_SCALAR_BITS = 24
+
+
 def decode_bitmap(words: np.ndarray) -> np.ndarray:
     """Page indices of the set bits in a uint64 bitmap (bit 0 of word 0 = page 0)."""
-    nz = np.flatnonzero(words)
+    if len(words) <= _SCALAR_WORDS:
+        pairs = [(i, w) for i, w in enumerate(words.tolist()) if w]
+        if sum(w.bit_count() for _, w in pairs) <= _SCALAR_BITS:
+            return _peel(pairs)
+        nz = np.fromiter((i for i, _ in pairs), np.int64, len(pairs))
+    else:
+        nz = np.flatnonzero(words)
     if not len(nz):
         return np.zeros(0, np.int64)
+    if len(nz) <= _SCALAR_WORDS:
+        vals = words[nz].tolist()
+        if sum(w.bit_count() for w in vals) <= _SCALAR_BITS:
+            return _peel(zip(nz.tolist(), vals))
     bits = np.unpackbits(words[nz].view(np.uint8), bitorder="little").reshape(len(nz), 64)
     r, c = np.nonzero(bits)
     return nz[r].astype(np.int64) * 64 + c
+
+
+def _peel(pairs: Iterable[tuple[int, int]]) -> np.ndarray:
+    out: list[int] = []
+    for i, w in pairs:
+        base = i * 64
+        while w:
+            low = w & -w
+            out.append(base + low.bit_length() - 1)
+            w ^= low
+    return np.fromiter(out, np.int64, len(out))
 
 
 def encode_bitmap(pages: np.ndarray, nbits: int) -> np.ndarray:
@@ -43,6 +71,16 @@ def encode_bitmap(pages: np.ndarray, nbits: int) -> np.ndarray:
         np.bitwise_or.at(words, pages // 64, np.left_shift(np.uint64(1),
                                                           (pages % 64).astype(np.uint64)))
     return words
+
+
+def _dirtyset(parts: list[tuple[int, np.ndarray]],
+              vmm: list[tuple[int, np.ndarray]]) -> DirtySet:
+    """Decoded bitmaps are sorted and unique already: only VMM writes need a merge."""
+    out = {slot: pages for slot, pages in parts if len(pages)}
+    for a in out.values():
+        a.setflags(write=False)
+    ds = DirtySet(out)
+    return ds | DirtySet.from_arrays(vmm) if vmm else ds
 
 
 class BitmapTracker:
@@ -97,7 +135,7 @@ class BitmapTracker:
             if self.manual:
                 self._clear(s, pages)
             parts.append((s.slot, pages))
-        ds = DirtySet.from_arrays(parts + self.vmm_dirty())
+        ds = _dirtyset(parts, self.vmm_dirty())
         self._harvests += 1
         self._pages += len(ds)
         self._last_us = (time.perf_counter() - t0) * 1e6
@@ -149,7 +187,7 @@ class HotSetTracker(BitmapTracker):
             keep = ~cool
             self._hot[s.slot] = (pages[keep], ages[keep])
             parts.append((s.slot, pages))
-        ds = DirtySet.from_arrays(parts + self.vmm_dirty())
+        ds = _dirtyset(parts, self.vmm_dirty())
         self._harvests += 1
         self._pages += len(ds)
         self._last_us = (time.perf_counter() - t0) * 1e6
