@@ -130,8 +130,7 @@ def test_kv_header_and_entry_layout_by_declaration() -> None:
     names = re.findall(r"volatile\s+u64\s+(\w+);\s*u64\s+\w+\[7\];", body)
     assert names == list(protocol.KV_HEADER_OFFSETS)
     assert [protocol.KV_HEADER_OFFSETS[n] for n in names] == [64 * i for i in range(len(names))]
-    entry = re.search(r"struct kv_entry\s*\{(.*?)\};", _header()).group(1)  # type: ignore[union-attr]
-    types = re.findall(r"\b(u32|u64)\s+\w+;", entry)
+    types = re.findall(r"\b(u32|u64)\s+\w+;", _struct_body("kv_entry"))
     fmt = {"u32": "I", "u64": "Q"}
     assert "<" + "".join(fmt[t] for t in types) == protocol.KV_ENTRY.format
 
