@@ -5,7 +5,7 @@ import argparse
 import sys
 
 from ..errors import DirtyringError
-from . import demo, doctor, replication, run
+from . import demo, doctor, replication, run, snapshot
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,6 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_parser(sub)
     replication.add_parsers(sub)
     demo.add_parser(sub)
+    snapshot.add_parsers(sub)
     try:
         from .. import bench
     except ImportError:
@@ -26,7 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
         bsub = bp.add_subparsers(dest="bench", metavar="BENCH", required=True)
         bench.register(bsub)
         from ..bench import replicate as bench_replicate
+        from ..bench import rollback as bench_rollback
         bench_replicate.add_parser(bsub)
+        bench_rollback.add_parser(bsub)
     return p
 
 

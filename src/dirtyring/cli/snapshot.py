@@ -1,0 +1,210 @@
+"""``dirtyring snapshot`` and ``dirtyring restore``.
+
+A snapshot needs a running guest in this process, so ``snapshot`` boots one, lets it run and
+writes a full snapshot and then an incremental one every ``--every`` seconds into a directory.
+``restore`` rebuilds a machine from any snapshot of such a chain (or the newest one in a
+directory), resumes it and shows that the guest carries on from where the snapshot left it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+from ..guests import NAMES
+from ..guests.protocol import GuestParams, Pattern, hash_chain
+from ..machine.config import MachineConfig
+from ..machine.vm import Machine
+from ..products.snapshot import FILE_KEY, SnapshotInfo, SnapshotWriter, resolve_chain, restore
+from ..tracking import KINDS
+from .options import duration, positive_int, size
+
+
+def seconds(text: str) -> float:
+    """'0.2' (seconds), '200ms', '1.5s' -> seconds."""
+    try:
+        v = float(text)
+    except ValueError:
+        return duration(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must not be negative")
+    return v
+
+
+def add_parsers(sub: Any) -> None:
+    p = sub.add_parser(
+        "snapshot", help="run a guest and write a full snapshot, then incremental ones",
+        description="Boot a guest, let it run, and write a full snapshot followed by incremental "
+                    "snapshots (only the pages dirtied since the previous one) every --every "
+                    "seconds into DIR, as one chain. The guest pauses only to harvest and "
+                    "capture; files are written while it runs.")
+    p.add_argument("dir", type=Path, metavar="DIR", help="directory for the .snap files")
+    p.add_argument("--guest", choices=NAMES, default="compute")
+    p.add_argument("--tracker", choices=KINDS, default="ring")
+    p.add_argument("--vcpus", type=positive_int, default=1)
+    p.add_argument("--memory", type=size, default=64 << 20, metavar="SIZE",
+                   help="guest data memory (default 64M)")
+    p.add_argument("--pattern", choices=[x.name.lower() for x in Pattern], default="hot",
+                   help="dirtier write pattern")
+    p.add_argument("--hot-pages", type=positive_int, default=64)
+    p.add_argument("--seconds", type=seconds, default=1.0,
+                   help="how long the guest runs after the full snapshot (default 1)")
+    p.add_argument("--every", type=seconds, default=0.2,
+                   help="seconds between incremental snapshots (default 0.2)")
+    p.add_argument("--name", default="snap", help="file name prefix (default snap)")
+    p.add_argument("--verify", action="store_true",
+                   help="digest live memory at each capture and check the chain against it")
+    _common(p)
+    p.set_defaults(func=snapshot_command)
+
+    r = sub.add_parser(
+        "restore", help="start a guest from a snapshot (any of a chain) and run it",
+        description="Check the chain ending at PATH (a .snap file, or a directory: its newest "
+                    "snapshot), rebuild the machine from it and let the guest run.")
+    r.add_argument("path", type=Path, metavar="PATH")
+    r.add_argument("--seconds", type=seconds, default=1.0, help="how long to run (default 1)")
+    _common(r)
+    r.set_defaults(func=restore_command)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--key-file", type=Path, default=None, metavar="FILE",
+                   help="HMAC key for the files (default: a public key; checksums only)")
+    p.add_argument("--json", action="store_true", help="JSON lines instead of text")
+
+
+def _key(args: argparse.Namespace) -> bytes:
+    path: Path | None = args.key_file
+    if path is None:
+        return FILE_KEY
+    try:
+        key = path.read_bytes().strip()
+    except OSError as e:
+        raise ConfigError(f"cannot read key file {path}: {e.strerror}") from None
+    if len(key) < 16:
+        raise ConfigError(f"key file {path} holds {len(key)} bytes; use at least 16")
+    return key
+
+
+def _out(args: argparse.Namespace, text: str, **record: Any) -> None:
+    print(json.dumps(record) if args.json else text, flush=True)
+
+
+def _line(i: SnapshotInfo, progress: int) -> dict[str, Any]:
+    return {"event": "snapshot", "name": i.name, "kind": i.kind, "seq": i.seq, "pages": i.pages,
+            "bytes": i.file_bytes, "pause_us": round(i.pause_us, 1),
+            "write_ms": round(i.write_s * 1e3, 2), "progress": progress, "path": str(i.path)}
+
+
+def snapshot_command(args: argparse.Namespace) -> int:
+    if args.every <= 0:
+        raise ConfigError("--every must be positive")
+    key = _key(args)
+    cfg = MachineConfig(guest=args.guest, tracker=args.tracker, vcpus=args.vcpus,
+                        data_slots=(args.memory,),
+                        params=GuestParams(pattern=Pattern[args.pattern.upper()],
+                                           hot_pages=args.hot_pages))
+    with Machine(cfg) as m:
+        w = SnapshotWriter(m, args.dir, key=key, verify=args.verify)
+        _out(args, f"guest '{cfg.guest}', {cfg.vcpus} vCPU(s), {args.memory >> 20} MiB, tracker "
+                   f"{cfg.tracker}: full snapshot, then one every {args.every:g} s for "
+                   f"{args.seconds:g} s into {args.dir}", event="start")
+        shots = [w.full(f"{args.name}-0000")]
+        _show(args, shots[-1], m.progress())
+        end = time.monotonic() + args.seconds
+        while (left := end - time.monotonic()) > 1e-3:
+            stopped = w.run(min(args.every, left)) == "stopped"
+            m.check()
+            shots.append(w.incremental(f"{args.name}-{len(shots):04d}"))
+            _show(args, shots[-1], m.progress())
+            if stopped:
+                _out(args, "the guest finished; no more snapshots", event="guest_finished")
+                break
+        total = sum(s.file_bytes for s in shots)
+        _out(args, f"wrote {len(shots)} snapshots (1 full + {len(shots) - 1} incremental, "
+                   f"{total / 1024:.1f} KiB) to {args.dir}; restore one with: dirtyring restore "
+                   f"{shots[-1].path}", event="done", snapshots=len(shots), bytes=total)
+    return 0
+
+
+def _show(args: argparse.Namespace, i: SnapshotInfo, progress: int) -> None:
+    _out(args, f"{i.name:<12} {i.kind:<5} seq {i.seq:<3} {i.pages:>7} pages "
+               f"{i.file_bytes / 1024:>9.1f} KiB  pause {i.pause_us:>7.0f} µs  write "
+               f"{i.write_s * 1e3:>6.1f} ms  guest progress {progress:,}", **_line(i, progress))
+
+
+def restore_command(args: argparse.Namespace) -> int:
+    key = _key(args)
+    t0 = time.perf_counter()
+
+    def applied(i: SnapshotInfo) -> None:
+        _out(args, f"  applied {i.path.name} ({i.kind}, seq {i.seq}, {i.pages} pages)",
+             event="applied", name=i.name, kind=i.kind, seq=i.seq, pages=i.pages)
+
+    target = args.path
+    if not target.is_dir():
+        chain = resolve_chain(target, key=key)
+        _out(args, f"chain of {len(chain)}: " + " -> ".join(c.name for c in chain),
+             event="chain", files=[c.path.name for c in chain])
+    with restore(target, key=key, progress=applied) as m:
+        restore_ms = (time.perf_counter() - t0) * 1e3
+        cfg = m.config
+        start = {r.index: (m.status(r.index, "report_i"), m.status(r.index, "report_h"))
+                 for r in m.runners}
+        p0 = m.progress()
+        _out(args, f"restored guest '{cfg.guest}' ({cfg.vcpus} vCPU(s), "
+                   f"{cfg.data_bytes >> 20} MiB) in {restore_ms:.1f} ms at progress {p0:,}; "
+                   f"running {args.seconds:g} s", event="restored", progress=p0,
+             restore_ms=round(restore_ms, 2))
+        m.resume_all()
+        t_run = last_t = time.monotonic()
+        end, last_p = t_run + args.seconds, p0
+        while (left := end - time.monotonic()) > 0:
+            if m.wait_stopped(min(0.25, left)):
+                break
+            now, p = time.monotonic(), m.progress()
+            _out(args, f"  {now - t_run:5.2f} s  progress {p:,} "
+                       f"(+{(p - last_p) / max(now - last_t, 1e-9) / 1e6:.1f} M/s)",
+                 event="progress", progress=p, t=round(now - t_run, 3))
+            last_t, last_p = now, p
+        m.pause_all()
+        m.check()
+        ok = _check_reports(args, m, start)
+        _out(args, f"stopped at progress {m.progress():,}", event="done", progress=m.progress(),
+             chain_ok=ok)
+    return 0 if ok is not False else 1
+
+
+def _check_reports(args: argparse.Namespace, m: Machine,
+                   start: dict[int, tuple[int, int]]) -> bool | None:
+    """Compute guest: its first report after the restore must continue the snapshot's hash
+    chain (recomputed here from the last report the snapshot holds)."""
+    if m.config.guest != "compute":
+        return None
+    seed = m.config.params.seed
+    first: dict[int, tuple[int, int]] = {}
+    for kind, payload in m.outputs:
+        if kind == "report" and payload[0] not in first:
+            first[payload[0]] = (payload[1], payload[2])
+    ok = True
+    for v, (i0, h0) in sorted(start.items()):
+        if v not in first:
+            _out(args, f"  vCPU {v}: no report after the restore (run longer)", event="chain",
+                 vcpu=v, ok=None)
+            continue
+        i1, h1 = first[v]
+        want = hash_chain(seed, i1, start=(i0, h0) if i0 else None)
+        good = want == h1
+        ok &= good
+        _out(args, f"  vCPU {v}: first report after the restore, step {i1:,}, "
+                   + ("continues the snapshot's hash chain: ok" if good else
+                      f"is OFF the hash chain (got {h1:#x}, want {want:#x})"),
+             event="chain", vcpu=v, step=i1, ok=good)
+    if not ok:
+        print("dirtyring: error: the restored guest diverged from its snapshot", file=sys.stderr)
+    return ok
+
