@@ -136,9 +136,16 @@ def standby(args: argparse.Namespace) -> int:
     svc_holder: dict[str, KvService] = {}
 
     def sink(kind: str, payload: Any) -> None:
-        svc = svc_holder.get("svc")
-        if svc is not None:
-            svc.release(kind, payload, sb.committed_epoch)
+        """Output of the guest once this standby runs it (after failover)."""
+        if kind == "kv":
+            svc = svc_holder.get("svc")
+            if svc is not None:
+                svc.release(kind, payload, sb.committed_epoch)
+        elif kind == "report":
+            vcpu, step, value = payload
+            out({"event": "report", "vcpu": vcpu, "step": step, "hash": value})
+        else:
+            out({"event": "output", "kind": kind, "data": repr(payload)})
 
     sb = Standby(parse_addr(args.listen), key, insecure=insecure,
                  heartbeat_timeout=args.heartbeat_timeout, heartbeat_interval=args.heartbeat,

@@ -38,6 +38,7 @@ class OutputGate:
         self.max_released_epoch = 0
         self._delays: deque[float] = deque(maxlen=4096)
         self.violations = 0  # released output of an epoch not yet committed (must stay 0)
+        self.dropped = 0
 
     def emit(self, kind: str, payload: Any) -> None:
         """Called on vCPU threads for every piece of output."""
@@ -73,6 +74,17 @@ class OutputGate:
         now = time.monotonic()
         for e, kind, payload, t in out:
             self._out(kind, payload, e, now - t)
+
+    def drop(self) -> int:
+        """Fenced (the standby took over): held output belongs to epochs the new copy never
+        committed, so it must never be released. Returns how many pieces were dropped."""
+        with self._lock:
+            n = len(self._pending)
+            self._pending.clear()
+            self.dropped += n
+            self.hold = True
+            self.open_epoch = 1 << 62  # anything emitted later is held forever
+        return n
 
     def _out(self, kind: str, payload: Any, epoch: int, delay: float) -> None:
         if self.hold and epoch > self.committed:

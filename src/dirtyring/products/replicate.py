@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import queue
+import socket
 import sys
 import threading
 import time
@@ -70,6 +71,9 @@ class Primary:
         self.opt = options
         self.on_event = on_event or (lambda e: None)
         self.gate = OutputGate(release or (lambda k, p, e: None), hold=not options.unsafe_output)
+        # Epoch 1 is the live full copy, which carries no machine state and cannot be failed
+        # over to: output from before the first consistent checkpoint belongs to epoch 2.
+        self.gate.advance(2)
         machine.sink = self.gate.emit
         self.drv = EpochDriver(machine)
         self.stats = EpochStats()
@@ -88,6 +92,7 @@ class Primary:
         self.staging_bytes = 0
         self.max_staging_bytes = 0
         self.fenced = False
+        self._receiver_done = threading.Event()
         self.skipped_after_resync = 0
         self._shadows: dict[int, np.ndarray | None] = {}
 
@@ -187,10 +192,19 @@ class Primary:
                 last = time.monotonic()
                 self.staging_bytes -= cp.nbytes
             except (LinkClosed, ProtocolError) as e:
+                # The standby may have taken over and closed the link: its Failover is still in
+                # our receive buffer. Let the receiver read it before treating this as a loss.
+                self._receiver_done.wait(0.5)
                 self._lose(f"sending to the standby failed: {e}")
                 return
 
     def _receiver(self) -> None:
+        try:
+            self._receive()
+        finally:
+            self._receiver_done.set()
+
+    def _receive(self) -> None:
         assert self.link is not None
         try:
             for ev in self.link.events(timeout=self.opt.heartbeat_timeout):
@@ -210,9 +224,7 @@ class Primary:
                     self._emit("resync_requested", epoch=ev.epoch, reason=ev.reason)
                     self._resync.set()
                 elif isinstance(ev, Failover):
-                    # The standby went live: two copies must never run (split brain). Stop.
-                    self.fenced = True
-                    self._lose(f"the standby took over ({ev.reason}); stopping this copy")
+                    self._fence(f"the standby took over ({ev.reason}); stopping this copy")
                     return
                 elif isinstance(ev, Goodbye):
                     self._lose(f"standby said goodbye: {ev.reason}")
@@ -225,8 +237,17 @@ class Primary:
             if not self._stop.is_set():
                 self._lose(str(e))
 
+    def _fence(self, reason: str) -> None:
+        """The standby went live: two copies must never run (split brain). Held output belongs
+        to epochs the standby never committed: it is dropped, never released."""
+        self.fenced = True
+        self.gate.drop()
+        self.lost_reason = reason
+        self.state = "fenced"
+        self._lost.set()
+
     def _lose(self, reason: str) -> None:
-        if self._lost.is_set():
+        if self._lost.is_set() or self.fenced:
             return
         self.lost_reason = reason
         self._lost.set()
@@ -275,7 +296,8 @@ class Primary:
                     self.stats.progress(m.progress())
                     self._emit("stats", **self.snapshot())
         finally:
-            self.state = "stopping" if not self._lost.is_set() else self.state
+            if not self._lost.is_set():
+                self.state = "stopping"
             self._stop.set()
 
     def _initial_sync(self) -> None:
@@ -302,7 +324,10 @@ class Primary:
         self._emit("sync_started", pages=cp.n_pages, bytes=cp.nbytes)
         self._queue(cp)
 
+    _last_queued = 0
+
     def _queue(self, cp: Checkpoint) -> None:
+        self._last_queued = cp.epoch
         self.staging_bytes += cp.nbytes
         self.max_staging_bytes = max(self.max_staging_bytes, self.staging_bytes)
         while not self._lost.is_set():
@@ -347,6 +372,10 @@ class Primary:
         while not (stop is not None and stop.is_set()):
             if t_end is not None and time.monotonic() >= t_end:
                 break
+            if self.fenced:  # the standby took over after all: stop this copy
+                m.pause_all()
+                self._emit("fenced", reason=self.lost_reason)
+                break
             if m.threaded:
                 if m.wait_stopped(0.2) and m.crashed:
                     break
@@ -373,15 +402,20 @@ class Primary:
         return s
 
     def close(self) -> None:
+        """Stop replicating. A planned stop must not look like a crash to the standby: wait for
+        the queued checkpoints to be acknowledged, say Goodbye, half-close, and read until the
+        standby closes too."""
         self._stop.set()
         if self.link is not None and not self._lost.is_set():
             try:
-                # let queued checkpoints drain briefly, then say goodbye
-                deadline = time.monotonic() + 1.0
-                while not self._sendq.empty() and time.monotonic() < deadline:
-                    time.sleep(0.01)
+                deadline = time.monotonic() + 2.0
+                while (not self._sendq.empty() or self.acked < self._last_queued) \
+                        and time.monotonic() < deadline and not self._lost.is_set():
+                    time.sleep(0.005)
                 self.link.send(Goodbye(reason="primary shutting down"))
-            except (LinkClosed, ProtocolError):
+                self.link.sock.shutdown(socket.SHUT_WR)
+                self._receiver_done.wait(2.0)
+            except (LinkClosed, ProtocolError, OSError):
                 pass
         self._lost.set()
         if self.link is not None:

@@ -99,44 +99,69 @@ class Standby:
                 except socket.timeout:
                     continue
                 tune(sock)
-                if self._busy.locked():
-                    self._refuse(sock, "this standby already follows a primary")
-                    continue
-                threading.Thread(target=self._follow, args=(sock, peer), daemon=True).start()
+                threading.Thread(target=self._greet, args=(sock, peer), daemon=True).start()
         finally:
             self._listener.close()
 
-    def _refuse(self, sock: socket.socket, reason: str) -> None:
-        """A second primary: answer its Hello with a refusal, touch nothing."""
-        self.rejected += 1
-        self._emit("rejected", reason=reason)
+    def _greet(self, sock: socket.socket, peer: Any) -> None:
+        """Authenticate a newcomer *before* it may take the one follower slot: a stranger, a
+        silent peer or garbage is dropped without touching anything; an authenticated second
+        primary is refused with a reason."""
         link = Link(sock, Connection(STANDBY, self.key, insecure=self.insecure))
         try:
-            for ev in link.events(timeout=2.0):
-                if isinstance(ev, Hello):
-                    link.send(HelloAck(session_id=ev.session_id, accepted=False, reason=reason))
-                break
-        except (TimeoutError, LinkClosed, ProtocolError):
-            pass
-        link.close()
+            first = next(link.events(timeout=5.0))
+        except (TimeoutError, LinkClosed, StopIteration):
+            link.close()
+            return
+        except ProtocolError as e:
+            self.rejected += 1
+            self._emit("protocol_error", error=str(e), peer=str(peer))
+            link.close()
+            return
+        if not isinstance(first, Hello):
+            self.rejected += 1
+            self._emit("protocol_error", error="the peer did not start with Hello",
+                       peer=str(peer))
+            link.close()
+            return
+        if self.failed_over.is_set() or not self._busy.acquire(blocking=False):
+            reason = ("this standby already took over" if self.failed_over.is_set()
+                      else "this standby already follows a primary")
+            self.rejected += 1
+            self._emit("rejected", reason=reason, peer=str(peer))
+            try:
+                link.send(HelloAck(session_id=first.session_id, accepted=False, reason=reason))
+            except (LinkClosed, ProtocolError):
+                pass
+            link.close()
+            return
+        try:
+            self._follow(link, first)
+        finally:
+            self._busy.release()
 
-    def _follow(self, sock: socket.socket, peer: Any) -> None:
-        with self._busy:
-            link = Link(sock, Connection(STANDBY, self.key, insecure=self.insecure))
+    def _follow(self, link: Link, hello: Hello) -> None:
+        if True:  # the follower slot is held by _greet
             self._link = link
             reason = ""
             graceful = False
             switchover = False
+            broken = False
             hb = threading.Thread(target=self._heartbeats, args=(link,), daemon=True)
             try:
+                try:
+                    self._hello(link, hello)
+                except LinkClosed as e:
+                    self._emit("rejected", reason=str(e))
+                    link.close()
+                    self._link = None
+                    return
+                hb.start()
                 for ev in link.events(timeout=self.hb_timeout):
                     if self.failover_requested.is_set():
                         reason = "manual failover command"
                         break
-                    if isinstance(ev, Hello):
-                        self._hello(link, ev)
-                        hb.start()
-                    elif isinstance(ev, EpochBegin):
+                    if isinstance(ev, EpochBegin):
                         self._staged, self._staged_blob = [], None
                         self._staged_epoch, self._staged_kind = ev.epoch, ev.kind
                         self.staging_bytes = 0
@@ -167,14 +192,13 @@ class Standby:
             except LinkClosed as e:
                 reason = f"primary connection lost ({e})"
             except ProtocolError as e:
-                # A malformed/unauthenticated frame: never touches committed state.
+                # A malformed or unauthenticated frame mid-stream: it never touches committed
+                # state, and it is no proof that the primary died, so we do not fail over (two
+                # live copies would be worse); the primary sees the link drop and goes degraded.
                 self.rejected += 1
                 self._emit("protocol_error", error=str(e))
                 reason = f"protocol error from the primary: {e}"
-                if self.committed_epoch == 0:
-                    link.close()
-                    self._link = None
-                    return  # a stranger or garbage before any commit: keep waiting
+                broken = True
             finally:
                 self._staged, self._staged_blob = [], None
                 self.staging_bytes = 0
@@ -182,8 +206,12 @@ class Standby:
             self._emit("switchover_requested" if switchover else "primary_lost", reason=reason,
                        committed_epoch=self.committed_epoch)
             if self.failover_requested.is_set() or switchover or \
-                    (self.auto_failover and not graceful):
+                    (self.auto_failover and not graceful and not broken and self.consistent):
                 self.failover(reason, link)
+            elif not self.consistent or broken:
+                # Nothing consistent was ever committed from this peer: there is nothing to take
+                # over, and a stranger must not end the standby. Keep waiting for a primary.
+                self._emit("waiting", reason="not failing over; waiting for a primary to connect")
             link.close()
             self._link = None
 
@@ -247,7 +275,12 @@ class Standby:
             self.consistent_epoch = ev.epoch
             self.state = "protected"
             self._emit("protected", epoch=ev.epoch)
-        link.send(Ack(epoch=ev.epoch))
+        try:
+            link.send(Ack(epoch=ev.epoch))
+        except LinkClosed:
+            # The primary may have closed after a Goodbye we have not read yet: keep reading
+            # what is already buffered; the end of the stream decides (Goodbye or loss).
+            pass
 
     #: Until a full epoch commits, deltas have no base (start, or after a verify mismatch).
     _needs_full = True
@@ -298,6 +331,7 @@ class Standby:
         return {"state": self.state, "committed_epoch": self.committed_epoch,
                 "consistent": self.consistent, "epochs": self.epochs, "pages": self.pages,
                 "mismatches": self.mismatches, "rejected": self.rejected,
+                "guest_progress": self.machine.progress() if self.machine is not None else 0,
                 "staging_bytes_max": self.max_staging_bytes}
 
     def close(self) -> None:

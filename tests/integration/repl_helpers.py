@@ -1,0 +1,524 @@
+"""Shared helpers for the two-process replication tests (not collected: no ``test_`` prefix).
+
+Every process a test starts is a :class:`Proc` made through the ``spawn`` fixture, which ends
+each one by its PID (SIGTERM, then SIGKILL) however the test ends. Loopback only; ports come
+from binding port 0. Processes speak the CLI's ``--json`` event lines, which a reader thread
+collects, so a test can wait for an event and look at every event afterwards.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from dirtyring.products.kvservice import KvClient
+from dirtyring.products.standby import Standby
+
+CLI = [sys.executable, "-m", "dirtyring.cli.main"]
+HOST = "127.0.0.1"
+Event = dict[str, Any]
+
+
+class PreconditionFailed(Exception):
+    """A step before the property under test failed. Not an AssertionError, so a strict
+    ``xfail(raises=AssertionError)`` test that trips over it fails instead of passing as
+    "expected failure" for the wrong reason."""
+
+
+def require(cond: object, msg: str = "") -> None:
+    if not cond:
+        raise PreconditionFailed(msg)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def addr(port: int) -> str:
+    return f"{HOST}:{port}"
+
+
+def new_key() -> bytes:
+    return os.urandom(32)
+
+
+def child_env(key: bytes) -> dict[str, str]:
+    env = dict(os.environ)
+    env["DIRTYRING_KEY"] = key.hex()
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+class Proc:
+    """A dirtyring child process printing JSON event lines (``--json``)."""
+
+    def __init__(self, name: str, args: list[str], env: dict[str, str]) -> None:
+        self.name = name
+        self.args = args
+        self.p = subprocess.Popen([*CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  stdin=subprocess.DEVNULL, env=env, text=True)
+        self.pid = self.p.pid
+        self.events: list[Event] = []   # every event, stats included, in order
+        self.stdout_other: list[str] = []
+        self.stderr: list[str] = []
+        self.cv = threading.Condition()
+        self._eof = False
+        self._readers = [threading.Thread(target=self._read, daemon=True),
+                         threading.Thread(target=self._read_err, daemon=True)]
+        for t in self._readers:
+            t.start()
+
+    # --- reading ---------------------------------------------------------------------------
+    def _read(self) -> None:
+        assert self.p.stdout is not None
+        for line in self.p.stdout:
+            try:
+                e = json.loads(line)
+            except ValueError:
+                self.stdout_other.append(line.rstrip())
+                continue
+            if not isinstance(e, dict):
+                self.stdout_other.append(line.rstrip())
+                continue
+            e["_rx"] = time.monotonic()
+            with self.cv:
+                self.events.append(e)
+                self.cv.notify_all()
+        with self.cv:
+            self._eof = True
+            self.cv.notify_all()
+
+    def _read_err(self) -> None:
+        assert self.p.stderr is not None
+        for line in self.p.stderr:
+            self.stderr.append(line.rstrip())
+
+    def of(self, kind: str) -> list[Event]:
+        with self.cv:
+            return [e for e in self.events if e.get("event") == kind]
+
+    def kinds(self) -> list[str]:
+        with self.cv:
+            return [e.get("event", "?") for e in self.events if e.get("event") != "stats"]
+
+    def wait_event(self, kind: str, timeout: float, pred: Callable[[Event], bool] | None = None,
+                   start: int = 0) -> Event | None:
+        """The first event ``kind`` (at index >= start, matching ``pred``), or None on timeout
+        or when the process's output ended without it."""
+        end = time.monotonic() + timeout
+        with self.cv:
+            while True:
+                for e in self.events[start:]:
+                    if e.get("event") == kind and (pred is None or pred(e)):
+                        return e
+                left = end - time.monotonic()
+                if left <= 0 or self._eof:
+                    return None
+                self.cv.wait(min(left, 0.1))
+
+    def need_event(self, kind: str, timeout: float,
+                   pred: Callable[[Event], bool] | None = None) -> Event:
+        """Like :meth:`wait_event`, but a missing event is a failed precondition."""
+        e = self.wait_event(kind, timeout, pred)
+        if e is None:
+            raise PreconditionFailed(f"no {kind!r} event: " + self.describe())
+        return e
+
+    def wait_count(self, kind: str, n: int, timeout: float) -> bool:
+        """True once at least ``n`` events ``kind`` arrived (False on timeout / output end)."""
+        return self.wait_event(kind, timeout, lambda e: len(self.of(kind)) >= n) is not None
+
+    def mark(self) -> int:
+        with self.cv:
+            return len(self.events)
+
+    def describe(self) -> str:
+        """For assertion messages: exit status, non-stats events, stderr tail."""
+        return (f"{self.name} pid {self.pid} rc={self.p.poll()} events={self.kinds()[-25:]} "
+                f"stderr={self.stderr[-8:]} other={self.stdout_other[-5:]}")
+
+    # --- ending ----------------------------------------------------------------------------
+    def alive(self) -> bool:
+        return self.p.poll() is None
+
+    def kill9(self) -> None:
+        if self.p.poll() is None:
+            os.kill(self.pid, signal.SIGKILL)
+        self.p.wait(10)
+
+    def signal(self, sig: int) -> None:
+        if self.p.poll() is None:
+            os.kill(self.pid, sig)
+
+    def wait_exit(self, timeout: float) -> int | None:
+        try:
+            return self.p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def end(self) -> None:
+        """SIGTERM, then SIGKILL, by PID; idempotent. Also resumes a SIGSTOPped child."""
+        if self.p.poll() is None:
+            try:
+                os.kill(self.pid, signal.SIGCONT)
+                os.kill(self.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.p.wait(5)
+            except subprocess.TimeoutExpired:
+                os.kill(self.pid, signal.SIGKILL)
+                self.p.wait(10)
+        for t in self._readers:
+            t.join(5)
+        for f in (self.p.stdout, self.p.stderr):
+            if f is not None:
+                f.close()
+
+
+class Spawner:
+    """Starts CLI children with a shared key; :meth:`close` ends every one by PID."""
+
+    def __init__(self) -> None:
+        self.key = new_key()
+        self.env = child_env(self.key)
+        self.procs: list[Proc] = []
+        self.loads: list[KvLoad] = []
+
+    def kv_load(self, port: int, clients: int = 3) -> KvLoad:
+        load = KvLoad(port, clients=clients)
+        self.loads.append(load)
+        return load
+
+    def __call__(self, name: str, *args: str) -> Proc:
+        p = Proc(name, list(args), self.env)
+        self.procs.append(p)
+        return p
+
+    def standby(self, port: int, *extra: str, control: int | None = None,
+                serve: int | None = None, hb_timeout: str = "0.5s") -> Proc:
+        args = ["standby", "--listen", addr(port), "--json", "--heartbeat-timeout", hb_timeout]
+        if control is not None:
+            args += ["--control", addr(control)]
+        if serve is not None:
+            args += ["--serve", addr(serve)]
+        p = self("standby", *args, *extra)
+        if p.wait_event("listening", 30) is None:
+            raise AssertionError("standby did not start listening: " + p.describe())
+        if control is not None:
+            wait_port(control, 10)
+        return p
+
+    def primary(self, guest: str, standby_port: int, *extra: str, serve: int | None = None,
+                memory: str = "4M", hb_timeout: str = "0.5s") -> Proc:
+        args = ["protect", guest, "--standby", addr(standby_port), "--json", "--memory", memory,
+                "--heartbeat-timeout", hb_timeout]
+        if serve is not None:
+            args += ["--serve", addr(serve)]
+        return self("primary", *args, *extra)
+
+    def close(self) -> None:
+        for load in self.loads:
+            load.finish()
+        errors = []
+        for p in reversed(self.procs):
+            try:
+                p.end()
+            except Exception as e:  # keep ending the others
+                errors.append(e)
+        if errors:
+            raise errors[0]
+
+
+@pytest.fixture
+def spawn() -> Iterator[Spawner]:
+    s = Spawner()
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def wait_port(port: int, timeout: float) -> None:
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((HOST, port), timeout=1.0):
+                return
+        except OSError:
+            if time.monotonic() > end:
+                raise AssertionError(f"nothing listens on {HOST}:{port}") from None
+            time.sleep(0.02)
+
+
+# --- a standby inside the test process ----------------------------------------------------------
+class StandbyThread:
+    """A ``Standby`` served on a thread of the test process, so a test can reach its memory and
+    its guest's output. Records events, guest output (the machine's sink), every commit as
+    (epoch, kind, consistent after it, mismatches after it), and each vCPU's chain step in the
+    committed memory at failover_started (still parked then). Construct on the main thread."""
+
+    def __init__(self, port: int, key: bytes, **kw: Any) -> None:
+        self.events: list[Event] = []
+        self.output: list[tuple[float, str, Any]] = []
+        self.commits: list[tuple[int, str, bool, int]] = []
+        self.at_failover: dict[int, int] = {}
+        self.lock = threading.RLock()
+        self.sb = Standby((HOST, port), key, on_event=self._on_event, sink=self._sink, **kw)
+        orig = self.sb._commit
+
+        def spy(link: Any, ev: Any) -> None:
+            kind = self.sb._staged_kind
+            orig(link, ev)
+            with self.lock:
+                self.commits.append((ev.epoch, kind, self.sb.consistent, self.sb.mismatches))
+
+        self.sb._commit = spy  # type: ignore[method-assign]
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.sb.serve, args=(self.stop,), daemon=True)
+        self.thread.start()
+
+    def _on_event(self, e: Event) -> None:
+        m = self.sb.machine
+        if e["event"] == "failover_started" and m is not None:
+            self.at_failover = {r.index: m.status(r.index, "step") for r in m.runners}
+        with self.lock:
+            self.events.append(e)
+
+    def _sink(self, kind: str, payload: Any) -> None:
+        with self.lock:
+            self.output.append((time.monotonic(), kind, payload))
+
+    def of(self, kind: str) -> list[Event]:
+        with self.lock:
+            return [e for e in self.events if e["event"] == kind]
+
+    def wait(self, pred: Callable[[], object], timeout: float) -> bool:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            with self.lock:
+                if pred():
+                    return True
+            time.sleep(0.02)
+        return False
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(10)
+        self.sb.close()
+
+
+# --- the standby's control port ---------------------------------------------------------------
+def control(port: int, cmd: str = "status", timeout: float = 10.0) -> dict[str, Any]:
+    """Send one control command ("status" or "failover") and return the JSON answer."""
+    with socket.create_connection((HOST, port), timeout=timeout) as c:
+        c.sendall(cmd.encode() + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = c.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+    out: dict[str, Any] = json.loads(data)
+    return out
+
+
+def failover_cli(port: int, *, status_only: bool = False, env: dict[str, str] | None = None,
+                 timeout: float = 30.0) -> dict[str, Any]:
+    """``dirtyring failover [--status] HOST:PORT``; returns the JSON it prints."""
+    args = [*CLI, "failover", addr(port)] + (["--status"] if status_only else [])
+    r = subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env)
+    assert r.returncode == 0, (r.returncode, r.stdout, r.stderr)
+    out: dict[str, Any] = json.loads(r.stdout.strip().splitlines()[-1])
+    return out
+
+
+def wait_status(port: int, pred: Callable[[dict[str, Any]], bool], timeout: float,
+                every: float = 0.1) -> dict[str, Any]:
+    end = time.monotonic() + timeout
+    st: dict[str, Any] = {}
+    while time.monotonic() < end:
+        st = control(port)
+        if pred(st):
+            return st
+        time.sleep(every)
+    raise AssertionError(f"standby status never matched within {timeout} s; last: {st}")
+
+
+# --- key-value clients -------------------------------------------------------------------------
+def kv_value(key: int) -> int:
+    return (key * 0x9E3779B97F4A7C15) & ((1 << 64) - 1)
+
+
+class KvLoad:
+    """Client threads writing unique keys (as ``dirtyring demo`` does); remembers every write
+    acknowledged to them and the epoch each acknowledgement carried."""
+
+    def __init__(self, port: int, clients: int = 3, connect_timeout: float = 20.0) -> None:
+        self.addr = (HOST, port)
+        self.acked: dict[int, int] = {}
+        self.epochs: list[int] = []
+        self.bad: list[dict[str, Any]] = []
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.connected = threading.Event()
+        self.connect_timeout = connect_timeout
+        self.threads = [threading.Thread(target=self._client, args=(i, clients), daemon=True)
+                        for i in range(clients)]
+        for t in self.threads:
+            t.start()
+
+    def _connect(self) -> KvClient | None:
+        end = time.monotonic() + self.connect_timeout
+        while not self.stop.is_set() and time.monotonic() < end:
+            try:
+                c = KvClient(self.addr, timeout=30.0)
+                self.connected.set()
+                return c
+            except OSError:
+                time.sleep(0.005)
+        return None
+
+    def _client(self, idx: int, n: int) -> None:
+        c = self._connect()
+        if c is None:
+            return
+        key = idx + 1
+        try:
+            while not self.stop.is_set():
+                c.send({"id": key, "op": "put", "key": key, "value": kv_value(key)})
+                r = c.recv()
+                with self.lock:
+                    if r.get("status") == "ok" and r.get("key") == key:
+                        self.acked[key] = kv_value(key)
+                        self.epochs.append(int(r.get("epoch", -1)))
+                    else:
+                        self.bad.append(r)
+                key += n
+        except (OSError, ConnectionError, ValueError):
+            return  # the server went away: writes in flight were never acknowledged
+        finally:
+            c.close()
+
+    def count(self) -> int:
+        with self.lock:
+            return len(self.acked)
+
+    def wait_acked(self, n: int, timeout: float) -> bool:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.count() >= n:
+                return True
+            time.sleep(0.01)
+        return False
+
+    def finish(self) -> tuple[dict[int, int], list[int]]:
+        self.stop.set()
+        for t in self.threads:
+            t.join(10)
+        with self.lock:
+            return dict(self.acked), list(self.epochs)
+
+
+def kv_missing(port: int, acked: dict[int, int], timeout: float = 30.0) -> list[int]:
+    """Keys whose acknowledged value the key-value server on ``port`` does not return."""
+    c = KvClient((HOST, port), timeout=timeout)
+    missing = []
+    try:
+        for k, v in acked.items():
+            r = c.call("get", k)
+            if r.get("status") != "ok" or r.get("value") != v:
+                missing.append(k)
+    finally:
+        c.close()
+    return missing
+
+
+# --- the compute guest's hash chain, natively (Python would need minutes) -------------------------
+_CHAIN_C = r"""
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+static uint64_t mix(uint64_t x) {
+    x += 0x9E3779B97F4A7C15ULL;
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EBULL;
+    return x ^ (x >> 31);
+}
+int main(int argc, char **argv) {  /* chain H FROM TO: the value at step TO from H at FROM */
+    uint64_t h = strtoull(argv[1], 0, 0), from = strtoull(argv[2], 0, 0);
+    uint64_t to = strtoull(argv[3], 0, 0);
+    for (uint64_t k = from; k < to; k++) h = mix(h ^ k);
+    printf("%llu\n", (unsigned long long)h);
+    return 0;
+}
+"""
+
+
+class Chain:
+    """``hash_chain(seed, steps, start)`` of guests/protocol.py, compiled with the host's cc;
+    remembers values so a chain is walked from scratch only once."""
+
+    def __init__(self, tmpdir: str) -> None:
+        src = os.path.join(tmpdir, "chain.c")
+        self.exe = os.path.join(tmpdir, "chain")
+        with open(src, "w") as f:
+            f.write(_CHAIN_C)
+        subprocess.run(["cc", "-O2", "-o", self.exe, src], check=True, timeout=60)
+
+        self._known: dict[int, dict[int, int]] = {}  # seed -> step -> value
+
+    def __call__(self, seed: int, steps: int) -> int:
+        known = self._known.setdefault(seed, {0: seed})
+        if steps not in known:
+            frm = max(k for k in known if k <= steps)
+            r = subprocess.run([self.exe, str(known[frm]), str(frm), str(steps)],
+                               capture_output=True, text=True, check=True, timeout=300)
+            known[steps] = int(r.stdout)
+        return known[steps]
+
+
+# --- hand-made peers ---------------------------------------------------------------------------
+def raw_peer(port: int, data: bytes, *, eof: bool = False, hold: float = 0.0,
+             read_reply: float = 5.0) -> bytes:
+    """Connect, send ``data`` (then half-close if ``eof``), stay ``hold`` seconds, and read what
+    comes back until the standby closes (or ``read_reply`` seconds pass); then close."""
+    reply = b""
+    with socket.create_connection((HOST, port), timeout=5.0) as s:
+        if data:
+            s.sendall(data)
+        if eof:
+            s.shutdown(socket.SHUT_WR)
+        if hold:
+            time.sleep(hold)
+        if read_reply:
+            s.settimeout(read_reply)
+            try:
+                while True:
+                    chunk = s.recv(65536)
+                    if not chunk:
+                        break
+                    reply += chunk
+            except OSError:  # timeout or reset
+                pass
+    return reply
+
+
+def rng_from_env(name: str) -> random.Random:
+    """A seeded RNG; the seed is printed so a failing random schedule can be replayed with
+    REPL_TEST_SEED=<seed>."""
+    seed = int(os.environ.get("REPL_TEST_SEED", "0")) or random.randrange(1 << 30)
+    print(f"{name}: REPL_TEST_SEED={seed}")
+    return random.Random(seed)
