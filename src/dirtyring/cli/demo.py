@@ -35,13 +35,13 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
 
-class _Proc:
+class ChildProcess:
     """A child dirtyring process whose JSON-line events we follow."""
 
     def __init__(self, name: str, args: list[str], env: dict[str, str]) -> None:
@@ -143,19 +143,19 @@ class _Load:
 def run(args: argparse.Namespace) -> int:
     env = dict(os.environ)
     env["DIRTYRING_KEY"] = os.urandom(32).hex()
-    p_repl, p_ctl, p_kv1, p_kv2 = (_free_port() for _ in range(4))
+    p_repl, p_ctl, p_kv1, p_kv2 = (free_port() for _ in range(4))
     say = (lambda e: print(json.dumps(e), flush=True)) if args.json else \
         (lambda e: print(e["msg"], flush=True))
     live = sys.stdout.isatty() and not args.json
-    standby = _Proc("standby", ["standby", "--listen", f"127.0.0.1:{p_repl}", "--control",
+    standby = ChildProcess("standby", ["standby", "--listen", f"127.0.0.1:{p_repl}", "--control",
                                 f"127.0.0.1:{p_ctl}", "--serve", f"127.0.0.1:{p_kv2}",
                                 "--heartbeat-timeout", "0.5s"], env)
-    primary: _Proc | None = None
+    primary: ChildProcess | None = None
     load: _Load | None = None
     try:
         if standby.wait_event("listening", 20) is None:
             raise DirtyringError("the standby did not start: " + " | ".join(standby.stderr[-3:]))
-        primary = _Proc("primary", ["protect", "kvstore", "--standby", f"127.0.0.1:{p_repl}",
+        primary = ChildProcess("primary", ["protect", "kvstore", "--standby", f"127.0.0.1:{p_repl}",
                                     "--serve", f"127.0.0.1:{p_kv1}", "--tracker", args.tracker,
                                     "--memory", args.memory, "--interval",
                                     f"{args.interval * 1e6:.0f}us"], env)

@@ -27,8 +27,10 @@ def build_parser() -> argparse.ArgumentParser:
         bsub = bp.add_subparsers(dest="bench", metavar="BENCH", required=True)
         bench.register(bsub)
         from ..bench import replicate as bench_replicate
+        from ..bench import failover as bench_failover
         from ..bench import rollback as bench_rollback
         bench_replicate.add_parser(bsub)
+        bench_failover.add_parser(bsub)
         bench_rollback.add_parser(bsub)
     return p
 
