@@ -5,7 +5,7 @@ import argparse
 import sys
 
 from ..errors import DirtyringError
-from . import demo, doctor, replication, run, snapshot
+from . import demo, doctor, migration, replication, run, snapshot
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     replication.add_parsers(sub)
     demo.add_parser(sub)
     snapshot.add_parsers(sub)
+    migration.add_parsers(sub)
     try:
         from .. import bench
     except ImportError:
@@ -28,9 +29,11 @@ def build_parser() -> argparse.ArgumentParser:
         bench.register(bsub)
         from ..bench import replicate as bench_replicate
         from ..bench import failover as bench_failover
+        from ..bench import migrate as bench_migrate
         from ..bench import rollback as bench_rollback
         bench_replicate.add_parser(bsub)
         bench_failover.add_parser(bsub)
+        bench_migrate.add_parser(bsub)
         bench_rollback.add_parser(bsub)
     return p
 

@@ -1,0 +1,238 @@
+"""``dirtyring migrate`` (the source) and ``dirtyring receive`` (the target).
+
+``receive`` is a standby that never fails over by itself: it commits the source's rounds and
+resumes the guest when the source sends the switchover. ``migrate`` boots a guest, lets it run
+(``--warmup``), then moves it live and leaves the source paused.
+
+Also runnable as ``python -m dirtyring.cli.migration migrate|receive ...``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+import time
+from typing import Any
+
+from ..errors import DirtyringError
+from ..guests import NAMES
+from ..guests.protocol import GuestParams, Pattern
+from ..machine.config import MachineConfig
+from ..machine.vm import Machine
+from ..products.migrate import (Migration, MigrationError, MigrationOptions, run_guest,
+                                tune_allocator)
+from ..products.standby import Standby
+from ..products.transport import load_key, parse_addr
+from .options import duration, positive_int, size
+
+#: Ring entries per vCPU for a migrating guest: a ring-full exit (the throttle's pacing point)
+#: every 960 newly dirty pages, 3.75 MiB; harvesting that costs ~60 µs.
+RING_ENTRIES = 1024
+
+
+def _bar(done: int, total: int, width: int = 28) -> str:
+    f = min(1.0, done / total) if total else 1.0
+    n = int(f * width)
+    return "[" + "#" * n + "." * (width - n) + f"] {100 * f:5.1f} %"
+
+
+def _printer(as_json: bool, live: bool) -> Any:
+    lock = threading.Lock()
+    state = {"bar": False}
+
+    def out(e: dict[str, Any]) -> None:
+        with lock:
+            if as_json:
+                print(json.dumps(e), flush=True)
+                return
+            kind = e["event"]
+            if kind == "progress":
+                if live:
+                    print(f"\r  round {e['round']:2d} {_bar(e['sent'], e['total'])} "
+                          f"{e['sent']:8d}/{e['total']} pages", end="", flush=True)
+                    state["bar"] = True
+                return
+            if state["bar"]:
+                print("\r" + " " * 78 + "\r", end="")
+                state["bar"] = False
+            if kind == "round":
+                thr = "-"
+                if e["throttle_pages_per_s"]:
+                    thr = f"{e['throttle_pages_per_s'] * 4096 / 1e6:.1f} MB/s"
+                elif e["throttle_duty"] < 1:
+                    thr = f"{100 * e['throttle_duty']:.0f} % duty"
+                print(f"round {e['round']:2d} {e['kind']:5s} sent {e['pages_sent']:8d} pages in "
+                      f"{e['seconds']:6.3f} s {e['mb_per_s']:7.1f} MB/s | dirtied "
+                      f"{e['dirty_pages']:7d} pages ({e['dirty_mb_per_s']:6.1f} MB/s) | expected "
+                      f"downtime {e['expected_downtime_ms']:7.1f} ms | throttle {thr}", flush=True)
+            elif kind == "switched_over":
+                return  # the final summary line says it all
+            elif kind in ("running", "output", "heartbeat"):
+                if kind == "running" and live:
+                    print(f"\r  guest running on the target: progress {e['progress']}", end="",
+                          flush=True)
+                    state["bar"] = True
+                elif kind != "running":
+                    print(f"{kind}: {e.get('payload')}", flush=True)
+            else:
+                rest = " ".join(f"{k}={v}" for k, v in e.items()
+                                if k not in ("event", "t", "rounds"))
+                print(f"{kind}: {rest}", flush=True)
+    return out
+
+
+def add_parsers(sub: Any) -> None:
+    m = sub.add_parser("migrate", help="boot a guest and migrate it live to `dirtyring receive`")
+    m.add_argument("guest", choices=NAMES)
+    m.add_argument("--to", required=True, metavar="HOST:PORT", help="the target's --listen")
+    m.add_argument("--key", help="shared key, hex (or $DIRTYRING_KEY)")
+    m.add_argument("--insecure", action="store_true", help="no key (trusted loopback only)")
+    m.add_argument("--downtime-limit", type=duration, default=0.3, metavar="DURATION",
+                   help="switch over once the remaining pages fit in this (default 300ms)")
+    m.add_argument("--bandwidth-limit", type=float, default=0.0, metavar="MB/s",
+                   help="pace the link to this many MB/s (10^6 bytes on the wire, after zero "
+                        "and sparse page encoding; default: unlimited)")
+    m.add_argument("--timeout", type=duration, default=30.0, metavar="DURATION",
+                   help="stop and copy anyway after this long (default 30s)")
+    m.add_argument("--max-rounds", type=positive_int, default=30)
+    m.add_argument("--no-throttle", action="store_true",
+                   help="never slow down vCPUs that dirty faster than the link carries")
+    m.add_argument("--tracker", choices=("ring", "bitmap"), default="ring")
+    m.add_argument("--memory", type=size, default=64 << 20, metavar="SIZE")
+    m.add_argument("--pattern", choices=[x.name.lower() for x in Pattern], default="random")
+    m.add_argument("--hot-pages", type=positive_int, default=64)
+    m.add_argument("--rate", type=int, default=0, metavar="PAGES_PER_S",
+                   help="the dirtier's write rate (0: as fast as it can)")
+    m.add_argument("--warmup", type=duration, default=0.5, metavar="DURATION",
+                   help="let the guest run this long before migrating (default 500ms)")
+    m.add_argument("--verify", action="store_true",
+                   help="send the memory digest with the last round (receive --verify checks it)")
+    m.add_argument("--json", action="store_true", help="JSON lines instead of the live view")
+    m.set_defaults(func=migrate)
+
+    r = sub.add_parser("receive", help="wait for an incoming migration and run the guest")
+    r.add_argument("--listen", required=True, metavar="HOST:PORT")
+    r.add_argument("--key", help="shared key, hex (or $DIRTYRING_KEY)")
+    r.add_argument("--insecure", action="store_true")
+    r.add_argument("--heartbeat-timeout", type=duration, default=10.0, metavar="DURATION",
+                   help="give the source up after this long without a frame (default 10s)")
+    r.add_argument("--verify", action="store_true",
+                   help="check the source's memory digest before resuming")
+    r.add_argument("--run-for", type=duration, default=None, metavar="DURATION",
+                   help="after the switchover, run the guest this long, then exit "
+                        "(default: until SIGTERM or the guest stops)")
+    r.add_argument("--json", action="store_true")
+    r.set_defaults(func=receive)
+
+
+def migrate(args: argparse.Namespace) -> int:
+    key, insecure = load_key(args.key, allow_insecure=args.insecure)
+    tune_allocator()
+    cfg = MachineConfig(guest=args.guest, tracker=args.tracker, data_slots=(args.memory,),
+                        ring_entries=RING_ENTRIES,
+                        params=GuestParams(pattern=Pattern[args.pattern.upper()],
+                                           hot_pages=args.hot_pages, rate_pps=args.rate))
+    opt = MigrationOptions(downtime_limit=args.downtime_limit,
+                           bandwidth_limit=args.bandwidth_limit * 1e6, timeout=args.timeout,
+                           max_rounds=args.max_rounds, throttle=not args.no_throttle,
+                           verify=args.verify)
+    live = sys.stdout.isatty() and not args.json
+    out = _printer(args.json, live)
+    with Machine(cfg, threaded=False) as m:
+        run_guest(m, args.warmup)
+        out({"event": "source_running", "t": time.time(), "guest": args.guest,
+             "memory_bytes": args.memory, "tracker": args.tracker, "progress": m.progress()})
+        mig = Migration(m, parse_addr(args.to), key, insecure=insecure, options=opt,
+                        on_event=out)
+        try:
+            rep = mig.run()
+        except MigrationError as e:
+            where = ("the guest was still running on the source" if e.source_may_run else
+                     "the source is left paused: the target may be running the guest")
+            raise DirtyringError(f"{e} ({where})") from None
+        finally:
+            mig.close()
+        final = {"event": "report", **rep.as_dict()}
+        if args.json:
+            out(final)
+        else:
+            print(f"migrated in {rep.total_s:.2f} s, downtime {rep.downtime_ms:.1f} ms "
+                  f"({rep.stop_reason}, {len(rep.rounds)} rounds, {rep.pages_sent} pages, "
+                  f"{rep.bytes_sent / 1e6:.0f} MB of pages in {rep.wire_bytes / 1e6:.1f} MB on "
+                  f"the wire{', throttled' if rep.throttled else ''}); source paused",
+                  flush=True)
+    return 0
+
+
+def receive(args: argparse.Namespace) -> int:
+    key, insecure = load_key(args.key, allow_insecure=args.insecure)
+    tune_allocator(2 << 30)  # a round's staging: up to the guest's size
+    out = _printer(args.json, sys.stdout.isatty() and not args.json)
+    stop = threading.Event()
+    failed: list[str] = []
+
+    def events(e: dict[str, Any]) -> None:
+        out(e)
+        if e["event"] == "primary_lost" and e.get("committed_epoch", 0) > 0:
+            # Part of a guest arrived and the source is gone: this target is not resumable and
+            # its memory is not empty any more. Like QEMU's -incoming, give up.
+            failed.append(e["reason"])
+            stop.set()
+        elif e["event"] == "failover_impossible":
+            failed.append(e.get("detail", "cannot resume"))
+
+    def sink(kind: str, payload: Any) -> None:
+        out({"event": "output", "t": time.time(), "kind": kind, "payload": repr(payload)})
+
+    sb = Standby(parse_addr(args.listen), key, insecure=insecure,
+                 heartbeat_timeout=args.heartbeat_timeout, verify=args.verify,
+                 auto_failover=False, on_event=events, sink=sink)
+    signal.signal(signal.SIGTERM, lambda *a: stop.set())
+    t_run = 0.0
+    try:
+        sb.serve(stop)
+        if failed or sb.state != "failed_over" or sb.machine is None:
+            why = failed[0] if failed else "interrupted before the switchover"
+            raise DirtyringError(f"incoming migration failed: {why}")
+        m = sb.machine
+        t_run = time.monotonic()
+        out({"event": "migrated", "t": time.time(), "resumed_t": sb.resumed_wall,
+             "epochs": sb.epochs, "pages": sb.pages, "committed_epoch": sb.committed_epoch,
+             "staging_bytes_max": sb.max_staging_bytes, "progress": m.progress()})
+        end = None if args.run_for is None else t_run + args.run_for
+        while not stop.is_set() and (end is None or time.monotonic() < end):
+            if m.wait_stopped(0.5 if end is None else max(0.0, min(0.5, end - time.monotonic()))):
+                out({"event": "guest_stopped", "t": time.time(), "crash": m.crashed})
+                break
+            out({"event": "running", "t": time.time(), "progress": m.progress()})
+        out({"event": "report", "t": time.time(), **sb.status(),
+             "guest": "crashed" if m.crashed else "stopped" if m.finished else "running",
+             "ran_s": time.monotonic() - t_run, "progress": m.progress(),
+             "resumed_t": sb.resumed_wall})
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sb.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry (until the lead wires these into ``dirtyring``)."""
+    p = argparse.ArgumentParser(prog="dirtyring")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    add_parsers(sub)
+    args = p.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except DirtyringError as e:
+        print(f"dirtyring: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("dirtyring: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
