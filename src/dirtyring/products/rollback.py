@@ -147,6 +147,8 @@ class Rollback:
                 m.pause_all()
                 why = "stopped" if m.stopped_event.is_set() else (
                     "budget" if any(r.ring_full for r in m.runners) else "interval")
+                if why == "interval" and end - time.perf_counter() > 0:
+                    continue  # woken with nothing to do (a stale wake-up): keep running
             else:
                 why = m.runners[0].run_inline(left)
             if why == "budget":
