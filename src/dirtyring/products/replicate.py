@@ -215,7 +215,7 @@ class Primary:
             for ev in self.link.events(timeout=self.opt.heartbeat_timeout):
                 if isinstance(ev, Ack):
                     t = self._sent_at.pop(ev.epoch, None)
-                    for e in [e for e in self._sent_at if e < ev.epoch]:
+                    for e in [e for e in list(self._sent_at) if e < ev.epoch]:
                         self._sent_at.pop(e, None)
                     if t is not None:
                         self._rtt.append((time.monotonic() - t) * 1e3)
