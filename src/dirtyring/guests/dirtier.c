@@ -12,7 +12,6 @@ void guest_main(u64 idx)
     u64 share = c->data_pages / n;
     u64 base = c->data_gpa + idx * share * 4096UL;
     u64 pattern = c->pattern, hot = c->hot_pages, exit_every = c->exit_every;
-    u64 max_writes = c->max_writes;
     u64 stride = c->stride ? c->stride : 1;
     u64 rng = splitmix64(c->seed + idx + 1) | 1;
     u64 ticks_per_write = 0, next = 0;
@@ -47,6 +46,7 @@ void guest_main(u64 idx)
             since_tick = 0;
             outl(PORT_TICK, (u32)idx);
         }
+        u64 max_writes = c->max_writes;   /* re-read: the VMM may change it while we run */
         if (c->stop || (max_writes && count >= max_writes))
             done(0);
         if (ticks_per_write) {

@@ -237,6 +237,8 @@ class Primary:
                 if self._stop.is_set() and self._lost.is_set():
                     return
         except TimeoutError:
+            if self._stop.is_set():
+                return  # closing: a slow goodbye is not a lost standby
             self._lose(f"no frame from the standby for {self.opt.heartbeat_timeout:g} s")
         except (LinkClosed, ProtocolError) as e:
             if not self._stop.is_set():
@@ -419,7 +421,9 @@ class Primary:
                     time.sleep(0.005)
                 self.link.send(Goodbye(reason="primary shutting down"))
                 self.link.sock.shutdown(socket.SHUT_WR)
-                self._receiver_done.wait(2.0)
+                # Keep reading until the standby closes too: closing with its acks unread
+                # would send a reset, which can throw away our Goodbye before it is read.
+                self._receiver_done.wait(max(5.0, 2 * self.opt.heartbeat_timeout))
             except (LinkClosed, ProtocolError, OSError):
                 pass
         self._lost.set()
