@@ -14,20 +14,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from ..cli.options import positive_int
 from ..errors import DirtyringError
 from . import exits, harvest
 from .plot import plot_exits, plot_harvest
 from .records import Record, host_info, json_lines, write_json
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
-    return v
 
 
 def _common(p: argparse.ArgumentParser, iterations_help: str) -> None:
@@ -35,7 +26,7 @@ def _common(p: argparse.ArgumentParser, iterations_help: str) -> None:
                    help="directory for <bench>.json and <bench>.png (default ./results)")
     p.add_argument("--quick", action="store_true",
                    help="small matrix and few iterations (tests, CI)")
-    p.add_argument("--iterations", type=_positive_int, default=None, metavar="N",
+    p.add_argument("--iterations", type=positive_int, default=None, metavar="N",
                    help=iterations_help)
     p.add_argument("--jsonl", action="store_true",
                    help="print the records as JSON lines on stdout instead of the table")
@@ -50,7 +41,7 @@ def register(subparsers: Any) -> None:
                     "contiguous or scattered dirty pages; check the ring's goals.")
     _common(h, f"timed harvests per cell (default {harvest.ITERATIONS}, "
                f"quick {harvest.QUICK_ITERATIONS})")
-    h.add_argument("--rounds", type=_positive_int, default=None, metavar="N",
+    h.add_argument("--rounds", type=positive_int, default=None, metavar="N",
                    help=f"sweeps over the matrix, samples pooled (default {harvest.ROUNDS}, "
                         f"quick {harvest.QUICK_ROUNDS})")
     h.set_defaults(func=harvest_command)

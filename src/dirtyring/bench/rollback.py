@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from ..cli.options import positive_int
 from ..errors import DirtyringError
 from ..guests.protocol import GuestParams, Pattern
 from ..machine.config import MachineConfig
@@ -288,16 +289,6 @@ def plot(records: Sequence[Record], path: Path) -> Path | None:
 
 
 # --- command --------------------------------------------------------------------------------------
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
-    return v
-
-
 def add_parser(sub: Any) -> None:
     """Add ``rollback`` to the ``dirtyring bench`` subparsers."""
     p = sub.add_parser(
@@ -308,7 +299,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--out", type=Path, default=Path("results"), metavar="DIR",
                    help="directory for rollback.json and rollback.png (default ./results)")
     p.add_argument("--quick", action="store_true", help="few iterations (tests, CI)")
-    p.add_argument("--iterations", type=_positive_int, default=None, metavar="N",
+    p.add_argument("--iterations", type=positive_int, default=None, metavar="N",
                    help=f"timed iterations per cell, at most {MAX_SECONDS:g} s each "
                         f"(default {ITERATIONS}, quick {QUICK_ITERATIONS})")
     p.add_argument("--jsonl", action="store_true",
