@@ -29,6 +29,7 @@ from ..errors import DirtyringError
 from ..guests.protocol import GuestParams, Pattern
 from ..machine.config import MachineConfig
 from ..machine.vm import Machine
+from .plot import pyplot, save
 from .records import BenchError, Record, summary_stats, write_json
 
 BENCH = "migrate"
@@ -211,11 +212,8 @@ def run(*, quick: bool, iterations: int | None = None, progress: Any = None) -> 
 
 
 def plot(records: list[Record], path: Path) -> Path | None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot(quiet=True)  # the command says "no plot" itself
+    if plt is None:
         return None
     loads = [name for name, _ in LOADS]
     panels = (("total_s", "total time (s)"), ("downtime_ms", "downtime (ms)"),
@@ -245,11 +243,7 @@ def plot(records: list[Record], path: Path) -> Path | None:
         ax.legend(fontsize=8)
     gib = next((r.dims["guest_mib"] for r in records if "guest_mib" in r.dims), 0)
     fig.suptitle(f"live migration over loopback, {gib} MiB guest (p50)")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return save(plt, fig, path, dpi=90)
 
 
 def add_parser(sub: Any) -> None:

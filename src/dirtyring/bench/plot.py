@@ -14,20 +14,31 @@ _TRACKER_STYLE = {"ring": ("tab:blue", "o"), "bitmap": ("tab:red", "s"),
                   "bitmap-clear": ("tab:orange", "^")}
 
 
-def _pyplot() -> Any | None:
+def pyplot(*, quiet: bool = False) -> Any | None:
+    """matplotlib.pyplot on the Agg backend, or None (saying so unless ``quiet``)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print(MISSING, file=sys.stderr)
+        if not quiet:
+            print(MISSING, file=sys.stderr)
         return None
     return plt
 
 
+def save(plt: Any, fig: Any, path: Path, *, dpi: int = 110) -> Path:
+    """Lay out, write ``fig`` to ``path`` (making its directory) and free it."""
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def plot_harvest(records: Sequence[Record], path: Path) -> Path | None:
     """Harvest p50 (bar to p90) vs slot size, one panel per (layout, dirty pages)."""
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None:
         return None
     times = [r for r in records if r.metric == "harvest_time"]
@@ -71,16 +82,12 @@ def plot_harvest(records: Sequence[Record], path: Path) -> Path | None:
                 ax.set_ylabel("harvest + re-arm (µs)")
     axes[0][0].legend(fontsize=8)
     fig.suptitle("dirty-page harvest cost, median (bar to p90)")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(plt, fig, path)
 
 
 def plot_exits(records: Sequence[Record], path: Path) -> Path | None:
     """Left: pause_all/resume_all p50/p90/p99 per vCPU count. Right: round trip vs dispatch."""
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None:
         return None
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
@@ -118,8 +125,4 @@ def plot_exits(records: Sequence[Record], path: Path) -> Path | None:
     if rate is not None:
         title += f" ({rate.value:,.0f} exits/s)"
     ax2.set_title(title, fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(plt, fig, path)

@@ -23,6 +23,7 @@ from ..errors import DirtyringError
 from ..guests.protocol import GuestParams, Pattern
 from ..machine.config import MachineConfig
 from ..machine.vm import Machine
+from .plot import pyplot, save
 from .records import Record, write_json
 
 BENCH = "replicate"
@@ -183,11 +184,8 @@ def run(*, quick: bool, seconds: float | None = None,
 
 
 def plot(records: list[Record], path: Path) -> Path | None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot(quiet=True)  # the command says "no plot" itself
+    if plt is None:
         return None
     sets = sorted({r.dims["pages"] for r in records if "interval_us" in r.dims})
     fig, axes = plt.subplots(1, len(sets), figsize=(5 * len(sets), 4), squeeze=False)
@@ -206,11 +204,7 @@ def plot(records: list[Record], path: Path) -> Path | None:
         ax.set_title(f"hot set of {n} pages")
         ax.grid(True, alpha=0.3)
         ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return save(plt, fig, path, dpi=90)
 
 
 def add_parser(sub: Any) -> None:

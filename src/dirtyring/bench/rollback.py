@@ -47,6 +47,7 @@ from ..machine.config import MachineConfig
 from ..machine.vm import Machine
 from ..products.rollback import Rollback
 from ..products.snapshot import fingerprint
+from .plot import pyplot, save
 from .records import BenchError, Record, find, host_info, json_lines, summary_stats, write_json
 
 BENCH = "rollback"
@@ -251,8 +252,7 @@ def format_table(records: Sequence[Record]) -> str:
 
 def plot(records: Sequence[Record], path: Path) -> Path | None:
     """Grouped bars: loop rate per dirty-set size and mode (log scale), with the goal."""
-    from .plot import _pyplot
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None:
         return None
     sizes = sorted({int(r.dims["dirty_pages"]) for r in records})
@@ -281,11 +281,7 @@ def plot(records: Sequence[Record], path: Path) -> Path | None:
     ax.set_title("rollback to a root, 64 MiB guest (bars: run + rollback; ticks: rollback alone)",
                  fontsize=10)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(plt, fig, path)
 
 
 # --- command --------------------------------------------------------------------------------------
