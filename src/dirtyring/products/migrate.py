@@ -217,8 +217,8 @@ class _RoundTracking:
         """Paused, after :meth:`boundary`: re-arm every page the guest may have written."""
         if self.deferred:
             assert isinstance(self.t, RingTracker)
-            self.t._set_logging(False)  # re-protect every page: the toggle RingTracker.full()
-            self.t._set_logging(True)   # uses (~10-20 ms for 1 GiB, outside the downtime)
+            self.t.rearm_all()  # the toggle RingTracker.full() uses (~10-20 ms for 1 GiB,
+            #                     outside the downtime)
 
     def _harvest_no_rearm(self) -> tuple[DirtySet, int]:
         t = self.t

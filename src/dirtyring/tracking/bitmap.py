@@ -20,11 +20,10 @@ from collections.abc import Iterable
 import numpy as np
 
 from .._bindings import VmFd
-from .._bindings import _uapi as U
 from .dirtyset import DirtySet
-from .tracker import TrackedSlot, TrackerStats, VmmDirtySource, all_pages
+from .tracker import (TrackedSlot, TrackerStats, VmmDirtySource, all_pages,
+                      set_dirty_logging)
 
-PAGE = 4096
 
 
 #: Up to this many non-zero words are decoded with Python integers (peeling the lowest set bit):
@@ -100,16 +99,11 @@ class BitmapTracker:
         self._harvests = self._pages = self._resets = self._resyncs = 0
         self._last_us = 0.0
 
-    def _set_logging(self, on: bool) -> None:
-        for s in self.slots:
-            self.vm.set_user_memory_region(s.slot, s.gpa, s.pages * PAGE, s.userspace_addr,
-                                           U.KVM_MEM_LOG_DIRTY_PAGES if on else 0)
-
     def start(self) -> None:
-        self._set_logging(True)
+        set_dirty_logging(self.vm, self.slots, True)
 
     def stop(self) -> None:
-        self._set_logging(False)
+        set_dirty_logging(self.vm, self.slots, False)
 
     def _get(self, s: TrackedSlot) -> np.ndarray:
         bm = self._bitmaps[s.slot]

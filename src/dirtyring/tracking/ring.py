@@ -33,10 +33,10 @@ from .._bindings import VcpuFd, VmFd
 from .._bindings import _uapi as U
 from ..errors import KvmError, RingOverflow, TrackingError
 from .dirtyset import DirtySet
-from .tracker import TrackedSlot, TrackerStats, VmmDirtySource, all_pages
+from .tracker import (TrackedSlot, TrackerStats, VmmDirtySource, all_pages,
+                      set_dirty_logging)
 
 GFN_DTYPE = np.dtype([("flags", "<u4"), ("slot", "<u4"), ("offset", "<u8")])
-PAGE = 4096
 
 # pthread_sigmask through libc: signal.pthread_sigmask builds a set of ~60 enum members per call
 # (~50 µs here), far more than the reset it protects.
@@ -163,16 +163,16 @@ class RingTracker:
             self._limits[sl.slot] = sl.pages
         self._limit_list = [int(x) for x in self._limits]
 
-    def _set_logging(self, on: bool) -> None:
-        for s in self._slot_list:
-            self.vm.set_user_memory_region(s.slot, s.gpa, s.pages * PAGE, s.userspace_addr,
-                                           U.KVM_MEM_LOG_DIRTY_PAGES if on else 0)
-
     def start(self) -> None:
-        self._set_logging(True)
+        set_dirty_logging(self.vm, self._slot_list, True)
 
     def stop(self) -> None:
-        self._set_logging(False)
+        set_dirty_logging(self.vm, self._slot_list, False)
+
+    def rearm_all(self) -> None:
+        """Write-protect every page again (toggle dirty logging), without harvesting."""
+        set_dirty_logging(self.vm, self._slot_list, False)
+        set_dirty_logging(self.vm, self._slot_list, True)
 
     def note_ring_full(self) -> None:
         """A vCPU left KVM_RUN with DIRTY_RING_FULL; the next harvest must find entries."""
@@ -299,8 +299,7 @@ class RingTracker:
             self._reset()
         except TrackingError:
             pass
-        self._set_logging(False)
-        self._set_logging(True)
+        self.rearm_all()
         self.vmm_dirty()
         self._resyncs += 1
         return all_pages(self._slot_list)

@@ -13,7 +13,11 @@ from typing import Callable, Protocol
 
 import numpy as np
 
+from .._bindings import VmFd
+from .._bindings._uapi import KVM_MEM_LOG_DIRTY_PAGES
 from .dirtyset import DirtySet
+
+PAGE = 4096
 
 #: Drains the VMM's own writes: returns (slot, pages) pairs.
 VmmDirtySource = Callable[[], list[tuple[int, np.ndarray]]]
@@ -60,6 +64,14 @@ class Tracker(Protocol):
         """End logging."""
 
     def statistics(self) -> TrackerStats: ...
+
+
+def set_dirty_logging(vm: VmFd, slots: list[TrackedSlot], on: bool) -> None:
+    """Set or clear KVM_MEM_LOG_DIRTY_PAGES on every slot. Setting it write-protects every
+    page again, which is how ring and bitmap trackers re-arm everything at once."""
+    for s in slots:
+        vm.set_user_memory_region(s.slot, s.gpa, s.pages * PAGE, s.userspace_addr,
+                                  KVM_MEM_LOG_DIRTY_PAGES if on else 0)
 
 
 def all_pages(slots: list[TrackedSlot]) -> DirtySet:
