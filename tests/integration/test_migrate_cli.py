@@ -1,7 +1,7 @@
 """``dirtyring migrate`` and ``dirtyring receive`` as real processes on loopback.
 
-The commands run through ``python -m dirtyring.cli.migration`` (the same parsers ``dirtyring``
-itself mounts). Every process is ended by its PID whatever the test does.
+The commands run through ``python -m dirtyring.cli.main``, i.e. ``dirtyring`` itself. Every
+process is ended by its PID whatever the test does.
 """
 from __future__ import annotations
 
@@ -16,9 +16,8 @@ import pytest
 _HERE = os.path.dirname(os.path.abspath(__file__))
 if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
+from repl_helpers import CLI as MCLI  # noqa: E402
 from repl_helpers import Proc, addr, child_env, free_port, new_key  # noqa: E402
-
-MCLI = [sys.executable, "-m", "dirtyring.cli.migration"]
 
 
 class MProc(Proc):

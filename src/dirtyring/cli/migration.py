@@ -216,23 +216,3 @@ def receive(args: argparse.Namespace) -> int:
     finally:
         sb.close()
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (until the lead wires these into ``dirtyring``)."""
-    p = argparse.ArgumentParser(prog="dirtyring")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    add_parsers(sub)
-    args = p.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except DirtyringError as e:
-        print(f"dirtyring: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("dirtyring: interrupted", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())
