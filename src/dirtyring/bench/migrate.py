@@ -14,12 +14,8 @@ QEMU 7.2 on this machine kind (issue 4) is stored beside the results for orienta
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import socket
-import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +25,7 @@ from ..errors import DirtyringError
 from ..guests.protocol import GuestParams, Pattern
 from ..machine.config import MachineConfig
 from ..machine.vm import Machine
+from ..cli.demo import ChildProcess, free_port
 from .plot import pyplot, save
 from .records import BenchError, Record, summary_stats, write_json
 
@@ -63,68 +60,6 @@ class Cell:
         return f"{self.tracker}-{self.load}-{self.guest_bytes // MiB}MiB"
 
 
-class _Receiver:
-    """A ``dirtyring receive`` process on loopback; its JSON events are collected."""
-
-    def __init__(self, key_hex: str) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = int(s.getsockname()[1])
-        env = dict(os.environ, DIRTYRING_KEY=key_hex, PYTHONUNBUFFERED="1")
-        self.p = subprocess.Popen(
-            [sys.executable, "-m", "dirtyring.cli.migration", "receive", "--listen",
-             f"127.0.0.1:{self.port}", "--json", "--run-for", "0.3s"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env,
-            text=True)
-        self.events: list[dict[str, Any]] = []
-        self.cv = threading.Condition()
-        self._t = threading.Thread(target=self._read, daemon=True)
-        self._t.start()
-        if self.wait("listening", 30) is None:
-            self.stop()
-            raise BenchError("the receiver process did not start listening")
-
-    def _read(self) -> None:
-        assert self.p.stdout is not None
-        for line in self.p.stdout:
-            try:
-                e = json.loads(line)
-            except ValueError:
-                continue
-            with self.cv:
-                self.events.append(e)
-                self.cv.notify_all()
-        with self.cv:
-            self.events.append({"event": "_eof"})
-            self.cv.notify_all()
-
-    def wait(self, kind: str, timeout: float) -> dict[str, Any] | None:
-        end = time.monotonic() + timeout
-        with self.cv:
-            while True:
-                for e in self.events:
-                    if e.get("event") == kind:
-                        return e
-                if any(e.get("event") == "_eof" for e in self.events):
-                    return None
-                if not self.cv.wait(max(0.0, end - time.monotonic())):
-                    return None
-
-    def stop(self) -> None:
-        """End the process by its PID (SIGTERM, then SIGKILL)."""
-        if self.p.poll() is None:
-            self.p.terminate()
-            try:
-                self.p.wait(10)
-            except subprocess.TimeoutExpired:
-                self.p.kill()
-                self.p.wait(10)
-        self._t.join(5)
-        for f in (self.p.stdout, self.p.stderr):
-            if f is not None:
-                f.close()
-
-
 def _prefill(m: Machine, pages: int) -> None:
     """Make the region non-zero and allocated, as a guest that ran a while would have it."""
     assert m.memory is not None
@@ -142,8 +77,12 @@ def measure(cell: Cell, key: bytes, baseline_s: float) -> dict[str, float]:
                         params=GuestParams(pattern=Pattern.HOT, hot_pages=region,
                                            rate_pps=cell.rate_pps))
     tune_allocator()
-    rx = _Receiver(key.hex())
+    port = free_port()
+    rx = ChildProcess("receive", ["receive", "--listen", f"127.0.0.1:{port}", "--run-for", "0.3s"],
+                      dict(os.environ, DIRTYRING_KEY=key.hex()))
     try:
+        if rx.wait_event("listening", 30) is None:
+            raise BenchError("the receiver process did not start listening")
         with Machine(cfg, threaded=False) as m:
             _prefill(m, region)
             # Warm: the guest's own first touches (shadow page tables), one pass if it can.
@@ -153,14 +92,14 @@ def measure(cell: Cell, key: bytes, baseline_s: float) -> dict[str, float]:
             a, t = m.progress(), time.perf_counter()
             run_guest(m, baseline_s)
             base = (m.progress() - a) / (time.perf_counter() - t)
-            mig = Migration(m, ("127.0.0.1", rx.port), key, options=MigrationOptions())
+            mig = Migration(m, ("127.0.0.1", port), key, options=MigrationOptions())
             try:
                 rep = mig.run()
             finally:
                 mig.close()
             after = m.progress()
-        done = rx.wait("failover_done", 30)
-        ran = rx.wait("report", 30)
+        done = rx.wait_event("failover_done", 30)
+        ran = rx.wait_event("report", 30)
     finally:
         rx.stop()
     if done is None or ran is None:

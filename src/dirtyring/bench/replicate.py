@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
+from ..cli.demo import ChildProcess, free_port
 from ..errors import DirtyringError
 from ..guests.protocol import GuestParams, Pattern
 from ..machine.config import MachineConfig
@@ -91,37 +90,18 @@ def ceiling(interval: float, pages: int, seconds: float) -> tuple[float, float]:
         m.close()
 
 
-class _StandbyProc:
-    def __init__(self, key_hex: str) -> None:
-        import socket
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        env = dict(os.environ, DIRTYRING_KEY=key_hex)
-        self.p = subprocess.Popen([sys.executable, "-m", "dirtyring.cli.main", "standby",
-                                   "--listen", f"127.0.0.1:{self.port}", "--json"],
-                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env,
-                                  text=True)
-        assert self.p.stdout is not None
-        line = self.p.stdout.readline()
-        if "listening" not in line:
-            self.stop()
-            raise DirtyringError("the standby process did not start")
-
-    def stop(self) -> None:
-        if self.p.poll() is None:
-            self.p.kill()
-        self.p.wait(5)
-
-
 def measure(cell: Cell, seconds: float, key: bytes) -> dict[str, float]:
     from ..products.replicate import Primary, PrimaryOptions
-    sb = _StandbyProc(key.hex())
+    port = free_port()
+    sb = ChildProcess("standby", ["standby", "--listen", f"127.0.0.1:{port}"],
+                      dict(os.environ, DIRTYRING_KEY=key.hex()))
     samples: list[dict[str, Any]] = []
     try:
+        if sb.wait_event("listening", 30) is None:
+            raise DirtyringError("the standby process did not start")
         m = Machine(_config(cell.tracker, cell.pages), threaded=False)
         try:
-            prim = Primary(m, ("127.0.0.1", sb.port), key,
+            prim = Primary(m, ("127.0.0.1", port), key,
                            options=PrimaryOptions(interval=cell.interval_us * 1e-6,
                                                   unsafe_output=True),
                            on_event=lambda e: samples.append(e) if e["event"] == "stats" else None)

@@ -52,6 +52,7 @@ class ChildProcess:
         self.events: list[dict[str, Any]] = []
         self.last_stats: dict[str, Any] = {}
         self.stderr: list[str] = []
+        self.eof = False  # its stdout ended: no further event can come
         self.cv = threading.Condition()
         threading.Thread(target=self._read, daemon=True).start()
         threading.Thread(target=self._read_err, daemon=True).start()
@@ -69,6 +70,9 @@ class ChildProcess:
                 else:
                     self.events.append(e)
                 self.cv.notify_all()
+        with self.cv:
+            self.eof = True
+            self.cv.notify_all()
 
     def _read_err(self) -> None:
         assert self.p.stderr is not None
@@ -83,12 +87,9 @@ class ChildProcess:
                     if e.get("event") == kind:
                         return e
                 left = end - time.monotonic()
-                if left <= 0 or self.p.poll() is not None and not self._pending(kind):
+                if left <= 0 or self.eof:
                     return None
                 self.cv.wait(min(left, 0.1))
-
-    def _pending(self, kind: str) -> bool:
-        return any(e.get("event") == kind for e in self.events)
 
     def stop(self) -> None:
         if self.p.poll() is None:
