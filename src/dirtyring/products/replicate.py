@@ -93,6 +93,7 @@ class Primary:
         self.max_staging_bytes = 0
         self.fenced = False
         self._receiver_done = threading.Event()
+        self._closing = threading.Event()  # close() has begun: the sender sends nothing new
         self.skipped_after_resync = 0
         self._shadows: dict[int, np.ndarray | None] = {}
 
@@ -152,7 +153,7 @@ class Primary:
         assert self.link is not None
         last = time.monotonic()
         hb = 0
-        while not self._lost.is_set():
+        while not self._lost.is_set() and not self._closing.is_set():
             try:
                 cp = self._sendq.get(timeout=self.opt.heartbeat_interval)
             except queue.Empty:
@@ -419,6 +420,12 @@ class Primary:
                 while (not self._sendq.empty() or self.acked < self._last_queued) \
                         and time.monotonic() < deadline and not self._lost.is_set():
                     time.sleep(0.005)
+                # No frame may follow the Goodbye, and none may be cut by the half-close: the
+                # sender finishes the frame it is writing, then stops.
+                self._closing.set()
+                for t in self._threads:
+                    if t.name == "sender":
+                        t.join(max(5.0, 2 * self.opt.heartbeat_timeout))
                 self.link.send(Goodbye(reason="primary shutting down"))
                 self.link.sock.shutdown(socket.SHUT_WR)
                 # Keep reading until the standby closes too: closing with its acks unread
