@@ -149,7 +149,11 @@ def test_running_guest_incremental_chain(tmp_path: Path, machines: list[Machine]
         after.append(m.progress())
     for k in range(1, len(infos)):
         # A delta holds the pages written since the previous capture (+ status and stack pages).
-        assert 0 < infos[k].pages <= after[k] - before[k - 1] + 8
+        # The hot set by design also reports pages still hot from earlier harvests (they stay
+        # writable for hot_epochs harvests, 8 by default, more than this chain has), so its
+        # bound counts the writes since the first capture.
+        since = before[0] if tracker == "hotset" else before[k - 1]
+        assert 0 < infos[k].pages <= after[k] - since + 8
     for info in (infos[0], infos[2], infos[-1]):
         m2 = S.restore(info.path)
         machines.append(m2)
