@@ -93,3 +93,32 @@ def memfd(name: str, size: int) -> int:
         os.close(fd)
         raise MappingError(f"cannot size guest memory to {size} bytes: {e.strerror}") from None
     return fd
+
+
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+_heap_kept = False
+
+
+def keep_freed_memory() -> None:
+    """Stop glibc from handing freed buffers back to the kernel (process-wide, idempotent).
+
+    Why: every checkpoint allocates and frees page-sized buffers of a few hundred KiB. By
+    default glibc serves those with mmap/munmap or trims the heap after each free, so every
+    checkpoint faults its buffers in again, and a page fault is very expensive on these hosts
+    (nested, shadow-paged KVM). Measured here for one 64-page checkpoint's XOR delta: 352 µs
+    with the default, 26 µs with freed memory kept (the same as in a quiet loop).
+    """
+    global _heap_kept
+    if _heap_kept:
+        return
+    try:
+        mallopt = _libc.mallopt
+    except AttributeError:  # not glibc: nothing to tune
+        _heap_kept = True
+        return
+    mallopt.argtypes = [C.c_int, C.c_int]
+    mallopt.restype = C.c_int
+    mallopt(_M_MMAP_THRESHOLD, 64 << 20)
+    mallopt(_M_TRIM_THRESHOLD, 1 << 30)
+    mallopt(_M_TOP_PAD, 16 << 20)
+    _heap_kept = True

@@ -14,6 +14,7 @@ from typing import Any
 from .._bindings import Cap, Kvm, VcpuFd
 from .._bindings import _uapi as U
 from .._bindings.caps import REQUIRED
+from .._bindings.mapping import keep_freed_memory
 from ..errors import CapabilityMissing, ConfigError, GuestCrashed, KvmError
 from ..guests import load_guest
 from ..guests.protocol import CONTROL_MAGIC, CONTROL_OFFSET
@@ -40,6 +41,7 @@ class Machine:
     def __init__(self, config: MachineConfig, *, sink: OutputSink | None = None,
                  boot: bool = True, kvm: Kvm | None = None, threaded: bool = True) -> None:
         install_kick_handler()
+        keep_freed_memory()
         if not threaded:
             if config.vcpus != 1:
                 raise ConfigError("the single-threaded (inline) mode runs exactly one vCPU")

@@ -75,14 +75,26 @@ def capture(machine: Machine, dirty: DirtySet, *, epoch: int, kind: str = "delta
 
 
 def apply_runs(memory: GuestMemory, runs: list[tuple]) -> int:  # type: ignore[type-arg]
-    """Write page runs ``(slot, pages, data[, delta])`` into guest memory (standby commit,
-    snapshot restore). A delta run holds the XOR of new and current contents. Returns pages."""
+    """Write page runs ``(slot, pages, data[, delta[, words]])`` into guest memory (standby
+    commit, snapshot restore). A delta run holds the XOR of new and current contents; with
+    ``words`` (its non-zero 64-bit words, as the wire decoder gives them) only those words are
+    touched: a 64-page delta that changed a few bytes per page costs ~5 µs instead of ~30.
+    Returns pages."""
     n = 0
     for run in runs:
         slot, pages, data = run[0], run[1], run[2]
+        delta = len(run) > 3 and run[3]
+        words = run[4] if len(run) > 4 else None
+        if delta and words is not None:
+            where, vals = words
+            flat = memory.slots[slot].view.view(np.uint64)
+            per_page = PAGE // 8
+            flat[pages[where // per_page] * per_page + where % per_page] ^= vals
+            n += len(pages)
+            continue
         view = memory.slots[slot].view.reshape(-1, PAGE)
         new = np.frombuffer(data, np.uint8).reshape(-1, PAGE)
-        if len(run) > 3 and run[3]:
+        if delta:
             view[pages] ^= new
         else:
             view[pages] = new

@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .._bindings.mapping import keep_freed_memory
 from ..errors import ConfigError, DirtyringError, ProtocolError
 from ..machine.config import MachineConfig
 from ..machine.state import MachineState
@@ -45,6 +46,7 @@ class Standby:
                  on_event: EventSink | None = None,
                  sink: Callable[[str, Any], None] | None = None) -> None:
         install_kick_handler()  # the standby VM is built later, on the connection's thread
+        keep_freed_memory()  # before the first frame: decoding allocates per checkpoint
         self.addr = listen_addr
         self.key = key
         self.insecure = insecure
@@ -71,7 +73,7 @@ class Standby:
         self.rejected = 0
         self.pages = 0
         self._busy = threading.Lock()
-        self._staged: list[tuple[int, np.ndarray, bytes, bool]] = []
+        self._staged: list[tuple[Any, ...]] = []
         self._staged_blob: bytes | None = None
         self._staged_epoch = 0
         self._staged_kind = "delta"
@@ -168,7 +170,7 @@ class Standby:
                     elif isinstance(ev, Pages):
                         if self.epochs == 0 and not np.frombuffer(ev.data, np.uint64).any():
                             continue  # nothing committed yet: this VM's memory is zero already
-                        self._staged.append((ev.slot, ev.indices, ev.data, ev.delta))
+                        self._staged.append((ev.slot, ev.indices, ev.data, ev.delta, ev.words))
                         self.staging_bytes += len(ev.data)
                         self.max_staging_bytes = max(self.max_staging_bytes, self.staging_bytes)
                     elif isinstance(ev, MachineBlob):

@@ -8,9 +8,11 @@ of dirty words.
 Hot set: on these hosts every re-armed page costs a ~2.2 µs write-protect fault on its next
 write. For a small working set rewritten every epoch that dominates the epoch. With manual
 protect a page we do not CLEAR stays writable and keeps its bit set, so it is (conservatively)
-reported dirty in every harvest without faulting. We leave a page un-armed for ``hot_epochs``
-harvests after it was last seen faulting; then we CLEAR it (re-protect) so it is tracked
-precisely again, and it re-enters the hot set if it is written again.
+reported dirty in every harvest without faulting. Every ``hot_epochs`` harvests we CLEAR
+(re-protect) every page that is set, so pages that went cold drop out of the hot set and the
+ones still written fault once and come back. In between, the bitmap usually equals the previous
+one: then the previous decode is reused, and a harvest costs one GET per slot and a compare
+(~15 µs for a 64-page hot set here, against ~90 µs with per-page ages).
 """
 from __future__ import annotations
 
@@ -77,7 +79,8 @@ def _dirtyset(parts: list[tuple[int, np.ndarray]],
     """Decoded bitmaps are sorted and unique already: only VMM writes need a merge."""
     out = {slot: pages for slot, pages in parts if len(pages)}
     for a in out.values():
-        a.setflags(write=False)
+        if a.flags.writeable:
+            a.setflags(write=False)
     ds = DirtySet(out)
     return ds | DirtySet.from_arrays(vmm) if vmm else ds
 
@@ -159,28 +162,34 @@ class HotSetTracker(BitmapTracker):
         super().__init__(vm, slots, vmm_dirty, manual=True)
         self.kind = "hotset"
         self.hot_epochs = hot_epochs
-        # Per slot: the hot pages (sorted) and, aligned with them, harvests since each joined.
-        empty = np.zeros(0, np.int64)
-        self._hot: dict[int, tuple[np.ndarray, np.ndarray]] = {
-            s.slot: (empty, empty) for s in slots}
+        self._cycle = 0
+        # Per slot: the last bitmap (as bytes) and its decoded pages, while it stays the same.
+        self._last: dict[int, tuple[bytes, np.ndarray]] = {}
+        self._hot_pages = 0
 
     def harvest(self) -> DirtySet:
         t0 = time.perf_counter()
         parts = []
+        self._cycle += 1
+        rearm = self._cycle % self.hot_epochs == 0
+        hot = 0
         for s in self.slots:
-            pages = decode_bitmap(self._get(s))  # hot pages stay set: reported every epoch
-            hot, age = self._hot[s.slot]
-            ages = np.zeros(len(pages), np.int64)
-            if len(hot) and len(pages):
-                i = np.minimum(np.searchsorted(hot, pages), len(hot) - 1)
-                known = hot[i] == pages
-                ages[known] = age[i[known]] + 1
-            cool = ages >= self.hot_epochs
-            if cool.any():
-                self._clear(s, pages[cool])
-            keep = ~cool
-            self._hot[s.slot] = (pages[keep], ages[keep])
+            bm = self._get(s)  # hot pages stay set: reported every epoch
+            raw = bm.tobytes()
+            last = self._last.get(s.slot)
+            if last is not None and last[0] == raw:
+                pages = last[1]
+            else:
+                pages = decode_bitmap(bm)
+                pages.setflags(write=False)
+                self._last[s.slot] = (raw, pages)
+            if rearm and len(pages):
+                self._clear(s, pages)  # before the caller copies them: no write is missed
+                self._last.pop(s.slot, None)
+            else:
+                hot += len(pages)
             parts.append((s.slot, pages))
+        self._hot_pages = hot
         ds = _dirtyset(parts, self.vmm_dirty())
         self._harvests += 1
         self._pages += len(ds)
@@ -188,15 +197,13 @@ class HotSetTracker(BitmapTracker):
         return ds
 
     def full(self) -> DirtySet:
-        empty = np.zeros(0, np.int64)
-        for k in self._hot:
-            self._hot[k] = (empty, empty)
+        self._last.clear()
+        self._hot_pages = 0
         return super().full()
 
     def statistics(self) -> TrackerStats:
         st = super().statistics()
         return TrackerStats(kind=self.kind, harvests=st.harvests, pages_reported=st.pages_reported,
                             resets=st.resets, reset_shortfall=0, overflows=0,
-                            resyncs=st.resyncs, hot_pages=sum(len(h) for h, _ in
-                                                              self._hot.values()),
+                            resyncs=st.resyncs, hot_pages=self._hot_pages,
                             last_harvest_us=st.last_harvest_us)

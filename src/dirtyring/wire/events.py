@@ -181,6 +181,11 @@ class Pages(Event):
     pages: npt.NDArray[np.int64] | tuple[int, ...]
     data: bytes
     delta: bool = False
+    #: Set by the decoder when the frame carried only the non-zero 64-bit words of ``data``:
+    #: (word offsets into ``data``, their values). A receiver can apply a mostly-zero delta
+    #: from these without touching every byte. Not part of equality.
+    words: tuple[npt.NDArray[np.int64], npt.NDArray[np.uint64]] | None = field(
+        default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         _set(self, "epoch", _uint("epoch", self.epoch))

@@ -7,7 +7,16 @@ cheap, and a run is the natural unit for both zero-page elision and compression.
                     (flags bit 0: the data is an XOR delta against the receiver's copy)
     run   17 bytes  first page u64, count u32, encoding u8, payload length u32; then payload
 
-Encodings: RAW (the pages as they are), ZERO (no payload: every page in the run is zero),
+When the whole frame is mostly zero words (an XOR delta, fresh memory) it is sent instead as
+one SPARSE body (flags bit 1), built and parsed in a few vectorized passes whatever the number
+of runs::
+
+    head  25 bytes  as above, flags bit 1 set
+    runs  12 bytes  first page u64, count u32 (per run; no per-run payload)
+    words           count u32, word offsets u32[count] into the frame's data, values u64[count]
+
+Otherwise each run carries its own encoding:
+RAW (the pages as they are), ZERO (no payload: every page in the run is zero),
 SPARSE64 (only the non-zero 64-bit words: count u32, word offsets u32[count], values
 u64[count]; chosen when a run is mostly zero, which is what an XOR delta of a page that changed
 a little looks like: 64 pages with 24 changed bytes each cost ~2 KiB instead of 256 KiB),
@@ -60,7 +69,10 @@ _SPARSE_MAX_FRACTION: Final = 1 / 8
 
 _PAGES_HEAD: Final = struct.Struct("!QIIIIB")  # epoch, slot, page_size, n_pages, n_runs, flags
 _FLAG_DELTA: Final = 1
+_FLAG_SPARSE: Final = 2
 _RUN: Final = struct.Struct("!QIBI")          # first page, count, encoding, payload length
+_SPARSE_RUN: Final = np.dtype([("first", ">u8"), ("count", ">u4")])  # packed: 12 bytes
+_U32: Final = struct.Struct("!I")
 
 
 def nbytes(b: Buffer) -> int:
@@ -116,7 +128,11 @@ def encode_pages_parts(event: ev.Pages, *, compress_level: int = 1) -> list[Buff
         raise LocalProtocolError(f"compress_level must be 0..9, got {compress_level}")
     idx, ps, n = event.indices, event.page_size, event.n_pages
     words = np.frombuffer(event.data, dtype=np.uint64).reshape(n, ps // 8)
-    nonzero: npt.NDArray[np.bool_] = np.asarray(words.any(axis=1))
+    flat = words.reshape(-1)
+    mask = flat != 0  # (``flatnonzero`` on the bool mask is 6x faster than on the words)
+    if int(np.count_nonzero(mask)) <= len(flat) * _SPARSE_MAX_FRACTION and len(flat) < 1 << 32:
+        return _encode_sparse(event, flat, mask)
+    nonzero: npt.NDArray[np.bool_] = np.asarray(mask.reshape(n, -1).any(axis=1))
     brk = np.ones(n, dtype=bool)  # brk[i]: page i starts a new run
     if n > 1:
         brk[1:] = (np.diff(idx) != 1) | (nonzero[1:] != nonzero[:-1])
@@ -131,15 +147,15 @@ def encode_pages_parts(event: ev.Pages, *, compress_level: int = 1) -> list[Buff
     out.add(_PAGES_HEAD.pack(event.epoch, event.slot, ps, n, len(starts),
                              _FLAG_DELTA if event.delta else 0))
     data = memoryview(event.data)
-    flat = words.reshape(-1)
+    wpp = ps // 8
     for s, e, first, nz in zip(starts.tolist(), ends.tolist(), idx[starts].tolist(),
                                nonzero[starts].tolist()):
         count = e - s
         if not nz:
             out.add(_RUN.pack(first, count, PageEncoding.ZERO, 0))
             continue
-        run_words = flat[s * (ps // 8):e * (ps // 8)]
-        where = np.flatnonzero(run_words)
+        run_words = flat[s * wpp:e * wpp]
+        where = np.flatnonzero(mask[s * wpp:e * wpp])
         if len(where) <= len(run_words) * _SPARSE_MAX_FRACTION:
             payload = (struct.pack("!I", len(where)) + where.astype(">u4").tobytes()
                        + run_words[where].astype(">u8").tobytes())
@@ -158,13 +174,65 @@ def encode_pages_parts(event: ev.Pages, *, compress_level: int = 1) -> list[Buff
     return out.finish()
 
 
+def _encode_sparse(event: ev.Pages, flat: np.ndarray, mask: np.ndarray) -> list[Buffer]:
+    idx = event.indices
+    n = len(idx)
+    brk = np.ones(n, dtype=bool)
+    if n > 1:
+        brk[1:] = np.diff(idx) != 1
+    starts = np.flatnonzero(brk)
+    runs = np.empty(len(starts), _SPARSE_RUN)
+    runs["first"] = idx[starts]
+    runs["count"] = np.diff(np.append(starts, n))
+    where = np.flatnonzero(mask)
+    return [_PAGES_HEAD.pack(event.epoch, event.slot, event.page_size, n, len(starts),
+                             _FLAG_SPARSE | (_FLAG_DELTA if event.delta else 0))
+            + runs.tobytes() + _U32.pack(len(where)) + where.astype(">u4").tobytes()
+            + flat[where].astype(">u8").tobytes()]
+
+
+def _decode_sparse(body: memoryview, epoch: int, slot: int, ps: int, n: int, n_runs: int,
+                   delta: bool) -> ev.Pages:
+    off = _PAGES_HEAD.size
+    table_end = off + n_runs * _SPARSE_RUN.itemsize
+    if len(body) < table_end + 4:
+        raise LocalProtocolError("sparse Pages body is cut short in its run table")
+    runs = np.frombuffer(body, _SPARSE_RUN, n_runs, off)
+    firsts = runs["first"].astype(np.uint64)
+    if int(firsts.max()) >= 1 << 63:
+        raise LocalProtocolError("a run starts beyond page 2**63")
+    firsts = firsts.astype(np.int64)
+    counts = runs["count"].astype(np.int64)
+    if int(counts.min()) <= 0:
+        raise LocalProtocolError("a run has 0 pages")
+    if int(counts.sum()) != n:
+        raise LocalProtocolError(f"runs carry {int(counts.sum())} pages, head says {n}")
+    ends = firsts + counts
+    if int(ends[-1]) > 1 << 63 or (n_runs > 1 and bool(np.any(firsts[1:] < ends[:-1]))):
+        raise LocalProtocolError("runs overlap or are out of order")
+    (k,) = _U32.unpack_from(body, table_end)
+    n_words = n * ps // 8
+    if k > n_words or len(body) != table_end + 4 + 12 * k:
+        raise LocalProtocolError(f"sparse Pages body does not hold {k} words")
+    where = np.frombuffer(body, ">u4", k, table_end + 4).astype(np.int64)
+    vals = np.frombuffer(body, ">u8", k, table_end + 4 + 4 * k).astype(np.uint64)
+    if k and (int(where[-1]) >= n_words or (k > 1 and not bool(np.all(where[1:] > where[:-1])))):
+        raise LocalProtocolError("sparse word offsets are out of order or range")
+    out = np.zeros(n_words, np.uint64)
+    out[where] = vals
+    run_start = np.cumsum(counts) - counts
+    indices = np.arange(n, dtype=np.int64) + np.repeat(firsts - run_start, counts)
+    return ev.Pages(epoch=epoch, slot=slot, page_size=ps, pages=indices, data=out.tobytes(),
+                    delta=delta, words=(where, vals))
+
+
 def decode_pages(body: memoryview, max_pages_bytes: int) -> ev.Pages:
     """Decode a Pages body, inflating at most ``max_pages_bytes``.
 
     Raises LocalProtocolError or struct.error; the codec reports either as RemoteProtocolError.
     """
     epoch, slot, ps, n, n_runs, flags = _PAGES_HEAD.unpack_from(body)  # struct.error if short
-    if flags & ~_FLAG_DELTA:
+    if flags & ~(_FLAG_DELTA | _FLAG_SPARSE):
         raise LocalProtocolError(f"unknown Pages flags {flags:#x}")
     if ps < ev.MIN_PAGE_SIZE or ps > ev.MAX_PAGE_SIZE or ps & (ps - 1):
         raise LocalProtocolError(f"bad page_size {ps}")
@@ -173,6 +241,8 @@ def decode_pages(body: memoryview, max_pages_bytes: int) -> ev.Pages:
     if n * ps > max_pages_bytes:  # checked before inflating anything
         raise LocalProtocolError(
             f"{n} pages of {ps} bytes would expand beyond the {max_pages_bytes}-byte cap")
+    if flags & _FLAG_SPARSE:
+        return _decode_sparse(body, epoch, slot, ps, n, n_runs, bool(flags & _FLAG_DELTA))
     firsts = np.empty(n_runs, dtype=np.int64)
     counts = np.empty(n_runs, dtype=np.int64)
     pieces: list[Buffer] = []

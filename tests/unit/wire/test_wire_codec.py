@@ -155,12 +155,38 @@ def body_of(p: Pages, **kw: int) -> bytes:
     return b"".join(encode_pages_parts(p, **kw))
 
 
+def sparse_of(body: bytes) -> tuple[list[tuple[int, int]], list[int], list[int]]:
+    """Parse a sparse Pages body (flags bit 1): runs, word offsets, values (independently)."""
+    n_runs, flags = struct.unpack_from("!IB", body, 20)
+    assert flags & 2
+    runs = [struct.unpack_from("!QI", body, 25 + 12 * i) for i in range(n_runs)]
+    off = 25 + 12 * n_runs
+    (k,) = struct.unpack_from("!I", body, off)
+    where = list(struct.unpack_from(f"!{k}I", body, off + 4))
+    vals = list(struct.unpack_from(f"!{k}Q", body, off + 4 + 4 * k))
+    assert off + 4 + 12 * k == len(body)
+    return runs, where, vals
+
+
 def test_all_zero_pages_encode_tiny() -> None:
     p = Pages(epoch=1, slot=0, page_size=PAGE, pages=np.arange(4096), data=bytes(4096 * PAGE))
     body = body_of(p)
-    assert len(body) == 25 + 17  # one ZERO run for 16 MiB
-    assert runs_of(body) == [(0, 4096, PageEncoding.ZERO, 0)]
+    assert len(body) == 25 + 12 + 4  # one run and no words for 16 MiB
+    assert sparse_of(body) == ([(0, 4096)], [], [])
     assert read_one([frame(p)])[0] == p
+
+
+def test_sparse_body_lists_runs_and_words_of_the_whole_frame() -> None:
+    words = np.zeros(4 * PAGE // 8, np.uint64)
+    words[[3, 600, 1500, 2047]] = [7, 8, 9, 2**64 - 1]
+    p = Pages(epoch=4, slot=2, page_size=PAGE, pages=(5, 6, 9, 40), data=words.tobytes(),
+              delta=True)
+    body = body_of(p)
+    assert sparse_of(body) == ([(5, 2), (9, 1), (40, 1)], [3, 600, 1500, 2047],
+                               [7, 8, 9, 2**64 - 1])
+    got = read_one([frame(p)])[0]
+    assert got == p and got.delta and got.words is not None
+    assert got.words[0].tolist() == [3, 600, 1500, 2047]
 
 
 def test_random_pages_are_not_inflated_beyond_run_heads() -> None:
@@ -186,13 +212,17 @@ def test_compressible_pages_are_deflated() -> None:
 
 
 def test_runs_follow_index_gaps_and_zero_boundaries() -> None:
-    data = bytearray(6 * PAGE)
-    data[0] = 1                  # page 10: data
-    data[3 * PAGE + 5] = 1       # page 13: data after two zero pages
-    p = Pages(epoch=2, slot=1, page_size=PAGE, pages=(10, 11, 12, 13, 20, 21), data=bytes(data))
+    rng = np.random.default_rng(1)
+    data = bytearray(7 * PAGE)
+    data[0] = 1                  # page 10: one word
+    data[3 * PAGE + 5] = 1       # page 13: one word after two zero pages
+    data[6 * PAGE:] = rng.bytes(PAGE)  # page 30: random, so the frame is not mostly zero
+    p = Pages(epoch=2, slot=1, page_size=PAGE, pages=(10, 11, 12, 13, 20, 21, 30),
+              data=bytes(data))
     heads = [(first, count, enc) for first, count, enc, _ in runs_of(body_of(p))]
     assert heads == [(10, 1, PageEncoding.SPARSE64), (11, 2, PageEncoding.ZERO),
-                     (13, 1, PageEncoding.SPARSE64), (20, 2, PageEncoding.ZERO)]
+                     (13, 1, PageEncoding.SPARSE64), (20, 2, PageEncoding.ZERO),
+                     (30, 1, PageEncoding.RAW)]
     assert read_one([frame(p)])[0] == p
 
 
@@ -205,7 +235,8 @@ def test_sparse_pages_and_xor_deltas_are_small_and_round_trip() -> None:
     p = Pages(epoch=3, slot=1, page_size=PAGE, pages=np.arange(100, 164), data=bytes(data),
               delta=True)
     body = body_of(p)
-    assert [enc for _, _, enc, _ in runs_of(body)] == [PageEncoding.SPARSE64]
+    runs, where, _ = sparse_of(body)
+    assert runs == [(100, 64)] and len(where) == 64 * 3
     assert len(body) < 64 * 3 * 12 + 100
     for how, chunks in feed_ways(frame(p), trailing=b"DRW"):
         got = read_one(chunks)[0]
@@ -254,6 +285,17 @@ def pages_body(runs: list[tuple[int, int, int, bytes]], n: int | None = None,
     return out
 
 
+def sparse_body(runs: list[tuple[int, int]], n: int | None = None,
+                words: list[tuple[int, int]] = (), k: int | None = None) -> bytes:  # type: ignore[assignment]
+    n = sum(c for _, c in runs) if n is None else n
+    out = struct.pack("!QIIIIB", 1, 0, 512, n, len(runs), 2)
+    for first, count in runs:
+        out += struct.pack("!QI", first, count)
+    out += struct.pack("!I", len(words) if k is None else k)
+    out += b"".join(struct.pack("!I", w) for w, _ in words)
+    return out + b"".join(struct.pack("!Q", v) for _, v in words)
+
+
 MALFORMED: list[tuple[str, int, bytes]] = [
     ("Ack trailing", FrameType.ACK, struct.pack("!Q", 1) + b"x"),
     ("Ack short", FrameType.ACK, b"\x00" * 7),
@@ -292,6 +334,18 @@ MALFORMED: list[tuple[str, int, bytes]] = [
      pages_body([(0, 1 << 20, PageEncoding.ZERO, b"")], page_size=1 << 20)),
     ("trailing run bytes", FrameType.PAGES, pages_body([(0, 1, PageEncoding.ZERO, b"")]) + b"!"),
     ("cut run head", FrameType.PAGES, pages_body([(0, 1, PageEncoding.ZERO, b"")])[:-3]),
+    ("unknown flag", FrameType.PAGES, struct.pack("!QIIIIB", 1, 0, 512, 1, 1, 4)),
+    ("sparse table short", FrameType.PAGES, sparse_body([(0, 1)])[:-8]),
+    ("sparse zero run", FrameType.PAGES, sparse_body([(0, 0), (1, 1)], n=1)),
+    ("sparse run sum", FrameType.PAGES, sparse_body([(0, 2)], n=1)),
+    ("sparse overlap", FrameType.PAGES, sparse_body([(5, 2), (6, 1)])),
+    ("sparse backwards", FrameType.PAGES, sparse_body([(5, 1), (2, 1)])),
+    ("sparse huge first", FrameType.PAGES, sparse_body([(1 << 63, 1)])),
+    ("sparse word count", FrameType.PAGES, sparse_body([(0, 1)], words=[(1, 5)])[:-4]),
+    ("sparse too many words", FrameType.PAGES, sparse_body([(0, 1)], k=65)),
+    ("sparse word range", FrameType.PAGES, sparse_body([(0, 1)], words=[(64, 5)])),
+    ("sparse word order", FrameType.PAGES, sparse_body([(0, 1)], words=[(3, 5), (1, 6)])),
+    ("sparse trailing", FrameType.PAGES, sparse_body([(0, 1)]) + b"!"),
 ]
 
 
