@@ -10,7 +10,7 @@ import ctypes as C
 import errno
 import mmap as _mmap
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from ..errors import KvmError
 from . import _uapi as U
@@ -20,9 +20,17 @@ from .mapping import PAGE_SIZE, Mapping
 if TYPE_CHECKING:
     from .vm import VmFd
 
+_Sync = TypeVar("_Sync", U.kvm_regs, U.kvm_sregs, U.kvm_vcpu_events)
+
 
 class VcpuFd:
     """A vCPU made by :meth:`VmFd.create_vcpu`."""
+
+    #: Set by code that writes regs/sregs/events into kvm_run's sync area and sets
+    #: ``kvm_dirty_regs`` (a fast rollback): KVM loads them only on the next KVM_RUN, so until
+    #: then the getters must return that copy and the setters must clear its dirty bit, or KVM
+    #: would load it over theirs. ``kvm_dirty_regs`` itself says what is still pending.
+    sync_written = False
 
     def __init__(self, fd: int, vm: VmFd, vcpu_id: int) -> None:
         self.fd = fd
@@ -63,22 +71,38 @@ class VcpuFd:
         return (C.c_char * size).from_address(self._run_map.addr + offset)
 
     # --- state ----------------------------------------------------------------------------------
+    # Regs/sregs/events written into the sync area with kvm_dirty_regs set (``sync_written``)
+    # are what the vCPU will run with: the getters return that copy, the setters supersede it.
+    def _pending_sync(self, typ: type[_Sync], field: str) -> _Sync:
+        return typ.from_buffer_copy(getattr(self.run_struct.s.regs, field))
+
+    def _drop_sync(self, bit: int) -> None:
+        self.sync_valid = False
+        if self.sync_written:
+            rs = self.run_struct
+            if rs.kvm_dirty_regs & bit:
+                rs.kvm_dirty_regs &= ~bit
+
     def get_regs(self) -> U.kvm_regs:
+        if self.sync_written and self.run_struct.kvm_dirty_regs & U.KVM_SYNC_X86_REGS:
+            return self._pending_sync(U.kvm_regs, "regs")
         r = U.kvm_regs()
         ioctl(self.fd, U.KVM_GET_REGS, r)
         return r
 
     def set_regs(self, r: U.kvm_regs) -> None:
-        self.sync_valid = False
+        self._drop_sync(U.KVM_SYNC_X86_REGS)
         ioctl(self.fd, U.KVM_SET_REGS, r)
 
     def get_sregs(self) -> U.kvm_sregs:
+        if self.sync_written and self.run_struct.kvm_dirty_regs & U.KVM_SYNC_X86_SREGS:
+            return self._pending_sync(U.kvm_sregs, "sregs")
         s = U.kvm_sregs()
         ioctl(self.fd, U.KVM_GET_SREGS, s)
         return s
 
     def set_sregs(self, s: U.kvm_sregs) -> None:
-        self.sync_valid = False
+        self._drop_sync(U.KVM_SYNC_X86_SREGS)
         ioctl(self.fd, U.KVM_SET_SREGS, s)
 
     def get_fpu(self) -> U.kvm_fpu:
@@ -133,12 +157,14 @@ class VcpuFd:
         ioctl(self.fd, U.KVM_SET_LAPIC, s)
 
     def get_vcpu_events(self) -> U.kvm_vcpu_events:
+        if self.sync_written and self.run_struct.kvm_dirty_regs & U.KVM_SYNC_X86_EVENTS:
+            return self._pending_sync(U.kvm_vcpu_events, "events")
         e = U.kvm_vcpu_events()
         ioctl(self.fd, U.KVM_GET_VCPU_EVENTS, e)
         return e
 
     def set_vcpu_events(self, e: U.kvm_vcpu_events) -> None:
-        self.sync_valid = False
+        self._drop_sync(U.KVM_SYNC_X86_EVENTS)
         ioctl(self.fd, U.KVM_SET_VCPU_EVENTS, e)
 
     def get_mp_state(self) -> int:
