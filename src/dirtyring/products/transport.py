@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 from ..errors import ConfigError, DirtyringError, RemoteProtocolError
 from ..wire import NEED_DATA, Connection, Event
+from ..wire.pagecodec import nbytes
 
 IOV_BATCH = 512
 
@@ -76,15 +77,30 @@ class Link:
     def send_many(self, events: list[Event], *, skip_if_resync: bool = False) -> bool:
         """Send events as one batch. With ``skip_if_resync``, send nothing and return False if
         the peer asked for a resync (a delta epoch would be illegal; the full one is coming)."""
+        return self.send_epochs([(events, skip_if_resync)])[0] >= 0
+
+    def send_epochs(self, entries: list[tuple[list[Event], bool]]) -> list[int]:
+        """Send several batches of events in one write; each batch flagged skip-if-resync is
+        dropped whole if a Resync is pending when its turn comes (checked under the same lock
+        that encodes, so a Resync arriving meanwhile can't make a delta illegal mid-write).
+        Returns the bytes of each batch, -1 for a dropped one."""
         with self._send_lock:
             parts: list = []
+            sizes = []
             with self._conn_lock:
-                if skip_if_resync and self.conn.resync_pending:
-                    return False
-                for e in events:
-                    parts.extend(self.conn.send_parts(e))
-            self._sendmsg(parts)
-            return True
+                for events, skip in entries:
+                    if skip and self.conn.resync_pending:
+                        sizes.append(-1)
+                        continue
+                    n = 0
+                    for e in events:
+                        p = self.conn.send_parts(e)
+                        n += sum(nbytes(x) for x in p)
+                        parts.extend(p)
+                    sizes.append(n)
+            if parts:
+                self._sendmsg(parts)
+            return sizes
 
     def _sendmsg(self, parts: list) -> None:
         try:
