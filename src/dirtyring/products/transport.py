@@ -14,7 +14,6 @@ from collections.abc import Iterator
 
 from ..errors import ConfigError, DirtyringError, RemoteProtocolError
 from ..wire import NEED_DATA, Connection, Event
-from ..wire.pagecodec import nbytes
 
 IOV_BATCH = 512
 
@@ -94,9 +93,8 @@ class Link:
                         continue
                     n = 0
                     for e in events:
-                        p = self.conn.send_parts(e)
-                        n += sum(nbytes(x) for x in p)
-                        parts.extend(p)
+                        parts.extend(self.conn.send_parts(e))
+                        n += self.conn.last_frame_size
                     sizes.append(n)
             if parts:
                 self._sendmsg(parts)

@@ -41,7 +41,7 @@ from .receivebuffer import ReceiveBuffer
 __all__ = [
     "MAGIC", "WIRE_VERSION", "HEADER_LEN", "MAC_LEN", "FRAME_OVERHEAD", "MAX_FRAME_SIZE",
     "FrameType", "PageEncoding", "Frame", "Buffer", "frame_type_of", "encode_event", "encode_body",
-    "encode_pages_parts", "frame_parts", "read_frame", "decode_body",
+    "encode_pages_parts", "frame_parts", "frame_size", "read_frame", "decode_body",
 ]
 
 MAGIC: Final = b"DRW1"
@@ -52,6 +52,7 @@ _CRC_OFFSET: Final = 20                        # the crc covers the header up to
 MAC_LEN: Final = 32
 FRAME_OVERHEAD: Final = HEADER_LEN + MAC_LEN
 MAX_FRAME_SIZE: Final = 64 * 1024 * 1024
+_LENGTH: Final = struct.Struct("!I")
 
 
 class FrameType(enum.IntEnum):
@@ -137,16 +138,40 @@ def encode_body(event: ev.Event, *, compress_level: int = 1) -> list[Buffer]:
     raise LocalProtocolError(f"{type(event).__name__} is not a wire event")
 
 
-def frame_parts(ftype: int, seq: int, body: Sequence[Buffer], key: bytes) -> list[Buffer]:
+_MAC_TEMPLATES: dict[bytes, Any] = {}
+
+
+def _mac(key: bytes) -> Any:
+    """A fresh HMAC-SHA256 for ``key``, copied from a keyed template (keying costs as much as
+    hashing a small frame, and every frame needs one)."""
+    t = _MAC_TEMPLATES.get(key)
+    if t is None:
+        if len(_MAC_TEMPLATES) > 64:
+            _MAC_TEMPLATES.clear()
+        t = _MAC_TEMPLATES[key] = hmac.new(key, digestmod=hashlib.sha256)
+    return t.copy()
+
+
+def _body_len(body: Sequence[Buffer]) -> int:
+    n = 0
+    for b in body:
+        n += b.nbytes if type(b) is memoryview else len(b)
+    return n
+
+
+def frame_parts(ftype: int, seq: int, body: Sequence[Buffer], key: bytes,
+                length: int | None = None) -> list[Buffer]:
     """Wrap body buffers into a frame: ``[header, *body, mac]``; the body is not copied."""
-    length = sum(nbytes(b) for b in body)
+    if length is None:
+        length = _body_len(body)
     if length > 0xFFFF_FFFF:
         raise LocalProtocolError(f"frame body of {length} bytes does not fit the length field")
     crc = zlib.crc32(HEADER.pack(MAGIC, WIRE_VERSION, ftype, length, seq, 0)[:_CRC_OFFSET])
     for b in body:
         crc = zlib.crc32(b, crc)
     header = HEADER.pack(MAGIC, WIRE_VERSION, ftype, length, seq, crc)
-    mac = hmac.new(key, header, hashlib.sha256)
+    mac = _mac(key)
+    mac.update(header)
     for b in body:
         mac.update(b)
     return [header, *body, mac.digest()]
@@ -169,11 +194,16 @@ def encode_event(event: ev.Event, seq: int, key: bytes, *, compress_level: int =
         raise LocalProtocolError(f"Pages carries {len(event.data)} bytes of pages, more than "
                                  f"max_frame_size={max_frame_size}; split it")
     body = encode_body(event, compress_level=compress_level)
-    length = sum(nbytes(b) for b in body)
+    length = _body_len(body)
     if length > max_frame_size:
         raise LocalProtocolError(f"{type(event).__name__} frame body is {length} bytes, more "
                                  f"than max_frame_size={max_frame_size}; split it")
-    return frame_parts(ftype, seq, body, key)
+    return frame_parts(ftype, seq, body, key, length)
+
+
+def frame_size(parts: Sequence[Buffer]) -> int:
+    """Bytes on the wire of a frame ``encode_event`` returned (its header says)."""
+    return FRAME_OVERHEAD + _LENGTH.unpack_from(parts[0], 8)[0]
 
 
 # ------------------------------------------------------------------------------- decoding
@@ -210,7 +240,7 @@ def read_frame(buf: ReceiveBuffer, key: bytes, *, expected_seq: int,
         raise RemoteProtocolError(
             f"corrupt frame: crc32 mismatch (frame with a {length}-byte body; bit error, "
             "truncation or a cut-and-spliced stream)")
-    if not hmac.compare_digest(hmac.new(key, signed, hashlib.sha256).digest(),
+    if not hmac.compare_digest(hmac.digest(key, signed, "sha256"),
                                frame[HEADER_LEN + length:]):
         raise RemoteProtocolError(
             "authentication failed: HMAC mismatch (wrong key, or the frame was forged)")

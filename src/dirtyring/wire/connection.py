@@ -14,9 +14,8 @@ from typing import Final, Literal, TypeAlias
 
 from dirtyring.errors import LocalProtocolError, RemoteProtocolError
 
-from .codec import MAX_FRAME_SIZE, Buffer, encode_event, frame_type_of, read_frame
+from .codec import MAX_FRAME_SIZE, Buffer, encode_event, frame_size, frame_type_of, read_frame
 from .events import ConnectionClosed, Event, Pages
-from .pagecodec import nbytes
 from .receivebuffer import ReceiveBuffer
 from .states import CLOSED, ConnectionState, Role, State
 
@@ -159,6 +158,9 @@ class Connection:
         """Return the bytes of one frame carrying ``event``; raise LocalProtocolError if illegal."""
         return b"".join(self.send_parts(event))
 
+    #: Bytes of the frame the last ``send_parts`` returned.
+    last_frame_size = 0
+
     def send_parts(self, event: Event) -> list[Buffer]:
         """Like :meth:`send`, but as a list of buffers for ``socket.sendmsg`` (page data is not
         copied). The caller must send all of them, in order, before the next frame."""
@@ -176,7 +178,7 @@ class Connection:
             self._fail(str(exc))
             raise
         self._seq_out += 1
-        size = sum(nbytes(p) for p in parts)
+        size = self.last_frame_size = frame_size(parts)
         self._frames_out += 1
         self._bytes_out += size
         if isinstance(event, Pages):
