@@ -184,11 +184,15 @@ class Standby:
                         switchover = True
                         break
                     elif isinstance(ev, Goodbye):
+                        if self._ack_due:
+                            self._ack(link)
                         reason = f"primary said goodbye: {ev.reason}"
                         graceful = True
                         break
                     elif isinstance(ev, Heartbeat):
                         pass
+                    if self._ack_due and not link.conn.frame_ready():
+                        self._ack(link)
             except TimeoutError:
                 reason = f"no frame from the primary for {self.hb_timeout:g} s"
             except LinkClosed as e:
@@ -277,8 +281,16 @@ class Standby:
             self.consistent_epoch = ev.epoch
             self.state = "protected"
             self._emit("protected", epoch=ev.epoch)
+        # Acknowledged once the burst of frames that has arrived is processed: one Ack then
+        # covers every epoch committed in it (acks are cumulative).
+        self._ack_due = ev.epoch
+
+    _ack_due = 0
+
+    def _ack(self, link: Link) -> None:
+        epoch, self._ack_due = self._ack_due, 0
         try:
-            link.send(Ack(epoch=ev.epoch))
+            link.send(Ack(epoch=epoch))
         except LinkClosed:
             # The primary may have closed after a Goodbye we have not read yet: keep reading
             # what is already buffered; the end of the stream decides (Goodbye or loss).

@@ -14,7 +14,10 @@ from typing import Final, Literal, TypeAlias
 
 from dirtyring.errors import LocalProtocolError, RemoteProtocolError
 
-from .codec import MAX_FRAME_SIZE, Buffer, encode_event, frame_size, frame_type_of, read_frame
+import struct
+
+from .codec import (FRAME_OVERHEAD, HEADER_LEN, MAX_FRAME_SIZE, Buffer, encode_event, frame_size,
+                    frame_type_of, read_frame)
 from .events import ConnectionClosed, Event, Pages
 from .receivebuffer import ReceiveBuffer
 from .states import CLOSED, ConnectionState, Role, State
@@ -24,6 +27,7 @@ __all__ = ["Connection", "NEED_DATA", "NeedData", "WireStatistics", "MIN_KEY_LEN
 #: Shorter keys are only accepted with ``insecure=True`` (HMAC-SHA256 wants >= 128 bits).
 MIN_KEY_LEN: Final = 16
 _MAX_SEQ: Final = (1 << 64) - 1
+_LENGTH: Final = struct.Struct("!I")  # the header's body length, at offset 8
 
 
 class _NeedData(enum.Enum):
@@ -198,6 +202,14 @@ class Connection:
             self._eof = True
         else:
             self._buf.append(data)
+
+    def frame_ready(self) -> bool:
+        """Whether a whole frame is buffered, so :meth:`next_event` will not say NEED_DATA
+        (lets a receiver acknowledge once per burst of epochs instead of once per epoch)."""
+        head = self._buf.peek(HEADER_LEN)
+        if len(head) < HEADER_LEN:
+            return False
+        return len(self._buf) >= FRAME_OVERHEAD + _LENGTH.unpack_from(head, 8)[0]
 
     def next_event(self) -> Event | NeedData:
         """Return the next event from the peer, NEED_DATA, or ConnectionClosed after EOF.

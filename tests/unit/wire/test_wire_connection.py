@@ -452,3 +452,20 @@ def test_frames_above_the_cap_are_refused_both_ways() -> None:
     small.receive_data(roomy.primary.send(Goodbye(reason="x" * 200))[:HEADER_LEN])
     with pytest.raises(RemoteProtocolError, match="oversize frame: body length 200"):
         small.next_event()
+
+
+def test_frame_ready_says_whether_next_event_has_a_whole_frame() -> None:
+    from dirtyring.wire import PRIMARY, STANDBY, Connection, Hello, WIRE_VERSION
+    key = b"k" * 32
+    p, s = Connection(PRIMARY, key), Connection(STANDBY, key)
+    wire = p.send(Hello(role="primary", version=WIRE_VERSION, session_id=b"s" * 16,
+                        config=b"{}"))
+    assert not s.frame_ready()
+    s.receive_data(wire[:10])
+    assert not s.frame_ready()          # not even the header
+    s.receive_data(wire[10:-1])
+    assert not s.frame_ready()          # all but the last MAC byte
+    s.receive_data(wire[-1:])
+    assert s.frame_ready()
+    assert isinstance(s.next_event(), Hello)
+    assert not s.frame_ready()
