@@ -17,6 +17,7 @@ committed state into the vCPUs and resume them; the guest carries on from the la
 """
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
@@ -246,7 +247,8 @@ class Standby:
             self.config = cfg
             self._emit("standby_vm_created", vcpus=cfg.vcpus, memory_bytes=cfg.data_bytes,
                        guest=cfg.guest)
-        link.send(HelloAck(session_id=ev.session_id, accepted=True))
+        # A fresh nonce binds this session's MACs to this answer (no replay of old sessions).
+        link.send(HelloAck(session_id=ev.session_id, accepted=True, nonce=os.urandom(16)))
         self.state = "following"
         self._emit("primary_connected")
 

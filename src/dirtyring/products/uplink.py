@@ -538,6 +538,10 @@ def _handshake(link: Link, ctrl: socket.socket, msg: tuple[Any, ...]) -> bool:
         link.send(Hello(role=role, version=version, session_id=sid, config=config))
         for ev in link.events(timeout=10.0):
             if isinstance(ev, HelloAck):
+                if ev.accepted and not ev.nonce:
+                    _send_msg(ctrl, "hello", False, "the standby did not bind the session to a "
+                              "nonce (its frames could be replayed); refusing it")
+                    return False
                 _send_msg(ctrl, "hello", ev.accepted, ev.reason)
                 return ev.accepted
             if isinstance(ev, Goodbye):

@@ -14,20 +14,26 @@ from typing import Final, Literal, TypeAlias
 
 from dirtyring.errors import LocalProtocolError, RemoteProtocolError
 
+import hmac
 import struct
 
 from .codec import (FRAME_OVERHEAD, HEADER_LEN, MAX_FRAME_SIZE, Buffer, encode_event, frame_size,
                     frame_type_of, read_frame)
-from .events import ConnectionClosed, Event, Pages
+from .events import ConnectionClosed, Event, HelloAck, Pages
 from .receivebuffer import ReceiveBuffer
 from .states import CLOSED, ConnectionState, Role, State
 
-__all__ = ["Connection", "NEED_DATA", "NeedData", "WireStatistics", "MIN_KEY_LEN"]
+__all__ = ["Connection", "NEED_DATA", "NeedData", "WireStatistics", "MIN_KEY_LEN", "session_key"]
 
 #: Shorter keys are only accepted with ``insecure=True`` (HMAC-SHA256 wants >= 128 bits).
 MIN_KEY_LEN: Final = 16
 _MAX_SEQ: Final = (1 << 64) - 1
 _LENGTH: Final = struct.Struct("!I")  # the header's body length, at offset 8
+
+
+def session_key(key: bytes, session_id: bytes, nonce: bytes) -> bytes:
+    """The MAC key of one session: HMAC-SHA256(shared key, label | session id | nonce)."""
+    return hmac.digest(key, b"dirtyring session v1" + session_id + nonce, "sha256")
 
 
 class _NeedData(enum.Enum):
@@ -182,6 +188,7 @@ class Connection:
             self._fail(str(exc))
             raise
         self._seq_out += 1
+        self._bind(event)
         size = self.last_frame_size = frame_size(parts)
         self._frames_out += 1
         self._bytes_out += size
@@ -237,12 +244,26 @@ class Connection:
             self._fail(str(exc))
             raise
         self._seq_in += 1
+        self._bind(frame.event)
         self._frames_in += 1
         self._bytes_in += frame.wire_len
         if isinstance(frame.event, Pages):
             self._raw_in += len(frame.event.data)
             self._wire_in += frame.body_len
         return frame.event
+
+    def _bind(self, event: Event) -> None:
+        """After an accepted HelloAck that carries the standby's fresh nonce, both ends
+        authenticate with a key derived from the shared key, the Hello's session id and that
+        nonce. Frames recorded from any other session (another nonce) then fail
+        authentication: a replayed session can't be passed off to a standby, nor a standby's
+        old answers to a primary."""
+        if isinstance(event, HelloAck) and event.accepted and event.nonce:
+            self._key = session_key(self._key, event.session_id, event.nonce)
+            self.session_bound = True
+
+    #: True once frames are authenticated with the per-session key (see ``_bind``).
+    session_bound = False
 
     def _fail(self, why: str) -> None:
         self._error = why

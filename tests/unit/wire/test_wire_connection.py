@@ -469,3 +469,47 @@ def test_frame_ready_says_whether_next_event_has_a_whole_frame() -> None:
     assert s.frame_ready()
     assert isinstance(s.next_event(), Hello)
     assert not s.frame_ready()
+
+
+def _bound_pair(key: bytes, nonce: bytes, sid: bytes = b"s" * 16):
+    from dirtyring.wire import PRIMARY, STANDBY, Connection, Hello, HelloAck, WIRE_VERSION
+    p, s = Connection(PRIMARY, key), Connection(STANDBY, key)
+    hello = p.send(Hello(role="primary", version=WIRE_VERSION, session_id=sid, config=b"{}"))
+    s.receive_data(hello)
+    s.next_event()
+    p.receive_data(s.send(HelloAck(session_id=sid, accepted=True, nonce=nonce)))
+    p.next_event()
+    return p, s, hello
+
+
+def test_a_nonce_binds_the_session_key_and_frames_still_flow() -> None:
+    from dirtyring.wire import EpochBegin, EpochEnd
+    p, s, _ = _bound_pair(b"k" * 32, b"n" * 16)
+    assert p.session_bound and s.session_bound
+    s.receive_data(p.send(EpochBegin(epoch=1, kind="full"))
+                   + p.send(EpochEnd(epoch=1, n_pages=0, output_seq=0)))
+    assert isinstance(s.next_event(), EpochBegin)
+    assert isinstance(s.next_event(), EpochEnd)
+
+
+def test_a_recorded_session_replayed_to_a_new_standby_fails_authentication() -> None:
+    """Same shared key, same session id, same Hello: only the standby's nonce differs, and the
+    replayed frames after the handshake are refused."""
+    import pytest
+    from dirtyring.errors import RemoteProtocolError
+    from dirtyring.wire import STANDBY, Connection, EpochBegin, HelloAck
+    key = b"k" * 32
+    p, _, hello = _bound_pair(key, b"a" * 16)
+    recorded = p.send(EpochBegin(epoch=1, kind="full"))
+    victim = Connection(STANDBY, key)
+    victim.receive_data(hello)
+    victim.next_event()
+    victim.send(HelloAck(session_id=b"s" * 16, accepted=True, nonce=b"b" * 16))
+    victim.receive_data(recorded)
+    with pytest.raises(RemoteProtocolError, match="authentication failed"):
+        victim.next_event()
+
+
+def test_without_a_nonce_the_shared_key_stays_in_use() -> None:
+    p, s, _ = _bound_pair(b"k" * 32, b"")
+    assert not p.session_bound and not s.session_bound
