@@ -79,7 +79,8 @@ class Link:
         return self.send_epochs([(events, skip_if_resync)])[0] >= 0
 
     def send_epochs(self, entries: list[tuple[list[Event], bool]]) -> list[int]:
-        """Send several batches of events in one write; each batch flagged skip-if-resync is
+        """Send several batches of events in one write (each as BATCH frames: one header, CRC
+        and MAC per epoch rather than per event); each batch flagged skip-if-resync is
         dropped whole if a Resync is pending when its turn comes (checked under the same lock
         that encodes, so a Resync arriving meanwhile can't make a delta illegal mid-write).
         Returns the bytes of each batch, -1 for a dropped one."""
@@ -91,11 +92,8 @@ class Link:
                     if skip and self.conn.resync_pending:
                         sizes.append(-1)
                         continue
-                    n = 0
-                    for e in events:
-                        parts.extend(self.conn.send_parts(e))
-                        n += self.conn.last_frame_size
-                    sizes.append(n)
+                    parts.extend(self.conn.send_batch(events))
+                    sizes.append(self.conn.last_frame_size)
             if parts:
                 self._sendmsg(parts)
             return sizes

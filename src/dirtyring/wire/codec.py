@@ -17,6 +17,10 @@ CRC is checked first, so corruption reads "corrupt frame" and only a frame that 
 unauthenticated reads "authentication failed". The MAC also covers the sequence number, so a
 replayed or reordered frame can't be passed off as fresh within a session.
 
+A BATCH frame (type 12) carries several events: its body is a run of sub-frames, each a u16
+type and u32 length followed by that type's body. One header, CRC and MAC then cover a whole
+epoch; Hello and HelloAck never travel in a batch (the session key changes after them).
+
 Bodies are fixed ``struct`` heads; a variable-length last field (config, reason, blob, digest)
 runs to the end of the body. The one optional middle field, HelloAck's nonce, has a u8 length
 (0 or 16) in the head. Pages bodies are described in ``pagecodec.py``.
@@ -40,8 +44,8 @@ from .receivebuffer import ReceiveBuffer
 
 __all__ = [
     "MAGIC", "WIRE_VERSION", "HEADER_LEN", "MAC_LEN", "FRAME_OVERHEAD", "MAX_FRAME_SIZE",
-    "FrameType", "PageEncoding", "Frame", "Buffer", "frame_type_of", "encode_event", "encode_body",
-    "encode_pages_parts", "frame_parts", "frame_size", "read_frame", "decode_body",
+    "FrameType", "PageEncoding", "Frame", "Batch", "Buffer", "batch_body", "UNBATCHABLE",
+    "frame_type_of", "encode_event", "encode_body", "encode_pages_parts", "frame_parts", "frame_size", "body_len", "read_frame", "decode_body",
 ]
 
 MAGIC: Final = b"DRW1"
@@ -69,6 +73,48 @@ class FrameType(enum.IntEnum):
     FAILOVER = 9
     GOODBYE = 10
     RESYNC = 11
+    BATCH = 12
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """A BATCH frame's events with their body lengths; the connection hands them out singly."""
+
+    items: tuple[tuple[ev.Event, int], ...]
+
+
+UNBATCHABLE: Final = frozenset({FrameType.HELLO, FrameType.HELLO_ACK, FrameType.BATCH})
+
+
+def batch_body(subs: Sequence[tuple[int, Sequence[Buffer], int]]) -> list[Buffer]:
+    """The body of a BATCH frame from (type, body parts, body length) triples."""
+    out: list[Buffer] = []
+    for ftype, body, length in subs:
+        out.append(_BATCH_SUB.pack(ftype, length))
+        out.extend(body)
+    return out
+
+
+def _d_batch(body: memoryview, max_pages_bytes: int) -> Batch:
+    items, off = [], 0
+    while off < len(body):
+        if len(body) - off < _BATCH_SUB.size:
+            raise LocalProtocolError("batch ends inside a sub-frame head")
+        ftype, length = _BATCH_SUB.unpack_from(body, off)
+        off += _BATCH_SUB.size
+        if length > len(body) - off:
+            raise LocalProtocolError("batch sub-frame runs past the end of the frame")
+        try:
+            kind = FrameType(ftype)
+        except ValueError:
+            raise LocalProtocolError(f"unknown frame type {ftype} in a batch") from None
+        if kind in UNBATCHABLE:
+            raise LocalProtocolError(f"{kind.name} may not travel inside a batch")
+        items.append((_DECODERS[kind](body[off:off + length], max_pages_bytes), length))
+        off += length
+    if not items:
+        raise LocalProtocolError("empty batch")
+    return Batch(items=tuple(items))
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +123,7 @@ class Frame:
 
     type: FrameType
     seq: int
-    event: ev.Event
+    event: ev.Event | Batch
     body_len: int
 
     @property
@@ -100,6 +146,7 @@ _EPOCH_BEGIN: Final = struct.Struct("!QB")    # epoch, kind
 _U64: Final = struct.Struct("!Q")             # Ack.epoch; MachineBlob/Resync.epoch, then more
 _EPOCH_END: Final = struct.Struct("!QQQ")     # epoch, n_pages, output_seq; then digest
 _HEARTBEAT: Final = struct.Struct("!QQ")      # seq, sent_ns
+_BATCH_SUB: Final = struct.Struct("!HI")       # type, body length; then the body
 _ROLE_CODES: Final = {"primary": 0, "standby": 1}
 _KIND_CODES: Final = {"full": 0, "delta": 1}
 
@@ -152,7 +199,7 @@ def _mac(key: bytes) -> Any:
     return t.copy()
 
 
-def _body_len(body: Sequence[Buffer]) -> int:
+def body_len(body: Sequence[Buffer]) -> int:
     n = 0
     for b in body:
         n += b.nbytes if type(b) is memoryview else len(b)
@@ -163,7 +210,7 @@ def frame_parts(ftype: int, seq: int, body: Sequence[Buffer], key: bytes,
                 length: int | None = None) -> list[Buffer]:
     """Wrap body buffers into a frame: ``[header, *body, mac]``; the body is not copied."""
     if length is None:
-        length = _body_len(body)
+        length = body_len(body)
     if length > 0xFFFF_FFFF:
         raise LocalProtocolError(f"frame body of {length} bytes does not fit the length field")
     crc = zlib.crc32(HEADER.pack(MAGIC, WIRE_VERSION, ftype, length, seq, 0)[:_CRC_OFFSET])
@@ -194,7 +241,7 @@ def encode_event(event: ev.Event, seq: int, key: bytes, *, compress_level: int =
         raise LocalProtocolError(f"Pages carries {len(event.data)} bytes of pages, more than "
                                  f"max_frame_size={max_frame_size}; split it")
     body = encode_body(event, compress_level=compress_level)
-    length = _body_len(body)
+    length = body_len(body)
     if length > max_frame_size:
         raise LocalProtocolError(f"{type(event).__name__} frame body is {length} bytes, more "
                                  f"than max_frame_size={max_frame_size}; split it")
@@ -258,7 +305,8 @@ def read_frame(buf: ReceiveBuffer, key: bytes, *, expected_seq: int,
     return Frame(type=kind, seq=seq, event=event, body_len=length)
 
 
-def decode_body(ftype: FrameType, body: memoryview, *, max_pages_bytes: int) -> ev.Event:
+def decode_body(ftype: FrameType, body: memoryview, *,
+                max_pages_bytes: int) -> ev.Event | Batch:
     """Decode a verified body; any malformation raises RemoteProtocolError naming the type."""
     try:
         return _DECODERS[ftype](body, max_pages_bytes)
@@ -348,3 +396,4 @@ _DECODERS: Final[dict[FrameType, Callable[[memoryview, int], ev.Event]]] = {
     FrameType.FAILOVER: _d_failover, FrameType.GOODBYE: _d_goodbye,
     FrameType.RESYNC: _d_resync,
 }
+_DECODERS[FrameType.BATCH] = _d_batch  # type: ignore[assignment]

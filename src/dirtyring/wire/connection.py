@@ -16,9 +16,11 @@ from dirtyring.errors import LocalProtocolError, RemoteProtocolError
 
 import hmac
 import struct
+from collections import deque
 
-from .codec import (FRAME_OVERHEAD, HEADER_LEN, MAX_FRAME_SIZE, Buffer, encode_event, frame_size,
-                    frame_type_of, read_frame)
+from .codec import (FRAME_OVERHEAD, HEADER_LEN, MAX_FRAME_SIZE, UNBATCHABLE, Batch, Buffer,
+                    FrameType, batch_body, body_len, encode_body, encode_event, frame_parts,
+                    frame_size, frame_type_of, read_frame)
 from .events import ConnectionClosed, Event, HelloAck, Pages
 from .receivebuffer import ReceiveBuffer
 from .states import CLOSED, ConnectionState, Role, State
@@ -29,6 +31,9 @@ __all__ = ["Connection", "NEED_DATA", "NeedData", "WireStatistics", "MIN_KEY_LEN
 MIN_KEY_LEN: Final = 16
 _MAX_SEQ: Final = (1 << 64) - 1
 _LENGTH: Final = struct.Struct("!I")  # the header's body length, at offset 8
+_SUB_HEAD: Final = 6  # a batch sub-frame's type and length
+#: Default cap on a BATCH frame's body: small frames batch up, big page runs go alone.
+BATCH_MAX_BODY: Final = 1 << 20
 
 
 def session_key(key: bytes, session_id: bytes, nonce: bytes) -> bytes:
@@ -113,6 +118,7 @@ class Connection:
         self._compress_level = compress_level
         self._state = ConnectionState(side=self._role)
         self._buf = ReceiveBuffer()
+        self._pending: deque[Event] = deque()  # the rest of a received batch
         self._eof = False
         self._error: str | None = None
         self._seq_out = 0
@@ -197,6 +203,88 @@ class Connection:
             self._wire_out += size - len(parts[0]) - len(parts[-1])
         return parts
 
+    def send_batch(self, events: list[Event], *, max_body: int = BATCH_MAX_BODY) -> list[Buffer]:
+        """Frames carrying ``events`` in order, as buffers for ``socket.sendmsg``: events are
+        packed into BATCH frames of at most ``max_body`` bytes (one header, CRC and MAC for a
+        whole epoch); a bigger event, a handshake event or a lone event gets a frame of its
+        own. Each event passes the state machine exactly as if sent alone.
+        ``last_frame_size`` is then the bytes of all the frames together."""
+        out: list[Buffer] = []
+        total = 0
+        group: list[tuple[Event, FrameType, list[Buffer], int]] = []
+        group_len = 0
+
+        def flush() -> None:
+            nonlocal group, group_len, total
+            if len(group) == 1:
+                e, ftype, body, blen = group[0]
+                parts = self._frame_out(ftype, body, blen, [(e, blen)])
+            elif group:
+                body = batch_body([(ft, b, n) for _, ft, b, n in group])
+                parts = self._frame_out(FrameType.BATCH, body, group_len,
+                                        [(e, n) for e, _, _, n in group])
+            else:
+                return
+            out.extend(parts)
+            total += frame_size(parts)
+            group, group_len = [], 0
+
+        for e in events:
+            ftype = frame_type_of(e)
+            if ftype in UNBATCHABLE:
+                flush()
+                out.extend(self.send_parts(e))
+                total += self.last_frame_size
+                continue
+            body, blen = self._encode_checked(e)
+            if group and group_len + _SUB_HEAD + blen > max_body:
+                flush()
+            group.append((e, ftype, body, blen))
+            group_len += _SUB_HEAD + blen
+        flush()
+        self.last_frame_size = total
+        return out
+
+    def _encode_checked(self, event: Event) -> tuple[list[Buffer], int]:
+        """State machine + body encoding for one event of a batch."""
+        if self._error is not None:
+            raise LocalProtocolError(f"connection is in ERROR, cannot send: {self._error}")
+        try:
+            if isinstance(event, Pages) and len(event.data) > self._max_frame_size:
+                raise LocalProtocolError(
+                    f"Pages carries {len(event.data)} bytes of pages, more than "
+                    f"max_frame_size={self._max_frame_size}; split it")
+            self._state.process_event(self._role, event)
+            body = encode_body(event, compress_level=self._compress_level)
+            blen = body_len(body)
+            if blen > self._max_frame_size:
+                raise LocalProtocolError(f"{type(event).__name__} frame body is {blen} bytes, "
+                                         f"more than max_frame_size={self._max_frame_size}")
+        except LocalProtocolError as exc:
+            self._fail(str(exc))
+            raise
+        return body, blen
+
+    def _frame_out(self, ftype: FrameType, body: list[Buffer], blen: int,
+                   items: list[tuple[Event, int]]) -> list[Buffer]:
+        if self._seq_out > _MAX_SEQ:
+            self._fail("frame sequence space exhausted")
+            raise LocalProtocolError("frame sequence space exhausted")
+        if ftype is FrameType.BATCH and blen > self._max_frame_size:
+            # Only reachable with max_body > max_frame_size: refuse rather than send a frame
+            # the peer must reject.
+            self._fail("batch larger than max_frame_size")
+            raise LocalProtocolError("batch larger than max_frame_size; lower max_body")
+        parts = frame_parts(ftype, self._seq_out, body, self._key, blen)
+        self._seq_out += 1
+        self._frames_out += 1
+        self._bytes_out += FRAME_OVERHEAD + blen
+        for e, n in items:
+            if isinstance(e, Pages):
+                self._raw_out += len(e.data)
+                self._wire_out += n
+        return parts
+
     # -------------------------------------------------------------------- receiving
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
@@ -213,6 +301,8 @@ class Connection:
     def frame_ready(self) -> bool:
         """Whether a whole frame is buffered, so :meth:`next_event` will not say NEED_DATA
         (lets a receiver acknowledge once per burst of epochs instead of once per epoch)."""
+        if self._pending:
+            return True
         head = self._buf.peek(HEADER_LEN)
         if len(head) < HEADER_LEN:
             return False
@@ -226,6 +316,8 @@ class Connection:
         """
         if self._error is not None:
             raise RemoteProtocolError(f"connection is in ERROR: {self._error}")
+        if self._pending:
+            return self._pending.popleft()
         try:
             frame = read_frame(self._buf, self._key, expected_seq=self._seq_in,
                                max_frame_size=self._max_frame_size)
@@ -236,6 +328,8 @@ class Connection:
                     raise RemoteProtocolError(
                         f"truncated frame at EOF: stream ended {len(self._buf)} bytes into a frame")
                 return ConnectionClosed(clean=self.their_state is CLOSED)
+            if isinstance(frame.event, Batch):
+                return self._receive_batch(frame.event, frame.wire_len)
             try:
                 self._state.process_event(self._role.peer, frame.event)
             except LocalProtocolError as exc:
@@ -252,6 +346,25 @@ class Connection:
             self._wire_in += frame.body_len
         return frame.event
 
+    def _receive_batch(self, batch: Batch, wire_len: int) -> Event:
+        """Every event of a batch passes the state machine before the first is handed out:
+        a batch with one illegal event is refused whole."""
+        for e, _ in batch.items:
+            try:
+                self._state.process_event(self._role.peer, e)
+            except LocalProtocolError as exc:
+                raise RemoteProtocolError(f"illegal event in a batch: {exc}") from None
+        self._seq_in += 1
+        self._frames_in += 1
+        self._bytes_in += wire_len
+        for e, n in batch.items:
+            if isinstance(e, Pages):
+                self._raw_in += len(e.data)
+                self._wire_in += n
+        events = [e for e, _ in batch.items]
+        self._pending.extend(events[1:])
+        return events[0]
+
     def _bind(self, event: Event) -> None:
         """After an accepted HelloAck that carries the standby's fresh nonce, both ends
         authenticate with a key derived from the shared key, the Hello's session id and that
@@ -266,6 +379,7 @@ class Connection:
     session_bound = False
 
     def _fail(self, why: str) -> None:
+        self._pending.clear()
         self._error = why
         self._state.process_error()
         self._buf.clear()
