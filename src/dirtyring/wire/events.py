@@ -221,6 +221,22 @@ class Pages(Event):
                 f"data is {len(data)} bytes, expected {idx.size} pages * {ps} = {idx.size * ps}")
         _set(self, "data", data)
 
+    @classmethod
+    def decoded(cls, *, epoch: int, slot: int, page_size: int, pages: npt.NDArray[np.int64],
+                data: bytes, delta: bool,
+                words: tuple[npt.NDArray[np.int64], npt.NDArray[np.uint64]] | None = None
+                ) -> Pages:
+        """Build from values the wire decoder has already checked (u64/u32 by their struct
+        formats, page size, strictly increasing indices, data length), without checking them a
+        second time: the receive path builds thousands of these a second."""
+        obj = object.__new__(cls)
+        pages.setflags(write=False)
+        for name, value in (("epoch", epoch), ("slot", slot), ("page_size", page_size),
+                            ("pages", pages), ("data", data), ("delta", delta),
+                            ("words", words)):
+            _set(obj, name, value)
+        return obj
+
     @property
     def indices(self) -> npt.NDArray[np.int64]:
         """The page indices as the read-only int64 array they are stored as."""

@@ -222,8 +222,8 @@ def _decode_sparse(body: memoryview, epoch: int, slot: int, ps: int, n: int, n_r
     out[where] = vals
     run_start = np.cumsum(counts) - counts
     indices = np.arange(n, dtype=np.int64) + np.repeat(firsts - run_start, counts)
-    return ev.Pages(epoch=epoch, slot=slot, page_size=ps, pages=indices, data=out.tobytes(),
-                    delta=delta, words=(where, vals))
+    return ev.Pages.decoded(epoch=epoch, slot=slot, page_size=ps, pages=indices,
+                            data=out.tobytes(), delta=delta, words=(where, vals))
 
 
 def decode_pages(body: memoryview, max_pages_bytes: int) -> ev.Pages:
@@ -291,8 +291,8 @@ def decode_pages(body: memoryview, max_pages_bytes: int) -> ev.Pages:
         raise LocalProtocolError(f"runs carry {seen} pages, head says {n}")
     run_start = np.cumsum(counts) - counts  # position of each run's first page in the output
     indices = np.arange(n, dtype=np.int64) + np.repeat(firsts - run_start, counts)
-    return ev.Pages(epoch=epoch, slot=slot, page_size=ps, pages=indices, data=b"".join(pieces),
-                    delta=bool(flags & _FLAG_DELTA))
+    return ev.Pages.decoded(epoch=epoch, slot=slot, page_size=ps, pages=indices,
+                            data=b"".join(pieces), delta=bool(flags & _FLAG_DELTA))
 
 
 def _inflate_sparse(payload: memoryview, size: int, r: int) -> bytes:
