@@ -80,6 +80,10 @@ def add_parsers(sub: Any) -> None:
     s.add_argument("--verify", action="store_true", help="check memory digests at every commit")
     s.add_argument("--no-auto-failover", action="store_true",
                    help="only fail over on `dirtyring failover`")
+    s.add_argument("--arbiter", metavar="COMMAND",
+                   help="split-brain guard: run COMMAND before an automatic failover and go "
+                        "live only if it exits 0 (it gets DIRTYRING_EPOCH, DIRTYRING_REASON)")
+    s.add_argument("--arbiter-timeout", type=duration, default=5.0, metavar="DURATION")
     s.add_argument("--serve", metavar="HOST:PORT", help="key-value clients port after failover")
     s.add_argument("--control", metavar="HOST:PORT",
                    help="control port for `dirtyring failover` / status (default: none)")
@@ -152,7 +156,8 @@ def standby(args: argparse.Namespace) -> int:
 
     sb = Standby(parse_addr(args.listen), key, insecure=insecure,
                  heartbeat_timeout=args.heartbeat_timeout, heartbeat_interval=args.heartbeat,
-                 verify=args.verify, auto_failover=not args.no_auto_failover, on_event=out,
+                 verify=args.verify, auto_failover=not args.no_auto_failover,
+                 arbiter=args.arbiter, arbiter_timeout=args.arbiter_timeout, on_event=out,
                  sink=sink)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *a: stop.set())

@@ -18,7 +18,9 @@ committed state into the vCPUs and resume them; the guest carries on from the la
 from __future__ import annotations
 
 import os
+import shlex
 import socket
+import subprocess
 import threading
 import time
 from typing import Any, Callable
@@ -44,6 +46,7 @@ class Standby:
     def __init__(self, listen_addr: tuple[str, int], key: bytes, *, insecure: bool = False,
                  heartbeat_timeout: float = 1.0, heartbeat_interval: float = 0.1,
                  verify: bool = False, auto_failover: bool = True,
+                 arbiter: str | None = None, arbiter_timeout: float = 5.0,
                  on_event: EventSink | None = None,
                  sink: Callable[[str, Any], None] | None = None) -> None:
         install_kick_handler()  # the standby VM is built later, on the connection's thread
@@ -55,6 +58,8 @@ class Standby:
         self.hb_interval = heartbeat_interval
         self.verify = verify
         self.auto_failover = auto_failover
+        self.arbiter = shlex.split(arbiter) if arbiter else None
+        self.arbiter_timeout = arbiter_timeout
         self.on_event = on_event or (lambda e: None)
         self.sink = sink
         self.machine: Machine | None = None
@@ -212,15 +217,44 @@ class Standby:
             self.failover_detected_at = time.monotonic()
             self._emit("switchover_requested" if switchover else "primary_lost", reason=reason,
                        committed_epoch=self.committed_epoch)
-            if self.failover_requested.is_set() or switchover or \
-                    (self.auto_failover and not graceful and not broken and self.consistent):
+            if self.failover_requested.is_set() or switchover:
                 self.failover(reason, link)
+            elif self.auto_failover and not graceful and not broken and self.consistent:
+                if self._lease(reason):
+                    self.failover(reason, link)
+                else:
+                    self._emit("waiting", reason="failover refused by the arbiter; waiting for "
+                                                 "a primary or a manual failover")
             elif not self.consistent or broken:
                 # Nothing consistent was ever committed from this peer: there is nothing to take
                 # over, and a stranger must not end the standby. Keep waiting for a primary.
                 self._emit("waiting", reason="not failing over; waiting for a primary to connect")
             link.close()
             self._link = None
+
+    def _lease(self, reason: str) -> bool:
+        """Split-brain guard: before an *automatic* failover, the arbiter command (if any) must
+        grant this standby the right to go live (exit status 0): e.g. take a lease in a shared
+        store, or check that the primary's host is really down. A refusal, an error or a
+        timeout means no failover. A manual failover or a primary's switchover skips it."""
+        if not self.arbiter:
+            return True
+        env = dict(os.environ, DIRTYRING_EPOCH=str(self.committed_epoch),
+                   DIRTYRING_REASON=reason, DIRTYRING_LISTEN=f"{self.addr[0]}:{self.addr[1]}")
+        t0 = time.monotonic()
+        try:
+            r = subprocess.run(self.arbiter, env=env, timeout=self.arbiter_timeout,
+                               stdin=subprocess.DEVNULL, capture_output=True)
+            ok, detail = r.returncode == 0, f"exit status {r.returncode}"
+            if r.stderr.strip():
+                detail += ": " + r.stderr.decode(errors="replace").strip()[-200:]
+        except subprocess.TimeoutExpired:
+            ok, detail = False, f"no answer within {self.arbiter_timeout:g} s"
+        except OSError as e:
+            ok, detail = False, f"cannot run {self.arbiter[0]!r}: {e.strerror or e}"
+        self._emit("lease_granted" if ok else "failover_refused", detail=detail,
+                   arbiter_ms=(time.monotonic() - t0) * 1e3)
+        return ok
 
     def _heartbeats(self, link: Link) -> None:
         seq = 0
