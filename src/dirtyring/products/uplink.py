@@ -72,16 +72,19 @@ class _Staging:
         self.size = HEADER + slots * self.slot_bytes
         self.map = Mapping(fd, self.size)
         self.header = self.map.array(np.uint64, 0, HEADER // 8)
+        bases = [HEADER + i * self.slot_bytes for i in range(slots)]
+        self._idx = [self.map.array(np.int64, b, slot_pages) for b in bases]
+        self._data = [self.map.array(np.uint8, b + self.idx_bytes, slot_pages * PAGE)
+                      .reshape(-1, PAGE) for b in bases]
 
     def indices(self, seq: int) -> np.ndarray:
-        off = HEADER + (seq % self.slots) * self.slot_bytes
-        return self.map.array(np.int64, off, self.slot_pages)
+        return self._idx[seq % self.slots]
 
     def data(self, seq: int) -> np.ndarray:
-        off = HEADER + (seq % self.slots) * self.slot_bytes + self.idx_bytes
-        return self.map.array(np.uint8, off, self.slot_pages * PAGE).reshape(-1, PAGE)
+        return self._data[seq % self.slots]
 
     def close(self) -> None:
+        self._idx, self._data = [], []
         self.map.close()
 
 
@@ -126,7 +129,7 @@ class Uplink:
         os.close(fd)
         self.on_message = on_message
         self.seq = 0
-        self._parts: list[tuple[int, int, int]] = []
+        self._parts: list[tuple[int, int, int, int]] = []
         self._used: dict[int, int] = {}
         self.closing = False
         self.dead = threading.Event()
@@ -203,24 +206,40 @@ class Uplink:
     def stage(self, epoch: int, kind: str, slot: int, view: np.ndarray, pages: np.ndarray,
               stop: Callable[[], bool]) -> int:
         """Copy ``pages`` of guest memory slot ``slot`` (``view``: its pages as rows) into
-        staging. Returns how many were staged (fewer only if ``stop()`` gave up waiting)."""
+        staging. Returns how many were staged (fewer only if ``stop()`` gave up waiting).
+
+        An epoch starts in a fresh staging slot and packs the pages of all its memory slots
+        into it (a part is (staging seq, offset, memory slot, pages)); the uplink releases a
+        staging slot only when the epoch that filled it is done with it."""
         cap = self.staging.slot_pages
-        done = 0
-        for i in range(0, len(pages), cap):
-            chunk = pages[i:i + cap]
-            if not self._free_slot(epoch, kind, stop):
+        if epoch != self._epoch:
+            self._epoch = epoch
+            if self._fill:
+                self.seq, self._fill = self.seq + 1, 0
+        done, i, n = 0, 0, len(pages)
+        while i < n:
+            if self._fill == cap:
+                self.seq, self._fill = self.seq + 1, 0
+            if not self._fill and not self._free_slot(epoch, kind, stop):
                 return done
-            k = len(chunk)
-            self.staging.indices(self.seq)[:k] = chunk
+            off = self._fill
+            k = min(cap - off, n - i)
+            chunk = pages[i:i + k]
+            self.staging.indices(self.seq)[off:off + k] = chunk
             # mode="clip" skips the defensive copy numpy makes for out= with mode="raise";
             # the tracker only reports pages inside the slot.
-            np.take(view, chunk, axis=0, out=self.staging.data(self.seq)[:k], mode="clip")
-            self._parts.append((self.seq, slot, k))
-            self._used[self.seq] = k * PAGE
+            np.take(view, chunk, axis=0, out=self.staging.data(self.seq)[off:off + k],
+                    mode="clip")
+            self._parts.append((self.seq, off, slot, k))
+            self._used[self.seq] = (off + k) * PAGE
             self._used.pop(self.seq - self.staging.slots, None)
-            self.seq += 1
+            self._fill += k
+            i += k
             done += k
         return done
+
+    _epoch = 0
+    _fill = 0  # pages used in staging slot ``seq``
 
     def alive(self) -> None:
         """Vouch that the epoch loop is alive: the uplink only heartbeats while this moves."""
@@ -229,7 +248,7 @@ class Uplink:
     def abandon(self) -> None:
         """Forget pages staged for an epoch that will not be ended (the run is stopping)."""
         if self._parts:
-            self.seq = self._parts[0][0]
+            self.seq, self._fill = self._parts[0][0], self._parts[0][1]
             self._parts = []
 
     def end(self, epoch: int, kind: str, state: bytes, digest: bytes, outputs: int) -> None:
@@ -398,18 +417,18 @@ class _Sender:
         self.cur_first = True
         self._n_pages = 0
 
-    def _pages(self, parts: list[tuple[int, int, int]]) -> None:
+    def _pages(self, parts: list[tuple[int, int, int, int]]) -> None:
         """Pages events for staged parts. The shadow (what the standby will hold) is updated
         at once, so the next epoch of the same batch XORs against it; if an epoch is skipped
         or the link fails, the full epoch that must follow rewrites every page anyway."""
         assert self.open is not None
         epoch, kind, skipped = self.open
-        for seq, slot, n in parts:
+        for seq, off, slot, n in parts:
             self._n_pages += n
             if skipped or self.lost:
                 continue
-            idx = self.st.indices(seq)[:n].copy()
-            data = self.st.data(seq)[:n]
+            idx = self.st.indices(seq)[off:off + n].copy()
+            data = self.st.data(seq)[off:off + n]
             sh = self.shadow(slot)
             if sh is not None and kind == "delta":
                 # XOR against what the standby holds: a page that changed a little becomes
@@ -424,9 +443,12 @@ class _Sender:
             if sh is not None:
                 sh[idx] = data
         if parts:
-            self.st.header[_CONSUMED] = parts[-1][0] + 1  # staging slots free again
+            self._last_seq = parts[-1][0]
+            # Staging slots before the last one are free again; the last one too once the
+            # epoch is over (until then the epoch loop may still be filling it).
+            self.st.header[_CONSUMED] = self._last_seq
 
-    def on_parts(self, epoch: int, kind: str, parts: list[tuple[int, int, int]]) -> None:
+    def on_parts(self, epoch: int, kind: str, parts: list[tuple[int, int, int, int]]) -> None:
         """The first parts of an epoch too big for the free slots, ahead of its end: they go
         out at once (the epoch loop is waiting for their slots)."""
         if self.open is None:
@@ -440,7 +462,7 @@ class _Sender:
             self.cur_first = False
         self.cur = []
 
-    def on_checkpoint(self, epoch: int, kind: str, parts: list[tuple[int, int, int]],
+    def on_checkpoint(self, epoch: int, kind: str, parts: list[tuple[int, int, int, int]],
                       state: bytes, digest: bytes, outputs: int) -> None:
         if self.open is None:
             self._begin(epoch, kind)
@@ -454,6 +476,9 @@ class _Sender:
             self.cur.append(EpochEnd(epoch=epoch, n_pages=self._n_pages, digest=digest,
                                      output_seq=outputs))
             self.batch.append((epoch, self.cur, kind == "delta" and self.cur_first))
+        if self._last_seq is not None:
+            self.st.header[_CONSUMED] = self._last_seq + 1
+        self._last_seq = None
         self.open = None
         self.cur = []
 
@@ -491,6 +516,7 @@ class _Sender:
     cur_first = True
     batch: list[tuple[int, list[Any], bool]] = []
     _n_pages = 0
+    _last_seq: int | None = None  # staging slot of the open epoch's latest part
     sent_epoch = 0  # the last epoch written to the standby in full
 
     def maybe_stats(self, force: bool = False) -> None:
