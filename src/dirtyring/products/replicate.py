@@ -251,10 +251,28 @@ class Primary:
 
     _last_queued = 0
 
+    def _make_room(self) -> None:
+        """Backpressure without pausing: while the uplink is behind, let the guest run on (a
+        longer epoch) instead of stopping it to take a checkpoint that would only wait in
+        staging. The epoch length adapts to what the pipeline can carry."""
+        up, m = self.up, self.m
+        assert up is not None
+        while not up.has_room() and not self._lost.is_set() and not self._given_up():
+            up.alive()
+            if m.threaded:
+                time.sleep(self.opt.interval)  # the vCPU threads are running meanwhile
+            elif m.runners[0].run_inline(self.opt.interval) == "budget":
+                # A full ring must be harvested before the vCPU may run again: keep what it
+                # held for the next checkpoint.
+                self._carry = self._carry | self.drv.harvest_paused()[0]
+            elif m.crashed or m.finished:
+                return
+
     def _one_epoch(self) -> None:
         m = self.m
         assert self.up is not None
         e = self.drv.run_epoch(self.opt.interval)
+        self._make_room()
         t0 = time.perf_counter()
         dirty = e.dirty
         if self._carry:

@@ -53,6 +53,7 @@ PAGE = 4096
 HEADER = 4096
 _CONSUMED, _ACKED, _ALIVE = 0, 1, 2  # header words
 MAX_UNACKED_BYTES = 2 << 20
+MAX_UNACKED_EPOCHS = 16  # bounds the ack (and output) delay when the standby is slow
 STATS_EVERY = 0.25
 MessageSink = Callable[[tuple[Any, ...]], None]
 
@@ -241,6 +242,14 @@ class Uplink:
     _epoch = 0
     _fill = 0  # pages used in staging slot ``seq``
 
+    #: Checkpoints staged but not yet taken by the uplink beyond which the epoch loop lets
+    #: the guest run on instead of checkpointing (queueing more would only add latency).
+    MAX_AHEAD = 4
+
+    def has_room(self) -> bool:
+        used = self.seq + (1 if self._fill else 0) - int(self.staging.header[_CONSUMED])
+        return used < self.MAX_AHEAD and not self.dead.is_set()
+
     def alive(self) -> None:
         """Vouch that the epoch loop is alive: the uplink only heartbeats while this moves."""
         self.staging.header[_ALIVE] += 1
@@ -407,7 +416,8 @@ class _Sender:
     def window_open(self) -> bool:
         """Flow control: begin no epoch while too much is unacknowledged."""
         with self.cond:
-            return self.lost or sum(self.unacked.values()) <= MAX_UNACKED_BYTES
+            return self.lost or (len(self.unacked) < MAX_UNACKED_EPOCHS
+                                 and sum(self.unacked.values()) <= MAX_UNACKED_BYTES)
 
     # An epoch is built into ``self.cur`` from its parts; finished epochs wait in ``self.batch``
     # until every control message that was ready has been read, then go out in one write.

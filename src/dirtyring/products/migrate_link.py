@@ -1,0 +1,299 @@
+"""The source's side of the connection: a sender thread that streams rounds as epochs of the
+replication protocol, a receiver thread that turns the target's Acks into finished rounds and
+bandwidth figures, heartbeats both ways, and the switchover.
+
+Pages are read from the guest's memory by the sender, frame by frame, while the guest runs
+(pre-copy; a page changed after it was armed is in the next round anyway, so a torn read is
+harmless) or while it is paused for good (the stop-and-copy: nothing is copied up front, which
+would fault in fresh buffers inside the downtime). Pages that are holes in the memfd were never
+written: they go out as zero pages without being read (reading would allocate them), and a
+target that has committed nothing yet does not stage zero pages.
+
+The GIL matters: the vCPU (the main thread) needs it after every exit, so the sender must not
+hold it for long (no per-frame allocation of zero buffers).
+"""
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from ..errors import ProtocolError
+from ..machine.vm import Machine
+from ..tracking import DirtySet
+from ..wire import (PRIMARY, Ack, Connection, EpochBegin, EpochEnd, Failover, Goodbye, Heartbeat,
+                    Hello, HelloAck, MachineBlob, Pages, WIRE_VERSION)
+from ..wire import Resync as ResyncEvent
+from .checkpoint import gather
+from .migrate_tracking import allocated
+from .migrate_types import PAGE, MigrationError, MigrationOptions
+from .transport import Link, LinkClosed, connect
+
+EventSink = Callable[[dict[str, Any]], None]
+
+
+@dataclass(slots=True)
+class Round:
+    """One epoch on its way: sent by the sender thread, done when the target acked it."""
+
+    epoch: int
+    kind: str                               # "full" (the bulk round) or "delta"
+    dirty: DirtySet                         # read from memory as the sender goes
+    state: bytes = b""                      # stop-and-copy: machine state, captured paused
+    digest: bytes = b""                     # stop-and-copy with verify: memory digest
+    pages: int = 0
+    raw: int = 0
+    wire: int = 0
+    t0: float = 0.0
+    seconds: float = 0.0                    # first frame .. Ack (end to end)
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+class SourceLink:
+    """Connection, sender and receiver threads of one migration source."""
+
+    def __init__(self, machine: Machine, target: tuple[str, int], key: bytes, *,
+                 insecure: bool, options: MigrationOptions, emit: EventSink,
+                 kick: Callable[[], None]) -> None:
+        self.m = machine
+        self.addr = target
+        self.key = key
+        self.insecure = insecure
+        self.opt = options
+        self.emit = emit
+        self.kick = kick                   # ends the guest's current slice (a round is done)
+        self.link: Link | None = None
+        self.lost = threading.Event()
+        self.lost_reason = ""
+        self.target_resumed = threading.Event()
+        self.raw = self.wire = self.pages = 0
+        self.bw = 0.0          # page bytes per second, end to end (sent .. committed)
+        self.fixed = 0.0       # the smallest round time seen: per-epoch fixed costs
+        self._wire_per_page = float(PAGE)
+        self._q: queue.Queue[Round | None] = queue.Queue()
+        self._inflight: list[Round] = []
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self._zero_buf = b""
+
+    # --- connection ---------------------------------------------------------------------------
+    def connect(self) -> None:
+        """Connect and shake hands (Hello carries the configuration the target builds)."""
+        link = Link(connect(self.addr), Connection(PRIMARY, self.key, insecure=self.insecure,
+                                                   compress_level=self.opt.compress_level))
+        try:
+            link.send(Hello(role="primary", version=WIRE_VERSION, session_id=os.urandom(16),
+                            config=self.m.config.to_json()))
+            for ev in link.events(timeout=10.0):
+                if isinstance(ev, HelloAck) and ev.accepted:
+                    break
+                if isinstance(ev, (HelloAck, Goodbye)):
+                    raise MigrationError(f"the target refused the migration: {ev.reason}")
+        except TimeoutError:
+            link.close()
+            raise MigrationError("the target did not answer the handshake within 10 s") from None
+        except LinkClosed:
+            link.close()
+            raise MigrationError("the target closed the connection during the handshake (wrong "
+                                 "key, or not a `dirtyring receive`: see its log)") from None
+        except ProtocolError as e:
+            link.close()
+            raise MigrationError(f"handshake with the target failed: {e}") from None
+        except MigrationError:
+            link.close()
+            raise
+        self.link = link
+        self.emit({"event": "connected", "t": time.time(),
+                   "target": f"{self.addr[0]}:{self.addr[1]}"})
+
+    def start(self) -> None:
+        for fn in (self._sender, self._receiver):
+            t = threading.Thread(target=fn, name=f"migrate-{fn.__name__.strip('_')}",
+                                 daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def submit(self, rnd: Round) -> None:
+        """Queue a round; ``rnd.done`` is set once the target committed it (or the link died:
+        check :attr:`lost`)."""
+        with self._lock:
+            if self.lost.is_set():
+                rnd.done.set()
+                return
+            self._inflight.append(rnd)
+        self._q.put(rnd)
+
+    def switchover(self) -> None:
+        """After the last round was acked: stop the sender, send Failover("switchover") and wait
+        for the target to confirm it resumed the guest."""
+        assert self.link is not None
+        self._q.put(None)  # the sender stops: after Failover our side of the stream is closed
+        self._threads[0].join(5.0)
+        try:
+            self.link.send(Failover(reason="switchover"))
+        except (LinkClosed, ProtocolError) as e:
+            raise MigrationError(f"sending the switchover failed ({e}); the target may or may "
+                                 "not run the guest: do not resume the source",
+                                 source_may_run=False) from None
+        if not self.target_resumed.wait(max(10.0, self.opt.heartbeat_timeout)):
+            why = self.lost_reason or "no answer"
+            raise MigrationError(f"the target did not confirm it resumed ({why}); do not "
+                                 "resume the source", source_may_run=False)
+
+    def close(self) -> None:
+        """Close the connection and join the threads."""
+        self.lost.set()
+        self._q.put(None)
+        if self.link is not None:
+            self.link.close()
+        for t in self._threads:
+            t.join(2.0)
+
+    # --- sender thread --------------------------------------------------------------------------
+    def _send(self, ev: Any) -> int:
+        """Send one event; returns its bytes on the wire."""
+        assert self.link is not None
+        before = self.link.conn.statistics().bytes_out
+        self.link.send(ev)
+        return self.link.conn.statistics().bytes_out - before
+
+    def _sender(self) -> None:
+        last = time.monotonic()
+        hb = 0
+        while not self.lost.is_set():
+            try:
+                rnd = self._q.get(timeout=self.opt.heartbeat_interval)
+            except queue.Empty:
+                rnd = None
+            else:
+                if rnd is None:
+                    return  # the switchover follows, or we are closing
+            try:
+                if rnd is None:
+                    if time.monotonic() - last >= self.opt.heartbeat_interval:
+                        hb += 1
+                        self._send(Heartbeat(seq=hb, sent_ns=time.monotonic_ns()))
+                        last = time.monotonic()
+                    continue
+                self._send_round(rnd)
+                last = time.monotonic()
+            except (LinkClosed, ProtocolError) as e:
+                self._lose(f"sending to the target failed: {e}")
+
+    def _chunk(self) -> int:
+        """Pages per frame: at a bandwidth limit, about 20 ms of link time each."""
+        lim = self.opt.bandwidth_limit
+        if not lim:
+            return self.opt.chunk_pages
+        return int(min(self.opt.chunk_pages, max(16, lim * 0.02 / self._wire_per_page)))
+
+    def _frames(self, rnd: Round) -> Any:
+        """(slot, pages, payload bytes) per Pages frame of ``rnd``."""
+        mem = self.m.memory
+        assert mem is not None
+        for slot, pages in rnd.dirty.items():
+            data = allocated(mem.slots[slot].fd, mem.slots[slot].info.pages) \
+                if rnd.kind == "full" else None
+            i = 0
+            while i < len(pages):
+                n = self._chunk()
+                chunk = pages[i:i + n]
+                if data is not None:  # a run of pages that are all allocated or all holes
+                    same = np.flatnonzero(data[chunk] != data[chunk[0]])
+                    if len(same):
+                        chunk = chunk[:same[0]]
+                    if not data[chunk[0]]:
+                        # Never written: zero without reading (reading would allocate them).
+                        yield slot, chunk, self._zeros(len(chunk))
+                        i += len(chunk)
+                        continue
+                for run in gather(mem, DirtySet({slot: chunk}), max_run_pages=n):
+                    yield run.slot, run.pages, run.payload()
+                i += len(chunk)
+
+    def _zeros(self, n: int) -> bytes:
+        """``n`` zero pages; one cached buffer (allocating and clearing 4 MiB per frame would
+        hold the GIL the vCPU needs after every exit)."""
+        if len(self._zero_buf) != n * PAGE:
+            self._zero_buf = bytes(n * PAGE)
+        return self._zero_buf
+
+    def _send_round(self, rnd: Round) -> None:
+        rnd.t0 = time.perf_counter()
+        wire = self._send(EpochBegin(epoch=rnd.epoch, kind=rnd.kind))
+        lim = self.opt.bandwidth_limit
+        for slot, pages, payload in self._frames(rnd):
+            if self.lost.is_set():
+                raise LinkClosed(self.lost_reason)
+            w = self._send(Pages(epoch=rnd.epoch, slot=slot, page_size=PAGE, pages=pages,
+                                 data=payload))
+            wire += w
+            rnd.pages += len(pages)
+            rnd.raw += len(payload)
+            self._wire_per_page = 0.8 * self._wire_per_page + 0.2 * w / len(pages)
+            if lim:  # pace: never more than one frame ahead of the limit
+                ahead = wire / lim - (time.perf_counter() - rnd.t0)
+                if ahead > 0:
+                    time.sleep(ahead)
+        if rnd.state:
+            wire += self._send(MachineBlob(epoch=rnd.epoch, blob=rnd.state))
+        wire += self._send(EpochEnd(epoch=rnd.epoch, n_pages=rnd.pages, digest=rnd.digest,
+                                    output_seq=0))
+        rnd.wire = wire
+        self.raw += rnd.raw
+        self.wire += wire
+        self.pages += rnd.pages
+
+    # --- receiver thread --------------------------------------------------------------------------
+    def _acked(self, epoch: int) -> None:
+        now = time.perf_counter()
+        with self._lock:
+            done = [r for r in self._inflight if r.epoch <= epoch]
+            self._inflight = [r for r in self._inflight if r.epoch > epoch]
+        for r in done:
+            r.seconds = now - r.t0
+            if r.raw >= (1 << 20):
+                bw = r.raw / max(r.seconds, 1e-6)
+                self.bw = bw if not self.bw else 0.5 * self.bw + 0.5 * bw
+            elif self.bw:  # a small round measures the fixed cost of an epoch (latency)
+                fixed = max(0.0, r.seconds - r.raw / self.bw)
+                self.fixed = fixed if not self.fixed else min(self.fixed, fixed)
+            r.done.set()
+        self.kick()
+
+    def _receiver(self) -> None:
+        assert self.link is not None
+        try:
+            for ev in self.link.events(timeout=self.opt.heartbeat_timeout):
+                if isinstance(ev, Ack):
+                    self._acked(ev.epoch)
+                elif isinstance(ev, ResyncEvent):
+                    self._lose(f"the target's memory differs from ours after epoch {ev.epoch} "
+                               f"({ev.reason})")
+                    return
+                elif isinstance(ev, Failover):
+                    self.target_resumed.set()
+                    return
+                elif isinstance(ev, Goodbye):
+                    self._lose(f"the target said goodbye: {ev.reason}")
+                    return
+        except TimeoutError:
+            self._lose(f"no frame from the target for {self.opt.heartbeat_timeout:g} s")
+        except (LinkClosed, ProtocolError) as e:
+            self._lose(f"connection to the target lost: {e}")
+
+    def _lose(self, reason: str) -> None:
+        with self._lock:
+            if self.lost.is_set():
+                return
+            self.lost_reason = reason
+            self.lost.set()  # under the lock: submit() sees it or its round is failed here
+            rounds, self._inflight = self._inflight, []
+        for r in rounds:
+            r.done.set()
+        self.kick()
