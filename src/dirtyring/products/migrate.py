@@ -3,13 +3,13 @@
 Theory of operation
 -------------------
 The source speaks the replication protocol to a standby that never fails over by itself
-(``Standby(auto_failover=False)``, as ``dirtyring receive`` runs it): Hello, then one *epoch*
-per pre-copy round, each committed atomically by the target, then ``Failover("switchover")``,
+(``Standby(auto_failover=False)``, as ``dirtyring receive`` runs it): Hello, then the pre-copy
+rounds, each sent as *epochs* the target commits atomically, then ``Failover("switchover")``,
 which the target answers by resuming the guest and sending its own ``Failover``. Nothing here
 encodes pages or decodes state: the wire codec, ``Link``, ``checkpoint.gather``,
 ``Machine.capture_state`` and the standby's staging + commit do that.
 
-1. Round 0 (epoch 1, kind "full", the bulk round): all of memory goes out while the guest runs.
+1. Round 0 (first epoch of kind "full", the bulk round): all of memory goes out while the guest runs.
    It arms nothing: pages the guest keeps writing stay writable, so it keeps its speed
    (``migrate_tracking``).
 2. Round k: every page that may have changed since it was last armed (after round 0: every page
@@ -147,7 +147,7 @@ class Migration:
             now = time.perf_counter()
             if now >= next_progress:
                 next_progress = now + 0.25
-                self._emit("progress", round=rnd.epoch - 1, sent=rnd.pages, total=total)
+                self._emit("progress", round=rnd.index, sent=rnd.pages, total=total)
             if not r.runnable:
                 rnd.done.wait(0.05)
                 continue
@@ -184,12 +184,12 @@ class Migration:
         deadline = t_start + self.opt.timeout
         progress_before = m.progress()
         rounds: list[RoundStats] = []
-        epoch, kind = 1, "full"
+        index, kind = 0, "full"
         dirty = self.track.bulk()
         stop_reason = ""
         throttled = False
         while True:
-            rnd = Round(epoch=epoch, kind=kind, dirty=dirty)
+            rnd = Round(index=index, kind=kind, dirty=dirty)
             armed = self.track.armed
             p0, t0, slept0 = m.progress(), time.perf_counter(), self.pacer.slept
             ring_pps, duty = self.pacer.target_pps, self.policy.duty
@@ -202,10 +202,10 @@ class Migration:
             dirty = self.track.boundary()
             el = time.perf_counter() - t0
             dec = self.policy.decide(Boundary(
-                round=epoch - 1, pending_pages=len(dirty), bandwidth=net.bw,
+                round=index, pending_pages=len(dirty), bandwidth=net.bw,
                 fixed_s=net.fixed, dirty_pps=len(dirty) / el, armed=armed,
                 seconds_left=deadline - time.monotonic()))
-            rs = RoundStats(round=epoch - 1, kind=kind, pages_sent=rnd.pages, seconds=el,
+            rs = RoundStats(round=index, kind=kind, pages_sent=rnd.pages, seconds=el,
                             mb_per_s=rnd.raw / max(rnd.seconds, 1e-9) / 1e6,
                             wire_mb=rnd.wire / 1e6, dirty_pages=len(dirty),
                             dirty_mb_per_s=len(dirty) * PAGE / el / 1e6,
@@ -233,11 +233,11 @@ class Migration:
                 else:
                     self._emit("throttle", duty=dec.duty)
             self.track.rearm()
-            epoch, kind = epoch + 1, "delta"
-        return self._stop_and_copy(epoch + 1, dirty, rounds, t_start, (t_pause, t_pause_pc),
+            index, kind = index + 1, "delta"
+        return self._stop_and_copy(dirty, rounds, t_start, (t_pause, t_pause_pc),
                                    stop_reason, throttled, progress_before)
 
-    def _stop_and_copy(self, epoch: int, dirty: DirtySet, rounds: list[RoundStats],
+    def _stop_and_copy(self, dirty: DirtySet, rounds: list[RoundStats],
                        t_start: float, pause: tuple[float, float], stop_reason: str,
                        throttled: bool, progress_before: int) -> MigrationReport:
         m, net = self.m, self.net
@@ -251,7 +251,7 @@ class Migration:
         state = m.capture_state().encode()
         digest = m.memory.digest() if self.opt.verify else b""
         self.final_state = state
-        rnd = Round(epoch=epoch, kind="delta", dirty=dirty, state=state, digest=digest)
+        rnd = Round(index=len(rounds), kind="delta", dirty=dirty, state=state, digest=digest)
         t_cap = time.perf_counter()
         net.submit(rnd)
         rnd.done.wait()

@@ -39,9 +39,10 @@ EventSink = Callable[[dict[str, Any]], None]
 
 @dataclass(slots=True)
 class Round:
-    """One epoch on its way: sent by the sender thread, done when the target acked it."""
+    """One round on its way: sent by the sender thread as one or more epochs, done when the
+    target acked the last of them."""
 
-    epoch: int
+    index: int                              # 0 = the bulk round
     kind: str                               # "full" (the bulk round) or "delta"
     dirty: DirtySet                         # read from memory as the sender goes
     state: bytes = b""                      # stop-and-copy: machine state, captured paused
@@ -49,6 +50,8 @@ class Round:
     pages: int = 0
     raw: int = 0
     wire: int = 0
+    epochs: int = 0
+    last_epoch: int = 0                     # set once the sender sent the round's last epoch
     t0: float = 0.0
     seconds: float = 0.0                    # first frame .. Ack (end to end)
     done: threading.Event = field(default_factory=threading.Event)
@@ -72,8 +75,11 @@ class SourceLink:
         self.lost_reason = ""
         self.target_resumed = threading.Event()
         self.raw = self.wire = self.pages = 0
-        self.bw = 0.0          # page bytes per second, end to end (sent .. committed)
         self.fixed = 0.0       # the smallest round time seen: per-epoch fixed costs
+        self._bw_bulk = 0.0    # page bytes per second, end to end (sent .. committed) ...
+        self._bw = 0.0         # ... of the bulk round, and of the later rounds
+        self._epoch = 0        # the last epoch begun
+        self._acked_upto = 0
         self._wire_per_page = float(PAGE)
         self._q: queue.Queue[Round | None] = queue.Queue()
         self._inflight: list[Round] = []
@@ -117,6 +123,13 @@ class SourceLink:
                                  daemon=True)
             t.start()
             self._threads.append(t)
+
+    @property
+    def bw(self) -> float:
+        """Bandwidth estimate, page bytes per second sent .. committed. The bulk round is a
+        poor guide (the target faults its memory in): it counts only until a later round
+        measured something."""
+        return self._bw or self._bw_bulk
 
     def submit(self, rnd: Round) -> None:
         """Queue a round; ``rnd.done`` is set once the target committed it (or the link died:
@@ -193,28 +206,35 @@ class SourceLink:
         return int(min(self.opt.chunk_pages, max(16, lim * 0.02 / self._wire_per_page)))
 
     def _frames(self, rnd: Round) -> Any:
-        """(slot, pages, payload bytes) per Pages frame of ``rnd``."""
+        """(slot, pages, payload bytes or None for zero pages) per Pages frame of ``rnd``.
+
+        In the bulk round the holes go first: they are in the first epoch then, which a fresh
+        target skips instead of writing zeros into (and faulting in) memory it never used."""
         mem = self.m.memory
         assert mem is not None
+        if rnd.kind != "full":
+            for slot, pages in rnd.dirty.items():
+                yield from self._read(slot, pages)
+            return
+        holes = {slot: allocated(mem.slots[slot].fd, mem.slots[slot].info.pages)[pages]
+                 for slot, pages in rnd.dirty.items()}
         for slot, pages in rnd.dirty.items():
-            data = allocated(mem.slots[slot].fd, mem.slots[slot].info.pages) \
-                if rnd.kind == "full" else None
-            i = 0
-            while i < len(pages):
-                n = self._chunk()
-                chunk = pages[i:i + n]
-                if data is not None:  # a run of pages that are all allocated or all holes
-                    same = np.flatnonzero(data[chunk] != data[chunk[0]])
-                    if len(same):
-                        chunk = chunk[:same[0]]
-                    if not data[chunk[0]]:
-                        # Never written: zero without reading (reading would allocate them).
-                        yield slot, chunk, self._zeros(len(chunk))
-                        i += len(chunk)
-                        continue
-                for run in gather(mem, DirtySet({slot: chunk}), max_run_pages=n):
-                    yield run.slot, run.pages, run.payload()
-                i += len(chunk)
+            zero = pages[~holes[slot]]
+            for i in range(0, len(zero), self._chunk()):
+                chunk = zero[i:i + self._chunk()]
+                yield slot, chunk, None
+        for slot, pages in rnd.dirty.items():
+            yield from self._read(slot, pages[holes[slot]])
+
+    def _read(self, slot: int, pages: np.ndarray) -> Any:
+        mem = self.m.memory
+        assert mem is not None
+        i = 0
+        while i < len(pages):
+            n = self._chunk()
+            for run in gather(mem, DirtySet({slot: pages[i:i + n]}), max_run_pages=n):
+                yield run.slot, run.pages, run.payload()
+            i += n
 
     def _zeros(self, n: int) -> bytes:
         """``n`` zero pages; one cached buffer (allocating and clearing 4 MiB per frame would
@@ -224,15 +244,32 @@ class SourceLink:
         return self._zero_buf
 
     def _send_round(self, rnd: Round) -> None:
+        """Send ``rnd`` as epochs of at most ``epoch_pages`` pages of data each: the target
+        stages an epoch before committing it, so small epochs keep its staging memory small
+        (and reused) instead of growing it, a fault per page, by a whole round."""
         rnd.t0 = time.perf_counter()
-        wire = self._send(EpochBegin(epoch=rnd.epoch, kind=rnd.kind))
+        self._epoch += 1
+        wire = self._send(EpochBegin(epoch=self._epoch, kind=rnd.kind))
         lim = self.opt.bandwidth_limit
+        in_epoch = data_in_epoch = 0
         for slot, pages, payload in self._frames(rnd):
             if self.lost.is_set():
                 raise LinkClosed(self.lost_reason)
-            w = self._send(Pages(epoch=rnd.epoch, slot=slot, page_size=PAGE, pages=pages,
+            if data_in_epoch >= self.opt.epoch_pages:
+                wire += self._send(EpochEnd(epoch=self._epoch, n_pages=in_epoch, digest=b"",
+                                            output_seq=0))
+                self._epoch += 1
+                rnd.epochs += 1
+                in_epoch = data_in_epoch = 0
+                wire += self._send(EpochBegin(epoch=self._epoch, kind="delta"))
+            if payload is None:
+                payload = self._zeros(len(pages))
+            else:
+                data_in_epoch += len(pages)
+            w = self._send(Pages(epoch=self._epoch, slot=slot, page_size=PAGE, pages=pages,
                                  data=payload))
             wire += w
+            in_epoch += len(pages)
             rnd.pages += len(pages)
             rnd.raw += len(payload)
             self._wire_per_page = 0.8 * self._wire_per_page + 0.2 * w / len(pages)
@@ -241,30 +278,42 @@ class SourceLink:
                 if ahead > 0:
                     time.sleep(ahead)
         if rnd.state:
-            wire += self._send(MachineBlob(epoch=rnd.epoch, blob=rnd.state))
-        wire += self._send(EpochEnd(epoch=rnd.epoch, n_pages=rnd.pages, digest=rnd.digest,
+            wire += self._send(MachineBlob(epoch=self._epoch, blob=rnd.state))
+        wire += self._send(EpochEnd(epoch=self._epoch, n_pages=in_epoch, digest=rnd.digest,
                                     output_seq=0))
+        rnd.epochs += 1
         rnd.wire = wire
         self.raw += rnd.raw
         self.wire += wire
         self.pages += rnd.pages
+        with self._lock:
+            rnd.last_epoch = self._epoch
+            acked = self._acked_upto
+        if acked >= rnd.last_epoch:  # acked before we got here
+            self._acked(acked)
 
     # --- receiver thread --------------------------------------------------------------------------
     def _acked(self, epoch: int) -> None:
+        """Acks are cumulative: every round whose last epoch is ``<= epoch`` is committed."""
         now = time.perf_counter()
         with self._lock:
-            done = [r for r in self._inflight if r.epoch <= epoch]
-            self._inflight = [r for r in self._inflight if r.epoch > epoch]
+            self._acked_upto = max(self._acked_upto, epoch)
+            done = [r for r in self._inflight if r.last_epoch and r.last_epoch <= epoch]
+            self._inflight = [r for r in self._inflight if r not in done]
         for r in done:
             r.seconds = now - r.t0
             if r.raw >= (1 << 20):
                 bw = r.raw / max(r.seconds, 1e-6)
-                self.bw = bw if not self.bw else 0.5 * self.bw + 0.5 * bw
+                if r.kind == "full":
+                    self._bw_bulk = bw
+                else:
+                    self._bw = bw if not self._bw else 0.5 * self._bw + 0.5 * bw
             elif self.bw:  # a small round measures the fixed cost of an epoch (latency)
                 fixed = max(0.0, r.seconds - r.raw / self.bw)
                 self.fixed = fixed if not self.fixed else min(self.fixed, fixed)
             r.done.set()
-        self.kick()
+        if done:
+            self.kick()
 
     def _receiver(self) -> None:
         assert self.link is not None

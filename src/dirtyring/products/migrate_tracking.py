@@ -54,6 +54,14 @@ class RoundTracking:
             self.t.full()
             self.armed = True
         else:
+            # What was dirtied before this round is read by it: forget the VMM's writes, and
+            # free the rings (their pages are remembered as writable). The bitmap keeps its
+            # bits: they are the pages that are writable, which round 1 must send again.
+            if self.ring is not None:
+                self.mid_round()
+                self.exits -= 1
+            if self.m.memory is not None:
+                self.m.memory.take_vmm_dirty()
             self.armed = False
         self._acc = []
         slots = self.m.memory.slots if self.m.memory is not None else []

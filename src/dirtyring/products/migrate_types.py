@@ -38,6 +38,7 @@ class MigrationOptions:
     compress_level: int = 0          # zlib is slower than loopback here; >0 for slow links
     rearm: str = "round"             # ring: "round" (deferred re-arm) or "harvest" (kernel's)
     chunk_pages: int = 1024          # pages per Pages frame (less at low bandwidth limits)
+    epoch_pages: int = 8192          # data pages per epoch: what the target stages at a time
     heartbeat_interval: float = 0.1
     heartbeat_timeout: float = 10.0  # also bounds a blocked send: a target commits big epochs
 
@@ -48,6 +49,8 @@ class MigrationOptions:
             raise ConfigError("the bandwidth limit must be positive (0: unlimited)")
         if not 0 < self.settle_aim <= 1:
             raise ConfigError("settle_aim is a fraction of the downtime limit: 0 < aim <= 1")
+        if self.chunk_pages < 1 or self.epoch_pages < 1:
+            raise ConfigError("chunk_pages and epoch_pages must be positive")
         if self.rearm not in ("round", "harvest"):
             raise ConfigError(f"rearm must be 'round' or 'harvest', not {self.rearm!r}")
 

@@ -330,7 +330,7 @@ class Primary:
 
     # --- reporting --------------------------------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:
-        s = self.stats.snapshot().as_dict()
+        s: dict[str, Any] = dict(self.stats.snapshot().as_dict())
         o = self.gate.statistics()
         w = self._wire
         s.update(state=self.state, epoch=self.epoch, acked=self.acked,

@@ -1,0 +1,397 @@
+"""The uplink process: takes checkpoints from the staging area and sends them to the standby.
+
+See ``uplink.py`` for why it is a process. It owns the TCP connection and its
+``wire.Connection``; a receiver thread turns the standby's acknowledgements into the staging
+header's acked counter and forwards rare events (Resync, Failover, loss) to the epoch loop.
+Finished epochs are sent in one write per burst of control messages, so when this process or
+the standby falls behind, epochs batch up by themselves.
+
+Run as ``python -m dirtyring.products.uplink_process FD FD FD SIZE`` by ``uplink.Uplink``.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import pickle
+import select
+import signal
+import socket
+import sys
+import threading
+import time
+from collections import deque
+from typing import Any
+
+import numpy as np
+
+from .._bindings.mapping import keep_freed_memory
+from ..errors import ProtocolError
+from ..wire import (PRIMARY, Ack, Connection, EpochBegin, EpochEnd, Failover, Goodbye, Heartbeat,
+                    Hello, HelloAck, MachineBlob, Pages)
+from ..wire import Resync as ResyncEvent
+from .staging import ACKED, ALIVE, CONSUMED, PAGE, Staging, recv_msg, send_msg
+from .transport import Link, LinkClosed
+
+MAX_UNACKED_BYTES = 2 << 20  # kept below the socket buffers: a Goodbye always fits
+MAX_UNACKED_EPOCHS = 16  # bounds the ack (and output) delay when the standby is slow
+STATS_EVERY = 0.25
+
+
+class _Sender:
+    """The uplink's state: the link to the standby, the shadow of what it holds, flow
+    control, and the acknowledgements it publishes in the staging header."""
+
+    def __init__(self, ctrl: socket.socket, link: Link, staging: Staging,
+                 opts: dict[str, Any]) -> None:
+        self.ctrl = ctrl
+        self.link = link
+        self.st = staging
+        self.hb_interval = float(opts["heartbeat_interval"])
+        self.hb_timeout = float(opts["heartbeat_timeout"])
+        self.sizes = list(opts["slot_sizes"])
+        self.shadows: dict[int, np.ndarray | None] = {}
+        self.lost = False
+        self.closing = False
+        self.last_send = time.monotonic()
+        self.hb = 0
+        self.open: tuple[int, str, bool] | None = None  # epoch, kind, skipped
+        self.unacked: dict[int, int] = {}  # epoch -> wire bytes, sent and not acknowledged
+        self.sent_at: dict[int, float] = {}
+        self.rtt: deque[float] = deque(maxlen=4096)
+        self.skipped = 0
+        self.acked = 0
+        self.cond = threading.Condition()
+        self.receiver_done = threading.Event()
+        self.ctrl_lock = threading.Lock()
+        self.last_stats = 0.0
+
+    def tell(self, *msg: Any) -> None:
+        with self.ctrl_lock:
+            try:
+                send_msg(self.ctrl, *msg)
+            except OSError:
+                os._exit(0)  # the primary is gone
+
+    #: Slots up to this size keep a shadow of what the standby holds, for XOR deltas.
+    SHADOW_MAX_BYTES = 4 << 30
+
+    def shadow(self, slot: int) -> np.ndarray | None:
+        if slot not in self.shadows:
+            size = self.sizes[slot]
+            # np.zeros is calloc: untouched parts of a big, sparse slot cost nothing.
+            self.shadows[slot] = (np.zeros((size // PAGE, PAGE), np.uint8)
+                                  if size <= self.SHADOW_MAX_BYTES else None)
+        return self.shadows[slot]
+
+    # --- receiving (thread) --------------------------------------------------------------------
+    def receive(self) -> None:
+        try:
+            for ev in self.link.events(timeout=self.hb_timeout):
+                if isinstance(ev, Ack):
+                    now = time.monotonic()
+                    with self.cond:
+                        for e in [e for e in self.sent_at if e <= ev.epoch]:
+                            t = self.sent_at.pop(e)
+                            if e == ev.epoch:
+                                self.rtt.append((now - t) * 1e3)
+                        for e in [e for e in self.unacked if e <= ev.epoch]:
+                            del self.unacked[e]
+                        self.acked = ev.epoch
+                        self.st.header[ACKED] = ev.epoch
+                        self.cond.notify_all()
+                elif isinstance(ev, ResyncEvent):
+                    self.tell("resync", ev.epoch, ev.reason)
+                elif isinstance(ev, Failover):
+                    self.tell("failover", ev.reason)
+                    return
+                elif isinstance(ev, Goodbye):
+                    self.lose(f"standby said goodbye: {ev.reason}")
+                    return
+        except TimeoutError:
+            if not self.closing:
+                self.lose(f"no frame from the standby for {self.hb_timeout:g} s")
+        except (LinkClosed, ProtocolError) as e:
+            if not self.closing:
+                self.lose(str(e))
+        finally:
+            self.receiver_done.set()
+            with self.cond:
+                self.cond.notify_all()
+
+    def lose(self, reason: str) -> None:
+        with self.cond:
+            if self.lost:
+                return
+            self.lost = True
+            self.cond.notify_all()
+        self.tell("lost", reason)
+
+    # --- sending ---------------------------------------------------------------------------------
+    _alive_seen = -1
+
+    def heartbeat_if_idle(self) -> None:
+        """A heartbeat vouches for the *primary*, not for this process: it is sent only if the
+        epoch loop moved its liveness counter since the last one. A stalled primary (SIGSTOP,
+        a hung host thread) falls silent, and the standby takes over as it should."""
+        if self.lost or time.monotonic() - self.last_send < self.hb_interval:
+            return
+        alive = int(self.st.header[ALIVE])
+        if alive == self._alive_seen:
+            return
+        self._alive_seen = alive
+        self.hb += 1
+        self._send([([Heartbeat(seq=self.hb, sent_ns=time.monotonic_ns())], False)])
+
+    def _send(self, entries: list[tuple[list[Any], bool]]) -> list[int]:
+        """Send entries (events, skip-if-resync) in one write; bytes per entry, -1 if skipped."""
+        try:
+            sizes = self.link.send_epochs(entries)
+        except (LinkClosed, ProtocolError) as e:
+            # The standby may have taken over and closed: its Failover may still be unread.
+            self.receiver_done.wait(0.5)
+            self.lose(f"sending to the standby failed: {e}")
+            return [-1] * len(entries)
+        self.last_send = time.monotonic()
+        return sizes
+
+    def window_open(self) -> bool:
+        """Flow control: begin no epoch while too much is unacknowledged."""
+        with self.cond:
+            return self.lost or (len(self.unacked) < MAX_UNACKED_EPOCHS
+                                 and sum(self.unacked.values()) <= MAX_UNACKED_BYTES)
+
+    # An epoch is built into ``self.cur`` from its parts; finished epochs wait in ``self.batch``
+    # until every control message that was ready has been read, then go out in one write.
+    def _begin(self, epoch: int, kind: str) -> None:
+        self.open = (epoch, kind, False)
+        self.cur = [EpochBegin(epoch=epoch, kind=kind)]
+        self.cur_first = True
+        self._n_pages = 0
+
+    def _pages(self, parts: list[tuple[int, int, int, int]]) -> None:
+        """Pages events for staged parts. The shadow (what the standby will hold) is updated
+        at once, so the next epoch of the same batch XORs against it; if an epoch is skipped
+        or the link fails, the full epoch that must follow rewrites every page anyway."""
+        assert self.open is not None
+        epoch, kind, skipped = self.open
+        for seq, off, slot, n in parts:
+            self._n_pages += n
+            if skipped or self.lost:
+                continue
+            idx = self.st.indices(seq)[off:off + n].copy()
+            data = self.st.data(seq)[off:off + n]
+            sh = self.shadow(slot)
+            if sh is not None and kind == "delta":
+                # XOR against what the standby holds: a page that changed a little becomes
+                # mostly zero words, which the codec sends as a sparse body.
+                old = sh[idx]
+                payload = np.bitwise_xor(data, old, out=old).tobytes()
+                self.cur.append(Pages(epoch=epoch, slot=slot, page_size=PAGE, pages=idx,
+                                      data=payload, delta=True))
+            else:
+                self.cur.append(Pages(epoch=epoch, slot=slot, page_size=PAGE, pages=idx,
+                                      data=data.tobytes()))
+            if sh is not None:
+                sh[idx] = data
+        if parts:
+            self._last_seq = parts[-1][0]
+            # Staging slots before the last one are free again; the last one too once the
+            # epoch is over (until then the epoch loop may still be filling it).
+            self.st.header[CONSUMED] = self._last_seq
+
+    def on_parts(self, epoch: int, kind: str, parts: list[tuple[int, int, int, int]]) -> None:
+        """The first parts of an epoch too big for the free slots, ahead of its end: they go
+        out at once (the epoch loop is waiting for their slots)."""
+        if self.open is None:
+            self._begin(epoch, kind)
+        self._pages(parts)
+        self.flush()
+        if self.cur:
+            sizes = self._send([(self.cur, kind == "delta" and self.cur_first)])
+            if sizes[0] < 0 and self.cur_first:
+                self.open = (epoch, kind, True)  # a Resync came first: skip the whole epoch
+            self.cur_first = False
+        self.cur = []
+
+    def on_checkpoint(self, epoch: int, kind: str, parts: list[tuple[int, int, int, int]],
+                      state: bytes, digest: bytes, outputs: int) -> None:
+        if self.open is None:
+            self._begin(epoch, kind)
+        self._pages(parts)
+        assert self.open is not None
+        if self.open[2] or self.lost:
+            self._skipped(epoch)
+        else:
+            if state:
+                self.cur.append(MachineBlob(epoch=epoch, blob=state))
+            self.cur.append(EpochEnd(epoch=epoch, n_pages=self._n_pages, digest=digest,
+                                     output_seq=outputs))
+            self.batch.append((epoch, self.cur, kind == "delta" and self.cur_first))
+        if self._last_seq is not None:
+            self.st.header[CONSUMED] = self._last_seq + 1
+        self._last_seq = None
+        self.open = None
+        self.cur = []
+
+    def _skipped(self, epoch: int) -> None:
+        self.skipped += 1
+        if not self.lost:
+            self.tell("skipped", epoch)
+
+    def flush(self) -> None:
+        """Send every finished epoch of the batch in one write."""
+        if not self.batch:
+            return
+        batch, self.batch = self.batch, []
+        if self.lost:
+            return
+        now = time.monotonic()
+        with self.cond:
+            for epoch, _, _ in batch:
+                self.sent_at[epoch] = now
+        sizes = self._send([(evs, skip) for _, evs, skip in batch])
+        with self.cond:
+            for (epoch, _, _), size in zip(batch, sizes):
+                if size < 0:
+                    self.sent_at.pop(epoch, None)
+                elif epoch > self.acked:
+                    self.unacked[epoch] = size
+        for (epoch, _, _), size in zip(batch, sizes):
+            if size < 0:
+                self._skipped(epoch)
+            elif not self.lost:
+                self.sent_epoch = epoch
+        self.maybe_stats()
+
+    cur: list[Any] = []
+    cur_first = True
+    batch: list[tuple[int, list[Any], bool]] = []
+    _n_pages = 0
+    _last_seq: int | None = None  # staging slot of the open epoch's latest part
+    sent_epoch = 0  # the last epoch written to the standby in full
+
+    def maybe_stats(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self.last_stats < STATS_EVERY:
+            return
+        self.last_stats = now
+        w = self.link.conn.statistics()
+        with self.cond:
+            rtt = np.asarray(self.rtt) if self.rtt else np.zeros(1)
+        self.tell("stats", {"compression_ratio": w.compression_ratio_out,
+                            "bytes_out": w.bytes_out, "frames_out": w.frames_out,
+                            "ack_ms_p50": float(np.percentile(rtt, 50)),
+                            "ack_ms_p99": float(np.percentile(rtt, 99)),
+                            "skipped_after_resync": self.skipped,
+                            "sent_epoch": self.sent_epoch})
+
+    def goodbye(self, reason: str) -> None:
+        """A planned stop: no frame after the Goodbye; half-close, then read until the standby
+        closes too (closing with its acks unread would reset the connection, which can throw
+        away our Goodbye before it is read)."""
+        self.closing = True
+        if self.lost:
+            return
+        try:
+            self.link.send(Goodbye(reason=reason))
+            self.link.sock.shutdown(socket.SHUT_WR)
+        except (LinkClosed, ProtocolError, OSError):
+            return
+        self.receiver_done.wait(max(5.0, 2 * self.hb_timeout))
+
+
+def _pdeathsig() -> None:
+    """Die with the primary even if it never got to close the control socket."""
+    try:
+        libc = ctypes.CDLL(None)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _handshake(link: Link, ctrl: socket.socket, msg: tuple[Any, ...]) -> bool:
+    _, role, version, sid, config = msg
+    try:
+        link.send(Hello(role=role, version=version, session_id=sid, config=config))
+        for ev in link.events(timeout=10.0):
+            if isinstance(ev, HelloAck):
+                if ev.accepted and not ev.nonce:
+                    send_msg(ctrl, "hello", False, "the standby did not bind the session to a "
+                              "nonce (its frames could be replayed); refusing it")
+                    return False
+                send_msg(ctrl, "hello", ev.accepted, ev.reason)
+                return ev.accepted
+            if isinstance(ev, Goodbye):
+                send_msg(ctrl, "hello", False, ev.reason)
+                return False
+    except TimeoutError:
+        send_msg(ctrl, "hello", False, "the standby did not answer the handshake within 10 s")
+    except (LinkClosed, ProtocolError) as e:
+        send_msg(ctrl, "hello", False, f"handshake with the standby failed: {e}")
+    return False
+
+
+def main(argv: list[str]) -> int:
+    _pdeathsig()
+    keep_freed_memory()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the primary decides when we stop
+    ctrl_fd, sock_fd, mem_fd, size = (int(a) for a in argv[:4])
+    ctrl = socket.socket(fileno=ctrl_fd)
+    sock = socket.socket(fileno=sock_fd)
+    start = recv_msg(ctrl)
+    if start is None or start[0] != "start":
+        return 2
+    opts = start[1]
+    staging = Staging(mem_fd, int(opts["slots"]), int(opts["slot_pages"]))
+    os.close(mem_fd)
+    if staging.size != size:
+        return 2
+    link = Link(sock, Connection(PRIMARY, opts["key"], insecure=bool(opts["insecure"]),
+                                 compress_level=int(opts["compress_level"])))
+    hello = recv_msg(ctrl)
+    if hello is None or hello[0] != "hello" or not _handshake(link, ctrl, hello):
+        link.close()
+        return 1
+    s = _Sender(ctrl, link, staging, opts)
+    threading.Thread(target=s.receive, name="receiver", daemon=True).start()
+    pending: deque[tuple[Any, ...]] = deque()
+    while True:
+        blocked = bool(pending)  # the window is shut: poll for acks and a close
+        ready, _, _ = select.select([ctrl], [], [], 0.001 if blocked else s.hb_interval)
+        # Read every message that is ready, then send what they carried in one write: when
+        # the standby or this process falls behind, epochs batch up by themselves.
+        while ready:
+            try:
+                data = ctrl.recv(1 << 20, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                break
+            if not data:
+                os._exit(0)  # the primary died: drop the connection now, the standby takes over
+            msg = pickle.loads(data)
+            if msg[0] == "close":
+                # Epochs still held back by flow control are never sent: their output was
+                # never released, and the standby keeps its last committed checkpoint.
+                s.flush()
+                s.maybe_stats(force=True)
+                s.goodbye(msg[1])
+                link.close()
+                return 0
+            pending.append(msg)
+        while pending:
+            if s.open is None and not s.window_open():
+                break
+            msg = pending.popleft()
+            if msg[0] == "parts":
+                s.flush()
+                s.on_parts(*msg[1:])
+            elif msg[0] == "cp":
+                s.on_checkpoint(*msg[1:])
+            if len(s.batch) >= 16:
+                s.flush()
+        s.flush()
+        s.heartbeat_if_idle()
+        s.maybe_stats()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
