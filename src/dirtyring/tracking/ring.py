@@ -17,6 +17,12 @@ pending and leaves the last gathered batch unprotected forever (see shared platf
 block every blockable signal in the calling thread for the duration of the reset. EINTR from the
 reset is then a bug to report: we raise TrackingError so the caller resyncs.
 
+Harvesting without re-arming (``harvest_unarmed``): KVM_RESET_DIRTY_RINGS re-protects the page
+of every entry it frees, unless the entry's slot id names no memslot (``kvm_reset_dirty_gfn``
+checks it). Overwriting the slot id of consumed entries therefore frees them and leaves their
+pages writable: the guest's next writes to them cost no fault and push no entry. The tracker
+remembers which pages it left writable that way (``unarmed()``) until everything is re-armed.
+
 Overflow: a ring-full exit with nothing to harvest, an entry for an unknown slot or an offset
 past the slot's end, or a completely DIRTY ring mean entries may have been lost (seen with
 emulated CPL0 guests): RingOverflow, and the caller must resync (``full()``).
@@ -44,6 +50,8 @@ _libc = C.CDLL(None, use_errno=True)
 _libc.pthread_sigmask.argtypes = [C.c_int, C.c_void_p, C.c_void_p]
 _SIGSET = C.c_uint8 * 128
 _ALL = _SIGSET(*([0xFF] * 128))
+#: A slot id no memslot has (ids are < KVM_USER_MEM_SLOTS = 32764): the reset skips the entry.
+_NO_SLOT = 0xFFFF
 
 
 def blocked_signals_call(fn, *args):  # type: ignore[no-untyped-def]
@@ -132,6 +140,19 @@ class _VcpuRing:
         self.fetch += count
         return slots, offs
 
+    def unarm(self, start: int, count: int) -> None:
+        """Make the next reset free ``count`` consumed entries from ``start`` (free-running)
+        without re-protecting their pages."""
+        n = self.size
+        a = start % n
+        # SAFETY: these entries were published by KVM and consumed by us (flags = RESET); KVM
+        # reads slot/offset back only inside KVM_RESET_DIRTY_RINGS, which checks them.
+        if a + count <= n:
+            self.slot[a:a + count] = _NO_SLOT
+        else:
+            self.slot[a:] = _NO_SLOT
+            self.slot[:a + count - n] = _NO_SLOT
+
 
 _NO_SLOTS = np.zeros(0, np.int64)
 _NO_OFFS = np.zeros(0, np.int64)
@@ -162,17 +183,56 @@ class RingTracker:
         for sl in slots:
             self._limits[sl.slot] = sl.pages
         self._limit_list = [int(x) for x in self._limits]
+        #: Pages harvest_unarmed() left writable since the last re-arm, by slot (lazily made).
+        self._unarmed: dict[int, np.ndarray] = {}
+        self._all_unarmed = False
 
     def start(self) -> None:
         set_dirty_logging(self.vm, self._slot_list, True)
+        self._unarmed.clear()
+        self._all_unarmed = False
 
     def stop(self) -> None:
         set_dirty_logging(self.vm, self._slot_list, False)
+        self._all_unarmed = True
 
     def rearm_all(self) -> None:
         """Write-protect every page again (toggle dirty logging), without harvesting."""
         set_dirty_logging(self.vm, self._slot_list, False)
         set_dirty_logging(self.vm, self._slot_list, True)
+        self._unarmed.clear()
+        self._all_unarmed = False
+
+    def unarmed(self) -> DirtySet:
+        """Pages the guest may be writing without KVM noticing: those :meth:`harvest_unarmed`
+        left writable since the last :meth:`rearm_all` / :meth:`full` / :meth:`start` (every
+        page while logging is stopped). Writes to them since then are in no ring."""
+        if self._all_unarmed:
+            return all_pages(self._slot_list)
+        return DirtySet.from_arrays((sl, np.flatnonzero(m)) for sl, m in self._unarmed.items())
+
+    def harvest_unarmed(self) -> DirtySet:
+        """Like :meth:`harvest`, but the pages stay writable: their entries are freed without
+        re-protecting them, so rewriting them costs the guest no fault and pushes no entry.
+
+        For callers that re-arm everything later anyway (:meth:`rearm_all`), as migration
+        rounds do: a page is then reported at most once in between, and a vCPU whose ring
+        filled is released without making its working set fault again. Pages left writable
+        are remembered (:meth:`unarmed`). Same preconditions and errors as :meth:`harvest`.
+        """
+        return self._harvest(rearm=False)
+
+    def _note_unarmed(self, kernel: DirtySet, rearm: bool) -> None:
+        """Keep :meth:`unarmed` exact: add pages left writable, drop pages re-protected."""
+        if rearm and not self._unarmed:
+            return
+        for sl, pages in kernel.items():
+            m = self._unarmed.get(sl)
+            if m is None:
+                if rearm:
+                    continue
+                m = self._unarmed[sl] = np.zeros(self.slots[sl].pages, bool)
+            m[pages] = not rearm
 
     def note_ring_full(self) -> None:
         """A vCPU left KVM_RUN with DIRTY_RING_FULL; the next harvest must find entries."""
@@ -192,13 +252,16 @@ class RingTracker:
         """What each vCPU's ring held at the last harvest: [(slots, offsets)] by vCPU index."""
         return [(np.asarray(s, np.int64), np.asarray(o, np.int64)) for s, o in self._last]
 
-    def _harvest_small(self, smalls: list[tuple[list[int], list[int]]], t0: float) -> DirtySet:
+    def _harvest_small(self, smalls: list[tuple[list[int], list[int]]], t0: float,
+                       starts: list[int], rearm: bool) -> DirtySet:
         """The common case, every ring with few entries: plain Python, no numpy per entry."""
         self._last = smalls
         n = sum(len(s) for s, _ in smalls)
         full_exit, self._pending_full_exit = self._pending_full_exit, False
         by_slot: dict[int, set[int]] = {}
         if n:
+            if not rearm:
+                self._unarm_consumed(starts)
             reset = self._reset()
             self._resets += 1
             if reset < n:
@@ -216,6 +279,7 @@ class RingTracker:
             raise RingOverflow("a vCPU reported its ring full but no entry was harvestable; "
                                "resync required")
         ds = DirtySet({sl: np.fromiter(sorted(v), np.int64, len(v)) for sl, v in by_slot.items()})
+        self._note_unarmed(ds, rearm)
         vmm = self.vmm_dirty()
         if vmm:
             ds = ds | DirtySet.from_arrays(vmm)
@@ -225,10 +289,29 @@ class RingTracker:
         return ds
 
     def harvest(self) -> DirtySet:
+        """Pages dirtied since the last harvest, re-armed before this returns (the Tracker
+        contract). Raises RingOverflow when entries may have been lost (resync: ``full()``)."""
+        return self._harvest(rearm=True)
+
+    def _unarm_consumed(self, starts: list[int]) -> None:
+        for r, start in zip(self.rings, starts):
+            if r.fetch != start:
+                r.unarm(start, r.fetch - start)
+
+    def _harvest(self, rearm: bool) -> DirtySet:
+        try:
+            return self._harvest_once(rearm)
+        except TrackingError:  # RingOverflow, or an interrupted reset
+            if not rearm:  # pages of lost entries may be writable: until a resync, all may be
+                self._all_unarmed = True
+            raise
+
+    def _harvest_once(self, rearm: bool) -> DirtySet:
         t0 = time.perf_counter()
+        starts = [r.fetch for r in self.rings]
         smalls = [r.harvest_small() for r in self.rings]
         if all(x is not None for x in smalls):
-            return self._harvest_small(smalls, t0)  # type: ignore[arg-type]
+            return self._harvest_small(smalls, t0, starts, rearm)  # type: ignore[arg-type]
         parts_s, parts_o = [], []
         wrapped = False
         per_vcpu = []
@@ -246,6 +329,8 @@ class RingTracker:
         n = int(sum(len(s) for s in parts_s))
         full_exit, self._pending_full_exit = self._pending_full_exit, False
         if n:
+            if not rearm:
+                self._unarm_consumed(starts)
             reset = self._reset()
             self._resets += 1
             if reset < n:
@@ -259,6 +344,7 @@ class RingTracker:
         self._last = per_vcpu
         self._check(slots, offs, n, full_exit, wrapped)
         ds = DirtySet.from_pairs(slots, offs)
+        self._note_unarmed(ds, rearm)
         vmm = self.vmm_dirty()
         if vmm:
             ds = ds | DirtySet.from_arrays(vmm)
