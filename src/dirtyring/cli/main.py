@@ -1,6 +1,9 @@
 """``dirtyring``: entry point. Every user mistake ends as one clear line, never a traceback."""
 from __future__ import annotations
 
+import faulthandler
+import signal
+
 import argparse
 import sys
 
@@ -39,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # `kill -USR2 PID` prints every thread's Python stack to stderr: how a stuck process is
+    # diagnosed in the field (SIGUSR1 kicks vCPUs, SIGALRM ends inline epochs).
+    faulthandler.register(signal.SIGUSR2, all_threads=True)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

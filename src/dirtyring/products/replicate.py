@@ -243,6 +243,7 @@ class Primary:
             for slot, pages in everything.items():
                 for i in range(0, len(pages), 2048):
                     self._stage(1, "full", DirtySet({slot: pages[i:i + 2048]}))
+                    self.up.alive()
                     why = m.runners[0].run_inline(self.opt.interval)
                     if why == "budget":
                         self._carry = self._carry | self.drv.harvest_paused()[0]

@@ -165,6 +165,10 @@ class Uplink:
         done, i, n = 0, 0, len(pages)
         while i < n:
             if self._fill == cap:
+                # A full staging slot goes to the uplink at once: a big epoch (the initial
+                # sync, a resync) streams out while the rest is still being gathered.
+                send_msg(self.ctrl, "parts", epoch, kind, self._parts)
+                self._parts = []
                 self.seq, self._fill = self.seq + 1, 0
             if not self._fill and not self._free_slot(epoch, kind, stop):
                 return done
