@@ -272,8 +272,8 @@ class Primary:
     def _one_epoch(self) -> None:
         m = self.m
         assert self.up is not None
+        self._make_room()  # before the epoch's run: its harvest must cover every write
         e = self.drv.run_epoch(self.opt.interval)
-        self._make_room()
         t0 = time.perf_counter()
         dirty = e.dirty
         if self._carry:
