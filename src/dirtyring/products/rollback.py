@@ -61,7 +61,6 @@ from __future__ import annotations
 
 import ctypes as C
 import signal
-import threading
 import time
 from dataclasses import dataclass
 
@@ -71,7 +70,7 @@ from .._bindings import _uapi as U
 from ..errors import ConfigError, TrackingError
 from ..guests.protocol import Port
 from ..machine.state import MachineState
-from ..machine.vcpu import ThreadTimer, VcpuRunner, install_alarm_handler
+from ..machine.vcpu import ThreadTimer, VcpuRunner, install_alarm_handler, thread_timer
 from ..machine.vm import Machine
 from ..tracking import DirtySet
 from .snapshot import fingerprint, populated_pages
@@ -118,44 +117,6 @@ def _linear_rip(rip: int, efer: int, cs_base: int, cs_long: int) -> int:
     if efer & _EFER_LMA and cs_long:
         return rip
     return (cs_base + rip) & 0xFFFFFFFF
-
-
-class _RunTimer(ThreadTimer):
-    """The inline run's one-shot timer (SIGALRM to this thread), armed and disarmed by one C
-    call each with prebuilt arguments, keeping the GIL: ``ThreadTimer.arm`` builds its
-    argument in Python and releases the GIL (~4.0 µs per arm right after a guest run here,
-    against ~2.3 µs). One per thread, like ``thread_timer()``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        settime = C.PyDLL(None, use_errno=True).timer_settime
-        settime.argtypes = [C.c_void_p, C.c_int, C.c_void_p, C.c_void_p]
-        self._set = settime
-        self._tid = self._id.value
-        self._spec_ptr = C.addressof(self._spec)
-        self._zero_ptr = C.addressof(self._zero)
-        self._seconds = -1.0
-
-    def arm(self, seconds: float) -> None:
-        if seconds != self._seconds:
-            ns = max(int(seconds * 1e9), 1000)
-            self._spec.it_value.tv_sec, self._spec.it_value.tv_nsec = divmod(ns, 1_000_000_000)
-            self._seconds = seconds
-        self._set(self._tid, 0, self._spec_ptr, None)
-
-    def disarm(self) -> None:
-        self._set(self._tid, 0, self._zero_ptr, None)
-
-
-_RUN_TIMERS: dict[int, _RunTimer] = {}
-
-
-def _run_timer() -> _RunTimer:
-    tid = threading.get_native_id()
-    t = _RUN_TIMERS.get(tid)
-    if t is None:
-        t = _RUN_TIMERS[tid] = _RunTimer()
-    return t
 
 
 class _ExitRip:
@@ -304,7 +265,7 @@ class Rollback:
         if self._inline_thread != threading.get_native_id():
             install_alarm_handler()  # SIGALRM blocked here: an expiry in Python stays pending
             r.fd.set_signal_mask(set())  # and interrupts the next KVM_RUN at once
-            self._timer = _run_timer()
+            self._timer = thread_timer()
             self._inline_thread = threading.get_native_id()
         rs, io, timer = r.run_struct, self._io, self._timer
         start = time.monotonic()
