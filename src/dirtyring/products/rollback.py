@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import ctypes as C
 import signal
+import threading
 import time
 from dataclasses import dataclass
 
