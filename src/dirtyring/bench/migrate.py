@@ -6,6 +6,9 @@ real ``dirtyring receive`` process, and records the total time, the downtime (th
 until the target's "resumed"; also from the target's own resume timestamp, wall clocks agree on
 loopback), and how much of its speed the guest keeps while being migrated (page writes per second
 during the pre-copy rounds over the unmigrated rate; the downtime itself is in the downtime).
+That figure is split into the bulk round (which arms nothing) and the rounds that track every
+write, and each sample records the 1-minute load average: the guest, the sender and the target
+share the machine's cores with whatever else runs.
 
 Before each migration the region is filled from the host (non-zero, allocated) and the guest
 runs a while, as a guest that has been up for some time; the other 512 MiB stay zero.
@@ -108,9 +111,21 @@ def measure(cell: Cell, key: bytes, baseline_s: float) -> dict[str, float]:
         raise BenchError(f"cell {cell.id}: the source ran on after the switchover")
     precopy_s = sum(r.seconds for r in rep.rounds if r.kind != "final")
     kept = (rep.progress_at_pause - rep.progress_before) / max(precopy_s, 1e-9) / max(base, 1e-9)
+    # Where the speed goes: the bulk round (nothing armed) and the rounds that track writes.
+    bulk = [r for r in rep.rounds if r.kind != "final" and not r.armed]
+    armed = [r for r in rep.rounds if r.kind != "final" and r.armed]
+
+    def phase(rs: list[Any]) -> tuple[float, float]:
+        s = sum(r.seconds for r in rs)
+        done = sum(r.guest_progress_per_s * r.seconds for r in rs)
+        return s, done / max(s, 1e-9) / max(base, 1e-9)
+    bulk_s, bulk_kept = phase(bulk)
+    armed_s, armed_kept = phase(armed)
     return {"total_s": rep.total_s, "downtime_ms": rep.downtime_ms,
             "downtime_target_ms": (float(done["resumed_t"]) - rep.pause_t) * 1e3,
             "speed_kept": kept, "base_pps": base, "rounds": len(rep.rounds),
+            "bulk_s": bulk_s, "bulk_speed_kept": bulk_kept, "armed_s": armed_s,
+            "armed_speed_kept": armed_kept, "load_1min": os.getloadavg()[0],
             "throttled": float(rep.throttled), "final_pages": rep.final_pages,
             "bandwidth_mb_s": rep.bandwidth_mb_s, "mb_sent": rep.bytes_sent / 1e6,
             "target_progress_gain": float(ran["progress"]) - rep.progress_at_pause}
@@ -134,9 +149,12 @@ def run(*, quick: bool, iterations: int | None = None, progress: Any = None) -> 
                                  region_mib=cell.region_bytes // MiB, iterations=n)
         for metric, unit in (("total_s", "s"), ("downtime_ms", "ms"),
                              ("downtime_target_ms", "ms"), ("speed_kept", "ratio"),
+                             ("bulk_speed_kept", "ratio"), ("armed_speed_kept", "ratio"),
+                             ("bulk_s", "s"), ("armed_s", "s"),
                              ("rounds", "count"), ("final_pages", "pages"),
-                             ("bandwidth_mb_s", "MB/s"), ("mb_sent", "MB")):
-            if metric == "speed_kept" and cell.load == "idle":
+                             ("bandwidth_mb_s", "MB/s"), ("mb_sent", "MB"),
+                             ("load_1min", "load")):
+            if metric.endswith("speed_kept") and cell.load == "idle":
                 continue  # one write a second: nothing to keep
             st = summary_stats([s[metric] for s in samples], ("p50", "max"))
             for stat, v in st.items():
@@ -198,10 +216,14 @@ def add_parser(sub: Any) -> None:
 def command(args: argparse.Namespace) -> int:
     def show(cell: Cell, samples: list[dict[str, float]]) -> None:
         for s in samples:
-            kept = "" if cell.load == "idle" else f", speed kept {100 * s['speed_kept']:5.1f} %"
+            kept = "" if cell.load == "idle" else (
+                f", speed kept {100 * s['speed_kept']:5.1f} % (bulk round "
+                f"{100 * s['bulk_speed_kept']:5.1f} % for {s['bulk_s']:4.2f} s, armed rounds "
+                f"{100 * s['armed_speed_kept']:5.1f} % for {s['armed_s']:4.2f} s)")
             print(f"{cell.tracker:>6} {cell.load:>11}: total {s['total_s']:5.2f} s, downtime "
                   f"{s['downtime_ms']:7.1f} ms (target says {s['downtime_target_ms']:7.1f})"
-                  f"{kept}, {int(s['rounds'])} rounds{', throttled' if s['throttled'] else ''}",
+                  f"{kept}, {int(s['rounds'])} rounds{', throttled' if s['throttled'] else ''}"
+                  f", load {s['load_1min']:.1f}",
                   flush=True)
     t0 = time.monotonic()
     try:

@@ -9,9 +9,9 @@ which the target answers by resuming the guest and sending its own ``Failover``.
 encodes pages or decodes state: the wire codec, ``Link``, ``checkpoint.gather``,
 ``Machine.capture_state`` and the standby's staging + commit do that.
 
-1. Round 0 (first epoch of kind "full", the bulk round): all of memory goes out while the guest runs.
-   It arms nothing: pages the guest keeps writing stay writable, so it keeps its speed
-   (``migrate_tracking``).
+1. Round 0 (the bulk round; its first epoch is of kind "full"): all of memory goes out while
+   the guest runs. It arms nothing: pages the guest keeps writing stay writable, so it keeps
+   its speed (``migrate_tracking``).
 2. Round k: every page that may have changed since it was last armed (after round 0: every page
    that was writable during it), read from live memory while the guest runs. The sender paces
    itself to the bandwidth limit. A round ends when the target *acked* it: the bandwidth we
@@ -21,7 +21,7 @@ encodes pages or decodes state: the wire codec, ``Link``, ``checkpoint.gather``,
    (through their ring-full exits: a vCPU that dirties nothing new runs at full speed).
    Going on re-arms every page first (one toggle of dirty logging).
 4. Stop-and-copy: capture the machine state (+ memory digest with ``verify``), send the last
-   pages straight from the paused guest's memory with it as the last epoch, wait for its Ack,
+   pages straight from the paused guest's memory with it in the last epoch, wait for its Ack,
    send Failover("switchover"), wait for the target's Failover (it has resumed). The source stays
    paused for good. If anything fails before our Failover left, the source may simply run on;
    after it, it must not (the target may be running): ``MigrationError.source_may_run`` says
@@ -117,6 +117,7 @@ class Migration:
         self.net = SourceLink(machine, target, key, insecure=insecure, options=options,
                               emit=self.on_event, kick=self._kick)
         self.switchover_sent = False
+        self._paused = 0.0  # between rounds: harvest, decide, re-arm (the guest waits)
         self.final_state = b""
         self.report: MigrationReport | None = None
 
@@ -182,7 +183,8 @@ class Migration:
         net.start()
         t_start = time.monotonic()
         deadline = t_start + self.opt.timeout
-        progress_before = m.progress()
+        progress_before = p0 = m.progress()
+        t0 = time.perf_counter()
         rounds: list[RoundStats] = []
         index, kind = 0, "full"
         dirty = self.track.bulk()
@@ -191,7 +193,7 @@ class Migration:
         while True:
             rnd = Round(index=index, kind=kind, dirty=dirty)
             armed = self.track.armed
-            p0, t0, slept0 = m.progress(), time.perf_counter(), self.pacer.slept
+            slept0 = self.pacer.slept
             ring_pps, duty = self.pacer.target_pps, self.policy.duty
             net.submit(rnd)
             exits = self._run_until(rnd, len(dirty))
@@ -204,7 +206,8 @@ class Migration:
             dec = self.policy.decide(Boundary(
                 round=index, pending_pages=len(dirty), bandwidth=net.bw,
                 fixed_s=net.fixed, dirty_pps=len(dirty) / el, armed=armed,
-                seconds_left=deadline - time.monotonic()))
+                seconds_left=deadline - time.monotonic(),
+                round_pps=rnd.pages / el if kind == "delta" and rnd.pages >= 256 else 0.0))
             rs = RoundStats(round=index, kind=kind, pages_sent=rnd.pages, seconds=el,
                             mb_per_s=rnd.raw / max(rnd.seconds, 1e-9) / 1e6,
                             wire_mb=rnd.wire / 1e6, dirty_pages=len(dirty),
@@ -232,7 +235,10 @@ class Migration:
                                target_mb_per_s=dec.ring_pps * PAGE / 1e6)
                 else:
                     self._emit("throttle", duty=dec.duty)
+            # The next round's time begins here: re-arming is part of it (the guest waits).
+            p0, t0 = m.progress(), time.perf_counter()
             self.track.rearm()
+            self._paused += time.perf_counter() - t_pause_pc
             index, kind = index + 1, "delta"
         return self._stop_and_copy(dirty, rounds, t_start, (t_pause, t_pause_pc),
                                    stop_reason, throttled, progress_before)
@@ -272,7 +278,8 @@ class Migration:
                                  expected_downtime_ms=0.0, throttle_pages_per_s=0.0,
                                  throttle_duty=1.0, ring_full_exits=0, guest_progress_per_s=0.0))
         extras = {"downtime_phases": phases, "ring_full_exits": self.track.exits,
-                  "resyncs": self.track.resyncs, "throttle_sleep_s": self.pacer.slept}
+                  "ring_harvest_s": self.track.harvest_s, "resyncs": self.track.resyncs,
+                  "throttle_sleep_s": self.pacer.slept, "boundary_pause_s": self._paused}
         self.report = MigrationReport(
             stop_reason=stop_reason, rounds=tuple(rounds), total_s=time.monotonic() - t_start,
             downtime_ms=downtime * 1e3, final_pages=rnd.pages, pages_sent=net.pages,

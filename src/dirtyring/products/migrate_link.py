@@ -227,13 +227,21 @@ class SourceLink:
             yield from self._read(slot, pages[holes[slot]])
 
     def _read(self, slot: int, pages: np.ndarray) -> Any:
+        """Frames of ``pages`` read from guest memory: one copy into the frame's bytes for a
+        contiguous chunk (the common case), a gather and a copy otherwise."""
         mem = self.m.memory
         assert mem is not None
+        view = mem.slots[slot].view.reshape(-1, PAGE)
         i = 0
         while i < len(pages):
             n = self._chunk()
-            for run in gather(mem, DirtySet({slot: pages[i:i + n]}), max_run_pages=n):
-                yield run.slot, run.pages, run.payload()
+            chunk = pages[i:i + n]
+            first, last = int(chunk[0]), int(chunk[-1])
+            if last - first + 1 == len(chunk):
+                yield slot, chunk, view[first:last + 1].tobytes()
+            else:
+                for run in gather(mem, DirtySet({slot: chunk}), max_run_pages=n):
+                    yield run.slot, run.pages, run.payload()
             i += n
 
     def _zeros(self, n: int) -> bytes:

@@ -6,8 +6,9 @@ the fixed cost of an epoch and, after a round that tracked every write, how fast
 pages newly dirty. The stop-and-copy would take ``expected = pages / bandwidth + fixed``.
 
 * ``expected <= aim`` (``settle_aim`` of the limit): stop and copy.
-* The next round is predicted to take as long as sending the current set, and to leave
-  ``dirty rate x that time`` pages. While that at least halves the estimate (or already fits
+* The next round is predicted to send at the last round's pace (pages per second of round
+  time: the guest competes for the CPU while a round runs) and to leave ``dirty rate x its
+  duration`` pages. While that at least halves the estimate (or already fits
   the aim), go on as we are: the migration converges by itself.
 * Otherwise it has stopped converging fast. Without throttling: stop if under the limit (the
   classic pre-copy answer), else go on until the timeout. With throttling: aim the next round
@@ -38,6 +39,7 @@ class Boundary:
     dirty_pps: float        # pages newly dirtied per second during the round
     armed: bool             # the round tracked every write (else dirty_pps means nothing)
     seconds_left: float     # until the migration's timeout
+    round_pps: float = 0.0  # pages the last round sent per second of its time (0: unknown)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -71,7 +73,9 @@ class Convergence:
         limit = opt.downtime_limit
         aim = limit * opt.settle_aim if opt.settle else limit
         exp = self.expected(b.pending_pages, b.bandwidth, b.fixed_s)
-        send_s = max(exp - b.fixed_s, 0.0)  # the next round sends this long; the guest runs
+        # The next round sends this long, and the guest runs meanwhile.
+        send_s = (b.pending_pages / b.round_pps if b.round_pps > 0
+                  else max(exp - b.fixed_s, 0.0))
         pred = (self.expected(int(b.dirty_pps * send_s), b.bandwidth, b.fixed_s)
                 if b.armed else 0.0)
 

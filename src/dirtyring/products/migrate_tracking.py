@@ -20,6 +20,7 @@ pages/s). So:
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 
@@ -46,6 +47,7 @@ class RoundTracking:
         self._acc: list[DirtySet] = []  # harvests inside the round (not needed when deferred)
         self.exits = 0
         self.resyncs = 0
+        self.harvest_s = 0.0        # spent freeing full rings (the vCPU waits meanwhile)
 
     def bulk(self) -> DirtySet:
         """Start the bulk round: every page is to be sent. Arms nothing unless ``arm_bulk``
@@ -58,20 +60,24 @@ class RoundTracking:
             # free the rings (their pages are remembered as writable). The bitmap keeps its
             # bits: they are the pages that are writable, which round 1 must send again.
             if self.ring is not None:
-                self.mid_round()
-                self.exits -= 1
+                self._harvest_ring()
             if self.m.memory is not None:
                 self.m.memory.take_vmm_dirty()
             self.armed = False
         self._acc = []
         slots = self.m.memory.slots if self.m.memory is not None else []
-        return DirtySet.from_arrays((s.info.slot, np.arange(s.info.pages, dtype=np.int64))
-                                    for s in slots)
+        return DirtySet({s.info.slot: np.arange(s.info.pages, dtype=np.int64) for s in slots})
 
     def mid_round(self) -> int:
         """A ring-full exit: free the ring (re-arming only with ``rearm="harvest"``).
         Returns the pages it held: what this vCPU made newly dirty since the last exit."""
         self.exits += 1
+        t0 = time.perf_counter()
+        n = self._harvest_ring()
+        self.harvest_s += time.perf_counter() - t0
+        return n
+
+    def _harvest_ring(self) -> int:
         t = self.ring
         assert t is not None
         try:
