@@ -74,7 +74,7 @@ from ..machine.state import MachineState
 from ..machine.vcpu import ThreadTimer, VcpuRunner, install_alarm_handler, thread_timer
 from ..machine.vm import Machine
 from ..tracking import DirtySet
-from .snapshot import fingerprint, populated_pages
+from .fingerprint import fingerprint, populated_pages
 
 PAGE = 4096
 _SYNC_ALL = U.KVM_SYNC_X86_REGS | U.KVM_SYNC_X86_SREGS | U.KVM_SYNC_X86_EVENTS
@@ -92,7 +92,7 @@ _SIZE_MASK = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFFFFFF}
 @dataclass(frozen=True, slots=True, kw_only=True, eq=False)
 class RollbackPoint:
     """The root: a copy of all guest memory (per slot, pages x 4096), the machine state, and
-    the memory fingerprint (``snapshot.fingerprint``) to check a rollback against."""
+    the memory fingerprint (``fingerprint.fingerprint``) to check a rollback against."""
 
     memory: tuple[np.ndarray, ...]
     state: MachineState
@@ -196,7 +196,7 @@ class Rollback:
         self._control = machine.control
         assert _DONE in self._control.ports
         self._inline_thread = 0  # the thread whose signal setup the inline run made
-        self._timer: _RunTimer  # that thread's timer (set with _inline_thread)
+        self._timer: ThreadTimer  # that thread's timer (set with _inline_thread)
         #: The last run ended on DONE whose ``out`` KVM may still complete on the next KVM_RUN.
         self._open_io = False
 

@@ -56,8 +56,6 @@ fills (or feed harvests you made yourself to :meth:`SnapshotWriter.note_dirty`).
 """
 from __future__ import annotations
 
-import errno
-import hashlib
 import json
 import os
 import re
@@ -72,13 +70,14 @@ from ..errors import ConfigError, ProtocolError, SnapshotFormatError, TrackingEr
 from ..machine.config import MachineConfig
 from ..machine.devices import OutputSink
 from ..machine.epoch import EpochDriver
-from ..machine.memory import GuestMemory, Slot
+from ..machine.memory import GuestMemory
 from ..machine.state import MachineState
 from ..machine.vm import Machine
 from ..tracking import DirtySet
 from ..wire import (MIN_KEY_LEN, NEED_DATA, PRIMARY, STANDBY, Connection, ConnectionClosed,
                     EpochBegin, EpochEnd, Goodbye, Hello, HelloAck, MachineBlob, Pages)
 from .checkpoint import PageRun, apply_runs, capture, gather
+from .fingerprint import Fingerprint, fingerprint, populated
 
 PAGE = 4096
 FORMAT = "dirtyring-snapshot"
@@ -233,74 +232,6 @@ def latest(directory: str | Path, *, key: bytes = FILE_KEY) -> Path:
     if not infos:
         raise SnapshotFormatError(f"no readable snapshot in {d}")
     return max(infos, key=lambda i: (i.created, i.seq)).path
-
-
-# --- memory fingerprint ---------------------------------------------------------------------------
-def _h64(b: Any) -> bytes:
-    return hashlib.blake2b(b, digest_size=8).digest()
-
-
-ZERO_PAGE = np.frombuffer(_h64(bytes(PAGE)), np.uint64)[0]
-
-
-def page_hashes(data: bytes | memoryview | np.ndarray, n: int) -> np.ndarray:
-    """The blake2b-64 of each of the ``n`` pages in ``data`` (page i at i*4096), as uint64.
-    Zero pages are found with one vectorised pass and not hashed."""
-    mv = (np.ascontiguousarray(data).data if isinstance(data, np.ndarray)
-          else memoryview(data)).cast("B")
-    out = np.full(n, ZERO_PAGE, np.uint64)
-    nz = np.flatnonzero(np.frombuffer(mv, np.uint64).reshape(n, PAGE // 8).any(axis=1))
-    if len(nz):
-        out[nz] = np.frombuffer(b"".join([_h64(mv[i * PAGE:(i + 1) * PAGE])
-                                          for i in nz.tolist()]), np.uint64)
-    return out
-
-
-class Fingerprint:
-    """Per-page hashes of guest memory; a page never set hashes as a zero page."""
-
-    def __init__(self, memory: GuestMemory) -> None:
-        self.hashes = [np.full(s.info.pages, ZERO_PAGE, np.uint64) for s in memory.slots]
-
-    def update(self, slot: int, pages: np.ndarray, data: bytes | memoryview | np.ndarray) -> None:
-        self.hashes[slot][pages] = page_hashes(data, len(pages))
-
-    def digest(self) -> bytes:
-        h = hashlib.blake2b(digest_size=16)
-        for a in self.hashes:
-            h.update(a.tobytes())
-        return h.digest()
-
-
-def populated_pages(slot: Slot) -> np.ndarray:
-    """Pages of the slot's memfd that hold data (SEEK_DATA/SEEK_HOLE); the others are holes,
-    which read as zero. Reading a hole through the mapping would allocate it."""
-    parts, off, size = [], 0, slot.info.size
-    while off < size:
-        try:
-            start = os.lseek(slot.fd, off, os.SEEK_DATA)
-        except OSError as e:
-            if e.errno == errno.ENXIO:
-                break
-            raise
-        end = min(os.lseek(slot.fd, start, os.SEEK_HOLE), size)
-        parts.append(np.arange(start // PAGE, (end + PAGE - 1) // PAGE, dtype=np.int64))
-        off = end
-    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
-
-
-def populated(memory: GuestMemory) -> DirtySet:
-    return DirtySet.from_arrays((s.info.slot, populated_pages(s)) for s in memory.slots)
-
-
-def fingerprint(memory: GuestMemory) -> bytes:
-    """The fingerprint of live guest memory (pause the guest first); reads populated pages only."""
-    fp = Fingerprint(memory)
-    for s in memory.slots:
-        slot, view = s.info.slot, s.view.reshape(-1, PAGE)
-        for a, n in DirtySet({slot: populated_pages(s)}).ranges(slot):
-            fp.update(slot, np.arange(a, a + n), view[a:a + n])
-    return fp.digest()
 
 
 # --- writing ------------------------------------------------------------------------------------

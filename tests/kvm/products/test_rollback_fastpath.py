@@ -25,7 +25,7 @@ from dirtyring.machine import layout
 from dirtyring.machine.vm import Machine
 from dirtyring.machine.config import MachineConfig
 from dirtyring.products.rollback import Rollback
-from dirtyring.products.snapshot import fingerprint
+from dirtyring.products.fingerprint import fingerprint
 
 MiB = 1 << 20
 XMM0 = 160  # offset of XMM0 in the legacy (FXSAVE) part of the XSAVE area

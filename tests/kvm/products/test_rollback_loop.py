@@ -13,7 +13,7 @@ from dirtyring.guests.protocol import GuestParams, Pattern, hash_chain
 from dirtyring.machine.config import MachineConfig
 from dirtyring.machine.vm import Machine
 from dirtyring.products.rollback import Rollback
-from dirtyring.products.snapshot import fingerprint
+from dirtyring.products.fingerprint import fingerprint
 
 MiB = 1 << 20
 TRACKERS = ["ring", "bitmap", "hotset"]

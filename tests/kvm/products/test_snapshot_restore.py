@@ -19,6 +19,7 @@ from dirtyring.errors import ConfigError, SnapshotFormatError
 from dirtyring.guests.protocol import GuestParams, Pattern, hash_chain
 from dirtyring.machine.config import MachineConfig
 from dirtyring.machine.vm import Machine
+from dirtyring.products import fingerprint as F
 from dirtyring.products import snapshot as S
 
 MiB = 1 << 20
@@ -364,7 +365,7 @@ def test_tracking_failure_makes_an_incremental_of_every_populated_page(
     m.pause_all()  # stays paused through the capture: the populated set holds still
     info = w.incremental()
     assert m.memory is not None
-    assert info.pages == sum(len(S.populated_pages(s)) for s in m.memory.slots)
+    assert info.pages == sum(len(F.populated_pages(s)) for s in m.memory.slots)
     m.resume_all()
     w.run(0.02)
     last = w.incremental()  # tracking works again: a normal delta on top

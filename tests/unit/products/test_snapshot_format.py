@@ -15,6 +15,7 @@ from dirtyring.errors import SnapshotFormatError
 from dirtyring.machine.config import MachineConfig
 from dirtyring.machine.memory import GuestMemory, plan_slots
 from dirtyring.machine.state import MachineState, VcpuState
+from dirtyring.products import fingerprint as F
 from dirtyring.products import snapshot as S
 from dirtyring.wire import (NEED_DATA, PRIMARY, STANDBY, Connection, ConnectionClosed, Goodbye,
                             Hello, HelloAck)
@@ -37,7 +38,7 @@ class Chain:
                  seed: int = 1) -> None:
         self.dir = directory
         self.mem = GuestMemory(plan_slots(list(CFG.data_slots)))
-        self.fp = S.Fingerprint(self.mem)
+        self.fp = F.Fingerprint(self.mem)
         self.rng = np.random.default_rng(seed)
         self.infos: list[S.SnapshotInfo] = []
         self.images: list[list[np.ndarray]] = []
@@ -86,11 +87,11 @@ def load(path: Path, key: bytes = S.FILE_KEY) -> tuple[list[np.ndarray], bytes]:
     infos = S.resolve_chain(path, key=key)
     mem = GuestMemory(plan_slots(list(infos[-1].config.data_slots)))
     try:
-        fp = S.Fingerprint(mem)
+        fp = F.Fingerprint(mem)
         b = b""
         for info in infos:
             b = S._apply_file(info, mem, fp, key)
-        assert S.fingerprint(mem) == fp.digest()
+        assert F.fingerprint(mem) == fp.digest()
         return [s.view.copy() for s in mem.slots], b
     finally:
         mem.close()
@@ -335,7 +336,7 @@ def test_pages_outside_memory_are_refused(chain: Chain, tmp_path: Path) -> None:
     mem = GuestMemory(plan_slots(list(small.data_slots)))
     try:
         with pytest.raises(SnapshotFormatError, match="outside the machine's memory"):
-            S._apply_file(info, mem, S.Fingerprint(mem), S.FILE_KEY)
+            S._apply_file(info, mem, F.Fingerprint(mem), S.FILE_KEY)
     finally:
         mem.close()
 
@@ -369,19 +370,19 @@ def test_goodbye_is_the_only_end(tmp_path: Path) -> None:
 def test_fingerprint_reads_only_populated_pages() -> None:
     mem = GuestMemory(plan_slots([1 * MiB]))
     try:
-        empty = S.fingerprint(mem)
-        assert empty == S.Fingerprint(mem).digest()
-        assert all(len(S.populated_pages(s)) == 0 for s in mem.slots)
+        empty = F.fingerprint(mem)
+        assert empty == F.Fingerprint(mem).digest()
+        assert all(len(F.populated_pages(s)) == 0 for s in mem.slots)
         v = mem.slots[1].view.reshape(-1, PAGE)
         v[[3, 4, 200]] = 7
-        assert S.populated_pages(mem.slots[1]).tolist() == [3, 4, 200]
-        fp = S.Fingerprint(mem)
+        assert F.populated_pages(mem.slots[1]).tolist() == [3, 4, 200]
+        fp = F.Fingerprint(mem)
         fp.update(1, np.array([3, 4, 200]), v[[3, 4, 200]])
-        assert S.fingerprint(mem) == fp.digest() != empty
+        assert F.fingerprint(mem) == fp.digest() != empty
         v[4] = 0  # populated but zero: hashes like a hole
         fp.update(1, np.array([4]), v[4:5])
-        assert S.fingerprint(mem) == fp.digest()
+        assert F.fingerprint(mem) == fp.digest()
         fp.update(1, np.array([4]), np.ones((1, PAGE), np.uint8))
-        assert S.fingerprint(mem) != fp.digest()
+        assert F.fingerprint(mem) != fp.digest()
     finally:
         mem.close()
