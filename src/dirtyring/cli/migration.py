@@ -63,8 +63,10 @@ def _printer(as_json: bool, live: bool) -> Any:
                     thr = f"{e['throttle_pages_per_s'] * 4096 / 1e6:.1f} MB/s"
                 elif e["throttle_duty"] < 1:
                     thr = f"{100 * e['throttle_duty']:.0f} % duty"
+                # The bulk round arms nothing: what it leaves is every page found writable.
+                left = "dirtied" if e.get("armed", True) else "writable"
                 print(f"round {e['round']:2d} {e['kind']:5s} sent {e['pages_sent']:8d} pages in "
-                      f"{e['seconds']:6.3f} s {e['mb_per_s']:7.1f} MB/s | dirtied "
+                      f"{e['seconds']:6.3f} s {e['mb_per_s']:7.1f} MB/s | {left} "
                       f"{e['dirty_pages']:7d} pages ({e['dirty_mb_per_s']:6.1f} MB/s) | expected "
                       f"downtime {e['expected_downtime_ms']:7.1f} ms | throttle {thr}", flush=True)
             elif kind == "switched_over":

@@ -216,15 +216,15 @@ class SourceLink:
             for slot, pages in rnd.dirty.items():
                 yield from self._read(slot, pages)
             return
-        holes = {slot: allocated(mem.slots[slot].fd, mem.slots[slot].info.pages)[pages]
-                 for slot, pages in rnd.dirty.items()}
+        has_data = {slot: allocated(mem.slots[slot].fd, mem.slots[slot].info.pages)[pages]
+                    for slot, pages in rnd.dirty.items()}
         for slot, pages in rnd.dirty.items():
-            zero = pages[~holes[slot]]
-            for i in range(0, len(zero), self._chunk()):
-                chunk = zero[i:i + self._chunk()]
-                yield slot, chunk, None
+            holes = pages[~has_data[slot]]
+            n = self._chunk()
+            for i in range(0, len(holes), n):
+                yield slot, holes[i:i + n], None
         for slot, pages in rnd.dirty.items():
-            yield from self._read(slot, pages[holes[slot]])
+            yield from self._read(slot, pages[has_data[slot]])
 
     def _read(self, slot: int, pages: np.ndarray) -> Any:
         """Frames of ``pages`` read from guest memory: one copy into the frame's bytes for a
