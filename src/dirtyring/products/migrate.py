@@ -259,7 +259,7 @@ class Migration:
         self.final_state = state
         rnd = Round(index=len(rounds), kind="delta", dirty=dirty, state=state, digest=digest)
         t_cap = time.perf_counter()
-        net.submit(rnd)
+        net.send_last(rnd)
         rnd.done.wait()
         t_ack = time.perf_counter()
         if net.lost.is_set():

@@ -85,6 +85,8 @@ class SourceLink:
         self._inflight: list[Round] = []
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
+        self._hb_lock = threading.Lock()
+        self._closing = False  # the sender thread must send nothing more
         self._zero_buf = b""
 
     # --- connection ---------------------------------------------------------------------------
@@ -141,12 +143,28 @@ class SourceLink:
             self._inflight.append(rnd)
         self._q.put(rnd)
 
+    def send_last(self, rnd: Round) -> None:
+        """Send the stop-and-copy round from the calling thread (the guest is paused, so it
+        waits anyway): the sender thread is stopped first and sends nothing more, not even a
+        heartbeat, and no hand-off between threads adds to the downtime. ``rnd.done`` as for
+        :meth:`submit`."""
+        with self._hb_lock:
+            self._closing = True  # after Failover our side of the stream is closed
+        self._q.put(None)
+        with self._lock:
+            if self.lost.is_set():
+                rnd.done.set()
+                return
+            self._inflight.append(rnd)
+        try:
+            self._send_round(rnd)
+        except (LinkClosed, ProtocolError) as e:
+            self._lose(f"sending to the target failed: {e}")
+
     def switchover(self) -> None:
-        """After the last round was acked: stop the sender, send Failover("switchover") and wait
-        for the target to confirm it resumed the guest."""
-        assert self.link is not None
-        self._q.put(None)  # the sender stops: after Failover our side of the stream is closed
-        self._threads[0].join(5.0)
+        """After the last round (:meth:`send_last`) was acked: send Failover("switchover") and
+        wait for the target to confirm it resumed the guest."""
+        assert self.link is not None and self._closing
         try:
             self.link.send(Failover(reason="switchover"))
         except (LinkClosed, ProtocolError) as e:
@@ -189,8 +207,11 @@ class SourceLink:
             try:
                 if rnd is None:
                     if time.monotonic() - last >= self.opt.heartbeat_interval:
-                        hb += 1
-                        self._send(Heartbeat(seq=hb, sent_ns=time.monotonic_ns()))
+                        with self._hb_lock:
+                            if self._closing:
+                                return
+                            hb += 1
+                            self._send(Heartbeat(seq=hb, sent_ns=time.monotonic_ns()))
                         last = time.monotonic()
                     continue
                 self._send_round(rnd)
@@ -254,41 +275,63 @@ class SourceLink:
     def _send_round(self, rnd: Round) -> None:
         """Send ``rnd`` as epochs of at most ``epoch_pages`` pages of data each: the target
         stages an epoch before committing it, so small epochs keep its staging memory small
-        (and reused) instead of growing it, a fault per page, by a whole round."""
+        (and reused) instead of growing it, a fault per page, by a whole round.
+
+        Small events ride along with the next Pages frame in one write; a small round (the
+        usual stop-and-copy) goes out as one write of batch frames."""
         rnd.t0 = time.perf_counter()
-        self._epoch += 1
-        wire = self._send(EpochBegin(epoch=self._epoch, kind=rnd.kind))
         lim = self.opt.bandwidth_limit
+        whole = len(rnd.dirty) <= self.opt.chunk_pages  # one write for all of it
+        pending: list[Any] = []
+        wire = 0
+
+        def flush() -> int:
+            assert self.link is not None
+            if not pending:
+                return 0
+            if len(pending) == 1:
+                n = self._send(pending[0])
+            else:
+                n = self.link.send_epochs([(list(pending), False)])[0]
+            pending.clear()
+            return n
+
+        self._epoch += 1
+        pending.append(EpochBegin(epoch=self._epoch, kind=rnd.kind))
         in_epoch = data_in_epoch = 0
         for slot, pages, payload in self._frames(rnd):
             if self.lost.is_set():
                 raise LinkClosed(self.lost_reason)
             if data_in_epoch >= self.opt.epoch_pages:
-                wire += self._send(EpochEnd(epoch=self._epoch, n_pages=in_epoch, digest=b"",
-                                            output_seq=0))
+                pending.append(EpochEnd(epoch=self._epoch, n_pages=in_epoch, digest=b"",
+                                        output_seq=0))
                 self._epoch += 1
                 rnd.epochs += 1
                 in_epoch = data_in_epoch = 0
-                wire += self._send(EpochBegin(epoch=self._epoch, kind="delta"))
+                pending.append(EpochBegin(epoch=self._epoch, kind="delta"))
             if payload is None:
                 payload = self._zeros(len(pages))
             else:
                 data_in_epoch += len(pages)
-            w = self._send(Pages(epoch=self._epoch, slot=slot, page_size=PAGE, pages=pages,
+            pending.append(Pages(epoch=self._epoch, slot=slot, page_size=PAGE, pages=pages,
                                  data=payload))
-            wire += w
             in_epoch += len(pages)
             rnd.pages += len(pages)
             rnd.raw += len(payload)
+            if whole:
+                continue
+            w = flush()
+            wire += w
             self._wire_per_page = 0.8 * self._wire_per_page + 0.2 * w / len(pages)
             if lim:  # pace: never more than one frame ahead of the limit
                 ahead = wire / lim - (time.perf_counter() - rnd.t0)
                 if ahead > 0:
                     time.sleep(ahead)
         if rnd.state:
-            wire += self._send(MachineBlob(epoch=self._epoch, blob=rnd.state))
-        wire += self._send(EpochEnd(epoch=self._epoch, n_pages=in_epoch, digest=rnd.digest,
-                                    output_seq=0))
+            pending.append(MachineBlob(epoch=self._epoch, blob=rnd.state))
+        pending.append(EpochEnd(epoch=self._epoch, n_pages=in_epoch, digest=rnd.digest,
+                                output_seq=0))
+        wire += flush()
         rnd.epochs += 1
         rnd.wire = wire
         self.raw += rnd.raw
