@@ -23,6 +23,7 @@ import os
 import time
 
 import numpy as np
+import numpy.ma  # noqa: F401  np.unique imports it on first use (numpy 2.4: ~15 ms); not then
 
 from ..errors import ConfigError, TrackingError
 from ..machine.vm import Machine
@@ -44,7 +45,8 @@ class RoundTracking:
         self.deferred = self.ring is not None and rearm == "round"
         self.arm_bulk = arm_bulk
         self.armed = True           # the current round tracks every write
-        self._acc: list[DirtySet] = []  # harvests inside the round (not needed when deferred)
+        #: Harvests inside the round (deferred: only a resync's "everything" is kept here).
+        self._acc: list[DirtySet] = []
         self.exits = 0
         self.resyncs = 0
         self.harvest_s = 0.0        # spent freeing full rings (the vCPU waits meanwhile)
@@ -102,7 +104,10 @@ class RoundTracking:
             except TrackingError:
                 self.resyncs += 1
                 return self.ring.full()  # (re-armed; rearm() toggles once more, harmlessly)
-            return self.ring.unarmed() | d
+            # Pages left writable this round (every harvest of it), and after a resync inside
+            # the round, everything (``acc``: what the round wrote before it is in no ring).
+            return DirtySet.from_arrays(p for x in (*acc, self.ring.unarmed(), d)
+                                        for p in x.items())
         try:
             d = self.t.harvest()  # re-arms what it returns; the rest was never writable
         except TrackingError:

@@ -12,6 +12,7 @@ import time
 import numpy as np
 import pytest
 
+from dirtyring.errors import RingOverflow
 from dirtyring.guests.protocol import GuestParams, Pattern
 from dirtyring.machine.config import MachineConfig
 from dirtyring.machine.vm import Machine
@@ -146,6 +147,39 @@ def test_rearm_on_every_harvest_still_migrates_exactly(key: bytes, target: Targe
         finally:
             mig.close()
         assert rep.rounds[0].armed
+        _check_switchover(m, mig, target)
+    finally:
+        m.close()
+
+
+def test_a_ring_overflow_inside_a_round_resyncs_and_still_migrates_exactly(
+        key: bytes, target: Target, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Entries lost inside a round (ring.py's overflow checks): everything is dirty, the round's
+    earlier harvests included, so the next round sends all of memory again."""
+    m = _writer("ring", hot=4096)
+    t = m.tracker
+    assert isinstance(t, RingTracker)
+    real = t.harvest_unarmed
+    calls = {"n": 0, "raised": 0}
+
+    def flaky() -> object:
+        calls["n"] += 1
+        got = real()
+        if calls["n"] == 4:  # the bulk round's, then two ring-full exits in round 1
+            calls["raised"] += 1  # as ring.py does: the entries were consumed, then judged bad
+            raise RingOverflow("injected by the test")
+        return got
+    monkeypatch.setattr(t, "harvest_unarmed", flaky)
+    try:
+        mig = Migration(m, (HOST, target.port), key, options=MigrationOptions(verify=True))
+        try:
+            rep = mig.run()
+        finally:
+            mig.close()
+        assert calls["raised"] == 1 and rep.extras["resyncs"] == 1
+        pages = sum(s.pages for s in t.slots.values())
+        # All of memory went again (in a later round or in the stop-and-copy).
+        assert any(r.pages_sent == pages for r in rep.rounds[1:]), rep.rounds
         _check_switchover(m, mig, target)
     finally:
         m.close()
