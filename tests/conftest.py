@@ -40,6 +40,15 @@ def make_machine() -> Iterator:
 _skipped_kvm: list[str] = []
 
 
+@pytest.fixture
+def machines() -> Iterator[list]:
+    """A list the test appends the machines it builds to; all are closed at its end."""
+    made: list = []
+    yield made
+    for m in made:
+        m.close()
+
+
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     if report.skipped and "kvm" in report.keywords and not hasattr(report, "wasxfail"):
         _skipped_kvm.append(report.nodeid)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -16,14 +15,6 @@ from dirtyring.machine.config import MachineConfig
 from dirtyring.machine.vm import Machine
 
 MiB = 1 << 20
-
-
-@pytest.fixture
-def machines() -> Iterator[list[Machine]]:
-    made: list[Machine] = []
-    yield made
-    for m in made:
-        m.close()
 
 
 @pytest.mark.parametrize("vcpus", [1, 2])

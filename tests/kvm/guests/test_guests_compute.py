@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -19,14 +18,6 @@ from dirtyring.machine.vm import Machine
 MiB = 1 << 20
 EVERY = 10_000
 SEED = 0xC0FFEE_1234
-
-
-@pytest.fixture
-def machines() -> Iterator[list[Machine]]:
-    made: list[Machine] = []
-    yield made
-    for m in made:
-        m.close()
 
 
 def boot(machines: list[Machine], cfg: MachineConfig) -> Machine:

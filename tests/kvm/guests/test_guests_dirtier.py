@@ -3,7 +3,6 @@ of a page, following its pattern; max_writes and the stop field finish it; rate_
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -18,14 +17,6 @@ from dirtyring.machine.vm import Machine
 MiB = 1 << 20
 PAGES = 256  # a 1 MiB data slot
 M64 = (1 << 64) - 1
-
-
-@pytest.fixture
-def machines() -> Iterator[list[Machine]]:
-    made: list[Machine] = []
-    yield made
-    for m in made:
-        m.close()
 
 
 def boot(machines: list[Machine], cfg: MachineConfig) -> Machine:

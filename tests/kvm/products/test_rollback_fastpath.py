@@ -14,7 +14,6 @@ What KVM holds is read after a KVM_RUN with ``immediate_exit`` set: it loads the
 returns without entering the guest. Behaviour only, never timing."""
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -31,14 +30,6 @@ MiB = 1 << 20
 XMM0 = 160  # offset of XMM0 in the legacy (FXSAVE) part of the XSAVE area
 XSTATE_BV = 512  # offset of the XSAVE header's XSTATE_BV
 OUT_DONE = bytes([0xE7, int(Port.DONE)])  # outl %eax, $DONE
-
-
-@pytest.fixture
-def machines() -> Iterator[list[Machine]]:
-    made: list[Machine] = []
-    yield made
-    for m in made:
-        m.close()
 
 
 def dirtier(machines: list[Machine], tracker: str = "hotset", **params: Any) -> Machine:

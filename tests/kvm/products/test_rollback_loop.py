@@ -3,7 +3,6 @@ memory is exactly the root's (fingerprint), for the ring, bitmap and hot-set tra
 guest then replays identically, which it only does if its registers were restored too."""
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -17,14 +16,6 @@ from dirtyring.products.fingerprint import fingerprint
 
 MiB = 1 << 20
 TRACKERS = ["ring", "bitmap", "hotset"]
-
-
-@pytest.fixture
-def machines() -> Iterator[list[Machine]]:
-    made: list[Machine] = []
-    yield made
-    for m in made:
-        m.close()
 
 
 def dirtier(machines: list[Machine], tracker: str, *, threaded: bool = False,

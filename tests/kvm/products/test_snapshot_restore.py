@@ -7,7 +7,6 @@ import argparse
 import os
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +24,6 @@ from dirtyring.products import snapshot as S
 MiB = 1 << 20
 SEED = 0xC0FFEE
 EVERY = 10_000
-
-
-@pytest.fixture
-def machines() -> Iterator[list[Machine]]:
-    made: list[Machine] = []
-    yield made
-    for m in made:
-        m.close()
 
 
 def compute(**kw: Any) -> MachineConfig:
