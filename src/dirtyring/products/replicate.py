@@ -30,8 +30,6 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import numpy as np
-
 from ..errors import DirtyringError
 from ..machine.epoch import EpochDriver
 from ..machine.stats import EpochStats
@@ -40,7 +38,7 @@ from ..tracking import DirtySet
 from ..wire import Hello, WIRE_VERSION
 from .checkpoint import memory_digest
 from .outputs import OutputGate
-from .transport import LinkClosed, connect
+from .transport import connect
 from .uplink import Uplink
 
 PAGE = 4096

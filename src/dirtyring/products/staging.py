@@ -29,11 +29,16 @@ class Staging:
     """The shared staging area: header + ``slots`` slots of ``slot_pages`` pages (and their
     page indices). Both processes build the same views over the same memfd."""
 
+    @staticmethod
+    def size_for(slots: int, slot_pages: int) -> int:
+        """Bytes of the memfd a staging area of this shape needs."""
+        return HEADER + slots * (align(slot_pages * 8) + slot_pages * PAGE)
+
     def __init__(self, fd: int, slots: int, slot_pages: int) -> None:
         self.slots, self.slot_pages = slots, slot_pages
         self.idx_bytes = align(slot_pages * 8)
         self.slot_bytes = self.idx_bytes + slot_pages * PAGE
-        self.size = HEADER + slots * self.slot_bytes
+        self.size = self.size_for(slots, slot_pages)
         self.map = Mapping(fd, self.size)
         self.header = self.map.array(np.uint64, 0, HEADER // 8)
         bases = [HEADER + i * self.slot_bytes for i in range(slots)]
@@ -56,11 +61,8 @@ def send_msg(sock: socket.socket, *msg: Any) -> None:
     sock.sendall(pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL))
 
 
-def recv_msg(sock: socket.socket) -> tuple[Any, ...] | None:
-    data = sock.recv(1 << 20)
+def recv_msg(sock: socket.socket, flags: int = 0) -> tuple[Any, ...] | None:
+    """The next message, or None at EOF (BlockingIOError with MSG_DONTWAIT and none ready)."""
+    data = sock.recv(1 << 20, flags)
     return pickle.loads(data) if data else None
-
-
-# ================================================================================ parent side
-
 

@@ -28,7 +28,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .._bindings.mapping import keep_freed_memory
-from ..errors import ConfigError, DirtyringError, ProtocolError
+from ..errors import ConfigError, ProtocolError
 from ..machine.config import MachineConfig
 from ..machine.state import MachineState
 from ..machine.vcpu import install_kick_handler

@@ -73,11 +73,6 @@ class Link:
                 parts = self.conn.send_parts(event)
             self._sendmsg(parts)
 
-    def send_many(self, events: list[Event], *, skip_if_resync: bool = False) -> bool:
-        """Send events as one batch. With ``skip_if_resync``, send nothing and return False if
-        the peer asked for a resync (a delta epoch would be illegal; the full one is coming)."""
-        return self.send_epochs([(events, skip_if_resync)])[0] >= 0
-
     def send_epochs(self, entries: list[tuple[list[Event], bool]]) -> list[int]:
         """Send several batches of events in one write (each as BATCH frames: one header, CRC
         and MAC per epoch rather than per event); each batch flagged skip-if-resync is

@@ -41,7 +41,7 @@ import numpy as np
 from .._bindings.mapping import memfd
 from ..errors import DirtyringError
 from ..wire import Hello
-from .staging import ACKED, ALIVE, CONSUMED, HEADER, PAGE, Staging, align, recv_msg, send_msg
+from .staging import ACKED, ALIVE, CONSUMED, PAGE, Staging, recv_msg, send_msg
 
 MessageSink = Callable[[tuple[Any, ...]], None]
 
@@ -52,8 +52,7 @@ class Uplink:
     def __init__(self, sock: socket.socket, key: bytes, *, insecure: bool, compress_level: int,
                  heartbeat_interval: float, heartbeat_timeout: float, slot_sizes: list[int],
                  on_message: MessageSink, slots: int = 8, slot_pages: int = 4096) -> None:
-        fd = memfd("dirtyring-staging", HEADER + slots * (align(slot_pages * 8)
-                                                          + slot_pages * PAGE))
+        fd = memfd("dirtyring-staging", Staging.size_for(slots, slot_pages))
         self.staging = Staging(fd, slots, slot_pages)
         self.ctrl, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         for s in (self.ctrl, child):
@@ -147,14 +146,14 @@ class Uplink:
         done = int(self.staging.header[CONSUMED])
         return sum(b for s, b in self._used.items() if s >= done)
 
-    def _free_slot(self, epoch: int, kind: str, stop: Callable[[], bool]) -> bool:
-        """Wait until the slot for ``self.seq`` is free; False if ``stop()`` says give up."""
+    def _free_slot(self, stop: Callable[[], bool]) -> bool:
+        """Wait until the slot for ``self.seq`` is free; False if ``stop()`` says give up.
+        Only called for a fresh slot, when every staged part has been announced already
+        (``stage`` sends a slot's parts when it fills, ``end`` the rest): the uplink can free
+        only slots it has been told about."""
         hdr = self.staging.header
         if self.seq - int(hdr[CONSUMED]) < self.staging.slots:
             return True
-        if self._parts:  # the uplink can only free slots it has been told about
-            send_msg(self.ctrl, "parts", epoch, kind, self._parts)
-            self._parts = []
         while self.seq - int(hdr[CONSUMED]) >= self.staging.slots:
             if stop() or self.dead.is_set():
                 return False
@@ -183,7 +182,7 @@ class Uplink:
                 send_msg(self.ctrl, "parts", epoch, kind, self._parts)
                 self._parts = []
                 self.seq, self._fill = self.seq + 1, 0
-            if not self._fill and not self._free_slot(epoch, kind, stop):
+            if not self._fill and not self._free_slot(stop):
                 return done
             off = self._fill
             k = min(cap - off, n - i)
@@ -254,5 +253,3 @@ class Uplink:
             self._final_acked = int(self.staging.header[ACKED])
             self.staging.close()
 
-
-# ================================================================================ uplink process

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import pickle
 import select
 import signal
 import socket
@@ -60,7 +59,7 @@ class _Sender:
         self.rtt: deque[float] = deque(maxlen=4096)
         self.skipped = 0
         self.acked = 0
-        self.cond = threading.Condition()
+        self.lock = threading.Lock()  # unacked, sent_at, rtt, acked: both threads
         self.receiver_done = threading.Event()
         self.ctrl_lock = threading.Lock()
         self.last_stats = 0.0
@@ -89,7 +88,7 @@ class _Sender:
             for ev in self.link.events(timeout=self.hb_timeout):
                 if isinstance(ev, Ack):
                     now = time.monotonic()
-                    with self.cond:
+                    with self.lock:
                         for e in [e for e in self.sent_at if e <= ev.epoch]:
                             t = self.sent_at.pop(e)
                             if e == ev.epoch:
@@ -98,7 +97,6 @@ class _Sender:
                             del self.unacked[e]
                         self.acked = ev.epoch
                         self.st.header[ACKED] = ev.epoch
-                        self.cond.notify_all()
                 elif isinstance(ev, ResyncEvent):
                     self.tell("resync", ev.epoch, ev.reason)
                 elif isinstance(ev, Failover):
@@ -115,15 +113,12 @@ class _Sender:
                 self.lose(str(e))
         finally:
             self.receiver_done.set()
-            with self.cond:
-                self.cond.notify_all()
 
     def lose(self, reason: str) -> None:
-        with self.cond:
+        with self.lock:
             if self.lost:
                 return
             self.lost = True
-            self.cond.notify_all()
         self.tell("lost", reason)
 
     # --- sending ---------------------------------------------------------------------------------
@@ -156,7 +151,7 @@ class _Sender:
 
     def window_open(self) -> bool:
         """Flow control: begin no epoch while too much is unacknowledged."""
-        with self.cond:
+        with self.lock:
             return self.lost or (len(self.unacked) < MAX_UNACKED_EPOCHS
                                  and sum(self.unacked.values()) <= MAX_UNACKED_BYTES)
 
@@ -200,8 +195,8 @@ class _Sender:
             self.st.header[CONSUMED] = self._last_seq
 
     def on_parts(self, epoch: int, kind: str, parts: list[tuple[int, int, int, int]]) -> None:
-        """The first parts of an epoch too big for the free slots, ahead of its end: they go
-        out at once (the epoch loop is waiting for their slots)."""
+        """Parts of a big epoch ahead of its end (a staging slot the epoch loop filled): they
+        go out at once, so the epoch streams while the rest is still being gathered."""
         if self.open is None:
             self._begin(epoch, kind)
         self._pages(parts)
@@ -246,11 +241,11 @@ class _Sender:
         if self.lost:
             return
         now = time.monotonic()
-        with self.cond:
+        with self.lock:
             for epoch, _, _ in batch:
                 self.sent_at[epoch] = now
         sizes = self._send([(evs, skip) for _, evs, skip in batch])
-        with self.cond:
+        with self.lock:
             for (epoch, _, _), size in zip(batch, sizes):
                 if size < 0:
                     self.sent_at.pop(epoch, None)
@@ -276,7 +271,7 @@ class _Sender:
             return
         self.last_stats = now
         w = self.link.conn.statistics()
-        with self.cond:
+        with self.lock:
             rtt = np.asarray(self.rtt) if self.rtt else np.zeros(1)
         self.tell("stats", {"compression_ratio": w.compression_ratio_out,
                             "bytes_out": w.bytes_out, "frames_out": w.frames_out,
@@ -362,12 +357,11 @@ def main(argv: list[str]) -> int:
         # the standby or this process falls behind, epochs batch up by themselves.
         while ready:
             try:
-                data = ctrl.recv(1 << 20, socket.MSG_DONTWAIT)
+                msg = recv_msg(ctrl, socket.MSG_DONTWAIT)
             except BlockingIOError:
                 break
-            if not data:
+            if msg is None:
                 os._exit(0)  # the primary died: drop the connection now, the standby takes over
-            msg = pickle.loads(data)
             if msg[0] == "close":
                 # Epochs still held back by flow control are never sent: their output was
                 # never released, and the standby keeps its last committed checkpoint.
