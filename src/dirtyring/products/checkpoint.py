@@ -64,13 +64,21 @@ def memory_digest(memory: GuestMemory) -> bytes:
     return memory.digest()
 
 
+def capture_state(machine: Machine, *, digest: bool = False) -> tuple[bytes, bytes]:
+    """The paused machine's encoded state, and its memory digest if asked (else b""): the part
+    of a checkpoint that is not pages, for ``capture`` and for replication, which gathers its
+    pages into the uplink's staging area instead."""
+    assert machine.memory is not None
+    state = machine.capture_state().encode()
+    return state, memory_digest(machine.memory) if digest else b""
+
+
 def capture(machine: Machine, dirty: DirtySet, *, epoch: int, kind: str = "delta",
             digest: bool = False, outputs: int = 0) -> Checkpoint:
     """Capture while every vCPU is paused and after the harvest (so no write is missed)."""
     assert machine.memory is not None
     runs = gather(machine.memory, dirty)
-    state = machine.capture_state().encode()
-    d = memory_digest(machine.memory) if digest else b""
+    state, d = capture_state(machine, digest=digest)
     return Checkpoint(epoch=epoch, kind=kind, runs=runs, state=state, digest=d, outputs=outputs)
 
 

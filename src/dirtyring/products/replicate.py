@@ -36,7 +36,7 @@ from ..machine.stats import EpochStats
 from ..machine.vm import Machine
 from ..tracking import DirtySet
 from ..wire import Hello, WIRE_VERSION
-from .checkpoint import memory_digest
+from .checkpoint import capture_state
 from .outputs import OutputGate
 from .transport import connect
 from .uplink import Uplink
@@ -292,8 +292,7 @@ class Primary:
             return
         self.epoch += 1
         self.up.alive()
-        state = m.capture_state().encode()
-        digest = memory_digest(m.memory) if self.opt.verify else b""  # type: ignore[arg-type]
+        state, digest = capture_state(m, digest=self.opt.verify)
         outputs = self.gate.released
         self.gate.advance(self.epoch + 1)
         if not self._consistent_epoch:
