@@ -27,12 +27,12 @@ from ..errors import ProtocolError
 from ..machine.vm import Machine
 from ..tracking import DirtySet
 from ..wire import (PRIMARY, Ack, Connection, EpochBegin, EpochEnd, Failover, Goodbye, Heartbeat,
-                    Hello, HelloAck, MachineBlob, Pages, WIRE_VERSION)
+                    Hello, MachineBlob, Pages, WIRE_VERSION)
 from ..wire import Resync as ResyncEvent
 from .checkpoint import gather
 from .migrate_tracking import allocated
 from .migrate_types import PAGE, MigrationError, MigrationOptions
-from .transport import Link, LinkClosed, connect
+from .transport import HandshakeRefused, Link, LinkClosed, connect, handshake
 
 EventSink = Callable[[dict[str, Any]], None]
 
@@ -95,13 +95,11 @@ class SourceLink:
         link = Link(connect(self.addr), Connection(PRIMARY, self.key, insecure=self.insecure,
                                                    compress_level=self.opt.compress_level))
         try:
-            link.send(Hello(role="primary", version=WIRE_VERSION, session_id=os.urandom(16),
-                            config=self.m.config.to_json()))
-            for ev in link.events(timeout=10.0):
-                if isinstance(ev, HelloAck) and ev.accepted:
-                    break
-                if isinstance(ev, (HelloAck, Goodbye)):
-                    raise MigrationError(f"the target refused the migration: {ev.reason}")
+            handshake(link, Hello(role="primary", version=WIRE_VERSION,
+                                  session_id=os.urandom(16), config=self.m.config.to_json()))
+        except HandshakeRefused as e:
+            link.close()
+            raise MigrationError(f"the target refused the migration: {e}") from None
         except TimeoutError:
             link.close()
             raise MigrationError("the target did not answer the handshake within 10 s") from None
@@ -112,9 +110,6 @@ class SourceLink:
         except ProtocolError as e:
             link.close()
             raise MigrationError(f"handshake with the target failed: {e}") from None
-        except MigrationError:
-            link.close()
-            raise
         self.link = link
         self.emit({"event": "connected", "t": time.time(),
                    "target": f"{self.addr[0]}:{self.addr[1]}"})

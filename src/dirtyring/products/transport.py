@@ -13,13 +13,18 @@ import threading
 from collections.abc import Iterator
 
 from ..errors import ConfigError, DirtyringError, RemoteProtocolError
-from ..wire import NEED_DATA, Connection, Event
+from ..wire import NEED_DATA, Connection, Event, Goodbye, Hello, HelloAck
 
 IOV_BATCH = 512
 
 
 class LinkClosed(DirtyringError):
     """The peer closed the connection or the network failed; the message says how."""
+
+
+class HandshakeRefused(DirtyringError):
+    """The standby (or migration target) answered the Hello with a refusal; the message is
+    its reason."""
 
 
 def parse_addr(text: str) -> tuple[str, int]:
@@ -147,6 +152,26 @@ class Link:
         except OSError:
             pass
         self.sock.close()
+
+
+def handshake(link: Link, hello: Hello, timeout: float = 10.0) -> HelloAck:
+    """Send ``hello`` and wait for the answer; return the accepting HelloAck.
+
+    Raises HandshakeRefused (a refusing HelloAck or a Goodbye, or an acceptance without a
+    nonce: its session would be replayable), TimeoutError, LinkClosed or ProtocolError (as
+    ``Link.events``). Replication's uplink and migration's source both shake hands here."""
+    link.send(hello)
+    for ev in link.events(timeout=timeout):
+        if isinstance(ev, HelloAck):
+            if not ev.accepted:
+                raise HandshakeRefused(ev.reason)
+            if not ev.nonce:
+                raise HandshakeRefused("the standby did not bind the session to a nonce (its "
+                                       "frames could be replayed); refusing it")
+            return ev
+        if isinstance(ev, Goodbye):
+            raise HandshakeRefused(ev.reason)
+    raise LinkClosed("the peer closed the connection during the handshake")
 
 
 def load_key(key_hex: str | None, *, allow_insecure: bool = False) -> tuple[bytes, bool]:

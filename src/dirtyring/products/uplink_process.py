@@ -26,10 +26,10 @@ import numpy as np
 from .._bindings.mapping import keep_freed_memory
 from ..errors import ProtocolError
 from ..wire import (PRIMARY, Ack, Connection, EpochBegin, EpochEnd, Failover, Goodbye, Heartbeat,
-                    Hello, HelloAck, MachineBlob, Pages)
+                    Hello, MachineBlob, Pages)
 from ..wire import Resync as ResyncEvent
 from .staging import ACKED, ALIVE, CONSUMED, PAGE, Staging, recv_msg, send_msg
-from .transport import Link, LinkClosed
+from .transport import HandshakeRefused, Link, LinkClosed, handshake
 
 MAX_UNACKED_BYTES = 2 << 20  # kept below the socket buffers: a Goodbye always fits
 MAX_UNACKED_EPOCHS = 16  # bounds the ack (and output) delay when the standby is slow
@@ -307,18 +307,11 @@ def _pdeathsig() -> None:
 def _handshake(link: Link, ctrl: socket.socket, msg: tuple[Any, ...]) -> bool:
     _, role, version, sid, config = msg
     try:
-        link.send(Hello(role=role, version=version, session_id=sid, config=config))
-        for ev in link.events(timeout=10.0):
-            if isinstance(ev, HelloAck):
-                if ev.accepted and not ev.nonce:
-                    send_msg(ctrl, "hello", False, "the standby did not bind the session to a "
-                              "nonce (its frames could be replayed); refusing it")
-                    return False
-                send_msg(ctrl, "hello", ev.accepted, ev.reason)
-                return ev.accepted
-            if isinstance(ev, Goodbye):
-                send_msg(ctrl, "hello", False, ev.reason)
-                return False
+        ack = handshake(link, Hello(role=role, version=version, session_id=sid, config=config))
+        send_msg(ctrl, "hello", True, ack.reason)
+        return True
+    except HandshakeRefused as e:
+        send_msg(ctrl, "hello", False, str(e))
     except TimeoutError:
         send_msg(ctrl, "hello", False, "the standby did not answer the handshake within 10 s")
     except (LinkClosed, ProtocolError) as e:
