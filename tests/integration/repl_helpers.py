@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from dirtyring.cli.replication import control_request
 from dirtyring.products.kvservice import KvClient
 from dirtyring.products.standby import Standby
 
@@ -323,15 +324,7 @@ class StandbyThread:
 # --- the standby's control port ---------------------------------------------------------------
 def control(port: int, cmd: str = "status", timeout: float = 10.0) -> dict[str, Any]:
     """Send one control command ("status" or "failover") and return the JSON answer."""
-    with socket.create_connection((HOST, port), timeout=timeout) as c:
-        c.sendall(cmd.encode() + b"\n")
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = c.recv(4096)
-            if not chunk:
-                break
-            data += chunk
-    out: dict[str, Any] = json.loads(data)
+    out: dict[str, Any] = json.loads(control_request((HOST, port), cmd, timeout))
     return out
 
 

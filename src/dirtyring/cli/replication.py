@@ -214,18 +214,23 @@ def _control_server(addr: tuple[str, int], sb: Standby, stop: threading.Event) -
     return srv
 
 
+def control_request(addr: tuple[str, int], cmd: str, timeout: float = 10.0) -> bytes:
+    """Send one command ("status" or "failover") to a standby's control port; its JSON line.
+    Raises OSError if the port cannot be reached."""
+    with socket.create_connection(addr, timeout=timeout) as c:
+        c.sendall(cmd.encode() + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = c.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+    return data
+
+
 def failover_cmd(args: argparse.Namespace) -> int:
-    host, port = parse_addr(args.control)
     try:
-        with socket.create_connection((host, port), timeout=10) as c:
-            c.sendall(b"status\n" if args.status else b"failover\n")
-            c.settimeout(10)
-            data = b""
-            while not data.endswith(b"\n"):
-                chunk = c.recv(4096)
-                if not chunk:
-                    break
-                data += chunk
+        data = control_request(parse_addr(args.control), "status" if args.status else "failover")
     except OSError as e:
         raise DirtyringError(f"cannot reach the standby's control port {args.control}: "
                              f"{e.strerror or e}") from None
