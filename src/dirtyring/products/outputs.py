@@ -49,6 +49,11 @@ class OutputGate:
                 return
         self._out(kind, payload, epoch, 0.0)
 
+    @property
+    def waiting(self) -> bool:
+        """Is any output held for an acknowledgement?"""
+        return bool(self._pending)
+
     def advance(self, next_epoch: int) -> None:
         """The guest is paused and checkpoint ``next_epoch - 1`` captured: new output is newer."""
         with self._lock:

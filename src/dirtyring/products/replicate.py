@@ -54,6 +54,10 @@ class PrimaryOptions:
     unsafe_output: bool = False
     verify: bool = False
     compress_level: int = 1
+    #: Checkpoints ended within this window go to the standby together (one wakeup of the
+    #: uplink, one write, one ack for all of them; each is still committed on its own), unless
+    #: output is held for them: then each goes at once.
+    batch_window: float = 0.0005
 
 
 class Primary:
@@ -249,6 +253,7 @@ class Primary:
         self._last_queued = 1
 
     _last_queued = 0
+    _t_last = 0.0  # when the previous epoch's checkpoint was ended
 
     def _make_room(self) -> None:
         """Backpressure without pausing: while the uplink is behind, let the guest run on (a
@@ -298,8 +303,13 @@ class Primary:
         if not self._consistent_epoch:
             self._consistent_epoch = self.epoch
         m.resume_all()
-        pause = e.harvest_s + (time.perf_counter() - t0)
-        self.up.end(self.epoch, kind, state, digest, outputs)
+        t1 = time.perf_counter()
+        pause = e.harvest_s + (t1 - t0)
+        # Tell the uplink now unless the window would still be open at the next epoch's end.
+        due = (self.gate.waiting or kind == "full"
+               or self.up.queued_for + (t1 - self._t_last) >= self.opt.batch_window)
+        self._t_last = t1
+        self.up.end(self.epoch, kind, state, digest, outputs, flush=due)
         self._last_queued = self.epoch
         self.stats.record(pause_s=pause, harvest_s=e.harvest_s, dirty_pages=n,
                           nbytes=n * PAGE + len(state), resync=kind == "full",

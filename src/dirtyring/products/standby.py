@@ -174,10 +174,15 @@ class Standby:
                         self._staged_epoch, self._staged_kind = ev.epoch, ev.kind
                         self.staging_bytes = 0
                     elif isinstance(ev, Pages):
-                        if self.epochs == 0 and not np.frombuffer(ev.data, np.uint64).any():
+                        lazy = ev.lazy  # only sparse words: apply those, never the bytes
+                        if self.epochs == 0 and not (
+                                ev.words[1].any() if lazy and ev.words is not None
+                                else np.frombuffer(ev.data, np.uint64).any()):
                             continue  # nothing committed yet: this VM's memory is zero already
-                        self._staged.append((ev.slot, ev.indices, ev.data, ev.delta, ev.words))
-                        self.staging_bytes += len(ev.data)
+                        self._staged.append((ev.slot, ev.indices, None if lazy else ev.data,
+                                             ev.delta, ev.words))
+                        self.staging_bytes += (12 * len(ev.words[1]) if lazy and ev.words
+                                               is not None else ev.nbytes)
                         self.max_staging_bytes = max(self.max_staging_bytes, self.staging_bytes)
                     elif isinstance(ev, MachineBlob):
                         self._staged_blob = ev.blob

@@ -76,6 +76,8 @@ class Uplink:
         self.on_message = on_message
         self.seq = 0
         self._parts: list[tuple[int, int, int, int]] = []
+        self._ended: list[tuple[Any, ...]] = []  # checkpoints ended but not yet told
+        self._ended_at = 0.0
         self._used: dict[int, int] = {}
         self.closing = False
         self.dead = threading.Event()
@@ -154,6 +156,7 @@ class Uplink:
         hdr = self.staging.header
         if self.seq - int(hdr[CONSUMED]) < self.staging.slots:
             return True
+        self.flush()
         while self.seq - int(hdr[CONSUMED]) >= self.staging.slots:
             if stop() or self.dead.is_set():
                 return False
@@ -179,6 +182,7 @@ class Uplink:
             if self._fill == cap:
                 # A full staging slot goes to the uplink at once: a big epoch (the initial
                 # sync, a resync) streams out while the rest is still being gathered.
+                self.flush()
                 send_msg(self.ctrl, "parts", epoch, kind, self._parts)
                 self._parts = []
                 self.seq, self._fill = self.seq + 1, 0
@@ -209,7 +213,10 @@ class Uplink:
 
     def has_room(self) -> bool:
         used = self.seq + (1 if self._fill else 0) - int(self.staging.header[CONSUMED])
-        return used < self.MAX_AHEAD and not self.dead.is_set()
+        if used < self.MAX_AHEAD:
+            return not self.dead.is_set()
+        self.flush()  # the uplink can only free what it has been told about
+        return False
 
     def alive(self) -> None:
         """Vouch that the epoch loop is alive: the uplink only heartbeats while this moves."""
@@ -221,10 +228,30 @@ class Uplink:
             self.seq, self._fill = self._parts[0][0], self._parts[0][1]
             self._parts = []
 
-    def end(self, epoch: int, kind: str, state: bytes, digest: bytes, outputs: int) -> None:
-        """Close ``epoch``: the uplink sends it with every part staged since the last end."""
-        send_msg(self.ctrl, "cp", epoch, kind, self._parts, state, digest, outputs)
+    def end(self, epoch: int, kind: str, state: bytes, digest: bytes, outputs: int, *,
+            flush: bool = True) -> None:
+        """Close ``epoch``: the uplink sends it with every part staged since the last end.
+
+        With ``flush=False`` the checkpoint is only queued, to be told together with the
+        next ones (``flush``): one wakeup of the uplink, one write to the standby and one ack
+        then cover several epochs. Each one is still committed on its own."""
+        if not self._ended:
+            self._ended_at = time.monotonic()
+        self._ended.append((epoch, kind, self._parts, state, digest, outputs))
         self._parts = []
+        if flush:
+            self.flush()
+
+    def flush(self) -> None:
+        """Tell the uplink about every checkpoint ended so far (one control message)."""
+        if self._ended:
+            send_msg(self.ctrl, "cps", self._ended)
+            self._ended = []
+
+    @property
+    def queued_for(self) -> float:
+        """Seconds since the oldest checkpoint not yet told to the uplink was ended (0: none)."""
+        return time.monotonic() - self._ended_at if self._ended else 0.0
 
     # --- shutdown ---------------------------------------------------------------------------------
     def close(self, reason: str, timeout: float) -> None:
@@ -233,6 +260,7 @@ class Uplink:
         self.closing = True
         try:
             if not self.dead.is_set():
+                self.flush()
                 send_msg(self.ctrl, "close", reason)
                 self.proc.wait(timeout)
         except (OSError, subprocess.TimeoutExpired):

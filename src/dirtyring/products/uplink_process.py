@@ -177,15 +177,10 @@ class _Sender:
             data = self.st.data(seq)[off:off + n]
             sh = self.shadow(slot)
             if sh is not None and kind == "delta":
-                # XOR against what the standby holds: a page that changed a little becomes
-                # mostly zero words, which the codec sends as a sparse body.
-                old = sh[idx]
-                payload = np.bitwise_xor(data, old, out=old).tobytes()
-                self.cur.append(Pages(epoch=epoch, slot=slot, page_size=PAGE, pages=idx,
-                                      data=payload, delta=True))
-            else:
-                self.cur.append(Pages(epoch=epoch, slot=slot, page_size=PAGE, pages=idx,
-                                      data=data.tobytes()))
+                self.cur.append(_delta(epoch, slot, idx, data, sh))
+                continue
+            self.cur.append(Pages(epoch=epoch, slot=slot, page_size=PAGE, pages=idx,
+                                  data=data.tobytes()))
             if sh is not None:
                 sh[idx] = data
         if parts:
@@ -295,6 +290,40 @@ class _Sender:
         self.receiver_done.wait(max(5.0, 2 * self.hb_timeout))
 
 
+_WORDS = PAGE // 8
+
+
+def _delta(epoch: int, slot: int, idx: np.ndarray, data: np.ndarray, shadow: np.ndarray) -> Pages:
+    """Pages for staged ``data`` as an XOR delta against ``shadow`` (what the standby holds),
+    which is brought up to date.
+
+    Pages that changed a little (the common case: a few words per page) are compared, not
+    XORed: the changed words' offsets and XOR values go out as a sparse body built straight
+    from them, and the shadow is written only at those words. For a 64-page hot set this is
+    ~4x cheaper than XORing, copying and scanning 256 KiB, then copying it all into the shadow.
+    A contiguous run of pages (a hot set usually is one) is compared in place, without a
+    gather. Pages that changed a lot go as full XOR data, which the codec encodes by run."""
+    n = len(idx)
+    new = data.view(np.uint64)
+    sh = shadow.view(np.uint64)
+    first = int(idx[0])
+    contiguous = int(idx[-1]) - first == n - 1
+    old = sh[first:first + n] if contiguous else sh[idx]
+    where = np.flatnonzero(new != old)
+    if len(where) <= n * _WORDS // 8:
+        vals = new.reshape(-1)[where]
+        diff = vals ^ old.reshape(-1)[where]
+        if contiguous:
+            old.reshape(-1)[where] = vals
+        else:
+            sh[idx[where // _WORDS], where % _WORDS] = vals
+        return Pages.decoded(epoch=epoch, slot=slot, page_size=PAGE, pages=idx, data=None,
+                             delta=True, words=(where, diff))
+    payload = np.bitwise_xor(new, old, out=old if not contiguous else None).tobytes()
+    sh[idx] = new
+    return Pages(epoch=epoch, slot=slot, page_size=PAGE, pages=idx, data=payload, delta=True)
+
+
 def _pdeathsig() -> None:
     """Die with the primary even if it never got to close the control socket."""
     try:
@@ -363,7 +392,10 @@ def main(argv: list[str]) -> int:
                 s.goodbye(msg[1])
                 link.close()
                 return 0
-            pending.append(msg)
+            if msg[0] == "cps":
+                pending.extend(("cp", *cp) for cp in msg[1])
+            else:
+                pending.append(msg)
         while pending:
             if s.open is None and not s.window_open():
                 break

@@ -236,9 +236,9 @@ def encode_event(event: ev.Event, seq: int, key: bytes, *, compress_level: int =
                  max_frame_size: int = MAX_FRAME_SIZE) -> list[Buffer]:
     """Encode ``event`` as frame number ``seq``; raises LocalProtocolError if it can't be sent."""
     ftype = frame_type_of(event)
-    if isinstance(event, ev.Pages) and len(event.data) > max_frame_size:
+    if isinstance(event, ev.Pages) and event.nbytes > max_frame_size:
         # The receiver caps how far one frame may expand by the same limit.
-        raise LocalProtocolError(f"Pages carries {len(event.data)} bytes of pages, more than "
+        raise LocalProtocolError(f"Pages carries {event.nbytes} bytes of pages, more than "
                                  f"max_frame_size={max_frame_size}; split it")
     body = encode_body(event, compress_level=compress_level)
     length = body_len(body)

@@ -199,7 +199,7 @@ class Connection:
         self._frames_out += 1
         self._bytes_out += size
         if isinstance(event, Pages):
-            self._raw_out += len(event.data)
+            self._raw_out += event.nbytes
             self._wire_out += size - len(parts[0]) - len(parts[-1])
         return parts
 
@@ -250,9 +250,9 @@ class Connection:
         if self._error is not None:
             raise LocalProtocolError(f"connection is in ERROR, cannot send: {self._error}")
         try:
-            if isinstance(event, Pages) and len(event.data) > self._max_frame_size:
+            if isinstance(event, Pages) and event.nbytes > self._max_frame_size:
                 raise LocalProtocolError(
-                    f"Pages carries {len(event.data)} bytes of pages, more than "
+                    f"Pages carries {event.nbytes} bytes of pages, more than "
                     f"max_frame_size={self._max_frame_size}; split it")
             self._state.process_event(self._role, event)
             body = encode_body(event, compress_level=self._compress_level)
@@ -281,7 +281,7 @@ class Connection:
         self._bytes_out += FRAME_OVERHEAD + blen
         for e, n in items:
             if isinstance(e, Pages):
-                self._raw_out += len(e.data)
+                self._raw_out += e.nbytes
                 self._wire_out += n
         return parts
 
@@ -342,7 +342,7 @@ class Connection:
         self._frames_in += 1
         self._bytes_in += frame.wire_len
         if isinstance(frame.event, Pages):
-            self._raw_in += len(frame.event.data)
+            self._raw_in += frame.event.nbytes
             self._wire_in += frame.body_len
         return frame.event
 
@@ -359,7 +359,7 @@ class Connection:
         self._bytes_in += wire_len
         for e, n in batch.items:
             if isinstance(e, Pages):
-                self._raw_in += len(e.data)
+                self._raw_in += e.nbytes
                 self._wire_in += n
         events = [e for e, _ in batch.items]
         self._pending.extend(events[1:])

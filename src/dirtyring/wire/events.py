@@ -21,10 +21,9 @@ from dirtyring.errors import LocalProtocolError
 
 __all__ = [
     "Event", "Hello", "HelloAck", "EpochBegin", "Pages", "MachineBlob", "EpochEnd", "Ack",
-    "Resync", "Heartbeat", "Failover", "Goodbye", "ConnectionClosed",
-    "ROLES", "EPOCH_KINDS", "SESSION_ID_LEN", "NONCE_LEN", "MAX_DIGEST_LEN", "MAX_REASON_LEN",
-    "MIN_PAGE_SIZE", "MAX_PAGE_SIZE",
-]
+    "Resync", "Heartbeat", "Failover", "Goodbye", "ConnectionClosed", "ROLES", "EPOCH_KINDS",
+    "SESSION_ID_LEN", "NONCE_LEN", "MAX_DIGEST_LEN", "MAX_REASON_LEN", "MIN_PAGE_SIZE",
+    "MAX_PAGE_SIZE"]
 
 ROLES: Final = ("primary", "standby")
 EPOCH_KINDS: Final = ("full", "delta")
@@ -170,10 +169,8 @@ class Pages(Event):
     strictly increasing so the codec can find runs with one vectorized pass and the receiver can
     apply them in one sweep. ``data`` holds ``len(pages) * page_size`` bytes, page ``i`` at
     ``data[i*page_size:(i+1)*page_size]``. With ``delta`` the data is the XOR of the new
-    contents with the receiver's current copy of those pages (mostly zero bytes when a page
-    changed a little, which the codec then sends as sparse words). Equality compares values
-    (arrays by content).
-    """
+    contents with the receiver's copy (mostly zero when a page changed a little: the codec
+    sends sparse words). Equality compares values (arrays by content)."""
 
     epoch: int
     slot: int
@@ -223,12 +220,13 @@ class Pages(Event):
 
     @classmethod
     def decoded(cls, *, epoch: int, slot: int, page_size: int, pages: npt.NDArray[np.int64],
-                data: bytes, delta: bool,
+                data: bytes | None, delta: bool,
                 words: tuple[npt.NDArray[np.int64], npt.NDArray[np.uint64]] | None = None
                 ) -> Pages:
-        """Build from values the wire decoder has already checked (u64/u32 by their struct
-        formats, page size, strictly increasing indices, data length), without checking them a
-        second time: the receive path builds thousands of these a second."""
+        """Build from values already checked (by the wire decoder, or our own sender) without
+        checking them again: replication builds thousands a second. ``data=None`` with
+        ``words`` (increasing word offsets, all other words zero) builds the bytes only when
+        read: whoever works from the words never pays for 256 KiB of mostly zero bytes."""
         obj = object.__new__(cls)
         pages.setflags(write=False)
         for name, value in (("epoch", epoch), ("slot", slot), ("page_size", page_size),
@@ -236,6 +234,14 @@ class Pages(Event):
                             ("words", words)):
             _set(obj, name, value)
         return obj
+
+    @property
+    def nbytes(self) -> int:  # of page data, without building lazy data
+        return len(self.pages) * self.page_size
+
+    @property
+    def lazy(self) -> bool:  # is ``data`` still only its sparse ``words``?
+        return _PAGES_DATA.__get__(self, Pages) is None
 
     @property
     def indices(self) -> npt.NDArray[np.int64]:
@@ -262,6 +268,26 @@ class Pages(Event):
                 f"{'delta, ' if self.delta else ''}"
                 f"n_pages={self.n_pages}, first={int(self.indices[0])}, "
                 f"last={int(self.indices[-1])})")
+
+
+class _LazyData:
+    """``Pages.data`` over the dataclass's own slot: built from the words on first read."""
+
+    def __get__(self, obj: Any, owner: Any = None) -> Any:
+        if obj is None:
+            return self
+        if (data := _PAGES_DATA.__get__(obj, owner)) is None:
+            out = np.zeros(len(obj.pages) * obj.page_size // 8, np.uint64)
+            out[obj.words[0]] = obj.words[1]
+            _PAGES_DATA.__set__(obj, data := out.tobytes())
+        return data
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        _PAGES_DATA.__set__(obj, value)
+
+
+_PAGES_DATA: Final = Pages.__dict__["data"]
+Pages.data = _LazyData()  # type: ignore[assignment,misc]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

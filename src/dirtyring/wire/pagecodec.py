@@ -126,12 +126,16 @@ def encode_pages_parts(event: ev.Pages, *, compress_level: int = 1) -> list[Buff
     """
     if not 0 <= compress_level <= 9:
         raise LocalProtocolError(f"compress_level must be 0..9, got {compress_level}")
+    if event.lazy:  # only its sparse words exist (our sender built it so): send those
+        assert event.words is not None
+        return _encode_sparse(event, *event.words)
     idx, ps, n = event.indices, event.page_size, event.n_pages
     words = np.frombuffer(event.data, dtype=np.uint64).reshape(n, ps // 8)
     flat = words.reshape(-1)
     mask = flat != 0  # (``flatnonzero`` on the bool mask is 6x faster than on the words)
     if int(np.count_nonzero(mask)) <= len(flat) * _SPARSE_MAX_FRACTION and len(flat) < 1 << 32:
-        return _encode_sparse(event, flat, mask)
+        where = np.flatnonzero(mask)
+        return _encode_sparse(event, where, flat[where])
     nonzero: npt.NDArray[np.bool_] = np.asarray(mask.reshape(n, -1).any(axis=1))
     brk = np.ones(n, dtype=bool)  # brk[i]: page i starts a new run
     if n > 1:
@@ -174,7 +178,9 @@ def encode_pages_parts(event: ev.Pages, *, compress_level: int = 1) -> list[Buff
     return out.finish()
 
 
-def _encode_sparse(event: ev.Pages, flat: np.ndarray, mask: np.ndarray) -> list[Buffer]:
+def _encode_sparse(event: ev.Pages, where: np.ndarray, vals: np.ndarray) -> list[Buffer]:
+    """The SPARSE body: ``where`` (increasing word offsets into the event's data) and their
+    ``vals`` are every non-zero word."""
     idx = event.indices
     n = len(idx)
     brk = np.ones(n, dtype=bool)
@@ -184,11 +190,10 @@ def _encode_sparse(event: ev.Pages, flat: np.ndarray, mask: np.ndarray) -> list[
     runs = np.empty(len(starts), _SPARSE_RUN)
     runs["first"] = idx[starts]
     runs["count"] = np.diff(np.append(starts, n))
-    where = np.flatnonzero(mask)
     return [_PAGES_HEAD.pack(event.epoch, event.slot, event.page_size, n, len(starts),
                              _FLAG_SPARSE | (_FLAG_DELTA if event.delta else 0))
             + runs.tobytes() + _U32.pack(len(where)) + where.astype(">u4").tobytes()
-            + flat[where].astype(">u8").tobytes()]
+            + vals.astype(">u8").tobytes()]
 
 
 def _decode_sparse(body: memoryview, epoch: int, slot: int, ps: int, n: int, n_runs: int,
@@ -218,12 +223,11 @@ def _decode_sparse(body: memoryview, epoch: int, slot: int, ps: int, n: int, n_r
     vals = np.frombuffer(body, ">u8", k, table_end + 4 + 4 * k).astype(np.uint64)
     if k and (int(where[-1]) >= n_words or (k > 1 and not bool(np.all(where[1:] > where[:-1])))):
         raise LocalProtocolError("sparse word offsets are out of order or range")
-    out = np.zeros(n_words, np.uint64)
-    out[where] = vals
     run_start = np.cumsum(counts) - counts
     indices = np.arange(n, dtype=np.int64) + np.repeat(firsts - run_start, counts)
+    # The data is built only if someone reads it: the standby applies the words directly.
     return ev.Pages.decoded(epoch=epoch, slot=slot, page_size=ps, pages=indices,
-                            data=out.tobytes(), delta=delta, words=(where, vals))
+                            data=None, delta=delta, words=(where, vals))
 
 
 def decode_pages(body: memoryview, max_pages_bytes: int) -> ev.Pages:
