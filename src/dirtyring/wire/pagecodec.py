@@ -72,6 +72,7 @@ _FLAG_DELTA: Final = 1
 _FLAG_SPARSE: Final = 2
 _RUN: Final = struct.Struct("!QIBI")          # first page, count, encoding, payload length
 _SPARSE_RUN: Final = np.dtype([("first", ">u8"), ("count", ">u4")])  # packed: 12 bytes
+_SPARSE_RUN1: Final = struct.Struct("!QI")  # the same, for a table of one run
 _U32: Final = struct.Struct("!I")
 
 
@@ -183,16 +184,20 @@ def _encode_sparse(event: ev.Pages, where: np.ndarray, vals: np.ndarray) -> list
     ``vals`` are every non-zero word."""
     idx = event.indices
     n = len(idx)
-    brk = np.ones(n, dtype=bool)
-    if n > 1:
+    first = int(idx[0])
+    if int(idx[-1]) - first == n - 1:  # one run (a hot set usually is): no table to build
+        n_runs, table = 1, _SPARSE_RUN1.pack(first, n)
+    else:
+        brk = np.ones(n, dtype=bool)
         brk[1:] = np.diff(idx) != 1
-    starts = np.flatnonzero(brk)
-    runs = np.empty(len(starts), _SPARSE_RUN)
-    runs["first"] = idx[starts]
-    runs["count"] = np.diff(np.append(starts, n))
-    return [_PAGES_HEAD.pack(event.epoch, event.slot, event.page_size, n, len(starts),
+        starts = np.flatnonzero(brk)
+        runs = np.empty(len(starts), _SPARSE_RUN)
+        runs["first"] = idx[starts]
+        runs["count"] = np.diff(np.append(starts, n))
+        n_runs, table = len(starts), runs.tobytes()
+    return [_PAGES_HEAD.pack(event.epoch, event.slot, event.page_size, n, n_runs,
                              _FLAG_SPARSE | (_FLAG_DELTA if event.delta else 0))
-            + runs.tobytes() + _U32.pack(len(where)) + where.astype(">u4").tobytes()
+            + table + _U32.pack(len(where)) + where.astype(">u4").tobytes()
             + vals.astype(">u8").tobytes()]
 
 
@@ -202,7 +207,30 @@ def _decode_sparse(body: memoryview, epoch: int, slot: int, ps: int, n: int, n_r
     table_end = off + n_runs * _SPARSE_RUN.itemsize
     if len(body) < table_end + 4:
         raise LocalProtocolError("sparse Pages body is cut short in its run table")
-    runs = np.frombuffer(body, _SPARSE_RUN, n_runs, off)
+    if n_runs == 1:  # the common case, checked with plain ints
+        first, count = _SPARSE_RUN1.unpack_from(body, off)
+        if count != n:
+            raise LocalProtocolError(f"runs carry {count} pages, head says {n}")
+        if first + count > 1 << 63:
+            raise LocalProtocolError("a run starts beyond page 2**63")
+        indices = np.arange(first, first + n, dtype=np.int64)
+    else:
+        indices = _sparse_indices(np.frombuffer(body, _SPARSE_RUN, n_runs, off), n)
+    (k,) = _U32.unpack_from(body, table_end)
+    n_words = n * ps // 8
+    if k > n_words or len(body) != table_end + 4 + 12 * k:
+        raise LocalProtocolError(f"sparse Pages body does not hold {k} words")
+    where = np.frombuffer(body, ">u4", k, table_end + 4).astype(np.int64)
+    vals = np.frombuffer(body, ">u8", k, table_end + 4 + 4 * k).astype(np.uint64)
+    if k and (int(where[-1]) >= n_words or (k > 1 and not bool(np.all(where[1:] > where[:-1])))):
+        raise LocalProtocolError("sparse word offsets are out of order or range")
+    # The data is built only if someone reads it: the standby applies the words directly.
+    return ev.Pages.decoded(epoch=epoch, slot=slot, page_size=ps, pages=indices,
+                            data=None, delta=delta, words=(where, vals))
+
+
+def _sparse_indices(runs: np.ndarray, n: int) -> np.ndarray:
+    """Page indices of a SPARSE run table, checked: no empty, overlapping or huge runs."""
     firsts = runs["first"].astype(np.uint64)
     if int(firsts.max()) >= 1 << 63:
         raise LocalProtocolError("a run starts beyond page 2**63")
@@ -213,21 +241,10 @@ def _decode_sparse(body: memoryview, epoch: int, slot: int, ps: int, n: int, n_r
     if int(counts.sum()) != n:
         raise LocalProtocolError(f"runs carry {int(counts.sum())} pages, head says {n}")
     ends = firsts + counts
-    if int(ends[-1]) > 1 << 63 or (n_runs > 1 and bool(np.any(firsts[1:] < ends[:-1]))):
+    if int(ends[-1]) > 1 << 63 or bool(np.any(firsts[1:] < ends[:-1])):
         raise LocalProtocolError("runs overlap or are out of order")
-    (k,) = _U32.unpack_from(body, table_end)
-    n_words = n * ps // 8
-    if k > n_words or len(body) != table_end + 4 + 12 * k:
-        raise LocalProtocolError(f"sparse Pages body does not hold {k} words")
-    where = np.frombuffer(body, ">u4", k, table_end + 4).astype(np.int64)
-    vals = np.frombuffer(body, ">u8", k, table_end + 4 + 4 * k).astype(np.uint64)
-    if k and (int(where[-1]) >= n_words or (k > 1 and not bool(np.all(where[1:] > where[:-1])))):
-        raise LocalProtocolError("sparse word offsets are out of order or range")
     run_start = np.cumsum(counts) - counts
-    indices = np.arange(n, dtype=np.int64) + np.repeat(firsts - run_start, counts)
-    # The data is built only if someone reads it: the standby applies the words directly.
-    return ev.Pages.decoded(epoch=epoch, slot=slot, page_size=ps, pages=indices,
-                            data=None, delta=delta, words=(where, vals))
+    return np.arange(n, dtype=np.int64) + np.repeat(firsts - run_start, counts)
 
 
 def decode_pages(body: memoryview, max_pages_bytes: int) -> ev.Pages:
