@@ -10,7 +10,7 @@ import ctypes as C
 import errno
 import mmap as _mmap
 import os
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..errors import KvmError
 from . import _uapi as U
@@ -136,6 +136,19 @@ class VcpuFd:
             e.index = i
         n = ioctl(self.fd, U.KVM_GET_MSRS, buf)
         return {entries[k].index: entries[k].data for k in range(n)}
+
+    _tsc_buf: tuple[Any, Any] | None = None
+
+    def get_tsc(self) -> int:
+        """The guest's TSC (KVM_GET_MSRS of that one MSR) with a buffer kept for it: it is read
+        at every checkpoint, and building the request each time cost half of the ~12 µs."""
+        if self._tsc_buf is None:
+            self._tsc_buf = U.msrs_buffer(1)
+            self._tsc_buf[1][0].index = U.MSR_IA32_TSC
+        buf, entries = self._tsc_buf
+        if ioctl(self.fd, U.KVM_GET_MSRS, buf) != 1:
+            raise KvmError("KVM_GET_MSRS", errno.EINVAL, "the TSC MSR could not be read")
+        return int(entries[0].data)
 
     def set_msrs(self, values: dict[int, int]) -> int:
         """Wraps KVM_SET_MSRS; returns how many were set (KVM stops at the first it refuses)."""

@@ -337,12 +337,17 @@ class Machine:
             fd = r.fd
             st = r.static_state
             if st is None:
-                others = [i for i in STATE_MSRS if i != U.MSR_IA32_TSC]
+                others = fd.get_msrs([i for i in STATE_MSRS if i != U.MSR_IA32_TSC])
+                # The MSRs in order, the TSC's place kept: each capture fills in its value.
+                order = sorted([*others, U.MSR_IA32_TSC])
                 st = r.static_state = {
                     "xcrs": bytes(fd.get_xcrs()),
                     "lapic": bytes(fd.get_lapic()) if self.has_irqchip else b"",
                     "mp_state": fd.get_mp_state(),
-                    "msrs": fd.get_msrs(others)}
+                    "msrs_before": tuple((i, others[i]) for i in order[:order.index(
+                        U.MSR_IA32_TSC)]),
+                    "msrs_after": tuple((i, others[i]) for i in order[order.index(
+                        U.MSR_IA32_TSC) + 1:])}
             if fd.sync_valid:
                 sr = r.run_struct.s.regs
                 regs, sregs, events = bytes(sr.regs), bytes(sr.sregs), bytes(sr.events)
@@ -350,11 +355,11 @@ class Machine:
                 regs = bytes(fd.get_regs())
                 sregs = bytes(fd.get_sregs())
                 events = bytes(fd.get_vcpu_events())
-            msrs = dict(st["msrs"])  # type: ignore[call-overload]
-            msrs.update(fd.get_msrs([U.MSR_IA32_TSC]))
+            msrs = (st["msrs_before"] + ((U.MSR_IA32_TSC, fd.get_tsc()),)  # type: ignore
+                    + st["msrs_after"])
             vcpus.append(VcpuState(
                 index=r.index, regs=regs, sregs=sregs, fpu=b"", xsave=bytes(fd.get_xsave()),
-                xcrs=st["xcrs"], msrs=tuple(sorted(msrs.items())),  # type: ignore[arg-type]
+                xcrs=st["xcrs"], msrs=msrs,  # type: ignore[arg-type]
                 lapic=st["lapic"], events=events, mp_state=st["mp_state"],  # type: ignore[arg-type]
                 finished=r.finished))
         devices = tuple(DeviceState(name=d.name, data=d.save()) for d in self.devices)

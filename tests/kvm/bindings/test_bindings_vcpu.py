@@ -170,6 +170,15 @@ def test_msrs_round_trip(vcpu: VcpuFd) -> None:
     assert vcpu.get_msrs(list(values)) == values
 
 
+def test_get_tsc_is_the_tsc_msr(vcpu: VcpuFd) -> None:
+    a = vcpu.get_msrs([U.MSR_IA32_TSC])[U.MSR_IA32_TSC]
+    b = vcpu.get_tsc()
+    c = vcpu.get_tsc()  # the kept buffer is read afresh each time
+    d = vcpu.get_msrs([U.MSR_IA32_TSC])[U.MSR_IA32_TSC]
+    assert a <= b <= c <= d
+    assert d - a < 1 << 36  # the same clock, not some other MSR
+
+
 def test_get_msrs_stops_at_first_unknown(vcpu: VcpuFd) -> None:
     vcpu.set_msrs({U.MSR_IA32_SYSENTER_CS: 0x10})
     assert vcpu.get_msrs([U.MSR_IA32_SYSENTER_CS, 0xDEADBEEF, U.MSR_IA32_SYSENTER_ESP]) == {

@@ -149,6 +149,7 @@ VCPU_METHODS: list[tuple[str, Callable[[VcpuFd], Any], str]] = [
     ("get_xcrs", lambda v: v.get_xcrs(), "KVM_GET_XCRS"),
     ("set_xcrs", lambda v: v.set_xcrs(U.kvm_xcrs()), "KVM_SET_XCRS"),
     ("get_msrs", lambda v: v.get_msrs([U.MSR_IA32_TSC]), "KVM_GET_MSRS"),
+    ("get_tsc", lambda v: v.get_tsc(), "KVM_GET_MSRS"),
     ("set_msrs", lambda v: v.set_msrs({U.MSR_IA32_TSC: 0}), "KVM_SET_MSRS"),
     ("get_lapic", lambda v: v.get_lapic(), "KVM_GET_LAPIC"),
     ("set_lapic", lambda v: v.set_lapic(U.kvm_lapic_state()), "KVM_SET_LAPIC"),
