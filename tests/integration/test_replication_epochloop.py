@@ -32,3 +32,26 @@ def test_tiny_interval_primary_keeps_committing_and_stops_on_time(spawn: Spawner
     st = control(cport)
     assert rc == 0, f"`protect --seconds 2` still running after {took:.0f} s; standby {st}"
     assert st["committed_epoch"] >= 50, st
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/children") as f:
+            out += [int(c) for c in f.read().split()]
+    return out
+
+
+def test_uplink_runs_below_the_epoch_loop_priority(spawn: Spawner) -> None:
+    """The uplink is background work: it must not take CPU from the loop that holds the guest
+    paused (uplink_process.NICE; the figures that motivate it are in its main())."""
+    from dirtyring.products.uplink_process import NICE
+    sport = free_port()
+    spawn.standby(sport)
+    pr = spawn.primary("dirtier", sport, "--pattern", "hot", "--seconds", "20")
+    pr.need_event("protected", 30)
+    uplinks = [c for c in _children(pr.pid)
+               if b"uplink_process" in open(f"/proc/{c}/cmdline", "rb").read()]
+    assert len(uplinks) == 1, f"children of the primary: {_children(pr.pid)}"
+    base = os.getpriority(os.PRIO_PROCESS, pr.pid)
+    assert os.getpriority(os.PRIO_PROCESS, uplinks[0]) == min(19, base + NICE)

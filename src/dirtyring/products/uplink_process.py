@@ -34,6 +34,7 @@ from .transport import HandshakeRefused, Link, LinkClosed, handshake
 MAX_UNACKED_BYTES = 2 << 20  # kept below the socket buffers: a Goodbye always fits
 MAX_UNACKED_EPOCHS = 16  # bounds the ack (and output) delay when the standby is slow
 STATS_EVERY = 0.25
+NICE = 5  # the uplink's priority below the epoch loop's (see main)
 
 
 class _Sender:
@@ -351,6 +352,14 @@ def _handshake(link: Link, ctrl: socket.socket, msg: tuple[Any, ...]) -> bool:
 def main(argv: list[str]) -> int:
     _pdeathsig()
     keep_freed_memory()
+    # Background work must not delay the epoch loop, which holds the guest paused while it
+    # runs: measured with a 64-page hot set at 250 us epochs, nice 5 here took the loop from
+    # ~1,450 to ~2,000 checkpoints/s and the guest from ~30 % to ~41 % of its speed. The
+    # uplink still has the other core; when it falls behind, the guest just runs longer epochs.
+    try:
+        os.nice(NICE)
+    except OSError:
+        pass
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the primary decides when we stop
     ctrl_fd, sock_fd, mem_fd, size = (int(a) for a in argv[:4])
     ctrl = socket.socket(fileno=ctrl_fd)
