@@ -17,6 +17,7 @@ from ..machine.config import MachineConfig
 from ..machine.vm import Machine
 from ..products.kvservice import KvService
 from ..products.replicate import Primary, PrimaryOptions
+from ..products.reprotect import reprotect
 from ..products.standby import Standby
 from ..products.transport import connect, listen, load_key, parse_addr
 from ..tracking import KINDS
@@ -85,6 +86,11 @@ def add_parsers(sub: Any) -> None:
                         "live only if it exits 0 (it gets DIRTYRING_EPOCH, DIRTYRING_REASON)")
     s.add_argument("--arbiter-timeout", type=duration, default=5.0, metavar="DURATION")
     s.add_argument("--serve", metavar="HOST:PORT", help="key-value clients port after failover")
+    s.add_argument("--reprotect", metavar="HOST:PORT",
+                   help="after a failover, protect the guest with the standby at HOST:PORT "
+                        "(full sync, then checkpoints; retried until it answers)")
+    s.add_argument("--interval", type=duration, default=0.001, metavar="DURATION",
+                   help="epoch length once re-protecting (default 1ms)")
     s.add_argument("--control", metavar="HOST:PORT",
                    help="control port for `dirtyring failover` / status (default: none)")
     s.add_argument("--json", action="store_true")
@@ -144,10 +150,14 @@ def standby(args: argparse.Namespace) -> int:
 
     def sink(kind: str, payload: Any) -> None:
         """Output of the guest once this standby runs it (after failover)."""
+        release(kind, payload, sb.committed_epoch)
+
+    def release(kind: str, payload: Any, epoch: int) -> None:
+        """... also once re-protected: then held until the new standby committed ``epoch``."""
         if kind == "kv":
             svc = svc_holder.get("svc")
             if svc is not None:
-                svc.release(kind, payload, sb.committed_epoch)
+                svc.release(kind, payload, epoch)
         elif kind == "report":
             vcpu, step, value = payload
             out({"event": "report", "vcpu": vcpu, "step": step, "hash": value})
@@ -170,6 +180,12 @@ def standby(args: argparse.Namespace) -> int:
             if args.serve and sb.machine is not None:
                 svc_holder["svc"] = KvService(sb.machine.kv, parse_addr(args.serve))
                 out({"event": "serving", "addr": args.serve})
+            if args.reprotect:
+                reprotect(sb, parse_addr(args.reprotect), key, stop=stop, insecure=insecure,
+                          options=PrimaryOptions(interval=args.interval,
+                                                 heartbeat_interval=args.heartbeat,
+                                                 heartbeat_timeout=args.heartbeat_timeout),
+                          on_event=out, release=release)
             while not stop.is_set():
                 if sb.machine is not None and sb.machine.wait_stopped(0.5):
                     out({"event": "guest_stopped", "crash": sb.machine.crashed})
