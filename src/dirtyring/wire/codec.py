@@ -186,6 +186,7 @@ def encode_body(event: ev.Event, *, compress_level: int = 1) -> list[Buffer]:
 
 
 _MAC_TEMPLATES: dict[bytes, Any] = {}
+_JOIN_MAX: Final = 64 * 1024  # bodies up to this size are joined before crc and MAC
 
 
 def _mac(key: bytes) -> Any:
@@ -213,6 +214,10 @@ def frame_parts(ftype: int, seq: int, body: Sequence[Buffer], key: bytes,
         length = body_len(body)
     if length > 0xFFFF_FFFF:
         raise LocalProtocolError(f"frame body of {length} bytes does not fit the length field")
+    if len(body) > 2 and length <= _JOIN_MAX:
+        # A small body in many pieces (a batch: a head per event): one copy is cheaper than a
+        # crc32 and a MAC update per piece (~1 us against ~5 us per epoch's dozen pieces).
+        body = [b"".join(body)]
     crc = zlib.crc32(HEADER.pack(MAGIC, WIRE_VERSION, ftype, length, seq, 0)[:_CRC_OFFSET])
     for b in body:
         crc = zlib.crc32(b, crc)
