@@ -72,7 +72,6 @@ class Uplink:
         # The uplink owns the connection now: our copy must not keep it open after it exits.
         sock.close()
         os.close(fd)
-        self._lower_ctrl_fd()
         self.on_message = on_message
         self.seq = 0
         self._parts: list[tuple[int, int, int, int]] = []
@@ -89,18 +88,6 @@ class Uplink:
             "slots": slots, "slot_pages": slot_pages, "slot_sizes": slot_sizes})
         self._reader = threading.Thread(target=self._read, name="uplink-reader", daemon=True)
         self._reader.start()
-
-    def _lower_ctrl_fd(self) -> None:
-        """Move our control socket to the lowest free fd. When this process is killed, the
-        kernel closes fds in ascending order, and the uplink drops the standby's connection
-        when it sees ours close: below the KVM fds (the CLI connects before it builds the VM,
-        freeing a low number just now), that happens before the VM's slow teardown."""
-        low = os.dup(self.ctrl.fileno())
-        if low < self.ctrl.fileno():
-            old, self.ctrl = self.ctrl, socket.socket(fileno=low)
-            old.close()
-        else:
-            os.close(low)
 
     # --- control messages from the uplink ---------------------------------------------------
     def _read(self) -> None:

@@ -35,6 +35,9 @@ MAX_UNACKED_BYTES = 2 << 20  # kept below the socket buffers: a Goodbye always f
 MAX_UNACKED_EPOCHS = 16  # bounds the ack (and output) delay when the standby is slow
 STATS_EVERY = 0.25
 NICE = 5  # the uplink's priority below the epoch loop's (see main)
+#: After this long without a control message the uplink checks the primary is not dying (see
+#: ``_exiting``): a kill -9 is seen within about this, not when the primary's files close.
+WATCH_S = 0.002
 
 
 class _Sender:
@@ -325,13 +328,54 @@ def _delta(epoch: int, slot: int, idx: np.ndarray, data: np.ndarray, shadow: np.
     return Pages(epoch=epoch, slot=slot, page_size=PAGE, pages=idx, data=payload, delta=True)
 
 
+def _exiting(pid: int) -> bool:
+    """Is process ``pid`` (the primary) dying or gone? Its /proc state is zombie or dead, or
+    its leader carries PF_EXITING (set first thing in the kernel's do_exit).
+
+    Waiting for its end of the control socket to close is too slow: a killed VMM closes its
+    files only after its address space is torn down, and KVM's part of that (flushing the
+    VM's shadow pages, a synchronize_srcu) took 5-30 ms on this host."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return True
+    return fields[0] in (b"Z", b"X", b"x") or bool(int(fields[6]) & _PF_EXITING)
+
+
+_PF_EXITING = 0x4
+
+
+def _primary_died(link: Link) -> None:
+    """Drop the standby's connection at once (it takes over), then go."""
+    try:
+        link.sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    os._exit(0)
+
+
 def _pdeathsig() -> None:
-    """Die with the primary even if it never got to close the control socket."""
+    """Be told when the primary dies even if it never got to close the control socket.
+
+    The signal is catchable (see ``_on_parent_death``): killed outright, this process would
+    close the standby's connection only at the end of its own exit, ~10 ms later."""
     try:
         libc = ctypes.CDLL(None)
-        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+        libc.prctl(1, _DEATH_SIGNAL, 0, 0, 0)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
+
+
+_DEATH_SIGNAL = signal.SIGUSR1
+
+
+def _on_parent_death(primary: int, link: Link) -> None:
+    """The parent *thread* ended: if that was the primary dying, drop the connection now."""
+    def handler(signum: int, frame: Any) -> None:
+        if os.getppid() != primary or _exiting(primary):
+            _primary_died(link)
+    signal.signal(_DEATH_SIGNAL, handler)
 
 
 def _handshake(link: Link, ctrl: socket.socket, msg: tuple[Any, ...]) -> bool:
@@ -381,9 +425,14 @@ def main(argv: list[str]) -> int:
     s = _Sender(ctrl, link, staging, opts)
     threading.Thread(target=s.receive, name="receiver", daemon=True).start()
     pending: deque[tuple[Any, ...]] = deque()
+    primary = os.getppid()
+    _on_parent_death(primary, link)
     while True:
         blocked = bool(pending)  # the window is shut: poll for acks and a close
-        ready, _, _ = select.select([ctrl], [], [], 0.001 if blocked else s.hb_interval)
+        ready, _, _ = select.select([ctrl], [], [],
+                                    0.001 if blocked else min(s.hb_interval, WATCH_S))
+        if not ready and _exiting(primary):
+            _primary_died(link)
         # Read every message that is ready, then send what they carried in one write: when
         # the standby or this process falls behind, epochs batch up by themselves.
         while ready:
@@ -392,7 +441,7 @@ def main(argv: list[str]) -> int:
             except BlockingIOError:
                 break
             if msg is None:
-                os._exit(0)  # the primary died: drop the connection now, the standby takes over
+                _primary_died(link)
             if msg[0] == "close":
                 # Epochs still held back by flow control are never sent: their output was
                 # never released, and the standby keeps its last committed checkpoint.
