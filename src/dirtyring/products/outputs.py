@@ -34,6 +34,7 @@ class OutputGate:
         self.committed = 0
         self._pending: deque[tuple[int, str, Any, float]] = deque()
         self._lock = threading.Lock()
+        self._deliver = threading.Lock()  # held while releasing: output leaves in order
         self.released = 0
         self.max_released_epoch = 0
         self._delays: deque[float] = deque(maxlen=4096)
@@ -60,25 +61,28 @@ class OutputGate:
             self.open_epoch = next_epoch
 
     def commit(self, epoch: int) -> None:
-        """Ack(epoch) arrived: release everything of epochs <= epoch, in order."""
-        out = []
-        with self._lock:
-            self.committed = max(self.committed, epoch)
-            while self._pending and self._pending[0][0] <= epoch:
-                out.append(self._pending.popleft())
-        now = time.monotonic()
-        for e, kind, payload, t in out:
-            self._out(kind, payload, e, now - t)
+        """Ack(epoch) arrived: release everything of epochs <= epoch, in order (also when two
+        threads commit at once: the epoch loop and the ack reader)."""
+        with self._deliver:
+            out = []
+            with self._lock:
+                self.committed = max(self.committed, epoch)
+                while self._pending and self._pending[0][0] <= epoch:
+                    out.append(self._pending.popleft())
+            now = time.monotonic()
+            for e, kind, payload, t in out:
+                self._out(kind, payload, e, now - t)
 
     def unhold(self) -> None:
         """The standby is gone: the primary is the only copy; release everything, hold no more."""
-        with self._lock:
-            self.hold = False
-            out = list(self._pending)
-            self._pending.clear()
-        now = time.monotonic()
-        for e, kind, payload, t in out:
-            self._out(kind, payload, e, now - t)
+        with self._deliver:
+            with self._lock:
+                self.hold = False
+                out = list(self._pending)
+                self._pending.clear()
+            now = time.monotonic()
+            for e, kind, payload, t in out:
+                self._out(kind, payload, e, now - t)
 
     def drop(self) -> int:
         """Fenced (the standby took over): held output belongs to epochs the new copy never

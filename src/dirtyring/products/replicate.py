@@ -92,6 +92,7 @@ class Primary:
         self.fenced = False
         self.skipped_after_resync = 0
         self._wire: dict[str, Any] = {}
+        self._ack_lock = threading.Lock()
 
     # --- events ---------------------------------------------------------------------------------
     def _emit(self, kind: str, **fields: Any) -> None:
@@ -135,18 +136,25 @@ class Primary:
             self.skipped_after_resync += 1
         elif kind == "stats":
             self._wire = msg[1]
+        elif kind == "acked":  # output was waiting for it: release it now, not next epoch
+            self._poll_acks()
 
     def _poll_acks(self) -> None:
-        """Release the output the standby's latest acknowledgement covers."""
-        assert self.up is not None
-        a = self.up.acked
-        if a <= self.acked:
+        """Release the output the standby's latest acknowledgement covers (from the epoch
+        loop at each epoch boundary, and from the uplink's reader when output waits)."""
+        up = self.up
+        if up is None:
             return
-        self.acked = a
-        self.gate.commit(a)
-        if self.state == "syncing" and self._consistent_epoch and a >= self._consistent_epoch:
-            self.state = "protected"
-            self._emit("protected", epoch=a)
+        with self._ack_lock:
+            a = up.acked
+            if a <= self.acked:
+                return
+            self.acked = a
+            self.gate.commit(a)
+            if (self.state == "syncing" and self._consistent_epoch
+                    and a >= self._consistent_epoch):
+                self.state = "protected"
+                self._emit("protected", epoch=a)
 
     def _fence(self, reason: str) -> None:
         """The standby went live: two copies must never run (split brain). Held output belongs
@@ -306,10 +314,11 @@ class Primary:
         t1 = time.perf_counter()
         pause = e.harvest_s + (t1 - t0)
         # Tell the uplink now unless the window would still be open at the next epoch's end.
-        due = (self.gate.waiting or kind == "full"
+        waiting = self.gate.waiting
+        due = (waiting or kind == "full"
                or self.up.queued_for + (t1 - self._t_last) >= self.opt.batch_window)
         self._t_last = t1
-        self.up.end(self.epoch, kind, state, digest, outputs, flush=due)
+        self.up.end(self.epoch, kind, state, digest, outputs, flush=due, urgent=waiting)
         self._last_queued = self.epoch
         self.stats.record(pause_s=pause, harvest_s=e.harvest_s, dirty_pages=n,
                           nbytes=n * PAGE + len(state), resync=kind == "full",

@@ -193,6 +193,7 @@ class Uplink:
 
     _epoch = 0
     _fill = 0  # pages used in staging slot ``seq``
+    _urgent = False  # a checkpoint queued since the last flush has output waiting for it
 
     #: Checkpoints staged but not yet taken by the uplink beyond which the epoch loop lets
     #: the guest run on instead of checkpointing (queueing more would only add latency).
@@ -216,12 +217,15 @@ class Uplink:
             self._parts = []
 
     def end(self, epoch: int, kind: str, state: bytes, digest: bytes, outputs: int, *,
-            flush: bool = True) -> None:
+            flush: bool = True, urgent: bool = False) -> None:
         """Close ``epoch``: the uplink sends it with every part staged since the last end.
 
         With ``flush=False`` the checkpoint is only queued, to be told together with the
         next ones (``flush``): one wakeup of the uplink, one write to the standby and one ack
-        then cover several epochs. Each one is still committed on its own."""
+        then cover several epochs. Each one is still committed on its own. ``urgent`` (output
+        is held for it) asks the uplink to report the ack the moment it arrives, rather than
+        leave it for the epoch loop to read at its next epoch boundary."""
+        self._urgent = self._urgent or urgent
         if not self._ended:
             self._ended_at = time.monotonic()
         self._ended.append((epoch, kind, self._parts, state, digest, outputs))
@@ -232,8 +236,8 @@ class Uplink:
     def flush(self) -> None:
         """Tell the uplink about every checkpoint ended so far (one control message)."""
         if self._ended:
-            send_msg(self.ctrl, "cps", self._ended)
-            self._ended = []
+            send_msg(self.ctrl, "cps", self._ended, self._urgent)
+            self._ended, self._urgent = [], False
 
     @property
     def queued_for(self) -> float:

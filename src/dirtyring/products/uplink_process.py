@@ -67,6 +67,7 @@ class _Sender:
         self.receiver_done = threading.Event()
         self.ctrl_lock = threading.Lock()
         self.last_stats = 0.0
+        self.report_ack = 0  # tell the primary at once when this epoch is acknowledged
 
     def tell(self, *msg: Any) -> None:
         with self.ctrl_lock:
@@ -101,6 +102,11 @@ class _Sender:
                             del self.unacked[e]
                         self.acked = ev.epoch
                         self.st.header[ACKED] = ev.epoch
+                        report = self.report_ack and ev.epoch >= self.report_ack
+                        if report:
+                            self.report_ack = 0
+                    if report:  # output is held for it: the primary releases it now
+                        self.tell("acked", ev.epoch)
                 elif isinstance(ev, ResyncEvent):
                     self.tell("resync", ev.epoch, ev.reason)
                 elif isinstance(ev, Failover):
@@ -452,6 +458,9 @@ def main(argv: list[str]) -> int:
                 return 0
             if msg[0] == "cps":
                 pending.extend(("cp", *cp) for cp in msg[1])
+                if msg[2]:
+                    with s.lock:
+                        s.report_ack = max(s.report_ack, msg[1][-1][0])
             else:
                 pending.append(msg)
         while pending:

@@ -69,3 +69,25 @@ def test_concurrent_emitters_lose_nothing() -> None:
     g.advance(2)
     g.commit(1)
     assert len(out) == 2000
+
+
+def test_two_committing_threads_release_in_order() -> None:
+    """The epoch loop and the uplink's ack reader may both commit: output still leaves in
+    the order it was produced (a slow release would otherwise let the later commit overtake)."""
+    import time
+    out: list[int] = []
+
+    def slow_release(kind: str, payload: object, epoch: int) -> None:
+        time.sleep(0.0005)
+        out.append(int(payload))  # type: ignore[call-overload]
+
+    g = OutputGate(slow_release, hold=True)
+    for i in range(40):
+        g.advance(i // 10 + 1)
+        g.emit("x", i)
+    first = threading.Thread(target=g.commit, args=(2,))
+    first.start()
+    time.sleep(0.002)  # the first commit is releasing epochs 1-2 now
+    g.commit(4)
+    first.join()
+    assert out == list(range(40))
