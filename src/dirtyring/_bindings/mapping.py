@@ -62,7 +62,7 @@ class Mapping:
             raise ValueError("view past the end of the mapping")
         # SAFETY: [addr+offset, +count*itemsize) lies inside our live mapping (checked above).
         raw = (C.c_char * (count * itemsize)).from_address(self.addr + offset)
-        return np.frombuffer(raw, dtype=dtype, count=count)
+        return np.frombuffer(raw, dtype=dtype, count=count)  # type: ignore[call-overload]
 
     def madvise(self, advice: int, offset: int = 0, length: int | None = None) -> None:
         length = self.size - offset if length is None else length

@@ -4,11 +4,15 @@ from __future__ import annotations
 import ctypes as C
 import errno
 import os
+from typing import TYPE_CHECKING
 
 from ..errors import KvmError, KvmUnavailable
 from . import _uapi as U
 from ._ioctl import ioctl
 from .caps import Cap
+
+if TYPE_CHECKING:
+    from .vm import VmFd
 
 
 class Kvm:
@@ -81,7 +85,7 @@ class Kvm:
         ioctl(self.fd, U.KVM_GET_MSR_INDEX_LIST, buf)
         return list(buf[1:n + 1])
 
-    def create_vm(self) -> "VmFd":
+    def create_vm(self) -> VmFd:
         """Wraps KVM_CREATE_VM. Retries EINTR a few times, as QEMU and Firecracker do
         (the kernel can return it while tearing down a previous VM's MMU notifier)."""
         from .vm import VmFd

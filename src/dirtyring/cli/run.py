@@ -52,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
         stats = EpochStats()
         m.pause_all()
         drv.tracker.full()
+        assert m.memory is not None
         check = ShadowCheck(m.memory) if args.verify_every else None
         stale_total = 0
         t_end = time.monotonic() + args.seconds

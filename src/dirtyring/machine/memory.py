@@ -125,7 +125,7 @@ class GuestMemory:
         import hashlib
         h = hashlib.blake2b(digest_size=16)
         for s in self.slots:
-            h.update(memoryview(s.view))
+            h.update(s.view.data)
         return h.digest()
 
     def close(self) -> None:

@@ -72,7 +72,7 @@ class MachineState:
                 index, mp, fin = r.unpack("<IIB")
                 regs, sregs, fpu, xsave, xcrs, lapic, events = (r.lp() for _ in range(7))
                 (n,) = r.unpack("<I")
-                msrs = tuple(r.unpack("<IQ") for _ in range(n))
+                msrs = tuple((i, d) for i, d in (r.unpack("<IQ") for _ in range(n)))
                 vcpus.append(VcpuState(index=index, regs=regs, sregs=sregs, fpu=fpu, xsave=xsave,
                                        xcrs=xcrs, msrs=msrs, lapic=lapic, events=events,
                                        mp_state=mp, finished=bool(fin)))

@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 from collections import deque
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -352,7 +352,7 @@ def _exiting(pid: int) -> bool:
 _PF_EXITING = 0x4
 
 
-def _primary_died(link: Link) -> None:
+def _primary_died(link: Link) -> NoReturn:
     """Drop the standby's connection at once (it takes over), then go."""
     try:
         link.sock.shutdown(socket.SHUT_RDWR)

@@ -76,8 +76,8 @@ class _VcpuRing:
         self.offset = fd.ring_map.array(np.uint64)[1::2]
         self.size = len(self.entries)
         self.fetch = 0  # free-running
-        self._w32 = memoryview(words)
-        self._w64 = memoryview(fd.ring_map.array(np.uint64))
+        self._w32 = words.data
+        self._w64 = fd.ring_map.array(np.uint64).data
 
     #: Up to this many entries are read one by one in plain Python: each numpy call costs a few
     #: µs here, so for the typical small epoch a scalar loop is cheaper than vectorising.

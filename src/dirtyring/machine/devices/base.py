@@ -13,7 +13,9 @@ OutputSink = Callable[[str, Any], None]
 
 class Device(Protocol):
     name: str
-    ports: tuple[int, ...]
+
+    @property
+    def ports(self) -> tuple[int, ...]: ...  # read-only: a device's own tuple type fits
 
     def io_out(self, vcpu: VcpuRunner, port: int, value: int, size: int) -> None: ...
 
