@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -82,7 +83,7 @@ def capture(machine: Machine, dirty: DirtySet, *, epoch: int, kind: str = "delta
     return Checkpoint(epoch=epoch, kind=kind, runs=runs, state=state, digest=d, outputs=outputs)
 
 
-def apply_runs(memory: GuestMemory, runs: list[tuple]) -> int:  # type: ignore[type-arg]
+def apply_runs(memory: GuestMemory, runs: list[tuple[Any, ...]]) -> int:
     """Write page runs ``(slot, pages, data[, delta[, words]])`` into guest memory (standby
     commit, snapshot restore). A delta run holds the XOR of new and current contents. With
     ``words`` (its non-zero 64-bit words, as the wire decoder gives them; ``data`` may then be

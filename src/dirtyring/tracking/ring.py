@@ -32,6 +32,7 @@ from __future__ import annotations
 import ctypes as C
 import signal
 import time
+from typing import Any, Callable, TypeVar
 
 import numpy as np
 
@@ -52,9 +53,10 @@ _SIGSET = C.c_uint8 * 128
 _ALL = _SIGSET(*([0xFF] * 128))
 #: A slot id no memslot has (ids are < KVM_USER_MEM_SLOTS = 32764): the reset skips the entry.
 _NO_SLOT = 0xFFFF
+T = TypeVar("T")
 
 
-def blocked_signals_call(fn, *args):  # type: ignore[no-untyped-def]
+def blocked_signals_call(fn: Callable[..., T], *args: Any) -> T:
     """Run ``fn`` with every blockable signal blocked in this thread, then restore the mask."""
     old = _SIGSET()
     if _libc.pthread_sigmask(signal.SIG_BLOCK, _ALL, old) != 0:
