@@ -14,7 +14,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 if _HERE not in sys.path:  # repl_helpers sits beside the tests; works in any import mode
     sys.path.insert(0, _HERE)
 from repl_helpers import (  # noqa: E402
-    Spawner, addr, free_port, kv_missing, require, spawn, wait_port,
+    Spawner, addr, control, free_port, kv_missing, require, spawn, wait_port,
 )
 
 __all__ = ["spawn"]  # the fixture, imported so pytest finds it
@@ -23,9 +23,11 @@ __all__ = ["spawn"]  # the fixture, imported so pytest finds it
 @pytest.mark.slow
 def test_standby_that_took_over_reprotects_and_its_standby_keeps_every_write(
         spawn: Spawner) -> None:
-    ports = {k: free_port() for k in ("a", "b", "kv1", "kv2", "kv3")}
+    ports = {k: free_port() for k in ("a", "b", "kv1", "kv2", "kv3", "ctl")}
     b = spawn.standby(ports["b"], serve=ports["kv3"])
-    a = spawn.standby(ports["a"], "--reprotect", addr(ports["b"]), serve=ports["kv2"])
+    a = spawn.standby(ports["a"], "--reprotect", addr(ports["b"]), serve=ports["kv2"],
+                      control=ports["ctl"])
+    assert control(ports["ctl"])["reprotect"] is None  # still only a standby
     p = spawn.primary("kvstore", ports["a"], serve=ports["kv1"])
     p.need_event("protected", 30)
     load1 = spawn.kv_load(ports["kv1"])
@@ -39,6 +41,9 @@ def test_standby_that_took_over_reprotects_and_its_standby_keeps_every_write(
     prot = a.wait_event("protected", 30, start=after)
     assert prot is not None, "A never got protected by B: " + a.describe()
     assert b.wait_event("protected", 10) is not None, b.describe()
+    st = control(ports["ctl"])
+    assert st["state"] == "failed_over" and st["reprotect"]["state"] == "protected", st
+    assert st["reprotect"]["standby"] == addr(ports["b"]), st
     wait_port(ports["kv2"], 10)
     missing = kv_missing(ports["kv2"], acked1)
     assert not missing, f"A lost {len(missing)} writes the first primary acknowledged"

@@ -55,6 +55,7 @@ def reprotect(sb: Standby, new_standby: tuple[str, int], key: bytes, *, stop: th
             stop.wait(retry_s)
             continue
         on_event({"event": "reprotect_started", "standby": where})
+        sb.reprotected_by = prim
         try:
             prim.run(stop=stop)
         finally:

@@ -387,7 +387,19 @@ class Standby:
                 "consistent": self.consistent, "epochs": self.epochs, "pages": self.pages,
                 "mismatches": self.mismatches, "rejected": self.rejected,
                 "guest_progress": self.machine.progress() if self.machine is not None else 0,
-                "staging_bytes_max": self.max_staging_bytes}
+                "staging_bytes_max": self.max_staging_bytes,
+                # Once it took over and re-protects the guest: that replication's state.
+                "reprotect": self.reprotect_status()}
+
+    #: Set by ``reprotect``: the replication of the guest this standby took over.
+    reprotected_by: Any = None
+
+    def reprotect_status(self) -> dict[str, Any] | None:
+        p = self.reprotected_by
+        if p is None:
+            return None
+        return {"state": p.state, "standby": f"{p.addr[0]}:{p.addr[1]}", "epoch": p.epoch,
+                "acked": p.acked}
 
     def close(self) -> None:
         if self.machine is not None:
