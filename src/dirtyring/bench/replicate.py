@@ -163,6 +163,33 @@ def run(*, quick: bool, seconds: float | None = None,
     return recs
 
 
+#: Issue 3's goal: committed checkpoints/s with the guest keeping this much of its progress.
+GOAL_RATE, GOAL_PROGRESS, GOAL_PAGES = 4000.0, 0.5, 64
+
+
+def verdict(records: list[Record]) -> str:
+    """The goal line: the best committed rate among cells of the goal's working set where
+    the guest kept at least the goal's progress, and whether that meets the goal."""
+    prog = {(r.dims["tracker"], r.dims["interval_us"]): r.value for r in records
+            if r.metric == "progress_fraction" and r.dims.get("pages") == GOAL_PAGES}
+    cells = [(r.value, prog.get((r.dims["tracker"], r.dims["interval_us"]), 0.0),
+              r.dims["tracker"], r.dims["interval_us"]) for r in records
+             if r.metric == "committed" and r.dims.get("pages") == GOAL_PAGES]
+    if not cells:
+        return f"goal: no cell with {GOAL_PAGES} pages measured"
+    ok = [c for c in cells if c[1] >= GOAL_PROGRESS]
+    fast = max(cells)
+    head = (f"goal: {GOAL_RATE:,.0f} committed/s with the guest at >= {GOAL_PROGRESS:.0%}, "
+            f"{GOAL_PAGES} pages: ")
+    if not ok:
+        return head + (f"NOT met (no cell kept {GOAL_PROGRESS:.0%}; fastest {fast[0]:,.0f}/s "
+                       f"at {fast[1]:.0%}, {fast[2]} {fast[3]} µs)")
+    best = max(ok)
+    met = "met" if best[0] >= GOAL_RATE else "NOT met"
+    return head + (f"{met}: best {best[0]:,.0f}/s at {best[1]:.0%} ({best[2]}, {best[3]} µs); "
+                   f"fastest {fast[0]:,.0f}/s at {fast[1]:.0%} ({fast[2]}, {fast[3]} µs)")
+
+
 def plot(records: list[Record], path: Path) -> Path | None:
     plt = pyplot(quiet=True)  # the command says "no plot" itself
     if plt is None:
@@ -208,6 +235,7 @@ def command(args: argparse.Namespace) -> int:
     except DirtyringError as e:
         print(f"dirtyring bench replicate: error: {e}", file=sys.stderr)
         return 1
+    print(verdict(recs))
     out = Path(args.out)
     j = write_json(out / f"{BENCH}.json", BENCH, recs, settings={"quick": args.quick})
     png = plot(recs, out / f"{BENCH}.png")
