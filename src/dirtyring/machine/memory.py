@@ -6,6 +6,9 @@ this record into each harvest (dirty = KVM log ∪ VMM writes).
 """
 from __future__ import annotations
 
+import errno
+import mmap
+import os
 import threading
 from dataclasses import dataclass
 
@@ -13,6 +16,7 @@ import numpy as np
 
 from .._bindings import Mapping, memfd
 from ..errors import ConfigError
+from ..tracking import DirtySet
 from . import layout
 
 PAGE = layout.PAGE
@@ -41,8 +45,27 @@ class Slot:
         self.map = Mapping(self.fd, info.size, noreserve=True)
         self.view = self.map.array()
 
+    def populated_pages(self) -> np.ndarray:
+        """Pages of the memfd that hold data (SEEK_DATA/SEEK_HOLE). The others are holes: they
+        read as zero and were never written; reading one through the mapping would allocate it."""
+        parts, off, size = [], 0, self.info.size
+        while off < size:
+            try:
+                start = os.lseek(self.fd, off, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:  # no data after off
+                    break
+                raise
+            end = min(os.lseek(self.fd, start, os.SEEK_HOLE), size)
+            parts.append(np.arange(start // PAGE, (end + PAGE - 1) // PAGE, dtype=np.int64))
+            off = end
+        return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+    def discard(self) -> None:
+        """Make every page a hole again (zero, and its memory freed)."""
+        self.map.madvise(mmap.MADV_REMOVE)
+
     def close(self) -> None:
-        import os
         self.map.close()
         if self.fd >= 0:
             os.close(self.fd)
@@ -119,6 +142,15 @@ class GuestMemory:
         with self._lock:
             d, self._vmm_dirty = self._vmm_dirty, {}
         return [(slot, np.fromiter(pages, np.int64, len(pages))) for slot, pages in d.items()]
+
+    def populated(self) -> DirtySet:
+        """Every page that holds data, per slot (see :meth:`Slot.populated_pages`)."""
+        return DirtySet.from_arrays((s.info.slot, s.populated_pages()) for s in self.slots)
+
+    def discard(self) -> None:
+        """Zero all of memory by punching holes: no guest may be running."""
+        for s in self.slots:
+            s.discard()
 
     def digest(self) -> bytes:
         """A digest of all guest memory (for tests and verify modes; reads every byte)."""

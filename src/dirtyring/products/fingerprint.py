@@ -8,14 +8,12 @@ would allocate them.
 """
 from __future__ import annotations
 
-import errno
 import hashlib
-import os
 from typing import Any
 
 import numpy as np
 
-from ..machine.memory import GuestMemory, Slot
+from ..machine.memory import GuestMemory
 from ..tracking import DirtySet
 
 PAGE = 4096
@@ -57,32 +55,11 @@ class Fingerprint:
         return h.digest()
 
 
-def populated_pages(slot: Slot) -> np.ndarray:
-    """Pages of the slot's memfd that hold data (SEEK_DATA/SEEK_HOLE); the others are holes,
-    which read as zero. Reading a hole through the mapping would allocate it."""
-    parts, off, size = [], 0, slot.info.size
-    while off < size:
-        try:
-            start = os.lseek(slot.fd, off, os.SEEK_DATA)
-        except OSError as e:
-            if e.errno == errno.ENXIO:
-                break
-            raise
-        end = min(os.lseek(slot.fd, start, os.SEEK_HOLE), size)
-        parts.append(np.arange(start // PAGE, (end + PAGE - 1) // PAGE, dtype=np.int64))
-        off = end
-    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
-
-
-def populated(memory: GuestMemory) -> DirtySet:
-    return DirtySet.from_arrays((s.info.slot, populated_pages(s)) for s in memory.slots)
-
-
 def fingerprint(memory: GuestMemory) -> bytes:
     """The fingerprint of live guest memory (pause the guest first); reads populated pages only."""
     fp = Fingerprint(memory)
     for s in memory.slots:
         slot, view = s.info.slot, s.view.reshape(-1, PAGE)
-        for a, n in DirtySet({slot: populated_pages(s)}).ranges(slot):
+        for a, n in DirtySet({slot: s.populated_pages()}).ranges(slot):
             fp.update(slot, np.arange(a, a + n), view[a:a + n])
     return fp.digest()

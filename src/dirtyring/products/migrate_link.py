@@ -30,7 +30,6 @@ from ..wire import (PRIMARY, Ack, Connection, EpochBegin, EpochEnd, Failover, Go
                     Hello, MachineBlob, Pages, WIRE_VERSION)
 from ..wire import Resync as ResyncEvent
 from .checkpoint import gather
-from .migrate_tracking import allocated
 from .migrate_types import PAGE, MigrationError, MigrationOptions
 from .transport import HandshakeRefused, Link, LinkClosed, connect, handshake
 
@@ -232,7 +231,7 @@ class SourceLink:
             for slot, pages in rnd.dirty.items():
                 yield from self._read(slot, pages)
             return
-        has_data = {slot: allocated(mem.slots[slot].fd, mem.slots[slot].info.pages)[pages]
+        has_data = {slot: np.isin(pages, mem.slots[slot].populated_pages(), assume_unique=True)
                     for slot, pages in rnd.dirty.items()}
         for slot, pages in rnd.dirty.items():
             holes = pages[~has_data[slot]]

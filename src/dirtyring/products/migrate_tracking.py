@@ -19,7 +19,6 @@ pages/s). So:
 """
 from __future__ import annotations
 
-import os
 import time
 
 import numpy as np
@@ -28,7 +27,6 @@ import numpy.ma  # noqa: F401  np.unique imports it on first use (numpy 2.4: ~15
 from ..errors import ConfigError, TrackingError
 from ..machine.vm import Machine
 from ..tracking import DirtySet, RingTracker
-from .migrate_types import PAGE
 
 
 class RoundTracking:
@@ -121,19 +119,3 @@ class RoundTracking:
             assert self.ring is not None
             self.ring.rearm_all()  # one toggle of dirty logging: ~10-20 ms for 1 GiB
         self.armed = True
-
-
-def allocated(fd: int, pages: int) -> np.ndarray:
-    """Which pages of a memfd slot hold data (SEEK_DATA/SEEK_HOLE); the others read as zero
-    and were never written."""
-    out = np.zeros(pages, bool)
-    off, size = 0, pages * PAGE
-    while off < size:
-        try:
-            start = os.lseek(fd, off, os.SEEK_DATA)
-        except OSError:  # ENXIO: no data after off
-            break
-        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
-        out[start // PAGE:(end + PAGE - 1) // PAGE] = True
-        off = end
-    return out

@@ -74,7 +74,7 @@ from ..machine.state import MachineState
 from ..machine.vcpu import ThreadTimer, VcpuRunner, install_alarm_handler, thread_timer
 from ..machine.vm import Machine
 from ..tracking import DirtySet
-from .fingerprint import fingerprint, populated_pages
+from .fingerprint import fingerprint
 
 PAGE = 4096
 _SYNC_ALL = U.KVM_SYNC_X86_REGS | U.KVM_SYNC_X86_SREGS | U.KVM_SYNC_X86_EVENTS
@@ -215,7 +215,7 @@ class Rollback:
         mem = []
         for s, v in zip(m.memory.slots, self._views):
             root = np.zeros(v.shape, v.dtype)
-            _copy_pages(root, v, populated_pages(s), max_slice_runs=1 << 30)
+            _copy_pages(root, v, s.populated_pages(), max_slice_runs=1 << 30)
             mem.append(root)
         state = m.capture_state()
         self.root = RollbackPoint(memory=tuple(mem), state=state, digest=fingerprint(m.memory),

@@ -77,7 +77,7 @@ from ..tracking import DirtySet
 from ..wire import (MIN_KEY_LEN, NEED_DATA, PRIMARY, STANDBY, Connection, ConnectionClosed,
                     EpochBegin, EpochEnd, Goodbye, Hello, HelloAck, MachineBlob, Pages)
 from .checkpoint import PageRun, apply_runs, capture, gather
-from .fingerprint import Fingerprint, fingerprint, populated
+from .fingerprint import Fingerprint, fingerprint
 
 PAGE = 4096
 FORMAT = "dirtyring-snapshot"
@@ -315,7 +315,7 @@ class SnapshotWriter:
         if not paused:
             m.resume_all()
         pause = time.perf_counter() - t0
-        live = gather(m.memory, populated(m.memory))  # the guest runs meanwhile
+        live = gather(m.memory, m.memory.populated())  # the guest runs meanwhile
         self.chain = []
         self._fp = Fingerprint(m.memory)
         info = self._capture(path, name, "full", live, pause, paused)
@@ -351,7 +351,7 @@ class SnapshotWriter:
         m.pause_all()
         dirty, resync = self.drv.harvest_paused()
         if resync:  # tracking failed and reports every page; holes are zero and stay holes
-            dirty = populated(m.memory)
+            dirty = m.memory.populated()
         dirty, self._pending = dirty | self._pending, DirtySet()
         cp = capture(m, dirty, epoch=seq + 1, kind=kind)
         check = fingerprint(m.memory) if self.verify else b""

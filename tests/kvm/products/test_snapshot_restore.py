@@ -356,7 +356,7 @@ def test_tracking_failure_makes_an_incremental_of_every_populated_page(
     m.pause_all()  # stays paused through the capture: the populated set holds still
     info = w.incremental()
     assert m.memory is not None
-    assert info.pages == sum(len(F.populated_pages(s)) for s in m.memory.slots)
+    assert info.pages == sum(len(s.populated_pages()) for s in m.memory.slots)
     m.resume_all()
     w.run(0.02)
     last = w.incremental()  # tracking works again: a normal delta on top

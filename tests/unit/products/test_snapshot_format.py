@@ -372,10 +372,10 @@ def test_fingerprint_reads_only_populated_pages() -> None:
     try:
         empty = F.fingerprint(mem)
         assert empty == F.Fingerprint(mem).digest()
-        assert all(len(F.populated_pages(s)) == 0 for s in mem.slots)
+        assert all(len(s.populated_pages()) == 0 for s in mem.slots)
         v = mem.slots[1].view.reshape(-1, PAGE)
         v[[3, 4, 200]] = 7
-        assert F.populated_pages(mem.slots[1]).tolist() == [3, 4, 200]
+        assert mem.slots[1].populated_pages().tolist() == [3, 4, 200]
         fp = F.Fingerprint(mem)
         fp.update(1, np.array([3, 4, 200]), v[[3, 4, 200]])
         assert F.fingerprint(mem) == fp.digest() != empty
