@@ -11,6 +11,7 @@ import sys
 import time
 from typing import Any
 
+import numpy as np
 import pytest
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -131,6 +132,38 @@ def test_verify_detects_corrupted_standby_memory_and_resyncs(spawn: Spawner) -> 
         st = s.sb.status()
         assert st["consistent"] is True, st
         assert pr.alive() and not pr.of("degraded"), pr.describe()
+    finally:
+        for p in spawn.procs:
+            p.end()
+        s.close()
+
+
+@pytest.mark.slow
+def test_a_new_session_full_sync_replaces_what_an_earlier_primary_left(spawn: Spawner) -> None:
+    """A full epoch is all of memory: the primary sends only pages that hold data, and the
+    standby zeroes its memory before applying it. A standby that still holds a finished
+    session's pages must end up equal to the new primary's guest, which has not written most
+    of them yet: its first verified commits must be clean."""
+    port = free_port()
+    s = StandbyThread(port, spawn.key, verify=True, heartbeat_timeout=3.0,
+                      auto_failover=False)
+    args = ["--verify", "--pattern", "random", "--rate", "50"]
+    try:
+        first = spawn.primary("dirtier", port, *args, "--seconds", "4", memory="1M",
+                              hb_timeout="3s")
+        assert first.wait_exit(60) == 0, first.describe()
+        m = s.sb.machine
+        assert m is not None and m.memory is not None
+        left = int(np.count_nonzero(m.memory.slots[1].view.reshape(-1, 4096).any(axis=1)))
+        assert left >= 50, f"the first guest left only {left} non-zero data pages"
+        n0 = len(s.commits)
+        second = spawn.primary("dirtier", port, *args, memory="1M", hb_timeout="3s")
+        assert second.wait_event("protected", 60) is not None, second.describe()
+        assert s.wait(lambda: len(s.commits) >= n0 + 20, 60), s.commits[-3:]
+        assert not s.of("verify_mismatch"), s.of("verify_mismatch")[:3]
+        with s.lock:
+            fresh = s.commits[n0:]
+        assert fresh[0][1] == "full" and all(c[3] == 0 for c in fresh), fresh[:5]
     finally:
         for p in spawn.procs:
             p.end()

@@ -240,7 +240,8 @@ class Primary:
         m = self.m
         assert self.up is not None and m.memory is not None
         m.pause_all()
-        everything = self.drv.tracker.full()
+        self.drv.tracker.full()  # re-armed: what the guest writes from now on is harvested
+        everything = self._full_copy()
         m.resume_all()
         self.epoch = 1
         self._emit("sync_started", pages=len(everything), bytes=len(everything) * PAGE)
@@ -261,6 +262,13 @@ class Primary:
         self._last_queued = 1
 
     _last_queued = 0
+
+    def _full_copy(self) -> DirtySet:
+        """The pages a full epoch carries: those that hold data. The standby zeroes its memory
+        before applying a full epoch, so never-written pages (holes) need not travel: a fresh
+        1 GiB guest syncs its few populated megabytes, not a gigabyte of zeros."""
+        assert self.m.memory is not None
+        return self.m.memory.populated()
     _t_last = 0.0  # when the previous epoch's checkpoint was ended
 
     def _make_room(self) -> None:
@@ -291,10 +299,12 @@ class Primary:
             dirty, self._carry = dirty | self._carry, DirtySet()
         kind = "delta"
         if e.resync:
-            kind = "full"  # tracking failed and already re-armed everything: e.dirty is all
+            kind = "full"  # tracking failed and already re-armed everything
+            dirty = self._full_copy()
         elif self._resync.is_set():
             self._resync.clear()
-            dirty = self.drv.tracker.full()  # paused: a consistent full copy
+            self.drv.tracker.full()
+            dirty = self._full_copy()  # paused: a consistent full copy
             kind = "full"
         n = self._stage(self.epoch + 1, kind, dirty)
         if n < len(dirty):  # gave up waiting for staging space: this epoch is never sent

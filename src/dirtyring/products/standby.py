@@ -175,10 +175,10 @@ class Standby:
                         self.staging_bytes = 0
                     elif isinstance(ev, Pages):
                         lazy = ev.lazy  # only sparse words: apply those, never the bytes
-                        if self.epochs == 0 and not (
+                        if self._staged_kind == "full" and not (
                                 ev.words[1].any() if lazy and ev.words is not None
                                 else np.frombuffer(ev.data, np.uint64).any()):
-                            continue  # nothing committed yet: this VM's memory is zero already
+                            continue  # a full epoch starts from zeroed memory (see _commit)
                         self._staged.append((ev.slot, ev.indices, None if lazy else ev.data,
                                              ev.delta, ev.words))
                         self.staging_bytes += (12 * len(ev.words[1]) if lazy and ev.words
@@ -296,6 +296,10 @@ class Standby:
         assert m is not None and m.memory is not None
         if ev.epoch != self._staged_epoch:
             raise ProtocolError("EpochEnd for an epoch that was not begun")
+        if self._staged_kind == "full":
+            # A full epoch is all of memory: pages it does not carry are zero (the primary
+            # sends only pages that hold data). Zeroing first costs one hole punch per slot.
+            m.memory.discard()
         n = apply_runs(m.memory, self._staged)
         self.pages += n
         if self._staged_kind == "full":

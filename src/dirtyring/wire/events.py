@@ -150,7 +150,8 @@ class HelloAck(Event):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class EpochBegin(Event):
-    """Opens epoch ``epoch``; ``kind`` says whether it carries all memory or only dirty pages."""
+    """Opens epoch ``epoch``: ``kind`` "full" is all of memory (pages it leaves out are zero),
+    "delta" only the pages dirtied since the previous epoch."""
 
     epoch: int
     kind: str
