@@ -6,11 +6,11 @@ Pages are read from the guest's memory by the sender, frame by frame, while the 
 (pre-copy; a page changed after it was armed is in the next round anyway, so a torn read is
 harmless) or while it is paused for good (the stop-and-copy: nothing is copied up front, which
 would fault in fresh buffers inside the downtime). Pages that are holes in the memfd were never
-written: they go out as zero pages without being read (reading would allocate them), and a
-target that has committed nothing yet does not stage zero pages.
+written: the bulk round's first epoch is a "full" one, which the target applies to zeroed
+memory, so holes are not sent at all (nor read: reading would allocate them).
 
 The GIL matters: the vCPU (the main thread) needs it after every exit, so the sender must not
-hold it for long (no per-frame allocation of zero buffers).
+hold it for long.
 """
 from __future__ import annotations
 
@@ -86,7 +86,6 @@ class SourceLink:
         self._threads: list[threading.Thread] = []
         self._hb_lock = threading.Lock()
         self._closing = False  # the sender thread must send nothing more
-        self._zero_buf = b""
 
     # --- connection ---------------------------------------------------------------------------
     def connect(self) -> None:
@@ -221,25 +220,18 @@ class SourceLink:
         return int(min(self.opt.chunk_pages, max(16, lim * 0.02 / self._wire_per_page)))
 
     def _frames(self, rnd: Round) -> Any:
-        """(slot, pages, payload bytes or None for zero pages) per Pages frame of ``rnd``.
-
-        In the bulk round the holes go first: they are in the first epoch then, which a fresh
-        target skips instead of writing zeros into (and faulting in) memory it never used."""
+        """(slot, pages, payload bytes) per Pages frame of ``rnd``. The bulk round sends only
+        pages that hold data: its first epoch is "full", so the target starts from zeroed
+        memory and the holes need not travel."""
         mem = self.m.memory
         assert mem is not None
         if rnd.kind != "full":
             for slot, pages in rnd.dirty.items():
                 yield from self._read(slot, pages)
             return
-        has_data = {slot: np.isin(pages, mem.slots[slot].populated_pages(), assume_unique=True)
-                    for slot, pages in rnd.dirty.items()}
         for slot, pages in rnd.dirty.items():
-            holes = pages[~has_data[slot]]
-            n = self._chunk()
-            for i in range(0, len(holes), n):
-                yield slot, holes[i:i + n], None
-        for slot, pages in rnd.dirty.items():
-            yield from self._read(slot, pages[has_data[slot]])
+            has_data = np.isin(pages, mem.slots[slot].populated_pages(), assume_unique=True)
+            yield from self._read(slot, pages[has_data])
 
     def _read(self, slot: int, pages: np.ndarray) -> Any:
         """Frames of ``pages`` read from guest memory: one copy into the frame's bytes for a
@@ -258,13 +250,6 @@ class SourceLink:
                 for run in gather(mem, DirtySet({slot: chunk}), max_run_pages=n):
                     yield run.slot, run.pages, run.payload()
             i += n
-
-    def _zeros(self, n: int) -> bytes:
-        """``n`` zero pages; one cached buffer (allocating and clearing 4 MiB per frame would
-        hold the GIL the vCPU needs after every exit)."""
-        if len(self._zero_buf) != n * PAGE:
-            self._zero_buf = bytes(n * PAGE)
-        return self._zero_buf
 
     def _send_round(self, rnd: Round) -> None:
         """Send ``rnd`` as epochs of at most ``epoch_pages`` pages of data each: the target
@@ -303,10 +288,7 @@ class SourceLink:
                 rnd.epochs += 1
                 in_epoch = data_in_epoch = 0
                 pending.append(EpochBegin(epoch=self._epoch, kind="delta"))
-            if payload is None:
-                payload = self._zeros(len(pages))
-            else:
-                data_in_epoch += len(pages)
+            data_in_epoch += len(pages)
             pending.append(Pages(epoch=self._epoch, slot=slot, page_size=PAGE, pages=pages,
                                  data=payload))
             in_epoch += len(pages)
