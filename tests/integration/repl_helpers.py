@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
 import socket
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from dirtyring.cli.child import ChildProcess
 from dirtyring.cli.replication import control_request
 from dirtyring.products.kvservice import KvClient
 from dirtyring.products.standby import Standby
@@ -62,72 +62,12 @@ def child_env(key: bytes) -> dict[str, str]:
     return env
 
 
-class Proc:
-    """A dirtyring child process printing JSON event lines (``--json``)."""
+class Proc(ChildProcess):
+    """A dirtyring child process printing JSON event lines (``--json``): the CLI's own
+    :class:`~dirtyring.cli.child.ChildProcess`, plus what tests ask of it."""
 
     def __init__(self, name: str, args: list[str], env: dict[str, str]) -> None:
-        self.name = name
-        self.args = args
-        self.p = subprocess.Popen([*CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  stdin=subprocess.DEVNULL, env=env, text=True)
-        self.pid = self.p.pid
-        self.events: list[Event] = []   # every event, stats included, in order
-        self.stdout_other: list[str] = []
-        self.stderr: list[str] = []
-        self.cv = threading.Condition()
-        self._eof = False
-        self._readers = [threading.Thread(target=self._read, daemon=True),
-                         threading.Thread(target=self._read_err, daemon=True)]
-        for t in self._readers:
-            t.start()
-
-    # --- reading ---------------------------------------------------------------------------
-    def _read(self) -> None:
-        assert self.p.stdout is not None
-        for line in self.p.stdout:
-            try:
-                e = json.loads(line)
-            except ValueError:
-                self.stdout_other.append(line.rstrip())
-                continue
-            if not isinstance(e, dict):
-                self.stdout_other.append(line.rstrip())
-                continue
-            e["_rx"] = time.monotonic()
-            with self.cv:
-                self.events.append(e)
-                self.cv.notify_all()
-        with self.cv:
-            self._eof = True
-            self.cv.notify_all()
-
-    def _read_err(self) -> None:
-        assert self.p.stderr is not None
-        for line in self.p.stderr:
-            self.stderr.append(line.rstrip())
-
-    def of(self, kind: str) -> list[Event]:
-        with self.cv:
-            return [e for e in self.events if e.get("event") == kind]
-
-    def kinds(self) -> list[str]:
-        with self.cv:
-            return [e.get("event", "?") for e in self.events if e.get("event") != "stats"]
-
-    def wait_event(self, kind: str, timeout: float, pred: Callable[[Event], bool] | None = None,
-                   start: int = 0) -> Event | None:
-        """The first event ``kind`` (at index >= start, matching ``pred``), or None on timeout
-        or when the process's output ended without it."""
-        end = time.monotonic() + timeout
-        with self.cv:
-            while True:
-                for e in self.events[start:]:
-                    if e.get("event") == kind and (pred is None or pred(e)):
-                        return e
-                left = end - time.monotonic()
-                if left <= 0 or self._eof:
-                    return None
-                self.cv.wait(min(left, 0.1))
+        super().__init__(name, args, env)
 
     def need_event(self, kind: str, timeout: float,
                    pred: Callable[[Event], bool] | None = None) -> Event:
@@ -141,52 +81,9 @@ class Proc:
         """True once at least ``n`` events ``kind`` arrived (False on timeout / output end)."""
         return self.wait_event(kind, timeout, lambda e: len(self.of(kind)) >= n) is not None
 
-    def mark(self) -> int:
-        with self.cv:
-            return len(self.events)
-
-    def describe(self) -> str:
-        """For assertion messages: exit status, non-stats events, stderr tail."""
-        return (f"{self.name} pid {self.pid} rc={self.p.poll()} events={self.kinds()[-25:]} "
-                f"stderr={self.stderr[-8:]} other={self.stdout_other[-5:]}")
-
-    # --- ending ----------------------------------------------------------------------------
-    def alive(self) -> bool:
-        return self.p.poll() is None
-
-    def kill9(self) -> None:
-        if self.p.poll() is None:
-            os.kill(self.pid, signal.SIGKILL)
-        self.p.wait(10)
-
-    def signal(self, sig: int) -> None:
-        if self.p.poll() is None:
-            os.kill(self.pid, sig)
-
-    def wait_exit(self, timeout: float) -> int | None:
-        try:
-            return self.p.wait(timeout)
-        except subprocess.TimeoutExpired:
-            return None
-
     def end(self) -> None:
-        """SIGTERM, then SIGKILL, by PID; idempotent. Also resumes a SIGSTOPped child."""
-        if self.p.poll() is None:
-            try:
-                os.kill(self.pid, signal.SIGCONT)
-                os.kill(self.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
-                self.p.wait(5)
-            except subprocess.TimeoutExpired:
-                os.kill(self.pid, signal.SIGKILL)
-                self.p.wait(10)
-        for t in self._readers:
-            t.join(5)
-        for f in (self.p.stdout, self.p.stderr):
-            if f is not None:
-                f.close()
+        """SIGTERM, then SIGKILL, by PID; idempotent (:meth:`ChildProcess.stop`)."""
+        self.stop()
 
 
 class Spawner:

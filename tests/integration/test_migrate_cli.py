@@ -20,42 +20,21 @@ from repl_helpers import CLI as MCLI  # noqa: E402
 from repl_helpers import Proc, addr, child_env, free_port, new_key  # noqa: E402
 
 
-class MProc(Proc):
-    """A ``dirtyring migrate|receive`` child printing JSON event lines."""
-
-    def __init__(self, name: str, args: list[str], env: dict[str, str]) -> None:
-        import threading
-        self.name = name
-        self.args = args
-        self.p = subprocess.Popen([*MCLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  stdin=subprocess.DEVNULL, env=env, text=True)
-        self.pid = self.p.pid
-        self.events = []
-        self.stdout_other = []
-        self.stderr = []
-        self.cv = threading.Condition()
-        self._eof = False
-        self._readers = [threading.Thread(target=self._read, daemon=True),
-                         threading.Thread(target=self._read_err, daemon=True)]
-        for t in self._readers:
-            t.start()
-
-
 class Procs:
     def __init__(self) -> None:
         self.key = new_key()
         self.env = child_env(self.key)
         self.procs: list[Proc] = []
 
-    def receive(self, port: int, *extra: str, env: dict[str, str] | None = None) -> MProc:
-        p = MProc("receive", ["receive", "--listen", addr(port), "--json", *extra],
+    def receive(self, port: int, *extra: str, env: dict[str, str] | None = None) -> Proc:
+        p = Proc("receive", ["receive", "--listen", addr(port), "--json", *extra],
                   env or self.env)
         self.procs.append(p)
         assert p.wait_event("listening", 30) is not None, p.describe()
         return p
 
-    def migrate(self, port: int, *extra: str, env: dict[str, str] | None = None) -> MProc:
-        p = MProc("migrate", ["migrate", "dirtier", "--to", addr(port), "--json", *extra],
+    def migrate(self, port: int, *extra: str, env: dict[str, str] | None = None) -> Proc:
+        p = Proc("migrate", ["migrate", "dirtier", "--to", addr(port), "--json", *extra],
                   env or self.env)
         self.procs.append(p)
         return p

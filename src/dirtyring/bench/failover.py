@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from ..cli.demo import ChildProcess, free_port
+from ..cli.child import ChildProcess, free_port
 from ..errors import DirtyringError
 from .records import Record, write_json
 

@@ -28,7 +28,7 @@ from ..errors import DirtyringError
 from ..guests.protocol import GuestParams, Pattern
 from ..machine.config import MachineConfig
 from ..machine.vm import Machine
-from ..cli.demo import ChildProcess, free_port
+from ..cli.child import ChildProcess, free_port
 from .plot import pyplot, save
 from .records import BenchError, Record, summary_stats, write_json
 

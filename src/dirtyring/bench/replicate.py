@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 
-from ..cli.demo import ChildProcess, free_port
+from ..cli.child import ChildProcess, free_port
 from ..errors import DirtyringError
 from ..guests.protocol import GuestParams, Pattern
 from ..machine.config import MachineConfig

@@ -9,8 +9,6 @@ import json
 import os
 import random
 import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -18,6 +16,7 @@ from typing import Any
 
 from ..errors import DirtyringError
 from ..products.kvservice import KvClient
+from .child import ChildProcess, free_port
 from .options import duration
 
 
@@ -33,72 +32,6 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--clients", type=int, default=4, help="concurrent client connections")
     p.add_argument("--json", action="store_true", help="JSON lines instead of the live view")
     p.set_defaults(func=run)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class ChildProcess:
-    """A child dirtyring process whose JSON-line events we follow."""
-
-    def __init__(self, name: str, args: list[str], env: dict[str, str]) -> None:
-        self.name = name
-        self.p = subprocess.Popen([sys.executable, "-m", "dirtyring.cli.main", *args, "--json"],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
-                                  text=True)
-        self.events: list[dict[str, Any]] = []
-        self.last_stats: dict[str, Any] = {}
-        self.stderr: list[str] = []
-        self.eof = False  # its stdout ended: no further event can come
-        self.cv = threading.Condition()
-        threading.Thread(target=self._read, daemon=True).start()
-        threading.Thread(target=self._read_err, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.p.stdout is not None
-        for line in self.p.stdout:
-            try:
-                e = json.loads(line)
-            except ValueError:
-                continue
-            with self.cv:
-                if e.get("event") == "stats":
-                    self.last_stats = e
-                else:
-                    self.events.append(e)
-                self.cv.notify_all()
-        with self.cv:
-            self.eof = True
-            self.cv.notify_all()
-
-    def _read_err(self) -> None:
-        assert self.p.stderr is not None
-        for line in self.p.stderr:
-            self.stderr.append(line.rstrip())
-
-    def wait_event(self, kind: str, timeout: float) -> dict[str, Any] | None:
-        end = time.monotonic() + timeout
-        with self.cv:
-            while True:
-                for e in self.events:
-                    if e.get("event") == kind:
-                        return e
-                left = end - time.monotonic()
-                if left <= 0 or self.eof:
-                    return None
-                self.cv.wait(min(left, 0.1))
-
-    def stop(self) -> None:
-        if self.p.poll() is None:
-            self.p.send_signal(signal.SIGTERM)
-            try:
-                self.p.wait(5)
-            except subprocess.TimeoutExpired:
-                self.p.kill()
-                self.p.wait(5)
 
 
 class _Load:
