@@ -9,7 +9,6 @@ Also runnable as ``python -m dirtyring.cli.migration migrate|receive ...``.
 from __future__ import annotations
 
 import argparse
-import json
 import signal
 import sys
 import threading
@@ -26,6 +25,7 @@ from ..products.migrate import (Migration, MigrationError, MigrationOptions, run
 from ..products.standby import Standby
 from ..products.transport import load_key, parse_addr
 from .options import duration, positive_int, size
+from .printer import EventPrinter
 
 #: Ring entries per vCPU for a migrating guest: a ring-full exit (the throttle's pacing point)
 #: every 960 newly dirty pages, 3.75 MiB; harvesting that costs ~60 µs.
@@ -38,51 +38,40 @@ def _bar(done: int, total: int, width: int = 28) -> str:
     return "[" + "#" * n + "." * (width - n) + f"] {100 * f:5.1f} %"
 
 
-def _printer(as_json: bool, live: bool) -> Any:
-    lock = threading.Lock()
-    state = {"bar": False}
+def _render(p: EventPrinter, e: dict[str, Any]) -> bool:
+    kind = e["event"]
+    if kind == "progress":
+        if p.live:
+            p.status(f"  round {e['round']:2d} {_bar(e['sent'], e['total'])} "
+                     f"{e['sent']:8d}/{e['total']} pages")
+        return True
+    if kind == "round":
+        thr = "-"
+        if e["throttle_pages_per_s"]:
+            thr = f"{e['throttle_pages_per_s'] * 4096 / 1e6:.1f} MB/s"
+        elif e["throttle_duty"] < 1:
+            thr = f"{100 * e['throttle_duty']:.0f} % duty"
+        # The bulk round arms nothing: what it leaves is every page found writable.
+        left = "dirtied" if e.get("armed", True) else "writable"
+        p.line(f"round {e['round']:2d} {e['kind']:5s} sent {e['pages_sent']:8d} pages in "
+               f"{e['seconds']:6.3f} s {e['mb_per_s']:7.1f} MB/s | {left} "
+               f"{e['dirty_pages']:7d} pages ({e['dirty_mb_per_s']:6.1f} MB/s) | expected "
+               f"downtime {e['expected_downtime_ms']:7.1f} ms | throttle {thr}")
+        return True
+    if kind == "switched_over":
+        return True  # the final summary line says it all
+    if kind == "running":
+        if p.live:
+            p.status(f"  guest running on the target: progress {e['progress']}")
+        return True
+    if kind in ("output", "heartbeat"):
+        p.line(f"{kind}: {e.get('payload')}")
+        return True
+    return False
 
-    def out(e: dict[str, Any]) -> None:
-        with lock:
-            if as_json:
-                print(json.dumps(e), flush=True)
-                return
-            kind = e["event"]
-            if kind == "progress":
-                if live:
-                    print(f"\r  round {e['round']:2d} {_bar(e['sent'], e['total'])} "
-                          f"{e['sent']:8d}/{e['total']} pages", end="", flush=True)
-                    state["bar"] = True
-                return
-            if state["bar"]:
-                print("\r" + " " * 78 + "\r", end="")
-                state["bar"] = False
-            if kind == "round":
-                thr = "-"
-                if e["throttle_pages_per_s"]:
-                    thr = f"{e['throttle_pages_per_s'] * 4096 / 1e6:.1f} MB/s"
-                elif e["throttle_duty"] < 1:
-                    thr = f"{100 * e['throttle_duty']:.0f} % duty"
-                # The bulk round arms nothing: what it leaves is every page found writable.
-                left = "dirtied" if e.get("armed", True) else "writable"
-                print(f"round {e['round']:2d} {e['kind']:5s} sent {e['pages_sent']:8d} pages in "
-                      f"{e['seconds']:6.3f} s {e['mb_per_s']:7.1f} MB/s | {left} "
-                      f"{e['dirty_pages']:7d} pages ({e['dirty_mb_per_s']:6.1f} MB/s) | expected "
-                      f"downtime {e['expected_downtime_ms']:7.1f} ms | throttle {thr}", flush=True)
-            elif kind == "switched_over":
-                return  # the final summary line says it all
-            elif kind in ("running", "output", "heartbeat"):
-                if kind == "running" and live:
-                    print(f"\r  guest running on the target: progress {e['progress']}", end="",
-                          flush=True)
-                    state["bar"] = True
-                elif kind != "running":
-                    print(f"{kind}: {e.get('payload')}", flush=True)
-            else:
-                rest = " ".join(f"{k}={v}" for k, v in e.items()
-                                if k not in ("event", "t", "rounds"))
-                print(f"{kind}: {rest}", flush=True)
-    return out
+
+def _printer(as_json: bool, live: bool) -> EventPrinter:
+    return EventPrinter(as_json, live, _render, hide=("event", "t", "rounds"))
 
 
 def add_parsers(sub: Any) -> None:
@@ -160,11 +149,10 @@ def migrate(args: argparse.Namespace) -> int:
         if args.json:
             out(final)
         else:
-            print(f"migrated in {rep.total_s:.2f} s, downtime {rep.downtime_ms:.1f} ms "
-                  f"({rep.stop_reason}, {len(rep.rounds)} rounds, {rep.pages_sent} pages, "
-                  f"{rep.bytes_sent / 1e6:.0f} MB of pages in {rep.wire_bytes / 1e6:.1f} MB on "
-                  f"the wire{', throttled' if rep.throttled else ''}); source paused",
-                  flush=True)
+            out.line(f"migrated in {rep.total_s:.2f} s, downtime {rep.downtime_ms:.1f} ms "
+                     f"({rep.stop_reason}, {len(rep.rounds)} rounds, {rep.pages_sent} pages, "
+                     f"{rep.bytes_sent / 1e6:.0f} MB of pages in {rep.wire_bytes / 1e6:.1f} MB "
+                     f"on the wire{', throttled' if rep.throttled else ''}); source paused")
     return 0
 
 

@@ -22,27 +22,21 @@ from ..products.standby import Standby
 from ..products.transport import connect, listen, load_key, parse_addr
 from ..tracking import KINDS
 from .options import duration, positive_int, size
+from .printer import EventPrinter
 
 
-def _printer(as_json: bool, live: bool) -> Any:
-    lock = threading.Lock()
+def _render(p: EventPrinter, e: dict[str, Any]) -> bool:
+    if e["event"] != "stats":
+        return False
+    p.status(f"[{e['state']:>9}] epoch {e['epoch']:7d}  {e['epochs_per_s']:6.0f} ckpt/s"
+             f"  pause p50 {e['pause_us_p50']:5.0f} µs p99 {e['pause_us_p99']:6.0f} µs"
+             f"  {e['dirty_pages_per_epoch']:5.0f} pages/epoch  {e['mb_per_s']:6.1f} MB/s"
+             f"  ack {e['ack_ms_p50']:5.2f} ms  held {e['output_held']:4d}")
+    return True
 
-    def out(e: dict[str, Any]) -> None:
-        with lock:
-            if as_json:
-                print(json.dumps(e), flush=True)
-                return
-            kind = e["event"]
-            if kind == "stats":
-                line = (f"[{e['state']:>9}] epoch {e['epoch']:7d}  {e['epochs_per_s']:6.0f} ckpt/s"
-                        f"  pause p50 {e['pause_us_p50']:5.0f} µs p99 {e['pause_us_p99']:6.0f} µs"
-                        f"  {e['dirty_pages_per_epoch']:5.0f} pages/epoch  {e['mb_per_s']:6.1f} MB/s"
-                        f"  ack {e['ack_ms_p50']:5.2f} ms  held {e['output_held']:4d}")
-                print("\r" + line if live else line, end="" if live else "\n", flush=True)
-            else:
-                rest = " ".join(f"{k}={v}" for k, v in e.items() if k not in ("event", "t"))
-                print(("\n" if live else "") + f"{kind}: {rest}", flush=True)
-    return out
+
+def _printer(as_json: bool, live: bool) -> EventPrinter:
+    return EventPrinter(as_json, live, _render)
 
 
 def add_parsers(sub: Any) -> None:

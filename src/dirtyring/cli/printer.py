@@ -1,0 +1,48 @@
+"""Where a long-running command's events go: JSON lines for programs (``--json``), or text for
+people, with a status line rewritten in place on a terminal (live view)."""
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable
+from typing import Any
+
+Event = dict[str, Any]
+
+
+class EventPrinter:
+    """Call it with each event (from any thread). ``render(printer, event)`` prints the kinds
+    a command knows, with :meth:`status` and :meth:`line`, and returns True; any other event is
+    printed as ``kind: key=value ...``."""
+
+    def __init__(self, as_json: bool, live: bool,
+                 render: Callable[[EventPrinter, Event], bool] | None = None,
+                 hide: tuple[str, ...] = ("event", "t")) -> None:
+        self.as_json = as_json
+        self.live = live
+        self.render = render
+        self.hide = hide
+        self._lock = threading.Lock()
+        self._pending = False  # a status line waits for its newline
+
+    def __call__(self, e: Event) -> None:
+        with self._lock:
+            if self.as_json:
+                print(json.dumps(e), flush=True)
+            elif self.render is None or not self.render(self, e):
+                rest = " ".join(f"{k}={v}" for k, v in e.items() if k not in self.hide)
+                self.line(f"{e['event']}: {rest}")
+
+    def status(self, text: str) -> None:
+        """A line that the next status replaces in place (live), else an ordinary line."""
+        if self.live:
+            print("\r" + text, end="", flush=True)
+            self._pending = True
+        else:
+            self.line(text)
+
+    def line(self, text: str) -> None:
+        if self._pending:
+            print()
+            self._pending = False
+        print(text, flush=True)

@@ -1,0 +1,42 @@
+"""The one event sink of the long-running commands: JSON lines, or text with a live status."""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from dirtyring.cli.printer import EventPrinter
+
+
+def _stats_only(p: EventPrinter, e: dict[str, Any]) -> bool:
+    if e["event"] == "stats":
+        p.status(f"epoch {e['epoch']}")
+        return True
+    return False
+
+
+def test_json_mode_prints_every_event_whole(capsys: pytest.CaptureFixture[str]) -> None:
+    p = EventPrinter(True, True, _stats_only)
+    p({"event": "stats", "epoch": 3})
+    p({"event": "degraded", "reason": "x", "t": 1.0})
+    lines = capsys.readouterr().out.splitlines()
+    assert [json.loads(x) for x in lines] == [{"event": "stats", "epoch": 3},
+                                              {"event": "degraded", "reason": "x", "t": 1.0}]
+
+
+def test_live_status_is_rewritten_and_ended_before_the_next_line(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    p = EventPrinter(False, True, _stats_only)
+    p({"event": "stats", "epoch": 1})
+    p({"event": "stats", "epoch": 2})
+    p({"event": "degraded", "reason": "lost", "t": 5.0})
+    p.line("done")
+    assert capsys.readouterr().out == "\repoch 1\repoch 2\ndegraded: reason=lost\ndone\n"
+
+
+def test_without_live_view_statuses_are_plain_lines(capsys: pytest.CaptureFixture[str]) -> None:
+    p = EventPrinter(False, False, _stats_only, hide=("event", "t", "rounds"))
+    p({"event": "stats", "epoch": 1})
+    p({"event": "report", "rounds": [1, 2], "total_s": 1.5})
+    assert capsys.readouterr().out == "epoch 1\nreport: total_s=1.5\n"
