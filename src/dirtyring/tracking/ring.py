@@ -281,14 +281,7 @@ class RingTracker:
             raise RingOverflow("a vCPU reported its ring full but no entry was harvestable; "
                                "resync required")
         ds = DirtySet({sl: np.fromiter(sorted(v), np.int64, len(v)) for sl, v in by_slot.items()})
-        self._note_unarmed(ds, rearm)
-        vmm = self.vmm_dirty()
-        if vmm:
-            ds = ds | DirtySet.from_arrays(vmm)
-        self._harvests += 1
-        self._pages += len(ds)
-        self._last_us = (time.perf_counter() - t0) * 1e6
-        return ds
+        return self._finish(ds, rearm, t0)
 
     def harvest(self) -> DirtySet:
         """Pages dirtied since the last harvest, re-armed before this returns (the Tracker
@@ -345,7 +338,11 @@ class RingTracker:
             slots, offs = _NO_SLOTS, _NO_OFFS
         self._last = per_vcpu
         self._check(slots, offs, n, full_exit, wrapped)
-        ds = DirtySet.from_pairs(slots, offs)
+        return self._finish(DirtySet.from_pairs(slots, offs), rearm, t0)
+
+    def _finish(self, ds: DirtySet, rearm: bool, t0: float) -> DirtySet:
+        """A harvest's last steps, whichever way the rings were read: note what is left
+        writable, merge the VMM's own writes, count."""
         self._note_unarmed(ds, rearm)
         vmm = self.vmm_dirty()
         if vmm:
