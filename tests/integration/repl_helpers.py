@@ -22,7 +22,7 @@ import pytest
 
 from dirtyring.cli.child import ChildProcess
 from dirtyring.cli.replication import control_request
-from dirtyring.products.kvservice import KvClient
+from dirtyring.products.kvservice import KvClient, missing_writes
 from dirtyring.products.standby import Standby
 
 CLI = [sys.executable, "-m", "dirtyring.cli.main"]
@@ -324,16 +324,7 @@ class KvLoad:
 
 def kv_missing(port: int, acked: dict[int, int], timeout: float = 30.0) -> list[int]:
     """Keys whose acknowledged value the key-value server on ``port`` does not return."""
-    c = KvClient((HOST, port), timeout=timeout)
-    missing = []
-    try:
-        for k, v in acked.items():
-            r = c.call("get", k)
-            if r.get("status") != "ok" or r.get("value") != v:
-                missing.append(k)
-    finally:
-        c.close()
-    return missing
+    return missing_writes((HOST, port), acked, timeout)
 
 
 # --- the compute guest's hash chain, natively (Python would need minutes) -------------------------

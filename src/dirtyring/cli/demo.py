@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 from ..errors import DirtyringError
-from ..products.kvservice import KvClient
+from ..products.kvservice import KvClient, missing_writes
 from .child import ChildProcess, free_port
 from .options import duration
 
@@ -143,15 +143,7 @@ def run(args: argparse.Namespace) -> int:
              "detect_to_resume_ms": done["since_detection_ms"]})
         if standby.wait_event("serving", 10) is None:
             raise DirtyringError("the standby did not start serving clients")
-        c = KvClient(("127.0.0.1", p_kv2))
-        missing = []
-        try:
-            for k, v in acked.items():
-                r = c.call("get", k)
-                if r.get("status") != "ok" or r.get("value") != v:
-                    missing.append(k)
-        finally:
-            c.close()
+        missing = missing_writes(("127.0.0.1", p_kv2), acked)
         committed = int(done["epoch"])
         ok = not missing and max_epoch <= committed and acked
         say({"event": "verdict", "msg":

@@ -135,3 +135,19 @@ class KvClient:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def missing_writes(addr: tuple[str, int], acked: dict[int, int],
+                   timeout: float = 30.0) -> list[int]:
+    """Keys whose acknowledged value the key-value server at ``addr`` does not return: the
+    proof, after a failover, that no write a client saw acknowledged was lost."""
+    c = KvClient(addr, timeout=timeout)
+    missing = []
+    try:
+        for k, v in acked.items():
+            r = c.call("get", k)
+            if r.get("status") != "ok" or r.get("value") != v:
+                missing.append(k)
+    finally:
+        c.close()
+    return missing
