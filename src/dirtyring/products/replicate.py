@@ -269,6 +269,7 @@ class Primary:
         1 GiB guest syncs its few populated megabytes, not a gigabyte of zeros."""
         assert self.m.memory is not None
         return self.m.memory.populated()
+
     _t_last = 0.0  # when the previous epoch's checkpoint was ended
 
     def _make_room(self) -> None:
