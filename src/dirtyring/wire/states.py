@@ -256,19 +256,18 @@ def _c_epoch_end(st: ConnectionState, role: Role, ev: Any) -> None:
             f"EpochEnd output_seq {ev.output_seq} went back from {st.output_seq}")
 
 
-def _c_ack(st: ConnectionState, role: Role, ev: Any) -> None:
+def _c_ended(st: ConnectionState, role: Role, ev: Any) -> None:
+    """An Ack or a Resync names an epoch that has ended."""
     if st.last_ended is None or ev.epoch > st.last_ended:
-        raise LocalProtocolError(f"Ack for epoch {ev.epoch} which has not ended "
+        raise LocalProtocolError(f"{type(ev).__name__} for epoch {ev.epoch} which has not ended "
                                  f"(last ended epoch: {_opt(st.last_ended)})")
+
+
+def _c_ack(st: ConnectionState, role: Role, ev: Any) -> None:
+    _c_ended(st, role, ev)
     if st.last_acked is not None and ev.epoch <= st.last_acked:
         raise LocalProtocolError(
             f"Ack for epoch {ev.epoch} does not advance (already acked {st.last_acked})")
-
-
-def _c_resync(st: ConnectionState, role: Role, ev: Any) -> None:
-    if st.last_ended is None or ev.epoch > st.last_ended:
-        raise LocalProtocolError(f"Resync for epoch {ev.epoch} which has not ended "
-                                 f"(last ended epoch: {_opt(st.last_ended)})")
 
 
 def _c_heartbeat(st: ConnectionState, role: Role, ev: Any) -> None:
@@ -313,7 +312,7 @@ def _a_heartbeat(st: ConnectionState, role: Role, ev: Any) -> None:
 _Rule: TypeAlias = Callable[[ConnectionState, Role, Any], None]
 _CHECKS: Final[dict[type, _Rule]] = {
     Hello: _c_hello, HelloAck: _c_hello_ack, EpochBegin: _c_epoch_begin, Pages: _c_in_epoch,
-    MachineBlob: _c_in_epoch, EpochEnd: _c_epoch_end, Ack: _c_ack, Resync: _c_resync,
+    MachineBlob: _c_in_epoch, EpochEnd: _c_epoch_end, Ack: _c_ack, Resync: _c_ended,
     Heartbeat: _c_heartbeat}
 _APPLIES: Final[dict[type, _Rule]] = {
     Hello: _a_hello, EpochBegin: _a_epoch_begin, Pages: _a_pages, EpochEnd: _a_epoch_end,
