@@ -22,7 +22,8 @@ import pytest
 from dirtyring.guests.protocol import GuestParams, Pattern
 from dirtyring.machine.config import MachineConfig
 from dirtyring.machine.vm import Machine
-from dirtyring.products.migrate import Migration, MigrationError, MigrationOptions, run_guest
+from dirtyring.products.migrate import (Migration, MigrationError, MigrationOptions,
+                                        MigrationReport, run_guest)
 from dirtyring.products.migrate_tracking import RoundTracking
 from dirtyring.products.standby import Standby
 
@@ -123,22 +124,29 @@ def _check_switchover(m: Machine, mig: Migration, t: Target) -> None:
     assert m.progress() == p_src, "the source ran after the switchover"
 
 
+def _migrate_exactly(m: Machine, t: Target, key: bytes,
+                     options: MigrationOptions | None = None) -> MigrationReport:
+    """Migrate ``m`` to ``t`` (verify mode unless ``options`` say otherwise) and check the
+    switchover with :func:`_check_switchover`; returns the report."""
+    mig = Migration(m, (HOST, t.port), key, options=options or MigrationOptions(verify=True))
+    try:
+        rep = mig.run()
+    finally:
+        mig.close()
+    _check_switchover(m, mig, t)
+    return rep
+
+
 @pytest.mark.parametrize("pattern", [Pattern.SEQUENTIAL, Pattern.RANDOM, Pattern.HOT])
 @pytest.mark.parametrize("tracker", ["ring", "bitmap"])
 def test_migration_moves_the_running_guest_exactly(pattern: Pattern, tracker: str, key: bytes,
                                                    target: Target) -> None:
     m = _source(pattern, tracker=tracker, hot=256)
     try:
-        mig = Migration(m, (HOST, target.port), key,
-                        options=MigrationOptions(verify=True, timeout=20.0))
-        try:
-            rep = mig.run()
-        finally:
-            mig.close()
+        rep = _migrate_exactly(m, target, key, MigrationOptions(verify=True, timeout=20.0))
         assert rep.stop_reason == "converged", rep
         assert rep.rounds[0].kind == "full" and rep.rounds[-1].kind == "final"
         assert rep.downtime_ms < 2000
-        _check_switchover(m, mig, target)
     finally:
         m.close()
 
@@ -265,12 +273,7 @@ def test_garbage_is_refused_and_a_real_migration_still_succeeds(key: bytes,
     assert target.sb.machine is None and target.sb.committed_epoch == 0
     m = _source(Pattern.SEQUENTIAL)
     try:
-        mig = Migration(m, (HOST, target.port), key, options=MigrationOptions(verify=True))
-        try:
-            mig.run()
-        finally:
-            mig.close()
-        _check_switchover(m, mig, target)
+        _migrate_exactly(m, target, key)
     finally:
         m.close()
 

@@ -23,7 +23,7 @@ from dirtyring.tracking import RingTracker
 _HERE = os.path.dirname(os.path.abspath(__file__))
 if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
-from test_migrate_live import (HOST, MiB, Target, _check_switchover, _port,  # noqa: E402
+from test_migrate_live import (HOST, MiB, Target, _migrate_exactly, _port,  # noqa: E402
                                key, target)
 
 __all__ = ["key", "target"]  # fixtures
@@ -105,17 +105,12 @@ def test_the_bulk_round_arms_nothing_and_round_one_sends_what_was_writable(
         tracker: str, key: bytes, target: Target) -> None:
     m = _writer(tracker, hot=2048)
     try:
-        mig = Migration(m, (HOST, target.port), key, options=MigrationOptions(verify=True))
-        try:
-            rep = mig.run()
-        finally:
-            mig.close()
+        rep = _migrate_exactly(m, target, key)
         bulk, first = rep.rounds[0], rep.rounds[1]
         assert bulk.kind == "full" and not bulk.armed and first.armed
         assert bulk.ring_full_exits == 0  # the writer never faulted while all of memory went
         assert bulk.dirty_pages >= 2048  # its whole working set is sent again in round 1
         assert first.pages_sent == bulk.dirty_pages
-        _check_switchover(m, mig, target)
     finally:
         m.close()
 
@@ -125,13 +120,8 @@ def test_arm_bulk_is_the_classic_pre_copy(key: bytes, target: Target) -> None:
     try:
         # Paced (sparse pages are ~40 bytes on the wire): the bulk round lasts ~0.2 s.
         opt = MigrationOptions(verify=True, arm_bulk=True, bandwidth_limit=1e6)
-        mig = Migration(m, (HOST, target.port), key, options=opt)
-        try:
-            rep = mig.run()
-        finally:
-            mig.close()
+        rep = _migrate_exactly(m, target, key, opt)
         assert rep.rounds[0].armed and rep.rounds[0].ring_full_exits > 0  # it faulted again
-        _check_switchover(m, mig, target)
     finally:
         m.close()
 
@@ -140,14 +130,8 @@ def test_rearm_on_every_harvest_still_migrates_exactly(key: bytes, target: Targe
     """``rearm="harvest"``: the kernel's own re-arm on every ring-full exit (QEMU's way)."""
     m = _writer("ring", hot=4096)
     try:
-        mig = Migration(m, (HOST, target.port), key,
-                        options=MigrationOptions(verify=True, rearm="harvest"))
-        try:
-            rep = mig.run()
-        finally:
-            mig.close()
+        rep = _migrate_exactly(m, target, key, MigrationOptions(verify=True, rearm="harvest"))
         assert rep.rounds[0].armed
-        _check_switchover(m, mig, target)
     finally:
         m.close()
 
@@ -173,17 +157,11 @@ def test_a_ring_overflow_inside_a_round_resyncs_and_still_migrates_exactly(
     try:
         # Paced (sparse pages are ~40 bytes on the wire): round 1 lasts ~0.15 s, long enough for
         # the writer (its pages writable during the bulk round: no exit there) to fill its ring.
-        opt = MigrationOptions(verify=True, bandwidth_limit=1e6)
-        mig = Migration(m, (HOST, target.port), key, options=opt)
-        try:
-            rep = mig.run()
-        finally:
-            mig.close()
+        rep = _migrate_exactly(m, target, key, MigrationOptions(verify=True, bandwidth_limit=1e6))
         assert calls["raised"] == 1 and rep.extras["resyncs"] == 1
         pages = sum(s.pages for s in t.slots.values())
         # All of memory went again (in a later round or in the stop-and-copy).
         assert any(r.pages_sent == pages for r in rep.rounds[1:]), rep.rounds
-        _check_switchover(m, mig, target)
     finally:
         m.close()
 
@@ -192,12 +170,7 @@ def test_rounds_sent_as_many_small_epochs_migrate_exactly(key: bytes, target: Ta
     m = _writer("ring", hot=1024)
     try:
         opt = MigrationOptions(verify=True, epoch_pages=100, chunk_pages=64)
-        mig = Migration(m, (HOST, target.port), key, options=opt)
-        try:
-            rep = mig.run()
-        finally:
-            mig.close()
-        _check_switchover(m, mig, target)
+        rep = _migrate_exactly(m, target, key, opt)
         # 4096 pages with data (16 MiB, all written: the warm-up's passes and the loader):
         # far more epochs than rounds reached the target, each committed on its own.
         assert target.sb.epochs > 3 * len(rep.rounds)
@@ -295,12 +268,7 @@ def test_every_dirtier_pattern_with_a_fresh_target_per_run(key: bytes) -> None:
         m = Machine(cfg, threaded=False)
         try:
             run_guest(m, 0.2)
-            mig = Migration(m, (HOST, t.port), key, options=MigrationOptions(verify=True))
-            try:
-                mig.run()
-            finally:
-                mig.close()
-            _check_switchover(m, mig, t)
+            _migrate_exactly(m, t, key)
         finally:
             m.close()
             t.close()
