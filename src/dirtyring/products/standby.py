@@ -174,15 +174,17 @@ class Standby:
                         self._staged_epoch, self._staged_kind = ev.epoch, ev.kind
                         self.staging_bytes = 0
                     elif isinstance(ev, Pages):
-                        lazy = ev.lazy  # only sparse words: apply those, never the bytes
+                        # Only sparse words: apply those, never build the bytes.
+                        words = ev.words if ev.lazy else None
                         if self._staged_kind == "full" and not (
-                                ev.words[1].any() if lazy and ev.words is not None
+                                words[1].any() if words is not None
                                 else np.frombuffer(ev.data, np.uint64).any()):
                             continue  # a full epoch starts from zeroed memory (see _commit)
-                        self._staged.append((ev.slot, ev.indices, None if lazy else ev.data,
+                        self._staged.append((ev.slot, ev.indices,
+                                             None if words is not None else ev.data,
                                              ev.delta, ev.words))
-                        self.staging_bytes += (12 * len(ev.words[1]) if lazy and ev.words
-                                               is not None else ev.nbytes)
+                        self.staging_bytes += 12 * len(words[1]) if words is not None \
+                            else ev.nbytes
                         self.max_staging_bytes = max(self.max_staging_bytes, self.staging_bytes)
                     elif isinstance(ev, MachineBlob):
                         self._staged_blob = ev.blob
