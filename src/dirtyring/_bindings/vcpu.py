@@ -113,8 +113,10 @@ class VcpuFd:
     def set_fpu(self, f: U.kvm_fpu) -> None:
         ioctl(self.fd, U.KVM_SET_FPU, f)
 
-    def get_xsave(self) -> U.kvm_xsave:
-        x = U.kvm_xsave()
+    def get_xsave(self, into: U.kvm_xsave | None = None) -> U.kvm_xsave:
+        """KVM_GET_XSAVE, into ``into`` if given (a buffer kept by a caller that reads it at
+        every checkpoint)."""
+        x = U.kvm_xsave() if into is None else into
         ioctl(self.fd, U.KVM_GET_XSAVE, x)
         return x
 

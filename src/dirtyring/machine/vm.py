@@ -24,6 +24,7 @@ from .config import MachineConfig
 from .devices import Console, ControlPorts, Device, KvDevice, OutputSink
 from .memory import GuestMemory, plan_slots
 from .state import DeviceState, MachineState, VcpuState
+from .stateblob import StateBlob
 from .vcpu import VcpuRunner, install_alarm_handler, install_kick_handler
 
 #: MSRs captured with every vCPU state (those KVM saves that a CPL3 guest can depend on).
@@ -49,6 +50,7 @@ class Machine:
         self.threaded = threaded
         self.config = config
         self._config_json = config.to_json()
+        self._blob = StateBlob(self)
         self.cv = threading.Condition()
         self.outputs: list[tuple[str, Any]] = []
         self.sink: OutputSink = sink or (lambda kind, payload: self.outputs.append((kind, payload)))
@@ -364,6 +366,12 @@ class Machine:
                 finished=r.finished))
         devices = tuple(DeviceState(name=d.name, data=d.save()) for d in self.devices)
         return MachineState(config=self._config_json, vcpus=tuple(vcpus), devices=devices)
+
+    def encode_state(self) -> bytes:
+        """``capture_state().encode()`` (vCPUs parked), built from kept pieces: see
+        ``stateblob.py``. Checkpoints take this at every pause."""
+        assert all(r.parked for r in self.runners), "encode_state needs paused vCPUs"
+        return self._blob.encode()
 
     def capture_regs(self) -> list[U.kvm_regs]:
         """Only the general registers (the cheapest capture, for the ceiling benchmark)."""

@@ -70,7 +70,7 @@ def capture_state(machine: Machine, *, digest: bool = False) -> tuple[bytes, byt
     of a checkpoint that is not pages, for ``capture`` and for replication, which gathers its
     pages into the uplink's staging area instead."""
     assert machine.memory is not None
-    state = machine.capture_state().encode()
+    state = machine.encode_state()
     return state, memory_digest(machine.memory) if digest else b""
 
 
