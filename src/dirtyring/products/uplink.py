@@ -40,6 +40,7 @@ import numpy as np
 
 from .._bindings.mapping import memfd
 from ..errors import DirtyringError
+from ..machine.pagecopy import gather_pages
 from ..wire import Hello
 from .staging import ACKED, ALIVE, CONSUMED, PAGE, Staging, recv_msg, send_msg
 
@@ -179,10 +180,8 @@ class Uplink:
             k = min(cap - off, n - i)
             chunk = pages[i:i + k]
             self.staging.indices(self.seq)[off:off + k] = chunk
-            # mode="clip" skips the defensive copy numpy makes for out= with mode="raise";
-            # the tracker only reports pages inside the slot.
-            np.take(view, chunk, axis=0, out=self.staging.data(self.seq)[off:off + k],
-                    mode="clip")
+            # Non-temporal stores: the uplink reads these pages on the other core.
+            gather_pages(self.staging.data(self.seq)[off:off + k], view, chunk)
             self._parts.append((self.seq, off, slot, k))
             self._used[self.seq] = (off + k) * PAGE
             self._used.pop(self.seq - self.staging.slots, None)
