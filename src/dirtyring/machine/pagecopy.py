@@ -64,14 +64,17 @@ _LIB = _build()
 _GATHER = _LIB.dirtyring_gather_nt if _LIB is not None else None
 #: "c-nt" (non-temporal stores, compiled) or "numpy" (no compiler here).
 BACKEND = "c-nt" if _GATHER is not None else "numpy"
+#: Fewer pages than this are copied by numpy.
+SMALL = 8
 
 
 def gather_pages(dst: np.ndarray, pages_view: np.ndarray, pages: np.ndarray) -> None:
     """``dst[i] = pages_view[pages[i]]``. ``pages_view`` is guest memory as (n, 4096) uint8
     rows, ``dst`` C-contiguous uint8 (k, 4096) with k == len(pages), ``pages`` int64."""
     n = len(pages)
-    if _GATHER is None or not n or dst.ctypes.data % 16:  # non-temporal stores need 16-byte
-        # alignment; staging slots are page-aligned
+    # A few pages are not worth the call's own overhead (~4 µs here against ~1 µs for numpy);
+    # non-temporal stores need 16-byte alignment (staging slots are page-aligned).
+    if _GATHER is None or n < SMALL or dst.ctypes.data % 16:
         np.take(pages_view, pages, axis=0, out=dst, mode="clip")
         return
     assert dst.flags.c_contiguous and pages_view.flags.c_contiguous and dst.shape[0] == n

@@ -50,14 +50,18 @@ class PrimaryOptions:
     interval: float = 0.001
     heartbeat_interval: float = 0.1
     heartbeat_timeout: float = 1.0
-    max_inflight: int = 8  # staging slots (each up to 4096 pages)
+    max_inflight: int = 16  # staging slots (each up to 4096 pages)
     unsafe_output: bool = False
     verify: bool = False
     compress_level: int = 1
     #: Checkpoints ended within this window go to the standby together (one wakeup of the
     #: uplink, one write, one ack for all of them; each is still committed on its own), unless
-    #: output is held for them: then each goes at once.
-    batch_window: float = 0.0005
+    #: output is held for them: then each goes at once. Measured with a 64-page hot set at
+    #: 150 µs epochs: 2 ms instead of 0.5 ms took the uplink and the standby from ~0.95 to
+    #: ~0.7 of a core together (wakeups, writes and acks are per batch), which left the epoch
+    #: loop a core of its own. A crash loses at most this much more uncommitted guest work;
+    #: no output is ever released before its checkpoint is acknowledged.
+    batch_window: float = 0.002
 
 
 class Primary:

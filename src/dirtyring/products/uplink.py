@@ -79,6 +79,10 @@ class Uplink:
         self._ended: list[tuple[Any, ...]] = []  # checkpoints ended but not yet told
         self._ended_at = 0.0
         self._used: dict[int, int] = {}
+        #: Checkpoints staged but not yet taken by the uplink beyond which the epoch loop lets
+        #: the guest run on instead of checkpointing (queueing more would only add latency).
+        #: A batch window's worth of epochs must fit (the uplink frees slots when told).
+        self.max_ahead = max(1, slots - 4)
         self.closing = False
         self.dead = threading.Event()
         self._hello: list[tuple[Any, ...]] = []
@@ -194,13 +198,9 @@ class Uplink:
     _fill = 0  # pages used in staging slot ``seq``
     _urgent = False  # a checkpoint queued since the last flush has output waiting for it
 
-    #: Checkpoints staged but not yet taken by the uplink beyond which the epoch loop lets
-    #: the guest run on instead of checkpointing (queueing more would only add latency).
-    MAX_AHEAD = 4
-
     def has_room(self) -> bool:
         used = self.seq + (1 if self._fill else 0) - int(self.staging.header[CONSUMED])
-        if used < self.MAX_AHEAD:
+        if used < self.max_ahead:
             return not self.dead.is_set()
         self.flush()  # the uplink can only free what it has been told about
         return False

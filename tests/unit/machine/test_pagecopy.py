@@ -28,12 +28,12 @@ def test_gather_equals_take(pages: list[int]) -> None:
 
 def test_other_index_types_and_unaligned_destinations() -> None:
     mem = np.arange(16 * 4096, dtype=np.uint64).astype(np.uint8).reshape(16, 4096)
-    idx = np.array([3, 1, 15], np.int32)
-    dst = np.zeros((3, 4096), np.uint8)
+    idx = np.array([3, 1, 15, 0, 2, 4, 5, 6, 7, 8], np.int32)
+    dst = np.zeros((10, 4096), np.uint8)
     gather_pages(dst, mem, idx)
     assert np.array_equal(dst, mem[idx])
-    raw = np.zeros(3 * 4096 + 8, np.uint8)
-    odd = raw[8:].reshape(3, 4096)  # not 16-byte aligned: the plain copy is used
+    raw = np.zeros(10 * 4096 + 8, np.uint8)
+    odd = raw[8:].reshape(10, 4096)  # not 16-byte aligned: the plain copy is used
     gather_pages(odd, mem, idx)
     assert np.array_equal(odd, mem[idx])
 
@@ -43,4 +43,5 @@ def test_an_index_outside_the_slot_is_refused() -> None:
         pytest.skip("only the C helper checks bounds (the tracker never reports such pages)")
     mem = np.zeros((4, 4096), np.uint8)
     with pytest.raises(IndexError):
-        gather_pages(np.zeros((1, 4096), np.uint8), mem, np.array([4], np.int64))
+        gather_pages(np.zeros((pagecopy.SMALL, 4096), np.uint8), mem,
+                     np.array([0] * (pagecopy.SMALL - 1) + [4], np.int64))
