@@ -36,6 +36,10 @@ class VmFd:
         self.kvm = kvm
         self.dirty_ring_bytes = 0
         self.manual_protect = False
+        # (slot, id(bitmap)) -> (bitmap, its request): trackers GET into the same bitmaps at
+        # every harvest, and building the request (with the array's address) cost as much
+        # as the ioctl.
+        self._logs: dict[tuple[int, int], tuple[np.ndarray, U.kvm_dirty_log]] = {}
 
     def check_extension_int(self, cap: Cap | int) -> int:
         """Wraps KVM_CHECK_EXTENSION on the VM fd (per-VM answers, e.g. NR_VCPUS)."""
@@ -83,9 +87,14 @@ class VmFd:
 
         Without manual protect this also clears the log and re-protects the pages, atomically.
         """
-        assert bitmap.flags.c_contiguous and bitmap.dtype == np.uint64
-        d = U.kvm_dirty_log(slot, 0, bitmap.ctypes.data)
-        ioctl(self.fd, U.KVM_GET_DIRTY_LOG, d)
+        kept = self._logs.get((slot, id(bitmap)))
+        if kept is None or kept[0] is not bitmap:
+            assert bitmap.flags.c_contiguous and bitmap.dtype == np.uint64
+            if len(self._logs) > 64:
+                self._logs.clear()
+            kept = self._logs[(slot, id(bitmap))] = (
+                bitmap, U.kvm_dirty_log(slot, 0, bitmap.ctypes.data))
+        ioctl(self.fd, U.KVM_GET_DIRTY_LOG, kept[1])
 
     def clear_dirty_log(self, slot: int, first_page: int, num_pages: int,
                         bitmap: np.ndarray) -> None:

@@ -37,13 +37,14 @@ class SlotInfo:
 
 
 class Slot:
-    """A memslot: its memfd, its host mapping and a uint8 view."""
+    """A memslot: its memfd, its host mapping, a uint8 view and the same as page rows."""
 
     def __init__(self, info: SlotInfo, fd: int | None = None) -> None:
         self.info = info
         self.fd = fd if fd is not None else memfd(f"dirtyring-{info.name}", info.size)
         self.map = Mapping(self.fd, info.size, noreserve=True)
         self.view = self.map.array()
+        self.rows = self.view.reshape(-1, PAGE)  # (pages, 4096): for page gathers and stores
 
     def populated_pages(self) -> np.ndarray:
         """Pages of the memfd that hold data (SEEK_DATA/SEEK_HOLE). The others are holes: they

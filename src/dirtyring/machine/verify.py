@@ -29,7 +29,7 @@ class ShadowCheck:
     def __init__(self, memory: GuestMemory, slots: list[int] | None = None) -> None:
         self.memory = memory
         self.slots = slots if slots is not None else [s.info.slot for s in memory.slots]
-        self._views = {s.info.slot: s.view.reshape(-1, PAGE) for s in memory.slots
+        self._views = {s.info.slot: s.rows for s in memory.slots
                        if s.info.slot in self.slots}
         self.shadow = {k: v.copy() for k, v in self._views.items()}
 

@@ -54,7 +54,7 @@ def gather(memory: GuestMemory, dirty: DirtySet, max_run_pages: int = 4096) -> t
     """Copy the pages of ``dirty`` out of guest memory (one numpy gather per chunk)."""
     runs = []
     for slot, pages in dirty.items():
-        view = memory.slots[slot].view.reshape(-1, PAGE)
+        view = memory.slots[slot].rows
         for i in range(0, len(pages), max_run_pages):
             p = pages[i:i + max_run_pages]
             runs.append(PageRun(slot=slot, pages=p, data=np.take(view, p, axis=0)))
@@ -97,7 +97,7 @@ def apply_runs(memory: GuestMemory, runs: list[tuple[Any, ...]]) -> int:
         if words is not None and (delta or data is None):
             where, vals = words
             if not delta:  # fresh pages: zero, then the non-zero words
-                memory.slots[slot].view.reshape(-1, PAGE)[pages] = 0
+                memory.slots[slot].rows[pages] = 0
             flat = memory.slots[slot].view.view(np.uint64)
             at = pages[where >> _WORD_SHIFT] * _WORDS + (where & (_WORDS - 1))
             if delta:
@@ -106,7 +106,7 @@ def apply_runs(memory: GuestMemory, runs: list[tuple[Any, ...]]) -> int:
                 flat[at] = vals
             n += len(pages)
             continue
-        view = memory.slots[slot].view.reshape(-1, PAGE)
+        view = memory.slots[slot].rows
         new = np.frombuffer(data, np.uint8).reshape(-1, PAGE)
         if delta:
             view[pages] ^= new

@@ -59,7 +59,7 @@ def fingerprint(memory: GuestMemory) -> bytes:
     """The fingerprint of live guest memory (pause the guest first); reads populated pages only."""
     fp = Fingerprint(memory)
     for s in memory.slots:
-        slot, view = s.info.slot, s.view.reshape(-1, PAGE)
+        slot, view = s.info.slot, s.rows
         for a, n in DirtySet({slot: s.populated_pages()}).ranges(slot):
             fp.update(slot, np.arange(a, a + n), view[a:a + n])
     return fp.digest()

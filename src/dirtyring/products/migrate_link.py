@@ -238,7 +238,7 @@ class SourceLink:
         contiguous chunk (the common case), a gather and a copy otherwise."""
         mem = self.m.memory
         assert mem is not None
-        view = mem.slots[slot].view.reshape(-1, PAGE)
+        view = mem.slots[slot].rows
         i = 0
         while i < len(pages):
             n = self._chunk()

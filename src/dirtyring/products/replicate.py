@@ -235,7 +235,7 @@ class Primary:
         assert self.up is not None and self.m.memory is not None
         n = 0
         for slot, pages in dirty.items():
-            view = self.m.memory.slots[slot].view.reshape(-1, PAGE)
+            view = self.m.memory.slots[slot].rows
             n += self.up.stage(epoch, kind, slot, view, pages, self._given_up)
         self.max_staging_bytes = max(self.max_staging_bytes, self.up.staging_bytes)
         return n

@@ -76,7 +76,6 @@ from ..machine.vm import Machine
 from ..tracking import DirtySet
 from .fingerprint import fingerprint
 
-PAGE = 4096
 _SYNC_ALL = U.KVM_SYNC_X86_REGS | U.KVM_SYNC_X86_SREGS | U.KVM_SYNC_X86_EVENTS
 #: struct kvm_sync_regs is regs, sregs, events back to back: the fast restore is one copy.
 _SYNC_BYTES = C.sizeof(U.kvm_regs) + C.sizeof(U.kvm_sregs) + C.sizeof(U.kvm_vcpu_events)
@@ -182,7 +181,7 @@ class Rollback:
         self.tracker = machine.tracker
         sync = all(r.run_struct.kvm_valid_regs & _SYNC_ALL == _SYNC_ALL for r in machine.runners)
         self.exact = exact or not sync
-        self._views = [s.view.reshape(-1, PAGE) for s in machine.memory.slots]
+        self._views = [s.rows for s in machine.memory.slots]
         self.root: RollbackPoint | None = None
         self._fast: _FastState | None = None
         self._pending: DirtySet | None = None  # harvested during run() (ring full)

@@ -166,6 +166,9 @@ class HotSetTracker(BitmapTracker):
         # Per slot: the last bitmap (as bytes) and its decoded pages, while it stays the same.
         self._last: dict[int, tuple[bytes, np.ndarray]] = {}
         self._hot_pages = 0
+        # The last harvest's set while no slot's bitmap changed and the VMM wrote nothing: a
+        # steady hot set is then the same DirtySet object every epoch.
+        self._same: DirtySet | None = None
 
     def harvest(self) -> DirtySet:
         t0 = time.perf_counter()
@@ -173,6 +176,7 @@ class HotSetTracker(BitmapTracker):
         self._cycle += 1
         rearm = self._cycle % self.hot_epochs == 0
         hot = 0
+        same = not rearm
         for s in self.slots:
             bm = self._get(s)  # hot pages stay set: reported every epoch
             raw = bm.tobytes()
@@ -180,6 +184,7 @@ class HotSetTracker(BitmapTracker):
             if last is not None and last[0] == raw:
                 pages = last[1]
             else:
+                same = False
                 pages = decode_bitmap(bm)
                 pages.setflags(write=False)
                 self._last[s.slot] = (raw, pages)
@@ -190,14 +195,22 @@ class HotSetTracker(BitmapTracker):
                 hot += len(pages)
             parts.append((s.slot, pages))
         self._hot_pages = hot
-        ds = _dirtyset(parts, self.vmm_dirty())
+        vmm = self.vmm_dirty()
+        ds = self._same if same and not vmm else None
+        if ds is None:
+            ds = _dirtyset(parts, vmm)
+            self._same = None if vmm or rearm else ds
+            self._same_len = len(ds)
         self._harvests += 1
-        self._pages += len(ds)
+        self._pages += self._same_len
         self._last_us = (time.perf_counter() - t0) * 1e6
         return ds
 
+    _same_len = 0
+
     def full(self) -> DirtySet:
         self._last.clear()
+        self._same = None
         self._hot_pages = 0
         return super().full()
 

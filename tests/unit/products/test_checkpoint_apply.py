@@ -16,7 +16,7 @@ PAGE = 4096
 def fake_memory(pages: int, seed: int) -> SimpleNamespace:
     rng = np.random.default_rng(seed)
     view = rng.integers(0, 256, pages * PAGE, dtype=np.uint8)
-    return SimpleNamespace(slots=[SimpleNamespace(view=view)])
+    return SimpleNamespace(slots=[SimpleNamespace(view=view, rows=view.reshape(-1, PAGE))])
 
 
 def test_sparse_delta_apply_equals_whole_page_xor() -> None:

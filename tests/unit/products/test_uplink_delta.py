@@ -17,6 +17,10 @@ WPP = PAGE // 8  # 64-bit words per page
 N_SHADOW = 64
 
 
+def _slot(view: np.ndarray) -> SimpleNamespace:
+    return SimpleNamespace(view=view, rows=view.reshape(-1, PAGE))
+
+
 def shadow_and_data(idx: np.ndarray, changes: dict[int, list[int]],
                     seed: int) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int]]]:
     """A random shadow, and staged data for ``idx`` equal to it except at the word offsets
@@ -37,7 +41,8 @@ def shadow_and_data(idx: np.ndarray, changes: dict[int, list[int]],
 
 def memory_of(pages: np.ndarray) -> SimpleNamespace:
     """A fake GuestMemory with one slot whose view is a 1-D uint8 copy of ``pages``."""
-    return SimpleNamespace(slots=[SimpleNamespace(view=pages.reshape(-1).copy())])
+    view = pages.reshape(-1).copy()
+    return SimpleNamespace(slots=[SimpleNamespace(view=view, rows=view.reshape(-1, PAGE))])
 
 
 CONTIGUOUS = np.arange(20, 28, dtype=np.int64)
@@ -152,8 +157,8 @@ def test_successive_deltas_track_the_standby() -> None:
 def two_slot_memory(seed: int) -> SimpleNamespace:
     rng = np.random.default_rng(seed)
     return SimpleNamespace(slots=[
-        SimpleNamespace(view=rng.integers(0, 256, 16 * PAGE, dtype=np.uint8)),
-        SimpleNamespace(view=rng.integers(0, 256, 32 * PAGE, dtype=np.uint8))])
+        _slot(rng.integers(0, 256, 16 * PAGE, dtype=np.uint8)),
+        _slot(rng.integers(0, 256, 32 * PAGE, dtype=np.uint8))])
 
 
 PAGES = np.array([1, 2, 7, 30], np.int64)

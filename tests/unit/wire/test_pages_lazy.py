@@ -160,8 +160,8 @@ def test_dense_lazy_pages_still_round_trip() -> None:
 
 def fake_memory(n_pages: int, seed: int) -> SimpleNamespace:
     rng = np.random.default_rng(seed)
-    return SimpleNamespace(slots=[SimpleNamespace(
-        view=rng.integers(0, 256, n_pages * PAGE, dtype=np.uint8))])
+    view = rng.integers(0, 256, n_pages * PAGE, dtype=np.uint8)
+    return SimpleNamespace(slots=[SimpleNamespace(view=view, rows=view.reshape(-1, PAGE))])
 
 
 @pytest.mark.parametrize("delta", [True, False])
