@@ -41,6 +41,7 @@ def _noop(signum: int, frame: object) -> None:
 
 
 _ALRM = {signal.SIGALRM}
+_SI_TIMER = -2  # siginfo si_code of a POSIX timer's signal (asm-generic/siginfo.h)
 
 #: The kvm_run of the vCPU currently run inline, if any (SIGALRM sets its immediate_exit).
 _ARMED: list = [None]
@@ -122,6 +123,13 @@ class ThreadTimer:
 
 
 _TIMERS: dict[int, ThreadTimer] = {}
+
+
+def disarm(timer: ThreadTimer) -> None:
+    """Stop ``timer`` and drop its signal if it fired after the last KVM_RUN: a stale SIGALRM
+    would end the next run at once (it stays pending, blocked, outside KVM_RUN)."""
+    timer.disarm()
+    signal.sigtimedwait(_ALRM, 0)
 
 
 def thread_timer() -> ThreadTimer:
@@ -290,14 +298,18 @@ class VcpuRunner:
         timer = thread_timer()
         self.deadline = time.monotonic() + seconds
         timer.arm(seconds)
+        fired = False  # the timer's signal was taken: it is spent, nothing to disarm
         try:
             while True:
                 reason = run()
                 self.fd.sync_valid = True
                 self.exits[reason] += 1
                 if reason == U.KVM_EXIT_INTR:
-                    signal.sigtimedwait(_ALRM, 0)  # eat the (blocked, pending) timer signal
-                    if rs.immediate_exit or not timer.pending():
+                    # Eat the (blocked, pending) timer signal. One our timer sent means it
+                    # fired (a run drains its own stale one; another sender's is not ours).
+                    info = signal.sigtimedwait(_ALRM, 0)
+                    fired = info is not None and info.si_code == _SI_TIMER
+                    if fired or rs.immediate_exit or not timer.pending():
                         # Either way, re-run once with immediate_exit set so a pending I/O
                         # completes before the state can be captured.
                         if self.quit:
@@ -320,7 +332,8 @@ class VcpuRunner:
                     m.on_crash(self)
                     return "stopped"
         finally:
-            timer.disarm()
+            if not fired:
+                disarm(timer)
             self.deadline = 0.0
             _ARMED[0] = None
             rs.immediate_exit = 0

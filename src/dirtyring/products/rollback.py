@@ -71,7 +71,8 @@ from .._bindings import _uapi as U
 from ..errors import ConfigError, TrackingError
 from ..guests.protocol import Port
 from ..machine.state import MachineState
-from ..machine.vcpu import ThreadTimer, VcpuRunner, install_alarm_handler, thread_timer
+from ..machine.vcpu import (ThreadTimer, VcpuRunner, disarm, install_alarm_handler,
+                             thread_timer)
 from ..machine.vm import Machine
 from ..tracking import DirtySet
 from .fingerprint import fingerprint
@@ -287,7 +288,7 @@ class Rollback:
             r.deadline = start + seconds  # device handlers that block never wait past it
             why = self._other_exit(reason, timer)
         finally:
-            timer.disarm()
+            disarm(timer)
             r.deadline = 0.0
             rs.immediate_exit = 0
             r.ring_full = False
