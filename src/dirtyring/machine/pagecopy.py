@@ -28,36 +28,46 @@ PAGE = 4096
 _SRC = Path(__file__).with_name("pagecopy.c")
 
 
-def _cache_dir() -> Path:
+def _cache_dirs() -> list[Path]:
+    """Where the built helper may live: the user's cache, else a private temporary one."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "dirtyring"
+    return [Path(base) / "dirtyring",
+            Path(tempfile.gettempdir()) / f"dirtyring-{os.getuid()}"]
+
+
+def _build_in(folder: Path, src: bytes) -> C.CDLL | None:
+    lib = folder / f"pagecopy-{hashlib.sha256(src).hexdigest()[:16]}.so"
+    if not lib.exists():
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
+        os.close(fd)
+        try:
+            p = subprocess.run(["gcc", "-O2", "-shared", "-fPIC", "-o", tmp, str(_SRC)],
+                               capture_output=True, check=False)
+            if p.returncode != 0:
+                return None
+            os.replace(tmp, lib)  # atomic: concurrent first uses each build, one wins
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return C.CDLL(str(lib))
 
 
 def _build() -> C.CDLL | None:
-    """The compiled helper, built if needed; None if it cannot be (no gcc, no writable cache)."""
+    """The compiled helper, built if needed; None if it cannot be (no gcc, nowhere to put it)."""
     src = _SRC.read_bytes()
-    lib = _cache_dir() / f"pagecopy-{hashlib.sha256(src).hexdigest()[:16]}.so"
-    try:
-        if not lib.exists():
-            lib.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
-            os.close(fd)
-            try:
-                p = subprocess.run(["gcc", "-O2", "-shared", "-fPIC", "-o", tmp, str(_SRC)],
-                                   capture_output=True, check=False)
-                if p.returncode != 0:
-                    return None
-                os.replace(tmp, lib)  # atomic: concurrent first uses each build, one wins
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-        dll = C.CDLL(str(lib))
-    except OSError:
-        return None
-    fn = dll.dirtyring_gather_nt
-    fn.argtypes = [C.c_void_p, C.c_void_p, C.c_void_p, C.c_int64, C.c_int64]
-    fn.restype = C.c_int
-    return dll
+    for folder in _cache_dirs():
+        try:
+            dll = _build_in(folder, src)
+        except (OSError, subprocess.SubprocessError):
+            continue
+        if dll is None:
+            return None  # gcc is there but refused the source: no point trying elsewhere
+        fn = dll.dirtyring_gather_nt
+        fn.argtypes = [C.c_void_p, C.c_void_p, C.c_void_p, C.c_int64, C.c_int64]
+        fn.restype = C.c_int
+        return dll
+    return None
 
 
 _LIB = _build()

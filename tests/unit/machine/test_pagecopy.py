@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -45,3 +46,15 @@ def test_an_index_outside_the_slot_is_refused() -> None:
     with pytest.raises(IndexError):
         gather_pages(np.zeros((pagecopy.SMALL, 4096), np.uint8), mem,
                      np.array([0] * (pagecopy.SMALL - 1) + [4], np.int64))
+
+
+def test_an_unwritable_cache_falls_back_to_a_private_temporary_one(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    if not shutil.which("gcc"):
+        pytest.skip("no compiler: the numpy copy is used")
+    blocked = tmp_path / "file"
+    blocked.write_text("not a directory")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocked))
+    monkeypatch.setattr(pagecopy.tempfile, "tempdir", str(tmp_path))
+    assert pagecopy._build() is not None
+    assert list(tmp_path.glob("dirtyring-*/pagecopy-*.so"))
