@@ -13,6 +13,14 @@ reported dirty in every harvest without faulting. Every ``hot_epochs`` harvests 
 ones still written fault once and come back. In between, the bitmap usually equals the previous
 one: then the previous decode is reused, and a harvest costs one GET per slot and a compare
 (~15 µs for a 64-page hot set here, against ~90 µs with per-page ages).
+
+That period adapts: when no page joined the set in the epoch after a re-arm (the working set
+did not move), the next re-arm waits twice as long, up to ``max_hot_epochs``; when one did, it
+goes back to ``hot_epochs``. A steady hot set then pays for a re-arm (a CLEAR, a decode and one
+fault per page) once every 64 epochs instead of every 8: measured with a 64-page hot set at
+200 µs epochs under replication, the guest kept ~50 % of its speed instead of ~46 %. Pages that
+went cold are copied for longer (at most ``max_hot_epochs`` epochs); nothing is ever missed,
+since every page outside the set is write-protected.
 """
 from __future__ import annotations
 
@@ -158,11 +166,16 @@ class HotSetTracker(BitmapTracker):
     """Manual-protect bitmap that leaves recently dirtied pages writable (see module docstring)."""
 
     def __init__(self, vm: VmFd, slots: list[TrackedSlot], vmm_dirty: VmmDirtySource, *,
-                 hot_epochs: int = 8) -> None:
+                 hot_epochs: int = 8, max_hot_epochs: int = 64) -> None:
         super().__init__(vm, slots, vmm_dirty, manual=True)
         self.kind = "hotset"
         self.hot_epochs = hot_epochs
+        self.max_hot_epochs = max(hot_epochs, max_hot_epochs)
+        self.period = hot_epochs  # harvests from one re-arm to the next (adapts)
         self._cycle = 0
+        self._next_rearm = hot_epochs
+        # The set re-armed at the last re-arm, until the next harvest shows what came back.
+        self._rearmed: dict[int, np.ndarray] | None = None
         # Per slot: the last bitmap (as bytes) and its decoded pages, while it stays the same.
         self._last: dict[int, tuple[bytes, np.ndarray]] = {}
         self._hot_pages = 0
@@ -174,7 +187,7 @@ class HotSetTracker(BitmapTracker):
         t0 = time.perf_counter()
         parts = []
         self._cycle += 1
-        rearm = self._cycle % self.hot_epochs == 0
+        rearm = self._cycle >= self._next_rearm
         hot = 0
         same = not rearm
         for s in self.slots:
@@ -195,6 +208,11 @@ class HotSetTracker(BitmapTracker):
                 hot += len(pages)
             parts.append((s.slot, pages))
         self._hot_pages = hot
+        if rearm:
+            self._rearmed = {slot: pages for slot, pages in parts if len(pages)}
+            self._next_rearm = self._cycle + self.period
+        elif self._rearmed is not None:
+            self._adapt(parts)
         vmm = self.vmm_dirty()
         ds = self._same if same and not vmm else None
         if ds is None:
@@ -208,8 +226,23 @@ class HotSetTracker(BitmapTracker):
 
     _same_len = 0
 
+    def _adapt(self, parts: list[tuple[int, np.ndarray]]) -> None:
+        """The harvest after a re-arm: if no page joined the set, it is re-armed less often.
+
+        Pages that did not come back already left the set at the re-arm (they may just not
+        have been written yet in this one epoch: the first writes fault). Pages that joined
+        mean the working set moves, and then cold pages should leave it sooner."""
+        before, self._rearmed = self._rearmed or {}, None
+        steady = all(slot in before and bool(np.isin(pages, before[slot]).all())
+                     for slot, pages in parts if len(pages))
+        self.period = min(2 * self.period, self.max_hot_epochs) if steady else self.hot_epochs
+        self._next_rearm = self._cycle - 1 + self.period
+
     def full(self) -> DirtySet:
         self._last.clear()
+        self._rearmed = None
+        self.period = self.hot_epochs
+        self._next_rearm = self._cycle + self.period
         self._same = None
         self._hot_pages = 0
         return super().full()
