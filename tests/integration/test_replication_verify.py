@@ -39,6 +39,8 @@ RATE = ["--rate", "5000"]
     ("random", ["--pattern", "random", *RATE], 3000),
     ("sequential", ["--pattern", "sequential", *RATE], 1000),
     ("random-2vcpu", ["--pattern", "random", *RATE, "--vcpus", "2"], 1000),
+    # A steady hot set: most checkpoints go through the steady pause (one native call).
+    ("hotset", ["--tracker", "hotset", "--pattern", "hot", *RATE], 1000),
 ])
 def test_verify_mode_thousands_of_epochs_without_mismatch(spawn: Spawner, name: str,
                                                           extra: list[str], epochs: int) -> None:
@@ -78,6 +80,8 @@ def test_verify_mode_thousands_of_epochs_without_mismatch(spawn: Spawner, name: 
     assert done, pr.describe()
     assert done[-1]["epoch"] >= epochs and done[-1]["resyncs"] == 0, done[-1]
     assert done[-1]["output_violations"] == 0
+    if name == "hotset":
+        assert done[-1]["steady_pauses"] > epochs // 2, done[-1]
     # Real deltas: an epoch carried only part of the 256 data pages (not full copies).
     print(f"{name}: {st['committed_epoch']} verified epochs, "
           f"{done[-1]['dirty_pages_per_epoch']:.0f} dirty pages per epoch")

@@ -144,13 +144,21 @@ class VcpuFd:
     def get_tsc(self) -> int:
         """The guest's TSC (KVM_GET_MSRS of that one MSR) with a buffer kept for it: it is read
         at every checkpoint, and building the request each time cost half of the ~12 µs."""
+        if ioctl(self.fd, U.KVM_GET_MSRS, self.tsc_request()) != 1:
+            raise KvmError("KVM_GET_MSRS", errno.EINVAL, "the TSC MSR could not be read")
+        return self.tsc_result()
+
+    def tsc_request(self) -> Any:
+        """The kept KVM_GET_MSRS argument ``get_tsc`` uses, for a caller that issues the ioctl
+        itself (it must return 1); ``tsc_result()`` then reads the value."""
         if self._tsc_buf is None:
             self._tsc_buf = U.msrs_buffer(1)
             self._tsc_buf[1][0].index = U.MSR_IA32_TSC
-        buf, entries = self._tsc_buf
-        if ioctl(self.fd, U.KVM_GET_MSRS, buf) != 1:
-            raise KvmError("KVM_GET_MSRS", errno.EINVAL, "the TSC MSR could not be read")
-        return int(entries[0].data)
+        return self._tsc_buf[0]
+
+    def tsc_result(self) -> int:
+        assert self._tsc_buf is not None
+        return int(self._tsc_buf[1][0].data)
 
     def set_msrs(self, values: dict[int, int]) -> int:
         """Wraps KVM_SET_MSRS; returns how many were set (KVM stops at the first it refuses)."""

@@ -87,6 +87,10 @@ class VmFd:
 
         Without manual protect this also clears the log and re-protects the pages, atomically.
         """
+        ioctl(self.fd, U.KVM_GET_DIRTY_LOG, self.dirty_log_request(slot, bitmap))
+
+    def dirty_log_request(self, slot: int, bitmap: np.ndarray) -> U.kvm_dirty_log:
+        """The (kept) KVM_GET_DIRTY_LOG argument for ``slot`` into ``bitmap``."""
         kept = self._logs.get((slot, id(bitmap)))
         if kept is None or kept[0] is not bitmap:
             assert bitmap.flags.c_contiguous and bitmap.dtype == np.uint64
@@ -94,7 +98,7 @@ class VmFd:
                 self._logs.clear()
             kept = self._logs[(slot, id(bitmap))] = (
                 bitmap, U.kvm_dirty_log(slot, 0, bitmap.ctypes.data))
-        ioctl(self.fd, U.KVM_GET_DIRTY_LOG, kept[1])
+        return kept[1]
 
     def clear_dirty_log(self, slot: int, first_page: int, num_pages: int,
                         bitmap: np.ndarray) -> None:

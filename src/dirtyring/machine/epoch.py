@@ -7,6 +7,7 @@ Bitmap trackers have no such signal and end epochs on the interval only.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -44,12 +45,25 @@ class EpochDriver:
             self.resyncs += 1
             return self.tracker.full(), True
 
-    def run_epoch(self, interval: float) -> Epoch:
+    def harvest_epoch(self, e: Epoch) -> Epoch:
+        """``e`` (run with ``harvest=False``) with its harvest done now."""
+        t = time.perf_counter()
+        dirty, resync = self.harvest_paused()
+        return dataclasses.replace(e, dirty=dirty, resync=resync,
+                                   harvest_s=time.perf_counter() - t)
+
+    def run_epoch(self, interval: float, *, harvest: bool = True) -> Epoch:
+        """Run, pause, harvest. Inline, ``harvest=False`` leaves the harvest to the caller
+        (``harvest_epoch``, or the replication's steady pause): the epoch's set is empty."""
         m = self.m
         t0 = time.perf_counter()
         if not m.threaded:
             why = m.runners[0].run_inline(interval)
             t1 = time.perf_counter()
+            if not harvest:
+                self.number += 1
+                return Epoch(number=self.number, reason=why, dirty=DirtySet(), resync=False,
+                             run_s=t1 - t0, harvest_s=0.0)
             dirty, resync = self.harvest_paused()
             self.number += 1
             return Epoch(number=self.number, reason=why, dirty=dirty, resync=resync,

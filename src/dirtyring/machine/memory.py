@@ -138,6 +138,11 @@ class GuestMemory:
         with self._lock:
             self._vmm_dirty.setdefault(slot, set()).update(range(first_page, end))
 
+    @property
+    def vmm_dirty_pending(self) -> bool:
+        """Has the VMM written a page since the last ``take_vmm_dirty``?"""
+        return bool(self._vmm_dirty)
+
     def take_vmm_dirty(self) -> list[tuple[int, np.ndarray]]:
         """Drain the record of VMM writes (trackers merge it into each harvest)."""
         with self._lock:

@@ -14,6 +14,7 @@ not current, it finished), the slow path runs and the pieces are rebuilt from it
 """
 from __future__ import annotations
 
+import ctypes as C
 import struct
 from typing import TYPE_CHECKING
 
@@ -52,14 +53,19 @@ class _VcpuPieces:
         return (r.static_state is self.static and r.fd.sync_valid
                 and r.finished == self.finished)
 
-    def add(self, out: list[bytes]) -> None:
-        r = self.runner
-        fd = r.fd
-        sr = r.run_struct.s.regs
+    def read(self) -> None:
+        """The two reads each capture needs (``StateBlob.reads`` lists them for others)."""
+        fd = self.runner.fd
         fd.get_xsave(self.xsave)
+        fd.get_tsc()
+
+    def add(self, out: list[bytes]) -> None:
+        """This vCPU's part of the blob, from the sync area and the last ``read``."""
+        r = self.runner
+        sr = r.run_struct.s.regs
         out += (self.head, bytes(sr.regs), self.after_regs, bytes(sr.sregs), self.after_sregs,
                 bytes(self.xsave), self.after_xsave, bytes(sr.events), self.msrs_head,
-                _TSC.pack(U.MSR_IA32_TSC, fd.get_tsc()), self.msrs_tail)
+                _TSC.pack(U.MSR_IA32_TSC, r.fd.tsc_result()), self.msrs_tail)
 
 
 class StateBlob:
@@ -69,13 +75,29 @@ class StateBlob:
         self.m = machine
         self._head = b""
         self._vcpus: list[_VcpuPieces] = []
+        self._reads: list[tuple[int, int, int, int]] = []
 
     def encode(self) -> bytes:
         vcpus = self._vcpus
         if not vcpus or not all(p.current() for p in vcpus):
             return self._rebuild()
-        out = [self._head]
         for p in vcpus:
+            p.read()
+        return self.encode_read()
+
+    def reads(self) -> list[tuple[int, int, int, int]] | None:
+        """The ioctls ``encode`` would issue, as (fd, request, argument address, expected
+        result or -1), for a caller that issues them itself and then calls ``encode_read``;
+        None when the kept pieces may be stale (``encode`` must then run)."""
+        vcpus = self._vcpus
+        if not vcpus or not all(p.current() for p in vcpus):
+            return None
+        return self._reads
+
+    def encode_read(self) -> bytes:
+        """The blob, once the reads are done (by ``encode`` or by the caller of ``reads``)."""
+        out = [self._head]
+        for p in self._vcpus:
             p.add(out)
         for d in self.m.devices:
             name = d.name.encode()
@@ -89,4 +111,9 @@ class StateBlob:
         self._head = struct.pack("<HHI", len(st.vcpus), len(st.devices), len(st.config)) + \
             st.config
         self._vcpus = [_VcpuPieces(r, v) for r, v in zip(self.m.runners, st.vcpus)]
+        self._reads = []
+        for p in self._vcpus:
+            fd = p.runner.fd
+            self._reads += ((fd.fd, U.KVM_GET_XSAVE, C.addressof(p.xsave), -1),
+                            (fd.fd, U.KVM_GET_MSRS, C.addressof(fd.tsc_request()), 1))
         return st.encode()

@@ -50,7 +50,8 @@ class Machine:
         self.threaded = threaded
         self.config = config
         self._config_json = config.to_json()
-        self._blob = StateBlob(self)
+        #: The machine's state encoded from kept pieces (``encode_state``; steady pauses).
+        self.state_blob = StateBlob(self)
         self.cv = threading.Condition()
         self.outputs: list[tuple[str, Any]] = []
         self.sink: OutputSink = sink or (lambda kind, payload: self.outputs.append((kind, payload)))
@@ -371,7 +372,7 @@ class Machine:
         """``capture_state().encode()`` (vCPUs parked), built from kept pieces: see
         ``stateblob.py``. Checkpoints take this at every pause."""
         assert all(r.parked for r in self.runners), "encode_state needs paused vCPUs"
-        return self._blob.encode()
+        return self.state_blob.encode()
 
     def capture_regs(self) -> list[U.kvm_regs]:
         """Only the general registers (the cheapest capture, for the ceiling benchmark)."""

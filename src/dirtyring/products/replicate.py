@@ -31,13 +31,14 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from ..errors import DirtyringError
-from ..machine.epoch import EpochDriver
+from ..machine.epoch import Epoch, EpochDriver
 from ..machine.stats import EpochStats
 from ..machine.vm import Machine
 from ..tracking import DirtySet
 from ..wire import Hello, WIRE_VERSION
 from .checkpoint import capture_state
 from .outputs import OutputGate
+from .steady import SteadyPause
 from .transport import connect
 from .uplink import Uplink
 
@@ -62,6 +63,8 @@ class PrimaryOptions:
     #: loop a core of its own. A crash loses at most this much more uncommitted guest work;
     #: no output is ever released before its checkpoint is acknowledged.
     batch_window: float = 0.002
+    #: Take checkpoints of a steady hot set in one native call (``steady.py``) where it applies.
+    steady_pause: bool = True
 
 
 class Primary:
@@ -195,6 +198,8 @@ class Primary:
         t_end = None if duration is None else time.monotonic() + duration
         self._t_end, self._stop_evt = t_end, stop
         next_report = time.monotonic() + progress_every
+        if self.opt.steady_pause and self.up is not None:
+            self._steady = SteadyPause.for_primary(m, self.up, verify=self.opt.verify)
         self._initial_sync()
         try:
             while not (stop is not None and stop.is_set()):
@@ -223,6 +228,7 @@ class Primary:
 
     _t_end: float | None = None
     _stop_evt: threading.Event | None = None
+    _steady: SteadyPause | None = None
 
     def _given_up(self) -> bool:
         """While waiting for staging space: stop waiting if the standby is lost or the run is
@@ -297,30 +303,26 @@ class Primary:
         m = self.m
         assert self.up is not None
         self._make_room()  # before the epoch's run: its harvest must cover every write
-        e = self.drv.run_epoch(self.opt.interval)
+        steady = None if self._carry or self._resync.is_set() else self._steady
+        e = self.drv.run_epoch(self.opt.interval, harvest=steady is None)
         t0 = time.perf_counter()
-        dirty = e.dirty
-        if self._carry:
-            dirty, self._carry = dirty | self._carry, DirtySet()
-        kind = "delta"
-        if e.resync:
-            kind = "full"  # tracking failed and already re-armed everything
-            dirty = self._full_copy()
-        elif self._resync.is_set():
-            self._resync.clear()
-            self.drv.tracker.full()
-            dirty = self._full_copy()  # paused: a consistent full copy
-            kind = "full"
-        n = self._stage(self.epoch + 1, kind, dirty)
-        if n < len(dirty):  # gave up waiting for staging space: this epoch is never sent
-            self.up.abandon()
-            if kind == "full":
-                self._resync.set()
-            m.resume_all()
-            return
-        self.epoch += 1
-        self.up.alive()
-        state, digest = capture_state(m, digest=self.opt.verify)
+        taken = steady.take(self.epoch + 1) if steady and e.reason == "interval" else None
+        if taken is not None:
+            n, state, digest = taken
+            kind = "delta"
+            self.epoch += 1
+            self.up.alive()
+        else:
+            if steady is not None:
+                e = self.drv.harvest_epoch(e)
+            staged = self._stage_epoch(e)
+            if staged is None:  # gave up waiting for staging space: this epoch is never sent
+                m.resume_all()
+                return
+            n, kind = staged
+            self.epoch += 1
+            self.up.alive()
+            state, digest = capture_state(m, digest=self.opt.verify)
         outputs = self.gate.released
         self.gate.advance(self.epoch + 1)
         if not self._consistent_epoch:
@@ -338,6 +340,30 @@ class Primary:
         self.stats.record(pause_s=pause, harvest_s=e.harvest_s, dirty_pages=n,
                           nbytes=n * PAGE + len(state), resync=kind == "full",
                           budget=e.reason == "budget")
+
+    def _stage_epoch(self, e: Epoch) -> tuple[int, str] | None:
+        """Stage the harvested epoch ``e`` the ordinary way: (pages, kind), or None if the
+        run is stopping and staging space never came (nothing of the epoch is kept)."""
+        assert self.up is not None
+        dirty = e.dirty
+        if self._carry:
+            dirty, self._carry = dirty | self._carry, DirtySet()
+        kind = "delta"
+        if e.resync:
+            kind = "full"  # tracking failed and already re-armed everything
+            dirty = self._full_copy()
+        elif self._resync.is_set():
+            self._resync.clear()
+            self.drv.tracker.full()
+            dirty = self._full_copy()  # paused: a consistent full copy
+            kind = "full"
+        n = self._stage(self.epoch + 1, kind, dirty)
+        if n < len(dirty):
+            self.up.abandon()
+            if kind == "full":
+                self._resync.set()
+            return None
+        return n, kind
 
     def _run_unprotected(self, t_end: float | None, stop: threading.Event | None) -> None:
         """Degraded: no standby. Stop tracking and let the guest run until told to stop."""
@@ -375,7 +401,8 @@ class Primary:
                  output_violations=self.gate.violations,
                  compression_ratio=float(w.get("compression_ratio", 1.0)),
                  staging_bytes=self.up.staging_bytes if self.up is not None else 0,
-                 staging_bytes_max=self.max_staging_bytes)
+                 staging_bytes_max=self.max_staging_bytes,
+                 steady_pauses=self._steady.taken if self._steady is not None else 0)
         return s
 
     def close(self) -> None:

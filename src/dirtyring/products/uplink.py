@@ -40,7 +40,7 @@ import numpy as np
 
 from .._bindings.mapping import memfd
 from ..errors import DirtyringError
-from ..machine.pagecopy import gather_pages
+from ..machine.native import gather_pages
 from ..wire import Hello
 from .staging import ACKED, ALIVE, CONSUMED, PAGE, Staging, recv_msg, send_msg
 
@@ -83,6 +83,9 @@ class Uplink:
         #: the guest run on instead of checkpointing (queueing more would only add latency).
         #: A batch window's worth of epochs must fit (the uplink frees slots when told).
         self.max_ahead = max(1, slots - 4)
+        # Where each staging slot's pages and page indices start (for ``reserve``).
+        self._addrs = [(int(self.staging.data(i).ctypes.data),
+                        int(self.staging.indices(i).ctypes.data)) for i in range(slots)]
         self.closing = False
         self.dead = threading.Event()
         self._hello: list[tuple[Any, ...]] = []
@@ -193,6 +196,31 @@ class Uplink:
             i += k
             done += k
         return done
+
+    def reserve(self, epoch: int, sizes: list[tuple[int, int]]) -> list[tuple[int, int]] | None:
+        """Staging space for an epoch whose pages the caller copies itself (the steady pause):
+        for each (memory slot, pages) the addresses its pages and their indices go to, laid
+        out as ``stage`` lays them out. None, with nothing reserved, unless the epoch fits a
+        free staging slot right now (the caller then stages the ordinary way, which waits).
+        ``abandon()`` gives the space back if the copy is not made after all."""
+        if epoch != self._epoch:
+            self._epoch = epoch
+            if self._fill:
+                self.seq, self._fill = self.seq + 1, 0
+        st = self.staging
+        if (self._fill or sum(n for _, n in sizes) > st.slot_pages
+                or self.seq - int(st.header[CONSUMED]) >= st.slots):
+            return None
+        data, idx = self._addrs[self.seq % st.slots]
+        out, off = [], 0
+        for slot, n in sizes:
+            out.append((data + off * PAGE, idx + off * 8))
+            self._parts.append((self.seq, off, slot, n))
+            off += n
+        self._used[self.seq] = off * PAGE
+        self._used.pop(self.seq - st.slots, None)
+        self._fill = off
+        return out
 
     _epoch = 0
     _fill = 0  # pages used in staging slot ``seq``

@@ -226,6 +226,30 @@ class HotSetTracker(BitmapTracker):
 
     _same_len = 0
 
+    def steady(self) -> tuple[DirtySet, list[tuple[int, np.ndarray, bytes]]] | None:
+        """What the next harvest returns if no slot's log changed and the VMM wrote nothing:
+        that set and, per slot, (slot, the bitmap its GET fills, the bytes it must then equal).
+        None when the next harvest must run as usual (a re-arm is due, nothing is cached). A
+        caller that did those GETs and found every one equal calls ``steady_done()`` instead
+        of ``harvest()``: the steady checkpoint pause does this in one native call."""
+        if self._same is None or self._rearmed is not None or self._cycle + 1 >= self._next_rearm:
+            return None
+        logs = []
+        for s in self.slots:
+            last = self._last.get(s.slot)
+            if last is None:
+                return None
+            logs.append((s.slot, self._bitmaps[s.slot], last[0]))
+        return self._same, logs
+
+    def steady_done(self) -> DirtySet:
+        """Count a harvest ``steady()`` described and the caller performed; its set."""
+        assert self._same is not None
+        self._cycle += 1
+        self._harvests += 1
+        self._pages += self._same_len
+        return self._same
+
     def _adapt(self, parts: list[tuple[int, np.ndarray]]) -> None:
         """The harvest after a re-arm: if no page joined the set, it is re-armed less often.
 
