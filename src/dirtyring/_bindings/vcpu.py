@@ -160,6 +160,12 @@ class VcpuFd:
         assert self._tsc_buf is not None
         return int(self._tsc_buf[1][0].data)
 
+    def tsc_result_address(self) -> int:
+        """Where the kept request's answer (8 bytes, little-endian) lands."""
+        self.tsc_request()
+        assert self._tsc_buf is not None
+        return C.addressof(self._tsc_buf[1][0]) + U.kvm_msr_entry.data.offset
+
     def set_msrs(self, values: dict[int, int]) -> int:
         """Wraps KVM_SET_MSRS; returns how many were set (KVM stops at the first it refuses)."""
         buf, entries = U.msrs_buffer(len(values))

@@ -5,7 +5,8 @@
  *
  * dirtyring_pause: a replication checkpoint's steady pause in one call: the ioctls (the
  * dirty logs, XSAVE, the TSC), then a check that each dirty log equals the last one, then,
- * only if all do, the gathers of the hot set into staging (pages and their indices). */
+ * only if all do, the gathers of the hot set into staging (pages and their indices) and the
+ * copies that lay the vCPU state into the checkpoint's state blob. */
 #include <stdint.h>
 #include <string.h>
 #include <sys/ioctl.h>
@@ -43,11 +44,14 @@ struct dr_gather {
     uint8_t *dst; int64_t *dst_idx; const uint8_t *src; const int64_t *idx;
     int64_t n; int64_t src_pages;
 };
+struct dr_copy { void *dst; const void *src; int64_t n; };
 
-/* 0: done; 1: a compared pair differed (no gather done); -(i+1): op i failed (errno set, or
- * it returned other than its expect >= 0); -1000 - k: gather k names a page outside its slot. */
+/* 0: done; 1: a compared pair differed (no gather or copy done); -(i+1): op i failed (errno
+ * set, or it returned other than its expect >= 0); -1000 - k: gather k names a page outside its
+ * slot (nothing gathered or copied). */
 int dirtyring_pause(const struct dr_op *ops, int nops, const struct dr_same *same, int nsame,
-                    const struct dr_gather *g, int ngathers)
+                    const struct dr_gather *g, int ngathers, const struct dr_copy *copies,
+                    int ncopies)
 {
     for (int i = 0; i < nops; i++) {
         int r = ioctl(ops[i].fd, ops[i].request, ops[i].arg);
@@ -66,6 +70,8 @@ int dirtyring_pause(const struct dr_op *ops, int nops, const struct dr_same *sam
             page_nt(g[k].dst + i * 4096, g[k].src + g[k].idx[i] * 4096);
             g[k].dst_idx[i] = g[k].idx[i];
         }
+    for (int i = 0; i < ncopies; i++)
+        memcpy(copies[i].dst, copies[i].src, (size_t)copies[i].n);
     _mm_sfence();
     return 0;
 }

@@ -78,7 +78,8 @@ def _build() -> C.CDLL | None:
         fn.argtypes = [C.c_void_p, C.c_void_p, C.c_void_p, C.c_int64, C.c_int64]
         fn.restype = C.c_int
         pause = dll.dirtyring_pause
-        pause.argtypes = [C.c_void_p, C.c_int, C.c_void_p, C.c_int, C.c_void_p, C.c_int]
+        pause.argtypes = [C.c_void_p, C.c_int, C.c_void_p, C.c_int, C.c_void_p, C.c_int,
+                          C.c_void_p, C.c_int]
         pause.restype = C.c_int
         return dll
     return None
@@ -124,24 +125,33 @@ class _Gather(C.Structure):
                 ("idx", C.c_void_p), ("n", C.c_int64), ("src_pages", C.c_int64)]
 
 
+class _Copy(C.Structure):
+    _fields_ = [("dst", C.c_void_p), ("src", C.c_void_p), ("n", C.c_int64)]
+
+
 class PauseProgram:
     """One call: ioctls, then "each pair of buffers is equal", then page gathers (with their
-    indices) that run only if every pair was. Filled anew for each pause (``reset``).
+    indices) and plain copies that run only if every pair was. A program can be run again as
+    it is (the steady pause keeps one per staging slot) or refilled after ``reset``.
 
     Arguments are addresses: the caller keeps what they point into alive and computes them
     once (``ndarray.ctypes.data`` alone costs ~1 µs, a tenth of the call)."""
 
-    def __init__(self, size: int = 16) -> None:
+    def __init__(self, size: int = 32) -> None:
         if _PAUSE is None:
             raise RuntimeError("the native helper is not built (no gcc)")
         self._ops, self._same, self._gathers = (_Op * size)(), (_Same * size)(), (_Gather * size)()
+        self._copies = (_Copy * size)()
         self._addrs = (C.addressof(self._ops), C.addressof(self._same),
-                       C.addressof(self._gathers))
+                       C.addressof(self._gathers), C.addressof(self._copies))
         self._size = size
-        self.nops = self.nsame = self.ngathers = 0
+        self.nops = self.nsame = self.ngathers = self.ncopies = 0
+        #: What the program's addresses point into, kept alive for as long as the program.
+        self.keep: list[object] = []
 
     def reset(self) -> None:
-        self.nops = self.nsame = self.ngathers = 0
+        self.nops = self.nsame = self.ngathers = self.ncopies = 0
+        self.keep = []
 
     def ioctl(self, fd: int, request: int, arg: int, expect: int = -1) -> None:
         """``ioctl(fd, request, arg)``: it fails unless it returns >= 0 (``expect`` if >= 0)."""
@@ -163,6 +173,12 @@ class PauseProgram:
         g.dst, g.dst_idx, g.src, g.idx, g.n, g.src_pages = dst, dst_idx, rows, pages, n, src_pages
         self.ngathers += 1
 
+    def copy(self, dst: int, src: int, n: int) -> None:
+        """``n`` bytes from ``src`` to ``dst``, after the gathers, if every check held."""
+        c = self._copies[self._slot(self.ncopies)]
+        c.dst, c.src, c.n = dst, src, n
+        self.ncopies += 1
+
     def _slot(self, i: int) -> int:
         if i >= self._size:
             raise IndexError("pause program is full")
@@ -171,8 +187,8 @@ class PauseProgram:
     def run(self) -> bool:
         """True: all done. False: a check failed and nothing was gathered (the ioctls ran)."""
         assert _PAUSE is not None
-        o, s, g = self._addrs
-        rc = _PAUSE(o, self.nops, s, self.nsame, g, self.ngathers)
+        o, s, g, c = self._addrs
+        rc = _PAUSE(o, self.nops, s, self.nsame, g, self.ngathers, c, self.ncopies)
         if rc == 0:
             return True
         if rc == 1:

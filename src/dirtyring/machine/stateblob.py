@@ -54,7 +54,7 @@ class _VcpuPieces:
                 and r.finished == self.finished)
 
     def read(self) -> None:
-        """The two reads each capture needs (``StateBlob.reads`` lists them for others)."""
+        """The two reads each capture needs."""
         fd = self.runner.fd
         fd.get_xsave(self.xsave)
         fd.get_tsc()
@@ -67,6 +67,69 @@ class _VcpuPieces:
                 bytes(self.xsave), self.after_xsave, bytes(sr.events), self.msrs_head,
                 _TSC.pack(U.MSR_IA32_TSC, r.fd.tsc_result()), self.msrs_tail)
 
+    def lay_out(self, t: BlobTemplate) -> None:
+        """Append this vCPU's part to ``t``: constant bytes, and what fills the rest."""
+        r = self.runner
+        sr = r.run_struct.s.regs
+        t.static(self.head)
+        t.copy(C.addressof(sr.regs), C.sizeof(sr.regs))
+        t.static(self.after_regs)
+        t.copy(C.addressof(sr.sregs), C.sizeof(sr.sregs))
+        t.static(self.after_sregs)
+        t.ioctl_into(r.fd.fd, U.KVM_GET_XSAVE, C.sizeof(U.kvm_xsave))  # straight into the blob
+        t.static(self.after_xsave)
+        t.copy(C.addressof(sr.events), C.sizeof(sr.events))
+        t.static(self.msrs_head)
+        t.ioctl(r.fd.fd, U.KVM_GET_MSRS, C.addressof(r.fd.tsc_request()), 1)
+        t.static(_U32.pack(U.MSR_IA32_TSC))
+        t.copy(r.fd.tsc_result_address(), 8)
+        t.static(self.msrs_tail)
+
+
+class BlobTemplate:
+    """The vCPUs' part of the blob as one buffer that a native call fills in place: the steady
+    pause issues ``reads`` (XSAVE lands in the buffer itself) and then ``copies`` (the sync
+    area's regs, sregs and events, the TSC value). Its constant bytes are written once."""
+
+    def __init__(self) -> None:
+        self._static: list[tuple[int, bytes]] = []
+        self._size = 0
+        # (fd, request, offset in the buffer or None, else the argument's address, expect)
+        self._ioctls: list[tuple[int, int, int | None, int, int]] = []
+        self._copy_from: list[tuple[int, int, int]] = []  # (offset, source address, size)
+        self.reads: list[tuple[int, int, int, int]] = []  # (fd, request, address, expect)
+        self.copies: list[tuple[int, int, int]] = []  # (destination, source, size)
+        self.buf: C.Array[C.c_char] | None = None
+
+    def static(self, b: bytes) -> None:
+        self._static.append((self._size, b))
+        self._size += len(b)
+
+    def copy(self, src: int, n: int) -> None:
+        self._copy_from.append((self._size, src, n))
+        self._size += n
+
+    def ioctl_into(self, fd: int, request: int, n: int) -> None:
+        """An ioctl whose ``n``-byte result is the next part of the blob."""
+        self._ioctls.append((fd, request, self._size, 0, -1))
+        self._size += n
+
+    def ioctl(self, fd: int, request: int, arg: int, expect: int) -> None:
+        self._ioctls.append((fd, request, None, arg, expect))
+
+    def seal(self) -> None:
+        buf = self.buf = C.create_string_buffer(self._size)
+        base = C.addressof(buf)
+        for off, b in self._static:
+            C.memmove(base + off, b, len(b))
+        self.reads = [(fd, req, arg if off is None else base + off, expect)
+                      for fd, req, off, arg, expect in self._ioctls]
+        self.copies = [(base + off, src, n) for off, src, n in self._copy_from]
+
+    def raw(self) -> bytes:
+        assert self.buf is not None
+        return self.buf.raw
+
 
 class StateBlob:
     """``encode()`` == ``machine.capture_state().encode()``, fast when nothing static moved."""
@@ -75,35 +138,47 @@ class StateBlob:
         self.m = machine
         self._head = b""
         self._vcpus: list[_VcpuPieces] = []
-        self._reads: list[tuple[int, int, int, int]] = []
+        self._template: BlobTemplate | None = None
 
     def encode(self) -> bytes:
         vcpus = self._vcpus
         if not vcpus or not all(p.current() for p in vcpus):
             return self._rebuild()
+        out = [self._head]
         for p in vcpus:
             p.read()
-        return self.encode_read()
+            p.add(out)
+        self._devices(out)
+        return b"".join(out)
 
-    def reads(self) -> list[tuple[int, int, int, int]] | None:
-        """The ioctls ``encode`` would issue, as (fd, request, argument address, expected
-        result or -1), for a caller that issues them itself and then calls ``encode_read``;
-        None when the kept pieces may be stale (``encode`` must then run)."""
+    def template(self) -> BlobTemplate | None:
+        """The blob laid out for a caller that fills it itself (the steady pause), then calls
+        ``encode_template``; None when the kept pieces may be stale (``encode`` must run). The
+        same object comes back for as long as the pieces hold."""
         vcpus = self._vcpus
         if not vcpus or not all(p.current() for p in vcpus):
             return None
-        return self._reads
+        t = self._template
+        if t is None:
+            t = BlobTemplate()
+            t.static(self._head)
+            for p in vcpus:
+                p.lay_out(t)
+            t.seal()
+            self._template = t
+        return t
 
-    def encode_read(self) -> bytes:
-        """The blob, once the reads are done (by ``encode`` or by the caller of ``reads``)."""
-        out = [self._head]
-        for p in self._vcpus:
-            p.add(out)
+    def encode_template(self, t: BlobTemplate) -> bytes:
+        """The blob, once ``t``'s reads and copies are done."""
+        out = [t.raw()]
+        self._devices(out)
+        return b"".join(out)
+
+    def _devices(self, out: list[bytes]) -> None:
         for d in self.m.devices:
             name = d.name.encode()
             data = d.save()
             out += (_U32.pack(len(name)), name, _U32.pack(len(data)), data)
-        return b"".join(out)
 
     def _rebuild(self) -> bytes:
         """The slow path, which also refreshes the kept pieces from its records."""
@@ -111,9 +186,5 @@ class StateBlob:
         self._head = struct.pack("<HHI", len(st.vcpus), len(st.devices), len(st.config)) + \
             st.config
         self._vcpus = [_VcpuPieces(r, v) for r, v in zip(self.m.runners, st.vcpus)]
-        self._reads = []
-        for p in self._vcpus:
-            fd = p.runner.fd
-            self._reads += ((fd.fd, U.KVM_GET_XSAVE, C.addressof(p.xsave), -1),
-                            (fd.fd, U.KVM_GET_MSRS, C.addressof(fd.tsc_request()), 1))
+        self._template = None
         return st.encode()

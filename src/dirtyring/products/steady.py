@@ -17,9 +17,11 @@ import numpy as np
 
 from .._bindings import _uapi as U
 from ..machine import native
+from ..machine.stateblob import BlobTemplate
 from ..machine.vm import Machine
-from ..tracking import HotSetTracker
+from ..tracking import DirtySet, HotSetTracker
 from .checkpoint import memory_digest
+from .staging import PAGE
 from .uplink import Uplink
 
 
@@ -28,12 +30,16 @@ class SteadyPause:
                  verify: bool = False) -> None:
         assert machine.memory is not None and not machine.threaded
         self.m, self.tr, self.up, self.verify = machine, tracker, uplink, verify
-        self.prog = native.PauseProgram()
         self.taken = 0
         self._rows = {s.info.slot: (int(s.rows.ctypes.data), s.rows.shape[0])
                       for s in machine.memory.slots}
-        # Addresses of arrays and bytes the tracker hands out again and again while steady.
-        self._addr_of: dict[int, tuple[object, int]] = {}
+        # While the hot set holds, each pause runs the same program but for the staging slot
+        # it fills: one program per staging slot, kept until the set, a log or the blob's
+        # layout changes (filling one anew is ~15 µs of Python right after the guest ran).
+        self._key: tuple[object, ...] = ()
+        self._progs: dict[int, native.PauseProgram] = {}
+        self._sizes: list[tuple[int, int]] = []
+        self._pages = 0
 
     @classmethod
     def for_primary(cls, machine: Machine, uplink: Uplink, *,
@@ -44,16 +50,6 @@ class SteadyPause:
             return None
         return cls(machine, tr, uplink, verify=verify)
 
-    def _addr(self, obj: np.ndarray | bytes) -> int:
-        kept = self._addr_of.get(id(obj))
-        if kept is None or kept[0] is not obj:
-            if len(self._addr_of) > 256:
-                self._addr_of.clear()
-            a = (int(obj.ctypes.data) if isinstance(obj, np.ndarray)
-                 else int(C.cast(C.c_char_p(obj), C.c_void_p).value or 0))
-            kept = self._addr_of[id(obj)] = (obj, a)
-        return kept[1]
-
     def take(self, epoch: int) -> tuple[int, bytes, bytes] | None:
         """Checkpoint ``epoch`` (vCPUs paused, not yet harvested): (pages staged, machine
         state, memory digest or b""), or None with nothing done."""
@@ -62,24 +58,23 @@ class SteadyPause:
         if m.memory.vmm_dirty_pending:
             return None
         steady = self.tr.steady()
-        reads = m.state_blob.reads()
-        if steady is None or reads is None:
+        if steady is None:
+            return None
+        blob = m.state_blob.template()
+        if blob is None:
             return None
         dirty, logs = steady
-        groups = list(dirty.items())
-        dest = self.up.reserve(epoch, [(slot, len(pages)) for slot, pages in groups])
-        if dest is None:
+        key = (dirty, blob, *(last for _, _, last in logs))
+        if len(key) != len(self._key) or any(a is not b for a, b in zip(key, self._key)):
+            self._key, self._progs = key, {}
+            self._sizes = [(slot, len(pages)) for slot, pages in dirty.items()]
+            self._pages = sum(n for _, n in self._sizes)
+        k = self.up.reserve(epoch, self._sizes)
+        if k is None:
             return None
-        prog, vm = self.prog, m.vm
-        prog.reset()
-        for slot, bitmap, last in logs:
-            prog.ioctl(vm.fd, U.KVM_GET_DIRTY_LOG, C.addressof(vm.dirty_log_request(slot, bitmap)))
-            prog.same(self._addr(bitmap), self._addr(last), len(last))
-        for fd, request, arg, expect in reads:
-            prog.ioctl(fd, request, arg, expect)
-        for (slot, pages), (data, idx) in zip(groups, dest):
-            rows, n_rows = self._rows[slot]
-            prog.gather(data, idx, rows, self._addr(pages), len(pages), n_rows)
+        prog = self._progs.get(k)
+        if prog is None:
+            prog = self._progs[k] = self._program(k, dirty, logs, blob)
         try:
             done = prog.run()
         except BaseException:
@@ -91,4 +86,31 @@ class SteadyPause:
         self.tr.steady_done()
         self.taken += 1
         digest = memory_digest(m.memory) if self.verify else b""
-        return sum(len(p) for _, p in groups), m.state_blob.encode_read(), digest
+        return self._pages, m.state_blob.encode_template(blob), digest
+
+    def _program(self, k: int, dirty: DirtySet, logs: list[tuple[int, np.ndarray, bytes]],
+                 blob: BlobTemplate) -> native.PauseProgram:
+        """The pause into staging slot ``k``: the logs' GETs and the state's reads, the logs
+        compared with the last ones, the hot set gathered, the state laid into the blob."""
+        prog, vm = native.PauseProgram(), self.m.vm
+        prog.keep += (dirty, logs, blob)
+        for slot, bitmap, last in logs:
+            log_request = vm.dirty_log_request(slot, bitmap)
+            prog.keep.append(log_request)
+            prog.ioctl(vm.fd, U.KVM_GET_DIRTY_LOG, C.addressof(log_request))
+            prog.same(int(bitmap.ctypes.data),
+                      int(C.cast(C.c_char_p(last), C.c_void_p).value or 0), len(last))
+        for fd, request, arg, expect in blob.reads:
+            prog.ioctl(fd, request, arg, expect)
+        data, idx = self.up.addresses(k)
+        off = 0
+        for slot, pages in dirty.items():
+            rows, n_rows = self._rows[slot]
+            pages64 = pages if pages.dtype == np.int64 and pages.flags.c_contiguous else None
+            assert pages64 is not None, "hot-set pages are int64"
+            prog.gather(data + off * PAGE, idx + off * 8, rows, int(pages64.ctypes.data),
+                        len(pages), n_rows)
+            off += len(pages)
+        for dst, src, n in blob.copies:
+            prog.copy(dst, src, n)
+        return prog

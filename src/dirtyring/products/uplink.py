@@ -197,30 +197,34 @@ class Uplink:
             done += k
         return done
 
-    def reserve(self, epoch: int, sizes: list[tuple[int, int]]) -> list[tuple[int, int]] | None:
+    def reserve(self, epoch: int, sizes: list[tuple[int, int]]) -> int | None:
         """Staging space for an epoch whose pages the caller copies itself (the steady pause):
-        for each (memory slot, pages) the addresses its pages and their indices go to, laid
-        out as ``stage`` lays them out. None, with nothing reserved, unless the epoch fits a
-        free staging slot right now (the caller then stages the ordinary way, which waits).
-        ``abandon()`` gives the space back if the copy is not made after all."""
+        the staging slot whose ``addresses`` it copies to, its memory slots' pages one after
+        the other in the order of ``sizes`` ((memory slot, pages)), each part's indices in the
+        same places, as ``stage`` lays them out. None, with nothing reserved, unless the epoch
+        fits a free staging slot right now (the caller then stages the ordinary way, which
+        waits). ``abandon()`` gives the space back if the copy is not made after all."""
         if epoch != self._epoch:
             self._epoch = epoch
             if self._fill:
                 self.seq, self._fill = self.seq + 1, 0
         st = self.staging
+        seq = self.seq
         if (self._fill or sum(n for _, n in sizes) > st.slot_pages
-                or self.seq - int(st.header[CONSUMED]) >= st.slots):
+                or seq - int(st.header[CONSUMED]) >= st.slots):
             return None
-        data, idx = self._addrs[self.seq % st.slots]
-        out, off = [], 0
+        off = 0
         for slot, n in sizes:
-            out.append((data + off * PAGE, idx + off * 8))
-            self._parts.append((self.seq, off, slot, n))
+            self._parts.append((seq, off, slot, n))
             off += n
-        self._used[self.seq] = off * PAGE
-        self._used.pop(self.seq - st.slots, None)
+        self._used[seq] = off * PAGE
+        self._used.pop(seq - st.slots, None)
         self._fill = off
-        return out
+        return seq % st.slots
+
+    def addresses(self, k: int) -> tuple[int, int]:
+        """Where staging slot ``k``'s pages and their indices (int64) start."""
+        return self._addrs[k]
 
     _epoch = 0
     _fill = 0  # pages used in staging slot ``seq``
