@@ -45,6 +45,16 @@ class EpochDriver:
             self.resyncs += 1
             return self.tracker.full(), True
 
+    def counted(self, n: int) -> None:
+        """``n`` epochs were run, harvested and checkpointed elsewhere (the steady batch)."""
+        self.number += n
+
+    def ran(self, reason: str, run_s: float) -> Epoch:
+        """An epoch run elsewhere (the steady batch), paused and not harvested yet."""
+        self.number += 1
+        return Epoch(number=self.number, reason=reason, dirty=DirtySet(), resync=False,
+                     run_s=run_s, harvest_s=0.0)
+
     def harvest_epoch(self, e: Epoch) -> Epoch:
         """``e`` (run with ``harvest=False``) with its harvest done now."""
         t = time.perf_counter()

@@ -7,10 +7,13 @@ this record into each harvest (dirty = KVM log ∪ VMM writes).
 from __future__ import annotations
 
 import errno
+import hashlib
 import mmap
 import os
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -160,12 +163,17 @@ class GuestMemory:
 
     def digest(self) -> bytes:
         """A digest of all guest memory (for tests and verify modes; reads every byte)."""
-        import hashlib
-        h = hashlib.blake2b(digest_size=16)
-        for s in self.slots:
-            h.update(s.view.data)
-        return h.digest()
+        return digest_of(s.view.data for s in self.slots)
 
     def close(self) -> None:
         for s in self.slots:
             s.close()
+
+
+def digest_of(chunks: Iterable[Any]) -> bytes:
+    """``GuestMemory.digest`` of memory whose slots' bytes are ``chunks``, in slot order (a
+    copy taken at a checkpoint gives the digest the memory had then)."""
+    h = hashlib.blake2b(digest_size=16)
+    for c in chunks:
+        h.update(c)
+    return h.digest()

@@ -3,14 +3,22 @@
  * dirtyring_gather_nt: dst[i] = src[idx[i]] for 4096-byte pages, with non-temporal stores
  * (the destination is read by another process on the other core).
  *
- * dirtyring_pause: a replication checkpoint's steady pause in one call: the ioctls (the
+ * dirtyring_program: a replication checkpoint's steady pause in one call: the ioctls (the
  * dirty logs, XSAVE, the TSC), then a check that each dirty log equals the last one, then,
  * only if all do, the gathers of the hot set into staging (pages and their indices) and the
- * copies that lay the vCPU state into the checkpoint's state blob. */
+ * copies that lay the vCPU state into the checkpoint's state blob.
+ *
+ * dirtyring_batch: several steady epochs in one call: arm the epoch timer, run the vCPU until
+ * the timer ends the epoch, run that epoch's program, and again; it returns at the first thing
+ * that needs Python (any other exit, a changed log, an error) or after the last epoch. */
+#include <errno.h>
+#include <signal.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <time.h>
 #include <emmintrin.h>
+#include <linux/kvm.h>
 
 static void page_nt(uint8_t *dst, const uint8_t *src)
 {
@@ -45,33 +53,134 @@ struct dr_gather {
     int64_t n; int64_t src_pages;
 };
 struct dr_copy { void *dst; const void *src; int64_t n; };
+struct dr_program {
+    const struct dr_op *ops; const struct dr_same *same; const struct dr_gather *gathers;
+    const struct dr_copy *copies; int nops, nsame, ngathers, ncopies;
+};
 
 /* 0: done; 1: a compared pair differed (no gather or copy done); -(i+1): op i failed (errno
  * set, or it returned other than its expect >= 0); -1000 - k: gather k names a page outside its
  * slot (nothing gathered or copied). */
-int dirtyring_pause(const struct dr_op *ops, int nops, const struct dr_same *same, int nsame,
-                    const struct dr_gather *g, int ngathers, const struct dr_copy *copies,
-                    int ncopies)
+int dirtyring_program(const struct dr_program *p)
 {
-    for (int i = 0; i < nops; i++) {
-        int r = ioctl(ops[i].fd, ops[i].request, ops[i].arg);
-        if (r < 0 || (ops[i].expect >= 0 && r != ops[i].expect))
+    for (int i = 0; i < p->nops; i++) {
+        const struct dr_op *o = &p->ops[i];
+        int r = ioctl(o->fd, o->request, o->arg);
+        if (r < 0 || (o->expect >= 0 && r != o->expect))
             return -(i + 1);
     }
-    for (int i = 0; i < nsame; i++)
-        if (memcmp(same[i].a, same[i].b, (size_t)same[i].n) != 0)
+    for (int i = 0; i < p->nsame; i++)
+        if (memcmp(p->same[i].a, p->same[i].b, (size_t)p->same[i].n) != 0)
             return 1;
-    for (int k = 0; k < ngathers; k++)
-        for (int64_t i = 0; i < g[k].n; i++)
-            if (g[k].idx[i] < 0 || g[k].idx[i] >= g[k].src_pages)
+    for (int k = 0; k < p->ngathers; k++)
+        for (int64_t i = 0; i < p->gathers[k].n; i++)
+            if (p->gathers[k].idx[i] < 0 || p->gathers[k].idx[i] >= p->gathers[k].src_pages)
                 return -1000 - k;
-    for (int k = 0; k < ngathers; k++)
-        for (int64_t i = 0; i < g[k].n; i++) {
-            page_nt(g[k].dst + i * 4096, g[k].src + g[k].idx[i] * 4096);
-            g[k].dst_idx[i] = g[k].idx[i];
+    for (int k = 0; k < p->ngathers; k++) {
+        const struct dr_gather *g = &p->gathers[k];
+        for (int64_t i = 0; i < g->n; i++) {
+            page_nt(g->dst + i * 4096, g->src + g->idx[i] * 4096);
+            g->dst_idx[i] = g->idx[i];
         }
-    for (int i = 0; i < ncopies; i++)
-        memcpy(copies[i].dst, copies[i].src, (size_t)copies[i].n);
+    }
+    for (int i = 0; i < p->ncopies; i++)
+        memcpy(p->copies[i].dst, p->copies[i].src, (size_t)p->copies[i].n);
     _mm_sfence();
+    return 0;
+}
+
+#define DR_MAX_BATCH 64
+enum { DR_ALL_DONE = 0, DR_EXIT = 1, DR_CHANGED = 2, DR_PROGRAM_FAILED = 3, DR_RUN_FAILED = 4 };
+
+struct dr_batch {
+    /* in */
+    int vcpu_fd, n;                  /* the vCPU (run in this thread); epochs to run */
+    struct kvm_run *run;             /* its mapping */
+    void *timer;                     /* a timer_t whose SIGALRM goes to this thread */
+    int64_t interval_ns;
+    const struct dr_program *progs[DR_MAX_BATCH];  /* epoch i's pause */
+    /* out */
+    int done;                        /* epochs run and paused with their program done */
+    int why;                         /* DR_*: why it returned */
+    int detail;                      /* exit reason (DR_EXIT) or the program's result */
+    int err;                         /* errno of a failed KVM_RUN or program ioctl */
+    int intr;                        /* KVM_EXIT_INTR exits taken */
+    int64_t enter_ns[DR_MAX_BATCH];  /* CLOCK_MONOTONIC before epoch i's first KVM_RUN */
+    int64_t exit_ns[DR_MAX_BATCH];   /* ... when epoch i's run ended */
+};
+
+static int64_t now_ns(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
+
+/* The same decisions as VcpuRunner.run_inline. SIGALRM is blocked in this thread and only
+ * unblocked inside KVM_RUN (KVM_SET_SIGNAL_MASK), so a pending one makes KVM_RUN return EINTR
+ * and is then taken here with sigtimedwait. Returns with the timer disarmed and no stale
+ * SIGALRM pending, except on DR_EXIT, where epoch `done` is still running: the timer stays
+ * armed and the caller goes on with the exit in run->exit_reason. */
+int dirtyring_batch(struct dr_batch *b)
+{
+    sigset_t alrm;
+    sigemptyset(&alrm);
+    sigaddset(&alrm, SIGALRM);
+    const struct timespec zero = {0, 0};
+    struct itimerspec spec, off, left;
+    memset(&spec, 0, sizeof spec);
+    memset(&off, 0, sizeof off);
+    spec.it_value.tv_sec = b->interval_ns / 1000000000;
+    spec.it_value.tv_nsec = b->interval_ns % 1000000000;
+    timer_t timer = (timer_t)b->timer;
+    b->done = 0;
+    b->why = DR_ALL_DONE;
+    b->detail = b->err = 0;
+    b->intr = 0;
+    if (b->n > DR_MAX_BATCH)
+        b->n = DR_MAX_BATCH;
+    for (int i = 0; i < b->n; i++) {
+        b->run->immediate_exit = 0;
+        b->enter_ns[i] = now_ns();
+        timer_settime(timer, 0, &spec, NULL);
+        int fired = 0;
+        for (;;) {
+            int r = ioctl(b->vcpu_fd, KVM_RUN, 0);
+            if (r < 0 && errno != EINTR) {
+                b->why = DR_RUN_FAILED;
+                b->err = errno;
+                timer_settime(timer, 0, &off, NULL);
+                sigtimedwait(&alrm, NULL, &zero);
+                return 0;
+            }
+            if (r >= 0 && b->run->exit_reason != KVM_EXIT_INTR) {
+                b->why = DR_EXIT;
+                b->detail = (int)b->run->exit_reason;
+                return 0;
+            }
+            b->intr++;
+            siginfo_t si;
+            fired = sigtimedwait(&alrm, &si, &zero) == SIGALRM && si.si_code == SI_TIMER;
+            if (fired || b->run->immediate_exit)
+                break;
+            timer_gettime(timer, &left);
+            if (!left.it_value.tv_sec && !left.it_value.tv_nsec)
+                break;
+        }
+        b->exit_ns[i] = now_ns();
+        if (!fired) { /* ended otherwise: the timer must not fire into the next run */
+            timer_settime(timer, 0, &off, NULL);
+            sigtimedwait(&alrm, NULL, &zero);
+        }
+        b->run->immediate_exit = 0;
+        int rc = dirtyring_program(b->progs[i]);
+        if (rc != 0) {
+            b->why = rc == 1 ? DR_CHANGED : DR_PROGRAM_FAILED;
+            b->detail = rc;
+            b->err = errno;
+            return 0;
+        }
+        b->done = i + 1;
+    }
     return 0;
 }

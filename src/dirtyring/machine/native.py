@@ -77,17 +77,20 @@ def _build() -> C.CDLL | None:
         fn = dll.dirtyring_gather_nt
         fn.argtypes = [C.c_void_p, C.c_void_p, C.c_void_p, C.c_int64, C.c_int64]
         fn.restype = C.c_int
-        pause = dll.dirtyring_pause
-        pause.argtypes = [C.c_void_p, C.c_int, C.c_void_p, C.c_int, C.c_void_p, C.c_int,
-                          C.c_void_p, C.c_int]
-        pause.restype = C.c_int
+        prog = dll.dirtyring_program
+        prog.argtypes = [C.c_void_p]
+        prog.restype = C.c_int
+        batch = dll.dirtyring_batch
+        batch.argtypes = [C.c_void_p]
+        batch.restype = C.c_int
         return dll
     return None
 
 
 _LIB = _build()
 _GATHER = _LIB.dirtyring_gather_nt if _LIB is not None else None
-_PAUSE = _LIB.dirtyring_pause if _LIB is not None else None
+_PROGRAM = _LIB.dirtyring_program if _LIB is not None else None
+_BATCH = _LIB.dirtyring_batch if _LIB is not None else None
 #: "c-nt" (compiled: non-temporal stores, the steady pause) or "numpy" (no compiler here).
 BACKEND = "c-nt" if _GATHER is not None else "numpy"
 #: Fewer pages than this are copied by numpy.
@@ -129,55 +132,63 @@ class _Copy(C.Structure):
     _fields_ = [("dst", C.c_void_p), ("src", C.c_void_p), ("n", C.c_int64)]
 
 
+class _Program(C.Structure):
+    _fields_ = [("ops", C.c_void_p), ("same", C.c_void_p), ("gathers", C.c_void_p),
+                ("copies", C.c_void_p), ("nops", C.c_int), ("nsame", C.c_int),
+                ("ngathers", C.c_int), ("ncopies", C.c_int)]
+
+
 class PauseProgram:
     """One call: ioctls, then "each pair of buffers is equal", then page gathers (with their
     indices) and plain copies that run only if every pair was. A program can be run again as
     it is (the steady pause keeps one per staging slot) or refilled after ``reset``.
 
-    Arguments are addresses: the caller keeps what they point into alive and computes them
-    once (``ndarray.ctypes.data`` alone costs ~1 µs, a tenth of the call)."""
+    Arguments are addresses: the caller keeps what they point into alive (``keep``) and
+    computes them once (``ndarray.ctypes.data`` alone costs ~1 µs, a tenth of the call)."""
 
     def __init__(self, size: int = 32) -> None:
-        if _PAUSE is None:
+        if _PROGRAM is None:
             raise RuntimeError("the native helper is not built (no gcc)")
         self._ops, self._same, self._gathers = (_Op * size)(), (_Same * size)(), (_Gather * size)()
         self._copies = (_Copy * size)()
-        self._addrs = (C.addressof(self._ops), C.addressof(self._same),
-                       C.addressof(self._gathers), C.addressof(self._copies))
+        self._p = _Program(C.addressof(self._ops), C.addressof(self._same),
+                           C.addressof(self._gathers), C.addressof(self._copies), 0, 0, 0, 0)
+        #: The program's own address, for a batch (``EpochBatch``).
+        self.address = C.addressof(self._p)
         self._size = size
-        self.nops = self.nsame = self.ngathers = self.ncopies = 0
         #: What the program's addresses point into, kept alive for as long as the program.
         self.keep: list[object] = []
 
     def reset(self) -> None:
-        self.nops = self.nsame = self.ngathers = self.ncopies = 0
+        p = self._p
+        p.nops = p.nsame = p.ngathers = p.ncopies = 0
         self.keep = []
 
     def ioctl(self, fd: int, request: int, arg: int, expect: int = -1) -> None:
         """``ioctl(fd, request, arg)``: it fails unless it returns >= 0 (``expect`` if >= 0)."""
-        o = self._ops[self._slot(self.nops)]
+        o = self._ops[self._slot(self._p.nops)]
         o.fd, o.expect, o.request, o.arg = fd, expect, request, arg
-        self.nops += 1
+        self._p.nops += 1
 
     def same(self, a: int, b: int, n: int) -> None:
         """``n`` bytes at ``a`` must equal those at ``b`` (checked after every ioctl)."""
-        s = self._same[self._slot(self.nsame)]
+        s = self._same[self._slot(self._p.nsame)]
         s.a, s.b, s.n = a, b, n
-        self.nsame += 1
+        self._p.nsame += 1
 
     def gather(self, dst: int, dst_idx: int, rows: int, pages: int, n: int,
                src_pages: int) -> None:
         """Pages ``pages[0:n]`` (int64) of ``rows`` (``src_pages`` of them) to ``dst`` (16-byte
         aligned), their indices to ``dst_idx`` (int64), if every check held."""
-        g = self._gathers[self._slot(self.ngathers)]
+        g = self._gathers[self._slot(self._p.ngathers)]
         g.dst, g.dst_idx, g.src, g.idx, g.n, g.src_pages = dst, dst_idx, rows, pages, n, src_pages
-        self.ngathers += 1
+        self._p.ngathers += 1
 
     def copy(self, dst: int, src: int, n: int) -> None:
         """``n`` bytes from ``src`` to ``dst``, after the gathers, if every check held."""
-        c = self._copies[self._slot(self.ncopies)]
+        c = self._copies[self._slot(self._p.ncopies)]
         c.dst, c.src, c.n = dst, src, n
-        self.ncopies += 1
+        self._p.ncopies += 1
 
     def _slot(self, i: int) -> int:
         if i >= self._size:
@@ -186,15 +197,78 @@ class PauseProgram:
 
     def run(self) -> bool:
         """True: all done. False: a check failed and nothing was gathered (the ioctls ran)."""
-        assert _PAUSE is not None
-        o, s, g, c = self._addrs
-        rc = _PAUSE(o, self.nops, s, self.nsame, g, self.ngathers, c, self.ncopies)
+        assert _PROGRAM is not None
+        rc = _PROGRAM(self.address)
         if rc == 0:
             return True
         if rc == 1:
             return False
-        if rc <= -1000:
-            raise IndexError(f"pause gather {-1000 - rc} names a page outside its slot")
-        err = C.get_errno()
-        raise OSError(err, f"pause ioctl {-rc - 1} failed: "
-                           f"{os.strerror(err) if err else 'unexpected result'}")
+        raise program_error(rc, C.get_errno())
+
+
+def program_error(rc: int, err: int) -> Exception:
+    """The error a program's result ``rc`` < 0 stands for."""
+    if rc <= -1000:
+        return IndexError(f"pause gather {-1000 - rc} names a page outside its slot")
+    return OSError(err, f"pause ioctl {-rc - 1} failed: "
+                        f"{os.strerror(err) if err else 'unexpected result'}")
+
+
+MAX_BATCH = 64
+#: Why a batch returned (``EpochBatch.why``).
+ALL_DONE, EXIT, CHANGED, PROGRAM_FAILED, RUN_FAILED = range(5)
+
+
+class _Batch(C.Structure):
+    _fields_ = [("vcpu_fd", C.c_int), ("n", C.c_int), ("run", C.c_void_p), ("timer", C.c_void_p),
+                ("interval_ns", C.c_int64), ("progs", C.c_void_p * MAX_BATCH),
+                ("done", C.c_int), ("why", C.c_int), ("detail", C.c_int), ("err", C.c_int),
+                ("intr", C.c_int), ("enter_ns", C.c_int64 * MAX_BATCH),
+                ("exit_ns", C.c_int64 * MAX_BATCH)]
+
+
+class EpochBatch:
+    """Several epochs of one inline vCPU in one call: arm the epoch timer, run the guest until
+    it fires, run that epoch's ``PauseProgram``, and again, returning at the first thing that
+    needs Python. ``VcpuRunner.run_batch`` drives it; the fields say what happened."""
+
+    def __init__(self, vcpu_fd: int, run_address: int, timer_id: int) -> None:
+        if _BATCH is None:
+            raise RuntimeError("the native helper is not built (no gcc)")
+        self._b = _Batch(vcpu_fd=vcpu_fd, run=run_address, timer=timer_id)
+        self._address = C.addressof(self._b)
+
+    def run(self, interval: float, programs: list[PauseProgram]) -> None:
+        """Up to ``len(programs)`` epochs of ``interval`` seconds (the GIL is released)."""
+        assert _BATCH is not None and 0 < len(programs) <= MAX_BATCH
+        b = self._b
+        b.n, b.interval_ns = len(programs), max(int(interval * 1e9), 1000)
+        for i, p in enumerate(programs):
+            b.progs[i] = p.address
+        _BATCH(self._address)
+
+    @property
+    def done(self) -> int:
+        """Epochs run and paused with their program done."""
+        return int(self._b.done)
+
+    @property
+    def why(self) -> int:
+        return int(self._b.why)
+
+    @property
+    def detail(self) -> int:
+        """The exit reason (``EXIT``) or the program's result (``CHANGED``, ``PROGRAM_FAILED``)."""
+        return int(self._b.detail)
+
+    @property
+    def err(self) -> int:
+        return int(self._b.err)
+
+    @property
+    def intr(self) -> int:
+        return int(self._b.intr)
+
+    def times(self, i: int) -> tuple[float, float]:
+        """(entered, exited): CLOCK_MONOTONIC seconds (``time.monotonic``) of epoch ``i``'s run."""
+        return self._b.enter_ns[i] * 1e-9, self._b.exit_ns[i] * 1e-9

@@ -138,7 +138,7 @@ class StateBlob:
         self.m = machine
         self._head = b""
         self._vcpus: list[_VcpuPieces] = []
-        self._template: BlobTemplate | None = None
+        self._templates: dict[int, BlobTemplate] = {}
 
     def encode(self) -> bytes:
         vcpus = self._vcpus
@@ -151,21 +151,21 @@ class StateBlob:
         self._devices(out)
         return b"".join(out)
 
-    def template(self) -> BlobTemplate | None:
-        """The blob laid out for a caller that fills it itself (the steady pause), then calls
-        ``encode_template``; None when the kept pieces may be stale (``encode`` must run). The
-        same object comes back for as long as the pieces hold."""
+    def template(self, k: int = 0) -> BlobTemplate | None:
+        """Blob ``k`` laid out for a caller that fills it itself (the steady pause keeps one per
+        staging slot), then calls ``encode_template``; None when the kept pieces may be stale
+        (``encode`` must run). The same objects come back for as long as the pieces hold."""
         vcpus = self._vcpus
         if not vcpus or not all(p.current() for p in vcpus):
             return None
-        t = self._template
+        t = self._templates.get(k)
         if t is None:
             t = BlobTemplate()
             t.static(self._head)
             for p in vcpus:
                 p.lay_out(t)
             t.seal()
-            self._template = t
+            self._templates[k] = t
         return t
 
     def encode_template(self, t: BlobTemplate) -> bytes:
@@ -186,5 +186,5 @@ class StateBlob:
         self._head = struct.pack("<HHI", len(st.vcpus), len(st.devices), len(st.config)) + \
             st.config
         self._vcpus = [_VcpuPieces(r, v) for r, v in zip(self.m.runners, st.vcpus)]
-        self._template = None
+        self._templates = {}
         return st.encode()

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Callable
 from .._bindings import VcpuFd
 from .._bindings import _uapi as U
 from ..errors import DirtyringError, KvmError
+from . import native
 
 if TYPE_CHECKING:
     from .vm import Machine
@@ -107,6 +108,11 @@ class ThreadTimer:
             self._spec.it_value.tv_sec, self._spec.it_value.tv_nsec = divmod(ns, 1_000_000_000)
             self._seconds = seconds
         self._fast_set(self._tid, 0, self._spec_ptr, None)
+
+    @property
+    def id(self) -> int:
+        """The timer_t, for native code that arms it (``native.EpochBatch``)."""
+        return int(self._tid or 0)
 
     def pending(self) -> bool:
         """True while the timer has not fired yet."""
@@ -273,9 +279,12 @@ class VcpuRunner:
             m.cv.notify_all()
 
     # --- inline: the vCPU runs in the calling (main) thread ----------------------------------------
-    def run_inline(self, seconds: float) -> str:
+    def run_inline(self, seconds: float, *, first_exit: int | None = None) -> str:
         """Run the guest in this thread for up to ``seconds``; returns why it stopped:
         "interval", "budget" (ring full), "stopped" (finished or crashed).
+
+        ``first_exit``: go on with an epoch a batch (``run_batch``) left at that exit, with
+        the timer still armed for it.
 
         The single-threaded epoch driver: a one-shot timer aimed at this thread, armed right
         before entering the guest, interrupts KVM_RUN.
@@ -285,23 +294,24 @@ class VcpuRunner:
         """
         if self.finished or self.crash:
             return "stopped"
-        if not self._inline_ready:
-            install_alarm_handler()
-            self.fd.set_signal_mask(set())  # in KVM_RUN, every signal interrupts the guest
-            self._inline_ready = True
+        self._prepare_inline()
         rs = self.run_struct
         run = self.fd.run
         m = self.machine
         self.parked = False
-        rs.immediate_exit = 0
         _ARMED[0] = rs
         timer = thread_timer()
         self.deadline = time.monotonic() + seconds
-        timer.arm(seconds)
+        if first_exit is None:
+            rs.immediate_exit = 0
+            timer.arm(seconds)
         fired = False  # the timer's signal was taken: it is spent, nothing to disarm
         try:
             while True:
-                reason = run()
+                if first_exit is None:
+                    reason = run()
+                else:
+                    reason, first_exit = first_exit, None
                 self.fd.sync_valid = True
                 self.exits[reason] += 1
                 if reason == U.KVM_EXIT_INTR:
@@ -339,6 +349,45 @@ class VcpuRunner:
             rs.immediate_exit = 0
             self.ring_full = False
             self.parked = True
+
+    def _prepare_inline(self) -> None:
+        if not self._inline_ready:
+            install_alarm_handler()
+            self.fd.set_signal_mask(set())  # in KVM_RUN, every signal interrupts the guest
+            self._inline_ready = True
+
+    def epoch_batch(self) -> native.EpochBatch:
+        """A batch for this vCPU, to be run from this thread (it arms this thread's timer)."""
+        return native.EpochBatch(self.fd.fd, C.addressof(self.run_struct), thread_timer().id)
+
+    def run_batch(self, batch: native.EpochBatch, interval: float,
+                  programs: list[native.PauseProgram]) -> str:
+        """Up to ``len(programs)`` epochs of ``interval`` in one native call, each followed by
+        its pause program (``EpochBatch``); ``batch.done`` of them are complete. Returns what
+        ``run_inline`` would for the epoch that ended the batch: "interval" (the batch ran
+        out, or that epoch's program found a changed log: it is paused, its program not done),
+        "stopped", or "exit": an exit the batch does not handle (I/O) stopped the epoch in
+        progress; ``run_inline(interval, first_exit=batch.detail)`` handles it and runs that
+        epoch on to its end (once the caller has dealt with the epochs completed before it)."""
+        if self.finished or self.crash:
+            return "stopped"
+        self._prepare_inline()
+        self.parked = False
+        try:
+            batch.run(interval, programs)
+        finally:
+            self.parked = True
+        self.fd.sync_valid = True
+        if batch.intr:
+            self.exits[U.KVM_EXIT_INTR] += batch.intr
+        why = batch.why
+        if why == native.EXIT:
+            return "exit"
+        if why == native.RUN_FAILED:
+            raise KvmError("KVM_RUN", batch.err)
+        if why == native.PROGRAM_FAILED:
+            raise native.program_error(batch.detail, batch.err)
+        return "stopped" if self.quit else "interval"
 
     def _describe(self, reason: int) -> str:
         name = EXIT_NAMES.get(reason, str(reason))

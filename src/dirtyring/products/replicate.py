@@ -38,7 +38,7 @@ from ..tracking import DirtySet
 from ..wire import Hello, WIRE_VERSION
 from .checkpoint import capture_state
 from .outputs import OutputGate
-from .steady import SteadyPause
+from .steady import SteadyCheckpoint, SteadyPause
 from .transport import connect
 from .uplink import Uplink
 
@@ -63,8 +63,10 @@ class PrimaryOptions:
     #: loop a core of its own. A crash loses at most this much more uncommitted guest work;
     #: no output is ever released before its checkpoint is acknowledged.
     batch_window: float = 0.002
-    #: Take checkpoints of a steady hot set in one native call (``steady.py``) where it applies.
+    #: Take checkpoints of a steady hot set in native code (``steady.py``) where it applies,
+    #: several epochs per call: as many as fit the batch window, at most this many.
     steady_pause: bool = True
+    steady_batch: int = 16
 
 
 class Primary:
@@ -300,46 +302,82 @@ class Primary:
                 return
 
     def _one_epoch(self) -> None:
+        """One epoch and its checkpoint, or, while the hot set holds, a batch of them taken in
+        native code (``steady.py``) and possibly one more epoch ended the ordinary way."""
         m = self.m
         assert self.up is not None
         self._make_room()  # before the epoch's run: its harvest must cover every write
         steady = None if self._carry or self._resync.is_set() else self._steady
-        e = self.drv.run_epoch(self.opt.interval, harvest=steady is None)
-        t0 = time.perf_counter()
-        taken = steady.take(self.epoch + 1) if steady and e.reason == "interval" else None
-        if taken is not None:
-            n, state, digest = taken
-            kind = "delta"
-            self.epoch += 1
-            self.up.alive()
-        else:
-            if steady is not None:
-                e = self.drv.harvest_epoch(e)
-            staged = self._stage_epoch(e)
-            if staged is None:  # gave up waiting for staging space: this epoch is never sent
-                m.resume_all()
+        got = None
+        if steady is not None:
+            most = max(1, min(self.opt.steady_batch,
+                              int(self.opt.batch_window / max(self.opt.interval, 1e-6))))
+            got = steady.run(self.epoch + 1, self.opt.interval, most)
+        if got is not None:
+            self._queue_steady(got.checkpoints, resumed=got.tail is None)
+            if got.tail is None:
                 return
-            n, kind = staged
-            self.epoch += 1
-            self.up.alive()
-            state, digest = capture_state(m, digest=self.opt.verify)
+            assert steady is not None
+            why, run_s = steady.finish(got, self.opt.interval) if got.tail == "exit" else \
+                (got.tail, time.monotonic() - got.tail_entered)
+            e = self.drv.harvest_epoch(self.drv.ran(why, run_s))
+        else:
+            e = self.drv.run_epoch(self.opt.interval)
+        t0 = time.perf_counter()
+        staged = self._stage_epoch(e)
+        if staged is None:  # gave up waiting for staging space: this epoch is never sent
+            m.resume_all()
+            return
+        n, kind = staged
+        self.epoch += 1
+        self.up.alive()
+        state, digest = capture_state(m, digest=self.opt.verify)
         outputs = self.gate.released
         self.gate.advance(self.epoch + 1)
         if not self._consistent_epoch:
             self._consistent_epoch = self.epoch
         m.resume_all()
         t1 = time.perf_counter()
-        pause = e.harvest_s + (t1 - t0)
-        # Tell the uplink now unless the window would still be open at the next epoch's end.
+        self._queue(kind, state, digest, outputs, t1)
+        self.stats.record(pause_s=e.harvest_s + (t1 - t0), harvest_s=e.harvest_s, dirty_pages=n,
+                          nbytes=n * PAGE + len(state), resync=kind == "full",
+                          budget=e.reason == "budget")
+
+    def _queue(self, kind: str, state: bytes, digest: bytes, outputs: int, t1: float,
+               parts: list[tuple[int, int, int, int]] | None = None) -> None:
+        """Hand checkpoint ``self.epoch`` to the uplink: told now unless the batch window would
+        still be open at the next epoch's end."""
+        assert self.up is not None
         waiting = self.gate.waiting
         due = (waiting or kind == "full"
                or self.up.queued_for + (t1 - self._t_last) >= self.opt.batch_window)
         self._t_last = t1
-        self.up.end(self.epoch, kind, state, digest, outputs, flush=due, urgent=waiting)
+        self.up.end(self.epoch, kind, state, digest, outputs, flush=due, urgent=waiting,
+                    parts=parts)
         self._last_queued = self.epoch
-        self.stats.record(pause_s=pause, harvest_s=e.harvest_s, dirty_pages=n,
-                          nbytes=n * PAGE + len(state), resync=kind == "full",
-                          budget=e.reason == "budget")
+
+    def _queue_steady(self, cps: list[SteadyCheckpoint], *, resumed: bool) -> None:
+        """The checkpoints a steady batch completed (staged and encoded already). No output
+        can have been made during the batch (an I/O exit ends it), so they all release what
+        the gate releases now. ``resumed``: the guest runs on right after this."""
+        assert self.up is not None
+        self.drv.counted(len(cps))
+        self.up.alive()
+        for i, cp in enumerate(cps):
+            self.epoch += 1
+            outputs = self.gate.released
+            self.gate.advance(self.epoch + 1)
+            if not self._consistent_epoch:
+                self._consistent_epoch = self.epoch
+            last = i == len(cps) - 1
+            if last and resumed:
+                self.m.resume_all()
+            now = time.perf_counter()
+            self._queue("delta", cp.state, cp.digest, outputs, now, cp.parts)
+            done = time.monotonic() if cp.resumed is None else cp.resumed
+            self.stats.record(pause_s=done - cp.exited, harvest_s=0.0, dirty_pages=cp.pages,
+                              nbytes=cp.pages * PAGE + len(cp.state), resync=False,
+                              budget=False)
 
     def _stage_epoch(self, e: Epoch) -> tuple[int, str] | None:
         """Stage the harvested epoch ``e`` the ordinary way: (pages, kind), or None if the

@@ -1,17 +1,24 @@
-"""The steady pause: a replication checkpoint taken in one native call while the hot set holds.
+"""The steady pause: replication checkpoints taken by native code while the hot set holds.
 
 With the hot-set tracker and a working set that stays put, every checkpoint's pause does the
 same work: GET each slot's dirty log and find it unchanged, copy the same pages into staging,
-read XSAVE and the TSC. ``machine/native.py`` has the measurements of why that is one C call.
-This module sets the call up from the parts that own each piece (the tracker: its logs and the
-set they stand for; the uplink: where the pages go; the state blob: its reads) and then tells
-each what happened. Whenever it cannot vouch for the result (a re-arm is due, a log changed,
-the VMM wrote a page, the state's kept pieces are stale, staging is busy) ``take`` returns
-None having changed nothing, and the caller harvests, stages and captures the ordinary way.
+read XSAVE and the TSC. ``machine/native.py`` has the measurements of why that is C, and why
+several epochs then run in one native call (``EpochBatch``): right after the guest ran, every
+line of Python costs several times what it does warm, so the bookkeeping of a checkpoint
+(staging, statistics, telling the uplink) is done once for a batch, after it.
+
+This module sets the calls up from the parts that own each piece (the tracker: its logs and
+the set they stand for; the uplink: where the pages go; the state blob: its reads and its
+layout) and then tells each what happened. Whenever it cannot vouch for the result (a re-arm
+is due, a log changed, the VMM wrote a page, the state's kept pieces are stale, staging is
+full) it stops, having changed nothing for the epoch at hand, and the caller harvests, stages
+and captures that epoch the ordinary way.
 """
 from __future__ import annotations
 
 import ctypes as C
+import time
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -20,19 +27,54 @@ from ..machine import native
 from ..machine.stateblob import BlobTemplate
 from ..machine.vm import Machine
 from ..tracking import DirtySet, HotSetTracker
+from ..machine.memory import digest_of
 from .checkpoint import memory_digest
 from .staging import PAGE
 from .uplink import Uplink
+
+
+#: Verify mode snapshots memory at each checkpoint of a batch up to this size (per staging
+#: slot), so its digests are those of batched checkpoints too.
+VERIFY_SNAPSHOT_MAX = 16 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class SteadyCheckpoint:
+    """One epoch a batch completed: its pages are staged, its state encoded."""
+
+    pages: int
+    parts: list[tuple[int, int, int, int]]  # where they are (``Uplink.claim``), for ``end``
+    state: bytes
+    digest: bytes  # the memory digest (verify mode), else b""
+    run_s: float
+    exited: float  # time.monotonic() when its run ended
+    resumed: float | None  # ... when the guest entered its next epoch (None: not yet)
+
+
+@dataclass(frozen=True, slots=True)
+class SteadyRun:
+    """What ``SteadyPause.run`` did: checkpoints completed, then, unless ``tail`` is None, one
+    more epoch that has no checkpoint yet. That epoch either ran to its end and is paused
+    ("interval", "stopped": the caller harvests it) or is stopped at an exit Python must
+    handle ("exit"): the caller first deals with the completed checkpoints (their device state
+    and output precede the exit) and then calls ``SteadyPause.finish``."""
+
+    checkpoints: list[SteadyCheckpoint]
+    tail: str | None
+    tail_entered: float  # time.monotonic() when that epoch began to run
 
 
 class SteadyPause:
     def __init__(self, machine: Machine, tracker: HotSetTracker, uplink: Uplink, *,
                  verify: bool = False) -> None:
         assert machine.memory is not None and not machine.threaded
+        assert len(machine.runners) == 1
         self.m, self.tr, self.up, self.verify = machine, tracker, uplink, verify
         self.taken = 0
         self._rows = {s.info.slot: (int(s.rows.ctypes.data), s.rows.shape[0])
                       for s in machine.memory.slots}
+        self._runner = machine.runners[0]
+        self._batch: native.EpochBatch | None = None  # made in the thread that runs it
         # While the hot set holds, each pause runs the same program but for the staging slot
         # it fills: one program per staging slot, kept until the set, a log or the blob's
         # layout changes (filling one anew is ~15 µs of Python right after the guest ran).
@@ -40,19 +82,28 @@ class SteadyPause:
         self._progs: dict[int, native.PauseProgram] = {}
         self._sizes: list[tuple[int, int]] = []
         self._pages = 0
+        # Verify mode: each program also copies all guest memory into a snapshot of its staging
+        # slot, whose digest is the memory's at that checkpoint (the batch runs on past it).
+        # Guests too big for that take verified checkpoints one per call, digested live.
+        mem = sum(s.info.size for s in machine.memory.slots)
+        self._snapshots: dict[int, bytearray] | None = (
+            {} if verify and mem <= VERIFY_SNAPSHOT_MAX else None)
 
     @classmethod
     def for_primary(cls, machine: Machine, uplink: Uplink, *,
                     verify: bool) -> SteadyPause | None:
-        """The steady pause where it applies (inline hot-set machine, helper built), else None."""
+        """The steady pause where it applies (inline hot-set machine of one vCPU, helper
+        built), else None."""
         tr = machine.tracker
-        if machine.threaded or not isinstance(tr, HotSetTracker) or native.BACKEND != "c-nt":
+        if (machine.threaded or not isinstance(tr, HotSetTracker) or len(machine.runners) != 1
+                or native.BACKEND != "c-nt"):
             return None
         return cls(machine, tr, uplink, verify=verify)
 
-    def take(self, epoch: int) -> tuple[int, bytes, bytes] | None:
-        """Checkpoint ``epoch`` (vCPUs paused, not yet harvested): (pages staged, machine
-        state, memory digest or b""), or None with nothing done."""
+    def run(self, epoch: int, interval: float, most: int) -> SteadyRun | None:
+        """Run up to ``most`` epochs (numbered from ``epoch``) and checkpoint each into staging
+        in native code (``most`` is 1 in verify mode: the digest is taken in Python). None,
+        with nothing run, when the next epoch cannot be taken this way."""
         m = self.m
         assert m.memory is not None
         if m.memory.vmm_dirty_pending:
@@ -69,24 +120,52 @@ class SteadyPause:
             self._key, self._progs = key, {}
             self._sizes = [(slot, len(pages)) for slot, pages in dirty.items()]
             self._pages = sum(n for _, n in self._sizes)
-        k = self.up.reserve(epoch, self._sizes)
-        if k is None:
+        if self._pages > self.up.staging.slot_pages:
             return None
-        prog = self._progs.get(k)
-        if prog is None:
-            prog = self._progs[k] = self._program(k, dirty, logs, blob)
-        try:
-            done = prog.run()
-        except BaseException:
-            self.up.abandon()
-            raise
-        if not done:  # a log changed: the ordinary harvest will see it
-            self.up.abandon()
+        live_digest = self.verify and self._snapshots is None
+        slots = self.up.free_ahead(1 if live_digest else most)
+        if not slots:
             return None
-        self.tr.steady_done()
-        self.taken += 1
-        digest = memory_digest(m.memory) if self.verify else b""
-        return self._pages, m.state_blob.encode_template(blob), digest
+        progs = []
+        for k in slots:
+            prog = self._progs.get(k)
+            if prog is None:
+                t = m.state_blob.template(k)
+                assert t is not None
+                prog = self._progs[k] = self._program(k, dirty, logs, t)
+            progs.append(prog)
+        if self._batch is None:
+            self._batch = self._runner.epoch_batch()
+        b = self._batch
+        why = self._runner.run_batch(b, interval, progs)
+        done = b.done
+        out = []
+        for i in range(done):
+            claimed = self.up.claim(epoch + i, self._sizes)
+            assert claimed is not None and claimed[0] == slots[i], "staging moved under the batch"
+            self.tr.steady_done()
+            entered, exited = b.times(i)
+            resumed = b.times(i + 1)[0] if i + 1 < done or b.why != native.ALL_DONE else None
+            digest = b""
+            if self._snapshots is not None:
+                digest = digest_of((self._snapshots[slots[i]],))
+            elif self.verify:
+                digest = memory_digest(m.memory)  # paused right after its only epoch
+            t = m.state_blob.template(slots[i])
+            assert t is not None
+            out.append(SteadyCheckpoint(self._pages, claimed[1], m.state_blob.encode_template(t),
+                                        digest, exited - entered, exited, resumed))
+        self.taken += done
+        if b.why == native.ALL_DONE:
+            return SteadyRun(out, None, 0.0)
+        return SteadyRun(out, why, b.times(done)[0])
+
+    def finish(self, run: SteadyRun, interval: float) -> tuple[str, float]:
+        """Handle the exit that stopped ``run``'s tail epoch and run it to its end: why it
+        ended ("interval", "budget", "stopped") and how long it ran."""
+        assert run.tail == "exit" and self._batch is not None
+        why = self._runner.run_inline(interval, first_exit=self._batch.detail)
+        return why, time.monotonic() - run.tail_entered
 
     def _program(self, k: int, dirty: DirtySet, logs: list[tuple[int, np.ndarray, bytes]],
                  blob: BlobTemplate) -> native.PauseProgram:
@@ -113,4 +192,14 @@ class SteadyPause:
             off += len(pages)
         for dst, src, n in blob.copies:
             prog.copy(dst, src, n)
+        if self._snapshots is not None:
+            assert self.m.memory is not None
+            snap = self._snapshots.setdefault(
+                k, bytearray(sum(s.info.size for s in self.m.memory.slots)))
+            base = C.addressof(C.c_char.from_buffer(snap))
+            prog.keep.append(snap)
+            at = 0
+            for s in self.m.memory.slots:
+                prog.copy(base + at, int(s.rows.ctypes.data), s.info.size)
+                at += s.info.size
         return prog

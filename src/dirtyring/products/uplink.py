@@ -83,7 +83,7 @@ class Uplink:
         #: the guest run on instead of checkpointing (queueing more would only add latency).
         #: A batch window's worth of epochs must fit (the uplink frees slots when told).
         self.max_ahead = max(1, slots - 4)
-        # Where each staging slot's pages and page indices start (for ``reserve``).
+        # Where each staging slot's pages and page indices start (for ``addresses``).
         self._addrs = [(int(self.staging.data(i).ctypes.data),
                         int(self.staging.indices(i).ctypes.data)) for i in range(slots)]
         self.closing = False
@@ -197,30 +197,40 @@ class Uplink:
             done += k
         return done
 
-    def reserve(self, epoch: int, sizes: list[tuple[int, int]]) -> int | None:
-        """Staging space for an epoch whose pages the caller copies itself (the steady pause):
-        the staging slot whose ``addresses`` it copies to, its memory slots' pages one after
-        the other in the order of ``sizes`` ((memory slot, pages)), each part's indices in the
-        same places, as ``stage`` lays them out. None, with nothing reserved, unless the epoch
-        fits a free staging slot right now (the caller then stages the ordinary way, which
-        waits). ``abandon()`` gives the space back if the copy is not made after all."""
+    def claim(self, epoch: int, sizes: list[tuple[int, int]]
+              ) -> tuple[int, list[tuple[int, int, int, int]]] | None:
+        """Take the next staging slot for an epoch the steady batch has already copied into
+        (one ``free_ahead`` named): its memory slots' pages one after the other in the order
+        of ``sizes`` ((memory slot, pages)), each part's indices in the same places, as
+        ``stage`` lays them out. Returns the staging slot and the epoch's parts, which the
+        caller hands to ``end``; None, with nothing taken, if that slot is not free."""
         if epoch != self._epoch:
             self._epoch = epoch
             if self._fill:
                 self.seq, self._fill = self.seq + 1, 0
         st = self.staging
         seq = self.seq
-        if (self._fill or sum(n for _, n in sizes) > st.slot_pages
+        if (self._fill or self._parts or sum(n for _, n in sizes) > st.slot_pages
                 or seq - int(st.header[CONSUMED]) >= st.slots):
             return None
-        off = 0
+        parts, off = [], 0
         for slot, n in sizes:
-            self._parts.append((seq, off, slot, n))
+            parts.append((seq, off, slot, n))
             off += n
         self._used[seq] = off * PAGE
         self._used.pop(seq - st.slots, None)
         self._fill = off
-        return seq % st.slots
+        return seq % st.slots, parts
+
+    def free_ahead(self, most: int) -> list[int]:
+        """The staging slots the next epochs' ``claim`` calls will give, as many as are free
+        now (at most ``most``, within ``max_ahead``): the steady batch fills them first and
+        claims them after, for the epochs it completed."""
+        if self.dead.is_set():
+            return []
+        first = self.seq + (1 if self._fill else 0)
+        n = min(most, self.max_ahead - (first - int(self.staging.header[CONSUMED])))
+        return [(first + i) % self.staging.slots for i in range(max(n, 0))]
 
     def addresses(self, k: int) -> tuple[int, int]:
         """Where staging slot ``k``'s pages and their indices (int64) start."""
@@ -248,8 +258,10 @@ class Uplink:
             self._parts = []
 
     def end(self, epoch: int, kind: str, state: bytes, digest: bytes, outputs: int, *,
-            flush: bool = True, urgent: bool = False) -> None:
-        """Close ``epoch``: the uplink sends it with every part staged since the last end.
+            flush: bool = True, urgent: bool = False,
+            parts: list[tuple[int, int, int, int]] | None = None) -> None:
+        """Close ``epoch``: the uplink sends it with every part staged since the last end
+        (or with ``parts``, those ``claim`` gave for it).
 
         With ``flush=False`` the checkpoint is only queued, to be told together with the
         next ones (``flush``): one wakeup of the uplink, one write to the standby and one ack
@@ -259,8 +271,9 @@ class Uplink:
         self._urgent = self._urgent or urgent
         if not self._ended:
             self._ended_at = time.monotonic()
-        self._ended.append((epoch, kind, self._parts, state, digest, outputs))
-        self._parts = []
+        if parts is None:  # what ``stage`` gathered since the last end
+            parts, self._parts = self._parts, []
+        self._ended.append((epoch, kind, parts, state, digest, outputs))
         if flush:
             self.flush()
 

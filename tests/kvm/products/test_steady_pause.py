@@ -1,34 +1,47 @@
-"""The steady pause on real KVM: what one native call stages and encodes must be what the
-ordinary harvest, gather and capture give, and it must step aside whenever it cannot vouch for
-that (a re-arm is due, the VMM wrote a page, staging is busy). Behaviour only, never timing."""
+"""The steady batch on real KVM: what native code stages and encodes for each epoch must be what
+the ordinary harvest, gather and capture give for that epoch, and it must step aside whenever
+it cannot vouch for that (a re-arm is due, the VMM wrote a page, staging is busy). Behaviour
+only, never timing."""
 from __future__ import annotations
 
+import threading
+from collections import Counter
+
 import numpy as np
+import pytest
 
 from dirtyring._bindings import _uapi as U
 from dirtyring._bindings.mapping import memfd
 from dirtyring.guests.protocol import GuestParams, Pattern
 from dirtyring.machine.config import MachineConfig
 from dirtyring.machine.epoch import EpochDriver
+from dirtyring.machine.memory import digest_of
 from dirtyring.machine.state import MachineState
 from dirtyring.machine.vm import Machine
 from dirtyring.products.staging import CONSUMED, Staging
-from dirtyring.products.steady import SteadyPause
+from dirtyring.products.steady import SteadyCheckpoint, SteadyPause, SteadyRun
 from dirtyring.products.uplink import Uplink
 from dirtyring.tracking import HotSetTracker
 
 MiB = 1 << 20
+EPOCH = 0.0002
 
 
-def staging_only_uplink(slots: int = 4, slot_pages: int = 256) -> Uplink:
-    """An Uplink's staging side without its process: what ``reserve``/``abandon`` use."""
+def staging_only_uplink(slots: int = 8, slot_pages: int = 256) -> Uplink:
+    """An Uplink's staging side without its process: what the steady batch uses."""
     up = Uplink.__new__(Uplink)
     up.staging = Staging(memfd("test-staging", Staging.size_for(slots, slot_pages)), slots,
                          slot_pages)
     up.seq, up._parts, up._used = 0, [], {}
+    up.max_ahead, up.dead = slots - 1, threading.Event()
     up._addrs = [(int(up.staging.data(i).ctypes.data), int(up.staging.indices(i).ctypes.data))
                  for i in range(slots)]
     return up
+
+
+def consumed_all(up: Uplink) -> None:
+    """What the uplink does once it has sent what was staged: the slots are free again."""
+    up.staging.header[CONSUMED] = up.seq + 1
 
 
 def hot_machine(machines: list[Machine]) -> Machine:
@@ -50,48 +63,82 @@ def same_state(fast: bytes, m: Machine) -> None:
         assert 0 < tx.pop(U.MSR_IA32_TSC) <= ty.pop(U.MSR_IA32_TSC) and tx == ty
 
 
-def test_steady_pauses_stage_and_encode_what_the_ordinary_path_gives(
-        machines: list[Machine]) -> None:
+def parts_of(cp: SteadyCheckpoint) -> dict[int, tuple[int, int, int]]:
+    """Memory slot -> (staging seq, offset, pages) of one checkpoint's staged pages."""
+    return {slot: (seq, off, k) for seq, off, slot, k in cp.parts}
+
+
+@pytest.mark.parametrize("verify", [False, True])
+def test_batches_stage_and_encode_each_epoch_like_the_ordinary_path(
+        machines: list[Machine], verify: bool) -> None:
     m = hot_machine(machines)
     tr = m.tracker
-    assert isinstance(tr, HotSetTracker)
+    assert isinstance(tr, HotSetTracker) and m.memory is not None
     up = staging_only_uplink()
-    sp = SteadyPause(m, tr, up)
+    sp = SteadyPause(m, tr, up, verify=verify)
     drv = EpochDriver(m)
-    taken = fallbacks = 0
-    for epoch in range(1, 301):
-        e = drv.run_epoch(0.0002, harvest=False)
+    epoch, sizes, fallbacks, tails = 1, Counter[int](), 0, 0
+    while epoch < 400:
         harvests = tr.statistics().harvests
-        got = sp.take(epoch)
-        assert tr.statistics().harvests == harvests + 1 or got is None
+        got = sp.run(epoch, EPOCH, 4)
         if got is None:
-            assert up._parts == []  # nothing reserved
-            drv.harvest_epoch(e)  # the ordinary way: harvest and capture
+            assert up._parts == []  # nothing reserved, nothing run
+            drv.run_epoch(EPOCH)  # the ordinary way: run, harvest and capture
             m.encode_state()
-            fallbacks += 1
+            epoch, fallbacks = epoch + 1, fallbacks + 1
             continue
-        taken += 1
-        n, state, digest = got
-        assert digest == b""
-        # The staged pages are the tracker's set, and hold what guest memory holds now.
-        steady = tr.steady()  # what the next harvest would report, had nothing changed
-        expected = dict(steady[0].items()) if steady is not None else None
-        staged: dict[int, np.ndarray] = {}
-        for seq, off, slot, k in up._parts:
-            idx = np.array(up.staging.indices(seq)[off:off + k])
-            assert np.array_equal(up.staging.data(seq)[off:off + k], m.memory.slots[slot].rows[idx])
-            staged[slot] = idx
-        if expected is not None:  # (None: the next harvest is a re-arm)
-            assert staged.keys() == expected.keys()
-            assert all(np.array_equal(staged[s], expected[s]) for s in staged)
-        assert n == sum(len(v) for v in staged.values())
-        assert 64 in {len(v) for v in staged.values()}  # the hot set itself
-        same_state(state, m)
-        up._parts = []
-        up.staging.header[CONSUMED] = up.seq + 1  # the uplink is done with it
-    assert sp.taken == taken
-    assert taken > 250  # the steady path carries a steady hot set
-    assert fallbacks >= 3  # the re-arms (at least at 8, 24 and 56 epochs) go the ordinary way
+        cps = got.checkpoints
+        sizes[len(cps)] += 1
+        assert tr.statistics().harvests == harvests + len(cps)
+        staged = [parts_of(cp) for cp in cps]
+        seqs = [seq for p in staged for seq, _, _ in p.values()]
+        assert len(set(seqs)) == len(cps) and up._parts == []  # a staging slot each
+        tscs = []
+        for cp, parts in zip(cps, staged):
+            st = MachineState.decode(cp.state)
+            tscs.append(dict(st.vcpus[0].msrs)[U.MSR_IA32_TSC])
+            assert cp.pages == sum(k for _, _, k in parts.values())
+            assert 64 in {k for _, _, k in parts.values()}  # the hot set itself
+            if verify:
+                # The snapshot of all memory taken at that pause: its digest is the
+                # checkpoint's, and the pages staged for it are its pages.
+                assert sp._snapshots is not None
+                seq = next(iter(parts.values()))[0]
+                snap = np.frombuffer(sp._snapshots[seq % up.staging.slots], np.uint8)
+                assert cp.digest == digest_of((snap,))
+                at = 0
+                for ms in m.memory.slots:
+                    if ms.info.slot in parts:
+                        seq, off, k = parts[ms.info.slot]
+                        idx = np.array(up.staging.indices(seq)[off:off + k])
+                        rows = snap[at:at + ms.info.size].reshape(-1, 4096)
+                        assert np.array_equal(up.staging.data(seq)[off:off + k], rows[idx])
+                    at += ms.info.size
+            else:
+                assert cp.digest == b""
+        assert tscs == sorted(tscs) and len(set(tscs)) == len(tscs)  # one pause each, in order
+        last, last_parts = cps[-1] if cps else None, staged[-1] if staged else None
+        if got.tail is None:
+            # The guest is paused right after the last checkpoint: it matches memory now.
+            assert last is not None and last_parts is not None
+            for slot, (seq, off, k) in last_parts.items():
+                idx = np.array(up.staging.indices(seq)[off:off + k])
+                assert np.array_equal(up.staging.data(seq)[off:off + k],
+                                      m.memory.slots[slot].rows[idx])
+            same_state(last.state, m)
+            if verify:
+                assert last.digest == m.memory.digest()
+        else:
+            tails += 1  # one more epoch ran and waits for its ordinary checkpoint
+            assert got.tail == "interval"
+            finish_tail(sp, drv, got)
+            m.encode_state()
+            epoch += 1
+        epoch += len(cps)
+        consumed_all(up)
+    assert sp.taken == sum(n * c for n, c in sizes.items())
+    assert sizes[4] > 20  # whole batches while the set holds
+    assert fallbacks + tails >= 3  # the re-arms (at least at 8, 24 and 56 epochs)
 
 
 def steady_again(m: Machine, drv: EpochDriver, epoch: int) -> int:
@@ -110,32 +157,89 @@ def steady_again(m: Machine, drv: EpochDriver, epoch: int) -> int:
 def test_it_steps_aside_for_vmm_writes_and_busy_staging(machines: list[Machine]) -> None:
     m = hot_machine(machines)
     tr = m.tracker
-    assert isinstance(tr, HotSetTracker)
-    up = staging_only_uplink(slots=2)
+    assert isinstance(tr, HotSetTracker) and m.memory is not None
+    up = staging_only_uplink(slots=3)
     sp = SteadyPause(m, tr, up)
     drv = EpochDriver(m)
     epoch = steady_again(m, drv, 1)
-    drv.run_epoch(0.0002, harvest=False)
-    assert m.memory is not None
     m.memory.mark_dirty(1, 200)  # the VMM wrote a page: only the ordinary harvest reports it
-    assert sp.take(epoch) is None and up._parts == []
+    assert sp.run(epoch, EPOCH, 4) is None and up._parts == []
+    drv.run_epoch(EPOCH, harvest=False)
     assert (1, 200) in drv.harvest_paused()[0]
     epoch = steady_again(m, drv, epoch + 1)
-    drv.run_epoch(0.0002, harvest=False)
-    up.seq, up.staging.header[CONSUMED] = 10, 8  # both staging slots still in the uplink's hands
-    assert sp.take(epoch) is None and up._parts == []
-    up.staging.header[CONSUMED] = 10
-    # Free staging again: a steady pause goes through. (The epoch right after a re-arm may
-    # have been too short for the guest to reach its whole set; then the next log differs
-    # from that one and the pause steps aside once more, which is what it should do.)
+    up.seq, up.staging.header[CONSUMED] = 10, 8  # two staging slots still in the uplink's hands
+    assert sp.run(epoch, EPOCH, 4) is None and up._parts == []
+    up.staging.header[CONSUMED] = 9  # one free (max_ahead 2): a batch of one at most
+    got = steady_run(sp, m, drv, up, epoch)
+    assert len(got.checkpoints) == 1 and got.checkpoints[0].parts
+
+
+def finish_tail(sp: SteadyPause, drv: EpochDriver, got: SteadyRun) -> None:
+    """The ordinary end of a batch's last epoch, as the primary does it."""
+    assert got.tail is not None
+    why = sp.finish(got, EPOCH)[0] if got.tail == "exit" else got.tail
+    drv.harvest_epoch(drv.ran(why, 0.0))
+
+
+def steady_run(sp: SteadyPause, m: Machine, drv: EpochDriver, up: Uplink,
+               epoch: int) -> SteadyRun:
+    """A batch that completes a checkpoint. (The epoch right after a re-arm may have been too
+    short for the guest to reach its whole set; then the next log differs from that one and
+    the batch steps aside once more, which is what it should do.)"""
     for _ in range(10):
-        if sp.take(epoch) is not None:
-            assert up._parts
-            break
+        got = sp.run(epoch, EPOCH, 4)
+        if got is not None and got.checkpoints:
+            return got
         assert up._parts == []
-        drv.harvest_paused()
+        if got is None:
+            drv.run_epoch(EPOCH)
+        else:
+            finish_tail(sp, drv, got)
         m.encode_state()
         epoch += 1
-        drv.run_epoch(0.0002, harvest=False)
-    else:
-        raise AssertionError("no steady pause in 10 epochs once staging was free")
+    raise AssertionError("no steady checkpoint in 10 epochs")
+
+
+def test_a_batch_stops_at_guest_io_and_its_checkpoints_precede_it(
+        machines: list[Machine]) -> None:
+    """An exit the batch cannot handle (the guest's I/O) stops it: the checkpoints completed
+    before it carry the device state from before it (the caller queues them, then handles the
+    exit), and the epoch it stopped gets the ordinary checkpoint."""
+    m = Machine(MachineConfig(guest="dirtier", tracker="hotset", data_slots=(MiB,),
+                              params=GuestParams(pattern=Pattern.HOT, hot_pages=64,
+                                                 exit_every=300_000)),
+                threaded=False)
+    machines.append(m)
+    tr = m.tracker
+    assert isinstance(tr, HotSetTracker)
+    up = staging_only_uplink()
+    sp = SteadyPause(m, tr, up)
+    drv = EpochDriver(m)
+    epoch = steady_again(m, drv, 1)
+    ios = m.runners[0].exits[U.KVM_EXIT_IO]
+    progress, stopped_at_io, changed_by_io = m.progress(), 0, 0
+    for _ in range(200):
+        got = sp.run(epoch, EPOCH, 8)
+        if got is None:
+            drv.run_epoch(EPOCH)
+            m.encode_state()
+            epoch += 1
+            continue
+        epoch += len(got.checkpoints)
+        if got.tail == "exit":
+            stopped_at_io += 1
+            before = {d.name: d.save() for d in m.devices}
+            for cp in got.checkpoints:
+                assert {d.name: d.data for d in MachineState.decode(cp.state).devices} == before
+            finish_tail(sp, drv, got)
+            changed_by_io += {d.name: d.save() for d in m.devices} != before
+            m.encode_state()
+            epoch += 1
+        elif got.tail is not None:
+            finish_tail(sp, drv, got)
+            m.encode_state()
+            epoch += 1
+        consumed_all(up)
+    assert m.runners[0].exits[U.KVM_EXIT_IO] > ios and m.progress() > progress
+    assert stopped_at_io > 0 and changed_by_io > 0 and sp.taken > 100
+    assert m.crashed is None

@@ -215,7 +215,8 @@ def test_bad_fd_error_names_the_ioctl(make: Callable[[], Any], call: Callable[[A
     (Kvm, KVM_METHODS, {"close", "from_fd"}),
     # (the *_request / tsc_result helpers only build or read kept ioctl arguments)
     (VmFd, VM_METHODS, {"close", "dirty_log_request"}),
-    (VcpuFd, VCPU_METHODS, {"close", "io_data", "tsc_request", "tsc_result"}),
+    (VcpuFd, VCPU_METHODS, {"close", "io_data", "tsc_request", "tsc_result",
+                            "tsc_result_address"}),
 ], ids=["Kvm", "VmFd", "VcpuFd"])
 def test_every_public_method_is_in_the_bad_fd_table(cls: type, table: list[Any],
                                                     not_ioctls: set[str]) -> None:
