@@ -1,4 +1,4 @@
-"""The C helpers, and why each is C: the staging copy and the steady checkpoint pause.
+"""The C helpers, and why each is C: the staging copy, the steady pause and the steady batch.
 
 **The staging copy** (``gather_pages``).
 
@@ -13,16 +13,26 @@ a third of a checkpoint's pause, and numpy has no non-temporal store, so this is
 
 **The steady pause** (``PauseProgram``). With a steady hot set, a replication checkpoint's
 pause is always the same work: GET each slot's dirty log and see it equal the last one, copy
-the same pages into staging, read XSAVE and the TSC. Done in Python right after the guest ran
-(caches cold) that took ~70 µs here, of which the system calls and the copy are ~30 µs: the
-rest is Python's own bookkeeping. One C call doing the same (``dirtyring_pause``) measured
-~53 µs of pause against ~72 µs, and took a 64-page hot set at 150 µs epochs from ~3,530 to
-~3,780 committed checkpoints/s with the guest at 48 % instead of 44 % of its speed. Whenever a
-log differs, the call copies nothing and the caller takes the Python path.
+the same pages into staging, read XSAVE and the TSC, lay regs/sregs/events into the state
+blob. Done in Python right after the guest ran (caches cold) that took ~70 µs here, of which
+the system calls and the copy are ~30 µs: the rest is Python's own bookkeeping. One C call
+doing the same measured ~53 µs of pause against ~72 µs, and took a 64-page hot set at 150 µs
+epochs from ~3,530 to ~3,780 committed checkpoints/s with the guest at 48 % instead of 44 % of
+its speed. Whenever a log differs, the call copies nothing and the caller takes the Python path.
 
-Both are in ``native.c`` (~80 lines). It is compiled with the system's gcc on first use, into the user's cache directory, keyed by
-the source's hash. Without a compiler the copy runs with numpy and the pause in Python
-(``BACKEND`` says which).
+**The steady batch** (``EpochBatch``). Even with the pause in C, the Python around it (choose
+the staging slot, run the program, encode the blob, tell the uplink, record statistics) cost
+~40 µs per checkpoint right after each guest run: measured with a 64-page hot set at 150 µs
+epochs, ~28 µs of Python before the program and ~14 µs after it, around ~40 µs of C. Python
+right after KVM_RUN is several times slower than warm (this host's vCPU exit leaves its caches
+and TLB cold). So the batch runs several epochs in one call: arm the timer, KVM_RUN until it
+fires, the epoch's program, again; Python does the bookkeeping of all of them once, after.
+Same host, same hour, 64-page hot set at 150 µs: pause p50 21-29 µs instead of 68-83 µs, and
+~2,900/s with the guest at 35-37 % became 3,000-3,700/s at 46-53 %.
+
+All are in ``native.c`` (~190 lines). It is compiled with the system's gcc on first use, into
+the user's cache directory, keyed by the source's hash. Without a compiler the copy runs with
+numpy and checkpoints take the Python path (``BACKEND`` says which).
 """
 from __future__ import annotations
 
