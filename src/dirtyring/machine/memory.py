@@ -98,6 +98,9 @@ class GuestMemory:
                       for i, info in enumerate(infos)]
         self._vmm_dirty: dict[int, set[int]] = {}
         self._lock = threading.Lock()
+        #: Counts every ``mark_dirty``: native code that runs epochs back to back (the steady
+        #: batch) watches it and stops at the first epoch a VMM write may belong to.
+        self.vmm_writes = np.zeros(1, np.int64)
 
     @property
     def infos(self) -> list[SlotInfo]:
@@ -140,6 +143,7 @@ class GuestMemory:
         end = first_page + 1 if end_page is None else end_page
         with self._lock:
             self._vmm_dirty.setdefault(slot, set()).update(range(first_page, end))
+            self.vmm_writes[0] += 1
 
     @property
     def vmm_dirty_pending(self) -> bool:

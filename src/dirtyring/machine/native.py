@@ -227,11 +227,14 @@ def program_error(rc: int, err: int) -> Exception:
 MAX_BATCH = 64
 #: Why a batch returned (``EpochBatch.why``).
 ALL_DONE, EXIT, CHANGED, PROGRAM_FAILED, RUN_FAILED = range(5)
+#: ``EpochBatch.detail`` of a ``CHANGED`` that was the watched counter, not a dirty log.
+VMM_WROTE = 2
 
 
 class _Batch(C.Structure):
     _fields_ = [("vcpu_fd", C.c_int), ("n", C.c_int), ("run", C.c_void_p), ("timer", C.c_void_p),
-                ("interval_ns", C.c_int64), ("progs", C.c_void_p * MAX_BATCH),
+                ("interval_ns", C.c_int64), ("watch", C.c_void_p), ("watch_value", C.c_int64),
+                ("progs", C.c_void_p * MAX_BATCH),
                 ("done", C.c_int), ("why", C.c_int), ("detail", C.c_int), ("err", C.c_int),
                 ("intr", C.c_int), ("enter_ns", C.c_int64 * MAX_BATCH),
                 ("exit_ns", C.c_int64 * MAX_BATCH)]
@@ -248,11 +251,19 @@ class EpochBatch:
         self._b = _Batch(vcpu_fd=vcpu_fd, run=run_address, timer=timer_id)
         self._address = C.addressof(self._b)
 
-    def run(self, interval: float, programs: list[PauseProgram]) -> None:
-        """Up to ``len(programs)`` epochs of ``interval`` seconds (the GIL is released)."""
+    def run(self, interval: float, programs: list[PauseProgram],
+            watch: np.ndarray | None = None, watch_value: int = 0) -> None:
+        """Up to ``len(programs)`` epochs of ``interval`` seconds (the GIL is released). An
+        epoch whose run ends with ``watch[0]`` (int64) no longer ``watch_value`` stops the
+        batch before its program (``CHANGED``, detail ``VMM_WROTE``)."""
         assert _BATCH is not None and 0 < len(programs) <= MAX_BATCH
         b = self._b
         b.n, b.interval_ns = len(programs), max(int(interval * 1e9), 1000)
+        if watch is None:
+            b.watch = None
+        else:
+            assert watch.dtype == np.int64
+            b.watch, b.watch_value = int(watch.ctypes.data), watch_value
         for i, p in enumerate(programs):
             b.progs[i] = p.address
         _BATCH(self._address)

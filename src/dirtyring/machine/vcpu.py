@@ -20,7 +20,7 @@ import signal
 import threading
 import time
 from collections import Counter
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from .._bindings import VcpuFd
 from .._bindings import _uapi as U
@@ -361,7 +361,8 @@ class VcpuRunner:
         return native.EpochBatch(self.fd.fd, C.addressof(self.run_struct), thread_timer().id)
 
     def run_batch(self, batch: native.EpochBatch, interval: float,
-                  programs: list[native.PauseProgram]) -> str:
+                  programs: list[native.PauseProgram], watch: Any = None,
+                  watch_value: int = 0) -> str:
         """Up to ``len(programs)`` epochs of ``interval`` in one native call, each followed by
         its pause program (``EpochBatch``); ``batch.done`` of them are complete. Returns what
         ``run_inline`` would for the epoch that ended the batch: "interval" (the batch ran
@@ -374,7 +375,7 @@ class VcpuRunner:
         self._prepare_inline()
         self.parked = False
         try:
-            batch.run(interval, programs)
+            batch.run(interval, programs, watch, watch_value)
         finally:
             self.parked = True
         self.fd.sync_valid = True

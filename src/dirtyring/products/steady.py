@@ -62,6 +62,8 @@ class SteadyRun:
     checkpoints: list[SteadyCheckpoint]
     tail: str | None
     tail_entered: float  # time.monotonic() when that epoch began to run
+    #: What ended the batch: "done" (all its epochs), "log changed", "vmm write", "exit".
+    stopped_by: str = "done"
 
 
 class SteadyPause:
@@ -106,6 +108,7 @@ class SteadyPause:
         with nothing run, when the next epoch cannot be taken this way."""
         m = self.m
         assert m.memory is not None
+        writes = int(m.memory.vmm_writes[0])  # before the check: a later write stops the batch
         if m.memory.vmm_dirty_pending:
             return None
         steady = self.tr.steady()
@@ -137,7 +140,7 @@ class SteadyPause:
         if self._batch is None:
             self._batch = self._runner.epoch_batch()
         b = self._batch
-        why = self._runner.run_batch(b, interval, progs)
+        why = self._runner.run_batch(b, interval, progs, m.memory.vmm_writes, writes)
         done = b.done
         out = []
         for i in range(done):
@@ -158,7 +161,9 @@ class SteadyPause:
         self.taken += done
         if b.why == native.ALL_DONE:
             return SteadyRun(out, None, 0.0)
-        return SteadyRun(out, why, b.times(done)[0])
+        stopped_by = "exit" if why == "exit" else \
+            "vmm write" if b.detail == native.VMM_WROTE else "log changed"
+        return SteadyRun(out, why, b.times(done)[0], stopped_by)
 
     def finish(self, run: SteadyRun, interval: float) -> tuple[str, float]:
         """Handle the exit that stopped ``run``'s tail epoch and run it to its end: why it
