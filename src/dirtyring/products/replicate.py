@@ -38,6 +38,7 @@ from ..tracking import DirtySet
 from ..wire import Hello, WIRE_VERSION
 from .checkpoint import capture_state
 from .outputs import OutputGate
+from .stager import Part
 from .steady import SteadyCheckpoint, SteadyPause
 from .transport import connect
 from .uplink import Uplink
@@ -201,7 +202,7 @@ class Primary:
         self._t_end, self._stop_evt = t_end, stop
         next_report = time.monotonic() + progress_every
         if self.opt.steady_pause and self.up is not None:
-            self._steady = SteadyPause.for_primary(m, self.up, verify=self.opt.verify)
+            self._steady = SteadyPause.for_primary(m, self.up.stager, verify=self.opt.verify)
         self._initial_sync()
         try:
             while not (stop is not None and stop.is_set()):
@@ -244,7 +245,7 @@ class Primary:
         n = 0
         for slot, pages in dirty.items():
             view = self.m.memory.slots[slot].rows
-            n += self.up.stage(epoch, kind, slot, view, pages, self._given_up)
+            n += self.up.stager.stage(epoch, kind, slot, view, pages, self._given_up)
         self.max_staging_bytes = max(self.max_staging_bytes, self.up.staging_bytes)
         return n
 
@@ -290,7 +291,7 @@ class Primary:
         staging. The epoch length adapts to what the pipeline can carry."""
         up, m = self.up, self.m
         assert up is not None
-        while not up.has_room() and not self._lost.is_set() and not self._given_up():
+        while not up.stager.has_room() and not self._lost.is_set() and not self._given_up():
             up.alive()
             if m.threaded:
                 time.sleep(self.opt.interval)  # the vCPU threads are running meanwhile
@@ -344,7 +345,7 @@ class Primary:
                           budget=e.reason == "budget")
 
     def _queue(self, kind: str, state: bytes, digest: bytes, outputs: int, t1: float,
-               parts: list[tuple[int, int, int, int]] | None = None) -> None:
+               parts: list[Part] | None = None) -> None:
         """Hand checkpoint ``self.epoch`` to the uplink: told now unless the batch window would
         still be open at the next epoch's end."""
         assert self.up is not None
@@ -397,7 +398,7 @@ class Primary:
             kind = "full"
         n = self._stage(self.epoch + 1, kind, dirty)
         if n < len(dirty):
-            self.up.abandon()
+            self.up.stager.abandon()
             if kind == "full":
                 self._resync.set()
             return None

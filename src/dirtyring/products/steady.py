@@ -8,7 +8,7 @@ line of Python costs several times what it does warm, so the bookkeeping of a ch
 (staging, statistics, telling the uplink) is done once for a batch, after it.
 
 This module sets the calls up from the parts that own each piece (the tracker: its logs and
-the set they stand for; the uplink: where the pages go; the state blob: its reads and its
+the set they stand for; the stager: where the pages go; the state blob: its reads and its
 layout) and then tells each what happened. Whenever it cannot vouch for the result (a re-arm
 is due, a log changed, the VMM wrote a page, the state's kept pieces are stale, staging is
 full) it stops, having changed nothing for the epoch at hand, and the caller harvests, stages
@@ -30,7 +30,7 @@ from ..tracking import DirtySet, HotSetTracker
 from ..machine.memory import digest_of
 from .checkpoint import memory_digest
 from .staging import PAGE
-from .uplink import Uplink
+from .stager import Part, Stager
 
 
 #: Verify mode snapshots memory at each checkpoint of a batch up to this size (per staging
@@ -43,7 +43,7 @@ class SteadyCheckpoint:
     """One epoch a batch completed: its pages are staged, its state encoded."""
 
     pages: int
-    parts: list[tuple[int, int, int, int]]  # where they are (``Uplink.claim``), for ``end``
+    parts: list[Part]  # where they are (``Stager.claim``), for ``Uplink.end``
     state: bytes
     digest: bytes  # the memory digest (verify mode), else b""
     run_s: float
@@ -67,11 +67,11 @@ class SteadyRun:
 
 
 class SteadyPause:
-    def __init__(self, machine: Machine, tracker: HotSetTracker, uplink: Uplink, *,
+    def __init__(self, machine: Machine, tracker: HotSetTracker, stager: Stager, *,
                  verify: bool = False) -> None:
         assert machine.memory is not None and not machine.threaded
         assert len(machine.runners) == 1
-        self.m, self.tr, self.up, self.verify = machine, tracker, uplink, verify
+        self.m, self.tr, self.stager, self.verify = machine, tracker, stager, verify
         self.taken = 0
         self._rows = {s.info.slot: (int(s.rows.ctypes.data), s.rows.shape[0])
                       for s in machine.memory.slots}
@@ -92,7 +92,7 @@ class SteadyPause:
             {} if verify and mem <= VERIFY_SNAPSHOT_MAX else None)
 
     @classmethod
-    def for_primary(cls, machine: Machine, uplink: Uplink, *,
+    def for_primary(cls, machine: Machine, stager: Stager, *,
                     verify: bool) -> SteadyPause | None:
         """The steady pause where it applies (inline hot-set machine of one vCPU, helper
         built), else None."""
@@ -100,7 +100,7 @@ class SteadyPause:
         if (machine.threaded or not isinstance(tr, HotSetTracker) or len(machine.runners) != 1
                 or native.BACKEND != "c-nt"):
             return None
-        return cls(machine, tr, uplink, verify=verify)
+        return cls(machine, tr, stager, verify=verify)
 
     def run(self, epoch: int, interval: float, most: int) -> SteadyRun | None:
         """Run up to ``most`` epochs (numbered from ``epoch``) and checkpoint each into staging
@@ -123,10 +123,10 @@ class SteadyPause:
             self._key, self._progs = key, {}
             self._sizes = [(slot, len(pages)) for slot, pages in dirty.items()]
             self._pages = sum(n for _, n in self._sizes)
-        if self._pages > self.up.staging.slot_pages:
-            return None
+        if not 0 < self._pages <= self.stager.staging.slot_pages:
+            return None  # (an empty set: the guest idles, nothing to batch)
         live_digest = self.verify and self._snapshots is None
-        slots = self.up.free_ahead(1 if live_digest else most)
+        slots = self.stager.free_ahead(1 if live_digest else most)
         if not slots:
             return None
         progs = []
@@ -144,7 +144,7 @@ class SteadyPause:
         done = b.done
         out = []
         for i in range(done):
-            claimed = self.up.claim(epoch + i, self._sizes)
+            claimed = self.stager.claim(epoch + i, self._sizes)
             assert claimed is not None and claimed[0] == slots[i], "staging moved under the batch"
             self.tr.steady_done()
             entered, exited = b.times(i)
@@ -186,7 +186,7 @@ class SteadyPause:
                       int(C.cast(C.c_char_p(last), C.c_void_p).value or 0), len(last))
         for fd, request, arg, expect in blob.reads:
             prog.ioctl(fd, request, arg, expect)
-        data, idx = self.up.addresses(k)
+        data, idx = self.stager.addresses(k)
         off = 0
         for slot, pages in dirty.items():
             rows, n_rows = self._rows[slot]

@@ -24,7 +24,7 @@ taking checkpoints, the epoch loop waits for a free slot, and the guest slows do
 data piling up — and a planned stop's Goodbye always fits in the socket buffers.
 
 The process itself is ``uplink_process.py`` (run by :class:`Uplink`, never by hand); what the two
-share is in ``staging.py``.
+share is in ``staging.py``; the epoch loop's copying side of the staging area is ``stager.py``.
 """
 from __future__ import annotations
 
@@ -40,9 +40,9 @@ import numpy as np
 
 from .._bindings.mapping import memfd
 from ..errors import DirtyringError
-from ..machine.native import gather_pages
 from ..wire import Hello
-from .staging import ACKED, ALIVE, CONSUMED, PAGE, Staging, recv_msg, send_msg
+from .stager import Part, Stager
+from .staging import ACKED, ALIVE, Staging, recv_msg, send_msg
 
 MessageSink = Callable[[tuple[Any, ...]], None]
 
@@ -74,20 +74,14 @@ class Uplink:
         sock.close()
         os.close(fd)
         self.on_message = on_message
-        self.seq = 0
-        self._parts: list[tuple[int, int, int, int]] = []
         self._ended: list[tuple[Any, ...]] = []  # checkpoints ended but not yet told
         self._ended_at = 0.0
-        self._used: dict[int, int] = {}
-        #: Checkpoints staged but not yet taken by the uplink beyond which the epoch loop lets
-        #: the guest run on instead of checkpointing (queueing more would only add latency).
-        #: A batch window's worth of epochs must fit (the uplink frees slots when told).
-        self.max_ahead = max(1, slots - 4)
-        # Where each staging slot's pages and page indices start (for ``addresses``).
-        self._addrs = [(int(self.staging.data(i).ctypes.data),
-                        int(self.staging.indices(i).ctypes.data)) for i in range(slots)]
-        self.closing = False
+        self._urgent = False  # a checkpoint queued since the last flush has output waiting
         self.dead = threading.Event()
+        # A batch window's worth of epochs must fit (the uplink frees slots when told).
+        self.stager = Stager(self.staging, max_ahead=max(1, slots - 4), tell=self.flush,
+                             send_parts=self._send_parts, gone=self.dead.is_set)
+        self.closing = False
         self._hello: list[tuple[Any, ...]] = []
         self._hello_done = threading.Event()
         send_msg(self.ctrl, "start", {
@@ -138,128 +132,20 @@ class Uplink:
 
     @property
     def staging_bytes(self) -> int:
-        if self._final_acked is not None:
-            return 0
-        done = int(self.staging.header[CONSUMED])
-        return sum(b for s, b in self._used.items() if s >= done)
+        return 0 if self._final_acked is not None else self.stager.staging_bytes
 
-    def _free_slot(self, stop: Callable[[], bool]) -> bool:
-        """Wait until the slot for ``self.seq`` is free; False if ``stop()`` says give up.
-        Only called for a fresh slot, when every staged part has been announced already
-        (``stage`` sends a slot's parts when it fills, ``end`` the rest): the uplink can free
-        only slots it has been told about."""
-        hdr = self.staging.header
-        if self.seq - int(hdr[CONSUMED]) < self.staging.slots:
-            return True
+    def _send_parts(self, epoch: int, kind: str, parts: list[Part]) -> None:
+        """A full staging slot of a big epoch, told ahead of the epoch's end."""
         self.flush()
-        while self.seq - int(hdr[CONSUMED]) >= self.staging.slots:
-            if stop() or self.dead.is_set():
-                return False
-            hdr[ALIVE] += 1  # waiting on the standby is not being stalled
-            time.sleep(50e-6)
-        return True
-
-    def stage(self, epoch: int, kind: str, slot: int, view: np.ndarray, pages: np.ndarray,
-              stop: Callable[[], bool]) -> int:
-        """Copy ``pages`` of guest memory slot ``slot`` (``view``: its pages as rows) into
-        staging. Returns how many were staged (fewer only if ``stop()`` gave up waiting).
-
-        An epoch starts in a fresh staging slot and packs the pages of all its memory slots
-        into it (a part is (staging seq, offset, memory slot, pages)); the uplink releases a
-        staging slot only when the epoch that filled it is done with it."""
-        cap = self.staging.slot_pages
-        if epoch != self._epoch:
-            self._epoch = epoch
-            if self._fill:
-                self.seq, self._fill = self.seq + 1, 0
-        done, i, n = 0, 0, len(pages)
-        while i < n:
-            if self._fill == cap:
-                # A full staging slot goes to the uplink at once: a big epoch (the initial
-                # sync, a resync) streams out while the rest is still being gathered.
-                self.flush()
-                send_msg(self.ctrl, "parts", epoch, kind, self._parts)
-                self._parts = []
-                self.seq, self._fill = self.seq + 1, 0
-            if not self._fill and not self._free_slot(stop):
-                return done
-            off = self._fill
-            k = min(cap - off, n - i)
-            chunk = pages[i:i + k]
-            self.staging.indices(self.seq)[off:off + k] = chunk
-            # Non-temporal stores: the uplink reads these pages on the other core.
-            gather_pages(self.staging.data(self.seq)[off:off + k], view, chunk)
-            self._parts.append((self.seq, off, slot, k))
-            self._used[self.seq] = (off + k) * PAGE
-            self._used.pop(self.seq - self.staging.slots, None)
-            self._fill += k
-            i += k
-            done += k
-        return done
-
-    def claim(self, epoch: int, sizes: list[tuple[int, int]]
-              ) -> tuple[int, list[tuple[int, int, int, int]]] | None:
-        """Take the next staging slot for an epoch the steady batch has already copied into
-        (one ``free_ahead`` named): its memory slots' pages one after the other in the order
-        of ``sizes`` ((memory slot, pages)), each part's indices in the same places, as
-        ``stage`` lays them out. Returns the staging slot and the epoch's parts, which the
-        caller hands to ``end``; None, with nothing taken, if that slot is not free."""
-        if epoch != self._epoch:
-            self._epoch = epoch
-            if self._fill:
-                self.seq, self._fill = self.seq + 1, 0
-        st = self.staging
-        seq = self.seq
-        if (self._fill or self._parts or sum(n for _, n in sizes) > st.slot_pages
-                or seq - int(st.header[CONSUMED]) >= st.slots):
-            return None
-        parts, off = [], 0
-        for slot, n in sizes:
-            parts.append((seq, off, slot, n))
-            off += n
-        self._used[seq] = off * PAGE
-        self._used.pop(seq - st.slots, None)
-        self._fill = off
-        return seq % st.slots, parts
-
-    def free_ahead(self, most: int) -> list[int]:
-        """The staging slots the next epochs' ``claim`` calls will give, as many as are free
-        now (at most ``most``, within ``max_ahead``): the steady batch fills them first and
-        claims them after, for the epochs it completed."""
-        if self.dead.is_set():
-            return []
-        first = self.seq + (1 if self._fill else 0)
-        n = min(most, self.max_ahead - (first - int(self.staging.header[CONSUMED])))
-        return [(first + i) % self.staging.slots for i in range(max(n, 0))]
-
-    def addresses(self, k: int) -> tuple[int, int]:
-        """Where staging slot ``k``'s pages and their indices (int64) start."""
-        return self._addrs[k]
-
-    _epoch = 0
-    _fill = 0  # pages used in staging slot ``seq``
-    _urgent = False  # a checkpoint queued since the last flush has output waiting for it
-
-    def has_room(self) -> bool:
-        used = self.seq + (1 if self._fill else 0) - int(self.staging.header[CONSUMED])
-        if used < self.max_ahead:
-            return not self.dead.is_set()
-        self.flush()  # the uplink can only free what it has been told about
-        return False
+        send_msg(self.ctrl, "parts", epoch, kind, parts)
 
     def alive(self) -> None:
         """Vouch that the epoch loop is alive: the uplink only heartbeats while this moves."""
         self.staging.header[ALIVE] += 1
 
-    def abandon(self) -> None:
-        """Forget pages staged for an epoch that will not be ended (the run is stopping)."""
-        if self._parts:
-            self.seq, self._fill = self._parts[0][0], self._parts[0][1]
-            self._parts = []
-
     def end(self, epoch: int, kind: str, state: bytes, digest: bytes, outputs: int, *,
             flush: bool = True, urgent: bool = False,
-            parts: list[tuple[int, int, int, int]] | None = None) -> None:
+            parts: list[Part] | None = None) -> None:
         """Close ``epoch``: the uplink sends it with every part staged since the last end
         (or with ``parts``, those ``claim`` gave for it).
 
@@ -272,7 +158,7 @@ class Uplink:
         if not self._ended:
             self._ended_at = time.monotonic()
         if parts is None:  # what ``stage`` gathered since the last end
-            parts, self._parts = self._parts, []
+            parts = self.stager.take_parts()
         self._ended.append((epoch, kind, parts, state, digest, outputs))
         if flush:
             self.flush()

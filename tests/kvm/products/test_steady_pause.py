@@ -4,7 +4,6 @@ it cannot vouch for that (a re-arm is due, the VMM wrote a page, staging is busy
 only, never timing."""
 from __future__ import annotations
 
-import threading
 from collections import Counter
 from typing import Any
 
@@ -21,26 +20,20 @@ from dirtyring.machine.state import MachineState
 from dirtyring.machine.vm import Machine
 from dirtyring.products.staging import CONSUMED, Staging
 from dirtyring.products.steady import SteadyCheckpoint, SteadyPause, SteadyRun
-from dirtyring.products.uplink import Uplink
+from dirtyring.products.stager import Stager
 from dirtyring.tracking import HotSetTracker
 
 MiB = 1 << 20
 EPOCH = 0.0002
 
 
-def staging_only_uplink(slots: int = 8, slot_pages: int = 256) -> Uplink:
-    """An Uplink's staging side without its process: what the steady batch uses."""
-    up = Uplink.__new__(Uplink)
-    up.staging = Staging(memfd("test-staging", Staging.size_for(slots, slot_pages)), slots,
-                         slot_pages)
-    up.seq, up._parts, up._used = 0, [], {}
-    up.max_ahead, up.dead = slots - 1, threading.Event()
-    up._addrs = [(int(up.staging.data(i).ctypes.data), int(up.staging.indices(i).ctypes.data))
-                 for i in range(slots)]
-    return up
+def stager(slots: int = 8, slot_pages: int = 256) -> Stager:
+    """The epoch loop's side of a staging area, with no uplink process reading it."""
+    return Stager(Staging(memfd("test-staging", Staging.size_for(slots, slot_pages)), slots,
+                          slot_pages), max_ahead=slots - 1)
 
 
-def consumed_all(up: Uplink) -> None:
+def consumed_all(up: Stager) -> None:
     """What the uplink does once it has sent what was staged: the slots are free again."""
     up.staging.header[CONSUMED] = up.seq + 1
 
@@ -75,7 +68,7 @@ def test_batches_stage_and_encode_each_epoch_like_the_ordinary_path(
     m = hot_machine(machines)
     tr = m.tracker
     assert isinstance(tr, HotSetTracker) and m.memory is not None
-    up = staging_only_uplink()
+    up = stager()
     sp = SteadyPause(m, tr, up, verify=verify)
     drv = EpochDriver(m)
     epoch, sizes, fallbacks, tails = 1, Counter[int](), 0, 0
@@ -159,7 +152,7 @@ def test_it_steps_aside_for_vmm_writes_and_busy_staging(machines: list[Machine])
     m = hot_machine(machines)
     tr = m.tracker
     assert isinstance(tr, HotSetTracker) and m.memory is not None
-    up = staging_only_uplink(slots=3)
+    up = stager(slots=3)
     sp = SteadyPause(m, tr, up)
     drv = EpochDriver(m)
     epoch = steady_again(m, drv, 1)
@@ -183,7 +176,7 @@ def test_a_vmm_write_during_a_batch_stops_it_and_goes_in_the_ordinary_checkpoint
     m = hot_machine(machines)
     tr = m.tracker
     assert isinstance(tr, HotSetTracker) and m.memory is not None
-    up = staging_only_uplink()
+    up = stager()
     sp = SteadyPause(m, tr, up)
     drv = EpochDriver(m)
     epoch = steady_again(m, drv, 1)
@@ -209,7 +202,7 @@ def finish_tail(sp: SteadyPause, drv: EpochDriver, got: SteadyRun) -> None:
     drv.harvest_epoch(drv.ran(why, 0.0))
 
 
-def steady_run(sp: SteadyPause, m: Machine, drv: EpochDriver, up: Uplink,
+def steady_run(sp: SteadyPause, m: Machine, drv: EpochDriver, up: Stager,
                epoch: int) -> SteadyRun:
     """A batch that completes a checkpoint. (The epoch right after a re-arm may have been too
     short for the guest to reach its whole set; then the next log differs from that one and
@@ -240,7 +233,7 @@ def test_a_batch_stops_at_guest_io_and_its_checkpoints_precede_it(
     machines.append(m)
     tr = m.tracker
     assert isinstance(tr, HotSetTracker)
-    up = staging_only_uplink()
+    up = stager()
     sp = SteadyPause(m, tr, up)
     drv = EpochDriver(m)
     epoch = steady_again(m, drv, 1)
