@@ -67,6 +67,8 @@ class SteadyRun:
 
 
 class SteadyPause:
+    """The replication primary's native checkpoints of a steady hot set (see the module)."""
+
     def __init__(self, machine: Machine, tracker: HotSetTracker, stager: Stager, *,
                  verify: bool = False) -> None:
         assert machine.memory is not None and not machine.threaded
@@ -103,9 +105,9 @@ class SteadyPause:
         return cls(machine, tr, stager, verify=verify)
 
     def run(self, epoch: int, interval: float, most: int) -> SteadyRun | None:
-        """Run up to ``most`` epochs (numbered from ``epoch``) and checkpoint each into staging
-        in native code (``most`` is 1 in verify mode: the digest is taken in Python). None,
-        with nothing run, when the next epoch cannot be taken this way."""
+        """Run up to ``most`` epochs (numbered from ``epoch``; fewer if staging has less room
+        or the tracker's next re-arm comes sooner) and checkpoint each into staging in native
+        code. None, with nothing run, when the next epoch cannot be taken this way."""
         m = self.m
         assert m.memory is not None
         writes = int(m.memory.vmm_writes[0])  # before the check: a later write stops the batch
@@ -125,8 +127,8 @@ class SteadyPause:
             self._pages = sum(n for _, n in self._sizes)
         if not 0 < self._pages <= self.stager.staging.slot_pages:
             return None  # (an empty set: the guest idles, nothing to batch)
-        live_digest = self.verify and self._snapshots is None
-        slots = self.stager.free_ahead(1 if live_digest else most)
+        live_digest = self.verify and self._snapshots is None  # taken in Python, paused
+        slots = self.stager.free_ahead(min(1 if live_digest else most, self.tr.steady_left()))
         if not slots:
             return None
         progs = []

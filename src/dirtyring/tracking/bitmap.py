@@ -242,6 +242,10 @@ class HotSetTracker(BitmapTracker):
             logs.append((s.slot, self._bitmaps[s.slot], last[0]))
         return self._same, logs
 
+    def steady_left(self) -> int:
+        """How many harvests ``steady()`` may stand for in a row before a re-arm is due."""
+        return max(0, self._next_rearm - self._cycle - 1)
+
     def steady_done(self) -> DirtySet:
         """Count a harvest ``steady()`` described and the caller performed; its set."""
         assert self._same is not None

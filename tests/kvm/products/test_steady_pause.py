@@ -73,7 +73,7 @@ def test_batches_stage_and_encode_each_epoch_like_the_ordinary_path(
     drv = EpochDriver(m)
     epoch, sizes, fallbacks, tails = 1, Counter[int](), 0, 0
     while epoch < 400:
-        harvests = tr.statistics().harvests
+        harvests, left = tr.statistics().harvests, tr.steady_left()
         got = sp.run(epoch, EPOCH, 4)
         if got is None:
             assert up._parts == []  # nothing reserved, nothing run
@@ -84,6 +84,7 @@ def test_batches_stage_and_encode_each_epoch_like_the_ordinary_path(
         cps = got.checkpoints
         sizes[len(cps)] += 1
         assert tr.statistics().harvests == harvests + len(cps)
+        assert len(cps) <= left  # a batch never runs past the tracker's next re-arm
         staged = [parts_of(cp) for cp in cps]
         seqs = [seq for p in staged for seq, _, _ in p.values()]
         assert len(set(seqs)) == len(cps) and up._parts == []  # a staging slot each
