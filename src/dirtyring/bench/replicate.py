@@ -124,7 +124,10 @@ def measure(cell: Cell, seconds: float, key: bytes) -> dict[str, float]:
             "progress_per_s": (b["guest_progress"] - a["guest_progress"]) / dt,
             "pause_us_p50": b["pause_us_p50"], "pause_us_p99": b["pause_us_p99"],
             "mb_per_s": b["mb_per_s"], "ack_ms_p50": b["ack_ms_p50"],
-            "compression_ratio": b["compression_ratio"]}
+            "compression_ratio": b["compression_ratio"],
+            # Checkpoints the native steady batch took (hot set only), of all in the window.
+            "steady_fraction": (b["steady_pauses"] - a["steady_pauses"])
+            / max(b["epoch"] - a["epoch"], 1)}
 
 
 def run(*, quick: bool, seconds: float | None = None,
@@ -158,6 +161,9 @@ def run(*, quick: bool, seconds: float | None = None,
                 recs.append(Record.make(BENCH, "throughput", r["mb_per_s"], "MB/s", **d))
                 recs.append(Record.make(BENCH, "ack_ms", r["ack_ms_p50"], "ms", stat="p50",
                                         **d))
+                if tr == "hotset":
+                    recs.append(Record.make(BENCH, "steady_fraction", r["steady_fraction"],
+                                            "ratio", **d))
                 if progress:
                     progress(cell, r, base[n], stops, prog)
     return recs

@@ -1,0 +1,49 @@
+"""`dirtyring bench replicate --quick` end to end on /dev/kvm (a real standby process per cell):
+every cell measured against its ceiling, the hot set's checkpoints mostly taken by the native
+steady batch, the goal line printed. Behaviour only, never timing."""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from dirtyring.bench import replicate
+from dirtyring.bench.records import find, read_json
+
+HAVE_MPL = importlib.util.find_spec("matplotlib") is not None
+
+
+@pytest.mark.slow
+def test_replicate_quick_writes_a_complete_result(tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    p = argparse.ArgumentParser()
+    replicate.add_parser(p.add_subparsers(dest="bench", required=True))
+    args = p.parse_args(["replicate", "--quick", "--seconds", "0.6", "--out", str(tmp_path)])
+    assert args.func(args) == 0
+    out = capsys.readouterr()
+    assert "error" not in out.err
+    doc, recs = read_json(tmp_path / "replicate.json")
+    assert doc["bench"] == "replicate" and doc["settings"]["quick"] is True
+    for n in replicate.QUICK_WORKING_SETS:
+        base = find(recs, "unprotected_progress", "value", pages=n)
+        assert base is not None and base.value > 0
+        for iv in replicate.QUICK_INTERVALS_US:
+            ceiling = find(recs, "ceiling_stops", "value", interval_us=iv, pages=n)
+            assert ceiling is not None and ceiling.value > 0
+            for tr in replicate.TRACKERS:
+                where = dict(interval_us=iv, pages=n, tracker=tr)
+                committed = find(recs, "committed", "value", **where)
+                progress = find(recs, "progress_fraction", "value", **where)
+                assert committed is not None and committed.value > 0, where
+                assert progress is not None and progress.value > 0, where
+                for stat in ("p50", "p99"):
+                    pause = find(recs, "pause_us", stat, **where)
+                    assert pause is not None and pause.value > 0, (where, stat)
+        # The steady batch takes most of a steady hot set's checkpoints at short epochs.
+        steady = find(recs, "steady_fraction", "value", interval_us=250, pages=n,
+                      tracker="hotset")
+        assert steady is not None and steady.value > 0.5, steady
+    assert "goal: 4,000 committed/s" in out.out
+    assert (tmp_path / "replicate.png").exists() == HAVE_MPL
