@@ -197,26 +197,36 @@ def verdict(records: list[Record]) -> str:
 
 
 def plot(records: list[Record], path: Path) -> Path | None:
+    """Per working set: committed checkpoints/s (top) and the guest's kept progress (bottom)
+    against epoch length, for each tracker and the pause-only ceiling."""
     plt = pyplot(quiet=True)  # the command says "no plot" itself
     if plt is None:
         return None
     sets = sorted({r.dims["pages"] for r in records if "interval_us" in r.dims})
-    fig, axes = plt.subplots(1, len(sets), figsize=(5 * len(sets), 4), squeeze=False)
-    for ax, n in zip(axes[0], sets):
+    fig, axes = plt.subplots(2, len(sets), figsize=(5 * len(sets), 7.5), squeeze=False)
+    for col, n in enumerate(sets):
+        top, bottom = axes[0][col], axes[1][col]
         for tr in (*TRACKERS, "ceiling"):
+            style = dict(marker="o", label=tr, linestyle="--" if tr == "ceiling" else "-")
             metric = "ceiling_stops" if tr == "ceiling" else "committed"
-            pts = sorted((r.dims["interval_us"], r.value) for r in records
-                         if r.metric == metric and r.dims.get("pages") == n
-                         and r.dims.get("tracker") == tr)
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=tr,
-                        linestyle="--" if tr == "ceiling" else "-")
-        ax.set_xscale("log")
-        ax.set_xlabel("epoch length (µs)")
-        ax.set_ylabel("committed checkpoints / s")
-        ax.set_title(f"hot set of {n} pages")
-        ax.grid(True, alpha=0.3)
-        ax.legend()
+            for ax, m, scale in ((top, metric, 1.0), (bottom, "progress_fraction", 100.0)):
+                pts = sorted((r.dims["interval_us"], r.value * scale) for r in records
+                             if r.metric == m and r.dims.get("pages") == n
+                             and r.dims.get("tracker") == tr)
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], **style)
+        top.set_title(f"hot set of {n} pages")
+        top.set_ylabel("committed checkpoints / s")
+        bottom.set_ylabel("guest progress kept (%)")
+        bottom.axhline(100 * GOAL_PROGRESS, color="grey", linewidth=0.8, linestyle=":")
+        if n == GOAL_PAGES:
+            top.axhline(GOAL_RATE, color="grey", linewidth=0.8, linestyle=":")
+        for ax in (top, bottom):
+            ax.set_xscale("log")
+            ax.set_xlabel("epoch length (µs)")
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize="small")
+    fig.tight_layout()
     return save(plt, fig, path, dpi=90)
 
 
