@@ -56,24 +56,18 @@ class EpochDriver:
                      run_s=run_s, harvest_s=0.0)
 
     def harvest_epoch(self, e: Epoch) -> Epoch:
-        """``e`` (run with ``harvest=False``) with its harvest done now."""
+        """``e`` (from ``ran``) with its harvest done now."""
         t = time.perf_counter()
         dirty, resync = self.harvest_paused()
         return dataclasses.replace(e, dirty=dirty, resync=resync,
                                    harvest_s=time.perf_counter() - t)
 
-    def run_epoch(self, interval: float, *, harvest: bool = True) -> Epoch:
-        """Run, pause, harvest. Inline, ``harvest=False`` leaves the harvest to the caller
-        (``harvest_epoch``, or the replication's steady pause): the epoch's set is empty."""
+    def run_epoch(self, interval: float) -> Epoch:
         m = self.m
         t0 = time.perf_counter()
         if not m.threaded:
             why = m.runners[0].run_inline(interval)
             t1 = time.perf_counter()
-            if not harvest:
-                self.number += 1
-                return Epoch(number=self.number, reason=why, dirty=DirtySet(), resync=False,
-                             run_s=t1 - t0, harvest_s=0.0)
             dirty, resync = self.harvest_paused()
             self.number += 1
             return Epoch(number=self.number, reason=why, dirty=dirty, resync=resync,

@@ -151,7 +151,7 @@ class _Program(C.Structure):
 class PauseProgram:
     """One call: ioctls, then "each pair of buffers is equal", then page gathers (with their
     indices) and plain copies that run only if every pair was. A program can be run again as
-    it is (the steady pause keeps one per staging slot) or refilled after ``reset``.
+    it is (the steady pause keeps one per staging slot).
 
     Arguments are addresses: the caller keeps what they point into alive (``keep``) and
     computes them once (``ndarray.ctypes.data`` alone costs ~1 µs, a tenth of the call)."""
@@ -168,11 +168,6 @@ class PauseProgram:
         self._size = size
         #: What the program's addresses point into, kept alive for as long as the program.
         self.keep: list[object] = []
-
-    def reset(self) -> None:
-        p = self._p
-        p.nops = p.nsame = p.ngathers = p.ncopies = 0
-        self.keep = []
 
     def ioctl(self, fd: int, request: int, arg: int, expect: int = -1) -> None:
         """``ioctl(fd, request, arg)``: it fails unless it returns >= 0 (``expect`` if >= 0)."""

@@ -53,19 +53,15 @@ class _VcpuPieces:
         return (r.static_state is self.static and r.fd.sync_valid
                 and r.finished == self.finished)
 
-    def read(self) -> None:
-        """The two reads each capture needs."""
-        fd = self.runner.fd
-        fd.get_xsave(self.xsave)
-        fd.get_tsc()
-
     def add(self, out: list[bytes]) -> None:
-        """This vCPU's part of the blob, from the sync area and the last ``read``."""
+        """This vCPU's part of the blob: the sync area, XSAVE and the TSC read now."""
         r = self.runner
+        fd = r.fd
         sr = r.run_struct.s.regs
+        fd.get_xsave(self.xsave)
         out += (self.head, bytes(sr.regs), self.after_regs, bytes(sr.sregs), self.after_sregs,
                 bytes(self.xsave), self.after_xsave, bytes(sr.events), self.msrs_head,
-                _TSC.pack(U.MSR_IA32_TSC, r.fd.tsc_result()), self.msrs_tail)
+                _TSC.pack(U.MSR_IA32_TSC, fd.get_tsc()), self.msrs_tail)
 
     def lay_out(self, t: BlobTemplate) -> None:
         """Append this vCPU's part to ``t``: constant bytes, and what fills the rest."""
@@ -146,7 +142,6 @@ class StateBlob:
             return self._rebuild()
         out = [self._head]
         for p in vcpus:
-            p.read()
             p.add(out)
         self._devices(out)
         return b"".join(out)

@@ -192,9 +192,8 @@ class SteadyPause:
         off = 0
         for slot, pages in dirty.items():
             rows, n_rows = self._rows[slot]
-            pages64 = pages if pages.dtype == np.int64 and pages.flags.c_contiguous else None
-            assert pages64 is not None, "hot-set pages are int64"
-            prog.gather(data + off * PAGE, idx + off * 8, rows, int(pages64.ctypes.data),
+            assert pages.dtype == np.int64 and pages.flags.c_contiguous, "hot-set pages"
+            prog.gather(data + off * PAGE, idx + off * 8, rows, int(pages.ctypes.data),
                         len(pages), n_rows)
             off += len(pages)
         for dst, src, n in blob.copies:

@@ -36,8 +36,6 @@ import threading
 import time
 from typing import Any, Callable
 
-import numpy as np
-
 from .._bindings.mapping import memfd
 from ..errors import DirtyringError
 from ..wire import Hello

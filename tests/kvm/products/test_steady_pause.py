@@ -159,8 +159,7 @@ def test_it_steps_aside_for_vmm_writes_and_busy_staging(machines: list[Machine])
     epoch = steady_again(m, drv, 1)
     m.memory.mark_dirty(1, 200)  # the VMM wrote a page: only the ordinary harvest reports it
     assert sp.run(epoch, EPOCH, 4) is None and up._parts == []
-    drv.run_epoch(EPOCH, harvest=False)
-    assert (1, 200) in drv.harvest_paused()[0]
+    assert (1, 200) in drv.run_epoch(EPOCH).dirty
     epoch = steady_again(m, drv, epoch + 1)
     up.seq, up.staging.header[CONSUMED] = 10, 8  # two staging slots still in the uplink's hands
     assert sp.run(epoch, EPOCH, 4) is None and up._parts == []

@@ -120,13 +120,12 @@ def test_a_failed_check_gathers_nothing(program: Any) -> None:
 
 
 def test_a_failing_ioctl_or_a_page_outside_the_slot_is_an_error(program: Any) -> None:
-    prog, _ = program
-    prog.reset()
+    prog = native.PauseProgram()
     prog.ioctl(-1, FIONREAD, 0)
     with pytest.raises(OSError) as e:
         prog.run()
     assert e.value.errno == errno.EBADF
-    prog.reset()
+    prog = native.PauseProgram()
     rows, dst, idx = np.ones((4, 4096), np.uint8), np.zeros((1, 4096), np.uint8), np.zeros(1, np.int64)
     pages = np.array([4], np.int64)
     prog.gather(_addr(dst), _addr(idx), _addr(rows), _addr(pages), 1, 4)
