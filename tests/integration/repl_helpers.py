@@ -177,11 +177,11 @@ class StandbyThread:
         self.sb = Standby((HOST, port), key, on_event=self._on_event, sink=self._sink, **kw)
         orig = self.sb._commit
 
-        def spy(link: Any, ev: Any) -> None:
+        def spy(link: Any, epoch: int, digest: bytes) -> None:
             kind = self.sb._staged_kind
-            orig(link, ev)
+            orig(link, epoch, digest)
             with self.lock:
-                self.commits.append((ev.epoch, kind, self.sb.consistent, self.sb.mismatches))
+                self.commits.append((epoch, kind, self.sb.consistent, self.sb.mismatches))
 
         self.sb._commit = spy  # type: ignore[method-assign]
         self.stop = threading.Event()

@@ -99,7 +99,11 @@ def apply_runs(memory: GuestMemory, runs: list[tuple[Any, ...]]) -> int:
             if not delta:  # fresh pages: zero, then the non-zero words
                 memory.slots[slot].rows[pages] = 0
             flat = memory.slots[slot].view.view(np.uint64)
-            at = pages[where >> _WORD_SHIFT] * _WORDS + (where & (_WORDS - 1))
+            first = int(pages[0])
+            if int(pages[-1]) - first == len(pages) - 1:  # one run (a hot set usually is)
+                at = where + first * _WORDS
+            else:
+                at = pages[where >> _WORD_SHIFT] * _WORDS + (where & (_WORDS - 1))
             if delta:
                 flat[at] ^= vals
             else:

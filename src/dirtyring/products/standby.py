@@ -3,7 +3,8 @@ checkpoint atomically, and take over when the primary fails.
 
 Theory of operation
 -------------------
-Pages and machine state of an epoch go to *staging* as they arrive. Only EpochEnd commits:
+Pages and machine state of an epoch go to *staging* as they arrive (an epoch comes either as
+EpochBegin, Pages, MachineBlob, EpochEnd, or whole as one Checkpoint). Only its end commits:
 the staged runs are written into the (never-running) VM's memory and the state blob becomes the
 committed state; then we Ack. A connection that breaks mid-epoch leaves committed memory and
 state exactly as they were: staging is simply dropped. The first epoch is a live full copy
@@ -33,8 +34,8 @@ from ..machine.config import MachineConfig
 from ..machine.state import MachineState
 from ..machine.vcpu import install_kick_handler
 from ..machine.vm import Machine
-from ..wire import (STANDBY, Ack, Connection, EpochBegin, EpochEnd, Failover, Goodbye, Heartbeat,
-                    Hello, HelloAck, MachineBlob, Pages)
+from ..wire import (STANDBY, Ack, Checkpoint, Connection, EpochBegin, EpochEnd, Failover,
+                    Goodbye, Heartbeat, Hello, HelloAck, MachineBlob, Pages)
 from ..wire import Resync as ResyncEvent
 from .checkpoint import apply_runs
 from .transport import Link, LinkClosed, listen, tune
@@ -169,27 +170,23 @@ class Standby:
                     if self.failover_requested.is_set():
                         reason = "manual failover command"
                         break
-                    if isinstance(ev, EpochBegin):
-                        self._staged, self._staged_blob = [], None
-                        self._staged_epoch, self._staged_kind = ev.epoch, ev.kind
-                        self.staging_bytes = 0
+                    if type(ev) is Checkpoint:  # the usual case: a whole epoch at once
+                        self._begin(ev.epoch, ev.kind)
+                        for p in ev.pages:
+                            self._stage(p)
+                        if ev.blob:
+                            self._staged_blob = ev.blob
+                        self._commit(link, ev.epoch, ev.digest)
+                    elif isinstance(ev, EpochBegin):
+                        self._begin(ev.epoch, ev.kind)
                     elif isinstance(ev, Pages):
-                        # Only sparse words: apply those, never build the bytes.
-                        words = ev.words if ev.lazy else None
-                        if self._staged_kind == "full" and not (
-                                words[1].any() if words is not None
-                                else np.frombuffer(ev.data, np.uint64).any()):
-                            continue  # a full epoch starts from zeroed memory (see _commit)
-                        self._staged.append((ev.slot, ev.indices,
-                                             None if words is not None else ev.data,
-                                             ev.delta, ev.words))
-                        self.staging_bytes += 12 * len(words[1]) if words is not None \
-                            else ev.nbytes
-                        self.max_staging_bytes = max(self.max_staging_bytes, self.staging_bytes)
+                        self._stage(ev)
                     elif isinstance(ev, MachineBlob):
                         self._staged_blob = ev.blob
                     elif isinstance(ev, EpochEnd):
-                        self._commit(link, ev)
+                        if ev.epoch != self._staged_epoch:
+                            raise ProtocolError("EpochEnd for an epoch that was not begun")
+                        self._commit(link, ev.epoch, ev.digest)
                     elif isinstance(ev, Failover):
                         # From the primary this means "take over now" (a planned switchover,
                         # the end of a migration): everything it sent is committed already.
@@ -293,11 +290,26 @@ class Standby:
         self.state = "following"
         self._emit("primary_connected")
 
-    def _commit(self, link: Link, ev: EpochEnd) -> None:
+    def _begin(self, epoch: int, kind: str) -> None:
+        self._staged, self._staged_blob = [], None
+        self._staged_epoch, self._staged_kind = epoch, kind
+        self.staging_bytes = 0
+
+    def _stage(self, ev: Pages) -> None:
+        # Only sparse words: apply those, never build the bytes.
+        words = ev.words if ev.lazy else None
+        if self._staged_kind == "full" and not (
+                words[1].any() if words is not None
+                else np.frombuffer(ev.data, np.uint64).any()):
+            return  # a full epoch starts from zeroed memory (see _commit)
+        self._staged.append((ev.slot, ev.indices, None if words is not None else ev.data,
+                             ev.delta, ev.words))
+        self.staging_bytes += 12 * len(words[1]) if words is not None else ev.nbytes
+        self.max_staging_bytes = max(self.max_staging_bytes, self.staging_bytes)
+
+    def _commit(self, link: Link, epoch: int, digest: bytes) -> None:
         m = self.machine
         assert m is not None and m.memory is not None
-        if ev.epoch != self._staged_epoch:
-            raise ProtocolError("EpochEnd for an epoch that was not begun")
         if self._staged_kind == "full":
             # A full epoch is all of memory: pages it does not carry are zero (the primary
             # sends only pages that hold data). Zeroing first costs one hole punch per slot.
@@ -311,26 +323,26 @@ class Standby:
             self.consistent = not self._needs_full
         else:
             self.consistent = False  # a live full copy: consistent once the next delta lands
-        self.committed_epoch = ev.epoch
+        self.committed_epoch = epoch
         self.epochs += 1
         self._staged, self._staged_blob = [], None
         self.staging_bytes = 0
-        if self.verify and ev.digest:
+        if self.verify and digest:
             mine = m.memory.digest()
-            if mine != ev.digest:
+            if mine != digest:
                 self.mismatches += 1
                 self.consistent = False
                 self._needs_full = True
-                self._emit("verify_mismatch", epoch=ev.epoch,
+                self._emit("verify_mismatch", epoch=epoch,
                            detail="standby memory differs from the primary's paused guest")
-                link.send(ResyncEvent(epoch=ev.epoch, reason="memory digest mismatch"))
+                link.send(ResyncEvent(epoch=epoch, reason="memory digest mismatch"))
         if self.consistent and not self.consistent_epoch:
-            self.consistent_epoch = ev.epoch
+            self.consistent_epoch = epoch
             self.state = "protected"
-            self._emit("protected", epoch=ev.epoch)
+            self._emit("protected", epoch=epoch)
         # Acknowledged once the burst of frames that has arrived is processed: one Ack then
         # covers every epoch committed in it (acks are cumulative).
-        self._ack_due = ev.epoch
+        self._ack_due = epoch
 
     _ack_due = 0
 

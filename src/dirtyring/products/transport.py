@@ -79,21 +79,14 @@ class Link:
             self._sendmsg(parts)
 
     def send_epochs(self, entries: list[tuple[list[Event], bool]]) -> list[int]:
-        """Send several batches of events in one write (each as BATCH frames: one header, CRC
-        and MAC per epoch rather than per event); each batch flagged skip-if-resync is
-        dropped whole if a Resync is pending when its turn comes (checked under the same lock
-        that encodes, so a Resync arriving meanwhile can't make a delta illegal mid-write).
-        Returns the bytes of each batch, -1 for a dropped one."""
+        """Send the events of several epochs in one write, packed into as few BATCH frames
+        as fit (``Connection.send_epochs``); an epoch flagged skip-if-resync is dropped whole
+        if a Resync is pending when its turn comes (checked under the same lock that encodes,
+        so a Resync arriving meanwhile can't make a delta illegal mid-write). Returns the
+        bytes of each epoch, -1 for a dropped one."""
         with self._send_lock:
-            parts: list = []
-            sizes = []
             with self._conn_lock:
-                for events, skip in entries:
-                    if skip and self.conn.resync_pending:
-                        sizes.append(-1)
-                        continue
-                    parts.extend(self.conn.send_batch(events))
-                    sizes.append(self.conn.last_frame_size)
+                parts, sizes = self.conn.send_epochs(entries)
             if parts:
                 self._sendmsg(parts)
             return sizes

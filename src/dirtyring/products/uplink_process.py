@@ -25,8 +25,8 @@ import numpy as np
 
 from .._bindings.mapping import keep_freed_memory
 from ..errors import ProtocolError
-from ..wire import (PRIMARY, Ack, Connection, EpochBegin, EpochEnd, Failover, Goodbye, Heartbeat,
-                    Hello, MachineBlob, Pages)
+from ..wire import (PRIMARY, Ack, Checkpoint, Connection, EpochBegin, EpochEnd, Failover,
+                    Goodbye, Heartbeat, Hello, MachineBlob, Pages)
 from ..wire import Resync as ResyncEvent
 from .staging import ACKED, ALIVE, CONSUMED, PAGE, Staging, recv_msg, send_msg
 from .transport import HandshakeRefused, Link, LinkClosed, handshake
@@ -169,8 +169,8 @@ class _Sender:
     # until every control message that was ready has been read, then go out in one write.
     def _begin(self, epoch: int, kind: str) -> None:
         self.open = (epoch, kind, False)
-        self.cur = [EpochBegin(epoch=epoch, kind=kind)]
-        self.cur_first = True
+        self.cur = []  # the open epoch's Pages not yet sent
+        self.cur_first = True  # nothing of the epoch has been sent yet
         self._n_pages = 0
 
     def _pages(self, parts: list[tuple[int, int, int, int]]) -> None:
@@ -206,6 +206,8 @@ class _Sender:
             self._begin(epoch, kind)
         self._pages(parts)
         self.flush()
+        if self.cur_first:
+            self.cur.insert(0, EpochBegin(epoch=epoch, kind=kind))
         if self.cur:
             sizes = self._send([(self.cur, kind == "delta" and self.cur_first)])
             if sizes[0] < 0 and self.cur_first:
@@ -221,12 +223,16 @@ class _Sender:
         assert self.open is not None
         if self.open[2] or self.lost:
             self._skipped(epoch)
+        elif self.cur_first:  # the whole epoch is here: one event (see wire.Checkpoint)
+            cp = Checkpoint.decoded(epoch=epoch, kind=kind, pages=tuple(self.cur), blob=state,
+                                    digest=digest, output_seq=outputs)
+            self.batch.append((epoch, [cp], kind == "delta"))
         else:
             if state:
                 self.cur.append(MachineBlob(epoch=epoch, blob=state))
             self.cur.append(EpochEnd(epoch=epoch, n_pages=self._n_pages, digest=digest,
                                      output_seq=outputs))
-            self.batch.append((epoch, self.cur, kind == "delta" and self.cur_first))
+            self.batch.append((epoch, self.cur, False))
         if self._last_seq is not None:
             self.st.header[CONSUMED] = self._last_seq + 1
         self._last_seq = None

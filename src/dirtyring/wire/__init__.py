@@ -12,8 +12,8 @@ from .codec import (
 )
 from .connection import MIN_KEY_LEN, NEED_DATA, Connection, NeedData, WireStatistics
 from .events import (
-    Ack, ConnectionClosed, EpochBegin, EpochEnd, Event, Failover, Goodbye, Heartbeat, Hello,
-    HelloAck, MachineBlob, Pages, Resync,
+    Ack, Checkpoint, ConnectionClosed, EpochBegin, EpochEnd, Event, Failover, Goodbye, Heartbeat,
+    Hello, HelloAck, MachineBlob, Pages, Resync,
 )
 from .states import (
     CLOSED, ERROR, HANDSHAKE, IDLE, IN_EPOCH, PRIMARY, STANDBY, SYNCING, Role, State,
@@ -23,8 +23,8 @@ __all__ = [
     # connection
     "Connection", "NEED_DATA", "NeedData", "WireStatistics", "MIN_KEY_LEN",
     # events
-    "Event", "Hello", "HelloAck", "EpochBegin", "Pages", "MachineBlob", "EpochEnd", "Ack",
-    "Resync", "Heartbeat", "Failover", "Goodbye", "ConnectionClosed",
+    "Event", "Hello", "HelloAck", "EpochBegin", "Pages", "MachineBlob", "EpochEnd",
+    "Checkpoint", "Ack", "Resync", "Heartbeat", "Failover", "Goodbye", "ConnectionClosed",
     # roles and states
     "Role", "State", "PRIMARY", "STANDBY", "IDLE", "HANDSHAKE", "SYNCING", "IN_EPOCH", "CLOSED",
     "ERROR",

@@ -12,18 +12,17 @@ Frame layout (all integers big-endian)::
         24     n  body       per-type layout: encode_body / the _d_* decoders below
       24+n    32  mac        HMAC-SHA256(key, header + body)
 
-The MAC alone would catch everything, but it cannot tell a flipped bit from a wrong key. The
-CRC is checked first, so corruption reads "corrupt frame" and only a frame that is intact yet
-unauthenticated reads "authentication failed". The MAC also covers the sequence number, so a
-replayed or reordered frame can't be passed off as fresh within a session.
+The MAC alone cannot tell a flipped bit from a wrong key: the CRC is checked first, so
+corruption reads "corrupt frame" and only an intact, unauthenticated frame reads
+"authentication failed". The MAC covers the sequence number: no replay within a session.
 
 A BATCH frame (type 12) carries several events: its body is a run of sub-frames, each a u16
 type and u32 length followed by that type's body. One header, CRC and MAC then cover a whole
 epoch; Hello and HelloAck never travel in a batch (the session key changes after them).
 
 Bodies are fixed ``struct`` heads; a variable-length last field (config, reason, blob, digest)
-runs to the end of the body. The one optional middle field, HelloAck's nonce, has a u8 length
-(0 or 16) in the head. Pages bodies are described in ``pagecodec.py``.
+runs to the end of the body; HelloAck's nonce has a u8 length (0 or 16) in the head. Pages and
+Checkpoint bodies are described in ``pagecodec.py``.
 """
 from __future__ import annotations
 
@@ -39,13 +38,15 @@ from typing import Any, Final
 from dirtyring.errors import LocalProtocolError, RemoteProtocolError
 
 from . import events as ev
-from .pagecodec import Buffer, PageEncoding, decode_pages, encode_pages_parts, nbytes
+from .pagecodec import (EPOCH_KIND_CODES, Buffer, PageEncoding, decode_checkpoint, decode_pages,
+                        encode_checkpoint_parts, encode_pages_parts, epoch_kind, page_bytes)
 from .receivebuffer import ReceiveBuffer
 
 __all__ = [
     "MAGIC", "WIRE_VERSION", "HEADER_LEN", "MAC_LEN", "FRAME_OVERHEAD", "MAX_FRAME_SIZE",
     "FrameType", "PageEncoding", "Frame", "Batch", "Buffer", "batch_body", "UNBATCHABLE",
-    "frame_type_of", "encode_event", "encode_body", "encode_pages_parts", "frame_parts", "frame_size", "body_len", "read_frame", "decode_body",
+    "frame_type_of", "encode_event", "encode_body", "encode_pages_parts", "frame_parts",
+    "frame_size", "body_len", "page_bytes", "read_frame", "decode_body",
 ]
 
 MAGIC: Final = b"DRW1"
@@ -74,6 +75,7 @@ class FrameType(enum.IntEnum):
     GOODBYE = 10
     RESYNC = 11
     BATCH = 12
+    CHECKPOINT = 13
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,7 +139,7 @@ _TYPE_OF: Final[dict[type, FrameType]] = {
     ev.MachineBlob: FrameType.MACHINE_BLOB, ev.EpochEnd: FrameType.EPOCH_END,
     ev.Ack: FrameType.ACK, ev.Heartbeat: FrameType.HEARTBEAT,
     ev.Failover: FrameType.FAILOVER, ev.Goodbye: FrameType.GOODBYE,
-    ev.Resync: FrameType.RESYNC,
+    ev.Resync: FrameType.RESYNC, ev.Checkpoint: FrameType.CHECKPOINT,
 }
 
 _HELLO: Final = struct.Struct("!BI16s")       # role, version, session_id; then config
@@ -148,28 +150,25 @@ _EPOCH_END: Final = struct.Struct("!QQQ")     # epoch, n_pages, output_seq; then
 _HEARTBEAT: Final = struct.Struct("!QQ")      # seq, sent_ns
 _BATCH_SUB: Final = struct.Struct("!HI")       # type, body length; then the body
 _ROLE_CODES: Final = {"primary": 0, "standby": 1}
-_KIND_CODES: Final = {"full": 0, "delta": 1}
 
 
 # ------------------------------------------------------------------------------- encoding
-
-
-def _reason_bytes(reason: str) -> bytes:
-    return reason.encode("utf-8")
 
 
 def encode_body(event: ev.Event, *, compress_level: int = 1) -> list[Buffer]:
     """Encode the body of ``event`` (no header, no MAC) as a list of buffers."""
     if isinstance(event, ev.Pages):
         return encode_pages_parts(event, compress_level=compress_level)
+    if isinstance(event, ev.Checkpoint):
+        return encode_checkpoint_parts(event, compress_level=compress_level)
     if isinstance(event, ev.Hello):
         return [_HELLO.pack(_ROLE_CODES[event.role], event.version, event.session_id),
                 event.config]
     if isinstance(event, ev.HelloAck):
         return [_HELLO_ACK.pack(event.session_id, event.accepted, len(event.nonce)),
-                event.nonce + _reason_bytes(event.reason)]
+                event.nonce + event.reason.encode("utf-8")]
     if isinstance(event, ev.EpochBegin):
-        return [_EPOCH_BEGIN.pack(event.epoch, _KIND_CODES[event.kind])]
+        return [_EPOCH_BEGIN.pack(event.epoch, EPOCH_KIND_CODES[event.kind])]
     if isinstance(event, ev.MachineBlob):
         return [_U64.pack(event.epoch), event.blob]
     if isinstance(event, ev.EpochEnd):
@@ -177,11 +176,11 @@ def encode_body(event: ev.Event, *, compress_level: int = 1) -> list[Buffer]:
     if isinstance(event, ev.Ack):
         return [_U64.pack(event.epoch)]
     if isinstance(event, ev.Resync):
-        return [_U64.pack(event.epoch), _reason_bytes(event.reason)]
+        return [_U64.pack(event.epoch), event.reason.encode("utf-8")]
     if isinstance(event, ev.Heartbeat):
         return [_HEARTBEAT.pack(event.seq, event.sent_ns)]
     if isinstance(event, (ev.Failover, ev.Goodbye)):
-        return [_reason_bytes(event.reason)]
+        return [event.reason.encode("utf-8")]
     raise LocalProtocolError(f"{type(event).__name__} is not a wire event")
 
 
@@ -236,9 +235,9 @@ def encode_event(event: ev.Event, seq: int, key: bytes, *, compress_level: int =
                  max_frame_size: int = MAX_FRAME_SIZE) -> list[Buffer]:
     """Encode ``event`` as frame number ``seq``; raises LocalProtocolError if it can't be sent."""
     ftype = frame_type_of(event)
-    if isinstance(event, ev.Pages) and event.nbytes > max_frame_size:
+    if isinstance(event, (ev.Pages, ev.Checkpoint)) and event.nbytes > max_frame_size:
         # The receiver caps how far one frame may expand by the same limit.
-        raise LocalProtocolError(f"Pages carries {event.nbytes} bytes of pages, more than "
+        raise LocalProtocolError(f"{type(event).__name__} carries {event.nbytes} bytes of pages, more than "
                                  f"max_frame_size={max_frame_size}; split it")
     body = encode_body(event, compress_level=compress_level)
     length = body_len(body)
@@ -353,7 +352,7 @@ def _d_hello_ack(body: memoryview, _: int) -> ev.Event:
 
 def _d_epoch_begin(body: memoryview, _: int) -> ev.Event:
     epoch, kind = _exact(_EPOCH_BEGIN, body)
-    return ev.EpochBegin(epoch=epoch, kind=_enum_name(_KIND_CODES, kind, "epoch kind"))
+    return ev.EpochBegin(epoch=epoch, kind=epoch_kind(kind))
 
 
 def _d_machine_blob(body: memoryview, _: int) -> ev.Event:
@@ -394,6 +393,6 @@ _DECODERS: Final[dict[FrameType, Callable[[memoryview, int], ev.Event]]] = {
     FrameType.MACHINE_BLOB: _d_machine_blob, FrameType.EPOCH_END: _d_epoch_end,
     FrameType.ACK: _d_ack, FrameType.HEARTBEAT: _d_heartbeat,
     FrameType.FAILOVER: _d_failover, FrameType.GOODBYE: _d_goodbye,
-    FrameType.RESYNC: _d_resync,
+    FrameType.RESYNC: _d_resync, FrameType.CHECKPOINT: decode_checkpoint,
 }
 _DECODERS[FrameType.BATCH] = _d_batch  # type: ignore[assignment]

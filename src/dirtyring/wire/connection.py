@@ -9,21 +9,20 @@ transports (TCP, unix sockets, a file) share one implementation.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+import hmac
+import struct
+from collections import deque
 from typing import Final, Literal, TypeAlias
 
 from dirtyring.errors import LocalProtocolError, RemoteProtocolError
 
-import hmac
-import struct
-from collections import deque
-
 from .codec import (FRAME_OVERHEAD, HEADER_LEN, MAX_FRAME_SIZE, UNBATCHABLE, Batch, Buffer,
                     FrameType, batch_body, body_len, encode_body, encode_event, frame_parts,
-                    frame_size, frame_type_of, read_frame)
-from .events import ConnectionClosed, Event, HelloAck, Pages
+                    frame_size, frame_type_of, page_bytes, read_frame)
+from .events import Checkpoint, ConnectionClosed, Event, HelloAck, Pages
 from .receivebuffer import ReceiveBuffer
 from .states import CLOSED, ConnectionState, Role, State
+from .statistics import WireStatistics
 
 __all__ = ["Connection", "NEED_DATA", "NeedData", "WireStatistics", "MIN_KEY_LEN", "session_key"]
 
@@ -51,36 +50,6 @@ class _NeedData(enum.Enum):
 #: Returned by :meth:`Connection.next_event` when no whole frame is buffered yet.
 NEED_DATA: Final = _NeedData.NEED_DATA
 NeedData: TypeAlias = Literal[_NeedData.NEED_DATA]
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class WireStatistics:
-    """Counters of one connection; ``page_bytes_raw_*`` vs ``page_bytes_wire_*`` is the
-    page data as in guest memory vs the Pages frame bodies that carried it."""
-
-    our_role: Role
-    our_state: State
-    their_state: State
-    frames_out: int
-    bytes_out: int
-    frames_in: int
-    bytes_in: int
-    page_bytes_raw_out: int
-    page_bytes_wire_out: int
-    page_bytes_raw_in: int
-    page_bytes_wire_in: int
-    bytes_buffered: int
-
-    @property
-    def compression_ratio_out(self) -> float:
-        """Raw page bytes per encoded byte sent (> 1 means the codec saved bandwidth)."""
-        wire = self.page_bytes_wire_out
-        return self.page_bytes_raw_out / wire if wire else 1.0
-
-    @property
-    def compression_ratio_in(self) -> float:
-        wire = self.page_bytes_wire_in
-        return self.page_bytes_raw_in / wire if wire else 1.0
 
 
 class Connection:
@@ -198,9 +167,7 @@ class Connection:
         size = self.last_frame_size = frame_size(parts)
         self._frames_out += 1
         self._bytes_out += size
-        if isinstance(event, Pages):
-            self._raw_out += event.nbytes
-            self._wire_out += size - len(parts[0]) - len(parts[-1])
+        self._count_pages_out(event, size - FRAME_OVERHEAD)
         return parts
 
     def send_batch(self, events: list[Event], *, max_body: int = BATCH_MAX_BODY) -> list[Buffer]:
@@ -209,50 +176,69 @@ class Connection:
         whole epoch); a bigger event, a handshake event or a lone event gets a frame of its
         own. Each event passes the state machine exactly as if sent alone.
         ``last_frame_size`` is then the bytes of all the frames together."""
+        return self.send_epochs([(events, False)], max_body=max_body)[0]
+
+    def send_epochs(self, epochs: list[tuple[list[Event], bool]], *,
+                    max_body: int = BATCH_MAX_BODY) -> tuple[list[Buffer], list[int]]:
+        """Like :meth:`send_batch` for the events of several epochs at once, packed into as
+        few frames as fit: each frame's header, CRC and MAC (and the receiver's check of them)
+        then cover many small epochs. An epoch flagged skip-if-resync is left out whole when a
+        Resync is pending at its turn (its deltas would be illegal). Returns the buffers and
+        the bytes each epoch adds to the wire (a frame's overhead counts to the epoch that
+        opened it), -1 for one left out."""
         out: list[Buffer] = []
-        total = 0
+        sizes: list[int] = []
         group: list[tuple[Event, FrameType, list[Buffer], int]] = []
-        group_len = 0
+        group_len = opener = 0  # opener: the epoch whose event opened the group
 
         def flush() -> None:
-            nonlocal group, group_len, total
+            nonlocal group, group_len
             if len(group) == 1:
                 e, ftype, body, blen = group[0]
-                parts = self._frame_out(ftype, body, blen, [(e, blen)])
+                out.extend(self._frame_out(ftype, body, blen, [(e, blen)]))
             elif group:
                 body = batch_body([(ft, b, n) for _, ft, b, n in group])
-                parts = self._frame_out(FrameType.BATCH, body, group_len,
-                                        [(e, n) for e, _, _, n in group])
+                out.extend(self._frame_out(FrameType.BATCH, body, group_len,
+                                           [(e, n) for e, _, _, n in group]))
             else:
                 return
-            out.extend(parts)
-            total += frame_size(parts)
+            # Every event was counted with a sub-frame head; a lone one has a frame of its own.
+            sizes[opener] += FRAME_OVERHEAD - (_SUB_HEAD if len(group) == 1 else 0)
             group, group_len = [], 0
 
-        for e in events:
-            ftype = frame_type_of(e)
-            if ftype in UNBATCHABLE:
-                flush()
-                out.extend(self.send_parts(e))
-                total += self.last_frame_size
+        for events, skip in epochs:
+            if skip and self._state.resync_pending:
+                sizes.append(-1)
                 continue
-            body, blen = self._encode_checked(e)
-            if group and group_len + _SUB_HEAD + blen > max_body:
-                flush()
-            group.append((e, ftype, body, blen))
-            group_len += _SUB_HEAD + blen
+            sizes.append(0)
+            i = len(sizes) - 1
+            for e in events:
+                ftype = frame_type_of(e)
+                if ftype in UNBATCHABLE:
+                    flush()
+                    out.extend(self.send_parts(e))
+                    sizes[i] += self.last_frame_size
+                    continue
+                body, blen = self._encode_checked(e)
+                if group and group_len + _SUB_HEAD + blen > max_body:
+                    flush()
+                if not group:
+                    opener = i
+                group.append((e, ftype, body, blen))
+                group_len += _SUB_HEAD + blen
+                sizes[i] += _SUB_HEAD + blen
         flush()
-        self.last_frame_size = total
-        return out
+        self.last_frame_size = sum(s for s in sizes if s > 0)
+        return out, sizes
 
     def _encode_checked(self, event: Event) -> tuple[list[Buffer], int]:
         """State machine + body encoding for one event of a batch."""
         if self._error is not None:
             raise LocalProtocolError(f"connection is in ERROR, cannot send: {self._error}")
         try:
-            if isinstance(event, Pages) and event.nbytes > self._max_frame_size:
+            if isinstance(event, (Pages, Checkpoint)) and event.nbytes > self._max_frame_size:
                 raise LocalProtocolError(
-                    f"Pages carries {event.nbytes} bytes of pages, more than "
+                    f"{type(event).__name__} carries {event.nbytes} bytes of pages, more than "
                     f"max_frame_size={self._max_frame_size}; split it")
             self._state.process_event(self._role, event)
             body = encode_body(event, compress_level=self._compress_level)
@@ -280,10 +266,18 @@ class Connection:
         self._frames_out += 1
         self._bytes_out += FRAME_OVERHEAD + blen
         for e, n in items:
-            if isinstance(e, Pages):
-                self._raw_out += e.nbytes
-                self._wire_out += n
+            self._count_pages_out(e, n)
         return parts
+
+    def _count_pages_out(self, event: Event, body_length: int) -> None:
+        if (pb := page_bytes(event, body_length)) is not None:
+            self._raw_out += pb[0]
+            self._wire_out += pb[1]
+
+    def _count_pages_in(self, event: Event, body_length: int) -> None:
+        if (pb := page_bytes(event, body_length)) is not None:
+            self._raw_in += pb[0]
+            self._wire_in += pb[1]
 
     # -------------------------------------------------------------------- receiving
 
@@ -341,9 +335,7 @@ class Connection:
         self._bind(frame.event)
         self._frames_in += 1
         self._bytes_in += frame.wire_len
-        if isinstance(frame.event, Pages):
-            self._raw_in += frame.event.nbytes
-            self._wire_in += frame.body_len
+        self._count_pages_in(frame.event, frame.body_len)
         return frame.event
 
     def _receive_batch(self, batch: Batch, wire_len: int) -> Event:
@@ -358,9 +350,7 @@ class Connection:
         self._frames_in += 1
         self._bytes_in += wire_len
         for e, n in batch.items:
-            if isinstance(e, Pages):
-                self._raw_in += e.nbytes
-                self._wire_in += n
+            self._count_pages_in(e, n)
         events = [e for e, _ in batch.items]
         self._pending.extend(events[1:])
         return events[0]

@@ -38,8 +38,9 @@ from dirtyring.errors import LocalProtocolError
 
 from . import events as ev
 
-__all__ = ["Buffer", "PageEncoding", "MAX_RUN_BYTES", "encode_pages_parts", "decode_pages",
-           "nbytes"]
+__all__ = ["Buffer", "PageEncoding", "MAX_RUN_BYTES", "EPOCH_KIND_CODES", "encode_pages_parts",
+           "decode_pages", "encode_checkpoint_parts", "decode_checkpoint", "epoch_kind",
+           "page_bytes", "nbytes"]
 
 Buffer: TypeAlias = bytes | bytearray | memoryview
 
@@ -74,6 +75,10 @@ _RUN: Final = struct.Struct("!QIBI")          # first page, count, encoding, pay
 _SPARSE_RUN: Final = np.dtype([("first", ">u8"), ("count", ">u4")])  # packed: 12 bytes
 _SPARSE_RUN1: Final = struct.Struct("!QI")  # the same, for a table of one run
 _U32: Final = struct.Struct("!I")
+# epoch, kind, output_seq, number of Pages, blob length, digest length; then the digest, the
+# blob, and each Pages body after its u32 length
+_CHECKPOINT: Final = struct.Struct("!QBQHIB")
+EPOCH_KIND_CODES: Final = {"full": 0, "delta": 1}
 
 
 def nbytes(b: Buffer) -> int:
@@ -222,7 +227,7 @@ def _decode_sparse(body: memoryview, epoch: int, slot: int, ps: int, n: int, n_r
         raise LocalProtocolError(f"sparse Pages body does not hold {k} words")
     where = np.frombuffer(body, ">u4", k, table_end + 4).astype(np.int64)
     vals = np.frombuffer(body, ">u8", k, table_end + 4 + 4 * k).astype(np.uint64)
-    if k and (int(where[-1]) >= n_words or (k > 1 and not bool(np.all(where[1:] > where[:-1])))):
+    if k and (int(where[-1]) >= n_words or (k > 1 and not (where[1:] > where[:-1]).all())):
         raise LocalProtocolError("sparse word offsets are out of order or range")
     # The data is built only if someone reads it: the standby applies the words directly.
     return ev.Pages.decoded(epoch=epoch, slot=slot, page_size=ps, pages=indices,
@@ -241,7 +246,7 @@ def _sparse_indices(runs: np.ndarray, n: int) -> np.ndarray:
     if int(counts.sum()) != n:
         raise LocalProtocolError(f"runs carry {int(counts.sum())} pages, head says {n}")
     ends = firsts + counts
-    if int(ends[-1]) > 1 << 63 or bool(np.any(firsts[1:] < ends[:-1])):
+    if int(ends[-1]) > 1 << 63 or bool((firsts[1:] < ends[:-1]).any()):
         raise LocalProtocolError("runs overlap or are out of order")
     run_start = np.cumsum(counts) - counts
     return np.arange(n, dtype=np.int64) + np.repeat(firsts - run_start, counts)
@@ -325,8 +330,70 @@ def _inflate_sparse(payload: memoryview, size: int, r: int) -> bytes:
         raise LocalProtocolError(f"run {r} SPARSE64 payload does not hold {k} words")
     where = np.frombuffer(payload, ">u4", k, 4).astype(np.int64)
     vals = np.frombuffer(payload, ">u8", k, 4 + 4 * k)
-    if k and (int(where[-1]) >= size // 8 or (k > 1 and not bool(np.all(np.diff(where) > 0)))):
+    if k and (int(where[-1]) >= size // 8 or (k > 1 and not (np.diff(where) > 0).all())):
         raise LocalProtocolError(f"run {r} SPARSE64 word offsets are out of order or range")
     out = np.zeros(size // 8, np.uint64)
     out[where] = vals
     return out.tobytes()
+
+
+# ------------------------------------------------------------------------ Checkpoint bodies
+# A whole epoch: its head, digest and machine state, then each Pages body as above.
+
+
+def encode_checkpoint_parts(event: ev.Checkpoint, *, compress_level: int = 1) -> list[Buffer]:
+    out: list[Buffer] = [_CHECKPOINT.pack(event.epoch, EPOCH_KIND_CODES[event.kind],
+                                          event.output_seq, len(event.pages), len(event.blob),
+                                          len(event.digest)), event.digest, event.blob]
+    for p in event.pages:
+        body = encode_pages_parts(p, compress_level=compress_level)
+        out.append(_U32.pack(sum(nbytes(b) for b in body)))
+        out.extend(body)
+    return out
+
+
+def decode_checkpoint(body: memoryview, max_pages_bytes: int) -> ev.Checkpoint:
+    """Decode a Checkpoint body; ``max_pages_bytes`` caps all its pages together."""
+    epoch, kind, output_seq, n_parts, blob_len, digest_len = _CHECKPOINT.unpack_from(body)
+    rest = body[_CHECKPOINT.size:]
+    if digest_len > ev.MAX_DIGEST_LEN:
+        raise LocalProtocolError(f"digest of {digest_len} bytes, limit {ev.MAX_DIGEST_LEN}")
+    if len(rest) < digest_len + blob_len:
+        raise LocalProtocolError("body ends inside the digest or the machine state")
+    digest = bytes(rest[:digest_len])
+    blob = bytes(rest[digest_len:digest_len + blob_len])
+    off, pages, budget = digest_len + blob_len, [], max_pages_bytes
+    for i in range(n_parts):
+        (n,) = _U32.unpack_from(rest, off)  # struct.error if cut short
+        off += _U32.size
+        if n > len(rest) - off:
+            raise LocalProtocolError(f"Pages {i} of the checkpoint runs past the end of the frame")
+        p = decode_pages(rest[off:off + n], budget)
+        if p.epoch != epoch:
+            raise LocalProtocolError(
+                f"Pages for epoch {p.epoch} inside the checkpoint of epoch {epoch}")
+        budget -= p.nbytes
+        pages.append(p)
+        off += n
+    if off != len(rest):
+        raise LocalProtocolError(f"{len(rest) - off} trailing bytes after the last Pages")
+    return ev.Checkpoint.decoded(epoch=epoch, kind=epoch_kind(kind), pages=tuple(pages),
+                                 blob=blob, digest=digest, output_seq=output_seq)
+
+
+def epoch_kind(code: int) -> str:
+    for name, c in EPOCH_KIND_CODES.items():
+        if c == code:
+            return name
+    raise LocalProtocolError(f"unknown epoch kind code {code}")
+
+
+def page_bytes(event: ev.Event, body_length: int) -> tuple[int, int] | None:
+    """(page bytes as in guest memory, bytes of the Pages bodies that carried them) of a sent
+    or received event with a ``body_length``-byte body; None for an event without pages."""
+    if type(event) is ev.Pages:
+        return event.nbytes, body_length
+    if type(event) is ev.Checkpoint:
+        return event.nbytes, (body_length - _CHECKPOINT.size - len(event.digest)
+                              - len(event.blob) - _U32.size * len(event.pages))
+    return None

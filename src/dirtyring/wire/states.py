@@ -14,6 +14,7 @@ The primary's stream::
 
     IDLE --Hello--> HANDSHAKE ==(standby's HelloAck accepted)==> SYNCING
     SYNCING --EpochBegin--> IN_EPOCH --Pages|MachineBlob--> IN_EPOCH --EpochEnd--> SYNCING
+    SYNCING --Checkpoint--> SYNCING    (a whole epoch in one event: begin, pages, state, end)
     SYNCING|IN_EPOCH --Heartbeat--> (same)     SYNCING|IN_EPOCH --Failover|Goodbye--> CLOSED
 
 The standby's stream::
@@ -28,7 +29,8 @@ couplings are the handshake). Anything not in the tables is illegal: a second He
 outside an epoch, Heartbeat or Resync before the handshake, anything after CLOSED.
 
 Some rules depend on values, not types, and are checked by :class:`ConnectionState` here too:
-the HelloAck must echo the Hello's session id; epochs strictly increase; Pages, MachineBlob and
+the HelloAck must echo the Hello's session id; epochs strictly increase (a Checkpoint's too, which
+is checked as its EpochBegin and its EpochEnd together); Pages, MachineBlob and
 EpochEnd carry the open epoch's number; EpochEnd's ``n_pages`` equals the pages actually sent in
 the epoch; an Ack is cumulative, names an epoch that has *ended*, and never goes backwards;
 a Resync also names an ended epoch, but may repeat or go below the last Ack (an acked epoch can
@@ -57,8 +59,8 @@ from typing import Any, Final, TypeAlias
 from dirtyring.errors import LocalProtocolError
 
 from .events import (
-    Ack, EpochBegin, EpochEnd, Event, Failover, Goodbye, Heartbeat, Hello, HelloAck, MachineBlob,
-    Pages, Resync,
+    Ack, Checkpoint, EpochBegin, EpochEnd, Event, Failover, Goodbye, Heartbeat, Hello, HelloAck,
+    MachineBlob, Pages, Resync,
 )
 
 __all__ = [
@@ -117,7 +119,8 @@ TRANSITIONS: Final[Table] = {
     PRIMARY: {
         IDLE: {Hello: HANDSHAKE},
         HANDSHAKE: {Goodbye: CLOSED},
-        SYNCING: {EpochBegin: IN_EPOCH, Heartbeat: SYNCING, Failover: CLOSED, Goodbye: CLOSED},
+        SYNCING: {EpochBegin: IN_EPOCH, Checkpoint: SYNCING, Heartbeat: SYNCING,
+                  Failover: CLOSED, Goodbye: CLOSED},
         IN_EPOCH: {Pages: IN_EPOCH, MachineBlob: IN_EPOCH, EpochEnd: SYNCING,
                    Heartbeat: IN_EPOCH, Failover: CLOSED, Goodbye: CLOSED},
         CLOSED: {},
@@ -146,6 +149,7 @@ _HINTS: Final[dict[EventKey, str]] = {
     MachineBlob: "machine state belongs inside an epoch (EpochBegin ... EpochEnd)",
     EpochEnd: "no epoch is open",
     EpochBegin: "the previous epoch must end first, after the handshake",
+    Checkpoint: "a checkpoint is a whole epoch: after the handshake, never inside an epoch",
     Heartbeat: "heartbeats start after the handshake",
     Resync: "only the standby sends Resync, once the handshake is done",
 }
@@ -227,11 +231,11 @@ def _c_hello_ack(st: ConnectionState, role: Role, ev: Any) -> None:
 
 def _c_epoch_begin(st: ConnectionState, role: Role, ev: Any) -> None:
     if st.last_epoch is not None and ev.epoch <= st.last_epoch:
-        raise LocalProtocolError(
-            f"EpochBegin epoch {ev.epoch} does not advance (last epoch {st.last_epoch})")
+        raise LocalProtocolError(f"{type(ev).__name__} epoch {ev.epoch} does not advance "
+                                 f"(last epoch {st.last_epoch})")
     if st.resync_pending and ev.kind != "full":
         raise LocalProtocolError(
-            f"EpochBegin(kind={ev.kind!r}) for epoch {ev.epoch} while a Resync is pending: "
+            f"{type(ev).__name__}(kind={ev.kind!r}) for epoch {ev.epoch} while a Resync is pending: "
             "the first epoch after the standby's Resync must be kind='full'")
 
 
@@ -249,6 +253,13 @@ def _c_epoch_end(st: ConnectionState, role: Role, ev: Any) -> None:
     if ev.output_seq < st.output_seq:
         raise LocalProtocolError(
             f"EpochEnd output_seq {ev.output_seq} went back from {st.output_seq}")
+
+
+def _c_checkpoint(st: ConnectionState, role: Role, ev: Any) -> None:
+    _c_epoch_begin(st, role, ev)
+    if ev.output_seq < st.output_seq:
+        raise LocalProtocolError(
+            f"Checkpoint output_seq {ev.output_seq} went back from {st.output_seq}")
 
 
 def _c_ended(st: ConnectionState, role: Role, ev: Any) -> None:
@@ -292,6 +303,14 @@ def _a_epoch_end(st: ConnectionState, role: Role, ev: Any) -> None:
     st.output_seq = ev.output_seq
 
 
+def _a_checkpoint(st: ConnectionState, role: Role, ev: Any) -> None:
+    st.last_epoch = st.last_ended = ev.epoch
+    st.open_epoch = None
+    st.pages_in_epoch = 0
+    st.resync_pending = False
+    st.output_seq = ev.output_seq
+
+
 def _a_ack(st: ConnectionState, role: Role, ev: Any) -> None:
     st.last_acked = ev.epoch
 
@@ -307,11 +326,11 @@ def _a_heartbeat(st: ConnectionState, role: Role, ev: Any) -> None:
 _Rule: TypeAlias = Callable[[ConnectionState, Role, Any], None]
 _CHECKS: Final[dict[type, _Rule]] = {
     Hello: _c_hello, HelloAck: _c_hello_ack, EpochBegin: _c_epoch_begin, Pages: _c_in_epoch,
-    MachineBlob: _c_in_epoch, EpochEnd: _c_epoch_end, Ack: _c_ack, Resync: _c_ended,
-    Heartbeat: _c_heartbeat}
+    MachineBlob: _c_in_epoch, EpochEnd: _c_epoch_end, Checkpoint: _c_checkpoint, Ack: _c_ack,
+    Resync: _c_ended, Heartbeat: _c_heartbeat}
 _APPLIES: Final[dict[type, _Rule]] = {
     Hello: _a_hello, EpochBegin: _a_epoch_begin, Pages: _a_pages, EpochEnd: _a_epoch_end,
-    Ack: _a_ack, Resync: _a_resync, Heartbeat: _a_heartbeat}
+    Checkpoint: _a_checkpoint, Ack: _a_ack, Resync: _a_resync, Heartbeat: _a_heartbeat}
 
 
 _Step: TypeAlias = tuple[State, _Rule | None, _Rule | None, dict[State, State] | None]

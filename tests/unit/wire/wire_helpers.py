@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 
 from dirtyring.wire import (
-    NEED_DATA, Ack, Connection, EpochBegin, EpochEnd, Event, Failover, Goodbye, Heartbeat, Hello,
+    NEED_DATA, Ack, Checkpoint, Connection, EpochBegin, EpochEnd, Event, Failover, Goodbye, Heartbeat, Hello,
     HelloAck, MachineBlob, Pages, Resync,
 )
 from dirtyring.wire.codec import read_frame
@@ -37,6 +37,19 @@ def mixed_pages(epoch: int = 1, n: int = 64, seed: int = 7) -> Pages:
     idx = np.arange(n, dtype=np.int64)
     idx[n // 2:] += 1000                                               # a gap
     return Pages(epoch=epoch, slot=2, page_size=PAGE, pages=idx, data=bytes(data))
+
+
+def checkpoint(epoch: int, output_seq: int = 11) -> Checkpoint:
+    """A whole delta epoch: a sparse XOR delta of one slot and plain pages of another."""
+    delta = bytearray(2 * PAGE)
+    delta[8:16] = b"\x01" * 8
+    delta[PAGE + 64:PAGE + 72] = b"\xff" * 8
+    return Checkpoint(
+        epoch=epoch, kind="delta",
+        pages=(Pages(epoch=epoch, slot=0, page_size=PAGE, pages=(5, 6), data=bytes(delta),
+                     delta=True),
+               mixed_pages(epoch, n=6)),
+        blob=b"\x02cpu-state" * 50, digest=b"\x22" * 32, output_seq=output_seq)
 
 
 def feed_ways(data: bytes, trailing: bytes = b"") -> Iterator[tuple[str, list[bytes]]]:
@@ -113,6 +126,8 @@ def all_events_in_order() -> list[tuple[str, Event]]:
         ("primary", EpochBegin(epoch=2, kind="full")),
         ("primary", EpochEnd(epoch=2, n_pages=0, output_seq=10)),
         ("standby", Ack(epoch=2)),
+        ("primary", checkpoint(3)),
+        ("standby", Ack(epoch=3)),
         ("primary", Failover(reason="planned switchover \N{RIGHTWARDS ARROW} standby")),
         ("standby", Goodbye(reason="bye")),
     ]
