@@ -10,7 +10,10 @@
  *
  * dirtyring_batch: several steady epochs in one call: arm the epoch timer, run the vCPU until
  * the timer ends the epoch, run that epoch's program, and again; it returns at the first thing
- * that needs Python (any other exit, a changed log, an error) or after the last epoch. */
+ * that needs Python (any other exit, a changed log, an error) or after the last epoch.
+ *
+ * dirtyring_sparse_delta: the uplink's XOR delta of staged pages against its shadow of the
+ * standby's copy, as the changed 64-bit words, in one pass. */
 #include <errno.h>
 #include <signal.h>
 #include <stdint.h>
@@ -44,6 +47,38 @@ int dirtyring_gather_nt(uint8_t *dst, const uint8_t *src, const int64_t *idx, in
         page_nt(dst + i * 4096, src + idx[i] * 4096);
     _mm_sfence(); /* the stores are visible before the caller tells the reader */
     return 0;
+}
+
+/* Compare n staged pages with their shadow rows idx[i]; record each differing 64-bit word's
+ * offset into the staged data and its XOR, then write those words into the shadow. Returns the
+ * number of words, or -1 with the shadow untouched if more than max differ. */
+int64_t dirtyring_sparse_delta(const uint64_t *staged, uint64_t *shadow, const int64_t *idx,
+                               int64_t n, int64_t *where, uint64_t *diff, int64_t max)
+{
+    const int64_t W = 4096 / 8;
+    int64_t k = 0;
+    for (int64_t i = 0; i < n; i++) {
+        const uint64_t *a = staged + i * W, *b = shadow + idx[i] * W;
+        for (int64_t j = 0; j < W; j += 8) {
+            uint64_t any = 0;
+            for (int t = 0; t < 8; t++)
+                any |= a[j + t] ^ b[j + t];
+            if (!any)
+                continue;
+            for (int t = 0; t < 8; t++) {
+                uint64_t x = a[j + t] ^ b[j + t];
+                if (!x)
+                    continue;
+                if (k == max)
+                    return -1;
+                where[k] = i * W + j + t;
+                diff[k++] = x;
+            }
+        }
+    }
+    for (int64_t m = 0; m < k; m++)
+        shadow[idx[where[m] / W] * W + where[m] % W] ^= diff[m];
+    return k;
 }
 
 struct dr_op { int fd; int expect; unsigned long request; void *arg; };

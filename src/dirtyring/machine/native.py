@@ -1,4 +1,5 @@
-"""The C helpers, and why each is C: the staging copy, the steady pause and the steady batch.
+"""The C helpers, and why each is C: the staging copy, the steady pause, the steady batch and
+the uplink's delta.
 
 **The staging copy** (``gather_pages``).
 
@@ -30,7 +31,9 @@ fires, the epoch's program, again; Python does the bookkeeping of all of them on
 Same host, same hour, 64-page hot set at 150 µs: pause p50 21-29 µs instead of 68-83 µs, and
 ~2,900/s with the guest at 35-37 % became 3,000-3,700/s at 46-53 %.
 
-All are in ``native.c`` (~190 lines). It is compiled with the system's gcc on first use, into
+**The uplink's delta** (``sparse_delta``): see ``products/uplink_process._delta``.
+
+All are in ``native.c`` (~220 lines). It is compiled with the system's gcc on first use, into
 the user's cache directory, keyed by the source's hash. Without a compiler the copy runs with
 numpy and checkpoints take the Python path (``BACKEND`` says which).
 """
@@ -93,6 +96,9 @@ def _build() -> C.CDLL | None:
         batch = dll.dirtyring_batch
         batch.argtypes = [C.c_void_p]
         batch.restype = C.c_int
+        delta = dll.dirtyring_sparse_delta
+        delta.argtypes = [C.c_void_p] * 3 + [C.c_int64] + [C.c_void_p] * 2 + [C.c_int64]
+        delta.restype = C.c_int64
         return dll
     return None
 
@@ -101,6 +107,7 @@ _LIB = _build()
 _GATHER = _LIB.dirtyring_gather_nt if _LIB is not None else None
 _PROGRAM = _LIB.dirtyring_program if _LIB is not None else None
 _BATCH = _LIB.dirtyring_batch if _LIB is not None else None
+_DELTA = _LIB.dirtyring_sparse_delta if _LIB is not None else None
 #: "c-nt" (compiled: non-temporal stores, the steady pause) or "numpy" (no compiler here).
 BACKEND = "c-nt" if _GATHER is not None else "numpy"
 #: Fewer pages than this are copied by numpy.
@@ -122,6 +129,23 @@ def gather_pages(dst: np.ndarray, pages_view: np.ndarray, pages: np.ndarray) -> 
     if _GATHER(dst.ctypes.data, pages_view.ctypes.data, idx.ctypes.data, n,
                pages_view.shape[0]) != 0:
         raise IndexError("page index outside guest memory slot")
+
+
+def sparse_delta(staged: np.ndarray, shadow: np.ndarray, pages: np.ndarray,
+                 most: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """The words of ``staged`` (k, 4096) that differ from ``shadow`` rows ``pages``, as
+    (offsets into ``staged`` as int64 words, XOR values), with the shadow brought up to date
+    at those words. None, with the shadow untouched, if more than ``most`` words differ or
+    there is no compiled helper. Indices are the caller's own (the uplink's staging)."""
+    if _DELTA is None:
+        return None
+    assert staged.flags.c_contiguous and shadow.flags.c_contiguous
+    assert pages.dtype == np.int64 and pages.flags.c_contiguous
+    where = np.empty(most, np.int64)
+    diff = np.empty(most, np.uint64)
+    k = _DELTA(staged.ctypes.data, shadow.ctypes.data, pages.ctypes.data, len(pages),
+               where.ctypes.data, diff.ctypes.data, most)
+    return None if k < 0 else (where[:k], diff[:k])
 
 
 class _Op(C.Structure):

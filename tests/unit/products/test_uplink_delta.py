@@ -1,13 +1,17 @@
-"""The uplink's XOR delta against its shadow of the standby's memory (``_delta``), and
-``apply_runs`` writing runs from sparse words (delta or fresh) or from page data."""
+"""The uplink's XOR delta against its shadow of the standby's memory (``_delta``), with the
+compiled compare and with numpy alone, and ``apply_runs`` writing runs from sparse words
+(delta or fresh) or from page data."""
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
+from dirtyring.machine import native
+from dirtyring.products import uplink_process
 from dirtyring.products.checkpoint import apply_runs
 from dirtyring.products.uplink_process import _delta
 from dirtyring.wire.pagecodec import decode_pages, encode_pages_parts
@@ -15,6 +19,25 @@ from dirtyring.wire.pagecodec import decode_pages, encode_pages_parts
 PAGE = 4096
 WPP = PAGE // 8  # 64-bit words per page
 N_SHADOW = 64
+
+
+@pytest.fixture(params=["c", "numpy"])
+def backend(request: pytest.FixtureRequest,
+            monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """Every test runs with the compiled compare and without it (no compiler on the host)."""
+    if request.param == "c":
+        assert native.BACKEND == "c-nt", "gcc is part of this machine kind"
+        calls: list[int] = []
+
+        def counted(*a: object) -> object:
+            calls.append(1)
+            return native.sparse_delta(*a)  # type: ignore[arg-type]
+        monkeypatch.setattr(uplink_process, "sparse_delta", counted)
+        yield "c"
+        assert calls, "the compiled compare was used"
+    else:
+        monkeypatch.setattr(uplink_process, "sparse_delta", lambda *a: None)
+        yield "numpy"
 
 
 def _slot(view: np.ndarray) -> SimpleNamespace:
@@ -50,6 +73,7 @@ SCATTERED = np.array([0, 3, 4, 17, 40, 63], np.int64)
 
 
 @pytest.mark.parametrize("idx", [CONTIGUOUS, SCATTERED], ids=["contiguous", "scattered"])
+@pytest.mark.usefixtures("backend")
 def test_small_changes_give_lazy_sparse_words_and_update_the_shadow(idx: np.ndarray) -> None:
     # a few words on most pages; page 1 of the set unchanged; first and last word of a page
     changes = {0: [0, 5, 511], 2: [100], 3: [7, 8, 9, 300]}
@@ -78,6 +102,7 @@ def test_small_changes_give_lazy_sparse_words_and_update_the_shadow(idx: np.ndar
 
 
 @pytest.mark.parametrize("idx", [CONTIGUOUS, SCATTERED], ids=["contiguous", "scattered"])
+@pytest.mark.usefixtures("backend")
 def test_unchanged_pages_give_no_words(idx: np.ndarray) -> None:
     shadow, data, _ = shadow_and_data(idx, {}, seed=2)
     old_shadow = shadow.copy()
@@ -89,6 +114,7 @@ def test_unchanged_pages_give_no_words(idx: np.ndarray) -> None:
 
 
 @pytest.mark.parametrize("idx", [CONTIGUOUS, SCATTERED], ids=["contiguous", "scattered"])
+@pytest.mark.usefixtures("backend")
 def test_dense_changes_give_full_xor_data(idx: np.ndarray) -> None:
     rng = np.random.default_rng(3)
     shadow = rng.integers(0, 256, (N_SHADOW, PAGE), dtype=np.uint8)
@@ -110,6 +136,7 @@ def test_dense_changes_give_full_xor_data(idx: np.ndarray) -> None:
 
 @pytest.mark.parametrize("idx", [np.array([10, 11], np.int64), np.array([10, 30], np.int64)],
                          ids=["contiguous", "scattered"])
+@pytest.mark.usefixtures("backend")
 def test_sparse_up_to_one_eighth_of_the_words(idx: np.ndarray) -> None:
     limit = len(idx) * WPP // 8
     at_limit = {0: list(range(0, limit, 2)), 1: list(range(1, limit, 2))}
@@ -128,6 +155,7 @@ def test_sparse_up_to_one_eighth_of_the_words(idx: np.ndarray) -> None:
     assert np.array_equal(shadow[idx], data)
 
 
+@pytest.mark.usefixtures("backend")
 def test_successive_deltas_track_the_standby() -> None:
     """Epoch after epoch, applying each delta to the standby's memory keeps it equal to the
     staged data, and the shadow equal to the standby."""
@@ -218,17 +246,20 @@ def test_apply_plain_and_delta_data_runs() -> None:
     assert np.array_equal(v0[others], o0[others])
 
 
+@pytest.mark.parametrize("pages", [PAGES, np.arange(9, 13, dtype=np.int64)],
+                         ids=["scattered", "one-run"])
 @pytest.mark.parametrize("delta", [True, False])
-def test_words_and_data_runs_agree(delta: bool) -> None:
+def test_words_and_data_runs_agree(delta: bool, pages: np.ndarray) -> None:
     """The same run given as words or as its bytes writes the same memory."""
-    flat = np.zeros(len(PAGES) * WPP, np.uint64)
+    flat = np.zeros(len(pages) * WPP, np.uint64)
     flat[WHERE] = VALS
     data = flat.tobytes()
     by_words, by_data = two_slot_memory(10), two_slot_memory(10)
-    apply_runs(by_words, [(1, PAGES, None, delta, (WHERE, VALS))])
-    apply_runs(by_data, [(1, PAGES, data, delta)])
+    apply_runs(by_words, [(1, pages, None, delta, (WHERE, VALS))])
+    apply_runs(by_data, [(1, pages, data, delta)])
     assert np.array_equal(by_words.slots[1].view, by_data.slots[1].view)
+    assert not np.array_equal(by_words.slots[1].view, two_slot_memory(10).slots[1].view)
     # with both given, a fresh run still writes its full content
     both = two_slot_memory(10)
-    apply_runs(both, [(1, PAGES, data, delta, (WHERE, VALS))])
+    apply_runs(both, [(1, pages, data, delta, (WHERE, VALS))])
     assert np.array_equal(both.slots[1].view, by_data.slots[1].view)
