@@ -5,15 +5,17 @@
  *
  * dirtyring_program: a replication checkpoint's steady pause in one call: the ioctls (the
  * dirty logs, XSAVE, the TSC), then a check that each dirty log equals the last one, then,
- * only if all do, the gathers of the hot set into staging (pages and their indices) and the
- * copies that lay the vCPU state into the checkpoint's state blob.
+ * only if all do, the gathers of the hot set into staging (pages and their indices, or only
+ * the words that changed since the last checkpoint) and the copies that lay the vCPU state
+ * into the checkpoint's state blob.
  *
  * dirtyring_batch: several steady epochs in one call: arm the epoch timer, run the vCPU until
  * the timer ends the epoch, run that epoch's program, and again; it returns at the first thing
  * that needs Python (any other exit, a changed log, an error) or after the last epoch.
  *
  * dirtyring_sparse_delta: the uplink's XOR delta of staged pages against its shadow of the
- * standby's copy, as the changed 64-bit words, in one pass. */
+ * standby's copy, as the changed 64-bit words, in one pass; dirtyring_take_words: the uplink's
+ * side of a delta the pause staged. */
 #include <errno.h>
 #include <signal.h>
 #include <stdint.h>
@@ -49,43 +51,84 @@ int dirtyring_gather_nt(uint8_t *dst, const uint8_t *src, const int64_t *idx, in
     return 0;
 }
 
+/* The words of n pages that differ from their shadow rows idx[i]: page i is a + idx[i] * W
+ * if indexed (guest memory), else a + i * W (staged pages). Each goes to where (its offset in
+ * the n pages, in words) and diff (the XOR). Returns how many, or -1 past max. */
+static int64_t diff_words(const uint64_t *a, int indexed, const uint64_t *shadow,
+                          const int64_t *idx, int64_t n, int64_t *where, uint64_t *diff,
+                          int64_t max)
+{
+    const int64_t W = 4096 / 8;
+    const __m128i zero = _mm_setzero_si128();
+    int64_t k = 0;
+    for (int64_t i = 0; i < n; i++) {
+        const uint64_t *pa = a + (indexed ? idx[i] : i) * W, *pb = shadow + idx[i] * W;
+        for (int64_t j = 0; j < W; j += 8) { /* 64 bytes at a time; almost all are equal */
+            const __m128i *va = (const __m128i *)(pa + j), *vb = (const __m128i *)(pb + j);
+            __m128i x = _mm_or_si128(
+                _mm_or_si128(_mm_xor_si128(_mm_loadu_si128(va), _mm_loadu_si128(vb)),
+                             _mm_xor_si128(_mm_loadu_si128(va + 1), _mm_loadu_si128(vb + 1))),
+                _mm_or_si128(_mm_xor_si128(_mm_loadu_si128(va + 2), _mm_loadu_si128(vb + 2)),
+                             _mm_xor_si128(_mm_loadu_si128(va + 3), _mm_loadu_si128(vb + 3))));
+            if (_mm_movemask_epi8(_mm_cmpeq_epi8(x, zero)) == 0xFFFF)
+                continue;
+            for (int t = 0; t < 8; t++) {
+                uint64_t d = pa[j + t] ^ pb[j + t];
+                if (!d)
+                    continue;
+                if (k == max)
+                    return -1;
+                where[k] = i * W + j + t;
+                diff[k++] = d;
+            }
+        }
+    }
+    return k;
+}
+
+static void apply_words(uint64_t *shadow, const int64_t *idx, const int64_t *where,
+                        const uint64_t *diff, int64_t k)
+{
+    for (int64_t m = 0; m < k; m++)
+        shadow[idx[where[m] / 512] * 512 + where[m] % 512] ^= diff[m];
+}
+
 /* Compare n staged pages with their shadow rows idx[i]; record each differing 64-bit word's
  * offset into the staged data and its XOR, then write those words into the shadow. Returns the
  * number of words, or -1 with the shadow untouched if more than max differ. */
 int64_t dirtyring_sparse_delta(const uint64_t *staged, uint64_t *shadow, const int64_t *idx,
                                int64_t n, int64_t *where, uint64_t *diff, int64_t max)
 {
-    const int64_t W = 4096 / 8;
-    int64_t k = 0;
-    for (int64_t i = 0; i < n; i++) {
-        const uint64_t *a = staged + i * W, *b = shadow + idx[i] * W;
-        for (int64_t j = 0; j < W; j += 8) {
-            uint64_t any = 0;
-            for (int t = 0; t < 8; t++)
-                any |= a[j + t] ^ b[j + t];
-            if (!any)
-                continue;
-            for (int t = 0; t < 8; t++) {
-                uint64_t x = a[j + t] ^ b[j + t];
-                if (!x)
-                    continue;
-                if (k == max)
-                    return -1;
-                where[k] = i * W + j + t;
-                diff[k++] = x;
-            }
-        }
-    }
-    for (int64_t m = 0; m < k; m++)
-        shadow[idx[where[m] / W] * W + where[m] % W] ^= diff[m];
+    int64_t k = diff_words(staged, 0, shadow, idx, n, where, diff, max);
+    if (k >= 0)
+        apply_words(shadow, idx, where, diff, k);
     return k;
+}
+
+/* The uplink's side of a delta gather (dr_gather with a shadow): copy the k staged words of
+ * n pages out, and apply them to its own shadow (if any). -1 if an offset is out of range. */
+int dirtyring_take_words(const uint8_t *staged, int64_t n, int64_t k, const int64_t *idx,
+                         uint64_t *shadow, int64_t *where, uint64_t *diff)
+{
+    memcpy(where, staged, (size_t)k * 8);
+    memcpy(diff, staged + n * 64 * 8, (size_t)k * 8);
+    for (int64_t m = 0; m < k; m++)
+        if (where[m] < 0 || where[m] >= n * 512)
+            return -1;
+    if (shadow)
+        apply_words(shadow, idx, where, diff, k);
+    return 0;
 }
 
 struct dr_op { int fd; int expect; unsigned long request; void *arg; };
 struct dr_same { const void *a; const void *b; int64_t n; };
+/* With a shadow (a copy of the slot as of the last checkpoint), a delta gather: dst gets only
+ * the words that changed since, as where[n * 64] then diff[n * 64] (int64, uint64), *count how
+ * many, and the shadow is brought up to date; if more changed, the pages as a plain gather,
+ * *count = -1. */
 struct dr_gather {
     uint8_t *dst; int64_t *dst_idx; const uint8_t *src; const int64_t *idx;
-    int64_t n; int64_t src_pages;
+    int64_t n; int64_t src_pages; uint8_t *shadow; int64_t *count;
 };
 struct dr_copy { void *dst; const void *src; int64_t n; };
 struct dr_program {
@@ -113,8 +156,22 @@ int dirtyring_program(const struct dr_program *p)
                 return -1000 - k;
     for (int k = 0; k < p->ngathers; k++) {
         const struct dr_gather *g = &p->gathers[k];
+        int64_t words = -1;
+        if (g->shadow) {
+            const int64_t max = g->n * 64;  /* an eighth of the words, as the uplink's delta */
+            int64_t *where = (int64_t *)g->dst;
+            uint64_t *diff = (uint64_t *)(where + max);
+            words = diff_words((const uint64_t *)g->src, 1, (const uint64_t *)g->shadow,
+                               g->idx, g->n, where, diff, max);
+            if (words >= 0)
+                apply_words((uint64_t *)g->shadow, g->idx, where, diff, words);
+            *g->count = words;
+        }
         for (int64_t i = 0; i < g->n; i++) {
-            page_nt(g->dst + i * 4096, g->src + g->idx[i] * 4096);
+            if (words < 0)
+                page_nt(g->dst + i * 4096, g->src + g->idx[i] * 4096);
+            if (words < 0 && g->shadow)
+                memcpy(g->shadow + g->idx[i] * 4096, g->src + g->idx[i] * 4096, 4096);
             g->dst_idx[i] = g->idx[i];
         }
     }

@@ -99,6 +99,9 @@ def _build() -> C.CDLL | None:
         delta = dll.dirtyring_sparse_delta
         delta.argtypes = [C.c_void_p] * 3 + [C.c_int64] + [C.c_void_p] * 2 + [C.c_int64]
         delta.restype = C.c_int64
+        take = dll.dirtyring_take_words
+        take.argtypes = [C.c_void_p, C.c_int64, C.c_int64] + [C.c_void_p] * 4
+        take.restype = C.c_int
         return dll
     return None
 
@@ -108,10 +111,13 @@ _GATHER = _LIB.dirtyring_gather_nt if _LIB is not None else None
 _PROGRAM = _LIB.dirtyring_program if _LIB is not None else None
 _BATCH = _LIB.dirtyring_batch if _LIB is not None else None
 _DELTA = _LIB.dirtyring_sparse_delta if _LIB is not None else None
+_TAKE = _LIB.dirtyring_take_words if _LIB is not None else None
 #: "c-nt" (compiled: non-temporal stores, the steady pause) or "numpy" (no compiler here).
 BACKEND = "c-nt" if _GATHER is not None else "numpy"
 #: Fewer pages than this are copied by numpy.
 SMALL = 8
+#: A delta gather keeps at most this many changed words per page (an eighth of them).
+DELTA_WORDS = PAGE // 8 // 8
 
 
 def gather_pages(dst: np.ndarray, pages_view: np.ndarray, pages: np.ndarray) -> None:
@@ -148,6 +154,20 @@ def sparse_delta(staged: np.ndarray, shadow: np.ndarray, pages: np.ndarray,
     return None if k < 0 else (where[:k], diff[:k])
 
 
+def take_words(staged: int, n: int, words: int, pages: int,
+               shadow: int) -> tuple[np.ndarray, np.ndarray]:
+    """The (offsets, XORs) a delta gather staged for ``n`` pages at address ``staged`` (their
+    indices, int64, at ``pages``), copied out, and applied to the rows at ``shadow`` (like
+    guest memory's) unless that is 0. Addresses, not arrays: each ``ndarray.ctypes`` costs
+    ~1 µs, as much as the work. Only where the helper is built (delta gathers need it)."""
+    assert _TAKE is not None
+    out = np.empty(2 * words, np.int64)
+    at = out.ctypes.data
+    if _TAKE(staged, n, words, pages, shadow or None, at, at + 8 * words) != 0:
+        raise ValueError("a staged word lies outside its pages")
+    return out[:words], out[words:].view(np.uint64)
+
+
 class _Op(C.Structure):
     _fields_ = [("fd", C.c_int), ("expect", C.c_int), ("request", C.c_ulong),
                 ("arg", C.c_void_p)]
@@ -159,7 +179,8 @@ class _Same(C.Structure):
 
 class _Gather(C.Structure):
     _fields_ = [("dst", C.c_void_p), ("dst_idx", C.c_void_p), ("src", C.c_void_p),
-                ("idx", C.c_void_p), ("n", C.c_int64), ("src_pages", C.c_int64)]
+                ("idx", C.c_void_p), ("n", C.c_int64), ("src_pages", C.c_int64),
+                ("shadow", C.c_void_p), ("count", C.c_void_p)]
 
 
 class _Copy(C.Structure):
@@ -206,11 +227,19 @@ class PauseProgram:
         self._p.nsame += 1
 
     def gather(self, dst: int, dst_idx: int, rows: int, pages: int, n: int,
-               src_pages: int) -> None:
+               src_pages: int, shadow: int = 0, count: int = 0) -> None:
         """Pages ``pages[0:n]`` (int64) of ``rows`` (``src_pages`` of them) to ``dst`` (16-byte
-        aligned), their indices to ``dst_idx`` (int64), if every check held."""
+        aligned), their indices to ``dst_idx`` (int64), if every check held.
+
+        With ``shadow`` (rows like ``rows``, as they were at the last checkpoint), only the
+        64-bit words that changed since go to ``dst``: their offsets into the n pages as
+        int64 at ``dst``, their XORs as uint64 ``n * DELTA_WORDS`` words after, how many as an
+        int64 at ``count``, and the shadow is brought up to date. If more than
+        ``n * DELTA_WORDS`` changed, the pages go as without a shadow (and into it) and the
+        count is -1."""
         g = self._gathers[self._slot(self._p.ngathers)]
         g.dst, g.dst_idx, g.src, g.idx, g.n, g.src_pages = dst, dst_idx, rows, pages, n, src_pages
+        g.shadow, g.count = shadow or None, count or None
         self._p.ngathers += 1
 
     def copy(self, dst: int, src: int, n: int) -> None:

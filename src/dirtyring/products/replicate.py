@@ -327,6 +327,8 @@ class Primary:
         t0 = time.perf_counter()
         staged = self._stage_epoch(e)
         if staged is None:  # gave up waiting for staging space: this epoch is never sent
+            if self._steady is not None:
+                self._steady.stale()
             m.resume_all()
             return
         n, kind = staged
@@ -337,6 +339,8 @@ class Primary:
         self.gate.advance(self.epoch + 1)
         if not self._consistent_epoch:
             self._consistent_epoch = self.epoch
+        if self._steady is not None:
+            self._steady.checkpointed()  # the base of the next batch's deltas
         m.resume_all()
         t1 = time.perf_counter()
         self._queue(kind, state, digest, outputs, t1)

@@ -17,8 +17,12 @@ import numpy as np
 from ..machine.native import gather_pages
 from .staging import ALIVE, CONSUMED, PAGE, Staging
 
-#: (staging seq, offset in that slot, memory slot, pages): where an epoch's pages are.
-Part = tuple[int, int, int, int]
+#: (staging seq, offset in that slot, memory slot, pages, words): where an epoch's pages are.
+#: ``words`` -1: the pages themselves; else only their 64-bit words that changed since the
+#: last checkpoint were staged there (a steady pause's delta gather, see ``native.py``):
+#: ``words`` offsets (int64), then, ``pages * DELTA_WORDS`` words from the part's start,
+#: their XORs (uint64).
+Part = tuple[int, int, int, int, int]
 
 
 def _nothing(*_: object) -> None:
@@ -41,9 +45,6 @@ class Stager:
         self.seq = 0
         self._parts: list[Part] = []  # staged since the last ``take_parts``
         self._used: dict[int, int] = {}  # bytes used per recent staging seq
-        # Where each staging slot's pages and page indices start (for ``addresses``).
-        self._addrs = [(int(staging.data(i).ctypes.data), int(staging.indices(i).ctypes.data))
-                       for i in range(staging.slots)]
 
     @property
     def staging_bytes(self) -> int:
@@ -101,7 +102,7 @@ class Stager:
             self.staging.indices(self.seq)[off:off + k] = chunk
             # Non-temporal stores: the uplink reads these pages on the other core.
             gather_pages(self.staging.data(self.seq)[off:off + k], view, chunk)
-            self._parts.append((self.seq, off, slot, k))
+            self._parts.append((self.seq, off, slot, k, -1))
             self._used[self.seq] = (off + k) * PAGE
             self._used.pop(self.seq - self.staging.slots, None)
             self._fill += k
@@ -110,7 +111,7 @@ class Stager:
         return done
 
     def claim(self, epoch: int, sizes: list[tuple[int, int]]
-              ) -> tuple[int, list[tuple[int, int, int, int]]] | None:
+              ) -> tuple[int, list[Part]] | None:
         """Take the next staging slot for an epoch the steady batch has already copied into
         (one ``free_ahead`` named): its memory slots' pages one after the other in the order
         of ``sizes`` ((memory slot, pages)), each part's indices in the same places, as
@@ -127,7 +128,7 @@ class Stager:
             return None
         parts, off = [], 0
         for slot, n in sizes:
-            parts.append((seq, off, slot, n))
+            parts.append((seq, off, slot, n, -1))
             off += n
         self._used[seq] = off * PAGE
         self._used.pop(seq - st.slots, None)
@@ -146,7 +147,7 @@ class Stager:
 
     def addresses(self, k: int) -> tuple[int, int]:
         """Where staging slot ``k``'s pages and their indices (int64) start."""
-        return self._addrs[k]
+        return self.staging.addresses(k)
 
     _epoch = 0
     _fill = 0  # pages used in staging slot ``seq``

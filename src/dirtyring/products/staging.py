@@ -46,6 +46,16 @@ class Staging:
         self._data = [self.map.array(np.uint8, b + self.idx_bytes, slot_pages * PAGE)
                       .reshape(-1, PAGE) for b in bases]
 
+    def addresses(self, seq: int) -> tuple[int, int]:
+        """Where staging slot ``seq``'s pages and page indices (int64) start in memory."""
+        k = seq % self.slots
+        if not self._addrs:
+            self._addrs = [(int(d.ctypes.data), int(i.ctypes.data))
+                           for d, i in zip(self._data, self._idx)]
+        return self._addrs[k]
+
+    _addrs: list[tuple[int, int]] = []
+
     def indices(self, seq: int) -> np.ndarray:
         return self._idx[seq % self.slots]
 
@@ -53,7 +63,7 @@ class Staging:
         return self._data[seq % self.slots]
 
     def close(self) -> None:
-        self._idx, self._data = [], []
+        self._idx, self._data, self._addrs = [], [], []
         self.map.close()
 
 

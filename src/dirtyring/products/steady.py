@@ -83,7 +83,7 @@ class SteadyPause:
         # it fills: one program per staging slot, kept until the set, a log or the blob's
         # layout changes (filling one anew is ~15 µs of Python right after the guest ran).
         self._key: tuple[object, ...] = ()
-        self._progs: dict[int, native.PauseProgram] = {}
+        self._progs: dict[tuple[int, bool], native.PauseProgram] = {}
         self._sizes: list[tuple[int, int]] = []
         self._pages = 0
         # Verify mode: each program also copies all guest memory into a snapshot of its staging
@@ -92,6 +92,12 @@ class SteadyPause:
         mem = sum(s.info.size for s in machine.memory.slots)
         self._snapshots: dict[int, bytearray] | None = (
             {} if verify and mem <= VERIFY_SNAPSHOT_MAX else None)
+        # The hot set's pages as of the last checkpoint (``checkpointed``), while they are
+        # (``_shadow_for``: the set they are for): the pause then stages only the words that
+        # changed since, as the XOR delta the uplink would otherwise compute from whole pages
+        # (see ``_program``). Zeros until used: only the hot set's pages are ever touched.
+        self._shadows = {s.info.slot: np.zeros_like(s.rows) for s in machine.memory.slots}
+        self._shadow_for: DirtySet | None = None
 
     @classmethod
     def for_primary(cls, machine: Machine, stager: Stager, *,
@@ -131,13 +137,14 @@ class SteadyPause:
         slots = self.stager.free_ahead(min(1 if live_digest else most, self.tr.steady_left()))
         if not slots:
             return None
+        delta = self._shadow_for is dirty
         progs = []
         for k in slots:
-            prog = self._progs.get(k)
+            prog = self._progs.get((k, delta))
             if prog is None:
                 t = m.state_blob.template(k)
                 assert t is not None
-                prog = self._progs[k] = self._program(k, dirty, logs, t)
+                prog = self._progs[(k, delta)] = self._program(k, dirty, logs, t, delta)
             progs.append(prog)
         if self._batch is None:
             self._batch = self._runner.epoch_batch()
@@ -148,6 +155,11 @@ class SteadyPause:
         for i in range(done):
             claimed = self.stager.claim(epoch + i, self._sizes)
             assert claimed is not None and claimed[0] == slots[i], "staging moved under the batch"
+            parts = claimed[1]
+            if delta:  # how each part came out: changed words, or pages (-1)
+                counts = progs[i].keep[-1]
+                assert isinstance(counts, np.ndarray)
+                parts = [(*part[:4], int(c)) for part, c in zip(parts, counts)]
             self.tr.steady_done()
             entered, exited = b.times(i)
             resumed = b.times(i + 1)[0] if i + 1 < done or b.why != native.ALL_DONE else None
@@ -158,7 +170,7 @@ class SteadyPause:
                 digest = memory_digest(m.memory)  # paused right after its only epoch
             t = m.state_blob.template(slots[i])
             assert t is not None
-            out.append(SteadyCheckpoint(self._pages, claimed[1], m.state_blob.encode_template(t),
+            out.append(SteadyCheckpoint(self._pages, parts, m.state_blob.encode_template(t),
                                         digest, exited - entered, exited, resumed))
         self.taken += done
         if b.why == native.ALL_DONE:
@@ -166,6 +178,24 @@ class SteadyPause:
         stopped_by = "exit" if why == "exit" else \
             "vmm write" if b.detail == native.VMM_WROTE else "log changed"
         return SteadyRun(out, why, b.times(done)[0], stopped_by)
+
+    def checkpointed(self) -> None:
+        """An ordinary checkpoint was just taken (the guest is paused): keep the hot set's
+        pages as they are now, for the next batch's deltas. Batched checkpoints keep them up
+        to date themselves; any other change to them is in some ordinary checkpoint."""
+        steady = self.tr.steady()
+        self._shadow_for = None if steady is None else steady[0]
+        if steady is None:
+            return
+        assert self.m.memory is not None
+        for slot, pages in steady[0].items():
+            rows = self.m.memory.slots[slot].rows
+            self._shadows[slot][pages] = rows[pages]
+
+    def stale(self) -> None:
+        """An epoch's writes were dropped unsent (the run is stopping): the shadows no longer
+        hold the last checkpoint's pages."""
+        self._shadow_for = None
 
     def finish(self, run: SteadyRun, interval: float) -> tuple[str, float]:
         """Handle the exit that stopped ``run``'s tail epoch and run it to its end: why it
@@ -175,9 +205,17 @@ class SteadyPause:
         return why, time.monotonic() - run.tail_entered
 
     def _program(self, k: int, dirty: DirtySet, logs: list[tuple[int, np.ndarray, bytes]],
-                 blob: BlobTemplate) -> native.PauseProgram:
+                 blob: BlobTemplate, delta: bool) -> native.PauseProgram:
         """The pause into staging slot ``k``: the logs' GETs and the state's reads, the logs
-        compared with the last ones, the hot set gathered, the state laid into the blob."""
+        compared with the last ones, the hot set gathered, the state laid into the blob.
+
+        ``delta``: the gathers stage only the words that changed since the last checkpoint
+        (compared with the shadows, which they update), as the uplink's XOR delta. Why: the
+        uplink otherwise reads the whole staged pages back from memory (the pause stores them
+        past the caches) to compare them with its own copy, ~35-45 µs for 64 pages on the
+        other core, which the uplink and the standby share; here the pages are still in this
+        core's cache, and the compare costs the pause ~XX µs more than the copy it replaces.
+        The program's last ``keep`` item is then the count of words per part."""
         prog, vm = native.PauseProgram(), self.m.vm
         prog.keep += (dirty, logs, blob)
         for slot, bitmap, last in logs:
@@ -190,11 +228,13 @@ class SteadyPause:
             prog.ioctl(fd, request, arg, expect)
         data, idx = self.stager.addresses(k)
         off = 0
-        for slot, pages in dirty.items():
+        counts = np.zeros(len(dirty), np.int64)
+        for i, (slot, pages) in enumerate(dirty.items()):
             rows, n_rows = self._rows[slot]
             assert pages.dtype == np.int64 and pages.flags.c_contiguous, "hot-set pages"
+            shadow = int(self._shadows[slot].ctypes.data) if delta else 0
             prog.gather(data + off * PAGE, idx + off * 8, rows, int(pages.ctypes.data),
-                        len(pages), n_rows)
+                        len(pages), n_rows, shadow, int(counts[i:].ctypes.data) if delta else 0)
             off += len(pages)
         for dst, src, n in blob.copies:
             prog.copy(dst, src, n)
@@ -208,4 +248,5 @@ class SteadyPause:
             for s in self.m.memory.slots:
                 prog.copy(base + at, int(s.rows.ctypes.data), s.info.size)
                 at += s.info.size
+        prog.keep.append(counts)
         return prog

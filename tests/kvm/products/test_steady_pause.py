@@ -16,6 +16,7 @@ from dirtyring.guests.protocol import GuestParams, Pattern
 from dirtyring.machine.config import MachineConfig
 from dirtyring.machine.epoch import EpochDriver
 from dirtyring.machine.memory import digest_of
+from dirtyring.machine.native import DELTA_WORDS
 from dirtyring.machine.state import MachineState
 from dirtyring.machine.vm import Machine
 from dirtyring.products.staging import CONSUMED, Staging
@@ -59,7 +60,8 @@ def same_state(fast: bytes, m: Machine) -> None:
 
 def parts_of(cp: SteadyCheckpoint) -> dict[int, tuple[int, int, int]]:
     """Memory slot -> (staging seq, offset, pages) of one checkpoint's staged pages."""
-    return {slot: (seq, off, k) for seq, off, slot, k in cp.parts}
+    assert all(words == -1 for *_, words in cp.parts)  # pages: no base was ever given
+    return {slot: (seq, off, k) for seq, off, slot, k, _ in cp.parts}
 
 
 @pytest.mark.parametrize("verify", [False, True])
@@ -134,6 +136,90 @@ def test_batches_stage_and_encode_each_epoch_like_the_ordinary_path(
     assert sp.taken == sum(n * c for n, c in sizes.items())
     assert sizes[4] > 20  # whole batches while the set holds
     assert fallbacks + tails >= 3  # the re-arms (at least at 8, 24 and 56 epochs)
+
+
+def test_with_a_base_batches_stage_only_the_words_changed_since_the_last_checkpoint(
+        machines: list[Machine]) -> None:
+    """As the primary runs it: after each ordinary checkpoint the pause keeps the hot set's
+    pages (``checkpointed``), and the batch then stages only the words each checkpoint
+    changed. Applied to what a standby holds (the checkpoint before), they must give that
+    checkpoint's memory exactly (verify mode snapshots all of it at each pause)."""
+    m = hot_machine(machines)
+    tr = m.tracker
+    assert isinstance(tr, HotSetTracker) and m.memory is not None
+    up = stager()
+    sp = SteadyPause(m, tr, up, verify=True)
+    drv = EpochDriver(m)
+    slots = m.memory.slots
+    assert [s.info.slot for s in slots] == list(range(len(slots)))
+    image = [s.rows.copy() for s in slots]  # what the standby holds: the last checkpoint
+
+    def ordinary() -> None:  # the standby gets every page; the pause its new base
+        for i, s in enumerate(slots):
+            image[i][:] = s.rows
+        sp.checkpointed()
+
+    epoch, by_words, by_pages, batched = 1, 0, 0, 0
+    while epoch < 300:
+        got = sp.run(epoch, EPOCH, 4)
+        if got is None:
+            drv.run_epoch(EPOCH)
+            m.encode_state()
+            ordinary()
+            epoch += 1
+            continue
+        for cp in got.checkpoints:
+            for seq, off, slot, k, words in cp.parts:
+                idx = np.array(up.staging.indices(seq)[off:off + k])
+                data = up.staging.data(seq)[off:off + k]
+                if words >= 0:
+                    flat = data.reshape(-1)
+                    where = flat[:words * 8].view(np.int64)
+                    diff = flat[k * DELTA_WORDS * 8:][:words * 8].view(np.uint64)
+                    image[slot].view(np.uint64)[idx[where // 512], where % 512] ^= diff
+                    by_words += 1
+                else:
+                    image[slot][idx] = data
+                    by_pages += 1
+            assert sp._snapshots is not None
+            snap = sp._snapshots[cp.parts[0][0] % up.staging.slots]
+            assert b"".join(i.tobytes() for i in image) == bytes(snap), epoch
+            batched += 1
+        epoch += len(got.checkpoints)
+        if got.tail is not None:
+            finish_tail(sp, drv, got)
+            m.encode_state()
+            ordinary()
+            epoch += 1
+        consumed_all(up)
+    assert batched > 100 and by_words >= 2 * batched - by_pages  # words, nearly always
+    assert by_words > 10 * by_pages
+
+
+def test_an_epoch_dropped_unsent_leaves_no_base(machines: list[Machine]) -> None:
+    m = hot_machine(machines)
+    tr = m.tracker
+    assert isinstance(tr, HotSetTracker)
+    up = stager()
+    sp = SteadyPause(m, tr, up)
+    drv = EpochDriver(m)
+    epoch = steady_again(m, drv, 1)
+    sp.checkpointed()
+    sp.stale()
+    got = steady_run(sp, m, drv, up, epoch)
+    assert all(words == -1 for cp in got.checkpoints for *_, words in cp.parts)
+    consumed_all(up)
+    epoch += 20
+    for _ in range(10):  # the next ordinary checkpoint gives the base back
+        m.encode_state()
+        sp.checkpointed()
+        got = sp.run(epoch, EPOCH, 4)
+        if got is not None and got.checkpoints:
+            break
+        drv.run_epoch(EPOCH) if got is None else finish_tail(sp, drv, got)
+        epoch += 1
+    assert got is not None and got.checkpoints
+    assert all(words >= 0 for cp in got.checkpoints for *_, words in cp.parts)
 
 
 def steady_again(m: Machine, drv: EpochDriver, epoch: int) -> int:

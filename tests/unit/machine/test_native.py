@@ -132,3 +132,91 @@ def test_a_failing_ioctl_or_a_page_outside_the_slot_is_an_error(program: Any) ->
     with pytest.raises(IndexError):
         prog.run()
     assert not dst.any()
+
+
+# --- the delta gather ---------------------------------------------------------------------
+
+def _delta_gather(rows: np.ndarray, shadow: np.ndarray, pages: np.ndarray
+                  ) -> tuple[bool, np.ndarray, np.ndarray, int]:
+    """One program of one delta gather: (ran, staged bytes, staged indices, words)."""
+    n = len(pages)
+    dst, idx = np.zeros((n, 4096), np.uint8), np.full(n, -1, np.int64)
+    count = np.full(1, -7, np.int64)
+    prog = native.PauseProgram()
+    prog.gather(_addr(dst), _addr(idx), _addr(rows), _addr(pages), n, rows.shape[0],
+                _addr(shadow), _addr(count))
+    return prog.run(), dst, idx, int(count[0])
+
+
+def test_a_delta_gather_stages_the_changed_words_and_updates_the_shadow(program: Any) -> None:
+    rng = np.random.default_rng(3)
+    rows = rng.integers(0, 256, (16, 4096), dtype=np.uint8)
+    shadow = rows.copy()
+    pages = np.array([9, 2, 3], np.int64)
+    words = rows.view(np.uint64)
+    changed = [(9, 0), (9, 511), (2, 100), (3, 7)]  # (page, word); page order as staged
+    for p, w in changed:
+        words[p, w] ^= np.uint64(0xF0F0 + w)
+    before = shadow.copy()
+    ran, dst, idx, k = _delta_gather(rows, shadow, pages)
+    assert ran and k == len(changed) and idx.tolist() == [9, 2, 3]
+    flat = dst.reshape(-1)
+    where = flat[:k * 8].view(np.int64)
+    diff = flat[3 * native.DELTA_WORDS * 8:][:k * 8].view(np.uint64)
+    pos = {int(p): i for i, p in enumerate(pages)}
+    assert where.tolist() == sorted(pos[p] * 512 + w for p, w in changed)
+    for at, x in zip(where.tolist(), diff.tolist()):
+        p = int(pages[at // 512])
+        assert x == int(rows.view(np.uint64)[p, at % 512] ^ before.view(np.uint64)[p, at % 512])
+    assert np.array_equal(shadow, rows)  # up to date, and nothing else touched
+    ran, dst, idx, k = _delta_gather(rows, shadow, pages)
+    assert ran and k == 0  # nothing changed since
+
+
+def test_a_delta_gather_past_an_eighth_of_the_words_stages_the_pages(program: Any) -> None:
+    rows = np.zeros((8, 4096), np.uint8)
+    shadow = rows.copy()
+    pages = np.array([5, 6], np.int64)
+    rows[5].view(np.uint64)[:2 * native.DELTA_WORDS + 1] = 1  # one word more than fits
+    ran, dst, idx, k = _delta_gather(rows, shadow, pages)
+    assert ran and k == -1 and idx.tolist() == [5, 6]
+    assert np.array_equal(dst, rows[pages]) and np.array_equal(shadow, rows)
+    rows[6].view(np.uint64)[:2 * native.DELTA_WORDS] = 3  # exactly as many as fit: words
+    ran, dst, idx, k = _delta_gather(rows, shadow, pages)
+    assert ran and k == 2 * native.DELTA_WORDS and np.array_equal(shadow, rows)
+
+
+def test_a_failed_check_leaves_the_shadow_alone(program: Any) -> None:
+    prog, _ = program
+    rows, shadow = np.ones((4, 4096), np.uint8), np.zeros((4, 4096), np.uint8)
+    a, b = np.zeros(4, np.uint64), np.ones(4, np.uint64)
+    pages, count = np.array([1], np.int64), np.full(1, -7, np.int64)
+    dst, idx = np.zeros((1, 4096), np.uint8), np.full(1, -1, np.int64)
+    prog.same(_addr(a), _addr(b), a.nbytes)
+    prog.gather(_addr(dst), _addr(idx), _addr(rows), _addr(pages), 1, 4, _addr(shadow),
+                _addr(count))
+    assert prog.run() is False
+    assert not shadow.any() and count[0] == -7 and not dst.any()
+
+
+def test_the_uplink_takes_staged_words_and_applies_them_to_its_shadow(program: Any) -> None:
+    rng = np.random.default_rng(4)
+    rows = rng.integers(0, 256, (16, 4096), dtype=np.uint8)
+    mine, theirs = rows.copy(), rows.copy()  # the pause's shadow and the uplink's
+    pages = np.array([4, 11], np.int64)
+    rows.view(np.uint64)[4, 3] ^= np.uint64(5)
+    rows.view(np.uint64)[11, 500] ^= np.uint64(1 << 63)
+    ran, dst, idx, k = _delta_gather(rows, mine, pages)
+    assert ran and k == 2
+
+    def take(shadow: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        return native.take_words(_addr(dst), 2, k, _addr(idx),
+                                 0 if shadow is None else _addr(shadow))
+    where, diff = take(theirs)
+    assert where.tolist() == [3, 512 + 500] and diff.tolist() == [5, 1 << 63]
+    assert np.array_equal(theirs, rows)
+    where2, _ = take(None)  # no shadow kept: only the words
+    assert where2.tolist() == where.tolist() and np.array_equal(theirs, rows)
+    dst.reshape(-1)[:8].view(np.int64)[0] = 2 * 512  # an offset past its two pages
+    with pytest.raises(ValueError, match="outside its pages"):
+        take(theirs)

@@ -46,12 +46,12 @@ def test_an_epoch_packs_its_memory_slots_into_one_fresh_staging_slot() -> None:
     assert st.stage(1, "delta", 0, mem, np.array([3, 5], np.int64), never) == 2
     assert st.stage(1, "delta", 1, mem, np.array([7], np.int64), never) == 1
     parts = st.take_parts()
-    assert parts == [(0, 0, 0, 2), (0, 2, 1, 1)]
+    assert parts == [(0, 0, 0, 2, -1), (0, 2, 1, 1, -1)]
     assert list(st.staging.indices(0)[:3]) == [3, 5, 7]
     assert [int(p[0]) for p in st.staging.data(0)[:3]] == [3, 5, 7]
     assert st.staging_bytes == 3 * PAGE
     st.stage(2, "delta", 0, mem, np.array([9], np.int64), never)  # the next epoch: next slot
-    assert st.take_parts() == [(1, 0, 0, 1)]
+    assert st.take_parts() == [(1, 0, 0, 1, -1)]
 
 
 def test_a_big_epoch_streams_full_slots_ahead_of_its_end() -> None:
@@ -59,9 +59,9 @@ def test_a_big_epoch_streams_full_slots_ahead_of_its_end() -> None:
     pages = np.arange(10, dtype=np.int64)
     assert st.stage(1, "full", 0, guest(), pages, never) == 10
     # Two full slots were told as they filled; the rest waits for the epoch's end.
-    assert [(e, k, p) for e, k, p in told.parts] == [(1, "full", [(0, 0, 0, 4)]),
-                                                     (1, "full", [(1, 0, 0, 4)])]
-    assert st.take_parts() == [(2, 0, 0, 2)]
+    assert [(e, k, p) for e, k, p in told.parts] == [(1, "full", [(0, 0, 0, 4, -1)]),
+                                                     (1, "full", [(1, 0, 0, 4, -1)])]
+    assert st.take_parts() == [(2, 0, 0, 2, -1)]
 
 
 def test_a_busy_slot_is_waited_for_until_told_to_give_up() -> None:
@@ -81,19 +81,19 @@ def test_a_busy_slot_is_waited_for_until_told_to_give_up() -> None:
     assert told.flushes >= 1 and len(calls) == 4
     st.staging.header[CONSUMED] = 1  # the uplink released the first
     assert st.stage(3, "delta", 0, mem, np.array([3], np.int64), never) == 1
-    assert st.take_parts() == [(2, 0, 0, 1)]
+    assert st.take_parts() == [(2, 0, 0, 1, -1)]
 
 
 def test_room_free_slots_claims_and_abandon() -> None:
     st, told = make(slots=4, max_ahead=3)
     assert st.has_room() and st.free_ahead(8) == [0, 1, 2]
     got = st.claim(1, [(0, 2), (1, 1)])
-    assert got == (0, [(0, 0, 0, 2), (0, 2, 1, 1)])
+    assert got == (0, [(0, 0, 0, 2, -1), (0, 2, 1, 1, -1)])
     assert st.take_parts() == []  # claimed parts go to the caller, not to the next end
     assert st.free_ahead(8) == [1, 2]
-    assert st.claim(2, [(0, 2)]) == (1, [(1, 0, 0, 2)])
+    assert st.claim(2, [(0, 2)]) == (1, [(1, 0, 0, 2, -1)])
     assert st.claim(3, [(0, 9)]) is None  # more than a slot holds
-    assert st.claim(3, [(0, 2)]) == (2, [(2, 0, 0, 2)])
+    assert st.claim(3, [(0, 2)]) == (2, [(2, 0, 0, 2, -1)])
     assert not st.has_room() and told.flushes == 1  # full: the uplink is told, to free some
     assert st.free_ahead(8) == []
     st.staging.header[CONSUMED] = 2
@@ -103,6 +103,6 @@ def test_room_free_slots_claims_and_abandon() -> None:
     st.abandon()
     assert st.take_parts() == []
     assert st.stage(4, "delta", 0, guest(), np.array([4], np.int64), never) == 1
-    assert st.take_parts() == [(3, 0, 0, 1)]
+    assert st.take_parts() == [(3, 0, 0, 1, -1)]
     told.gone = True  # the uplink died: no room, nothing free
     assert not st.has_room() and st.free_ahead(8) == []
