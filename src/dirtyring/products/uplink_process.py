@@ -34,7 +34,9 @@ from .staging import ACKED, ALIVE, CONSUMED, PAGE, Staging, recv_msg, send_msg
 from .transport import HandshakeRefused, Link, LinkClosed, handshake
 
 MAX_UNACKED_BYTES = 2 << 20  # kept below the socket buffers: a Goodbye always fits
-MAX_UNACKED_EPOCHS = 64  # bounds the ack (and output) delay when the standby is slow
+#: Bounds the ack (and output) delay when the standby is slow. At ~3,500 checkpoints/s an ack
+#: round trip of ~5 ms (p99 here) spans ~18 epochs: 16 shut the window in every such burst.
+MAX_UNACKED_EPOCHS = 64
 STATS_EVERY = 0.25
 NICE = 5  # the uplink's priority below the epoch loop's (see main)
 #: After this long without a control message the uplink checks the primary is not dying (see
