@@ -341,3 +341,7 @@ class EpochBatch:
     def times(self, i: int) -> tuple[float, float]:
         """(entered, exited): CLOCK_MONOTONIC seconds (``time.monotonic``) of epoch ``i``'s run."""
         return self._b.enter_ns[i] * 1e-9, self._b.exit_ns[i] * 1e-9
+
+    def all_times(self, n: int) -> list[tuple[float, float]]:
+        """``times(i)`` for the first ``n`` epochs, read at once."""
+        return [(a * 1e-9, b * 1e-9) for a, b in zip(self._b.enter_ns[:n], self._b.exit_ns[:n])]

@@ -165,9 +165,15 @@ class StateBlob:
 
     def encode_template(self, t: BlobTemplate) -> bytes:
         """The blob, once ``t``'s reads and copies are done."""
-        out = [t.raw()]
-        self._devices(out)
-        return b"".join(out)
+        return self.encode_templates([t])[0]
+
+    def encode_templates(self, ts: list[BlobTemplate]) -> list[bytes]:
+        """The blobs of several templates filled while the devices stood still (a steady
+        batch: any device I/O ends it), their part encoded once."""
+        devices: list[bytes] = []
+        self._devices(devices)
+        tail = b"".join(devices)
+        return [t.raw() + tail for t in ts]
 
     def _devices(self, out: list[bytes]) -> None:
         for d in self.m.devices:

@@ -364,25 +364,32 @@ class Primary:
     def _queue_steady(self, cps: list[SteadyCheckpoint], *, resumed: bool) -> None:
         """The checkpoints a steady batch completed (staged and encoded already). No output
         can have been made during the batch (an I/O exit ends it), so they all release what
-        the gate releases now. ``resumed``: the guest runs on right after this."""
+        the gate releases now, and the gate moves past them at once. ``resumed``: the guest
+        runs on right after this."""
         assert self.up is not None
-        self.drv.counted(len(cps))
         self.up.alive()
-        for i, cp in enumerate(cps):
-            self.epoch += 1
-            outputs = self.gate.released
-            self.gate.advance(self.epoch + 1)
-            if not self._consistent_epoch:
-                self._consistent_epoch = self.epoch
-            last = i == len(cps) - 1
-            if last and resumed:
-                self.m.resume_all()
-            now = time.perf_counter()
-            self._queue("delta", cp.state, cp.digest, outputs, now, cp.parts)
-            done = time.monotonic() if cp.resumed is None else cp.resumed
-            self.stats.record(pause_s=done - cp.exited, harvest_s=0.0, dirty_pages=cp.pages,
-                              nbytes=cp.pages * PAGE + len(cp.state), resync=False,
-                              budget=False)
+        if not cps:  # the batch stopped in its first epoch, which is not over yet
+            assert not resumed
+            return
+        self.drv.counted(len(cps))
+        outputs = self.gate.released
+        first = self.epoch + 1
+        self.epoch += len(cps)
+        self.gate.advance(self.epoch + 1)
+        if not self._consistent_epoch:
+            self._consistent_epoch = first
+        if resumed:
+            self.m.resume_all()
+        for i, cp in enumerate(cps[:-1]):
+            self.up.end(first + i, "delta", cp.state, cp.digest, outputs, flush=False,
+                        parts=cp.parts)
+        last = cps[-1]
+        self._queue("delta", last.state, last.digest, outputs, time.perf_counter(), last.parts)
+        record, now = self.stats.record, time.monotonic()
+        for cp in cps:
+            done = now if cp.resumed is None else cp.resumed
+            record(pause_s=done - cp.exited, harvest_s=0.0, dirty_pages=cp.pages,
+                   nbytes=cp.pages * PAGE + len(cp.state), resync=False, budget=False)
 
     def _stage_epoch(self, e: Epoch) -> tuple[int, str] | None:
         """Stage the harvested epoch ``e`` the ordinary way: (pages, kind), or None if the

@@ -83,7 +83,8 @@ class SteadyPause:
         # it fills: one program per staging slot, kept until the set, a log or the blob's
         # layout changes (filling one anew is ~15 µs of Python right after the guest ran).
         self._key: tuple[object, ...] = ()
-        self._progs: dict[tuple[int, bool], native.PauseProgram] = {}
+        self._progs: dict[tuple[int, bool],
+                          tuple[native.PauseProgram, BlobTemplate, np.ndarray]] = {}
         self._sizes: list[tuple[int, int]] = []
         self._pages = 0
         # Verify mode: each program also copies all guest memory into a snapshot of its staging
@@ -138,40 +139,42 @@ class SteadyPause:
         if not slots:
             return None
         delta = self._shadow_for is dirty
-        progs = []
+        chosen = []  # (program, its blob template, its counts of changed words)
         for k in slots:
-            prog = self._progs.get((k, delta))
-            if prog is None:
+            got = self._progs.get((k, delta))
+            if got is None:
                 t = m.state_blob.template(k)
                 assert t is not None
-                prog = self._progs[(k, delta)] = self._program(k, dirty, logs, t, delta)
-            progs.append(prog)
+                prog, counts = self._program(k, dirty, logs, t, delta)
+                got = self._progs[(k, delta)] = (prog, t, counts)
+            chosen.append(got)
         if self._batch is None:
             self._batch = self._runner.epoch_batch()
         b = self._batch
-        why = self._runner.run_batch(b, interval, progs, m.memory.vmm_writes, writes)
+        why = self._runner.run_batch(b, interval, [c[0] for c in chosen], m.memory.vmm_writes,
+                                     writes)
+        # Python right after the guest ran is slow: everything per checkpoint is read at once.
         done = b.done
+        times = b.all_times(done + 1)
+        states = m.state_blob.encode_templates([c[1] for c in chosen[:done]])
+        if done:
+            self.tr.steady_done(done)
         out = []
         for i in range(done):
             claimed = self.stager.claim(epoch + i, self._sizes)
             assert claimed is not None and claimed[0] == slots[i], "staging moved under the batch"
             parts = claimed[1]
             if delta:  # how each part came out: changed words, or pages (-1)
-                counts = progs[i].keep[-1]
-                assert isinstance(counts, np.ndarray)
-                parts = [(*part[:4], int(c)) for part, c in zip(parts, counts)]
-            self.tr.steady_done()
-            entered, exited = b.times(i)
-            resumed = b.times(i + 1)[0] if i + 1 < done or b.why != native.ALL_DONE else None
+                parts = [(*part[:4], c) for part, c in zip(parts, chosen[i][2].tolist())]
+            entered, exited = times[i]
+            resumed = times[i + 1][0] if i + 1 < done or b.why != native.ALL_DONE else None
             digest = b""
             if self._snapshots is not None:
                 digest = digest_of((self._snapshots[slots[i]],))
             elif self.verify:
                 digest = memory_digest(m.memory)  # paused right after its only epoch
-            t = m.state_blob.template(slots[i])
-            assert t is not None
-            out.append(SteadyCheckpoint(self._pages, parts, m.state_blob.encode_template(t),
-                                        digest, exited - entered, exited, resumed))
+            out.append(SteadyCheckpoint(self._pages, parts, states[i], digest, exited - entered,
+                                        exited, resumed))
         self.taken += done
         if b.why == native.ALL_DONE:
             return SteadyRun(out, None, 0.0)
@@ -205,7 +208,7 @@ class SteadyPause:
         return why, time.monotonic() - run.tail_entered
 
     def _program(self, k: int, dirty: DirtySet, logs: list[tuple[int, np.ndarray, bytes]],
-                 blob: BlobTemplate, delta: bool) -> native.PauseProgram:
+                 blob: BlobTemplate, delta: bool) -> tuple[native.PauseProgram, np.ndarray]:
         """The pause into staging slot ``k``: the logs' GETs and the state's reads, the logs
         compared with the last ones, the hot set gathered, the state laid into the blob.
 
@@ -215,7 +218,7 @@ class SteadyPause:
         past the caches) to compare them with its own copy, ~35-45 µs for 64 pages on the
         other core, which the uplink and the standby share; here the pages are still in this
         core's cache, and the compare costs the pause ~XX µs more than the copy it replaces.
-        The program's last ``keep`` item is then the count of words per part."""
+        Returns the program and where it counts the changed words of each part (-1: pages)."""
         prog, vm = native.PauseProgram(), self.m.vm
         prog.keep += (dirty, logs, blob)
         for slot, bitmap, last in logs:
@@ -249,4 +252,4 @@ class SteadyPause:
                 prog.copy(base + at, int(s.rows.ctypes.data), s.info.size)
                 at += s.info.size
         prog.keep.append(counts)
-        return prog
+        return prog, counts

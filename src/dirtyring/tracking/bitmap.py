@@ -250,12 +250,12 @@ class HotSetTracker(BitmapTracker):
         """How many harvests ``steady()`` may stand for in a row before a re-arm is due."""
         return max(0, self._next_rearm - self._cycle - 1)
 
-    def steady_done(self) -> DirtySet:
-        """Count a harvest ``steady()`` described and the caller performed; its set."""
-        assert self._same is not None
-        self._cycle += 1
-        self._harvests += 1
-        self._pages += self._same_len
+    def steady_done(self, n: int = 1) -> DirtySet:
+        """Count ``n`` harvests ``steady()`` described and the caller performed; their set."""
+        assert self._same is not None and n <= self.steady_left()
+        self._cycle += n
+        self._harvests += n
+        self._pages += n * self._same_len
         return self._same
 
     def _adapt(self, parts: list[tuple[int, np.ndarray]]) -> None:
