@@ -100,7 +100,8 @@ def _build() -> C.CDLL | None:
         delta.argtypes = [C.c_void_p] * 3 + [C.c_int64] + [C.c_void_p] * 2 + [C.c_int64]
         delta.restype = C.c_int64
         take = dll.dirtyring_take_words
-        take.argtypes = [C.c_void_p, C.c_int64, C.c_int64] + [C.c_void_p] * 4
+        take.argtypes = [C.c_void_p, C.c_int64, C.c_int64, C.c_void_p, C.c_void_p, C.c_void_p,
+                         C.c_void_p]
         take.restype = C.c_int
         return dll
     return None
