@@ -22,7 +22,7 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <time.h>
-#include <emmintrin.h>
+#include <immintrin.h>
 #include <linux/kvm.h>
 
 static void page_nt(uint8_t *dst, const uint8_t *src)
@@ -54,9 +54,9 @@ int dirtyring_gather_nt(uint8_t *dst, const uint8_t *src, const int64_t *idx, in
 /* The words of n pages that differ from their shadow rows idx[i]: page i is a + idx[i] * W
  * if indexed (guest memory), else a + i * W (staged pages). Each goes to where (its offset in
  * the n pages, in words) and diff (the XOR). Returns how many, or -1 past max. */
-static int64_t diff_words(const uint64_t *a, int indexed, const uint64_t *shadow,
-                          const int64_t *idx, int64_t n, int64_t *where, uint64_t *diff,
-                          int64_t max)
+static int64_t diff_words_sse2(const uint64_t *a, int indexed, const uint64_t *shadow,
+                               const int64_t *idx, int64_t n, int64_t *where, uint64_t *diff,
+                               int64_t max)
 {
     const int64_t W = 4096 / 8;
     const __m128i zero = _mm_setzero_si128();
@@ -84,6 +84,53 @@ static int64_t diff_words(const uint64_t *a, int indexed, const uint64_t *shadow
         }
     }
     return k;
+}
+
+/* The same, 128 bytes at a time with AVX2 (the pause's compare: ~2x faster where the pages are
+ * in cache, which they are right after the guest wrote them). */
+__attribute__((target("avx2")))
+static int64_t diff_words_avx2(const uint64_t *a, int indexed, const uint64_t *shadow,
+                               const int64_t *idx, int64_t n, int64_t *where, uint64_t *diff,
+                               int64_t max)
+{
+    const int64_t W = 4096 / 8;
+    int64_t k = 0;
+    for (int64_t i = 0; i < n; i++) {
+        const uint64_t *pa = a + (indexed ? idx[i] : i) * W, *pb = shadow + idx[i] * W;
+        for (int64_t j = 0; j < W; j += 16) {
+            const __m256i *va = (const __m256i *)(pa + j), *vb = (const __m256i *)(pb + j);
+            __m256i x = _mm256_or_si256(
+                _mm256_or_si256(
+                    _mm256_xor_si256(_mm256_loadu_si256(va), _mm256_loadu_si256(vb)),
+                    _mm256_xor_si256(_mm256_loadu_si256(va + 1), _mm256_loadu_si256(vb + 1))),
+                _mm256_or_si256(
+                    _mm256_xor_si256(_mm256_loadu_si256(va + 2), _mm256_loadu_si256(vb + 2)),
+                    _mm256_xor_si256(_mm256_loadu_si256(va + 3), _mm256_loadu_si256(vb + 3))));
+            if (_mm256_testz_si256(x, x))
+                continue;
+            for (int t = 0; t < 16; t++) {
+                uint64_t d = pa[j + t] ^ pb[j + t];
+                if (!d)
+                    continue;
+                if (k == max)
+                    return -1;
+                where[k] = i * W + j + t;
+                diff[k++] = d;
+            }
+        }
+    }
+    return k;
+}
+
+static int64_t diff_words(const uint64_t *a, int indexed, const uint64_t *shadow,
+                          const int64_t *idx, int64_t n, int64_t *where, uint64_t *diff,
+                          int64_t max)
+{
+    static int avx2 = -1;
+    if (avx2 < 0)
+        avx2 = __builtin_cpu_supports("avx2");
+    return (avx2 ? diff_words_avx2 : diff_words_sse2)(a, indexed, shadow, idx, n, where, diff,
+                                                      max);
 }
 
 static void apply_words(uint64_t *shadow, const int64_t *idx, const int64_t *where,
