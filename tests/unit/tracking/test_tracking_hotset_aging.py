@@ -84,3 +84,26 @@ def test_cold_pages_leave_the_set_within_the_longest_period() -> None:
     epochs(vm, tr, 100, list(range(64)))
     epochs(vm, tr, 40, [0, 1])  # the rest went cold
     assert set(tr.harvest().slot(1).tolist()) <= {0, 1}
+
+
+def test_harvests_done_elsewhere_count_toward_the_next_rearm() -> None:
+    """The steady batch does several harvests' work in native code and counts them at once
+    (``steady_done(n)``): they move the re-arm as ordinary harvests would, and may not go
+    past it."""
+    vm, tr = make()
+    hot = list(range(8))
+    epochs(vm, tr, 100, hot)
+    while tr.steady() is None:
+        epochs(vm, tr, 1, hot)
+    left, stats = tr.steady_left(), tr.statistics()
+    assert left >= 3
+    assert set(tr.steady_done(3).slot(1).tolist()) == set(hot)
+    assert tr.steady_left() == left - 3
+    assert tr.statistics().harvests == stats.harvests + 3
+    with np.testing.assert_raises(AssertionError):
+        tr.steady_done(tr.steady_left() + 1)
+    tr.steady_done(tr.steady_left())
+    assert tr.steady() is None  # the re-arm is due: the next harvest is an ordinary one
+    clears = vm.clears
+    epochs(vm, tr, 1, hot)
+    assert vm.clears == clears + 1
