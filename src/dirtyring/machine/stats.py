@@ -69,12 +69,16 @@ class EpochStats:
         else:
             dt = max(now - self.t0, 1e-9)
             eps, mbps, gps = self.epochs / dt, self.bytes_total / dt / 1e6, 0.0
-        p = np.asarray(self._pause) if self._pause else np.zeros(1)
-        h = np.asarray(self._harvest) if self._harvest else np.zeros(1)
+        # (The epoch loop takes this several times a second, in its own time: fromiter, one
+        # percentile call and a plain sum cost half of asarray, two percentiles and np.mean.)
+        p = np.fromiter(self._pause, float, len(self._pause)) if self._pause else np.zeros(1)
+        h = np.fromiter(self._harvest, float, len(self._harvest)) if self._harvest \
+            else np.zeros(1)
+        p50, p99 = (float(x) for x in np.percentile(p, [50, 99]))
         return StatsSnapshot(
             elapsed_s=now - self.t0, epochs=self.epochs, epochs_per_s=eps,
-            dirty_pages_per_epoch=float(np.mean(self._dirty)) if self._dirty else 0.0,
-            pause_us_p50=float(np.percentile(p, 50)), pause_us_p99=float(np.percentile(p, 99)),
+            dirty_pages_per_epoch=sum(self._dirty) / len(self._dirty) if self._dirty else 0.0,
+            pause_us_p50=p50, pause_us_p99=p99,
             pause_us_max=float(p.max()), harvest_us_p50=float(np.percentile(h, 50)),
             bytes_total=self.bytes_total, mb_per_s=mbps, guest_progress_per_s=gps,
             resyncs=self.resyncs, budget_epochs=self.budget_epochs)
