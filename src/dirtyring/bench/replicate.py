@@ -26,7 +26,7 @@ from .plot import pyplot, save
 from .records import Record, write_json
 
 BENCH = "replicate"
-INTERVALS_US = (100, 150, 175, 200, 250, 1000, 5000, 25000)
+INTERVALS_US = (100, 125, 150, 175, 200, 250, 1000, 5000, 25000)
 WORKING_SETS = (16, 64, 256, 4096)
 TRACKERS = ("ring", "bitmap", "hotset")
 QUICK_INTERVALS_US = (250, 5000)
