@@ -249,6 +249,20 @@ class PauseProgram:
         c.dst, c.src, c.n = dst, src, n
         self._p.ncopies += 1
 
+    def retarget(self, same: list[tuple[int, int]],
+                 gathers: list[tuple[int, int, int, int]]) -> None:
+        """Point compare ``i`` at ``same[i]`` (b, n) and gather ``i`` at ``gathers[i]`` (dst,
+        dst_idx, pages, n), all else as it was: the steady pause's program when the hot set
+        moved but kept its shape (Python builds a program in ~90 µs right after the guest
+        ran, and a moved set needs one per staging slot)."""
+        if len(same) != self._p.nsame or len(gathers) != self._p.ngathers:
+            raise ValueError("a retargeted program keeps its compares and gathers")
+        for i, (b, n) in enumerate(same):
+            self._same[i].b, self._same[i].n = b, n
+        for i, (dst, dst_idx, pages, n) in enumerate(gathers):
+            g = self._gathers[i]
+            g.dst, g.dst_idx, g.idx, g.n = dst, dst_idx, pages, n
+
     def _slot(self, i: int) -> int:
         if i >= self._size:
             raise IndexError("pause program is full")

@@ -220,3 +220,23 @@ def test_the_uplink_takes_staged_words_and_applies_them_to_its_shadow(program: A
     dst.reshape(-1)[:8].view(np.int64)[0] = 2 * 512  # an offset past its two pages
     with pytest.raises(ValueError, match="outside its pages"):
         take(theirs)
+
+
+def test_a_retargeted_program_compares_and_gathers_anew(program: Any) -> None:
+    prog, _ = program
+    rows = np.arange(8 * 4096, dtype=np.uint32).astype(np.uint8).reshape(8, 4096)
+    a = np.arange(16, dtype=np.uint64)
+    b_old, b_new = a.copy(), a.copy()
+    b_old[3] = 99  # the old log differs: the program as built gathers nothing
+    old_pages, new_pages = np.array([1], np.int64), np.array([6, 2], np.int64)
+    dst, idx = np.zeros((3, 4096), np.uint8), np.full(3, -1, np.int64)
+    prog.same(_addr(a), _addr(b_old), a.nbytes)
+    prog.gather(_addr(dst), _addr(idx), _addr(rows), _addr(old_pages), 1, 8)
+    assert prog.run() is False and not dst.any()
+    prog.retarget([(_addr(b_new), a.nbytes)], [(_addr(dst[1:]), _addr(idx[1:]),
+                                                 _addr(new_pages), 2)])
+    assert prog.run() is True
+    assert not dst[0].any() and np.array_equal(dst[1:], rows[new_pages])
+    assert idx.tolist() == [-1, 6, 2]
+    with pytest.raises(ValueError, match="keeps its compares and gathers"):
+        prog.retarget([], [])
