@@ -98,7 +98,7 @@ def measure(cell: Cell, seconds: float, key: bytes) -> dict[str, float]:
     samples: list[dict[str, Any]] = []
     try:
         if sb.wait_event("listening", 30) is None:
-            raise DirtyringError("the standby process did not start")
+            raise DirtyringError(f"the standby process did not start: {sb.describe()}")
         m = Machine(_config(cell.tracker, cell.pages), threaded=False)
         try:
             prim = Primary(m, ("127.0.0.1", port), key,

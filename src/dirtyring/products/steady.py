@@ -81,8 +81,9 @@ class SteadyPause:
         self._runner = machine.runners[0]
         self._batch: native.EpochBatch | None = None  # made in the thread that runs it
         # While the hot set holds, each pause runs the same program but for the staging slot
-        # it fills: one program per staging slot, kept until the set, a log or the blob's
-        # layout changes (filling one anew is ~15 µs of Python right after the guest ran).
+        # it fills: one program per staging slot, kept while the blob's layout and the set's
+        # shape hold, and retargeted when the set or a log changes (building one anew is
+        # ~90 µs of Python right after the guest ran, and every staging slot needs one).
         self._key: tuple[object, ...] = ()
         # Per (staging slot, delta): [program, blob template, word counts, generation, the set
         # and logs it is for]; a generation behind is retargeted to the current set.
