@@ -135,6 +135,39 @@ class Stager:
         self._fill = off
         return seq % st.slots, parts
 
+    def claim_many(self, epoch: int, n: int, sizes: list[tuple[int, int]],
+                   words: list[list[int]] | None = None) -> list[list[Part]]:
+        """``claim`` for the ``n`` epochs from ``epoch`` on that a steady batch completed: their
+        parts, with ``words[i]`` as epoch i's parts' counts of changed words (``Part``; None:
+        pages). All at once: the steady batch's bookkeeping runs right after the guest did,
+        when every call is slow. Raises RuntimeError if a slot is not free (the batch takes
+        only slots ``free_ahead`` gave)."""
+        if n <= 0:
+            return []
+        per_epoch = words if words is not None else [[-1] * len(sizes)] * n
+        assert len(per_epoch) == n
+        st = self.staging
+        if epoch != self._epoch and self._fill:
+            self.seq, self._fill = self.seq + 1, 0
+        total = sum(n for _, n in sizes)
+        consumed = int(st.header[CONSUMED])
+        if (self._fill or self._parts or total > st.slot_pages
+                or self.seq + len(per_epoch) - 1 - consumed >= st.slots):
+            raise RuntimeError("staging moved under the steady batch")
+        out = []
+        for i, counts in enumerate(per_epoch):
+            seq, off, parts = self.seq + i, 0, []
+            for (slot, n), w in zip(sizes, counts):
+                parts.append((seq, off, slot, n, w))
+                off += n
+            out.append(parts)
+            self._used[seq] = total * PAGE
+            self._used.pop(seq - st.slots, None)
+        self._epoch = epoch + len(per_epoch) - 1
+        self.seq += len(per_epoch) - 1
+        self._fill = total
+        return out
+
     def free_ahead(self, most: int) -> list[int]:
         """The staging slots the next epochs' ``claim`` calls will give, as many as are free
         now (at most ``most``, within ``max_ahead``): the steady batch fills them first and

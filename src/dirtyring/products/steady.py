@@ -171,13 +171,12 @@ class SteadyPause:
         states = m.state_blob.encode_templates([c[1] for c in chosen[:done]])
         if done:
             self.tr.steady_done(done)
+        # How each part came out: changed words, or pages (-1).
+        claimed = self.stager.claim_many(
+            epoch, done, self._sizes, [c[2].tolist() for c in chosen[:done]] if delta else None)
         out = []
-        for i in range(done):
-            claimed = self.stager.claim(epoch + i, self._sizes)
-            assert claimed is not None and claimed[0] == slots[i], "staging moved under the batch"
-            parts = claimed[1]
-            if delta:  # how each part came out: changed words, or pages (-1)
-                parts = [(*part[:4], c) for part, c in zip(parts, chosen[i][2].tolist())]
+        for i, parts in enumerate(claimed):
+            assert parts[0][0] % self.stager.staging.slots == slots[i], "staging moved"
             entered, exited = times[i]
             resumed = times[i + 1][0] if i + 1 < done or b.why != native.ALL_DONE else None
             digest = b""

@@ -106,3 +106,32 @@ def test_room_free_slots_claims_and_abandon() -> None:
     assert st.take_parts() == [(3, 0, 0, 1, -1)]
     told.gone = True  # the uplink died: no room, nothing free
     assert not st.has_room() and st.free_ahead(8) == []
+
+
+def test_claiming_a_batch_at_once_is_claiming_each_in_turn() -> None:
+    sizes = [(0, 2), (1, 3)]
+    one, _ = make(slots=8, max_ahead=6)
+    many, _ = make(slots=8, max_ahead=6)
+    for st in (one, many):
+        st.stage(1, "delta", 0, guest(), np.array([5], np.int64), never)  # an ordinary epoch
+        st.take_parts()
+    expected = []
+    for e in range(2, 6):
+        got = one.claim(e, sizes)
+        assert got is not None
+        expected.append(got[1])
+    assert many.claim_many(2, 4, sizes) == expected
+    assert (many.seq, many._fill, many._epoch) == (one.seq, one._fill, one._epoch)
+    assert many.staging_bytes == one.staging_bytes
+    # The next claim, or the next staged epoch, goes on from the same place.
+    assert many.claim(6, sizes) == one.claim(6, sizes)
+    # Word counts go into the parts; a batch past the free slots is refused.
+    words = many.claim_many(7, 1, sizes, [[3, -1]])
+    assert [p[4] for p in words[0]] == [3, -1] and words[0][0][0] == many.seq
+    try:
+        many.claim_many(8, 8, sizes)
+    except RuntimeError as e:
+        assert "staging moved" in str(e)
+    else:
+        raise AssertionError("a batch past the free slots was claimed")
+    assert many.claim_many(8, 0, sizes) == []
