@@ -198,9 +198,13 @@ class SteadyPause:
         pages as they are now, for the next batch's deltas. Batched checkpoints keep them up
         to date themselves; any other change to them is in some ordinary checkpoint."""
         steady = self.tr.steady()
-        self._shadow_for = None if steady is None else steady[0]
-        if steady is None:
+        # (A set bigger than a staging slot is never batched: copying it would only lengthen
+        # every ordinary pause, by ~2 ms for 4096 pages here.)
+        if steady is None or sum(len(p) for _, p in steady[0].items()) > \
+                self.stager.staging.slot_pages:
+            self._shadow_for = None
             return
+        self._shadow_for = steady[0]
         assert self.m.memory is not None
         for slot, pages in steady[0].items():
             rows = self.m.memory.slots[slot].rows

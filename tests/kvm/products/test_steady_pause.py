@@ -222,6 +222,23 @@ def test_an_epoch_dropped_unsent_leaves_no_base(machines: list[Machine]) -> None
     assert all(words >= 0 for cp in got.checkpoints for *_, words in cp.parts)
 
 
+def test_a_set_too_big_to_batch_keeps_no_base(machines: list[Machine]) -> None:
+    """A hot set bigger than a staging slot is never batched: the ordinary checkpoint does
+    not copy it (that would only lengthen every ordinary pause)."""
+    m = hot_machine(machines)
+    tr = m.tracker
+    assert isinstance(tr, HotSetTracker) and m.memory is not None
+    sp = SteadyPause(m, tr, stager(slot_pages=32))  # the 64-page set does not fit
+    steady_again(m, EpochDriver(m), 1)
+    before = {slot: shadow.copy() for slot, shadow in sp._shadows.items()}
+    sp.checkpointed()
+    assert sp._shadow_for is None
+    assert all(np.array_equal(before[slot], sh) for slot, sh in sp._shadows.items())
+    sp2 = SteadyPause(m, tr, stager())  # it fits here: the base is kept
+    sp2.checkpointed()
+    assert sp2._shadow_for is not None
+
+
 def steady_again(m: Machine, drv: EpochDriver, epoch: int) -> int:
     """Ordinary epochs until the tracker is steady (no re-arm due); the next epoch's number."""
     tr = m.tracker
