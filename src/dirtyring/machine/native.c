@@ -153,10 +153,13 @@ int64_t dirtyring_sparse_delta(const uint64_t *staged, uint64_t *shadow, const i
 }
 
 /* The uplink's side of a delta gather (dr_gather with a shadow): copy the k staged words of
- * n pages out, and apply them to its own shadow (if any). -1 if an offset is out of range. */
+ * n pages out, and apply them to its own shadow (if any). -1, with nothing applied, if k or
+ * an offset is out of range. */
 int dirtyring_take_words(const uint8_t *staged, int64_t n, int64_t k, const int64_t *idx,
                          uint64_t *shadow, int64_t *where, uint64_t *diff)
 {
+    if (k < 0 || k > n * 64)
+        return -1;
     memcpy(where, staged, (size_t)k * 8);
     memcpy(diff, staged + n * 64 * 8, (size_t)k * 8);
     for (int64_t m = 0; m < k; m++)

@@ -165,7 +165,7 @@ def take_words(staged: int, n: int, words: int, pages: int,
     out = np.empty(2 * words, np.int64)
     at = out.ctypes.data
     if _TAKE(staged, n, words, pages, shadow or None, at, at + 8 * words) != 0:
-        raise ValueError("a staged word lies outside its pages")
+        raise ValueError("staged words lie outside their pages, or are too many")
     return out[:words], out[words:].view(np.uint64)
 
 

@@ -228,8 +228,12 @@ def test_a_set_too_big_to_batch_keeps_no_base(machines: list[Machine]) -> None:
     m = hot_machine(machines)
     tr = m.tracker
     assert isinstance(tr, HotSetTracker) and m.memory is not None
-    sp = SteadyPause(m, tr, stager(slot_pages=32))  # the 64-page set does not fit
     steady_again(m, EpochDriver(m), 1)
+    steady = tr.steady()
+    assert steady is not None
+    n = sum(len(p) for _, p in steady[0].items())
+    assert n > 1
+    sp = SteadyPause(m, tr, stager(slot_pages=n - 1))  # the set does not fit
     before = {slot: shadow.copy() for slot, shadow in sp._shadows.items()}
     sp.checkpointed()
     assert sp._shadow_for is None

@@ -217,9 +217,12 @@ def test_the_uplink_takes_staged_words_and_applies_them_to_its_shadow(program: A
     assert np.array_equal(theirs, rows)
     where2, _ = take(None)  # no shadow kept: only the words
     assert where2.tolist() == where.tolist() and np.array_equal(theirs, rows)
+    with pytest.raises(ValueError, match="too many"):  # more words than the part holds
+        native.take_words(_addr(dst), 2, 2 * native.DELTA_WORDS + 1, _addr(idx), 0)
     dst.reshape(-1)[:8].view(np.int64)[0] = 2 * 512  # an offset past its two pages
-    with pytest.raises(ValueError, match="outside its pages"):
+    with pytest.raises(ValueError, match="outside their pages"):
         take(theirs)
+    assert np.array_equal(theirs, rows)  # nothing applied
 
 
 def test_a_retargeted_program_compares_and_gathers_anew(program: Any) -> None:
