@@ -54,6 +54,23 @@ int dirtyring_gather_nt(uint8_t *dst, const uint8_t *src, const int64_t *idx, in
 /* The words of n pages that differ from their shadow rows idx[i]: page i is a + idx[i] * W
  * if indexed (guest memory), else a + i * W (staged pages). Each goes to where (its offset in
  * the n pages, in words) and diff (the XOR). Returns how many, or -1 past max. */
+/* The differing words among words j .. j+count-1 of a page at word offset base: to where
+ * and diff at *k. 0, or -1 past max. */
+static inline int record(const uint64_t *pa, const uint64_t *pb, int64_t base, int64_t j,
+                         int count, int64_t *where, uint64_t *diff, int64_t *k, int64_t max)
+{
+    for (int t = 0; t < count; t++) {
+        uint64_t d = pa[j + t] ^ pb[j + t];
+        if (!d)
+            continue;
+        if (*k == max)
+            return -1;
+        where[*k] = base + j + t;
+        diff[(*k)++] = d;
+    }
+    return 0;
+}
+
 static int64_t diff_words_sse2(const uint64_t *a, int indexed, const uint64_t *shadow,
                                const int64_t *idx, int64_t n, int64_t *where, uint64_t *diff,
                                int64_t max)
@@ -70,17 +87,9 @@ static int64_t diff_words_sse2(const uint64_t *a, int indexed, const uint64_t *s
                              _mm_xor_si128(_mm_loadu_si128(va + 1), _mm_loadu_si128(vb + 1))),
                 _mm_or_si128(_mm_xor_si128(_mm_loadu_si128(va + 2), _mm_loadu_si128(vb + 2)),
                              _mm_xor_si128(_mm_loadu_si128(va + 3), _mm_loadu_si128(vb + 3))));
-            if (_mm_movemask_epi8(_mm_cmpeq_epi8(x, zero)) == 0xFFFF)
-                continue;
-            for (int t = 0; t < 8; t++) {
-                uint64_t d = pa[j + t] ^ pb[j + t];
-                if (!d)
-                    continue;
-                if (k == max)
-                    return -1;
-                where[k] = i * W + j + t;
-                diff[k++] = d;
-            }
+            if (_mm_movemask_epi8(_mm_cmpeq_epi8(x, zero)) != 0xFFFF &&
+                    record(pa, pb, i * W, j, 8, where, diff, &k, max) < 0)
+                return -1;
         }
     }
     return k;
@@ -106,17 +115,9 @@ static int64_t diff_words_avx2(const uint64_t *a, int indexed, const uint64_t *s
                 _mm256_or_si256(
                     _mm256_xor_si256(_mm256_loadu_si256(va + 2), _mm256_loadu_si256(vb + 2)),
                     _mm256_xor_si256(_mm256_loadu_si256(va + 3), _mm256_loadu_si256(vb + 3))));
-            if (_mm256_testz_si256(x, x))
-                continue;
-            for (int t = 0; t < 16; t++) {
-                uint64_t d = pa[j + t] ^ pb[j + t];
-                if (!d)
-                    continue;
-                if (k == max)
-                    return -1;
-                where[k] = i * W + j + t;
-                diff[k++] = d;
-            }
+            if (!_mm256_testz_si256(x, x) &&
+                    record(pa, pb, i * W, j, 16, where, diff, &k, max) < 0)
+                return -1;
         }
     }
     return k;

@@ -47,6 +47,16 @@ def hot_machine(machines: list[Machine]) -> Machine:
     return m
 
 
+def steady_setup(machines: list[Machine], *, verify: bool = False, **staging: int
+                 ) -> tuple[Machine, HotSetTracker, Stager, SteadyPause, EpochDriver]:
+    """A hot-set machine, its tracker, a staging area, the steady pause over them, a driver."""
+    m = hot_machine(machines)
+    tr = m.tracker
+    assert isinstance(tr, HotSetTracker) and m.memory is not None
+    up = stager(**staging)
+    return m, tr, up, SteadyPause(m, tr, up, verify=verify), EpochDriver(m)
+
+
 def same_state(fast: bytes, m: Machine) -> None:
     """The fast blob equals a capture now in everything but the TSC, which runs on."""
     a, b = MachineState.decode(fast), m.capture_state()
@@ -67,12 +77,7 @@ def parts_of(cp: SteadyCheckpoint) -> dict[int, tuple[int, int, int]]:
 @pytest.mark.parametrize("verify", [False, True])
 def test_batches_stage_and_encode_each_epoch_like_the_ordinary_path(
         machines: list[Machine], verify: bool) -> None:
-    m = hot_machine(machines)
-    tr = m.tracker
-    assert isinstance(tr, HotSetTracker) and m.memory is not None
-    up = stager()
-    sp = SteadyPause(m, tr, up, verify=verify)
-    drv = EpochDriver(m)
+    m, tr, up, sp, drv = steady_setup(machines, verify=verify)
     epoch, sizes, fallbacks, tails = 1, Counter[int](), 0, 0
     while epoch < 400:
         harvests, left = tr.statistics().harvests, tr.steady_left()
@@ -144,12 +149,7 @@ def test_with_a_base_batches_stage_only_the_words_changed_since_the_last_checkpo
     pages (``checkpointed``), and the batch then stages only the words each checkpoint
     changed. Applied to what a standby holds (the checkpoint before), they must give that
     checkpoint's memory exactly (verify mode snapshots all of it at each pause)."""
-    m = hot_machine(machines)
-    tr = m.tracker
-    assert isinstance(tr, HotSetTracker) and m.memory is not None
-    up = stager()
-    sp = SteadyPause(m, tr, up, verify=True)
-    drv = EpochDriver(m)
+    m, tr, up, sp, drv = steady_setup(machines, verify=True)
     slots = m.memory.slots
     assert [s.info.slot for s in slots] == list(range(len(slots)))
     image = [s.rows.copy() for s in slots]  # what the standby holds: the last checkpoint
@@ -197,12 +197,7 @@ def test_with_a_base_batches_stage_only_the_words_changed_since_the_last_checkpo
 
 
 def test_an_epoch_dropped_unsent_leaves_no_base(machines: list[Machine]) -> None:
-    m = hot_machine(machines)
-    tr = m.tracker
-    assert isinstance(tr, HotSetTracker)
-    up = stager()
-    sp = SteadyPause(m, tr, up)
-    drv = EpochDriver(m)
+    m, tr, up, sp, drv = steady_setup(machines)
     epoch = steady_again(m, drv, 1)
     sp.checkpointed()
     sp.stale()
@@ -257,12 +252,7 @@ def steady_again(m: Machine, drv: EpochDriver, epoch: int) -> int:
 
 
 def test_it_steps_aside_for_vmm_writes_and_busy_staging(machines: list[Machine]) -> None:
-    m = hot_machine(machines)
-    tr = m.tracker
-    assert isinstance(tr, HotSetTracker) and m.memory is not None
-    up = stager(slots=3)
-    sp = SteadyPause(m, tr, up)
-    drv = EpochDriver(m)
+    m, tr, up, sp, drv = steady_setup(machines, slots=3)
     epoch = steady_again(m, drv, 1)
     m.memory.mark_dirty(1, 200)  # the VMM wrote a page: only the ordinary harvest reports it
     assert sp.run(epoch, EPOCH, 4) is None and up._parts == []
@@ -280,12 +270,7 @@ def test_a_vmm_write_during_a_batch_stops_it_and_goes_in_the_ordinary_checkpoint
     """The VMM may write guest memory from another thread while a batch runs (the GIL is free
     then). No dirty log shows such a write, so the batch stops at the end of the epoch it may
     belong to, and that epoch's ordinary harvest carries the page."""
-    m = hot_machine(machines)
-    tr = m.tracker
-    assert isinstance(tr, HotSetTracker) and m.memory is not None
-    up = stager()
-    sp = SteadyPause(m, tr, up)
-    drv = EpochDriver(m)
+    m, tr, up, sp, drv = steady_setup(machines)
     epoch = steady_again(m, drv, 1)
     steady = tr.steady
 
