@@ -117,23 +117,8 @@ class Stager:
         of ``sizes`` ((memory slot, pages)), each part's indices in the same places, as
         ``stage`` lays them out. Returns the staging slot and the epoch's parts, which the
         caller hands to ``end``; None, with nothing taken, if that slot is not free."""
-        if epoch != self._epoch:
-            self._epoch = epoch
-            if self._fill:
-                self.seq, self._fill = self.seq + 1, 0
-        st = self.staging
-        seq = self.seq
-        if (self._fill or self._parts or sum(n for _, n in sizes) > st.slot_pages
-                or seq - int(st.header[CONSUMED]) >= st.slots):
-            return None
-        parts, off = [], 0
-        for slot, n in sizes:
-            parts.append((seq, off, slot, n, -1))
-            off += n
-        self._used[seq] = off * PAGE
-        self._used.pop(seq - st.slots, None)
-        self._fill = off
-        return seq % st.slots, parts
+        got = self._claim(epoch, 1, sizes, None)
+        return None if got is None else (got[0][0][0] % self.staging.slots, got[0])
 
     def claim_many(self, epoch: int, n: int, sizes: list[tuple[int, int]],
                    words: list[list[int]] | None = None) -> list[list[Part]]:
@@ -144,27 +129,37 @@ class Stager:
         only slots ``free_ahead`` gave)."""
         if n <= 0:
             return []
+        got = self._claim(epoch, n, sizes, words)
+        if got is None:
+            raise RuntimeError("staging moved under the steady batch")
+        return got
+
+    def _claim(self, epoch: int, n: int, sizes: list[tuple[int, int]],
+               words: list[list[int]] | None) -> list[list[Part]] | None:
+        """The staging slots of epochs ``epoch`` .. ``epoch + n - 1``, one each, and their
+        parts; None, with nothing taken, if one of them is not free."""
         per_epoch = words if words is not None else [[-1] * len(sizes)] * n
         assert len(per_epoch) == n
+        if epoch != self._epoch:
+            self._epoch = epoch
+            if self._fill:
+                self.seq, self._fill = self.seq + 1, 0
         st = self.staging
-        if epoch != self._epoch and self._fill:
-            self.seq, self._fill = self.seq + 1, 0
-        total = sum(n for _, n in sizes)
-        consumed = int(st.header[CONSUMED])
+        total = sum(pages for _, pages in sizes)
         if (self._fill or self._parts or total > st.slot_pages
-                or self.seq + len(per_epoch) - 1 - consumed >= st.slots):
-            raise RuntimeError("staging moved under the steady batch")
+                or self.seq + n - 1 - int(st.header[CONSUMED]) >= st.slots):
+            return None
         out = []
         for i, counts in enumerate(per_epoch):
             seq, off, parts = self.seq + i, 0, []
-            for (slot, n), w in zip(sizes, counts):
-                parts.append((seq, off, slot, n, w))
-                off += n
+            for (slot, pages), w in zip(sizes, counts):
+                parts.append((seq, off, slot, pages, w))
+                off += pages
             out.append(parts)
             self._used[seq] = total * PAGE
             self._used.pop(seq - st.slots, None)
-        self._epoch = epoch + len(per_epoch) - 1
-        self.seq += len(per_epoch) - 1
+        self._epoch = epoch + n - 1
+        self.seq += n - 1
         self._fill = total
         return out
 

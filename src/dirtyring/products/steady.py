@@ -19,7 +19,6 @@ from __future__ import annotations
 import ctypes as C
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
@@ -67,6 +66,18 @@ class SteadyRun:
     stopped_by: str = "done"
 
 
+@dataclass(slots=True)
+class _Kept:
+    """A pause program kept for one staging slot, and what it was built or retargeted for."""
+
+    prog: native.PauseProgram
+    blob: BlobTemplate
+    counts: np.ndarray  # where it counts each part's changed words (-1: pages)
+    gen: int
+    dirty: DirtySet  # the set and logs it points into (kept alive here)
+    logs: list[tuple[int, np.ndarray, bytes]]
+
+
 class SteadyPause:
     """The replication primary's native checkpoints of a steady hot set (see the module)."""
 
@@ -85,9 +96,8 @@ class SteadyPause:
         # shape hold, and retargeted when the set or a log changes (building one anew is
         # ~90 µs of Python right after the guest ran, and every staging slot needs one).
         self._key: tuple[object, ...] = ()
-        # Per (staging slot, delta): [program, blob template, word counts, generation, the set
-        # and logs it is for]; a generation behind is retargeted to the current set.
-        self._progs: dict[tuple[int, bool], list[Any]] = {}
+        # Per (staging slot, delta); one a generation behind is retargeted to the current set.
+        self._progs: dict[tuple[int, bool], _Kept] = {}
         self._shape: tuple[object, ...] = ()
         self._gen = 0
         self._sizes: list[tuple[int, int]] = []
@@ -149,31 +159,31 @@ class SteadyPause:
         if not slots:
             return None
         delta = self._shadow_for is dirty
-        chosen = []  # [program, its blob template, its counts of changed words, ...]
+        chosen = []
         for k in slots:
             got = self._progs.get((k, delta))
             if got is None:
                 t = m.state_blob.template(k)
                 assert t is not None
                 prog, counts = self._program(k, dirty, logs, t, delta)
-                got = self._progs[(k, delta)] = [prog, t, counts, self._gen, dirty, logs]
-            elif got[3] != self._gen:
+                got = self._progs[(k, delta)] = _Kept(prog, t, counts, self._gen, dirty, logs)
+            elif got.gen != self._gen:
                 self._retarget(k, got, dirty, logs)
             chosen.append(got)
         if self._batch is None:
             self._batch = self._runner.epoch_batch()
         b = self._batch
-        why = self._runner.run_batch(b, interval, [c[0] for c in chosen], m.memory.vmm_writes,
-                                     writes)
+        why = self._runner.run_batch(b, interval, [c.prog for c in chosen],
+                                     m.memory.vmm_writes, writes)
         # Python right after the guest ran is slow: everything per checkpoint is read at once.
         done = b.done
         times = b.all_times(done + 1)
-        states = m.state_blob.encode_templates([c[1] for c in chosen[:done]])
+        states = m.state_blob.encode_templates([c.blob for c in chosen[:done]])
         if done:
             self.tr.steady_done(done)
         # How each part came out: changed words, or pages (-1).
         claimed = self.stager.claim_many(
-            epoch, done, self._sizes, [c[2].tolist() for c in chosen[:done]] if delta else None)
+            epoch, done, self._sizes, [c.counts.tolist() for c in chosen[:done]] if delta else None)
         out = []
         for i, parts in enumerate(claimed):
             assert parts[0][0] % self.stager.staging.slots == slots[i], "staging moved"
@@ -222,7 +232,7 @@ class SteadyPause:
         why = self._runner.run_inline(interval, first_exit=self._batch.detail)
         return why, time.monotonic() - run.tail_entered
 
-    def _retarget(self, k: int, entry: list[Any], dirty: DirtySet,
+    def _retarget(self, k: int, entry: _Kept, dirty: DirtySet,
                   logs: list[tuple[int, np.ndarray, bytes]]) -> None:
         """Point a kept program at the current set and logs (same slots, same blob)."""
         data, idx = self.stager.addresses(k)
@@ -233,8 +243,8 @@ class SteadyPause:
             assert pages.dtype == np.int64 and pages.flags.c_contiguous, "hot-set pages"
             gathers.append((data + off * PAGE, idx + off * 8, int(pages.ctypes.data), len(pages)))
             off += len(pages)
-        entry[0].retarget(same, gathers)
-        entry[3:] = [self._gen, dirty, logs]  # (keeps what the program points into alive)
+        entry.prog.retarget(same, gathers)
+        entry.gen, entry.dirty, entry.logs = self._gen, dirty, logs
 
     def _program(self, k: int, dirty: DirtySet, logs: list[tuple[int, np.ndarray, bytes]],
                  blob: BlobTemplate, delta: bool) -> tuple[native.PauseProgram, np.ndarray]:
