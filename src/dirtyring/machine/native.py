@@ -353,10 +353,9 @@ class EpochBatch:
     def intr(self) -> int:
         return int(self._b.intr)
 
-    def times(self, i: int) -> tuple[float, float]:
-        """(entered, exited): CLOCK_MONOTONIC seconds (``time.monotonic``) of epoch ``i``'s run."""
-        return self._b.enter_ns[i] * 1e-9, self._b.exit_ns[i] * 1e-9
-
-    def all_times(self, n: int) -> list[tuple[float, float]]:
-        """``times(i)`` for the first ``n`` epochs, read at once."""
-        return [(a * 1e-9, b * 1e-9) for a, b in zip(self._b.enter_ns[:n], self._b.exit_ns[:n])]
+    def all_times(self, n: int) -> tuple[list[float], list[float]]:
+        """When the first ``n`` epochs' runs began and ended, read at once: (entered, exited),
+        CLOCK_MONOTONIC seconds (``time.monotonic``). (Plain
+        lists: right after the guest ran, two numpy operations cost ~25 µs here.)"""
+        b = self._b
+        return [t * 1e-9 for t in b.enter_ns[:n]], [t * 1e-9 for t in b.exit_ns[:n]]

@@ -122,6 +122,15 @@ class BlobTemplate:
                       for fd, req, off, arg, expect in self._ioctls]
         self.copies = [(base + off, src, n) for off, src, n in self._copy_from]
 
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def address(self) -> int:
+        assert self.buf is not None
+        return C.addressof(self.buf)
+
     def raw(self) -> bytes:
         assert self.buf is not None
         return self.buf.raw
@@ -134,7 +143,7 @@ class StateBlob:
         self.m = machine
         self._head = b""
         self._vcpus: list[_VcpuPieces] = []
-        self._templates: dict[int, BlobTemplate] = {}
+        self._template: BlobTemplate | None = None
 
     def encode(self) -> bytes:
         vcpus = self._vcpus
@@ -146,34 +155,28 @@ class StateBlob:
         self._devices(out)
         return b"".join(out)
 
-    def template(self, k: int = 0) -> BlobTemplate | None:
-        """Blob ``k`` laid out for a caller that fills it itself (the steady pause keeps one per
-        staging slot), then calls ``encode_template``; None when the kept pieces may be stale
-        (``encode`` must run). The same objects come back for as long as the pieces hold."""
+    def template(self) -> BlobTemplate | None:
+        """The blob laid out for a caller that fills it itself (the steady pause): the blob is
+        then its buffer (``raw()``, or a native copy of it) followed by ``encode_devices()``;
+        None when the kept pieces may be stale (``encode`` must run). The same object comes
+        back for as long as the pieces hold."""
         vcpus = self._vcpus
         if not vcpus or not all(p.current() for p in vcpus):
             return None
-        t = self._templates.get(k)
+        t = self._template
         if t is None:
-            t = BlobTemplate()
+            t = self._template = BlobTemplate()
             t.static(self._head)
             for p in vcpus:
                 p.lay_out(t)
             t.seal()
-            self._templates[k] = t
         return t
 
-    def encode_template(self, t: BlobTemplate) -> bytes:
-        """The blob, once ``t``'s reads and copies are done."""
-        return self.encode_templates([t])[0]
-
-    def encode_templates(self, ts: list[BlobTemplate]) -> list[bytes]:
-        """The blobs of several templates filled while the devices stood still (a steady
-        batch: any device I/O ends it), their part encoded once."""
+    def encode_devices(self) -> bytes:
+        """The devices' part of the blob, which follows the vCPUs' (``BlobTemplate.raw``)."""
         devices: list[bytes] = []
         self._devices(devices)
-        tail = b"".join(devices)
-        return [t.raw() + tail for t in ts]
+        return b"".join(devices)
 
     def _devices(self, out: list[bytes]) -> None:
         for d in self.m.devices:
@@ -187,5 +190,5 @@ class StateBlob:
         self._head = struct.pack("<HHI", len(st.vcpus), len(st.devices), len(st.config)) + \
             st.config
         self._vcpus = [_VcpuPieces(r, v) for r, v in zip(self.m.runners, st.vcpus)]
-        self._templates = {}
+        self._template = None
         return st.encode()

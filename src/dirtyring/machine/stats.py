@@ -54,6 +54,16 @@ class EpochStats:
         self.resyncs += int(resync)
         self.budget_epochs += int(budget)
 
+    def record_many(self, *, pause_s: list[float], dirty_pages: int, nbytes: int) -> None:
+        """``record`` for a batch of like epochs (no harvest, resync or full ring): at once,
+        as the steady batch's bookkeeping runs when every call is slow."""
+        n = len(pause_s)
+        self.epochs += n
+        self._pause.extend([p * 1e6 for p in pause_s])
+        self._harvest.extend([0.0] * n)
+        self._dirty.extend([dirty_pages] * n)
+        self.bytes_total += nbytes * n
+
     def progress(self, value: int) -> None:
         """The guest's own progress counter (writes, steps, requests), read without pausing."""
         self._progress = value

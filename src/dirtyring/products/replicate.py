@@ -38,8 +38,7 @@ from ..tracking import DirtySet
 from ..wire import Hello, WIRE_VERSION
 from .checkpoint import capture_state
 from .outputs import OutputGate
-from .stager import Part
-from .steady import SteadyCheckpoint, SteadyPause
+from .steady import SteadyPause, SteadyRun
 from .transport import connect
 from .uplink import Uplink
 
@@ -324,7 +323,7 @@ class Primary:
                               int(self.opt.batch_window / max(self.opt.interval, 1e-6))))
             got = steady.run(self.epoch + 1, self.opt.interval, most)
         if got is not None:
-            self._queue_steady(got.checkpoints, resumed=got.tail is None)
+            self._queue_steady(got)
             if got.tail is None:
                 return
             assert steady is not None
@@ -357,48 +356,49 @@ class Primary:
                           nbytes=n * PAGE + len(state), resync=kind == "full",
                           budget=e.reason == "budget")
 
-    def _queue(self, kind: str, state: bytes, digest: bytes, outputs: int, t1: float,
-               parts: list[Part] | None = None) -> None:
-        """Hand checkpoint ``self.epoch`` to the uplink: told now unless the batch window would
-        still be open at the next epoch's end."""
+    def _due(self, t1: float) -> bool:
+        """Must the checkpoint just ended go to the uplink now? Not while the batch window
+        would still be open at the next epoch's end, unless output is held for it."""
         assert self.up is not None
-        waiting = self.gate.waiting
-        due = (waiting or kind == "full"
+        due = (self.gate.waiting
                or self.up.queued_for + (t1 - self._t_last) >= self.opt.batch_window)
         self._t_last = t1
-        self.up.end(self.epoch, kind, state, digest, outputs, flush=due, urgent=waiting,
-                    parts=parts)
+        return due
+
+    def _queue(self, kind: str, state: bytes, digest: bytes, outputs: int, t1: float) -> None:
+        """Hand checkpoint ``self.epoch`` to the uplink."""
+        assert self.up is not None
+        waiting = self.gate.waiting
+        due = self._due(t1) or kind == "full"
+        self.up.end(self.epoch, kind, state, digest, outputs, flush=due, urgent=waiting)
         self._last_queued = self.epoch
 
-    def _queue_steady(self, cps: list[SteadyCheckpoint], *, resumed: bool) -> None:
-        """The checkpoints a steady batch completed (staged and encoded already). No output
+    def _queue_steady(self, run: SteadyRun) -> None:
+        """The checkpoints a steady batch completed (staged and laid out already). No output
         can have been made during the batch (an I/O exit ends it), so they all release what
-        the gate releases now, and the gate moves past them at once. ``resumed``: the guest
-        runs on right after this."""
+        the gate releases now, and the gate moves past them at once."""
         assert self.up is not None
         self.up.alive()
-        if not cps:  # the batch stopped in its first epoch, which is not over yet
-            assert not resumed
+        cps = run.epochs
+        if cps is None:  # the batch stopped in its first epoch, which is not over yet
+            assert run.tail is not None
             return
-        self.drv.counted(len(cps))
+        assert cps.epoch == self.epoch + 1
+        self.drv.counted(cps.count)
         outputs = self.gate.released
-        first = self.epoch + 1
-        self.epoch += len(cps)
+        self.epoch += cps.count
         self.gate.advance(self.epoch + 1)
         if not self._consistent_epoch:
-            self._consistent_epoch = first
-        if resumed:
-            self.m.resume_all()
-        for i, cp in enumerate(cps[:-1]):
-            self.up.end(first + i, "delta", cp.state, cp.digest, outputs, flush=False,
-                        parts=cp.parts)
-        last = cps[-1]
-        self._queue("delta", last.state, last.digest, outputs, time.perf_counter(), last.parts)
-        record, now = self.stats.record, time.monotonic()
-        for cp in cps:
-            done = now if cp.resumed is None else cp.resumed
-            record(pause_s=done - cp.exited, harvest_s=0.0, dirty_pages=cp.pages,
-                   nbytes=cp.pages * PAGE + len(cp.state), resync=False, budget=False)
+            self._consistent_epoch = cps.epoch
+        if run.tail is None:
+            self.m.resume_all()  # the guest runs on right after this
+        waiting = self.gate.waiting
+        self.up.end_steady(cps, outputs, flush=self._due(time.perf_counter()), urgent=waiting)
+        self._last_queued = self.epoch
+        resumed = run.resumed if run.tail is not None else [*run.resumed, time.monotonic()]
+        self.stats.record_many(pause_s=[r - e for r, e in zip(resumed, run.exited)],
+                               dirty_pages=run.pages,
+                               nbytes=run.pages * PAGE + cps.blob + len(cps.devices))
 
     def _stage_epoch(self, e: Epoch) -> tuple[int, str] | None:
         """Stage the harvested epoch ``e`` the ordinary way: (pages, kind), or None if the

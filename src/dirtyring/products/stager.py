@@ -15,15 +15,7 @@ from typing import Callable
 import numpy as np
 
 from ..machine.native import gather_pages
-from .staging import ALIVE, CONSUMED, PAGE, Staging
-
-#: (staging seq, offset in that slot, memory slot, pages, words): where an epoch's pages are.
-#: ``words`` -1: the pages themselves; else only their 64-bit words that changed since the
-#: last checkpoint were staged there (a steady pause's delta gather, see ``native.py``):
-#: ``words`` offsets (int64), then, ``pages * DELTA_WORDS`` words from the part's start,
-#: their XORs (uint64).
-Part = tuple[int, int, int, int, int]
-
+from .staging import ALIVE, CONSUMED, PAGE, Part, Staging
 
 def _nothing(*_: object) -> None:
     pass
@@ -110,58 +102,28 @@ class Stager:
             done += k
         return done
 
-    def claim(self, epoch: int, sizes: list[tuple[int, int]]
-              ) -> tuple[int, list[Part]] | None:
-        """Take the next staging slot for an epoch the steady batch has already copied into
-        (one ``free_ahead`` named): its memory slots' pages one after the other in the order
-        of ``sizes`` ((memory slot, pages)), each part's indices in the same places, as
-        ``stage`` lays them out. Returns the staging slot and the epoch's parts, which the
-        caller hands to ``end``; None, with nothing taken, if that slot is not free."""
-        got = self._claim(epoch, 1, sizes, None)
-        return None if got is None else (got[0][0][0] % self.staging.slots, got[0])
-
-    def claim_many(self, epoch: int, n: int, sizes: list[tuple[int, int]],
-                   words: list[list[int]] | None = None) -> list[list[Part]]:
-        """``claim`` for the ``n`` epochs from ``epoch`` on that a steady batch completed: their
-        parts, with ``words[i]`` as epoch i's parts' counts of changed words (``Part``; None:
-        pages). All at once: the steady batch's bookkeeping runs right after the guest did,
-        when every call is slow. Raises RuntimeError if a slot is not free (the batch takes
-        only slots ``free_ahead`` gave)."""
-        if n <= 0:
-            return []
-        got = self._claim(epoch, n, sizes, words)
-        if got is None:
-            raise RuntimeError("staging moved under the steady batch")
-        return got
-
-    def _claim(self, epoch: int, n: int, sizes: list[tuple[int, int]],
-               words: list[list[int]] | None) -> list[list[Part]] | None:
-        """The staging slots of epochs ``epoch`` .. ``epoch + n - 1``, one each, and their
-        parts; None, with nothing taken, if one of them is not free."""
-        per_epoch = words if words is not None else [[-1] * len(sizes)] * n
-        assert len(per_epoch) == n
+    def claim_many(self, epoch: int, n: int, pages: int) -> int:
+        """Take the next ``n`` staging slots, one each for epochs ``epoch`` .. ``epoch + n - 1``
+        that a steady batch has already filled with ``pages`` pages each (in the slots
+        ``free_ahead`` named, laid out as ``epoch_parts``). Returns the first one's sequence
+        number. All at once: the steady batch's bookkeeping runs right after the guest did,
+        when every call is slow. Raises RuntimeError if a slot is not free."""
         if epoch != self._epoch:
             self._epoch = epoch
             if self._fill:
                 self.seq, self._fill = self.seq + 1, 0
         st = self.staging
-        total = sum(pages for _, pages in sizes)
-        if (self._fill or self._parts or total > st.slot_pages
+        if (n <= 0 or self._fill or self._parts or pages > st.slot_pages
                 or self.seq + n - 1 - int(st.header[CONSUMED]) >= st.slots):
-            return None
-        out = []
-        for i, counts in enumerate(per_epoch):
-            seq, off, parts = self.seq + i, 0, []
-            for (slot, pages), w in zip(sizes, counts):
-                parts.append((seq, off, slot, pages, w))
-                off += pages
-            out.append(parts)
-            self._used[seq] = total * PAGE
+            raise RuntimeError("staging moved under the steady batch")
+        first = self.seq
+        for seq in range(first, first + n):
+            self._used[seq] = pages * PAGE
             self._used.pop(seq - st.slots, None)
         self._epoch = epoch + n - 1
         self.seq += n - 1
-        self._fill = total
-        return out
+        self._fill = pages
+        return first
 
     def free_ahead(self, most: int) -> list[int]:
         """The staging slots the next epochs' ``claim`` calls will give, as many as are free

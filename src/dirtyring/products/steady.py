@@ -29,8 +29,8 @@ from ..machine.vm import Machine
 from ..tracking import DirtySet, HotSetTracker
 from ..machine.memory import digest_of
 from .checkpoint import memory_digest
-from .staging import PAGE
-from .stager import Part, Stager
+from .staging import BLOB_BYTES, PAGE, SteadyEpochs
+from .stager import Stager
 
 
 #: Verify mode snapshots memory at each checkpoint of a batch up to this size (per staging
@@ -39,31 +39,28 @@ VERIFY_SNAPSHOT_MAX = 16 << 20
 
 
 @dataclass(frozen=True, slots=True)
-class SteadyCheckpoint:
-    """One epoch a batch completed: its pages are staged, its state encoded."""
-
-    pages: int
-    parts: list[Part]  # where they are (``Stager.claim``), for ``Uplink.end``
-    state: bytes
-    digest: bytes  # the memory digest (verify mode), else b""
-    run_s: float
-    exited: float  # time.monotonic() when its run ended
-    resumed: float | None  # ... when the guest entered its next epoch (None: not yet)
-
-
-@dataclass(frozen=True, slots=True)
 class SteadyRun:
-    """What ``SteadyPause.run`` did: checkpoints completed, then, unless ``tail`` is None, one
-    more epoch that has no checkpoint yet. That epoch either ran to its end and is paused
-    ("interval", "stopped": the caller harvests it) or is stopped at an exit Python must
-    handle ("exit"): the caller first deals with the completed checkpoints (their device state
-    and output precede the exit) and then calls ``SteadyPause.finish``."""
+    """What ``SteadyPause.run`` did: ``epochs``, the checkpoints completed (staged, their state
+    laid out; None: none), then, unless ``tail`` is None, one more epoch that has no checkpoint
+    yet. That epoch either ran to its end and is paused ("interval", "stopped": the caller
+    harvests it) or is stopped at an exit Python must handle ("exit"): the caller first deals
+    with the completed checkpoints (their device state and output precede the exit) and then
+    calls ``SteadyPause.finish``."""
 
-    checkpoints: list[SteadyCheckpoint]
+    epochs: SteadyEpochs | None
+    pages: int  # staged per checkpoint
+    #: Per checkpoint, time.monotonic() seconds: when its run ended, and when the guest ran
+    #: again (all but the last when there is no tail: the guest is paused).
+    exited: list[float]
+    resumed: list[float]
     tail: str | None
     tail_entered: float  # time.monotonic() when that epoch began to run
     #: What ended the batch: "done" (all its epochs), "log changed", "vmm write", "exit".
     stopped_by: str = "done"
+
+    @property
+    def count(self) -> int:
+        return 0 if self.epochs is None else self.epochs.count
 
 
 @dataclass(slots=True)
@@ -71,7 +68,6 @@ class _Kept:
     """A pause program kept for one staging slot, and what it was built or retargeted for."""
 
     prog: native.PauseProgram
-    blob: BlobTemplate
     counts: np.ndarray  # where it counts each part's changed words (-1: pages)
     gen: int
     dirty: DirtySet  # the set and logs it points into (kept alive here)
@@ -139,7 +135,7 @@ class SteadyPause:
         if steady is None:
             return None
         blob = m.state_blob.template()
-        if blob is None:
+        if blob is None or blob.size > BLOB_BYTES:
             return None
         dirty, logs = steady
         key = (dirty, blob, *(last for _, _, last in logs))
@@ -163,10 +159,8 @@ class SteadyPause:
         for k in slots:
             got = self._progs.get((k, delta))
             if got is None:
-                t = m.state_blob.template(k)
-                assert t is not None
-                prog, counts = self._program(k, dirty, logs, t, delta)
-                got = self._progs[(k, delta)] = _Kept(prog, t, counts, self._gen, dirty, logs)
+                prog, counts = self._program(k, dirty, logs, blob, delta)
+                got = self._progs[(k, delta)] = _Kept(prog, counts, self._gen, dirty, logs)
             elif got.gen != self._gen:
                 self._retarget(k, got, dirty, logs)
             chosen.append(got)
@@ -175,33 +169,31 @@ class SteadyPause:
         b = self._batch
         why = self._runner.run_batch(b, interval, [c.prog for c in chosen],
                                      m.memory.vmm_writes, writes)
-        # Python right after the guest ran is slow: everything per checkpoint is read at once.
+        # Python right after the guest ran is slow: nothing here is done per checkpoint but
+        # what verify mode needs. The states are in staging already (``_program``).
         done = b.done
-        times = b.all_times(done + 1)
-        states = m.state_blob.encode_templates([c.blob for c in chosen[:done]])
+        enter, exit_ = b.all_times(done + 1)  # (the tail's entry, if any, as the last)
+        epochs = None
         if done:
             self.tr.steady_done(done)
-        # How each part came out: changed words, or pages (-1).
-        claimed = self.stager.claim_many(
-            epoch, done, self._sizes, [c.counts.tolist() for c in chosen[:done]] if delta else None)
-        out = []
-        for i, parts in enumerate(claimed):
-            assert parts[0][0] % self.stager.staging.slots == slots[i], "staging moved"
-            entered, exited = times[i]
-            resumed = times[i + 1][0] if i + 1 < done or b.why != native.ALL_DONE else None
-            digest = b""
+            seq = self.stager.claim_many(epoch, done, self._pages)
+            assert seq % self.stager.staging.slots == slots[0], "staging moved"
+            digests = None
             if self._snapshots is not None:
-                digest = digest_of((self._snapshots[slots[i]],))
+                digests = [digest_of((self._snapshots[k],)) for k in slots[:done]]
             elif self.verify:
-                digest = memory_digest(m.memory)  # paused right after its only epoch
-            out.append(SteadyCheckpoint(self._pages, parts, states[i], digest, exited - entered,
-                                        exited, resumed))
+                digests = [memory_digest(m.memory)]  # paused right after its only epoch
+            epochs = SteadyEpochs(
+                epoch, seq, done, self._sizes,
+                [c.counts.tolist() for c in chosen[:done]] if delta else None,
+                blob.size, m.state_blob.encode_devices(), digests)
         self.taken += done
         if b.why == native.ALL_DONE:
-            return SteadyRun(out, None, 0.0)
+            return SteadyRun(epochs, self._pages, exit_[:done], enter[1:done], None, 0.0)
         stopped_by = "exit" if why == "exit" else \
             "vmm write" if b.detail == native.VMM_WROTE else "log changed"
-        return SteadyRun(out, why, b.times(done)[0], stopped_by)
+        return SteadyRun(epochs, self._pages, exit_[:done], enter[1:done + 1], why, enter[done],
+                         stopped_by)
 
     def checkpointed(self) -> None:
         """An ordinary checkpoint was just taken (the guest is paused): keep the hot set's
@@ -281,6 +273,8 @@ class SteadyPause:
             off += len(pages)
         for dst, src, n in blob.copies:
             prog.copy(dst, src, n)
+        # The state goes with the pages: into the staging slot's state area, for the uplink.
+        prog.copy(int(self.stager.staging.blob(k).ctypes.data), blob.address, blob.size)
         if self._snapshots is not None:
             assert self.m.memory is not None
             snap = self._snapshots.setdefault(

@@ -39,8 +39,8 @@ from typing import Any, Callable
 from .._bindings.mapping import memfd
 from ..errors import DirtyringError
 from ..wire import Hello
-from .stager import Part, Stager
-from .staging import ACKED, ALIVE, Staging, recv_msg, send_msg
+from .stager import Stager
+from .staging import ACKED, ALIVE, Part, Staging, SteadyEpochs, recv_msg, send_msg
 
 MessageSink = Callable[[tuple[Any, ...]], None]
 
@@ -142,24 +142,31 @@ class Uplink:
         self.staging.header[ALIVE] += 1
 
     def end(self, epoch: int, kind: str, state: bytes, digest: bytes, outputs: int, *,
-            flush: bool = True, urgent: bool = False,
-            parts: list[Part] | None = None) -> None:
-        """Close ``epoch``: the uplink sends it with every part staged since the last end
-        (or with ``parts``, those ``claim`` gave for it).
+            flush: bool = True, urgent: bool = False) -> None:
+        """Close ``epoch``: the uplink sends it with every part staged since the last end.
 
         With ``flush=False`` the checkpoint is only queued, to be told together with the
         next ones (``flush``): one wakeup of the uplink, one write to the standby and one ack
         then cover several epochs. Each one is still committed on its own. ``urgent`` (output
         is held for it) asks the uplink to report the ack the moment it arrives, rather than
         leave it for the epoch loop to read at its next epoch boundary."""
+        self._queued((epoch, kind, self.stager.take_parts(), state, digest, outputs), urgent)
+        if flush:
+            self.flush()
+
+    def end_steady(self, epochs: SteadyEpochs, outputs: int, *, flush: bool = True,
+                   urgent: bool = False) -> None:
+        """``end`` for all the checkpoints of a steady batch: one record, which the uplink
+        turns into the checkpoints (their parts and states are in staging already)."""
+        self._queued(("steady", epochs.fields(), outputs), urgent)
+        if flush:
+            self.flush()
+
+    def _queued(self, entry: tuple[Any, ...], urgent: bool) -> None:
         self._urgent = self._urgent or urgent
         if not self._ended:
             self._ended_at = time.monotonic()
-        if parts is None:  # what ``stage`` gathered since the last end
-            parts = self.stager.take_parts()
-        self._ended.append((epoch, kind, parts, state, digest, outputs))
-        if flush:
-            self.flush()
+        self._ended.append(entry)
 
     def flush(self) -> None:
         """Tell the uplink about every checkpoint ended so far (one control message)."""

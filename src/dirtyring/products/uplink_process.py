@@ -29,8 +29,9 @@ from ..machine.native import sparse_delta, take_words
 from ..wire import (PRIMARY, Ack, Checkpoint, Connection, EpochBegin, EpochEnd, Failover,
                     Goodbye, Heartbeat, Hello, MachineBlob, Pages)
 from ..wire import Resync as ResyncEvent
-from .stager import Part
-from .staging import ACKED, ALIVE, CONSUMED, PAGE, Staging, recv_msg, send_msg
+from .staging import Part
+from .staging import (ACKED, ALIVE, CONSUMED, PAGE, Staging, SteadyEpochs, recv_msg,
+                      send_msg)
 from .transport import HandshakeRefused, Link, LinkClosed, handshake
 
 MAX_UNACKED_BYTES = 2 << 20  # kept below the socket buffers: a Goodbye always fits
@@ -247,6 +248,12 @@ class _Sender:
         self._last_seq = None
         self.open = None
         self.cur = []
+
+    def steady(self, epochs: SteadyEpochs, outputs: int) -> list[tuple[Any, ...]]:
+        """The checkpoints of a steady batch as ``on_checkpoint`` takes them, their states
+        read from staging now (their slots are not released before they are handled)."""
+        return [("cp", epochs.epoch + i, "delta", epochs.parts(i), epochs.state(self.st, i),
+                 epochs.digest(i), outputs) for i in range(epochs.count)]
 
     def _skipped(self, epoch: int) -> None:
         self.skipped += 1
@@ -505,10 +512,18 @@ def main(argv: list[str]) -> int:
                 link.close()
                 return 0
             if msg[0] == "cps":
-                pending.extend(("cp", *cp) for cp in msg[1])
+                last = 0
+                for cp in msg[1]:
+                    if cp[0] == "steady":  # ("steady", SteadyEpochs.fields(), outputs)
+                        epochs = SteadyEpochs(*cp[1])
+                        pending.extend(s.steady(epochs, cp[2]))
+                        last = epochs.epoch + epochs.count - 1
+                    else:
+                        pending.append(("cp", *cp))
+                        last = cp[0]
                 if msg[2]:
                     with s.lock:
-                        s.report_ack = max(s.report_ack, msg[1][-1][0])
+                        s.report_ack = max(s.report_ack, last)
             else:
                 pending.append(msg)
         while pending:

@@ -5,6 +5,7 @@ only, never timing."""
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -20,7 +21,8 @@ from dirtyring.machine.native import DELTA_WORDS
 from dirtyring.machine.state import MachineState
 from dirtyring.machine.vm import Machine
 from dirtyring.products.staging import CONSUMED, Staging
-from dirtyring.products.steady import SteadyCheckpoint, SteadyPause, SteadyRun
+from dirtyring.products.staging import Part
+from dirtyring.products.steady import SteadyPause, SteadyRun
 from dirtyring.products.stager import Stager
 from dirtyring.tracking import HotSetTracker
 
@@ -68,7 +70,26 @@ def same_state(fast: bytes, m: Machine) -> None:
         assert 0 < tx.pop(U.MSR_IA32_TSC) <= ty.pop(U.MSR_IA32_TSC) and tx == ty
 
 
-def parts_of(cp: SteadyCheckpoint) -> dict[int, tuple[int, int, int]]:
+@dataclass(frozen=True)
+class Cp:
+    """One checkpoint of a batch as the uplink reads it from its record and staging."""
+
+    pages: int
+    parts: list[Part]
+    state: bytes
+    digest: bytes
+
+
+def checkpoints(got: SteadyRun, up: Stager) -> list[Cp]:
+    e = got.epochs
+    if e is None:
+        return []
+    assert len(got.exited) == e.count == len(got.resumed) + (got.tail is None)
+    return [Cp(got.pages, e.parts(i), e.state(up.staging, i), e.digest(i))
+            for i in range(e.count)]
+
+
+def parts_of(cp: Cp) -> dict[int, tuple[int, int, int]]:
     """Memory slot -> (staging seq, offset, pages) of one checkpoint's staged pages."""
     assert all(words == -1 for *_, words in cp.parts)  # pages: no base was ever given
     return {slot: (seq, off, k) for seq, off, slot, k, _ in cp.parts}
@@ -88,7 +109,7 @@ def test_batches_stage_and_encode_each_epoch_like_the_ordinary_path(
             m.encode_state()
             epoch, fallbacks = epoch + 1, fallbacks + 1
             continue
-        cps = got.checkpoints
+        cps = checkpoints(got, up)
         sizes[len(cps)] += 1
         assert tr.statistics().harvests == harvests + len(cps)
         assert len(cps) <= left  # a batch never runs past the tracker's next re-arm
@@ -168,7 +189,7 @@ def test_with_a_base_batches_stage_only_the_words_changed_since_the_last_checkpo
             ordinary()
             epoch += 1
             continue
-        for cp in got.checkpoints:
+        for cp in checkpoints(got, up):
             for seq, off, slot, k, words in cp.parts:
                 idx = np.array(up.staging.indices(seq)[off:off + k])
                 data = up.staging.data(seq)[off:off + k]
@@ -185,7 +206,7 @@ def test_with_a_base_batches_stage_only_the_words_changed_since_the_last_checkpo
             snap = sp._snapshots[cp.parts[0][0] % up.staging.slots]
             assert b"".join(i.tobytes() for i in image) == bytes(snap), epoch
             batched += 1
-        epoch += len(got.checkpoints)
+        epoch += got.count
         if got.tail is not None:
             finish_tail(sp, drv, got)
             m.encode_state()
@@ -202,19 +223,19 @@ def test_an_epoch_dropped_unsent_leaves_no_base(machines: list[Machine]) -> None
     sp.checkpointed()
     sp.stale()
     got = steady_run(sp, m, drv, up, epoch)
-    assert all(words == -1 for cp in got.checkpoints for *_, words in cp.parts)
+    assert all(words == -1 for cp in checkpoints(got, up) for *_, words in cp.parts)
     consumed_all(up)
     epoch += 20
     for _ in range(10):  # the next ordinary checkpoint gives the base back
         m.encode_state()
         sp.checkpointed()
         got = sp.run(epoch, EPOCH, 4)
-        if got is not None and got.checkpoints:
+        if got is not None and got.count:
             break
         drv.run_epoch(EPOCH) if got is None else finish_tail(sp, drv, got)
         epoch += 1
-    assert got is not None and got.checkpoints
-    assert all(words >= 0 for cp in got.checkpoints for *_, words in cp.parts)
+    assert got is not None and got.count
+    assert all(words >= 0 for cp in checkpoints(got, up) for *_, words in cp.parts)
 
 
 def test_a_set_too_big_to_batch_keeps_no_base(machines: list[Machine]) -> None:
@@ -262,7 +283,7 @@ def test_it_steps_aside_for_vmm_writes_and_busy_staging(machines: list[Machine])
     assert sp.run(epoch, EPOCH, 4) is None and up._parts == []
     up.staging.header[CONSUMED] = 9  # one free (max_ahead 2): a batch of one at most
     got = steady_run(sp, m, drv, up, epoch)
-    assert len(got.checkpoints) == 1 and got.checkpoints[0].parts
+    assert got.count == 1 and checkpoints(got, up)[0].parts
 
 
 def test_a_vmm_write_during_a_batch_stops_it_and_goes_in_the_ordinary_checkpoint(
@@ -283,7 +304,7 @@ def test_a_vmm_write_during_a_batch_stops_it_and_goes_in_the_ordinary_checkpoint
     got = sp.run(epoch, EPOCH, 8)
     tr.steady = steady  # type: ignore[method-assign]
     assert got is not None and got.stopped_by == "vmm write"  # not a log: the announcement
-    assert got.checkpoints == [] and got.tail == "interval" and sp.taken == 0
+    assert got.epochs is None and got.tail == "interval" and sp.taken == 0
     assert (1, 200) in drv.harvest_epoch(drv.ran(got.tail, 0.0)).dirty
 
 
@@ -301,7 +322,7 @@ def steady_run(sp: SteadyPause, m: Machine, drv: EpochDriver, up: Stager,
     the batch steps aside once more, which is what it should do.)"""
     for _ in range(10):
         got = sp.run(epoch, EPOCH, 4)
-        if got is not None and got.checkpoints:
+        if got is not None and got.count:
             return got
         assert up._parts == []
         if got is None:
@@ -338,12 +359,12 @@ def test_a_batch_stops_at_guest_io_and_its_checkpoints_precede_it(
             m.encode_state()
             epoch += 1
             continue
-        epoch += len(got.checkpoints)
+        epoch += got.count
         if got.tail == "exit":
             assert got.stopped_by == "exit"
             stopped_at_io += 1
             before = {d.name: d.save() for d in m.devices}
-            for cp in got.checkpoints:
+            for cp in checkpoints(got, up):
                 assert {d.name: d.data for d in MachineState.decode(cp.state).devices} == before
             finish_tail(sp, drv, got)
             changed_by_io += {d.name: d.save() for d in m.devices} != before

@@ -3,10 +3,12 @@ slot is free again, what is told to the uplink and when."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from dirtyring._bindings.mapping import memfd
-from dirtyring.products.stager import Part, Stager
-from dirtyring.products.staging import CONSUMED, PAGE, Staging
+from dirtyring.products.stager import Stager
+from dirtyring.products.staging import (BLOB_BYTES, CONSUMED, PAGE, Part, Staging,
+                                        SteadyEpochs, epoch_parts)
 
 
 class Told:
@@ -87,13 +89,13 @@ def test_a_busy_slot_is_waited_for_until_told_to_give_up() -> None:
 def test_room_free_slots_claims_and_abandon() -> None:
     st, told = make(slots=4, max_ahead=3)
     assert st.has_room() and st.free_ahead(8) == [0, 1, 2]
-    got = st.claim(1, [(0, 2), (1, 1)])
-    assert got == (0, [(0, 0, 0, 2, -1), (0, 2, 1, 1, -1)])
+    assert st.claim_many(1, 1, 3) == 0
     assert st.take_parts() == []  # claimed parts go to the caller, not to the next end
     assert st.free_ahead(8) == [1, 2]
-    assert st.claim(2, [(0, 2)]) == (1, [(1, 0, 0, 2, -1)])
-    assert st.claim(3, [(0, 9)]) is None  # more than a slot holds
-    assert st.claim(3, [(0, 2)]) == (2, [(2, 0, 0, 2, -1)])
+    assert st.claim_many(2, 1, 2) == 1
+    with pytest.raises(RuntimeError, match="staging moved"):
+        st.claim_many(3, 1, 9)  # more than a slot holds
+    assert st.claim_many(3, 1, 2) == 2
     assert not st.has_room() and told.flushes == 1  # full: the uplink is told, to free some
     assert st.free_ahead(8) == []
     st.staging.header[CONSUMED] = 2
@@ -109,29 +111,40 @@ def test_room_free_slots_claims_and_abandon() -> None:
 
 
 def test_claiming_a_batch_at_once_is_claiming_each_in_turn() -> None:
-    sizes = [(0, 2), (1, 3)]
     one, _ = make(slots=8, max_ahead=6)
     many, _ = make(slots=8, max_ahead=6)
     for st in (one, many):
         st.stage(1, "delta", 0, guest(), np.array([5], np.int64), never)  # an ordinary epoch
         st.take_parts()
-    expected = []
-    for e in range(2, 6):
-        got = one.claim(e, sizes)
-        assert got is not None
-        expected.append(got[1])
-    assert many.claim_many(2, 4, sizes) == expected
+    assert [one.claim_many(e, 1, 5) for e in range(2, 6)] == [1, 2, 3, 4]
+    assert many.claim_many(2, 4, 5) == 1
     assert (many.seq, many._fill, many._epoch) == (one.seq, one._fill, one._epoch)
-    assert many.staging_bytes == one.staging_bytes
+    assert many.staging_bytes == one.staging_bytes == (1 + 4 * 5) * PAGE
     # The next claim, or the next staged epoch, goes on from the same place.
-    assert many.claim(6, sizes) == one.claim(6, sizes)
-    # Word counts go into the parts; a batch past the free slots is refused.
-    words = many.claim_many(7, 1, sizes, [[3, -1]])
-    assert [p[4] for p in words[0]] == [3, -1] and words[0][0][0] == many.seq
-    try:
-        many.claim_many(8, 8, sizes)
-    except RuntimeError as e:
-        assert "staging moved" in str(e)
-    else:
-        raise AssertionError("a batch past the free slots was claimed")
-    assert many.claim_many(8, 0, sizes) == []
+    assert many.claim_many(6, 1, 5) == one.claim_many(6, 1, 5) == 5
+    assert many.stage(7, "delta", 0, guest(), np.array([5], np.int64), never) == 1
+    assert many.take_parts() == [(6, 0, 0, 1, -1)]
+    with pytest.raises(RuntimeError, match="staging moved"):
+        many.claim_many(8, 8, 5)  # past the free slots
+    with pytest.raises(RuntimeError, match="staging moved"):
+        many.claim_many(8, 0, 5)
+
+
+def test_a_steady_record_gives_each_epoch_its_parts_and_state() -> None:
+    """What the uplink reads back of a steady batch: epoch i's parts in staging slot seq + i,
+    laid out as the stager lays out an ordinary epoch, and its state from that slot's state
+    area followed by the devices' part."""
+    st, _ = make(slots=4)
+    sizes = [(0, 2), (1, 3)]
+    assert epoch_parts(7, sizes, None) == [(7, 0, 0, 2, -1), (7, 2, 1, 3, -1)]
+    assert epoch_parts(7, sizes, [4, -1]) == [(7, 0, 0, 2, 4), (7, 2, 1, 3, -1)]
+    for k in range(4):
+        st.staging.blob(k)[:3] = [k, k, k]
+        st.staging.blob(k)[BLOB_BYTES - 1] = 9  # the area's last byte is its own
+    e = SteadyEpochs(epoch=10, seq=6, count=2, sizes=sizes, words=[[1, 2], [3, -1]], blob=3,
+                     devices=b"dev", digests=None)
+    assert [e.parts(i) for i in range(2)] == [epoch_parts(6, sizes, [1, 2]),
+                                              epoch_parts(7, sizes, [3, -1])]
+    assert [e.state(st.staging, i) for i in range(2)] == [b"\x02\x02\x02dev", b"\x03\x03\x03dev"]
+    assert e.digest(1) == b""
+    assert SteadyEpochs(10, 6, 1, sizes, None, 0, b"", [b"d"]).digest(0) == b"d"
