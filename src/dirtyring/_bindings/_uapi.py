@@ -102,6 +102,10 @@ class kvm_xcrs(C.Structure):
                 ("padding", u64 * 16)]
 
 
+class kvm_device_attr(C.Structure):
+    _fields_ = [("flags", u32), ("group", u32), ("attr", u64), ("addr", u64)]
+
+
 class kvm_msr_entry(C.Structure):
     _fields_ = [("index", u32), ("reserved", u32), ("data", u64)]
 
@@ -348,6 +352,10 @@ KVM_GET_XSAVE = _IOR(0xA4, C.sizeof(kvm_xsave))
 KVM_SET_XSAVE = _IOW(0xA5, C.sizeof(kvm_xsave))
 KVM_GET_XCRS = _IOR(0xA6, C.sizeof(kvm_xcrs))
 KVM_SET_XCRS = _IOW(0xA7, C.sizeof(kvm_xcrs))
+KVM_GET_DEVICE_ATTR = _IOW(0xE2, C.sizeof(kvm_device_attr))
+#: vCPU device attributes (asm/kvm.h): the TSC control group and its offset attribute.
+KVM_VCPU_TSC_CTRL = 0
+KVM_VCPU_TSC_OFFSET = 0
 
 #: Every ioctl number by kernel name (used for error messages and the header check).
 IOCTL_NAMES: dict[int, str] = {

@@ -221,6 +221,20 @@ class VcpuFd:
     def set_cpuid2(self, cpuid_buf: C.Array[C.c_uint8]) -> None:
         ioctl(self.fd, U.KVM_SET_CPUID2, cpuid_buf)
 
+    def tsc_offset(self) -> int | None:
+        """The vCPU's TSC offset (guest TSC = host TSC + offset where KVM does not scale it),
+        KVM_GET_DEVICE_ATTR of KVM_VCPU_TSC_OFFSET; None where KVM lacks that (before 5.16)."""
+        value = C.c_int64()
+        attr = U.kvm_device_attr(group=U.KVM_VCPU_TSC_CTRL, attr=U.KVM_VCPU_TSC_OFFSET,
+                                 addr=C.addressof(value))
+        try:
+            ioctl(self.fd, U.KVM_GET_DEVICE_ATTR, attr)
+        except KvmError as e:
+            if e.errno in (errno.ENXIO, errno.EINVAL, errno.ENOTTY):
+                return None
+            raise
+        return value.value
+
     def get_tsc_khz(self) -> int:
         return ioctl(self.fd, U.KVM_GET_TSC_KHZ)
 

@@ -113,6 +113,9 @@ _PROGRAM = _LIB.dirtyring_program if _LIB is not None else None
 _BATCH = _LIB.dirtyring_batch if _LIB is not None else None
 _DELTA = _LIB.dirtyring_sparse_delta if _LIB is not None else None
 _TAKE = _LIB.dirtyring_take_words if _LIB is not None else None
+_RDTSC = _LIB.dirtyring_rdtsc if _LIB is not None else None
+if _RDTSC is not None:
+    _RDTSC.restype = C.c_uint64
 #: "c-nt" (compiled: non-temporal stores, the steady pause) or "numpy" (no compiler here).
 BACKEND = "c-nt" if _GATHER is not None else "numpy"
 #: Fewer pages than this are copied by numpy.
@@ -171,7 +174,16 @@ def take_words(staged: int, n: int, words: int, pages: int,
 
 class _Op(C.Structure):
     _fields_ = [("fd", C.c_int), ("expect", C.c_int), ("request", C.c_ulong),
-                ("arg", C.c_void_p)]
+                ("arg", C.c_void_p), ("offset", C.c_void_p)]
+
+
+_TSC_OP = 0  # an op's request that stores the guest's TSC (native.c's DR_OP_TSC)
+
+
+def rdtsc() -> int:
+    """The host's TSC now (the helper must be built)."""
+    assert _RDTSC is not None
+    return int(_RDTSC())
 
 
 class _Same(C.Structure):
@@ -219,6 +231,13 @@ class PauseProgram:
         """``ioctl(fd, request, arg)``: it fails unless it returns >= 0 (``expect`` if >= 0)."""
         o = self._ops[self._slot(self._p.nops)]
         o.fd, o.expect, o.request, o.arg = fd, expect, request, arg
+        self._p.nops += 1
+
+    def tsc(self, dst: int, offset: int) -> None:
+        """Store the guest's TSC at ``dst`` (8 bytes): the host's plus the int64 at ``offset``,
+        which a batch fills in (``EpochBatch.run``) and checks. No ioctl: see native.c."""
+        o = self._ops[self._slot(self._p.nops)]
+        o.fd, o.expect, o.request, o.arg, o.offset = -1, -1, _TSC_OP, dst, offset
         self._p.nops += 1
 
     def same(self, a: int, b: int, n: int) -> None:
@@ -281,6 +300,8 @@ class PauseProgram:
 
 def program_error(rc: int, err: int) -> Exception:
     """The error a program's result ``rc`` < 0 stands for."""
+    if rc == NO_TSC_OFFSET:
+        return OSError(err, f"reading the vCPU's TSC offset failed: {os.strerror(err)}")
     if rc <= -1000:
         return IndexError(f"pause gather {-1000 - rc} names a page outside its slot")
     return OSError(err, f"pause ioctl {-rc - 1} failed: "
@@ -292,15 +313,17 @@ MAX_BATCH = 64
 ALL_DONE, EXIT, CHANGED, PROGRAM_FAILED, RUN_FAILED = range(5)
 #: ``EpochBatch.detail`` of a ``CHANGED`` that was the watched counter, not a dirty log.
 VMM_WROTE = 2
+#: ``EpochBatch.detail`` of a ``PROGRAM_FAILED`` before any epoch: the TSC offset's read.
+NO_TSC_OFFSET = -999
 
 
 class _Batch(C.Structure):
     _fields_ = [("vcpu_fd", C.c_int), ("n", C.c_int), ("run", C.c_void_p), ("timer", C.c_void_p),
                 ("interval_ns", C.c_int64), ("watch", C.c_void_p), ("watch_value", C.c_int64),
-                ("progs", C.c_void_p * MAX_BATCH),
+                ("progs", C.c_void_p * MAX_BATCH), ("tsc_offset", C.c_void_p),
                 ("done", C.c_int), ("why", C.c_int), ("detail", C.c_int), ("err", C.c_int),
                 ("intr", C.c_int), ("enter_ns", C.c_int64 * MAX_BATCH),
-                ("exit_ns", C.c_int64 * MAX_BATCH)]
+                ("exit_ns", C.c_int64 * MAX_BATCH), ("tsc_moved", C.c_int)]
 
 
 class EpochBatch:
@@ -315,13 +338,18 @@ class EpochBatch:
         self._address = C.addressof(self._b)
 
     def run(self, interval: float, programs: list[PauseProgram],
-            watch: np.ndarray | None = None, watch_value: int = 0) -> None:
+            watch: np.ndarray | None = None, watch_value: int = 0, tsc_offset: int = 0) -> None:
         """Up to ``len(programs)`` epochs of ``interval`` seconds (the GIL is released). An
         epoch whose run ends with ``watch[0]`` (int64) no longer ``watch_value`` stops the
-        batch before its program (``CHANGED``, detail ``VMM_WROTE``)."""
+        batch before its program (``CHANGED``, detail ``VMM_WROTE``).
+
+        ``tsc_offset``: the address of the int64 the programs' ``tsc`` ops add; the batch
+        reads the vCPU's TSC offset into it first, and if the offset is different at the end,
+        no epoch counts (``done`` 0, ``tsc_moved``; the last one is over and paused)."""
         assert _BATCH is not None and 0 < len(programs) <= MAX_BATCH
         b = self._b
         b.n, b.interval_ns = len(programs), max(int(interval * 1e9), 1000)
+        b.tsc_offset = tsc_offset or None
         if watch is None:
             b.watch = None
         else:
@@ -348,6 +376,10 @@ class EpochBatch:
     @property
     def err(self) -> int:
         return int(self._b.err)
+
+    @property
+    def tsc_moved(self) -> bool:
+        return bool(self._b.tsc_moved)
 
     @property
     def intr(self) -> int:

@@ -362,7 +362,7 @@ class VcpuRunner:
 
     def run_batch(self, batch: native.EpochBatch, interval: float,
                   programs: list[native.PauseProgram], watch: Any = None,
-                  watch_value: int = 0) -> str:
+                  watch_value: int = 0, tsc_offset: int = 0) -> str:
         """Up to ``len(programs)`` epochs of ``interval`` in one native call, each followed by
         its pause program (``EpochBatch``); ``batch.done`` of them are complete. Returns what
         ``run_inline`` would for the epoch that ended the batch: "interval" (the batch ran
@@ -375,7 +375,7 @@ class VcpuRunner:
         self._prepare_inline()
         self.parked = False
         try:
-            batch.run(interval, programs, watch, watch_value)
+            batch.run(interval, programs, watch, watch_value, tsc_offset)
         finally:
             self.parked = True
         self.fd.sync_valid = True

@@ -55,7 +55,9 @@ class SteadyRun:
     resumed: list[float]
     tail: str | None
     tail_entered: float  # time.monotonic() when that epoch began to run
-    #: What ended the batch: "done" (all its epochs), "log changed", "vmm write", "exit".
+    #: What ended the batch: "done" (all its epochs), "log changed", "vmm write", "exit",
+    #: "tsc moved" (the guest's TSC offset changed: none of its epochs has a checkpoint, the
+    #: caller checkpoints them as one, the ordinary way).
     stopped_by: str = "done"
 
     @property
@@ -168,10 +170,13 @@ class SteadyPause:
             self._batch = self._runner.epoch_batch()
         b = self._batch
         why = self._runner.run_batch(b, interval, [c.prog for c in chosen],
-                                     m.memory.vmm_writes, writes)
+                                     m.memory.vmm_writes, writes,
+                                     C.addressof(blob.tsc_offset) if blob.tscs else 0)
         # Python right after the guest ran is slow: nothing here is done per checkpoint but
         # what verify mode needs. The states are in staging already (``_program``).
         done = b.done
+        if b.tsc_moved:  # (done is 0) the epochs' pauses updated the bases for nothing
+            self.stale()
         enter, exit_ = b.all_times(done + 1)  # (the tail's entry, if any, as the last)
         epochs = None
         if done:
@@ -190,7 +195,7 @@ class SteadyPause:
         self.taken += done
         if b.why == native.ALL_DONE:
             return SteadyRun(epochs, self._pages, exit_[:done], enter[1:done], None, 0.0)
-        stopped_by = "exit" if why == "exit" else \
+        stopped_by = "exit" if why == "exit" else "tsc moved" if b.tsc_moved else \
             "vmm write" if b.detail == native.VMM_WROTE else "log changed"
         return SteadyRun(epochs, self._pages, exit_[:done], enter[1:done + 1], why, enter[done],
                          stopped_by)
@@ -261,6 +266,8 @@ class SteadyPause:
                       int(C.cast(C.c_char_p(last), C.c_void_p).value or 0), len(last))
         for fd, request, arg, expect in blob.reads:
             prog.ioctl(fd, request, arg, expect)
+        for dst in blob.tscs:
+            prog.tsc(dst, C.addressof(blob.tsc_offset))
         data, idx = self.stager.addresses(k)
         off = 0
         counts = np.zeros(len(dirty), np.int64)

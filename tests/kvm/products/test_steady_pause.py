@@ -4,6 +4,8 @@ it cannot vouch for that (a re-arm is due, the VMM wrote a page, staging is busy
 only, never timing."""
 from __future__ import annotations
 
+import threading
+import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +21,7 @@ from dirtyring.machine.epoch import EpochDriver
 from dirtyring.machine.memory import digest_of
 from dirtyring.machine.native import DELTA_WORDS
 from dirtyring.machine.state import MachineState
+from dirtyring.machine.stateblob import host_tsc_plus_offset
 from dirtyring.machine.vm import Machine
 from dirtyring.products.staging import CONSUMED, Staging
 from dirtyring.products.staging import Part
@@ -378,3 +381,83 @@ def test_a_batch_stops_at_guest_io_and_its_checkpoints_precede_it(
     assert m.runners[0].exits[U.KVM_EXIT_IO] > ios and m.progress() > progress
     assert stopped_at_io > 0 and changed_by_io > 0 and sp.taken > 100
     assert m.crashed is None
+
+
+def test_pauses_store_the_guests_tsc_without_an_ioctl_where_it_is_the_hosts(
+        machines: list[Machine]) -> None:
+    """Where KVM's guest TSC is the host's plus the vCPU's offset (checked when the state's
+    pieces are built), the pause stores that sum itself: every checkpoint's TSC lies between
+    the guest's TSC read (KVM_GET_MSRS) before the batch and after it, and they increase."""
+    m, tr, up, sp, drv = steady_setup(machines)
+    epoch = steady_again(m, drv, 1)
+    blob = m.state_blob.template()
+    assert blob is not None
+    fd = m.runners[0].fd
+    assert bool(blob.tscs) == host_tsc_plus_offset(m.runners[0])
+    for _ in range(20):
+        before = fd.get_tsc()
+        got = sp.run(epoch, EPOCH, 4)
+        if got is None:
+            drv.run_epoch(EPOCH)
+            m.encode_state()
+            epoch += 1
+            continue
+        after = fd.get_tsc()
+        tscs = [dict(MachineState.decode(cp.state).vcpus[0].msrs)[U.MSR_IA32_TSC]
+                for cp in checkpoints(got, up)]
+        assert all(before < a < b < after for a, b in zip(tscs, tscs[1:]))
+        epoch += got.count
+        if got.tail is not None:
+            finish_tail(sp, drv, got)
+            m.encode_state()
+            epoch += 1
+        consumed_all(up)
+
+
+def test_a_tsc_offset_that_moved_during_a_batch_voids_its_checkpoints(
+        machines: list[Machine]) -> None:
+    """The pauses add the offset the batch read at its start; if the vCPU's offset is another
+    at its end (the guest wrote its TSC, or KVM moved it), their TSC values may be wrong, so
+    none of the epochs gets a checkpoint: the caller checkpoints them as one, the ordinary
+    way, and the next batch stages whole pages (its base is gone). Here the offset the pauses
+    add is changed under the running batch instead (this host's KVM keeps every offset 0)."""
+    m, tr, up, sp, drv = steady_setup(machines)
+    epoch = steady_again(m, drv, 1)
+    sp.checkpointed()
+    blob = m.state_blob.template()
+    assert blob is not None
+    if not blob.tscs:
+        pytest.skip("KVM here scales the guest's TSC: the pause reads it with KVM_GET_MSRS")
+    real = m.runners[0].fd.tsc_offset()
+    assert real is not None
+
+    def move() -> None:
+        time.sleep(0.004)  # inside the batch's 8 epochs of 2 ms
+        blob.tsc_offset.value = real + 12345
+
+    for _ in range(10):
+        mover = threading.Thread(target=move)
+        mover.start()
+        got = sp.run(epoch, 0.002, 8)
+        mover.join()
+        if got is not None and got.stopped_by == "tsc moved":
+            break
+        if got is not None:
+            epoch += got.count
+            if got.tail is not None:
+                finish_tail(sp, drv, got)
+        else:
+            drv.run_epoch(EPOCH)
+        m.encode_state()
+        sp.checkpointed()
+        epoch += 1
+        consumed_all(up)
+    else:
+        raise AssertionError("no batch ran while the offset moved")
+    assert got.epochs is None and got.count == 0 and got.tail == "interval"
+    assert sp._shadow_for is None  # the pauses' base went with the voided epochs
+    finish_tail(sp, drv, got)  # the ordinary checkpoint of all of them
+    m.encode_state()
+    sp.checkpointed()
+    got = steady_run(sp, m, drv, up, epoch + 1)  # the next batch reads the offset afresh
+    assert got.count and got.stopped_by != "tsc moved"

@@ -161,6 +161,7 @@ VCPU_METHODS: list[tuple[str, Callable[[VcpuFd], Any], str]] = [
     ("set_cpuid2", lambda v: v.set_cpuid2(U.cpuid_buffer(1)[0]), "KVM_SET_CPUID2"),
     ("set_signal_mask", lambda v: v.set_signal_mask(set()), "KVM_SET_SIGNAL_MASK"),
     ("get_tsc_khz", lambda v: v.get_tsc_khz(), "KVM_GET_TSC_KHZ"),
+    ("tsc_offset", lambda v: v.tsc_offset(), "KVM_GET_DEVICE_ATTR"),
 ]
 
 

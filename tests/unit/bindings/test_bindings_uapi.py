@@ -58,6 +58,7 @@ STRUCTS: tuple[StructSpec, ...] = (
     StructSpec("kvm_xsave", tail_member="extra"),
     StructSpec("kvm_xcr"),
     StructSpec("kvm_xcrs"),
+    StructSpec("kvm_device_attr"),
     StructSpec("kvm_msr_entry"),
     StructSpec("kvm_msrs", tail_member="entries", c_align_from_tail=True),
     StructSpec("kvm_msr_list", tail_member="indices"),
@@ -116,7 +117,7 @@ IOCTLS: tuple[str, ...] = (
     "KVM_SET_MSRS", "KVM_SET_CPUID2", "KVM_GET_FPU", "KVM_SET_FPU", "KVM_GET_LAPIC",
     "KVM_SET_LAPIC", "KVM_GET_MP_STATE", "KVM_SET_MP_STATE", "KVM_GET_VCPU_EVENTS",
     "KVM_SET_VCPU_EVENTS", "KVM_GET_TSC_KHZ", "KVM_GET_XSAVE", "KVM_SET_XSAVE", "KVM_GET_XCRS",
-    "KVM_SET_XCRS", "KVM_SET_SIGNAL_MASK",
+    "KVM_SET_XCRS", "KVM_SET_SIGNAL_MASK", "KVM_GET_DEVICE_ATTR",
 )
 
 #: The ioctls encoded with _IO (no size, no direction): numbers 0xAE00..0xAEFF.
