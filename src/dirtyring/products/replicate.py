@@ -51,14 +51,16 @@ class PrimaryOptions:
     interval: float = 0.001
     heartbeat_interval: float = 0.1
     heartbeat_timeout: float = 1.0
-    #: Staging slots, each up to ``slot_pages`` pages (the same 256 MiB of staging at most as
-    #: 16 of 4096). The steady batch takes a slot per checkpoint and the uplink frees a batch's
+    #: Staging slots, each up to ``slot_pages`` pages: 512 MiB at most, in a memfd whose pages
+    #: cost memory only once touched (a steady checkpoint touches its changed words and its
+    #: state). The steady batch takes a slot per checkpoint and the uplink frees a batch's
     #: slots only once told of it, at the batch's end, so batches settle at about half the
     #: slots the epoch loop may fill ahead. Measured with a 64-page hot set at 150 µs, 3 runs
     #: each, interleaved: 16 x 4096 gave batches of ~6 and 3,575-3,911 checkpoints/s, 32 x 2048
     #: batches of ~12 and 4,060-4,166/s, the guest at ~50 % in both (Python's share of a batch,
-    #: ~200-400 µs right after the guest ran, is spread over twice the checkpoints).
-    max_inflight: int = 32
+    #: ~200-400 µs right after the guest ran, is spread over twice the checkpoints). 64 slots
+    #: leave room for the batches of a 4 ms window (``batch_window``).
+    max_inflight: int = 64
     slot_pages: int = 2048
     unsafe_output: bool = False
     verify: bool = False
@@ -68,13 +70,15 @@ class PrimaryOptions:
     #: output is held for them: then each goes at once. Measured with a 64-page hot set at
     #: 150 µs epochs: 2 ms instead of 0.5 ms took the uplink and the standby from ~0.95 to
     #: ~0.7 of a core together (wakeups, writes and acks are per batch), which left the epoch
-    #: loop a core of its own. A crash loses at most this much more uncommitted guest work;
-    #: no output is ever released before its checkpoint is acknowledged.
-    batch_window: float = 0.002
+    #: loop a core of its own. 4 ms: steady batches of ~23 instead of ~12, whose Python
+    #: afterwards (~250 µs right after the guest ran, ~330-480 µs for the longer batch) costs
+    #: ~14 instead of ~22 µs per checkpoint. A crash loses at most this much more uncommitted
+    #: guest work; no output is ever released before its checkpoint is acknowledged.
+    batch_window: float = 0.004
     #: Take checkpoints of a steady hot set in native code (``steady.py``) where it applies,
     #: several epochs per call: as many as fit the batch window, at most this many.
     steady_pause: bool = True
-    steady_batch: int = 16
+    steady_batch: int = 32
 
 
 class Primary:
