@@ -51,17 +51,18 @@ class PrimaryOptions:
     interval: float = 0.001
     heartbeat_interval: float = 0.1
     heartbeat_timeout: float = 1.0
-    #: Staging slots, each up to ``slot_pages`` pages: 512 MiB at most, in a memfd whose pages
-    #: cost memory only once touched (a steady checkpoint touches its changed words and its
-    #: state). The steady batch takes a slot per checkpoint and the uplink frees a batch's
-    #: slots only once told of it, at the batch's end, so batches settle at about half the
-    #: slots the epoch loop may fill ahead. Measured with a 64-page hot set at 150 µs, 3 runs
-    #: each, interleaved: 16 x 4096 gave batches of ~6 and 3,575-3,911 checkpoints/s, 32 x 2048
-    #: batches of ~12 and 4,060-4,166/s, the guest at ~50 % in both (Python's share of a batch,
-    #: ~200-400 µs right after the guest ran, is spread over twice the checkpoints). 64 slots
-    #: leave room for the batches of a 4 ms window (``batch_window``).
+    #: Staging slots, each up to ``slot_pages`` pages (256 MiB at most). The steady batch takes
+    #: a slot per checkpoint and the uplink frees a batch's slots only once told of it, at the
+    #: batch's end, so batches settle at about half the slots the epoch loop may fill ahead.
+    #: Measured with a 64-page hot set at 150 µs, 3 runs each, interleaved: 16 x 4096 gave
+    #: batches of ~6 and 3,575-3,911 checkpoints/s, 32 x 2048 batches of ~12 and
+    #: 4,060-4,166/s, the guest at ~50 % in both (Python's share of a batch, ~200-400 µs right
+    #: after the guest ran, is spread over twice the checkpoints). 64 slots leave room for the
+    #: batches of a 4 ms window (``batch_window``); 64 of 2048 pages slowed big epochs down
+    #: (4096 pages at 25 ms: pause p99 ~34 ms against ~21 ms; staging memory is touched for the
+    #: first time over twice as many epochs).
     max_inflight: int = 64
-    slot_pages: int = 2048
+    slot_pages: int = 1024
     unsafe_output: bool = False
     verify: bool = False
     compress_level: int = 1
