@@ -4,14 +4,15 @@
  * (the destination is read by another process on the other core).
  *
  * dirtyring_program: a replication checkpoint's steady pause in one call: the ioctls (the
- * dirty logs, XSAVE) and the guest's TSC (read from the host's, see DR_OP_TSC), then a check that each dirty log equals the last one, then,
- * only if all do, the gathers of the hot set into staging (pages and their indices, or only
- * the words that changed since the last checkpoint) and the copies that lay the vCPU state
- * into the checkpoint's state blob.
+ * dirty logs, XSAVE) and the guest's TSC (from the host's, see DR_OP_TSC), then a check that
+ * each dirty log equals the last one, then, only if all do, the gathers of the hot set into
+ * staging (pages and their indices, or only the words that changed since the last checkpoint)
+ * and the copies that lay the vCPU state into the checkpoint's state blob and staging.
  *
  * dirtyring_batch: several steady epochs in one call: arm the epoch timer, run the vCPU until
  * the timer ends the epoch, run that epoch's program, and again; it returns at the first thing
- * that needs Python (any other exit, a changed log, an error) or after the last epoch.
+ * that needs Python (any other exit, a changed log, an error) or after the last epoch. It
+ * reads the vCPU's TSC offset for the programs first and voids the batch if it moved.
  *
  * dirtyring_sparse_delta: the uplink's XOR delta of staged pages against its shadow of the
  * standby's copy, as the changed 64-bit words, in one pass; dirtyring_take_words: the uplink's
