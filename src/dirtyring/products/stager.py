@@ -36,13 +36,21 @@ class Stager:
         self._tell, self._send_parts, self._gone = tell, send_parts, gone
         self.seq = 0
         self._parts: list[Part] = []  # staged since the last ``take_parts``
-        self._used: dict[int, int] = {}  # bytes used per recent staging seq
+        #: Bytes used in recent staging slots: first seq -> (slots from it, bytes in each).
+        self._used: dict[int, tuple[int, int]] = {}
 
     @property
     def staging_bytes(self) -> int:
         """Bytes staged and not yet taken by the uplink."""
         done = int(self.staging.header[CONSUMED])
-        return sum(b for s, b in self._used.items() if s >= done)
+        return sum(b * (first + n - max(first, done))
+                   for first, (n, b) in self._used.items() if first + n > done)
+
+    def _note_used(self, first: int, n: int, nbytes: int) -> None:
+        self._used[first] = (n, nbytes)
+        if len(self._used) > 2 * self.staging.slots:  # forget what the uplink released
+            done = int(self.staging.header[CONSUMED])
+            self._used = {f: u for f, u in self._used.items() if f + u[0] > done}
 
     def take_parts(self) -> list[Part]:
         """The parts ``stage`` copied since the last call (an epoch's, at its end)."""
@@ -95,8 +103,7 @@ class Stager:
             # Non-temporal stores: the uplink reads these pages on the other core.
             gather_pages(self.staging.data(self.seq)[off:off + k], view, chunk)
             self._parts.append((self.seq, off, slot, k, -1))
-            self._used[self.seq] = (off + k) * PAGE
-            self._used.pop(self.seq - self.staging.slots, None)
+            self._note_used(self.seq, 1, (off + k) * PAGE)
             self._fill += k
             i += k
             done += k
@@ -117,9 +124,7 @@ class Stager:
                 or self.seq + n - 1 - int(st.header[CONSUMED]) >= st.slots):
             raise RuntimeError("staging moved under the steady batch")
         first = self.seq
-        for seq in range(first, first + n):
-            self._used[seq] = pages * PAGE
-            self._used.pop(seq - st.slots, None)
+        self._note_used(first, n, pages * PAGE)
         self._epoch = epoch + n - 1
         self.seq += n - 1
         self._fill = pages

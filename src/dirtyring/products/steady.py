@@ -70,7 +70,6 @@ class _Kept:
     """A pause program kept for one staging slot, and what it was built or retargeted for."""
 
     prog: native.PauseProgram
-    counts: np.ndarray  # where it counts each part's changed words (-1: pages)
     gen: int
     dirty: DirtySet  # the set and logs it points into (kept alive here)
     logs: list[tuple[int, np.ndarray, bytes]]
@@ -98,6 +97,9 @@ class SteadyPause:
         self._progs: dict[tuple[int, bool], _Kept] = {}
         self._shape: tuple[object, ...] = ()
         self._gen = 0
+        self._counts = np.zeros((0, 0), np.int64)
+        #: The current set's and logs' addresses, as ``_retarget`` gives them (None: not yet).
+        self._targets: tuple[list[tuple[int, int]], list[tuple[int, int, int]]] | None = None
         self._sizes: list[tuple[int, int]] = []
         self._pages = 0
         # Verify mode: each program also copies all guest memory into a snapshot of its staging
@@ -147,9 +149,13 @@ class SteadyPause:
                      tuple((slot, len(last)) for slot, _, last in logs))
             if shape != self._shape:
                 self._shape, self._progs = shape, {}
+                # Where the programs count each part's changed words (-1: pages), a row per
+                # staging slot: the batch reads its rows in one go.
+                self._counts = np.zeros((self.stager.staging.slots, len(dirty)), np.int64)
             self._key, self._gen = key, self._gen + 1
             self._sizes = [(slot, len(pages)) for slot, pages in dirty.items()]
             self._pages = sum(n for _, n in self._sizes)
+            self._targets = None
         if not 0 < self._pages <= self.stager.staging.slot_pages:
             return None  # (an empty set: the guest idles, nothing to batch)
         live_digest = self.verify and self._snapshots is None  # taken in Python, paused
@@ -161,8 +167,8 @@ class SteadyPause:
         for k in slots:
             got = self._progs.get((k, delta))
             if got is None:
-                prog, counts = self._program(k, dirty, logs, blob, delta)
-                got = self._progs[(k, delta)] = _Kept(prog, counts, self._gen, dirty, logs)
+                got = self._progs[(k, delta)] = _Kept(self._program(k, dirty, logs, blob, delta),
+                                                       self._gen, dirty, logs)
             elif got.gen != self._gen:
                 self._retarget(k, got, dirty, logs)
             chosen.append(got)
@@ -190,7 +196,7 @@ class SteadyPause:
                 digests = [memory_digest(m.memory)]  # paused right after its only epoch
             epochs = SteadyEpochs(
                 epoch, seq, done, self._sizes,
-                [c.counts.tolist() for c in chosen[:done]] if delta else None,
+                self._counts[slots[:done]].tolist() if delta else None,
                 blob.size, m.state_blob.encode_devices(), digests)
         self.taken += done
         if b.why == native.ALL_DONE:
@@ -232,19 +238,23 @@ class SteadyPause:
     def _retarget(self, k: int, entry: _Kept, dirty: DirtySet,
                   logs: list[tuple[int, np.ndarray, bytes]]) -> None:
         """Point a kept program at the current set and logs (same slots, same blob)."""
+        if self._targets is None:  # what every program's new targets share, found once
+            same = [(int(C.cast(C.c_char_p(last), C.c_void_p).value or 0), len(last))
+                    for _, _, last in logs]
+            parts, off = [], 0
+            for _, pages in dirty.items():
+                assert pages.dtype == np.int64 and pages.flags.c_contiguous, "hot-set pages"
+                parts.append((off, int(pages.ctypes.data), len(pages)))
+                off += len(pages)
+            self._targets = (same, parts)
+        same, parts = self._targets
         data, idx = self.stager.addresses(k)
-        same = [(int(C.cast(C.c_char_p(last), C.c_void_p).value or 0), len(last))
-                for _, _, last in logs]
-        gathers, off = [], 0
-        for _, pages in dirty.items():
-            assert pages.dtype == np.int64 and pages.flags.c_contiguous, "hot-set pages"
-            gathers.append((data + off * PAGE, idx + off * 8, int(pages.ctypes.data), len(pages)))
-            off += len(pages)
-        entry.prog.retarget(same, gathers)
+        entry.prog.retarget(same, [(data + off * PAGE, idx + off * 8, pages, n)
+                                   for off, pages, n in parts])
         entry.gen, entry.dirty, entry.logs = self._gen, dirty, logs
 
     def _program(self, k: int, dirty: DirtySet, logs: list[tuple[int, np.ndarray, bytes]],
-                 blob: BlobTemplate, delta: bool) -> tuple[native.PauseProgram, np.ndarray]:
+                 blob: BlobTemplate, delta: bool) -> native.PauseProgram:
         """The pause into staging slot ``k``: the logs' GETs and the state's reads, the logs
         compared with the last ones, the hot set gathered, the state laid into the blob.
 
@@ -255,7 +265,7 @@ class SteadyPause:
         other core, which the uplink and the standby share; here the pages are still in this
         core's cache, and the compare costs the pause about what the copy it replaces did
         (64 cached pages: ~13 µs against ~16-20 µs for the non-temporal copy, measured alone).
-        Returns the program and where it counts the changed words of each part (-1: pages)."""
+        It counts the changed words of each part (-1: pages) in row ``k`` of ``_counts``."""
         prog, vm = native.PauseProgram(), self.m.vm
         prog.keep.append(blob)  # (the set and logs: kept by the caller's entry)
         for slot, bitmap, last in logs:
@@ -270,7 +280,7 @@ class SteadyPause:
             prog.tsc(dst, C.addressof(blob.tsc_offset))
         data, idx = self.stager.addresses(k)
         off = 0
-        counts = np.zeros(len(dirty), np.int64)
+        counts = self._counts[k]
         for i, (slot, pages) in enumerate(dirty.items()):
             rows, n_rows = self._rows[slot]
             assert pages.dtype == np.int64 and pages.flags.c_contiguous, "hot-set pages"
@@ -292,5 +302,5 @@ class SteadyPause:
             for s in self.m.memory.slots:
                 prog.copy(base + at, int(s.rows.ctypes.data), s.info.size)
                 at += s.info.size
-        prog.keep.append(counts)
-        return prog, counts
+        prog.keep.append(self._counts)
+        return prog

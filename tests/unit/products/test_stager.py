@@ -120,6 +120,9 @@ def test_claiming_a_batch_at_once_is_claiming_each_in_turn() -> None:
     assert many.claim_many(2, 4, 5) == 1
     assert (many.seq, many._fill, many._epoch) == (one.seq, one._fill, one._epoch)
     assert many.staging_bytes == one.staging_bytes == (1 + 4 * 5) * PAGE
+    many.staging.header[CONSUMED] = 3  # the uplink released the ordinary epoch's and two more
+    assert many.staging_bytes == 2 * 5 * PAGE
+    many.staging.header[CONSUMED] = 0
     # The next claim, or the next staged epoch, goes on from the same place.
     assert many.claim_many(6, 1, 5) == one.claim_many(6, 1, 5) == 5
     assert many.stage(7, "delta", 0, guest(), np.array([5], np.int64), never) == 1
