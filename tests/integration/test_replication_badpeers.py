@@ -21,16 +21,17 @@ from repl_helpers import (  # noqa: E402
 )
 
 from dirtyring.machine.config import MachineConfig  # noqa: E402
-from dirtyring.wire import WIRE_VERSION, Connection, Hello, HelloAck  # noqa: E402
+from dirtyring.wire import PROTOCOL_VERSION, Connection, Hello, HelloAck  # noqa: E402
 
 __all__ = ["spawn"]  # the fixture, imported so pytest finds it
 
 CONFIG = MachineConfig(guest="compute", data_slots=(4 << 20,)).to_json()
 
 
-def hello_frame(key: bytes, config: bytes = CONFIG) -> tuple[bytes, Connection]:
+def hello_frame(key: bytes, config: bytes = CONFIG,
+                version: int = PROTOCOL_VERSION) -> tuple[bytes, Connection]:
     conn = Connection("primary", key)
-    return conn.send(Hello(role="primary", version=WIRE_VERSION, session_id=os.urandom(16),
+    return conn.send(Hello(role="primary", version=version, session_id=os.urandom(16),
                            config=config)), conn
 
 
@@ -71,6 +72,17 @@ def test_bad_peers_while_standby_waits(spawn: Spawner) -> None:
         # (see test_unauthenticated_peer_does_not_lock_out_the_real_primary).
         time.sleep(0.3)
     assert not sb.of("standby_vm_created") and not sb.of("failover_impossible"), sb.describe()
+
+    # A primary of another replication protocol (another release): refused at the handshake,
+    # with the reason, rather than at the first event it sends that this standby cannot read.
+    data, conn = hello_frame(spawn.key, version=PROTOCOL_VERSION - 1)
+    conn.receive_data(raw_peer(sport, data))
+    ack = conn.next_event()
+    assert isinstance(ack, HelloAck) and ack.accepted is False, ack
+    assert f"protocol {PROTOCOL_VERSION - 1}" in ack.reason and "release" in ack.reason, ack
+    assert sb.wait_count("rejected", 1, 10), sb.describe()
+    assert control(cport)["state"] == "waiting" and not sb.of("standby_vm_created")
+    time.sleep(0.3)
 
     pr = spawn.primary("compute", sport)
     assert pr.wait_event("protected", 60) is not None, pr.describe() + sb.describe()

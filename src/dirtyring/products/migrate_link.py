@@ -27,7 +27,7 @@ from ..errors import ProtocolError
 from ..machine.vm import Machine
 from ..tracking import DirtySet
 from ..wire import (PRIMARY, Ack, Connection, EpochBegin, EpochEnd, Failover, Goodbye, Heartbeat,
-                    Hello, MachineBlob, Pages, WIRE_VERSION)
+                    Hello, MachineBlob, Pages, PROTOCOL_VERSION)
 from ..wire import Resync as ResyncEvent
 from .checkpoint import gather
 from .migrate_types import PAGE, MigrationError, MigrationOptions
@@ -93,7 +93,7 @@ class SourceLink:
         link = Link(connect(self.addr), Connection(PRIMARY, self.key, insecure=self.insecure,
                                                    compress_level=self.opt.compress_level))
         try:
-            handshake(link, Hello(role="primary", version=WIRE_VERSION,
+            handshake(link, Hello(role="primary", version=PROTOCOL_VERSION,
                                   session_id=os.urandom(16), config=self.m.config.to_json()))
         except HandshakeRefused as e:
             link.close()

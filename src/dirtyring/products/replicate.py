@@ -35,7 +35,7 @@ from ..machine.epoch import Epoch, EpochDriver
 from ..machine.stats import EpochStats
 from ..machine.vm import Machine
 from ..tracking import DirtySet
-from ..wire import Hello, WIRE_VERSION
+from ..wire import Hello, PROTOCOL_VERSION
 from .checkpoint import capture_state
 from .outputs import OutputGate
 from .steady import SteadyPause, SteadyRun
@@ -135,7 +135,7 @@ class Primary:
                          slot_sizes=[s.info.size for s in self.m.memory.slots],
                          slots=max(2, self.opt.max_inflight),
                          slot_pages=self.opt.slot_pages, on_message=self._on_message)
-        ok, reason = self.up.hello(Hello(role="primary", version=WIRE_VERSION,
+        ok, reason = self.up.hello(Hello(role="primary", version=PROTOCOL_VERSION,
                                          session_id=os.urandom(16),
                                          config=self.m.config.to_json()))
         if not ok:

@@ -35,7 +35,8 @@ from ..machine.state import MachineState
 from ..machine.vcpu import install_kick_handler
 from ..machine.vm import Machine
 from ..wire import (STANDBY, Ack, Checkpoint, Connection, EpochBegin, EpochEnd, Failover,
-                    Goodbye, Heartbeat, Hello, HelloAck, MachineBlob, Pages)
+                    Goodbye, Heartbeat, Hello, HelloAck, MachineBlob, Pages,
+                    PROTOCOL_VERSION)
 from ..wire import Resync as ResyncEvent
 from .checkpoint import apply_runs
 from .transport import Link, LinkClosed, listen, tune
@@ -271,6 +272,11 @@ class Standby:
                 return
 
     def _hello(self, link: Link, ev: Hello) -> None:
+        if ev.version != PROTOCOL_VERSION:
+            reason = (f"the primary speaks replication protocol {ev.version} and this standby "
+                      f"{PROTOCOL_VERSION}: run the same dirtyring release on both")
+            link.send(HelloAck(session_id=ev.session_id, accepted=False, reason=reason))
+            raise LinkClosed(reason)
         try:
             cfg = MachineConfig.from_json(ev.config)
         except ConfigError as e:

@@ -13,7 +13,7 @@ from .codec import (
 from .connection import MIN_KEY_LEN, NEED_DATA, Connection, NeedData, WireStatistics
 from .events import (
     Ack, Checkpoint, ConnectionClosed, EpochBegin, EpochEnd, Event, Failover, Goodbye, Heartbeat,
-    Hello, HelloAck, MachineBlob, Pages, Resync,
+    Hello, HelloAck, MachineBlob, Pages, PROTOCOL_VERSION, Resync,
 )
 from .states import (
     CLOSED, ERROR, HANDSHAKE, IDLE, IN_EPOCH, PRIMARY, STANDBY, SYNCING, Role, State,
@@ -25,6 +25,7 @@ __all__ = [
     # events
     "Event", "Hello", "HelloAck", "EpochBegin", "Pages", "MachineBlob", "EpochEnd",
     "Checkpoint", "Ack", "Resync", "Heartbeat", "Failover", "Goodbye", "ConnectionClosed",
+    "PROTOCOL_VERSION",
     # roles and states
     "Role", "State", "PRIMARY", "STANDBY", "IDLE", "HANDSHAKE", "SYNCING", "IN_EPOCH", "CLOSED",
     "ERROR",

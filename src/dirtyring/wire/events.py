@@ -10,6 +10,7 @@ Don't subclass these: the codec and the state tables dispatch on the exact type.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Final
 
 from dirtyring.errors import LocalProtocolError
 
@@ -23,6 +24,13 @@ __all__ = [
     "Checkpoint", "Ack", "Resync", "Heartbeat", "Failover", "Goodbye", "ConnectionClosed",
     "ROLES", "EPOCH_KINDS", "SESSION_ID_LEN", "NONCE_LEN", "MAX_DIGEST_LEN", "MAX_REASON_LEN",
     "MIN_PAGE_SIZE", "MAX_PAGE_SIZE"]
+
+
+#: The replication protocol (the events peers exchange and what they mean), sent in
+#: ``Hello.version``: 2 added Checkpoint. A standby or migration target refuses another version
+#: at the handshake, with the reason, instead of failing at the first event it does not know.
+#: The frame format's own version (``WIRE_VERSION``) is separate: snapshot files use it too.
+PROTOCOL_VERSION: Final = 2
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
