@@ -27,9 +27,9 @@ def test_replicate_quick_writes_a_complete_result(tmp_path: Path,
     doc, recs = read_json(tmp_path / "replicate.json")
     assert doc["bench"] == "replicate" and doc["settings"]["quick"] is True
     for n in replicate.QUICK_WORKING_SETS:
-        base = find(recs, "unprotected_progress", "value", pages=n)
-        assert base is not None and base.value > 0
         for iv in replicate.QUICK_INTERVALS_US:
+            base = find(recs, "unprotected_progress", "value", interval_us=iv, pages=n)
+            assert base is not None and base.value > 0  # measured next to its cells
             ceiling = find(recs, "ceiling_stops", "value", interval_us=iv, pages=n)
             assert ceiling is not None and ceiling.value > 0
             for tr in replicate.TRACKERS:
