@@ -29,8 +29,7 @@ from ..machine.native import sparse_delta, take_words
 from ..wire import (PRIMARY, Ack, Checkpoint, Connection, EpochBegin, EpochEnd, Failover,
                     Goodbye, Heartbeat, Hello, MachineBlob, Pages)
 from ..wire import Resync as ResyncEvent
-from .staging import Part
-from .staging import (ACKED, ALIVE, CONSUMED, PAGE, Staging, SteadyEpochs, recv_msg,
+from .staging import (ACKED, ALIVE, CONSUMED, PAGE, Part, Staging, SteadyEpochs, recv_msg,
                       send_msg)
 from .transport import HandshakeRefused, Link, LinkClosed, handshake
 
