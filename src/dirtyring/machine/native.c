@@ -52,9 +52,6 @@ int dirtyring_gather_nt(uint8_t *dst, const uint8_t *src, const int64_t *idx, in
     return 0;
 }
 
-/* The words of n pages that differ from their shadow rows idx[i]: page i is a + idx[i] * W
- * if indexed (guest memory), else a + i * W (staged pages). Each goes to where (its offset in
- * the n pages, in words) and diff (the XOR). Returns how many, or -1 past max. */
 /* The differing words among words j .. j+count-1 of a page at word offset base: to where
  * and diff at *k. 0, or -1 past max. */
 static inline int record(const uint64_t *pa, const uint64_t *pb, int64_t base, int64_t j,
@@ -72,6 +69,9 @@ static inline int record(const uint64_t *pa, const uint64_t *pb, int64_t base, i
     return 0;
 }
 
+/* The words of n pages that differ from their shadow rows idx[i]: page i is a + idx[i] * W
+ * if indexed (guest memory), else a + i * W (staged pages). Each goes to where (its offset in
+ * the n pages, in words) and diff (the XOR). Returns how many, or -1 past max. */
 static int64_t diff_words_sse2(const uint64_t *a, int indexed, const uint64_t *shadow,
                                const int64_t *idx, int64_t n, int64_t *where, uint64_t *diff,
                                int64_t max)

@@ -48,7 +48,6 @@ class _VcpuPieces:
         self.msrs_head = _U32.pack(len(v.msrs)) + b"".join(_TSC.pack(*m) for m in before)
         self.msrs_tail = b"".join(_TSC.pack(*m) for m in after)
         self.xsave = U.kvm_xsave()
-        self.fast_tsc = host_tsc_plus_offset(runner)
 
     def current(self) -> bool:
         r = self.runner
@@ -168,9 +167,6 @@ class BlobTemplate:
         assert self.buf is not None
         return C.addressof(self.buf)
 
-    def raw(self) -> bytes:
-        assert self.buf is not None
-        return self.buf.raw
 
 
 class StateBlob:
@@ -194,7 +190,7 @@ class StateBlob:
 
     def template(self) -> BlobTemplate | None:
         """The blob laid out for a caller that fills it itself (the steady pause): the blob is
-        then its buffer (``raw()``, or a native copy of it) followed by ``encode_devices()``;
+        then its buffer (``address``, ``size``) followed by ``encode_devices()``;
         None when the kept pieces may be stale (``encode`` must run). The same object comes
         back for as long as the pieces hold."""
         vcpus = self._vcpus
@@ -204,14 +200,16 @@ class StateBlob:
         if t is None:
             t = self._template = BlobTemplate()
             t.static(self._head)
-            fast_tsc = len(vcpus) == 1 and vcpus[0].fast_tsc
+            # (Checked here, not with the pieces: every restore rebuilds those, and the check
+            # costs two vCPU ioctls that only a template can use.)
+            fast_tsc = len(vcpus) == 1 and host_tsc_plus_offset(vcpus[0].runner)
             for p in vcpus:
                 p.lay_out(t, fast_tsc)
             t.seal()
         return t
 
     def encode_devices(self) -> bytes:
-        """The devices' part of the blob, which follows the vCPUs' (``BlobTemplate.raw``)."""
+        """The devices' part of the blob, which follows the vCPUs' (a ``BlobTemplate``'s)."""
         devices: list[bytes] = []
         self._devices(devices)
         return b"".join(devices)

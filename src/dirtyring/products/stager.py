@@ -17,6 +17,7 @@ import numpy as np
 from ..machine.native import gather_pages
 from .staging import ALIVE, CONSUMED, PAGE, Part, Staging
 
+
 def _nothing(*_: object) -> None:
     pass
 
@@ -131,7 +132,7 @@ class Stager:
         return first
 
     def free_ahead(self, most: int) -> list[int]:
-        """The staging slots the next epochs' ``claim`` calls will give, as many as are free
+        """The staging slots the next epochs' ``claim_many`` will give, as many as are free
         now (at most ``most``, within ``max_ahead``): the steady batch fills them first and
         claims them after, for the epochs it completed."""
         if self._gone():

@@ -98,7 +98,7 @@ class SteadyPause:
         self._shape: tuple[object, ...] = ()
         self._gen = 0
         self._counts = np.zeros((0, 0), np.int64)
-        #: The current set's and logs' addresses, as ``_retarget`` gives them (None: not yet).
+        #: The current set's and logs' addresses (``_targets_of``; None: not found yet).
         self._targets: tuple[list[tuple[int, int]], list[tuple[int, int, int]]] | None = None
         self._sizes: list[tuple[int, int]] = []
         self._pages = 0
@@ -238,7 +238,18 @@ class SteadyPause:
     def _retarget(self, k: int, entry: _Kept, dirty: DirtySet,
                   logs: list[tuple[int, np.ndarray, bytes]]) -> None:
         """Point a kept program at the current set and logs (same slots, same blob)."""
-        if self._targets is None:  # what every program's new targets share, found once
+        same, parts = self._targets_of(dirty, logs)
+        data, idx = self.stager.addresses(k)
+        entry.prog.retarget(same, [(data + off * PAGE, idx + off * 8, pages, n)
+                                   for off, pages, n in parts])
+        entry.gen, entry.dirty, entry.logs = self._gen, dirty, logs
+
+    def _targets_of(self, dirty: DirtySet, logs: list[tuple[int, np.ndarray, bytes]]
+                    ) -> tuple[list[tuple[int, int]], list[tuple[int, int, int]]]:
+        """Where every program of the current set points, but for its staging slot: each
+        log's last copy (address, size), and each part's (offset in the slot, page indices'
+        address, pages). Found once per set (``_targets``): each costs ~1 µs here."""
+        if self._targets is None:
             same = [(int(C.cast(C.c_char_p(last), C.c_void_p).value or 0), len(last))
                     for _, _, last in logs]
             parts, off = [], 0
@@ -247,11 +258,7 @@ class SteadyPause:
                 parts.append((off, int(pages.ctypes.data), len(pages)))
                 off += len(pages)
             self._targets = (same, parts)
-        same, parts = self._targets
-        data, idx = self.stager.addresses(k)
-        entry.prog.retarget(same, [(data + off * PAGE, idx + off * 8, pages, n)
-                                   for off, pages, n in parts])
-        entry.gen, entry.dirty, entry.logs = self._gen, dirty, logs
+        return self._targets
 
     def _program(self, k: int, dirty: DirtySet, logs: list[tuple[int, np.ndarray, bytes]],
                  blob: BlobTemplate, delta: bool) -> native.PauseProgram:
@@ -268,26 +275,23 @@ class SteadyPause:
         It counts the changed words of each part (-1: pages) in row ``k`` of ``_counts``."""
         prog, vm = native.PauseProgram(), self.m.vm
         prog.keep.append(blob)  # (the set and logs: kept by the caller's entry)
-        for slot, bitmap, last in logs:
+        same, parts = self._targets_of(dirty, logs)
+        for (slot, bitmap, _), (last, size) in zip(logs, same):
             log_request = vm.dirty_log_request(slot, bitmap)
             prog.keep.append(log_request)
             prog.ioctl(vm.fd, U.KVM_GET_DIRTY_LOG, C.addressof(log_request))
-            prog.same(int(bitmap.ctypes.data),
-                      int(C.cast(C.c_char_p(last), C.c_void_p).value or 0), len(last))
+            prog.same(int(bitmap.ctypes.data), last, size)
         for fd, request, arg, expect in blob.reads:
             prog.ioctl(fd, request, arg, expect)
         for dst in blob.tscs:
             prog.tsc(dst, C.addressof(blob.tsc_offset))
         data, idx = self.stager.addresses(k)
-        off = 0
         counts = self._counts[k]
-        for i, (slot, pages) in enumerate(dirty.items()):
+        for i, ((slot, _), (off, pages, n)) in enumerate(zip(dirty.items(), parts)):
             rows, n_rows = self._rows[slot]
-            assert pages.dtype == np.int64 and pages.flags.c_contiguous, "hot-set pages"
             shadow = int(self._shadows[slot].ctypes.data) if delta else 0
-            prog.gather(data + off * PAGE, idx + off * 8, rows, int(pages.ctypes.data),
-                        len(pages), n_rows, shadow, int(counts[i:].ctypes.data) if delta else 0)
-            off += len(pages)
+            prog.gather(data + off * PAGE, idx + off * 8, rows, pages, n, n_rows, shadow,
+                        int(counts[i:].ctypes.data) if delta else 0)
         for dst, src, n in blob.copies:
             prog.copy(dst, src, n)
         # The state goes with the pages: into the staging slot's state area, for the uplink.

@@ -23,7 +23,7 @@ __all__ = [
     "Event", "Hello", "HelloAck", "EpochBegin", "Pages", "MachineBlob", "EpochEnd",
     "Checkpoint", "Ack", "Resync", "Heartbeat", "Failover", "Goodbye", "ConnectionClosed",
     "ROLES", "EPOCH_KINDS", "SESSION_ID_LEN", "NONCE_LEN", "MAX_DIGEST_LEN", "MAX_REASON_LEN",
-    "MIN_PAGE_SIZE", "MAX_PAGE_SIZE"]
+    "MIN_PAGE_SIZE", "MAX_PAGE_SIZE", "PROTOCOL_VERSION"]
 
 
 #: The replication protocol (the events peers exchange and what they mean), sent in
