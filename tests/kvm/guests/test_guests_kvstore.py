@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from dirtyring._bindings import _uapi as U
 from dirtyring.guests.protocol import (KV_BAD_OP, KV_FULL, KV_GET, KV_HEADER_OFFSETS,
                                        KV_NOT_FOUND, KV_OK, KV_PUT, KV_RING, GuestParams)
 from dirtyring.machine import layout
@@ -36,7 +37,7 @@ def responses(m: Machine) -> list[KvResponse]:
     return [p for k, p in m.outputs if k == "kv"]
 
 
-def wait_responses(m: Machine, n: int, timeout: float = 10.0) -> list[KvResponse]:
+def wait_responses(m: Machine, n: int, timeout: float = 30.0) -> list[KvResponse]:
     deadline = time.monotonic() + timeout
     while len(responses(m)) < n:
         m.check()
@@ -44,6 +45,25 @@ def wait_responses(m: Machine, n: int, timeout: float = 10.0) -> list[KvResponse
             raise AssertionError(f"{len(responses(m))} of {n} kv responses after {timeout} s")
         time.sleep(0.002)
     return responses(m)
+
+
+def wait_in_doorbell(m: Machine, timeout: float = 30.0) -> None:
+    """Wait until vCPU 0 (the server) is back in the doorbell with nothing to do.
+
+    Call it once every response the test waits for is in: the server's last exit was then its
+    ``out PORT_KV_DONE``, and the only exit it makes next is the ``in PORT_KV_WAIT`` of the
+    doorbell (which the device keeps answering "nothing new" while the ring is empty). So one
+    more I/O exit is the event itself, on any host, instead of a sleep that guesses how long the
+    guest takes to get there.
+    """
+    r = m.runners[0]
+    seen = r.exits[U.KVM_EXIT_IO]
+    deadline = time.monotonic() + timeout
+    while r.exits[U.KVM_EXIT_IO] == seen:
+        m.check()
+        if time.monotonic() > deadline:
+            raise AssertionError(f"vCPU 0 made no I/O exit in {timeout} s after its last response")
+        time.sleep(0.001)
 
 
 class Client:
@@ -180,9 +200,10 @@ def test_stop_finishes_an_idle_guest(machines: list[Machine]) -> None:
     m = boot(machines, kv_config())
     c = Client(m)
     assert c.put(1, 2).status == KV_OK
-    time.sleep(0.01)  # idle in the doorbell
+    wait_in_doorbell(m)  # idle there: only the stop field (and its wake) can end it
+    assert not m.finished
     m.stop_guest()
-    assert m.wait_stopped(5.0)
+    assert m.wait_stopped(30.0)
     assert m.crashed is None
     assert m.finished and m.runners[0].exit_code == 0
 
@@ -250,18 +271,21 @@ def test_two_vcpus_answer_each_request_once(machines: list[Machine]) -> None:
     """Regression: every vCPU used to serve the one request ring unsynchronised, so req_cons
     overtook req_prod and both vCPUs spun on garbage (seen: req_prod 512, req_cons 216506793).
     A 64 MiB table makes most PUTs touch a fresh page, which slows a pass over the ring enough
-    for a second server to collide; bursts of 2 rings' worth exposed it every time."""
+    for a second server to collide; bursts of 2 rings' worth exposed it every time.
+
+    Each burst waits for its answers and for the server to be idle in the doorbell again (the
+    events themselves, however slow the host); the guest is then stopped, so every response it
+    will ever send, duplicates included, is in before the counts are checked."""
     m = boot(machines, kv_config(vcpus=2, data_slots=(64 * MiB,)))
     n = 0
-    deadline = time.monotonic() + 2.0
     for _ in range(20):
         for _ in range(2 * KV_RING):
             m.kv.submit(KvRequest(id=n, op=KV_PUT, key=n + 1, value=n))
             n += 1
-        while len(responses(m)) < n and time.monotonic() < deadline:
-            time.sleep(0.002)
-        time.sleep(0.004)  # both vCPUs idle in the doorbell before the next burst
-    time.sleep(0.05)  # let duplicates, if any, arrive
+        wait_responses(m, n)
+        wait_in_doorbell(m)  # idle before the next burst, as in the regression
+    m.stop_guest()
+    assert m.wait_stopped(30.0), "the guest did not finish after the stop field"
     ids = collections.Counter(r.id for r in responses(m))
     assert m.crashed is None
     assert sorted(ids) == list(range(n)), f"{n - len(ids)} of {n} requests never answered"
