@@ -58,13 +58,20 @@ def test_pending_queue_survives_save_restore() -> None:
 
 
 @pytest.mark.parametrize("rid", [1 << 32, (1 << 32) + 7, -1])
-def test_request_ids_either_rejected_or_preserved(rid: int) -> None:
-    try:
-        req = KvRequest(id=rid, op=KV_GET, key=1)
-    except ValueError:
-        return  # rejected up front: fine
+def test_request_ids_outside_u32_are_rejected(rid: int) -> None:
+    """The guest's ring entry and the saved queue both hold the id as a u32: an id outside
+    0..2^32-1 would come back as another id (its response matched to the wrong caller), so it
+    is refused when the request is made, before it can reach either."""
+    with pytest.raises(ValueError, match="ids are 0..2\\^32-1"):
+        KvRequest(id=rid, op=KV_GET, key=1)
+
+
+@pytest.mark.parametrize("rid", [0, 1, (1 << 32) - 1])
+def test_request_ids_at_the_u32_bounds_survive_save_restore(rid: int) -> None:
+    req = KvRequest(id=rid, op=KV_GET, key=1)
     dev = _device()
     dev.submit(req)
     other = _device()
     other.restore(dev.save())
     assert list(other._pending) == [req]
+    assert other._pending[0].id == rid
