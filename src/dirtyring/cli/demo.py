@@ -30,7 +30,11 @@ def add_parser(sub: Any) -> None:
                                                          "hotset"])
     p.add_argument("--memory", default="16M", help="guest data memory (default 16M)")
     p.add_argument("--clients", type=int, default=4, help="concurrent client connections")
-    p.add_argument("--json", action="store_true", help="JSON lines instead of the live view")
+    p.add_argument("--json", action="store_true",
+                   help="JSON lines instead of the live view: 'demo' and 'stats' events, a "
+                        "'failover' event (kill_to_resume_ms, detect_to_resume_ms), then one "
+                        "final 'verdict' record: acked, missing, max_released_epoch, "
+                        "committed_epoch, took_over, ok (or ok false and an error)")
     p.set_defaults(func=run)
 
 
@@ -44,6 +48,7 @@ class _Load:
         self.errors = 0
         self.lock = threading.Lock()
         self.stop = threading.Event()
+        self.first_ack = threading.Event()
         self.threads = [threading.Thread(target=self._client, args=(i, clients), daemon=True)
                         for i in range(clients)]
         for t in self.threads:
@@ -55,7 +60,7 @@ class _Load:
 
     def _client(self, idx: int, n: int) -> None:
         try:
-            c = KvClient(self.addr)
+            c = KvClient(self.addr, timeout=30.0)  # held output waits for the standby
         except OSError:
             return
         key = idx + 1
@@ -67,6 +72,7 @@ class _Load:
                     with self.lock:
                         self.acked[key] = self.value(key)
                         self.max_epoch = max(self.max_epoch, int(r.get("epoch", 0)))
+                    self.first_ack.set()
                 else:
                     self.errors += 1
                 key += n
@@ -75,6 +81,16 @@ class _Load:
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except DirtyringError as e:
+        if args.json:  # the verdict is always the last record, also when the demo failed
+            print(json.dumps({"event": "verdict", "msg": f"FAILED: {e}", "ok": False,
+                              "error": str(e)}), flush=True)
+        raise
+
+
+def _run(args: argparse.Namespace) -> int:
     env = dict(os.environ)
     env["DIRTYRING_KEY"] = os.urandom(32).hex()
     p_repl, p_ctl, p_kv1, p_kv2 = (free_port() for _ in range(4))
@@ -87,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     primary: ChildProcess | None = None
     load: _Load | None = None
     try:
-        if standby.wait_event("listening", 20) is None:
+        if standby.wait_event("listening", 60) is None:
             raise DirtyringError("the standby did not start: " + " | ".join(standby.stderr[-3:]))
         primary = ChildProcess("primary", ["protect", "kvstore", "--standby", f"127.0.0.1:{p_repl}",
                                     "--serve", f"127.0.0.1:{p_kv1}", "--tracker", args.tracker,
@@ -95,11 +111,16 @@ def run(args: argparse.Namespace) -> int:
                                     f"{args.interval * 1e6:.0f}us"], env)
         say({"event": "demo", "msg": f"primary pid {primary.p.pid}, standby pid "
              f"{standby.p.pid}: key-value guest, {args.memory} memory, {args.tracker} tracking, "
-             f"epochs of {args.interval * 1e3:g} ms"})
-        if primary.wait_event("protected", 30) is None:
+             f"epochs of {args.interval * 1e3:g} ms", "primary_pid": primary.p.pid,
+             "standby_pid": standby.p.pid})
+        if primary.wait_event("protected", 60) is None:
             raise DirtyringError("the primary never became protected: "
                                  + " | ".join(primary.stderr[-3:]))
         load = _Load(("127.0.0.1", p_kv1), args.clients)
+        # The countdown starts once a write was acknowledged, so that the proof always has
+        # something to prove, however slow the host is.
+        if not load.first_ack.wait(60):
+            raise DirtyringError("no client write was acknowledged within 60 s of protection")
         kill_after = args.kill_after if args.kill_after is not None else random.uniform(3, 6)
         say({"event": "demo", "msg": f"protected; {args.clients} clients writing; killing the "
              f"primary in {kill_after:.1f} s"})
@@ -122,10 +143,10 @@ def run(args: argparse.Namespace) -> int:
             print()
         t_kill = time.time()
         os.kill(primary.p.pid, signal.SIGKILL)
-        primary.p.wait(5)
+        primary.p.wait(60)  # a killed VMM's KVM teardown is slow on a loaded host
         load.stop.set()
         say({"event": "demo", "msg": f"killed the primary (kill -9 {primary.p.pid})"})
-        done = standby.wait_event("failover_done", 10)
+        done = standby.wait_event("failover_done", 30)
         if done is None:
             bad = standby.wait_event("failover_impossible", 0.1)
             raise DirtyringError("the standby did not take over"
@@ -141,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
              f"{done['since_detection_ms']:.1f} ms after detecting it "
              f"({lost.get('reason', '?')})", "kill_to_resume_ms": (done["t"] - t_kill) * 1e3,
              "detect_to_resume_ms": done["since_detection_ms"]})
-        if standby.wait_event("serving", 10) is None:
+        if standby.wait_event("serving", 30) is None:
             raise DirtyringError("the standby did not start serving clients")
         missing = missing_writes(("127.0.0.1", p_kv2), acked)
         committed = int(done["epoch"])
@@ -152,7 +173,8 @@ def run(args: argparse.Namespace) -> int:
              f"response came from epoch {max_epoch}, standby committed epoch {committed}: "
              + ("every acknowledged write survived and no uncommitted output was released"
                 if ok else "FAILED"), "acked": len(acked), "missing": len(missing),
-             "max_released_epoch": max_epoch, "committed_epoch": committed, "ok": bool(ok)})
+             "max_released_epoch": max_epoch, "committed_epoch": committed,
+             "took_over": True, "client_errors": load.errors, "ok": bool(ok)})
         return 0 if ok else 1
     finally:
         if load is not None:
