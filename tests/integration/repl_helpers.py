@@ -403,3 +403,32 @@ def rng_from_env(name: str) -> random.Random:
     seed = int(os.environ.get("REPL_TEST_SEED", "0")) or random.randrange(1 << 30)
     print(f"{name}: REPL_TEST_SEED={seed}")
     return random.Random(seed)
+
+
+# --- test hooks in children ----------------------------------------------------------------------
+class env_added:
+    """``with env_added(spawn, {"VAR": "value"}):`` children spawned inside get these variables
+    too (a test hook such as DIRTYRING_TEST_PAUSE_IN_COMMIT); the spawner ends them as usual."""
+
+    def __init__(self, spawner: Spawner, extra: dict[str, str]) -> None:
+        self.spawner, self.extra, self.saved = spawner, extra, spawner.env
+
+    def __enter__(self) -> None:
+        self.saved = self.spawner.env
+        self.spawner.env = {**self.saved, **self.extra}
+
+    def __exit__(self, *exc: object) -> None:
+        self.spawner.env = self.saved
+
+
+def wait_file(path: str, timeout: float, proc: Proc | None = None) -> str:
+    """The contents of ``path`` once it exists (a child's test hook writes it whole, by rename);
+    a failed precondition after ``timeout`` s, or as soon as ``proc`` has exited."""
+    end = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > end or (proc is not None and not proc.alive()):
+            raise PreconditionFailed(f"{path} never appeared"
+                                     + (": " + proc.describe() if proc is not None else ""))
+        time.sleep(0.01)
+    with open(path) as f:
+        return f.read()
