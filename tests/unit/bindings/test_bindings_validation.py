@@ -3,6 +3,7 @@ what the real kernel was measured to do (see each test), so only the Python side
 from __future__ import annotations
 
 import ctypes as C
+import errno
 import os
 from typing import Any
 
@@ -12,6 +13,7 @@ from dirtyring._bindings import PAGE_SIZE, Kvm, Mapping, MappingError, VcpuFd, V
 from dirtyring._bindings import _uapi as U
 from dirtyring._bindings import vcpu as vcpu_mod
 from dirtyring._bindings import vm as vm_mod
+from dirtyring.errors import KvmError
 
 
 def _fd_is_open(fd: int) -> bool:
@@ -55,12 +57,22 @@ def test_enable_manual_dirty_log_protect_never_sets_initially_set(
     assert vm.manual_protect is True
 
 
-def test_enable_dirty_log_ring_rejects_sizes_beyond_u32(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Stand-in for the kernel: truncates args[0] to u32 and accepts 4096 (measured on /dev/kvm).
-    monkeypatch.setattr(vm_mod, "ioctl", lambda fd, req, arg=None, **kw: 0)
+@pytest.mark.parametrize("size", [(1 << 32) + PAGE_SIZE, 1 << 32, 0, -PAGE_SIZE],
+                         ids=["2^32+page", "2^32", "zero", "negative"])
+def test_enable_dirty_log_ring_precheck_refuses_sizes_outside_u32(
+        monkeypatch: pytest.MonkeyPatch, size: int) -> None:
+    """The wrapper's own pre-check, before any ioctl: the kernel reads args[0] as a u32, so it
+    would take (1 << 32) + 4096 as a one-page ring (measured on /dev/kvm, see
+    tests/kvm/bindings/test_bindings_vm.py::test_enable_dirty_log_ring_kernel_truncates_size_to_u32).
+    The pre-check raises the EINVAL the kernel gives a bad size, and no ioctl is made."""
+    sent: list[Any] = []
+    monkeypatch.setattr(vm_mod, "ioctl", lambda fd, req, arg=None, **kw: sent.append(req) or 0)
     vm = VmFd(-2, Kvm.from_fd(-2))
-    with pytest.raises((ValueError, OSError)):
-        vm.enable_dirty_log_ring((1 << 32) + PAGE_SIZE)
+    with pytest.raises(KvmError) as ei:
+        vm.enable_dirty_log_ring(size)
+    assert (ei.value.errno, ei.value.ioctl) == (errno.EINVAL, "KVM_ENABLE_CAP")
+    assert "u32" in str(ei.value)
+    assert sent == []
     assert vm.dirty_ring_bytes == 0
 
 
