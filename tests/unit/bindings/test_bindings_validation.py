@@ -65,8 +65,13 @@ def test_enable_dirty_log_ring_precheck_refuses_sizes_outside_u32(
     would take (1 << 32) + 4096 as a one-page ring (measured on /dev/kvm, see
     tests/kvm/bindings/test_bindings_vm.py::test_enable_dirty_log_ring_kernel_truncates_size_to_u32).
     The pre-check raises the EINVAL the kernel gives a bad size, and no ioctl is made."""
-    sent: list[Any] = []
-    monkeypatch.setattr(vm_mod, "ioctl", lambda fd, req, arg=None, **kw: sent.append(req) or 0)
+    sent: list[int] = []
+
+    def fake_ioctl(fd: int, request: int, arg: Any = None, **kw: Any) -> int:
+        sent.append(request)
+        return 0
+
+    monkeypatch.setattr(vm_mod, "ioctl", fake_ioctl)
     vm = VmFd(-2, Kvm.from_fd(-2))
     with pytest.raises(KvmError) as ei:
         vm.enable_dirty_log_ring(size)
