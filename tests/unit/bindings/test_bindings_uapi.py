@@ -1,16 +1,16 @@
 """Check ``dirtyring._bindings._uapi`` against the C header it transcribes.
 
-Where ``/usr/include/linux/kvm.h`` exists (Linux 6.1 on our machines), a C program generated
-here prints ``sizeof``/``_Alignof`` of every struct, ``offsetof`` and member size of every field
+Against ``/usr/include/linux/kvm.h`` (Linux 6.1 on our machines), a C program generated here
+prints ``sizeof``/``_Alignof`` of every struct, ``offsetof`` and member size of every field
 (nested anonymous structs and unions included), and the value of every ``KVM_*``/``MSR_*``
 constant the module defines. Constants the header lacks are printed as absent and must be
 listed, with their documented values, in :data:`NOT_IN_HEADER`.
 
 The README promises this check, so it always runs: a host without the header or a C compiler
 fails these tests (never skips them) with a message naming what to install. On Debian that is
-``gcc``, ``libc6-dev`` (stdio.h; gcc only recommends it) and ``linux-libc-dev`` (linux/kvm.h, linux/kvm_para.h,
-asm/kvm.h): ``apt-get install gcc libc6-dev linux-libc-dev``. The documented-value tests at the
-bottom need none of them.
+``gcc``, ``libc6-dev`` (stdio.h; gcc only recommends it) and ``linux-libc-dev`` (linux/kvm.h,
+linux/kvm_para.h, asm/kvm.h): ``apt-get install gcc libc6-dev linux-libc-dev``. The
+documented-value tests at the bottom need none of them.
 """
 from __future__ import annotations
 
