@@ -15,6 +15,7 @@ from ..guests import NAMES
 from ..guests.protocol import GuestParams, Pattern
 from ..machine.config import MachineConfig
 from ..machine.vm import Machine
+from ..products.arbiter import DEFAULT_MARGIN, DEFAULT_TTL, Arbiter
 from ..products.kvservice import KvService
 from ..products.replicate import Primary, PrimaryOptions
 from ..products.reprotect import reprotect
@@ -37,6 +38,33 @@ def _render(p: EventPrinter, e: dict[str, Any]) -> bool:
 
 def _printer(as_json: bool, live: bool) -> EventPrinter:
     return EventPrinter(as_json, live, _render)
+
+
+NO_ETCD_WARNING = (
+    "WARNING: no --etcd: nothing arbitrates between primary and standby, so a network "
+    "partition between them can leave TWO live copies (each releasing output, and "
+    "acknowledged writes lost). Give both --etcd URL[,URL...] and the same --name GROUP.")
+
+
+def _add_etcd_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--etcd", metavar="URL[,URL...]",
+                   help="etcd members (http://HOST:PORT) holding the group's key: only its "
+                        "holder may release output or go live (default: none, see the warning)")
+    p.add_argument("--name", metavar="GROUP", default="default",
+                   help="the protected guest's group name in etcd, the same on primary and "
+                        "standby (default: default)")
+    p.add_argument("--lease-ttl", type=positive_int, default=DEFAULT_TTL, metavar="SECONDS",
+                   help=f"etcd lease time to live, seconds (default {DEFAULT_TTL}): a lost "
+                        "primary host costs this long before the standby may go live")
+
+
+def _arbiter(args: argparse.Namespace, who: str) -> Arbiter | None:
+    """The group's key in etcd, or None (with the warning) without --etcd."""
+    if not args.etcd:
+        print(NO_ETCD_WARNING, file=sys.stderr)
+        return None
+    return Arbiter(args.etcd, args.name, who=who, ttl=args.lease_ttl,
+                   margin=min(DEFAULT_MARGIN, args.lease_ttl / 3))
 
 
 def add_parsers(sub: Any) -> None:
@@ -64,6 +92,7 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--serve", metavar="HOST:PORT", help="key-value clients port (kvstore)")
     p.add_argument("--seconds", type=float, default=None, help="stop after this long")
     p.add_argument("--json", action="store_true", help="JSON lines instead of the live view")
+    _add_etcd_options(p)
     p.set_defaults(func=protect)
 
     s = sub.add_parser("standby", help="hold a non-running replica and take over on failure")
@@ -88,6 +117,7 @@ def add_parsers(sub: Any) -> None:
     s.add_argument("--control", metavar="HOST:PORT",
                    help="control port for `dirtyring failover` / status (default: none)")
     s.add_argument("--json", action="store_true")
+    _add_etcd_options(s)
     s.set_defaults(func=standby)
 
     f = sub.add_parser("failover", help="tell a standby to take over now (manual failover)")
@@ -115,6 +145,12 @@ def protect(args: argparse.Namespace) -> int:
                          unsafe_output=args.unsafe_output, verify=args.verify)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *a: stop.set())
+    arbiter = _arbiter(args, "primary")
+    if arbiter is not None:
+        # Before anything else: another live copy of this guest means we must not start.
+        token = arbiter.acquire(wait=args.lease_ttl + 1.0)
+        out({"event": "lease_granted", "group": arbiter.group, "revision": token,
+             "ttl_s": arbiter.ttl})
     # Connect before the VM exists: see Primary.connect (a death is noticed ~25 ms sooner).
     sock = connect(parse_addr(args.standby))
     # One vCPU runs inline on this thread (no thread hand-offs per epoch); more use threads.
@@ -123,14 +159,16 @@ def protect(args: argparse.Namespace) -> int:
         if args.serve:
             svc = KvService(m.kv, parse_addr(args.serve))
         prim = Primary(m, parse_addr(args.standby), key, insecure=insecure, options=opt,
-                       on_event=out, release=svc.release if svc else None)
-        prim.connect(sock)
+                       on_event=out, release=svc.release if svc else None, arbiter=arbiter)
         try:
+            prim.connect(sock)
             prim.run(args.seconds, stop=stop)
         except KeyboardInterrupt:
             pass
         finally:
             prim.close()
+            if arbiter is not None:
+                arbiter.release()
             if svc:
                 svc.close()
         out({"event": "done", **prim.snapshot()})
@@ -162,7 +200,7 @@ def standby(args: argparse.Namespace) -> int:
                  heartbeat_timeout=args.heartbeat_timeout, heartbeat_interval=args.heartbeat,
                  verify=args.verify, auto_failover=not args.no_auto_failover,
                  arbiter=args.arbiter, arbiter_timeout=args.arbiter_timeout, on_event=out,
-                 sink=sink)
+                 sink=sink, etcd=_arbiter(args, "standby"))
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *a: stop.set())
     ctl = None
@@ -179,7 +217,7 @@ def standby(args: argparse.Namespace) -> int:
                           options=PrimaryOptions(interval=args.interval,
                                                  heartbeat_interval=args.heartbeat,
                                                  heartbeat_timeout=args.heartbeat_timeout),
-                          on_event=out, release=release)
+                          on_event=out, release=release, arbiter=sb.etcd)
             while not stop.is_set():
                 if sb.machine is not None and sb.machine.wait_stopped(0.5):
                     out({"event": "guest_stopped", "crash": sb.machine.crashed})
@@ -192,6 +230,8 @@ def standby(args: argparse.Namespace) -> int:
         if ctl is not None:
             ctl.close()
         sb.close()
+        if sb.etcd is not None and sb.state != "failed_over":
+            sb.etcd.release()
     return 0 if sb.state in ("failed_over", "following", "protected", "waiting") else 1
 
 

@@ -3,7 +3,9 @@ checkpoint that contains it (Remus's network buffering).
 
 Output emitted while the guest runs in epoch N is produced by state that checkpoint N captures
 (the vCPUs are parked before the capture), so it is tagged N and released on Ack(N). If the
-standby is lost, the primary is the only copy and everything held is released at once.
+standby is lost and the primary may go on alone (``alone``), everything held is released at
+once, and from then on output leaves as it is made, but only while the primary's right to act
+alone holds (its etcd lease, ``arbiter.py``): outside it, output is held, never dropped.
 """
 from __future__ import annotations
 
@@ -40,12 +42,15 @@ class OutputGate:
         self._delays: deque[float] = deque(maxlen=4096)
         self.violations = 0  # released output of an epoch not yet committed (must stay 0)
         self.dropped = 0
+        #: Alone (no standby): may output leave now? None: always (``unhold``).
+        self.may_release: Callable[[], bool] | None = None
 
     def emit(self, kind: str, payload: Any) -> None:
         """Called on vCPU threads for every piece of output."""
         with self._lock:
             epoch = self.open_epoch
-            if self.hold:
+            if self.hold or self._pending or (self.may_release is not None
+                                              and not self.may_release()):
                 self._pending.append((epoch, kind, payload, time.monotonic()))
                 return
         self._out(kind, payload, epoch, 0.0)
@@ -73,16 +78,32 @@ class OutputGate:
             for e, kind, payload, t in out:
                 self._out(kind, payload, e, now - t)
 
-    def unhold(self) -> None:
-        """The standby is gone: the primary is the only copy; release everything, hold no more."""
+    def unhold(self, may_release: Callable[[], bool] | None = None) -> None:
+        """The standby is gone and the primary may go on alone: release everything, hold no
+        more, or only while ``may_release()`` says so (the lease): see ``flush``."""
+        with self._lock:
+            self.hold = False
+            self.may_release = may_release
+        self.flush()
+
+    def flush(self) -> int:
+        """Alone: release what was held while ``may_release()`` said no, if it says yes now.
+        Returns how many pieces are still held."""
         with self._deliver:
             with self._lock:
-                self.hold = False
+                if self.hold or (self.may_release is not None and not self.may_release()):
+                    return len(self._pending)
                 out = list(self._pending)
                 self._pending.clear()
             now = time.monotonic()
             for e, kind, payload, t in out:
                 self._out(kind, payload, e, now - t)
+        return 0
+
+    @property
+    def releasing(self) -> bool:
+        """Does output leave without waiting (alone, and allowed now)?"""
+        return not self.hold and (self.may_release is None or self.may_release())
 
     def drop(self) -> int:
         """Fenced (the standby took over): held output belongs to epochs the new copy never

@@ -17,8 +17,16 @@ Theory of operation
 4. At every epoch boundary the loop reads the last acknowledged epoch from the staging header
    and releases the output it covers (output commit). The uplink reports rare events: Resync
    makes the next epoch a full copy taken while paused; losing the standby (EOF, error, or no
-   frame within the heartbeat timeout) makes the primary *degraded*: it releases held output,
-   stops tracking and lets the guest run unprotected; a standby that took over fences us.
+   frame within the heartbeat timeout) makes the primary *degraded*: it stops tracking and lets
+   the guest run unprotected; a standby that took over fences us.
+5. One live copy, always. Going on alone is safe only if the standby cannot go live too:
+   - with an arbiter (``--etcd``, ``arbiter.py``): the primary first marks the standby's copy
+     stale in etcd (then it can never take over), and releases output only while its lease
+     holds; losing the group's key fences it;
+   - without one, a lost standby cannot be told from a cut link: the primary goes on (a
+     partition can then give two live copies: the CLI says so at start), except when its own
+     uplink died. Then the standby saw its connection drop and takes over, so the primary
+     releases what was acknowledged and fences itself.
 """
 from __future__ import annotations
 
@@ -37,10 +45,11 @@ from ..machine.vm import Machine
 from ..tracking import DirtySet
 from ..wire import Hello, PROTOCOL_VERSION
 from .checkpoint import capture_state
+from .arbiter import Arbiter, ArbiterUnavailable
 from .outputs import OutputGate
 from .steady import SteadyPause, SteadyRun
 from .transport import connect
-from .uplink import Uplink
+from .uplink import UPLINK_DIED, Uplink
 
 PAGE = 4096
 EventSink = Callable[[dict[str, Any]], None]
@@ -86,7 +95,10 @@ class Primary:
     def __init__(self, machine: Machine, standby: tuple[str, int], key: bytes, *,
                  insecure: bool = False, options: PrimaryOptions = PrimaryOptions(),
                  on_event: EventSink | None = None,
-                 release: Callable[[str, Any, int], None] | None = None) -> None:
+                 release: Callable[[str, Any, int], None] | None = None,
+                 arbiter: Arbiter | None = None) -> None:
+        """``arbiter``: the group's key in etcd, already acquired (``Arbiter.acquire``); None
+        runs without split-brain protection against partitions (see the module's notes)."""
         if machine.tracker is None:
             raise DirtyringError("replication needs a tracked machine (tracker != none)")
         self.m = machine
@@ -115,6 +127,14 @@ class Primary:
         self.skipped_after_resync = 0
         self._wire: dict[str, Any] = {}
         self._ack_lock = threading.Lock()
+        self.arbiter = arbiter
+        #: Alone without a standby, is the standby's copy marked stale in etcd yet (only then
+        #: may output leave without its acknowledgement)?
+        self._alone = False
+        self._alone_lock = threading.Lock()
+        if arbiter is not None:
+            arbiter.on_lost = lambda why: self._fence(
+                f"lost the group's key in etcd ({why}); another copy may be live: stopping")
 
     # --- events ---------------------------------------------------------------------------------
     def _emit(self, kind: str, **fields: Any) -> None:
@@ -134,14 +154,23 @@ class Primary:
                          heartbeat_timeout=self.opt.heartbeat_timeout,
                          slot_sizes=[s.info.size for s in self.m.memory.slots],
                          slots=max(2, self.opt.max_inflight),
-                         slot_pages=self.opt.slot_pages, on_message=self._on_message)
+                         slot_pages=self.opt.slot_pages, on_message=self._on_message,
+                         lease=self.arbiter.handoff() if self.arbiter is not None else None)
+        session = os.urandom(16)
         ok, reason = self.up.hello(Hello(role="primary", version=PROTOCOL_VERSION,
-                                         session_id=os.urandom(16),
+                                         session_id=session,
                                          config=self.m.config.to_json()))
+        if ok and self.arbiter is not None:
+            # This standby, and only it, may take over from now on (while we hold the key).
+            try:
+                if not self.arbiter.set_replica(session.hex()):
+                    ok, reason = False, "the group's key in etcd is held by another copy"
+            except ArbiterUnavailable as e:
+                ok, reason = False, f"cannot name the standby in etcd: {e}"
         if not ok:
             self.up.kill()
             self.up = None
-            raise DirtyringError(reason if reason.startswith(("the ", "handshake"))
+            raise DirtyringError(reason if reason.startswith(("the ", "handshake", "cannot"))
                                  else f"standby refused us: {reason}")
         self._emit("connected", standby=f"{self.addr[0]}:{self.addr[1]}")
 
@@ -154,7 +183,7 @@ class Primary:
         elif kind == "failover":
             self._fence(f"the standby took over ({msg[1]}); stopping this copy")
         elif kind == "lost":
-            self._lose(msg[1])
+            self._lose(msg[1], uplink_died=msg[1] == UPLINK_DIED)
         elif kind == "skipped":
             self.skipped_after_resync += 1
         elif kind == "stats":
@@ -180,23 +209,64 @@ class Primary:
                 self._emit("protected", epoch=a)
 
     def _fence(self, reason: str) -> None:
-        """The standby went live: two copies must never run (split brain). Held output belongs
-        to epochs the standby never committed: it is dropped, never released."""
+        """The standby went live (or may): two copies must never run (split brain). Output
+        the standby acknowledged is released; the rest belongs to epochs it never committed:
+        it is dropped, never released. The group's key in etcd, if held, is given up."""
+        if self.fenced:
+            return
+        self._poll_acks()
         self.fenced = True
         self.gate.drop()
         self.lost_reason = reason
         self.state = "fenced"
         self._lost.set()
+        if self.arbiter is not None:
+            self.arbiter.release()
 
-    def _lose(self, reason: str) -> None:
+    def _lose(self, reason: str, *, uplink_died: bool = False) -> None:
         if self._lost.is_set() or self.fenced:
+            return
+        if uplink_died and self.arbiter is None and self.state != "stopping":
+            # The standby saw its connection drop: it takes over (and cannot be asked).
+            self._fence(f"{reason}: the standby takes over when its connection drops, so this "
+                        "copy stops (no arbiter to say otherwise: see --etcd)")
             return
         self.lost_reason = reason
         self._lost.set()
-        self.gate.unhold()
+        if self.arbiter is None:
+            self.gate.unhold()
         if self.state != "stopping":
             self.state = "degraded"
-            self._emit("degraded", reason=reason, last_acked=self.acked)
+            self._emit("degraded", reason=reason, last_acked=self.acked,
+                       output="released" if self.gate.releasing else "held",
+                       **self._lease_fields())
+        self._go_alone()
+
+    def _go_alone(self) -> bool:
+        """With an arbiter: mark the standby's copy stale in etcd, then release output while
+        the lease holds. Until the mark is made (etcd unreachable) output stays held; the
+        degraded loop tries again. False while not alone yet."""
+        with self._alone_lock:
+            if self._alone or self.arbiter is None or self.fenced:
+                return self._alone
+            try:
+                if not self.arbiter.set_replica(""):
+                    return False  # (lost the key: on_lost fenced us)
+            except ArbiterUnavailable:
+                return False
+            self._alone = True
+        self.gate.unhold(self.arbiter.may_release)
+        self._emit("alone", reason="the standby's copy is marked stale in etcd: output is "
+                   "released while our lease holds", **self._lease_fields())
+        return True
+
+    def _lease_fields(self) -> dict[str, Any]:
+        a = self.arbiter
+        if a is None:
+            return {}
+        return {"lease": {"group": a.group, "holder": a.who if a.token and not a.lost else "",
+                          "revision": a.token, "ttl_left_s": round(a.ttl_left(), 3),
+                          "output_held": not self.gate.releasing}}
 
     # --- main loop ------------------------------------------------------------------------------
     _consistent_epoch = 0
@@ -442,6 +512,8 @@ class Primary:
                 m.pause_all()
                 self._emit("fenced", reason=self.lost_reason)
                 break
+            if self.arbiter is not None and self._go_alone():
+                self.gate.flush()  # (output held while the lease was unsure, if renewed)
             if m.threaded:
                 if m.wait_stopped(0.2) and m.crashed:
                     break
@@ -466,7 +538,8 @@ class Primary:
                  compression_ratio=float(w.get("compression_ratio", 1.0)),
                  staging_bytes=self.up.staging_bytes if self.up is not None else 0,
                  staging_bytes_max=self.max_staging_bytes,
-                 steady_pauses=self._steady.taken if self._steady is not None else 0)
+                 steady_pauses=self._steady.taken if self._steady is not None else 0,
+                 **self._lease_fields())
         return s
 
     def close(self) -> None:
@@ -488,3 +561,5 @@ class Primary:
         else:
             up.kill()
         self._lost.set()
+        if self.arbiter is not None:
+            self.arbiter.release()  # (a planned stop: nobody need wait out our lease)

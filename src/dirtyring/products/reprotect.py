@@ -12,6 +12,7 @@ import threading
 from typing import Any, Callable
 
 from ..errors import DirtyringError
+from .arbiter import Arbiter
 from .replicate import EventSink, Primary, PrimaryOptions
 from .standby import Standby
 from .transport import connect
@@ -21,10 +22,12 @@ Release = Callable[[str, Any, int], None]
 
 def reprotect(sb: Standby, new_standby: tuple[str, int], key: bytes, *, stop: threading.Event,
               insecure: bool = False, options: PrimaryOptions = PrimaryOptions(),
-              on_event: EventSink, release: Release, retry_s: float = 1.0) -> Primary | None:
+              on_event: EventSink, release: Release, retry_s: float = 1.0,
+              arbiter: Arbiter | None = None) -> Primary | None:
     """Protect the guest ``sb`` took over with a standby at ``new_standby``; runs until ``stop``
     (or the guest stops) and returns the finished Primary, or None if it never connected.
-    A refused or unreachable standby is retried every ``retry_s``."""
+    A refused or unreachable standby is retried every ``retry_s``. ``arbiter``: the group's key
+    this standby took at its failover, kept by the new primary (the same tenure)."""
     m = sb.machine
     if m is None or sb.state != "failed_over" or m.tracker is None:
         raise DirtyringError("only a standby that took over runs a guest to protect")
@@ -43,7 +46,7 @@ def reprotect(sb: Standby, new_standby: tuple[str, int], key: bytes, *, stop: th
         m.tracker.start()  # stopped at the failover; the initial sync re-arms every page
         m.resume_all()
         prim = Primary(m, new_standby, key, insecure=insecure, options=options,
-                       on_event=on_event, release=release)
+                       on_event=on_event, release=release, arbiter=arbiter)
         try:
             prim.connect(sock)
         except DirtyringError as e:

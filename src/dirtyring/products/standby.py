@@ -38,6 +38,7 @@ from ..wire import (STANDBY, Ack, Checkpoint, Connection, EpochBegin, EpochEnd, 
                     Goodbye, Heartbeat, Hello, HelloAck, MachineBlob, Pages,
                     PROTOCOL_VERSION)
 from ..wire import Resync as ResyncEvent
+from .arbiter import POLL_EVERY, Arbiter, ArbiterUnavailable
 from .checkpoint import apply_runs
 from .transport import Link, LinkClosed, listen, tune
 
@@ -69,7 +70,10 @@ class Standby:
                  verify: bool = False, auto_failover: bool = True,
                  arbiter: str | None = None, arbiter_timeout: float = 5.0,
                  on_event: EventSink | None = None,
-                 sink: Callable[[str, Any], None] | None = None) -> None:
+                 sink: Callable[[str, Any], None] | None = None,
+                 etcd: Arbiter | None = None) -> None:
+        """``etcd``: the group's key (``arbiter.py``): every failover, automatic or manual,
+        first takes it, and a standby the primary went on without never goes live."""
         install_kick_handler()  # the standby VM is built later, on the connection's thread
         keep_freed_memory()  # before the first frame: decoding allocates per checkpoint
         self.addr = listen_addr
@@ -108,6 +112,9 @@ class Standby:
         self.max_staging_bytes = 0
         self._listener: socket.socket | None = None
         self._link: Link | None = None
+        self.etcd = etcd
+        self._replica = ""  # our name in etcd's ``replica`` key: the primary's session id
+        self._closed = threading.Event()
 
     def _emit(self, kind: str, **fields: Any) -> None:
         self.on_event({"event": kind, "t": time.time(), **fields})
@@ -310,6 +317,12 @@ class Standby:
             self.config = cfg
             self._emit("standby_vm_created", vcpus=cfg.vcpus, memory_bytes=cfg.data_bytes,
                        guest=cfg.guest)
+        self._replica = ev.session_id.hex()
+        if self.etcd is not None:
+            try:
+                self.etcd.prepare()  # (a failover then costs one etcd transaction)
+            except ArbiterUnavailable:
+                pass
         # A fresh nonce binds this session's MACs to this answer (no replay of old sessions).
         link.send(HelloAck(session_id=ev.session_id, accepted=True, nonce=os.urandom(16)))
         self.state = "following"
@@ -407,6 +420,14 @@ class Standby:
         t0 = time.monotonic()
         if self.failover_detected_at == 0.0:
             self.failover_detected_at = t0
+        if self.etcd is not None:
+            if link is not None:  # a live primary (manual failover) stops and gives the key up
+                try:
+                    link.send(Failover(reason="standby taking over"))
+                except (LinkClosed, ProtocolError):
+                    pass
+            if not self._take_key(reason):
+                return
         self._emit("failover_started", reason=reason, epoch=self.committed_epoch)
         m = self.machine
         st = MachineState.decode(self.committed_state)
@@ -417,7 +438,7 @@ class Standby:
         self.failover_done_at = time.monotonic()
         self.resumed_wall = time.time()  # wall clock: a migration source compares it with its own
         self.state = "failed_over"
-        if link is not None:
+        if link is not None and self.etcd is None:
             try:
                 link.send(Failover(reason="standby took over"))
             except (LinkClosed, ProtocolError):
@@ -427,6 +448,40 @@ class Standby:
                    since_detection_ms=(self.failover_done_at - self.failover_detected_at) * 1e3)
         self.failed_over.set()
 
+    def _take_key(self, reason: str) -> bool:
+        """Wait until this standby holds the group's key in etcd (the primary's lease was
+        revoked or ran out). False if it never may: the primary went on without us, so our
+        copy is stale (or we are closing). While etcd cannot be reached we keep waiting:
+        going live unsure could make two live copies."""
+        a = self.etcd
+        assert a is not None
+        if a.token and not a.lost:
+            return True
+        t0, told = time.monotonic(), ""
+        while not self._closed.is_set():
+            try:
+                got = a.take_over(self._replica)
+            except ArbiterUnavailable as e:
+                why = f"etcd unreachable: {e}"
+            else:
+                if got.token:
+                    self._emit("lease_granted", revision=got.token, group=a.group,
+                               wait_ms=(time.monotonic() - t0) * 1e3)
+                    return True
+                if got.stale:
+                    self.state = "stale"
+                    self._emit("failover_refused", reason=reason, detail=(
+                        "the primary went on without this standby (its copy is marked stale "
+                        "in etcd): not going live"))
+                    return False
+                why = f"the key is held by {got.holder or 'the primary'}"
+            if why != told:
+                told = why
+                self.state = "waiting_for_lease"
+                self._emit("waiting_for_lease", reason=reason, detail=why, group=a.group)
+            time.sleep(POLL_EVERY)
+        return False
+
     def status(self) -> dict[str, Any]:
         return {"state": self.state, "committed_epoch": self.committed_epoch,
                 "consistent": self.consistent, "epochs": self.epochs, "pages": self.pages,
@@ -434,7 +489,8 @@ class Standby:
                 "guest_progress": self.machine.progress() if self.machine is not None else 0,
                 "staging_bytes_max": self.max_staging_bytes,
                 # Once it took over and re-protects the guest: that replication's state.
-                "reprotect": self.reprotect_status()}
+                "reprotect": self.reprotect_status(),
+                "lease": self.etcd.status() if self.etcd is not None else None}
 
     #: Set by ``reprotect``: the replication of the guest this standby took over.
     reprotected_by: Any = None
@@ -447,5 +503,6 @@ class Standby:
                 "acked": p.acked}
 
     def close(self) -> None:
+        self._closed.set()
         if self.machine is not None:
             self.machine.close()

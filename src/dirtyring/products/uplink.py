@@ -44,13 +44,20 @@ from .staging import ACKED, ALIVE, Part, Staging, SteadyEpochs, recv_msg, send_m
 
 MessageSink = Callable[[tuple[Any, ...]], None]
 
+#: The "lost" reason when the uplink process itself died: the standby then sees its
+#: connection drop and takes over, so the primary must not go on alone without an arbiter.
+UPLINK_DIED = "the uplink process ended unexpectedly"
+
 
 class Uplink:
     """The epoch loop's handle on the uplink process."""
 
     def __init__(self, sock: socket.socket, key: bytes, *, insecure: bool, compress_level: int,
                  heartbeat_interval: float, heartbeat_timeout: float, slot_sizes: list[int],
-                 on_message: MessageSink, slots: int = 8, slot_pages: int = 4096) -> None:
+                 on_message: MessageSink, slots: int = 8, slot_pages: int = 4096,
+                 lease: dict[str, Any] | None = None) -> None:
+        """``lease``: the primary's etcd lease (``Arbiter.handoff()``), which the uplink revokes
+        the moment the primary dies, before it drops the standby's connection."""
         fd = memfd("dirtyring-staging", Staging.size_for(slots, slot_pages))
         self.staging = Staging(fd, slots, slot_pages)
         self.ctrl, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -85,7 +92,8 @@ class Uplink:
         send_msg(self.ctrl, "start", {
             "key": key, "insecure": insecure, "compress_level": compress_level,
             "heartbeat_interval": heartbeat_interval, "heartbeat_timeout": heartbeat_timeout,
-            "slots": slots, "slot_pages": slot_pages, "slot_sizes": slot_sizes})
+            "slots": slots, "slot_pages": slot_pages, "slot_sizes": slot_sizes,
+            "lease": lease})
         self._reader = threading.Thread(target=self._read, name="uplink-reader", daemon=True)
         self._reader.start()
 
@@ -108,11 +116,11 @@ class Uplink:
             self.dead.set()
             self._hello_done.set()
             if not self.closing:
-                self.on_message(("lost", "the uplink process ended unexpectedly"))
+                self.on_message(("lost", UPLINK_DIED))
 
     def hello(self, hello: Hello, timeout: float = 15.0) -> tuple[bool, str]:
         """Handshake through the uplink; (accepted, reason)."""
-        send_msg(self.ctrl, "hello", hello.role, hello.version, hello.session_id, hello.config)
+        self._tell("hello", hello.role, hello.version, hello.session_id, hello.config)
         if not self._hello_done.wait(timeout) or not self._hello:
             return False, ("the uplink process ended during the handshake" if self.dead.is_set()
                            else "the standby did not answer the handshake in time")
@@ -135,7 +143,16 @@ class Uplink:
     def _send_parts(self, epoch: int, kind: str, parts: list[Part]) -> None:
         """A full staging slot of a big epoch, told ahead of the epoch's end."""
         self.flush()
-        send_msg(self.ctrl, "parts", epoch, kind, parts)
+        self._tell("parts", epoch, kind, parts)
+
+    def _tell(self, *msg: Any) -> None:
+        """A control message to the uplink. If it died, the message is dropped (what it
+        carried never reaches the standby, so its output stays held): the reader thread sees
+        the end of the control socket and reports the loss (``UPLINK_DIED``)."""
+        try:
+            send_msg(self.ctrl, *msg)
+        except OSError:
+            self.dead.set()
 
     def alive(self) -> None:
         """Vouch that the epoch loop is alive: the uplink only heartbeats while this moves."""
@@ -171,7 +188,7 @@ class Uplink:
     def flush(self) -> None:
         """Tell the uplink about every checkpoint ended so far (one control message)."""
         if self._ended:
-            send_msg(self.ctrl, "cps", self._ended, self._urgent)
+            self._tell("cps", self._ended, self._urgent)
             self._ended, self._urgent = [], False
 
     @property

@@ -29,6 +29,7 @@ from ..machine.native import sparse_delta, take_words
 from ..wire import (PRIMARY, Ack, Checkpoint, Connection, EpochBegin, EpochEnd, Failover,
                     Goodbye, Heartbeat, Hello, MachineBlob, Pages)
 from ..wire import Resync as ResyncEvent
+from .arbiter import Revoker
 from .staging import (ACKED, ALIVE, CONSUMED, PAGE, Part, Staging, SteadyEpochs, recv_msg,
                       send_msg)
 from .transport import HandshakeRefused, Link, LinkClosed, handshake
@@ -406,8 +407,16 @@ def _exiting(pid: int) -> bool:
 _PF_EXITING = 0x4
 
 
+#: Set at start when the primary holds an etcd lease (``arbiter.py``): revoked first thing
+#: when the primary dies, so the standby, which takes over when its connection drops, finds
+#: the group's key free at once instead of waiting out the lease.
+_REVOKER: Revoker | None = None
+
+
 def _primary_died(link: Link) -> NoReturn:
-    """Drop the standby's connection at once (it takes over), then go."""
+    """Revoke the primary's lease, drop the standby's connection at once (it takes over), go."""
+    if _REVOKER is not None:
+        _REVOKER.revoke()
     try:
         link.sock.shutdown(socket.SHUT_RDWR)
     except OSError:
@@ -472,6 +481,9 @@ def main(argv: list[str]) -> int:
     if start is None or start[0] != "start":
         return 2
     opts = start[1]
+    if opts.get("lease"):
+        global _REVOKER
+        _REVOKER = Revoker(opts["lease"])
     staging = Staging(mem_fd, int(opts["slots"]), int(opts["slot_pages"]))
     os.close(mem_fd)
     if staging.size != size:
