@@ -13,17 +13,26 @@ from dirtyring.machine.epoch import EpochDriver
 from dirtyring.machine.vm import KVMCLOCK_GPA, STEAL_TIME_GPA
 
 
+#: Generous: the waits below end as soon as their condition holds; only a stuck guest (or a
+#: broken ring) reaches them.
+DEADLINE_S = 60.0
+
+
 def test_each_vcpu_has_its_own_ring(make_machine) -> None:
     m = make_machine(guest="dirtier", tracker="ring", vcpus=2, ring_entries=1024,
                      data_slots=(4 << 20,), params=GuestParams(pattern=Pattern.RANDOM))
     drv = EpochDriver(m)
-    drv.run_epoch(0.005)
     half = m.memory.slots[1].info.pages // 2
-    for idx, (slots, offs) in enumerate(m.tracker.last_per_vcpu):
-        data = offs[slots == 1].astype(np.int64)
-        assert len(data) > 0, f"vCPU {idx}'s ring is empty"
-        # the dirtier gives vCPU i the i-th half of the data slot: its ring holds only that half
-        assert ((data // half) == idx).all()
+    seen = [0, 0]
+    deadline = time.monotonic() + DEADLINE_S
+    while not all(seen):  # until both vCPUs' rings have held data pages
+        assert time.monotonic() < deadline, f"data pages seen per vCPU ring: {seen}"
+        drv.run_epoch(0.005)
+        for idx, (slots, offs) in enumerate(m.tracker.last_per_vcpu):
+            data = offs[slots == 1].astype(np.int64)
+            seen[idx] += len(data)
+            # the dirtier gives vCPU i the i-th half of the data slot: its ring holds only that
+            assert ((data // half) == idx).all()
 
 
 def test_ring_full_exit_resumes_after_harvest(make_machine) -> None:
@@ -42,10 +51,12 @@ def test_ring_full_exit_resumes_after_harvest(make_machine) -> None:
     assert m.runners[0].exits[31] >= budgets  # KVM_EXIT_DIRTY_RING_FULL
     progress = m.progress()
     m.resume_all()
-    time.sleep(0.01)
+    deadline = time.monotonic() + DEADLINE_S
+    while m.progress() <= progress:  # wait for the guest's own progress counter to move
+        assert time.monotonic() < deadline, "the vCPU did not run again after the ring was reset"
+        time.sleep(0.0005)
     m.pause_all()
     m.tracker.harvest()
-    assert m.progress() > progress, "the vCPU did not run again after the ring was reset"
     assert seen >= 50 * 150
 
 
@@ -54,13 +65,18 @@ def test_kvm_writes_kvmclock_into_that_vcpus_ring(make_machine) -> None:
                      data_slots=(1 << 20,), params=GuestParams(pattern=Pattern.HOT,
                                                              hot_pages=4))
     drv = EpochDriver(m)
-    drv.run_epoch(0.01)
     clock_pages = {KVMCLOCK_GPA // 4096, STEAL_TIME_GPA // 4096}
-    found = []
-    for slots, offs in m.tracker.last_per_vcpu:
-        found.append(set(offs[slots == 0].tolist()) & clock_pages)
+    found: list[set[int]] = [set(), set()]
+    deadline = time.monotonic() + DEADLINE_S
+    # KVM writes them when it enters each vCPU: run until both vCPUs have run (under load a
+    # vCPU thread may not get a core in one short epoch).
+    while not all(m.status(i, "progress") for i in range(2)) or not all(found):
+        assert time.monotonic() < deadline, \
+            f"kvmclock/steal-time pages missing from a vCPU ring: {found}"
+        drv.run_epoch(0.01)
+        for idx, (slots, offs) in enumerate(m.tracker.last_per_vcpu):
+            found[idx] |= set(offs[slots == 0].tolist()) & clock_pages
     # The guest never writes these pages (they are not in any pattern); only KVM does.
-    assert all(found), f"kvmclock/steal-time pages missing from a vCPU ring: {found}"
     # and the kvmclock structure really was filled in by KVM (version field is non-zero)
     assert m.memory.read_u64(KVMCLOCK_GPA) != 0
 
