@@ -107,10 +107,21 @@ def test_create_vm(kvm: Kvm) -> None:
 
 
 def test_create_two_vms_coexist(kvm: Kvm) -> None:
+    """Two VMs from one /dev/kvm fd are separate: each takes a vCPU 0 (a second one in the
+    same VM is EEXIST), and closing one leaves the other working."""
     a = kvm.create_vm()
     try:
         b = kvm.create_vm()
-        b.close()
+        try:
+            va, vb = a.create_vcpu(0), b.create_vcpu(0)
+            va.close()
+            vb.close()
+        finally:
+            b.close()
+        with pytest.raises(KvmError) as ei:
+            a.create_vcpu(0).close()  # a vCPU lives as long as its VM: closing its fd keeps id 0
+        assert ei.value.errno == errno.EEXIST
+        a.create_vcpu(1).close()
     finally:
         a.close()
 

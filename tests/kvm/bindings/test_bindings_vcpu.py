@@ -243,8 +243,25 @@ def test_set_mp_state_halted_without_irqchip_einval(vcpu: VcpuFd) -> None:
     expect_errno(errno.EINVAL, lambda: vcpu.set_mp_state(KVM_MP_STATE_HALTED))
 
 
-def test_set_cpuid2(kvm: Kvm, vcpu: VcpuFd) -> None:
-    vcpu.set_cpuid2(kvm.get_supported_cpuid())
+def test_set_cpuid2(kvm: Kvm, vm: VmFd, vcpu: VcpuFd, guest_mem: Any, guest: Any) -> None:
+    """The guest's CPUID answers from the table we set: leaf 0 with its vendor's first four
+    bytes replaced reads back, in the guest, as we wrote it."""
+    buf = kvm.get_supported_cpuid()
+    hdr = U.kvm_cpuid2.from_buffer(buf)
+    # SAFETY: buf holds the header then hdr.nent entries (U.cpuid_buffer's layout).
+    entries = (U.kvm_cpuid_entry2 * hdr.nent).from_address(C.addressof(buf) + C.sizeof(hdr))
+    leaf0 = next(e for e in entries if e.function == 0)
+    leaf0.ebx = int.from_bytes(b"Dirt", "little")
+    vcpu.set_cpuid2(buf)
+    guest.add_slot(vm, guest_mem, flags=0)
+    # xor eax, eax (32-bit operand); cpuid; out DONE_PORT, al; hlt
+    guest_mem.put(guest.CODE_GPA, bytes([0x66, 0x31, 0xC0, 0x0F, 0xA2, 0xE6, guest.DONE_PORT,
+                                         0xF4]))
+    guest.start_real_mode(vcpu)
+    assert vcpu.run() == U.KVM_EXIT_IO
+    r = vcpu.get_regs()
+    assert (r.rax & 0xFFFFFFFF, r.rbx & 0xFFFFFFFF, r.rcx & 0xFFFFFFFF, r.rdx & 0xFFFFFFFF) == \
+        (leaf0.eax, int.from_bytes(b"Dirt", "little"), leaf0.ecx, leaf0.edx)
 
 
 def test_set_cpuid2_too_many_entries_e2big(vcpu: VcpuFd) -> None:
@@ -278,9 +295,14 @@ def test_ring_mapping_private_refused_einval(ring_vcpu: VcpuFd, prot: int) -> No
 
 
 def test_run_page_private_mapping_is_allowed(ring_vcpu: VcpuFd) -> None:
-    """Contrast: the private refusal above is KVM's ring rule, not a blanket one."""
-    mmap.mmap(ring_vcpu.fd, PAGE_SIZE, flags=mmap.MAP_PRIVATE,
-              prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=0).close()
+    """Contrast: the private refusal above is KVM's ring rule, not a blanket one: a private
+    mapping of the vCPU's kvm_run page is made, and reads KVM's page."""
+    m = mmap.mmap(ring_vcpu.fd, PAGE_SIZE, flags=mmap.MAP_PRIVATE,
+                  prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
+    try:
+        assert m[:PAGE_SIZE] == C.string_at(ring_vcpu._run_map.addr, PAGE_SIZE)
+    finally:
+        m.close()
 
 
 def test_ring_mapping_exec_refused(ring_vcpu: VcpuFd, guest: Any) -> None:
