@@ -62,9 +62,9 @@ def test_enable_manual_dirty_log_protect_never_sets_initially_set(
 def test_enable_dirty_log_ring_precheck_refuses_sizes_outside_u32(
         monkeypatch: pytest.MonkeyPatch, size: int) -> None:
     """The wrapper's own pre-check, before any ioctl: the kernel reads args[0] as a u32, so it
-    would take (1 << 32) + 4096 as a one-page ring (measured on /dev/kvm, see
-    tests/kvm/bindings/test_bindings_vm.py::test_enable_dirty_log_ring_kernel_truncates_size_to_u32).
-    The pre-check raises the EINVAL the kernel gives a bad size, and no ioctl is made."""
+    would take (1 << 32) + 4096 as a one-page ring (measured on /dev/kvm: see
+    test_enable_dirty_log_ring_kernel_truncates_size_to_u32 in tests/kvm/bindings/
+    test_bindings_vm.py). The pre-check raises the EINVAL the kernel gives a bad size, and no ioctl is made."""
     sent: list[int] = []
 
     def fake_ioctl(fd: int, request: int, arg: Any = None, **kw: Any) -> int:
