@@ -94,7 +94,7 @@ class Messages:
 def uplink(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     # Only the uplink module's view of subprocess: nothing else in this process is affected.
     monkeypatch.setattr(up, "subprocess", SimpleNamespace(
-        Popen=FakeProcess, TimeoutExpired=subprocess.TimeoutExpired))
+        Popen=FakeProcess, TimeoutExpired=subprocess.TimeoutExpired, DEVNULL=subprocess.DEVNULL))
     made: list[up.Uplink] = []
 
     def make() -> tuple[up.Uplink, FakeProcess, Messages]:
