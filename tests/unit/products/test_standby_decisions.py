@@ -105,7 +105,7 @@ def pages(epoch: int, slot: int, idx: list[int], fill: int) -> Pages:
                  data=b"".join(page(fill + i) for i in range(len(idx))))
 
 
-# --- the test's primary ----------------------------------------------------------------------------
+# --- the test's primary ---------------------------------------------------------------------
 class Primary:
     """The primary's end of a real connection to ``sb`` (served by ``sb._greet`` on a thread,
     as ``Standby.serve`` does for each newcomer)."""
@@ -191,7 +191,8 @@ def same(a: list[np.ndarray], b: list[np.ndarray]) -> bool:
 
 
 # --- what is committed --------------------------------------------------------------------------
-def test_commits_whole_epochs_and_is_consistent_from_the_first_with_state(make_standby: Any) -> None:
+def test_commits_whole_epochs_and_is_consistent_from_the_first_with_state(
+        make_standby: Any) -> None:
     sb, m, events = make_standby()
     p = Primary(sb)
     p.checkpoint(1, "full", [pages(1, 0, [0, 1, 2], 10), pages(1, 1, [5], 20)])
