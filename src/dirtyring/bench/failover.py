@@ -3,7 +3,13 @@ killed (-9), over several kills at random moments: from the kill, and from the m
 detected the loss (connection lost), to the guest running on the standby.
 
 Real processes on loopback, as in ``dirtyring demo``: a standby and a protected primary running
-the dirtier (or the key-value guest under client load), killed by PID.
+the dirtier (or the key-value guest under client load), killed by PID. Three cells:
+
+- ``none``: no arbiter (the standby goes live on the lost connection);
+- ``etcd-crash``: both hold the group's key in a local etcd member; the primary alone is killed,
+  its uplink revokes the lease first, so the standby pays one etcd transaction;
+- ``etcd-host-loss``: the primary and its uplink are killed together (the whole host gone):
+  nobody revokes, the standby waits out the lease (``--lease-ttl``).
 """
 from __future__ import annotations
 
@@ -20,35 +26,65 @@ import numpy as np
 
 from ..cli.child import ChildProcess, free_port
 from ..errors import DirtyringError
+from .etcd_member import EtcdMember
 from .records import Record, write_json
 
 BENCH = "failover"
+CELLS = ("none", "etcd-crash", "etcd-host-loss")
+#: The lease TTL of the etcd cells, seconds (the host-loss cell waits it out at each kill).
+LEASE_TTL = 2
 
 
-def one_kill(guest: str, memory: str, kill_after: float, env: dict[str, str]) -> dict[str, float]:
+def uplink_of(pid: int) -> int:
+    """The uplink process of the primary ``pid`` (its one child)."""
+    kids: list[int] = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                kids += [int(k) for k in f.read().split()]
+    except OSError:
+        pass
+    if len(kids) != 1:
+        raise DirtyringError(f"expected one uplink process under the primary, found {kids}")
+    return kids[0]
+
+
+def one_kill(guest: str, memory: str, kill_after: float, env: dict[str, str], *,
+             cell: str = "none", etcd: str = "", group: str = "") -> dict[str, float]:
     p_repl = free_port()
+    arb = [] if cell == "none" else ["--etcd", etcd, "--name", group,
+                                     "--lease-ttl", str(LEASE_TTL)]
     sb = ChildProcess("standby", ["standby", "--listen", f"127.0.0.1:{p_repl}",
-                                  "--heartbeat-timeout", "0.5s"], env)
+                                  "--heartbeat-timeout", "0.5s", *arb], env)
     pr: ChildProcess | None = None
     try:
         if sb.wait_event("listening", 20) is None:
-            raise DirtyringError("the standby did not start")
+            raise DirtyringError("the standby did not start: " + sb.describe())
         pr = ChildProcess("primary", ["protect", guest, "--standby", f"127.0.0.1:{p_repl}",
-                                      "--memory", memory], env)
+                                      "--memory", memory, *arb], env)
         if pr.wait_event("protected", 30) is None:
-            raise DirtyringError("the primary never became protected")
+            raise DirtyringError("the primary never became protected: " + pr.describe())
         time.sleep(kill_after)
+        uplink = uplink_of(pr.p.pid) if cell == "etcd-host-loss" else 0
         t_kill = time.time()
+        if uplink:  # the whole host: nobody is left to revoke the lease
+            os.kill(uplink, signal.SIGKILL)
         os.kill(pr.p.pid, signal.SIGKILL)
         pr.p.wait(60)  # a killed VMM's KVM teardown is slow on a loaded host; not timed
-        done = sb.wait_event("failover_done", 10)
+        done = sb.wait_event("failover_done", 10 + 2 * LEASE_TTL)
         lost = sb.wait_event("primary_lost", 0.5)
         if done is None or lost is None:
-            raise DirtyringError("the standby did not take over")
-        return {"kill_to_resume_ms": (done["t"] - t_kill) * 1e3,
-                "detect_to_resume_ms": float(done["since_detection_ms"]),
-                "kill_to_detect_ms": (lost["t"] - t_kill) * 1e3,
-                "restore_ms": float(done["resume_ms"])}
+            raise DirtyringError("the standby did not take over: " + sb.describe())
+        r = {"kill_to_resume_ms": (done["t"] - t_kill) * 1e3,
+             "detect_to_resume_ms": float(done["since_detection_ms"]),
+             "kill_to_detect_ms": (lost["t"] - t_kill) * 1e3,
+             "restore_ms": float(done["resume_ms"])}
+        if cell != "none":
+            lease = sb.wait_event("lease_granted", 0.5)
+            if lease is None:
+                raise DirtyringError("the standby went live without the key: " + sb.describe())
+            r["lease_wait_ms"] = float(lease["wait_ms"])
+        return r
     finally:
         if pr is not None:
             pr.stop()
@@ -56,24 +92,37 @@ def one_kill(guest: str, memory: str, kill_after: float, env: dict[str, str]) ->
 
 
 def run(*, kills: int, guest: str, memory: str, progress: Any = None,
-        rows: list[dict[str, float]] | None = None) -> list[Record]:
-    """``kills`` kills at random moments; the records are p50/max/min of each measure. Each
-    kill's own measures are appended to ``rows`` if given (the JSON keeps them, so a reader
-    can see that every kill was followed by a resume)."""
+        rows: list[dict[str, Any]] | None = None,
+        cells: tuple[str, ...] = ("none",)) -> list[Record]:
+    """``kills`` kills at random moments in each cell; the records are p50/max/min of each
+    measure. Each kill's own measures (and its cell) are appended to ``rows`` if given (the
+    JSON keeps them, so a reader can see that every kill was followed by a resume)."""
     env = dict(os.environ, DIRTYRING_KEY=os.urandom(32).hex())
     rows = [] if rows is None else rows
-    for i in range(kills):
-        r = one_kill(guest, memory, random.uniform(0.3, 1.5), env)
-        rows.append(r)
-        if progress:
-            progress(i, r)
     recs = []
-    for metric in rows[0]:
-        vals = np.array([r[metric] for r in rows])
-        for stat, v in (("p50", np.percentile(vals, 50)), ("max", vals.max()),
-                        ("min", vals.min())):
-            recs.append(Record.make(BENCH, metric, float(v), "ms", stat=stat, guest=guest,
-                                    kills=kills))
+    member = EtcdMember() if any(c != "none" for c in cells) else None
+    try:
+        if member is not None:
+            member.start()
+        for cell in cells:
+            mine: list[dict[str, float]] = []
+            for i in range(kills):
+                r = one_kill(guest, memory, random.uniform(0.3, 1.5), env, cell=cell,
+                             etcd=member.url if member is not None else "",
+                             group=f"bench-{os.getpid()}-{cell}-{i}")
+                mine.append(r)
+                rows.append({"cell": cell, **r})
+                if progress:
+                    progress(cell, i, r)
+            for metric in mine[0]:
+                vals = np.array([r[metric] for r in mine])
+                for stat, v in (("p50", np.percentile(vals, 50)), ("max", vals.max()),
+                                ("min", vals.min())):
+                    recs.append(Record.make(BENCH, metric, float(v), "ms", stat=stat,
+                                            guest=guest, kills=kills, cell=cell))
+    finally:
+        if member is not None:
+            member.stop()
     return recs
 
 
@@ -85,28 +134,39 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--kills", type=int, default=None)
     p.add_argument("--guest", default="dirtier", choices=["dirtier", "kvstore", "compute"])
     p.add_argument("--memory", default="64M")
+    p.add_argument("--cells", default=",".join(CELLS), metavar="CELL[,CELL...]",
+                   help=f"which arbiters to measure: {', '.join(CELLS)} (default: all; the "
+                        "etcd cells start a local etcd member)")
     p.set_defaults(func=command)
 
 
 def command(args: argparse.Namespace) -> int:
     kills = args.kills or (2 if args.quick else 10)
+    cells = tuple(c.strip() for c in args.cells.split(",") if c.strip())
+    bad = [c for c in cells if c not in CELLS]
+    if bad or not cells:
+        print(f"dirtyring: error: unknown cell {bad[0] if bad else '(none)'!r}; "
+              f"choose from {', '.join(CELLS)}", file=sys.stderr)
+        return 2
 
-    def show(i: int, r: dict[str, float]) -> None:
-        print(f"kill {i + 1}/{kills}: resumed {r['kill_to_resume_ms']:.1f} ms after the kill, "
-              f"{r['detect_to_resume_ms']:.1f} ms after detection (detected after "
+    def show(cell: str, i: int, r: dict[str, float]) -> None:
+        print(f"{cell}: kill {i + 1}/{kills}: resumed {r['kill_to_resume_ms']:.1f} ms after the "
+              f"kill, {r['detect_to_resume_ms']:.1f} ms after detection (detected after "
               f"{r['kill_to_detect_ms']:.1f} ms)", flush=True)
     try:
-        rows: list[dict[str, float]] = []
-        recs = run(kills=kills, guest=args.guest, memory=args.memory, progress=show, rows=rows)
+        rows: list[dict[str, Any]] = []
+        recs = run(kills=kills, guest=args.guest, memory=args.memory, progress=show, rows=rows,
+                   cells=cells)
     except DirtyringError as e:
         print(f"dirtyring bench failover: error: {e}", file=sys.stderr)
         return 1
     out = Path(args.out)
     j = write_json(out / f"{BENCH}.json", BENCH, recs,
-                   settings={"kills": kills, "guest": args.guest, "memory": args.memory},
+                   settings={"kills": kills, "guest": args.guest, "memory": args.memory,
+                             "cells": list(cells), "lease_ttl_s": LEASE_TTL},
                    extra={"per_kill": rows})
     for r in recs:
         if r.stat in ("p50", "max"):
-            print(f"{r.metric:>20} {r.stat}: {r.value:7.1f} ms")
+            print(f"{r.dims['cell']:>15} {r.metric:>20} {r.stat}: {r.value:8.1f} ms")
     print(f"wrote {j}")
     return 0

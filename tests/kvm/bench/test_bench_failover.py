@@ -1,6 +1,7 @@
-"""``dirtyring bench failover --quick`` end to end on /dev/kvm (real processes, kill -9): the
-JSON is complete and every kill was followed by a resume on the standby. It checks the order of
-events each kill measured, never how fast anything was."""
+"""``dirtyring bench failover --quick`` end to end on /dev/kvm (real processes, kill -9, a local
+etcd member for the arbiter's cells): the JSON is complete and every kill was followed by a
+resume on the standby, which in the etcd cells took the group's key first. It checks the order
+of events each kill measured, never how fast anything was."""
 from __future__ import annotations
 
 import math
@@ -12,6 +13,7 @@ from dirtyring.bench.records import find, read_json
 from dirtyring.cli.main import build_parser
 
 METRICS = ("kill_to_resume_ms", "detect_to_resume_ms", "kill_to_detect_ms", "restore_ms")
+CELLS = ("none", "etcd-crash", "etcd-host-loss")
 
 
 def test_bench_failover_quick_records_a_resume_after_every_kill(
@@ -26,25 +28,39 @@ def test_bench_failover_quick_records_a_resume_after_every_kill(
     assert doc["bench"] == "failover"
     kills = doc["settings"]["kills"]
     assert kills == 2 and doc["settings"]["guest"] == "dirtier"
+    assert tuple(doc["settings"]["cells"]) == CELLS
     rows = doc["per_kill"]
-    assert len(rows) == kills  # each kill ended in a measured resume (else the bench fails)
-    assert out.out.count("resumed") == kills
+    # each kill ended in a measured resume (else the bench fails)
+    assert [r["cell"] for r in rows] == [c for c in CELLS for _ in range(kills)]
+    assert out.out.count("resumed") == kills * len(CELLS)
+    ttl_ms = doc["settings"]["lease_ttl_s"] * 1e3
     for r in rows:
-        assert set(r) == set(METRICS), r
+        cell = r.pop("cell")
+        assert set(r) == set(METRICS) | ({"lease_wait_ms"} if cell != "none" else set()), r
         assert all(isinstance(v, float) and math.isfinite(v) for v in r.values()), r
         # The order of what happened, from the standby's own events and clocks:
         # kill < loss detected < guest resumed; restoring the state is part of the resume.
         assert 0 < r["kill_to_detect_ms"] < r["kill_to_resume_ms"], r
         assert 0 < r["restore_ms"] <= r["detect_to_resume_ms"], r
-    for metric in METRICS:
-        vals = [r[metric] for r in rows]
-        got = {}
-        for stat in ("min", "p50", "max"):
-            rec = find(recs, metric, stat, guest="dirtier", kills=kills)
-            assert rec is not None, (metric, stat)
-            assert rec.unit == "ms"
-            got[stat] = rec.value
-        # The summary is of these kills, not of anything else.
-        assert got["min"] == pytest.approx(min(vals)) and got["max"] == pytest.approx(max(vals))
-        assert got["min"] <= got["p50"] <= got["max"], (metric, got)
-    assert len(recs) == 3 * len(METRICS)
+        if cell == "etcd-host-loss":
+            # nobody revoked the lease: the standby waited for it to run out, which takes
+            # at least the part of the TTL left after the last renewal (renewed every 0.4 s)
+            assert r["lease_wait_ms"] >= ttl_ms - 500, r
+        if cell != "none":
+            assert r["lease_wait_ms"] <= r["detect_to_resume_ms"], r
+    for cell in CELLS:
+        mine = [r for r, c in zip(doc["per_kill"], [c for c in CELLS for _ in range(kills)])
+                if c == cell]
+        for metric in METRICS:
+            vals = [r[metric] for r in mine]
+            got = {}
+            for stat in ("min", "p50", "max"):
+                rec = find(recs, metric, stat, guest="dirtier", kills=kills, cell=cell)
+                assert rec is not None, (cell, metric, stat)
+                assert rec.unit == "ms"
+                got[stat] = rec.value
+            # The summary is of these kills, not of anything else.
+            assert got["min"] == pytest.approx(min(vals))
+            assert got["max"] == pytest.approx(max(vals))
+            assert got["min"] <= got["p50"] <= got["max"], (metric, got)
+    assert len(recs) == 3 * (len(METRICS) * len(CELLS) + 2)  # + lease_wait_ms of 2 cells
