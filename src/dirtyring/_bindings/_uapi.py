@@ -1,9 +1,10 @@
 """Constants and ctypes structs of the KVM userspace ABI (x86-64), spelled as in ``linux/kvm.h``.
 
 Written by hand from Linux 6.18's ``include/uapi/linux/kvm.h`` and
-``arch/x86/include/uapi/asm/kvm.h``. ``tests/unit/bindings/test_bindings_uapi.py`` compiles a C program against
-the host's ``/usr/include/linux/kvm.h`` (6.1 on our machines) and checks every size, offset and
-ioctl number defined there; constants newer than that header are marked ``# >6.1``.
+``arch/x86/include/uapi/asm/kvm.h``. ``tests/unit/bindings/test_bindings_uapi.py`` compiles a C
+program against the host's ``/usr/include/linux/kvm.h`` (6.1 on our machines) and checks every
+size, offset and ioctl number defined there; constants newer than that header are marked
+``# >6.1``.
 
 Only this module and its siblings in ``_bindings`` may use ctypes structures.
 """
