@@ -16,7 +16,7 @@ from typing import Any
 
 from ..cli.options import positive_int
 from ..errors import DirtyringError
-from . import exits, harvest
+from . import exits, fuzz, harvest
 from .plot import plot_exits, plot_harvest
 from .records import Record, host_info, json_lines, write_json
 
@@ -33,7 +33,8 @@ def _common(p: argparse.ArgumentParser, iterations_help: str) -> None:
 
 
 def register(subparsers: Any) -> None:
-    """Add ``harvest`` and ``exits`` to an argparse subparsers object (handler in ``func``)."""
+    """Add ``harvest``, ``exits`` and ``fuzz`` to an argparse subparsers object (handler in
+    ``func``)."""
     h = subparsers.add_parser(
         "harvest", help="harvest-and-rearm cost: ring vs bitmap vs bitmap-clear, 1-256 GiB",
         description="Time tracker.harvest() (collect + re-arm) for the ring, bitmap and "
@@ -52,6 +53,7 @@ def register(subparsers: Any) -> None:
     _common(e, f"pause/resume samples per vCPU count (default {exits.ITERATIONS}, "
                f"quick {exits.QUICK_ITERATIONS})")
     e.set_defaults(func=exits_command)
+    fuzz.add_parser(subparsers)  # ``fuzz``: atheris on the wire Connection and snapshot reader
 
 
 def _guarded(name: str, body: Callable[[argparse.Namespace], int]

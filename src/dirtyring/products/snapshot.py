@@ -70,7 +70,7 @@ from ..errors import ConfigError, ProtocolError, SnapshotFormatError, TrackingEr
 from ..machine.config import MachineConfig
 from ..machine.devices import OutputSink
 from ..machine.epoch import EpochDriver
-from ..machine.memory import GuestMemory
+from ..machine.memory import GuestMemory, plan_slots
 from ..machine.state import MachineState
 from ..machine.vm import Machine
 from ..tracking import DirtySet
@@ -154,7 +154,10 @@ def _parse_hello(path: Path, ev: Hello) -> SnapshotInfo:
             kind=str(m["kind"]), created=float(m["created"]), pages=int(m["pages"]),
             config=MachineConfig.from_json(json.dumps(doc["machine"]).encode()),
             version=version)
-    except (KeyError, TypeError, ValueError, ConfigError) as e:
+        plan_slots(list(info.config.data_slots))  # memory a machine can have (else ConfigError)
+    # OverflowError: an infinite number (JSON allows it); AttributeError: a "machine" that is
+    # no JSON object reaches MachineConfig.from_json, which does not catch it.
+    except (KeyError, TypeError, ValueError, OverflowError, AttributeError, ConfigError) as e:
         raise SnapshotFormatError(f"{path.name}: snapshot metadata is malformed ({e})") from None
     if info.id != ev.session_id:
         raise SnapshotFormatError(f"{path.name}: metadata id differs from the frame's")
@@ -522,7 +525,11 @@ def restore(path: str | Path, *, key: bytes = FILE_KEY, threaded: bool = True,
             if progress is not None:
                 progress(info)
         state = MachineState.decode(blob)
-        if MachineConfig.from_json(state.config) != chain[-1].config:
+        try:
+            config = MachineConfig.from_json(state.config)
+        except ConfigError as e:
+            raise SnapshotFormatError(f"{p.name}: machine state: {e}") from None
+        if config != chain[-1].config:
             raise SnapshotFormatError(f"{p.name}: machine state is of another configuration")
         m.restore_state(state)
         if m.tracker is not None:

@@ -239,15 +239,15 @@ def _sparse_indices(runs: np.ndarray, n: int) -> np.ndarray:
     firsts = runs["first"].astype(np.uint64)
     if int(firsts.max()) >= 1 << 63:
         raise LocalProtocolError("a run starts beyond page 2**63")
-    firsts = firsts.astype(np.int64)
     counts = runs["count"].astype(np.int64)
     if int(counts.min()) <= 0:
         raise LocalProtocolError("a run has 0 pages")
     if int(counts.sum()) != n:
         raise LocalProtocolError(f"runs carry {int(counts.sum())} pages, head says {n}")
-    ends = firsts + counts
-    if int(ends[-1]) > 1 << 63 or bool((firsts[1:] < ends[:-1]).any()):
-        raise LocalProtocolError("runs overlap or are out of order")
+    ends = firsts + counts.astype(np.uint64)  # unsigned: an end past 2**63 must not wrap
+    if int(ends.max()) > 1 << 63 or bool((firsts[1:] < ends[:-1]).any()):
+        raise LocalProtocolError("runs overlap, are out of order or end beyond page 2**63")
+    firsts = firsts.astype(np.int64)
     run_start = np.cumsum(counts) - counts
     return np.arange(n, dtype=np.int64) + np.repeat(firsts - run_start, counts)
 
