@@ -29,6 +29,10 @@ from dirtyring.products.standby import Standby
 
 HOST = "127.0.0.1"
 MiB = 1 << 20
+PAGE = 4096
+#: How long a test may wait for what it needs (the guest to move on, a number of passes)
+#: before it fails. Generous: a slow or loaded host only takes longer.
+DEADLINE = 60.0
 
 
 def _port() -> int:
@@ -89,12 +93,20 @@ def target(key: bytes) -> Iterator[Target]:
 
 
 def _source(pattern: Pattern, *, tracker: str = "ring", rate: int = 20000,
-            memory: int = 8 * MiB, hot: int = 64) -> Machine:
-    cfg = MachineConfig(guest="dirtier", tracker=tracker, data_slots=(memory,), ring_entries=1024,
+            memory: int = 8 * MiB, hot: int = 64, ring: int = 1024) -> Machine:
+    cfg = MachineConfig(guest="dirtier", tracker=tracker, data_slots=(memory,), ring_entries=ring,
                         params=GuestParams(pattern=pattern, rate_pps=rate, hot_pages=hot))
     m = Machine(cfg, threaded=False)
     run_guest(m, 0.2)
     return m
+
+
+def _wait_until(what: str, cond: Any) -> None:
+    """Poll ``cond()`` until it is true, within ``DEADLINE``."""
+    end = time.monotonic() + DEADLINE
+    while not cond():
+        assert time.monotonic() < end, what
+        time.sleep(0.01)
 
 
 def _check_switchover(m: Machine, mig: Migration, t: Target) -> None:
@@ -102,14 +114,14 @@ def _check_switchover(m: Machine, mig: Migration, t: Target) -> None:
     assert rep is not None
     sb = t.sb
     # The target confirms before it finishes its bookkeeping (it resumed first).
-    assert sb.failed_over.wait(5) and sb.state == "failed_over", t.events[-5:]
+    assert sb.failed_over.wait(DEADLINE) and sb.state == "failed_over", t.events[-5:]
     # Memory: the target recomputed the source's digest after the last commit.
     assert sb.mismatches == 0 and not t.of("verify_mismatch")
     assert m.memory is not None
     assert rep.final_digest and bytes.fromhex(rep.final_digest) == m.memory.digest()
     # State: the target resumed from exactly the state the source captured while paused.
     assert sb.committed_state == mig.final_state and mig.final_state
-    assert t.wait("failover_done", 5) is not None
+    assert t.wait("failover_done", DEADLINE) is not None
     # The source is paused for good: its progress no longer moves.
     p_src = m.progress()
     assert p_src == rep.progress_at_pause
@@ -118,8 +130,7 @@ def _check_switchover(m: Machine, mig: Migration, t: Target) -> None:
     assert tm is not None
     a = tm.progress()
     assert a >= rep.progress_at_pause
-    time.sleep(0.3)
-    assert tm.progress() > a, "the guest does not run on the target"
+    _wait_until("the guest does not run on the target", lambda: tm.progress() > a or tm.crashed)
     assert not tm.crashed
     assert m.progress() == p_src, "the source ran after the switchover"
 
@@ -146,7 +157,8 @@ def test_migration_moves_the_running_guest_exactly(pattern: Pattern, tracker: st
         rep = _migrate_exactly(m, target, key, MigrationOptions(verify=True, timeout=20.0))
         assert rep.stop_reason == "converged", rep
         assert rep.rounds[0].kind == "full" and rep.rounds[-1].kind == "final"
-        assert rep.downtime_ms < 2000
+        # The downtime is part of the migration (how short it is: ``dirtyring bench migrate``).
+        assert 0 < rep.downtime_ms <= rep.total_s * 1e3
     finally:
         m.close()
 
@@ -162,21 +174,24 @@ def test_deferred_rearm_reports_a_page_once_per_round() -> None:
         tr.boundary()
         tr.rearm()
         exits = pages = 0
-        end = time.monotonic() + 0.5
-        while time.monotonic() < end:
+        end = time.monotonic() + DEADLINE
+        # Until it went round its 1024 pages many times, filling its ring more than once.
+        while m.status(0, "passes") < 5 or not exits:
+            assert time.monotonic() < end, (m.status(0, "passes"), exits)
             if r.run_inline(0.05) == "budget":
                 n = tr.mid_round()
                 assert n > 0
                 exits += 1
                 pages += n
-        assert m.status(0, "passes") >= 5  # it went round its 1024 pages many times
         first = tr.boundary().slot(1)
         tr.rearm()
-        assert pages <= 1024 and exits >= 1  # each page reported at most once ...
+        assert pages <= 1024  # each page reported at most once ...
         assert np.array_equal(first, np.arange(1024))  # ... and every page is in the round
-        again = 0
-        end = time.monotonic() + 0.2
-        while time.monotonic() < end:
+        again, passes = 0, m.status(0, "passes")
+        end = time.monotonic() + DEADLINE
+        # Until a whole pass over its pages ran after the re-arm.
+        while m.status(0, "passes") < passes + 2:
+            assert time.monotonic() < end, m.status(0, "passes") - passes
             if r.run_inline(0.05) == "budget":
                 again += tr.mid_round()
         assert again > 0  # re-armed at the boundary: the pages fault and fill the ring again
@@ -184,15 +199,27 @@ def test_deferred_rearm_reports_a_page_once_per_round() -> None:
 
 
 def test_throttling_makes_an_unconvergeable_migration_converge(key: bytes) -> None:
-    """An unthrottled random writer over 4096 pages behind a paced link: every round dirties
-    the whole working set again, so without throttling the estimate never fits the limit and
-    the migration stops-and-copies at the timeout; with throttling it converges in time."""
+    """An unthrottled random writer behind a paced link: every round dirties the whole working
+    set again, so without throttling the estimate never fits the limit and the migration
+    stops-and-copies at the timeout; with throttling (through ring-full exits: the ring holds
+    fewer entries than the set has pages) it converges.
+
+    The link carries 256 pages a second: the whole set (1 MiB) per second. Any guest that makes
+    more pages dirty than that (this host's slow write faults still allow ~6,000 a second)
+    dirties all of them again in every round, whatever the host's speed. For that the pages
+    must not shrink on the wire (the dirtier writes 24 bytes of each: they are filled with
+    random bytes first), and the frames are 16 pages (a round that fits in one frame goes out
+    in one write, unpaced)."""
     reports = {}
     for throttle in (False, True):
         t = Target(key)
-        m = _source(Pattern.RANDOM, rate=0, memory=16 * MiB)
+        m = _source(Pattern.RANDOM, rate=0, memory=MiB, ring=256)
         try:
-            opt = MigrationOptions(downtime_limit=0.015, bandwidth_limit=1e6, timeout=5.0,
+            assert m.memory is not None
+            m.memory.write(m.memory.data_gpa, os.urandom(MiB))  # (a VMM write: tracked)
+            # Unthrottled, the timeout is the scenario (it stops there); throttled, a deadline.
+            opt = MigrationOptions(downtime_limit=0.015, bandwidth_limit=MiB, chunk_pages=16,
+                                   timeout=30.0 if throttle else 4.0,
                                    max_rounds=10_000, throttle=throttle, verify=True)
             mig = Migration(m, (HOST, t.port), key, options=opt)
             try:
@@ -203,37 +230,39 @@ def test_throttling_makes_an_unconvergeable_migration_converge(key: bytes) -> No
         finally:
             m.close()
             t.close()
+        limit_ms = opt.downtime_limit * 1e3
         exp = [r.expected_downtime_ms for r in rep.rounds if r.kind != "final"]
+        assert len(exp) >= 2, exp  # the bulk round and at least one round after it
         if not throttle:
             assert rep.stop_reason == "timeout" and not rep.throttled, (rep.stop_reason, exp)
-            assert min(exp[1:]) > 15, exp
+            assert min(exp[1:]) > limit_ms, exp
         else:
             assert rep.stop_reason == "converged" and rep.throttled, (rep.stop_reason, exp)
-            assert exp[-1] <= 15, exp
-            assert rep.total_s < 5.0
+            assert exp[-1] <= limit_ms, exp
+            # The throttle acted through ring-full exits: the guest filled its ring and then
+            # slept what it owed.
             ring = [r for r in rep.rounds if r.throttle_pages_per_s]
-            assert ring and all(r.ring_full_exits >= 0 for r in ring)
+            assert ring and sum(r.ring_full_exits for r in ring) > 0, rep.rounds
+            assert sum(r.throttle_sleep_s for r in ring) > 0, rep.rounds
     assert reports[True].final_pages < reports[False].final_pages
 
 
 def test_a_vcpu_that_does_not_dirty_is_not_throttled(key: bytes, target: Target) -> None:
     """Throttling works through ring-full exits: a guest with a tiny working set never fills
-    its ring and keeps its full speed even with a throttle target set."""
+    its ring, so it is never made to wait, even with the harshest throttle set. (The guest
+    speed a migration keeps is measured by ``dirtyring bench migrate``.)"""
     m = _source(Pattern.HOT, rate=0, hot=16)
     try:
         mig = Migration(m, (HOST, target.port), key, options=MigrationOptions(verify=True))
         mig.pacer.target_pps = 1.0  # the harshest throttle: one page a second per ring-full exit
-        a, t0 = m.progress(), time.perf_counter()
-        run_guest(m, 0.3)
-        base = (m.progress() - a) / (time.perf_counter() - t0)
         try:
             rep = mig.run()
         finally:
             mig.close()
         assert all(r.ring_full_exits == 0 for r in rep.rounds)
-        pre = [r for r in rep.rounds if r.kind != "final"]
-        speed = sum(r.guest_progress_per_s * r.seconds for r in pre) / sum(r.seconds for r in pre)
-        assert speed > 0.2 * base, (speed, base)
+        assert all(r.throttle_sleep_s == 0 for r in rep.rounds) and mig.pacer.slept == 0
+        assert mig.pacer.target_pps == 1.0  # the throttle was in force all along
+        assert rep.progress_at_pause > rep.progress_before  # the guest ran meanwhile
         _check_switchover(m, mig, target)
     finally:
         m.close()
