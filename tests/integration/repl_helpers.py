@@ -432,3 +432,105 @@ def wait_file(path: str, timeout: float, proc: Proc | None = None) -> str:
         time.sleep(0.01)
     with open(path) as f:
         return f.read()
+
+
+# --- waiting on the event itself, whatever the host's speed ------------------------------------
+#: How long a test waits for something that takes well under a second on a quick idle host. The
+#: host may be ten times slower and loaded by other work: a deadline is there to end a test that
+#: would hang, never to measure speed (benchmarks do that).
+PATIENCE = 60.0
+
+
+def wait_for(cond: Callable[[], object], timeout: float = PATIENCE,
+             every: float = 0.02) -> bool:
+    """Poll ``cond`` until it holds (True) or ``timeout`` seconds pass (False)."""
+    end = time.monotonic() + timeout
+    while True:
+        if cond():
+            return True
+        if time.monotonic() > end:
+            return False
+        time.sleep(every)
+
+
+def wait_advancing(read: Callable[[], int], target: int, stall: float = PATIENCE,
+                   every: float = 0.2, check: Callable[[], None] | None = None) -> int:
+    """Poll the counter ``read()`` until it reaches ``target``, however long that takes, as long
+    as it keeps moving: fail only if it does not advance for ``stall`` seconds (a wedge, not a
+    slow host). ``check`` runs at every poll (to fail early on a bad event). Returns the last
+    value read."""
+    last = read()
+    moved = time.monotonic()
+    while last < target:
+        if check is not None:
+            check()
+        time.sleep(every)
+        now = read()
+        if now > last:
+            last, moved = now, time.monotonic()
+        elif time.monotonic() - moved > stall:
+            raise AssertionError(f"counter stuck at {last} for {stall:g} s (target {target})")
+    return last
+
+
+def thread_count(pid: int) -> int:
+    """Threads of process ``pid`` now (its /proc/PID/task entries)."""
+    return len(os.listdir(f"/proc/{pid}/task"))
+
+
+def wait_threads(pid: int, at_most: int, timeout: float = PATIENCE) -> None:
+    """Until process ``pid`` runs no more than ``at_most`` threads: e.g. a standby's connection
+    thread has returned (and released what it held) after it reported that connection."""
+    if not wait_for(lambda: thread_count(pid) <= at_most, timeout, every=0.005):
+        raise AssertionError(f"process {pid} still runs {thread_count(pid)} threads "
+                             f"(> {at_most}) after {timeout:g} s")
+
+
+class SlowStranger:
+    """A peer that connects and never finishes authenticating, for as long as it is open: it
+    sends a frame header announcing a large body, then one byte of that body every ``every``
+    seconds, so each of the standby's reads gets data well within its timeout and the frame
+    (whose MAC would fail anyway) never completes. Unlike a silent peer, which the standby drops
+    after a fixed wait, it stays unauthenticated however slow the host is. A context manager;
+    :meth:`dropped` tells whether the standby has closed the connection."""
+
+    def __init__(self, port: int, every: float = 0.2) -> None:
+        from dirtyring.wire.codec import HEADER, MAGIC, WIRE_VERSION
+        self.sock = socket.create_connection((HOST, port), timeout=5.0)
+        self.sock.sendall(HEADER.pack(MAGIC, WIRE_VERSION, 1, 1 << 20, 0, 0))
+        self.sock.settimeout(None)  # blocking, so a MSG_DONTWAIT read never waits (dropped())
+        self.every = every
+        self.stop = threading.Event()
+        self.send_error: OSError | None = None
+        self.thread = threading.Thread(target=self._trickle, daemon=True)
+        self.thread.start()
+
+    def _trickle(self) -> None:
+        while not self.stop.wait(self.every):
+            try:
+                self.sock.sendall(b"\0")
+            except OSError as e:
+                self.send_error = e
+                return
+
+    def dropped(self) -> bool:
+        """True if the standby closed this connection (EOF or reset seen, or a send failed)."""
+        if self.send_error is not None:
+            return True
+        try:
+            return self.sock.recv(1, socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(10)
+        self.sock.close()
+
+    def __enter__(self) -> SlowStranger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

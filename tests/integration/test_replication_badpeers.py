@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import socket
 import sys
-import time
 from typing import Any
 
 import pytest
@@ -16,8 +15,8 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 if _HERE not in sys.path:  # repl_helpers sits beside the tests; works in any import mode
     sys.path.insert(0, _HERE)
 from repl_helpers import (  # noqa: E402
-    HOST, Proc, Spawner, control, free_port, kv_missing, raw_peer, require, spawn,
-    wait_port,
+    HOST, PATIENCE, Proc, SlowStranger, Spawner, control, free_port, kv_missing, raw_peer,
+    require, spawn, thread_count, wait_for, wait_port, wait_status, wait_threads,
 )
 
 from dirtyring.machine.config import MachineConfig  # noqa: E402
@@ -55,6 +54,7 @@ def test_bad_peers_while_standby_waits(spawn: Spawner) -> None:
     stays empty and waiting, and then serves the real primary and fails over normally."""
     sport, cport = free_port(), free_port()
     sb = spawn.standby(sport, control=cport)
+    idle = thread_count(sb.pid)  # listening, no connection: each peer's thread comes and goes
     for i, (name, (data, eof, says)) in enumerate(bad_peers(spawn.key).items(), start=1):
         reply = raw_peer(sport, data, eof=eof)
         assert reply == b"", f"{name}: the standby answered {reply[:40]!r}"
@@ -67,10 +67,9 @@ def test_bad_peers_while_standby_waits(spawn: Spawner) -> None:
         assert st["committed_epoch"] == 0 and st["consistent"] is False, (name, st)
         assert st["rejected"] == i, (name, st)
         assert sb.alive(), sb.describe()
-        # The connection's thread still holds the standby's single follower slot for a moment
-        # after reporting; a peer arriving then would be refused as "already follows a primary"
-        # (see test_unauthenticated_peer_does_not_lock_out_the_real_primary).
-        time.sleep(0.3)
+        # The connection's thread reports before it returns; wait until it has returned, so the
+        # next peer meets a standby that is done with this one.
+        wait_threads(sb.pid, idle)
     assert not sb.of("standby_vm_created") and not sb.of("failover_impossible"), sb.describe()
 
     # A primary of another replication protocol (another release): refused at the handshake,
@@ -82,11 +81,15 @@ def test_bad_peers_while_standby_waits(spawn: Spawner) -> None:
     assert f"protocol {PROTOCOL_VERSION - 1}" in ack.reason and "release" in ack.reason, ack
     assert sb.wait_count("rejected", 1, 10), sb.describe()
     assert control(cport)["state"] == "waiting" and not sb.of("standby_vm_created")
-    time.sleep(0.3)
+    # That Hello took the single follower slot: its thread reports "rejected" before it lets go
+    # of the slot, and a primary arriving in between would be refused as "already follows a
+    # primary". The thread's end is the slot's release.
+    wait_threads(sb.pid, idle)
 
     pr = spawn.primary("compute", sport)
-    assert pr.wait_event("protected", 60) is not None, pr.describe() + sb.describe()
-    time.sleep(0.3)
+    assert pr.wait_event("protected", PATIENCE) is not None, pr.describe() + sb.describe()
+    # Something to take over: a consistent checkpoint past the first full epoch.
+    wait_status(cport, lambda st: st["consistent"] and st["committed_epoch"] >= 2, PATIENCE)
     pr.kill9()
     done = sb.wait_event("failover_done", 15)
     assert done is not None and done["epoch"] >= 2, sb.describe()
@@ -167,8 +170,9 @@ def _stranger(kind: str, port: int, key: bytes) -> None:
 def test_stranger_does_not_kill_waiting_standby(spawn: Spawner, kind: str) -> None:
     sport, cport = free_port(), free_port()
     sb = spawn.standby(sport, control=cport, hb_timeout="0.5s")
+    idle = thread_count(sb.pid)
     _stranger(kind, sport, spawn.key)
-    time.sleep(0.5)
+    wait_threads(sb.pid, idle)  # the standby is done with the stranger (its thread returned)
     assert not sb.of("failover_impossible"), sb.describe()
     assert sb.alive(), sb.describe()
     st: dict[str, Any] = control(cport)
@@ -178,12 +182,21 @@ def test_stranger_does_not_kill_waiting_standby(spawn: Spawner, kind: str) -> No
 
 
 def test_unauthenticated_peer_does_not_lock_out_the_real_primary(spawn: Spawner) -> None:
+    """A peer that connected first and never authenticates must not keep the real primary out:
+    the primary is protected while that peer is still connected, mid-frame. (A silent peer
+    would not do: the standby drops it after a fixed wait, and on a slow host the primary may
+    only arrive after that.)"""
     sport = free_port()
     sb = spawn.standby(sport, hb_timeout="5s")
-    with socket.create_connection((HOST, sport), timeout=5):   # a stranger that says nothing
-        time.sleep(0.3)
+    idle = thread_count(sb.pid)
+    with SlowStranger(sport) as stranger:
+        # The standby accepted the stranger and is reading its frame on a thread of its own.
+        assert wait_for(lambda: thread_count(sb.pid) > idle), sb.describe()
         pr = spawn.primary("compute", sport)
-        ok = pr.wait_event("protected", 4)
+        ok = pr.wait_event("protected", PATIENCE)
         refused = [line for line in pr.stderr if "refused" in line]
         assert ok is not None, f"real primary turned away: {refused or pr.describe()}"
+        assert not stranger.dropped(), "the standby dropped the stranger before the primary " \
+            "got in: this run does not show that a stranger cannot lock the primary out"
+        assert not sb.of("rejected"), sb.describe()
     assert sb.alive()
