@@ -159,7 +159,8 @@ class Primary:
         session = os.urandom(16)
         ok, reason = self.up.hello(Hello(role="primary", version=PROTOCOL_VERSION,
                                          session_id=session,
-                                         config=self.m.config.to_json()))
+                                         config=self.m.config.to_json(),
+                                         token=self.arbiter.token if self.arbiter else 0))
         if ok and self.arbiter is not None:
             # This standby, and only it, may take over from now on (while we hold the key).
             try:

@@ -114,6 +114,8 @@ class Standby:
         self._link: Link | None = None
         self.etcd = etcd
         self._replica = ""  # our name in etcd's ``replica`` key: the primary's session id
+        #: The fencing token of the primary we follow (the highest seen; 0: no arbiter).
+        self.token = 0
         self._closed = threading.Event()
 
     def _emit(self, kind: str, **fields: Any) -> None:
@@ -317,6 +319,12 @@ class Standby:
             self.config = cfg
             self._emit("standby_vm_created", vcpus=cfg.vcpus, memory_bytes=cfg.data_bytes,
                        guest=cfg.guest)
+        refused = self._stale_token(ev.token)
+        if refused:
+            self.rejected += 1
+            link.send(HelloAck(session_id=ev.session_id, accepted=False, reason=refused))
+            raise LinkClosed(refused)
+        self.token = max(self.token, ev.token)
         self._replica = ev.session_id.hex()
         if self.etcd is not None:
             try:
@@ -389,7 +397,7 @@ class Standby:
     def _ack(self, link: Link) -> None:
         epoch, self._ack_due = self._ack_due, 0
         try:
-            link.send(Ack(epoch=epoch))
+            link.send(Ack(epoch=epoch, token=self.token))
         except LinkClosed:
             # The primary may have closed after a Goodbye we have not read yet: keep reading
             # what is already buffered; the end of the stream decides (Goodbye or loss).
@@ -447,6 +455,23 @@ class Standby:
                    resume_ms=(self.failover_done_at - t0) * 1e3,
                    since_detection_ms=(self.failover_done_at - self.failover_detected_at) * 1e3)
         self.failed_over.set()
+
+    def _stale_token(self, token: int) -> str:
+        """Why a primary with fencing ``token`` must be refused, or "". With etcd its token
+        must be the group key's current revision (its tenure is the current one); without,
+        it must not be older than a primary this standby already followed."""
+        if self.etcd is not None:
+            try:
+                now = self.etcd.read().revision
+            except ArbiterUnavailable as e:
+                return f"cannot check the primary's fencing token in etcd: {e}"
+            if token != now:
+                return (f"stale primary: its fencing token {token} is not the group's current "
+                        f"one ({now or 'nobody holds the key'})")
+        elif token < self.token:
+            return (f"stale primary: its fencing token {token} is older than one this standby "
+                    f"followed ({self.token})")
+        return ""
 
     def _take_key(self, reason: str) -> bool:
         """Wait until this standby holds the group's key in etcd (the primary's lease was

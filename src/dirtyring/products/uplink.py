@@ -120,7 +120,8 @@ class Uplink:
 
     def hello(self, hello: Hello, timeout: float = 15.0) -> tuple[bool, str]:
         """Handshake through the uplink; (accepted, reason)."""
-        self._tell("hello", hello.role, hello.version, hello.session_id, hello.config)
+        self._tell("hello", hello.role, hello.version, hello.session_id, hello.config,
+                   hello.token)
         if not self._hello_done.wait(timeout) or not self._hello:
             return False, ("the uplink process ended during the handshake" if self.dead.is_set()
                            else "the standby did not answer the handshake in time")

@@ -49,6 +49,9 @@ class _Sender:
     """The uplink's state: the link to the standby, the shadow of what it holds, flow
     control, and the acknowledgements it publishes in the staging header."""
 
+    #: Our primary's fencing token (its Hello's): every Ack must carry it.
+    token = 0
+
     def __init__(self, ctrl: socket.socket, link: Link, staging: Staging,
                  opts: dict[str, Any]) -> None:
         self.ctrl = ctrl
@@ -97,6 +100,10 @@ class _Sender:
         try:
             for ev in self.link.events(timeout=self.hb_timeout):
                 if isinstance(ev, Ack):
+                    if ev.token != self.token:
+                        self.lose(f"the standby acknowledged for fencing token {ev.token}, "
+                                  f"not ours ({self.token})")
+                        return
                     now = time.monotonic()
                     with self.lock:
                         for e in [e for e in self.sent_at if e <= ev.epoch]:
@@ -448,9 +455,10 @@ def _on_parent_death(primary: int, link: Link) -> None:
 
 
 def _handshake(link: Link, ctrl: socket.socket, msg: tuple[Any, ...]) -> bool:
-    _, role, version, sid, config = msg
+    _, role, version, sid, config, token = msg
     try:
-        ack = handshake(link, Hello(role=role, version=version, session_id=sid, config=config))
+        ack = handshake(link, Hello(role=role, version=version, session_id=sid, config=config,
+                                    token=token))
         send_msg(ctrl, "hello", True, ack.reason)
         return True
     except HandshakeRefused as e:
@@ -495,6 +503,7 @@ def main(argv: list[str]) -> int:
         link.close()
         return 1
     s = _Sender(ctrl, link, staging, opts)
+    s.token = int(hello[5])
     threading.Thread(target=s.receive, name="receiver", daemon=True).start()
     pending: deque[tuple[Any, ...]] = deque()
     primary = os.getppid()

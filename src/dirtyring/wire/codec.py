@@ -112,8 +112,8 @@ def _d_batch(body: memoryview, max_pages_bytes: int) -> Batch:
             raise LocalProtocolError(f"unknown frame type {ftype} in a batch") from None
         if kind in UNBATCHABLE:
             raise LocalProtocolError(f"{kind.name} may not travel inside a batch")
-        items.append((_DECODERS[kind](body[off:off + length], max_pages_bytes), length))
-        off += length
+        items.append((e := _DECODERS[kind](body[off:off + length], max_pages_bytes), length))
+        off, max_pages_bytes = off + length, max_pages_bytes - getattr(e, "nbytes", 0)
     if not items:
         raise LocalProtocolError("empty batch")
     return Batch(items=tuple(items))
@@ -142,10 +142,11 @@ _TYPE_OF: Final[dict[type, FrameType]] = {
     ev.Resync: FrameType.RESYNC, ev.Checkpoint: FrameType.CHECKPOINT,
 }
 
-_HELLO: Final = struct.Struct("!BI16s")       # role, version, session_id; then config
+_HELLO: Final = struct.Struct("!BIQ16s")      # role, version, token, session_id; then config
 _HELLO_ACK: Final = struct.Struct("!16sBB")   # session_id, accepted, len(nonce); nonce, reason
 _EPOCH_BEGIN: Final = struct.Struct("!QB")    # epoch, kind
-_U64: Final = struct.Struct("!Q")             # Ack.epoch; MachineBlob/Resync.epoch, then more
+_U64: Final = struct.Struct("!Q")             # MachineBlob/Resync.epoch, then more
+_ACK: Final = struct.Struct("!QQ")            # epoch, token
 _EPOCH_END: Final = struct.Struct("!QQQ")     # epoch, n_pages, output_seq; then digest
 _HEARTBEAT: Final = struct.Struct("!QQ")      # seq, sent_ns
 _BATCH_SUB: Final = struct.Struct("!HI")       # type, body length; then the body
@@ -162,8 +163,8 @@ def encode_body(event: ev.Event, *, compress_level: int = 1) -> list[Buffer]:
     if isinstance(event, ev.Checkpoint):
         return encode_checkpoint_parts(event, compress_level=compress_level)
     if isinstance(event, ev.Hello):
-        return [_HELLO.pack(_ROLE_CODES[event.role], event.version, event.session_id),
-                event.config]
+        return [_HELLO.pack(_ROLE_CODES[event.role], event.version, event.token,
+                            event.session_id), event.config]
     if isinstance(event, ev.HelloAck):
         return [_HELLO_ACK.pack(event.session_id, event.accepted, len(event.nonce)),
                 event.nonce + event.reason.encode("utf-8")]
@@ -174,7 +175,7 @@ def encode_body(event: ev.Event, *, compress_level: int = 1) -> list[Buffer]:
     if isinstance(event, ev.EpochEnd):
         return [_EPOCH_END.pack(event.epoch, event.n_pages, event.output_seq), event.digest]
     if isinstance(event, ev.Ack):
-        return [_U64.pack(event.epoch)]
+        return [_ACK.pack(event.epoch, event.token)]
     if isinstance(event, ev.Resync):
         return [_U64.pack(event.epoch), event.reason.encode("utf-8")]
     if isinstance(event, ev.Heartbeat):
@@ -333,9 +334,9 @@ def _enum_name(codes: dict[str, int], code: int, what: str) -> str:
 
 
 def _d_hello(body: memoryview, _: int) -> ev.Event:
-    (role, version, session_id), rest = _head(_HELLO, body)
+    (role, version, token, session_id), rest = _head(_HELLO, body)
     return ev.Hello(role=_enum_name(_ROLE_CODES, role, "role"), version=version,
-                    session_id=session_id, config=bytes(rest))
+                    session_id=session_id, config=bytes(rest), token=token)
 
 
 def _d_hello_ack(body: memoryview, _: int) -> ev.Event:
@@ -366,7 +367,8 @@ def _d_epoch_end(body: memoryview, _: int) -> ev.Event:
 
 
 def _d_ack(body: memoryview, _: int) -> ev.Event:
-    return ev.Ack(epoch=_exact(_U64, body)[0])
+    epoch, token = _exact(_ACK, body)
+    return ev.Ack(epoch=epoch, token=token)
 
 
 def _d_resync(body: memoryview, _: int) -> ev.Event:

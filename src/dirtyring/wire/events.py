@@ -30,7 +30,7 @@ __all__ = [
 #: ``Hello.version``: 2 added Checkpoint. A standby or migration target refuses another version
 #: at the handshake, with the reason, instead of failing at the first event it does not know.
 #: The frame format's own version (``WIRE_VERSION``) is separate: snapshot files use it too.
-PROTOCOL_VERSION: Final = 2
+PROTOCOL_VERSION: Final = 3
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -41,16 +41,20 @@ class Hello(Event):
     machine layer; the standby decides whether it can host that VM and answers :class:`HelloAck`.
     ``version`` is the sender's replication protocol version, for the standby to accept or
     refuse with a reason; the wire format version is separate and lives in every frame header.
+    ``token`` is the primary's fencing token: the revision of the group's key in etcd it holds
+    (0: no arbiter), so a standby can refuse a primary whose tenure is over.
     """
 
     role: str
     version: int
     session_id: bytes
     config: bytes = field(repr=False)
+    token: int = 0
 
     def __post_init__(self) -> None:
         set_field(self, "role", check_choice("role", self.role, ROLES))
         set_field(self, "version", check_uint("version", self.version, U32_MAX))
+        set_field(self, "token", check_uint("token", self.token))
         set_field(self, "session_id", check_bytes("session_id", self.session_id, exact=SESSION_ID_LEN))
         set_field(self, "config", check_bytes("config", self.config))
 
@@ -132,12 +136,15 @@ class EpochEnd(Event):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Ack(Event):
-    """The standby has committed every epoch up to and including ``epoch`` (cumulative)."""
+    """The standby has committed every epoch up to and including ``epoch`` (cumulative), for
+    the primary whose fencing token is ``token`` (its Hello's; 0: no arbiter)."""
 
     epoch: int
+    token: int = 0
 
     def __post_init__(self) -> None:
         set_field(self, "epoch", check_uint("epoch", self.epoch))
+        set_field(self, "token", check_uint("token", self.token))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

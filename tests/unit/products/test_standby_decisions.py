@@ -31,7 +31,8 @@ from dirtyring.machine.config import MachineConfig
 from dirtyring.machine.memory import digest_of
 from dirtyring.machine.state import MachineState, VcpuState
 from dirtyring.products.standby import Standby
-from dirtyring.products.transport import Link, handshake
+from dirtyring.products.arbiter import Owner, TakeOver
+from dirtyring.products.transport import HandshakeRefused, Link, handshake
 from dirtyring.wire import (PRIMARY, PROTOCOL_VERSION, Ack, Checkpoint, Connection, EpochBegin,
                             EpochEnd, Failover, Goodbye, Hello, MachineBlob, Pages, Resync)
 
@@ -110,17 +111,22 @@ class Primary:
     """The primary's end of a real connection to ``sb`` (served by ``sb._greet`` on a thread,
     as ``Standby.serve`` does for each newcomer)."""
 
-    def __init__(self, sb: Standby) -> None:
+    def __init__(self, sb: Standby, token: int = 0, accepted: bool = True) -> None:
         a, b = socket.socketpair()
         self.sb = sb
         self.link = Link(a, Connection(PRIMARY, KEY))
         self.thread = threading.Thread(target=sb._greet, args=(b, "test"), daemon=True)
         self.thread.start()
         self.seq = 0
-        ack = handshake(self.link, Hello(role="primary", version=PROTOCOL_VERSION,
-                                         session_id=os.urandom(16), config=CFG.to_json()),
-                        timeout=30)
-        assert ack.accepted
+        self.session = os.urandom(16)
+        try:
+            handshake(self.link, Hello(role="primary", version=PROTOCOL_VERSION,
+                                       session_id=self.session, config=CFG.to_json(),
+                                       token=token), timeout=30)
+            self.refused = ""
+        except HandshakeRefused as e:
+            self.refused = str(e)
+        assert (not self.refused) == accepted, self.refused
 
     def checkpoint(self, epoch: int, kind: str, runs: list[Pages], state: bytes = b"",
                    digest: bytes = b"") -> None:
@@ -465,3 +471,93 @@ def test_after_taking_over_no_primary_is_followed(make_standby: Any) -> None:
     with pytest.raises(Exception, match="already took over"):
         Primary(sb)
 
+
+
+# --- fencing tokens and the etcd arbiter (issue 16) -------------------------------------------
+def test_acks_carry_the_followed_primarys_fencing_token(make_standby: Any) -> None:
+    sb, _, _ = make_standby()
+    p = Primary(sb, token=41)
+    p.checkpoint(1, "full", [pages(1, 0, [0], 10)])
+    assert p.expect(Ack).token == 41
+
+
+def test_without_etcd_a_primary_older_than_one_followed_is_refused(make_standby: Any) -> None:
+    sb, _, events = make_standby()
+    p = Primary(sb, token=7)
+    protected(p)
+    p.link.send(Goodbye(reason="planned stop"))
+    p.finish()
+    old = Primary(sb, token=6, accepted=False)
+    assert "stale primary" in old.refused and "6" in old.refused
+    old.finish()
+    assert Primary(sb, token=7).refused == ""  # the same tenure may come back
+
+
+class FakeEtcd:
+    """What the standby asks of ``Arbiter``: the key's revision, and taking it over."""
+
+    def __init__(self, revision: int, replica: str = "") -> None:
+        self.revision, self.replica, self.group = revision, replica, "g"
+        self.token, self.lost, self.free = 0, "", False
+        self.asked: list[str] = []
+
+    def read(self) -> Owner:
+        return Owner("primary", self.revision, self.replica)
+
+    def prepare(self) -> None:
+        pass
+
+    def take_over(self, replica: str) -> TakeOver:
+        self.asked.append(replica)
+        if self.replica != replica:
+            return TakeOver(holder="primary", stale=True)
+        if not self.free:
+            return TakeOver(holder="primary")
+        self.token = self.revision = self.revision + 5
+        return TakeOver(token=self.token)
+
+    def status(self) -> dict[str, Any]:
+        return {"revision": self.revision}
+
+
+def test_with_etcd_only_the_current_tenure_is_followed(make_standby: Any) -> None:
+    etcd = FakeEtcd(revision=12)
+    sb, _, _ = make_standby(etcd=etcd)
+    for token in (11, 13):
+        old = Primary(sb, token=token, accepted=False)
+        assert "stale primary" in old.refused
+        old.finish()  # (its connection's thread gives the follower slot back)
+    p = Primary(sb, token=12)
+    assert sb.token == 12 and sb._replica == p.session.hex()
+
+
+def test_with_etcd_the_standby_goes_live_only_once_it_holds_the_key(make_standby: Any) -> None:
+    etcd = FakeEtcd(revision=12)
+    sb, m, events = make_standby(etcd=etcd)
+    p = Primary(sb, token=12)
+    etcd.replica = p.session.hex()  # what the primary wrote when it connected
+    protected(p)
+    p.lose()
+    assert sb.failed_over.wait(0.3) is False  # the primary's lease still holds the key
+    assert m.resumed == 0 and "waiting_for_lease" in kinds(events)
+    etcd.free = True  # revoked by the dying primary's uplink, or run out
+    assert sb.failed_over.wait(30)
+    p.finish()
+    k = kinds(events)
+    assert k.index("lease_granted") < k.index("failover_started") and m.resumed == 1
+    assert set(etcd.asked) == {p.session.hex()}
+
+
+def test_with_etcd_a_standby_the_primary_went_on_without_never_goes_live(
+        make_standby: Any) -> None:
+    etcd = FakeEtcd(revision=12)
+    sb, m, events = make_standby(etcd=etcd)
+    p = Primary(sb, token=12)
+    etcd.replica = p.session.hex()
+    protected(p)
+    etcd.replica = ""  # the primary marked us stale and went on alone
+    etcd.free = True
+    p.lose()
+    p.finish()
+    assert sb.state == "stale" and m.resumed == 0 and not sb.failed_over.is_set()
+    assert "failover_refused" in kinds(events)

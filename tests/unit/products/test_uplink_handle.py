@@ -123,7 +123,7 @@ def test_the_handshake_answer_is_the_uplinks(uplink: Any) -> None:
     u, proc, msgs = uplink()
     proc.send("hello", True, "")
     assert u.hello(hello()) == (True, "")
-    assert proc.recv() == ("hello", "primary", 2, SID, b"{}")
+    assert proc.recv() == ("hello", "primary", 2, SID, b"{}", 0)  # (token: no arbiter)
     u2, proc2, _ = uplink()
     proc2.send("hello", False, "this standby already follows a primary")
     assert u2.hello(hello()) == (False, "this standby already follows a primary")

@@ -13,7 +13,7 @@ import pytest
 
 from dirtyring.errors import LocalProtocolError, RemoteProtocolError
 from dirtyring.wire import (
-    Ack, ConnectionClosed, EpochBegin, Event, FrameType, Goodbye, Heartbeat, HelloAck,
+    Ack, ConnectionClosed, EpochBegin, Event, FrameType, Goodbye, Heartbeat, Hello, HelloAck,
     PageEncoding, Pages, Resync, encode_pages_parts,
 )
 from dirtyring.wire.codec import (
@@ -31,10 +31,10 @@ from wire_helpers import (  # noqa: E402
 
 # (event, sequence number, exact frame bytes with KEY = bytes(range(32))): header | body | mac.
 SIMPLE_CASES: list[tuple[Event, int, str]] = [
-    (Ack(epoch=7), 0,
-     "44525731" "0001" "0007" "00000008" "0000000000000000" "bb0efa6f"
-     "0000000000000007"
-     "608dc8fd11024183dc13184bc46980808e0f59741d37c9332f16b8a5a4624218"),
+    (Ack(epoch=7, token=5), 0,
+     "44525731" "0001" "0007" "00000010" "0000000000000000" "f58c10ca"
+     "0000000000000007" "0000000000000005"
+     "d65353a253ae8fb6593bbafb28a378535019ff0ebf9dc756d84d9205ef6b4e15"),
     (Heartbeat(seq=1, sent_ns=2), 5,
      "44525731" "0001" "0008" "00000010" "0000000000000005" "b0e6dc70"
      "0000000000000001" "0000000000000002"
@@ -383,3 +383,14 @@ def test_oversize_is_reported_from_the_header_alone() -> None:
 
 def test_frame_overhead_is_56_bytes() -> None:
     assert FRAME_OVERHEAD == 56 and len(frame(Goodbye())) == 56
+
+
+@pytest.mark.parametrize("token", [0, 1, 2**63 + 5])
+def test_the_fencing_token_travels_in_hello_and_ack(token: int) -> None:
+    """The revision of the group's key in etcd (issue 16) reaches the other side exactly."""
+    hello = Hello(role="primary", version=3, session_id=b"s" * 16, config=b"{}", token=token)
+    for ev in (hello, Ack(epoch=9, token=token)):
+        got, _ = read_one([frame(ev, 0)], seq=0)
+        assert got == ev and got.token == token  # type: ignore[attr-defined]
+    with pytest.raises(LocalProtocolError):
+        Ack(epoch=1, token=-1)
