@@ -182,17 +182,18 @@ class Connection:
                     max_body: int = BATCH_MAX_BODY) -> tuple[list[Buffer], list[int]]:
         """Like :meth:`send_batch` for the events of several epochs at once, packed into as
         few frames as fit: each frame's header, CRC and MAC (and the receiver's check of them)
-        then cover many small epochs. An epoch flagged skip-if-resync is left out whole when a
-        Resync is pending at its turn (its deltas would be illegal). Returns the buffers and
-        the bytes each epoch adds to the wire (a frame's overhead counts to the epoch that
-        opened it), -1 for one left out."""
+        then cover many small epochs. A frame's events carry at most max_frame_size bytes of
+        pages together, all the receiver allows one frame (a batch is no way around the cap).
+        An epoch flagged skip-if-resync is left out whole when a Resync is pending at its turn
+        (its deltas would be illegal). Returns the buffers and the bytes each epoch adds to the
+        wire (a frame's overhead counts to the epoch that opened it), -1 for one left out."""
         out: list[Buffer] = []
         sizes: list[int] = []
         group: list[tuple[Event, FrameType, list[Buffer], int]] = []
-        group_len = opener = 0  # opener: the epoch whose event opened the group
+        group_len = group_pages = opener = 0  # opener: the epoch whose event opened the group
 
         def flush() -> None:
-            nonlocal group, group_len
+            nonlocal group, group_len, group_pages
             if len(group) == 1:
                 e, ftype, body, blen = group[0]
                 out.extend(self._frame_out(ftype, body, blen, [(e, blen)]))
@@ -204,7 +205,7 @@ class Connection:
                 return
             # Every event was counted with a sub-frame head; a lone one has a frame of its own.
             sizes[opener] += FRAME_OVERHEAD - (_SUB_HEAD if len(group) == 1 else 0)
-            group, group_len = [], 0
+            group, group_len, group_pages = [], 0, 0
 
         for events, skip in epochs:
             if skip and self._state.resync_pending:
@@ -220,12 +221,15 @@ class Connection:
                     sizes[i] += self.last_frame_size
                     continue
                 body, blen = self._encode_checked(e)
-                if group and group_len + _SUB_HEAD + blen > max_body:
+                pages = e.nbytes if isinstance(e, (Pages, Checkpoint)) else 0
+                if group and (group_len + _SUB_HEAD + blen > max_body
+                              or group_pages + pages > self._max_frame_size):
                     flush()
                 if not group:
                     opener = i
                 group.append((e, ftype, body, blen))
                 group_len += _SUB_HEAD + blen
+                group_pages += pages
                 sizes[i] += _SUB_HEAD + blen
         flush()
         self.last_frame_size = sum(s for s in sizes if s > 0)

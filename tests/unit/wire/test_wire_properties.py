@@ -233,16 +233,51 @@ def test_a_mutated_batch_past_the_mac_decodes_to_valid_events_or_a_protocol_erro
     check_reauthenticated(FrameType.BATCH, body)
 
 
-@pytest.mark.parametrize("body", [
+def _zero_pages_body(n: int, page_size: int = 4096) -> bytes:
+    """A Pages body of ``n`` zero pages in one ZERO run: 42 bytes whatever ``n``."""
+    return struct.pack("!QIIIIB", 1, 0, page_size, n, 1, 0) + struct.pack("!QIBI", 0, n, 1, 0)
+
+
+@pytest.mark.parametrize("ftype,body,match", [
     # SPARSE Pages, two runs, the second starting at 2**63 - 1 with 2 pages: its end is past
     # the int64 range (a wrapped end once decoded page indices 2**63 - 1 and -2**63).
-    struct.pack("!QIIIIB", 1, 0, 512, 3, 2, 2) + struct.pack("!QI", 0, 1)
-    + struct.pack("!QI", (1 << 63) - 1, 2) + struct.pack("!I", 0),
-], ids=["sparse-run-past-int64"])
-def test_found_bodies_are_refused(body: bytes) -> None:
-    """Bodies the properties above found once: each must stay refused."""
-    with pytest.raises(RemoteProtocolError, match="malformed PAGES"):
-        read_all(b"".join(frame_parts(FrameType.PAGES, 0, [body], KEY)))
+    (FrameType.PAGES, struct.pack("!QIIIIB", 1, 0, 512, 3, 2, 2) + struct.pack("!QI", 0, 1)
+     + struct.pack("!QI", (1 << 63) - 1, 2) + struct.pack("!I", 0), "malformed PAGES"),
+    # A 1 KiB BATCH of 20 Pages of 1 MiB of zero pages each, against a 1 MiB cap: each
+    # sub-frame was held to the cap alone, so one frame inflated to 20 MiB (64 MiB frames:
+    # to any size). The pages of a frame's events now share one cap, as a Checkpoint's do.
+    (FrameType.BATCH, b"".join(batch_body([(FrameType.PAGES, [_zero_pages_body(256)], 42)] * 20)),
+     "malformed BATCH.*expand beyond"),
+], ids=["sparse-run-past-int64", "batch-inflates-past-the-cap"])
+def test_found_bodies_are_refused(ftype: int, body: bytes, match: str) -> None:
+    """Bodies the properties here found once: each must stay refused."""
+    with pytest.raises(RemoteProtocolError, match=match):
+        buf = ReceiveBuffer()
+        buf.append(b"".join(frame_parts(ftype, 0, [body], KEY)))
+        read_frame(buf, KEY, expected_seq=0, max_frame_size=1 << 20)
+
+
+@FEW
+@given(events=st.lists(pages(epoch=1), min_size=1, max_size=8),
+       max_body=st.sampled_from([1 << 10, 1 << 16, 1 << 20]))
+def test_a_sender_splits_batches_so_the_receiver_takes_every_frame(
+        events: list[Pages], max_body: int) -> None:
+    """Batches never carry more pages than the receiver allows one frame (max_frame_size)."""
+    cap = 32 * 1024  # pages() makes at most 6 pages of 4 KiB: each event fits alone
+    primary = Connection("primary", KEY, max_frame_size=cap)
+    standby = Connection("standby", KEY, max_frame_size=cap)
+    standby.receive_data(primary.send(Hello(role="primary", version=PROTOCOL_VERSION,
+                                            session_id=SESSION, config=b"")))
+    standby.next_event()
+    primary.receive_data(standby.send(HelloAck(session_id=SESSION, accepted=True)))
+    primary.next_event()
+    sent = [EpochBegin(epoch=1, kind="full"), *events,
+            EpochEnd(epoch=1, n_pages=sum(p.n_pages for p in events), output_seq=0)]
+    standby.receive_data(b"".join(bytes(b) for b in primary.send_batch(sent, max_body=max_body)))
+    got = []
+    while (e := standby.next_event()) is not NEED_DATA:
+        got.append(e)
+    assert got == sent
 
 
 @FEW

@@ -7,6 +7,7 @@ near the top of the int64 range.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -70,20 +71,25 @@ def checkpoints(draw: Any) -> Checkpoint:
                       blob=draw(short_bytes), digest=draw(digests), output_seq=draw(u64))
 
 
+def _token(cls: type) -> dict[str, Any]:
+    """A ``token`` (fencing token) for the event types that carry one."""
+    return {"token": u64} if "token" in {f.name for f in dataclasses.fields(cls)} else {}
+
+
 #: One strategy per wire event type.
 EVENTS: dict[str, st.SearchStrategy[Any]] = {
     "Hello": st.builds(Hello, role=st.sampled_from(["primary", "standby"]),
                        version=st.integers(0, U32), session_id=session_ids,
-                       config=st.binary(max_size=300)),
+                       config=st.binary(max_size=300), **_token(Hello)),
     "HelloAck": st.builds(HelloAck, session_id=session_ids, accepted=st.booleans(),
-                          reason=reasons,
+                          reason=reasons, **_token(HelloAck),
                           nonce=st.one_of(st.just(b""),
                                           st.binary(min_size=NONCE_LEN, max_size=NONCE_LEN))),
     "EpochBegin": st.builds(EpochBegin, epoch=u64, kind=st.sampled_from(["full", "delta"])),
     "Pages": pages(),
     "MachineBlob": st.builds(MachineBlob, epoch=u64, blob=st.binary(max_size=300)),
     "EpochEnd": st.builds(EpochEnd, epoch=u64, n_pages=u64, digest=digests, output_seq=u64),
-    "Ack": st.builds(Ack, epoch=u64),
+    "Ack": st.builds(Ack, epoch=u64, **_token(Ack)),
     "Resync": st.builds(Resync, epoch=u64, reason=reasons),
     "Heartbeat": st.builds(Heartbeat, seq=u64, sent_ns=u64),
     "Failover": st.builds(Failover, reason=reasons),
