@@ -35,18 +35,20 @@ How it runs
 atheris (libFuzzer) owns the process (``atheris.Fuzz()`` never returns), so each target runs
 in a subprocess (:func:`worker`), one after the other. Only the modules under test are
 instrumented for coverage. Findings are written as JSON lines by the worker as they happen
-(each distinct one once, with its input saved for replay) and collected by the command, which
-writes ``DIR/fuzz.json`` and exits 1 if there is any.
+(each distinct one once, with its input saved) and collected by the command, which writes
+``DIR/fuzz.json`` and exits 1 if there is any. ``--replay FILE --target T`` runs a saved input
+again in-process, with its traceback. A long run: ``dirtyring bench fuzz --seconds 600``.
 """
 from __future__ import annotations
 
 import argparse
+import atexit
 import dataclasses
 import gc
 import hashlib
 import json
-import os
 import re
+import shutil
 import struct
 import subprocess
 import sys
@@ -269,13 +271,21 @@ _DIR: Path | None = None
 
 
 def _snapshot_dir() -> Path:
-    """A directory holding ``base.snap`` (a valid full snapshot) for fuzzed files to extend."""
-    global _DIR
+    """A directory holding ``base.snap`` (a valid full snapshot) for fuzzed files to extend
+    (a temporary one unless the worker chose one: libFuzzer's exit skips Python's atexit)."""
     if _DIR is None:
         d = Path(tempfile.mkdtemp(prefix="dirtyring-fuzz-"))
-        (d / "base.snap").write_bytes(_snapshot_file(d, "base", None))
-        _DIR = d
+        atexit.register(shutil.rmtree, d, True)
+        _use_dir(d)
+    assert _DIR is not None
     return _DIR
+
+
+def _use_dir(d: Path) -> None:
+    global _DIR
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "base.snap").write_bytes(_snapshot_file(d, "base", None))
+    _DIR = d
 
 
 def _snapshot_file(d: Path, name: str, parent: Any) -> bytes:
@@ -468,6 +478,7 @@ def worker(argv: list[str]) -> int:
     import dirtyring.wire  # noqa: F401
     if plant:
         _plant()
+    _use_dir(findings_path.parent / "files")
     n = _instrument()
     print(f"fuzz worker: {target}: {n} functions instrumented", file=sys.stderr, flush=True)
     seen: set[tuple[str, str, str]] = set()
@@ -568,8 +579,22 @@ def add_parser(sub: Any) -> None:
                    help="directory for fuzz.json and fuzz/<target>/ (corpus, findings, log)")
     p.add_argument("--json", action="store_true",
                    help="print the JSON document on stdout instead of the table")
+    p.add_argument("--replay", type=Path, default=None, metavar="FILE",
+                   help="run one saved input (a finding's) of --target and show what it raises")
     p.add_argument("--plant", action="store_true", help=argparse.SUPPRESS)  # harness self-test
     p.set_defaults(func=command)
+
+
+def replay(target: str, path: Path) -> int:
+    """Run one input in this process, as the fuzzer did; 1 (and the traceback) on a finding."""
+    data = Path(path).read_bytes()
+    found: list[dict[str, Any]] = []
+    one_input(target, data, lambda f, _: found.append(f))
+    for f in found:
+        print(f["traceback"], file=sys.stderr)
+    print(f"{target}: {path}: " + (f"FINDING {found[0]['type']} at {found[0]['where']}"
+                                   if found else "handled (no finding)"))
+    return 1 if found else 0
 
 
 def command(args: argparse.Namespace) -> int:
@@ -587,6 +612,10 @@ def _command(args: argparse.Namespace) -> int:
     except ImportError:
         raise ConfigError("atheris is not installed (pip install -e '.[test]')") from None
     targets = TARGETS if args.target == "all" else (args.target,)
+    if args.replay is not None:
+        if len(targets) != 1:
+            raise ConfigError("--replay needs --target connection or --target snapshot")
+        return replay(targets[0], args.replay)
     seconds = args.seconds or (None if args.runs else DEFAULT_SECONDS)
     out = Path(args.out)
     err = sys.stderr

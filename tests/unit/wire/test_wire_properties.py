@@ -34,7 +34,7 @@ from dirtyring.wire import (
     MachineBlob, Pages, Resync,
 )
 from dirtyring.wire.codec import (
-    _TYPE_OF, FRAME_OVERHEAD, HEADER, HEADER_LEN, MAC_LEN, UNBATCHABLE, Batch, batch_body,
+    _TYPE_OF, FRAME_OVERHEAD, HEADER, HEADER_LEN, MAC_LEN, Batch, batch_body,
     encode_body, encode_event, frame_parts, frame_type_of, read_frame,
 )
 from dirtyring.wire.receivebuffer import ReceiveBuffer
