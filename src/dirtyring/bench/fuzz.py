@@ -16,7 +16,7 @@ stream; the harness sends the Hello and, once accepted, three epochs for Acks to
 event that comes out must be valid: its constructor's checks pass on its values (the decoder
 builds Pages and Checkpoint without them), it re-encodes to a frame that decodes to an equal
 event, and one frame never expands to more than ``max_frame_size`` bytes of pages. An error
-must be sticky.
+must be sticky, and ``frame_ready()`` must never promise a frame that is not there.
 
 ``snapshot``: ``restore()`` of a file, with the KVM machine replaced by guest memory alone
 (:class:`_FileMachine`): the header, chain, frames, pages, fingerprint, state blob and its
@@ -178,6 +178,7 @@ def run_connection(data: bytes) -> None:
         nonlocal key
         while True:
             raw_in = conn.statistics().page_bytes_raw_in
+            ready = conn.frame_ready()
             try:
                 ev = conn.next_event()
             except RemoteProtocolError:
@@ -188,6 +189,7 @@ def run_connection(data: bytes) -> None:
                     raise
                 raise AssertionError("a connection in ERROR returned an event") from None
             if ev is NEED_DATA:
+                assert not ready, "frame_ready() said a frame was buffered, then NEED_DATA"
                 return True
             check_event(ev)
             grew = conn.statistics().page_bytes_raw_in - raw_in
