@@ -531,7 +531,10 @@ def restore(path: str | Path, *, key: bytes = FILE_KEY, threaded: bool = True,
             raise SnapshotFormatError(f"{p.name}: machine state: {e}") from None
         if config != chain[-1].config:
             raise SnapshotFormatError(f"{p.name}: machine state is of another configuration")
-        m.restore_state(state)
+        try:
+            m.restore_state(state)
+        except (ValueError, ConfigError) as e:  # vCPU records of the wrong number or size
+            raise SnapshotFormatError(f"{p.name}: machine state does not fit: {e}") from None
         if m.tracker is not None:
             m.tracker.full()
     except BaseException:

@@ -78,3 +78,76 @@ def test_an_exception_outside_the_allowed_errors_is_reported() -> None:
     finally:
         fuzz.RUNNERS["connection"] = real
     assert [f["type"] for f in found] == ["IndexError"]
+
+
+# --- what the snapshot target found stays fixed ------------------------------------------------
+def forged(d: Path, *, meta: dict | None = None, machine: object = None,
+           state: bytes | None = None) -> Path:
+    """A snapshot file as anyone can write one (its key is public): a valid empty full
+    snapshot of a 1 MiB machine, with its metadata, machine config or state replaced."""
+    from dirtyring.machine.config import MachineConfig
+    from dirtyring.machine.state import MachineState
+    from dirtyring.products import snapshot as s
+    from dirtyring.products.fingerprint import Fingerprint
+    from dirtyring.wire import EpochBegin, EpochEnd, Goodbye, Hello, MachineBlob
+    from dirtyring.wire.codec import encode_body, frame_type_of
+    config = MachineConfig(data_slots=(1 << 20,))
+    sid = bytes(range(16))
+    doc = {"format": s.FORMAT, "version": f"{s.FORMAT_MAJOR}.{s.FORMAT_MINOR}",
+           "machine": json.loads(config.to_json()) if machine is None else machine,
+           "snapshot": {"id": sid.hex(), "parent": None, "parent_file": None,
+                        "chain": sid.hex(), "seq": 0, "kind": "full", "name": "forged",
+                        "created": 1.0, "pages": 0, **(meta or {})}}
+    if state is None:
+        state = MachineState(config=config.to_json(), vcpus=()).encode()
+    events = [Hello(role="primary", version=s.FORMAT_MAJOR, session_id=sid,
+                    config=json.dumps(doc).encode()),
+              EpochBegin(epoch=1, kind="full"), MachineBlob(epoch=1, blob=state),
+              EpochEnd(epoch=1, n_pages=0, output_seq=0,
+                       digest=Fingerprint(fuzz._memory_for(config)).digest()),
+              Goodbye(reason="end of snapshot")]
+    path = d / "forged.snap"
+    path.write_bytes(b"".join(
+        fuzz._frame(frame_type_of(e), i, b"".join(bytes(b) for b in encode_body(e)), s.FILE_KEY)
+        for i, e in enumerate(events)))
+    return path
+
+
+@pytest.mark.parametrize("meta,machine", [
+    ({"seq": float("inf")}, None),                 # OverflowError once
+    ({}, 5),                                       # AttributeError once (not a JSON object)
+    ({}, {"data_slots": [1000]}),                 # no machine can have it: ConfigError once
+], ids=["infinite-seq", "machine-not-an-object", "impossible-slot"])
+def test_a_malformed_snapshot_header_is_a_format_error(tmp_path: Path, meta: dict,
+                                                       machine: object) -> None:
+    from dirtyring.errors import SnapshotFormatError
+    from dirtyring.machine.config import MachineConfig
+    from dirtyring.products import snapshot as s
+    if isinstance(machine, dict):
+        machine = {**json.loads(MachineConfig().to_json()), **machine}
+    with pytest.raises(SnapshotFormatError, match="metadata is malformed"):
+        s.read_info(forged(tmp_path, meta=meta, machine=machine))
+
+
+def test_a_snapshot_whose_state_config_is_malformed_is_a_format_error(tmp_path: Path) -> None:
+    from dirtyring.errors import SnapshotFormatError
+    from dirtyring.machine.state import MachineState
+    from dirtyring.products import snapshot as s
+    path = forged(tmp_path, state=MachineState(config=b"{not json", vcpus=()).encode())
+    with fuzz._without_kvm(), pytest.raises(SnapshotFormatError, match="machine state"):
+        s.restore(path, threaded=False)
+
+
+@pytest.mark.kvm
+def test_a_snapshot_whose_vcpu_state_is_cut_short_is_a_format_error(tmp_path: Path) -> None:
+    """A real restore (KVM): a vCPU record too short for its kernel struct raised ValueError."""
+    from dirtyring.errors import SnapshotFormatError
+    from dirtyring.machine.config import MachineConfig
+    from dirtyring.machine.state import MachineState, VcpuState
+    from dirtyring.products import snapshot as s
+    vcpu = VcpuState(index=0, regs=b"", sregs=b"x", fpu=b"", xsave=b"", xcrs=b"", msrs=(),
+                     lapic=b"", events=b"", mp_state=0)
+    config = MachineConfig(data_slots=(1 << 20,))
+    path = forged(tmp_path, state=MachineState(config=config.to_json(), vcpus=(vcpu,)).encode())
+    with pytest.raises(SnapshotFormatError, match="machine state does not fit"):
+        s.restore(path, threaded=False)
