@@ -38,6 +38,7 @@ from typing import Any, Final
 from dirtyring.errors import LocalProtocolError, RemoteProtocolError
 
 from . import events as ev
+from .handshakecodec import _d_hello, _d_hello_ack, encode_handshake
 from .pagecodec import (EPOCH_KIND_CODES, Buffer, PageEncoding, decode_checkpoint, decode_pages,
                         encode_checkpoint_parts, encode_pages_parts, epoch_kind, page_bytes)
 from .receivebuffer import ReceiveBuffer
@@ -142,15 +143,12 @@ _TYPE_OF: Final[dict[type, FrameType]] = {
     ev.Resync: FrameType.RESYNC, ev.Checkpoint: FrameType.CHECKPOINT,
 }
 
-_HELLO: Final = struct.Struct("!BIQ16s")      # role, version, token, session_id; then config
-_HELLO_ACK: Final = struct.Struct("!16sBB")   # session_id, accepted, len(nonce); nonce, reason
 _EPOCH_BEGIN: Final = struct.Struct("!QB")    # epoch, kind
 _U64: Final = struct.Struct("!Q")             # MachineBlob/Resync.epoch, then more
-_ACK: Final = struct.Struct("!QQ")            # epoch, token
+_ACK: Final = struct.Struct("!QQ")            # epoch, token (just epoch: token 0)
 _EPOCH_END: Final = struct.Struct("!QQQ")     # epoch, n_pages, output_seq; then digest
 _HEARTBEAT: Final = struct.Struct("!QQ")      # seq, sent_ns
 _BATCH_SUB: Final = struct.Struct("!HI")       # type, body length; then the body
-_ROLE_CODES: Final = {"primary": 0, "standby": 1}
 
 
 # ------------------------------------------------------------------------------- encoding
@@ -162,12 +160,8 @@ def encode_body(event: ev.Event, *, compress_level: int = 1) -> list[Buffer]:
         return encode_pages_parts(event, compress_level=compress_level)
     if isinstance(event, ev.Checkpoint):
         return encode_checkpoint_parts(event, compress_level=compress_level)
-    if isinstance(event, ev.Hello):
-        return [_HELLO.pack(_ROLE_CODES[event.role], event.version, event.token,
-                            event.session_id), event.config]
-    if isinstance(event, ev.HelloAck):
-        return [_HELLO_ACK.pack(event.session_id, event.accepted, len(event.nonce)),
-                event.nonce + event.reason.encode("utf-8")]
+    if isinstance(event, (ev.Hello, ev.HelloAck)):
+        return encode_handshake(event)
     if isinstance(event, ev.EpochBegin):
         return [_EPOCH_BEGIN.pack(event.epoch, EPOCH_KIND_CODES[event.kind])]
     if isinstance(event, ev.MachineBlob):
@@ -175,6 +169,8 @@ def encode_body(event: ev.Event, *, compress_level: int = 1) -> list[Buffer]:
     if isinstance(event, ev.EpochEnd):
         return [_EPOCH_END.pack(event.epoch, event.n_pages, event.output_seq), event.digest]
     if isinstance(event, ev.Ack):
+        if not event.token:
+            return [_U64.pack(event.epoch)]
         return [_ACK.pack(event.epoch, event.token)]
     if isinstance(event, ev.Resync):
         return [_U64.pack(event.epoch), event.reason.encode("utf-8")]
@@ -326,31 +322,6 @@ def _head(s: struct.Struct, body: memoryview) -> tuple[tuple[Any, ...], memoryvi
     return s.unpack_from(body), body[s.size:]
 
 
-def _enum_name(codes: dict[str, int], code: int, what: str) -> str:
-    for name, c in codes.items():
-        if c == code:
-            return name
-    raise LocalProtocolError(f"unknown {what} code {code}")
-
-
-def _d_hello(body: memoryview, _: int) -> ev.Event:
-    (role, version, token, session_id), rest = _head(_HELLO, body)
-    return ev.Hello(role=_enum_name(_ROLE_CODES, role, "role"), version=version,
-                    session_id=session_id, config=bytes(rest), token=token)
-
-
-def _d_hello_ack(body: memoryview, _: int) -> ev.Event:
-    (session_id, accepted, nonce_len), rest = _head(_HELLO_ACK, body)
-    if accepted > 1:
-        raise LocalProtocolError(f"accepted flag must be 0 or 1, got {accepted}")
-    if nonce_len not in (0, ev.NONCE_LEN):
-        raise LocalProtocolError(f"nonce length must be 0 or {ev.NONCE_LEN}, got {nonce_len}")
-    if len(rest) < nonce_len:
-        raise struct.error(f"body ends {nonce_len - len(rest)} bytes into the nonce")
-    return ev.HelloAck(session_id=session_id, accepted=bool(accepted),
-                       nonce=bytes(rest[:nonce_len]), reason=str(rest[nonce_len:], "utf-8"))
-
-
 def _d_epoch_begin(body: memoryview, _: int) -> ev.Event:
     epoch, kind = _exact(_EPOCH_BEGIN, body)
     return ev.EpochBegin(epoch=epoch, kind=epoch_kind(kind))
@@ -367,7 +338,11 @@ def _d_epoch_end(body: memoryview, _: int) -> ev.Event:
 
 
 def _d_ack(body: memoryview, _: int) -> ev.Event:
+    if len(body) == _U64.size:
+        return ev.Ack(epoch=_exact(_U64, body)[0])
     epoch, token = _exact(_ACK, body)
+    if not token:
+        raise LocalProtocolError("an Ack with a token field carries token 0")
     return ev.Ack(epoch=epoch, token=token)
 
 

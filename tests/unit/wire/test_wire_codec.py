@@ -31,6 +31,10 @@ from wire_helpers import (  # noqa: E402
 
 # (event, sequence number, exact frame bytes with KEY = bytes(range(32))): header | body | mac.
 SIMPLE_CASES: list[tuple[Event, int, str]] = [
+    (Ack(epoch=7), 0,
+     "44525731" "0001" "0007" "00000008" "0000000000000000" "bb0efa6f"
+     "0000000000000007"
+     "608dc8fd11024183dc13184bc46980808e0f59741d37c9332f16b8a5a4624218"),
     (Ack(epoch=7, token=5), 0,
      "44525731" "0001" "0007" "00000010" "0000000000000000" "f58c10ca"
      "0000000000000007" "0000000000000005"
