@@ -525,7 +525,8 @@ class Standby:
         if p is None:
             return None
         return {"state": p.state, "standby": f"{p.addr[0]}:{p.addr[1]}", "epoch": p.epoch,
-                "acked": p.acked}
+                "acked": p.acked, "output_held": p.gate.statistics().held,
+                **p._lease_fields()}
 
     def close(self) -> None:
         self._closed.set()
