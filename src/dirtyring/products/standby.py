@@ -43,6 +43,8 @@ from .checkpoint import apply_runs
 from .transport import Link, LinkClosed, listen, tune
 
 EventSink = Callable[[dict[str, Any]], None]
+#: How long a newcomer may take to send its Hello, seconds.
+HELLO_TIMEOUT = 30.0
 
 #: A TEST HOOK, never set in production: ``DIRTYRING_TEST_PAUSE_IN_COMMIT=PATH``. Once a file
 #: ``PATH.arm`` exists, the next commit of a delta epoch stops halfway: its pages are written
@@ -147,7 +149,10 @@ class Standby:
         primary is refused with a reason."""
         link = Link(sock, Connection(STANDBY, self.key, insecure=self.insecure))
         try:
-            first = next(link.events(timeout=5.0))
+            # A primary connects before it starts its uplink process, which then sends the
+            # Hello: on a loaded host that start took over 5 s. A silent peer holds only this
+            # thread (not the follower slot), so waiting long costs nothing.
+            first = next(link.events(timeout=HELLO_TIMEOUT))
         except (TimeoutError, LinkClosed, StopIteration):
             link.close()
             return

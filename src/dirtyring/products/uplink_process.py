@@ -420,6 +420,11 @@ _PF_EXITING = 0x4
 _REVOKER: Revoker | None = None
 
 
+def _arm_revoker(lease: dict[str, Any]) -> None:
+    global _REVOKER
+    _REVOKER = Revoker(lease)
+
+
 def _primary_died(link: Link) -> NoReturn:
     """Revoke the primary's lease, drop the standby's connection at once (it takes over), go."""
     if _REVOKER is not None:
@@ -489,9 +494,6 @@ def main(argv: list[str]) -> int:
     if start is None or start[0] != "start":
         return 2
     opts = start[1]
-    if opts.get("lease"):
-        global _REVOKER
-        _REVOKER = Revoker(opts["lease"])
     staging = Staging(mem_fd, int(opts["slots"]), int(opts["slot_pages"]))
     os.close(mem_fd)
     if staging.size != size:
@@ -504,6 +506,12 @@ def main(argv: list[str]) -> int:
         return 1
     s = _Sender(ctrl, link, staging, opts)
     s.token = int(hello[5])
+    if opts.get("lease"):
+        # After the handshake, beside the sending: importing the etcd client (requests) and
+        # connecting take ~0.3 s here and seconds on a loaded host, which before the Hello
+        # could outlast the standby's patience. A primary dying before it is ready leaves
+        # the lease to run out (the safe, slow path).
+        threading.Thread(target=_arm_revoker, args=(opts["lease"],), daemon=True).start()
     threading.Thread(target=s.receive, name="receiver", daemon=True).start()
     pending: deque[tuple[Any, ...]] = deque()
     primary = os.getppid()
