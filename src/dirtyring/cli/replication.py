@@ -17,6 +17,7 @@ from ..machine.config import MachineConfig
 from ..machine.vm import Machine
 from ..products.arbiter import DEFAULT_MARGIN, DEFAULT_TTL, Arbiter
 from ..products.kvservice import KvService
+from ..products.outputs import OutputGate
 from ..products.replicate import Primary, PrimaryOptions
 from ..products.reprotect import reprotect
 from ..products.standby import Standby
@@ -179,10 +180,15 @@ def standby(args: argparse.Namespace) -> int:
     key, insecure = load_key(args.key, allow_insecure=args.insecure)
     out = _printer(args.json, False)
     svc_holder: dict[str, KvService] = {}
+    # Once live with --etcd, output leaves only while the lease surely holds (held, never
+    # dropped, otherwise): the same rule as a primary without its standby.
+    alone = OutputGate(lambda kind, payload, _: release(kind, payload, sb.committed_epoch),
+                       hold=False)
+    lost_key = threading.Event()
 
     def sink(kind: str, payload: Any) -> None:
         """Output of the guest once this standby runs it (after failover)."""
-        release(kind, payload, sb.committed_epoch)
+        alone.emit(kind, payload)
 
     def release(kind: str, payload: Any, epoch: int) -> None:
         """... also once re-protected: then held until the new standby committed ``epoch``."""
@@ -209,6 +215,9 @@ def standby(args: argparse.Namespace) -> int:
     try:
         sb.serve(stop)
         if sb.failed_over.is_set() and sb.state == "failed_over":
+            if sb.etcd is not None:
+                alone.unhold(sb.etcd.may_release)
+                sb.etcd.on_lost = lambda why: lost_key.set()
             if args.serve and sb.machine is not None:
                 svc_holder["svc"] = KvService(sb.machine.kv, parse_addr(args.serve))
                 out({"event": "serving", "addr": args.serve})
@@ -219,6 +228,13 @@ def standby(args: argparse.Namespace) -> int:
                                                  heartbeat_timeout=args.heartbeat_timeout),
                           on_event=out, release=release, arbiter=sb.etcd)
             while not stop.is_set():
+                if lost_key.is_set() and sb.machine is not None:
+                    sb.machine.pause_all()  # another copy may be live: stop this one
+                    out({"event": "fenced", "reason": f"lost the group's key in etcd "
+                         f"({sb.etcd.lost if sb.etcd else ''}); stopping this copy"})
+                    sb.state = "fenced"
+                    break
+                alone.flush()
                 if sb.machine is not None and sb.machine.wait_stopped(0.5):
                     out({"event": "guest_stopped", "crash": sb.machine.crashed})
                     break
@@ -230,8 +246,8 @@ def standby(args: argparse.Namespace) -> int:
         if ctl is not None:
             ctl.close()
         sb.close()
-        if sb.etcd is not None and sb.state != "failed_over":
-            sb.etcd.release()
+        if sb.etcd is not None:
+            sb.etcd.release()  # (a stop: nobody need wait out our lease)
     return 0 if sb.state in ("failed_over", "following", "protected", "waiting") else 1
 
 
