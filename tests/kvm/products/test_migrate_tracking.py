@@ -3,11 +3,14 @@
 sent as several epochs, and a link that dies mid-round (the source must not hang)."""
 from __future__ import annotations
 
+import math
 import os
 import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -23,8 +26,8 @@ from dirtyring.tracking import RingTracker
 _HERE = os.path.dirname(os.path.abspath(__file__))
 if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
-from test_migrate_live import (HOST, MiB, Target, _migrate_exactly, _port,  # noqa: E402
-                               key, target)
+from test_migrate_live import (DEADLINE, HOST, MiB, Target, _check_switchover,  # noqa: E402
+                               _migrate_exactly, _port, key, target)
 
 __all__ = ["key", "target"]  # fixtures
 
@@ -36,15 +39,20 @@ def _ring_machine(hot: int, entries: int = 256) -> Machine:
     return Machine(cfg, threaded=False)
 
 
-def _run(m: Machine, seconds: float, harvest: object) -> int:
-    """Run inline; on every ring-full exit call ``harvest``; returns the exits."""
+def _run(m: Machine, passes: int, harvest: Callable[[], object] | None = None) -> int:
+    """Run inline until the guest made ``passes`` more passes over its pages (2: it wrote
+    every one of them since the call), within ``DEADLINE``; on every ring-full exit call
+    ``harvest`` (None: there must be none); returns the exits."""
     r = m.runners[0]
     exits = 0
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
+    goal = m.status(0, "passes") + passes
+    end = time.monotonic() + DEADLINE
+    while m.status(0, "passes") < goal:
+        assert time.monotonic() < end, f"{goal - m.status(0, 'passes')} passes short"
         if r.run_inline(0.02) == "budget":
+            assert harvest is not None, "a ring-full exit"
             exits += 1
-            harvest()  # type: ignore[operator]
+            harvest()
     return exits
 
 
@@ -55,21 +63,21 @@ def test_harvest_unarmed_leaves_pages_writable_until_rearm_all() -> None:
         t.rearm_all()
         assert len(t.unarmed()) == 0
         got: list[np.ndarray] = []
-        _run(m, 0.3, lambda: got.append(t.harvest_unarmed().slot(1)))
-        got.append(t.harvest_unarmed().slot(1))
+        _run(m, 4, lambda: got.append(t.harvest_unarmed().slot(1)))  # many passes over its
+        got.append(t.harvest_unarmed().slot(1))                        # 1024 pages ...
         seen = np.concatenate(got)
-        assert m.status(0, "passes") >= 3  # many passes over its 1024 pages ...
         assert len(seen) == len(np.unique(seen)) == 1024  # ... each reported once
         assert np.array_equal(t.unarmed().slot(1), np.arange(1024))
         # Writable: more passes push no entry at all.
-        assert _run(m, 0.1, lambda: pytest.fail("a ring-full exit on writable pages")) == 0
+        assert _run(m, 2, lambda: pytest.fail("a ring-full exit on writable pages")) == 0
         assert len(t.harvest_unarmed().slot(1)) == 0
         # Re-armed: the pages fault and are reported again; nothing is left writable.
         t.rearm_all()
         assert len(t.unarmed()) == 0
         again: list[np.ndarray] = []
-        _run(m, 0.2, lambda: again.append(t.harvest().slot(1)))
-        assert _run(m, 0.05, lambda: again.append(t.harvest().slot(1))) > 0  # still faulting
+        _run(m, 2, lambda: again.append(t.harvest().slot(1)))
+        # harvest() re-armed what it reported: a whole pass more fills the ring again.
+        assert _run(m, 2, lambda: again.append(t.harvest().slot(1))) > 0
         assert len(np.unique(np.concatenate(again))) == 1024
         assert len(t.unarmed()) == 0  # harvest() re-armed what it reported
 
@@ -79,11 +87,11 @@ def test_unarmed_forgets_pages_a_rearming_harvest_protected() -> None:
         t = m.tracker
         assert isinstance(t, RingTracker)
         t.rearm_all()
-        run_guest(m, 0.02)
+        _run(m, 2)  # every one of its 64 pages written (the ring holds them all)
         assert len(t.harvest_unarmed().slot(1)) == 64
         assert np.array_equal(t.unarmed().slot(1), np.arange(64))
         t.rearm_all()
-        run_guest(m, 0.02)
+        _run(m, 2)
         t.harvest()  # re-arms the 64 pages it reports
         assert len(t.unarmed()) == 0
         t.stop()  # no logging: every page may be written unseen
@@ -96,7 +104,12 @@ def _writer(tracker: str, *, hot: int, memory: int = 16 * MiB) -> Machine:
     cfg = MachineConfig(guest="dirtier", tracker=tracker, data_slots=(memory,), ring_entries=1024,
                         params=GuestParams(pattern=Pattern.HOT, hot_pages=hot, rate_pps=0))
     m = Machine(cfg, threaded=False)
-    run_guest(m, 0.3)  # it has faulted its working set in once: those pages are writable
+    # Until it wrote its working set once: those pages are writable (ring-full exits free the
+    # ring without re-arming).
+    end = time.monotonic() + DEADLINE
+    while m.status(0, "passes") < 1:
+        assert time.monotonic() < end, "the writer never went round its pages"
+        run_guest(m, 0.05)
     return m
 
 
@@ -117,10 +130,23 @@ def test_the_bulk_round_arms_nothing_and_round_one_sends_what_was_writable(
 
 def test_arm_bulk_is_the_classic_pre_copy(key: bytes, target: Target) -> None:
     m = _writer("ring", hot=4096)
+    cable = _Cable(target.port)
     try:
-        # Paced (sparse pages are ~40 bytes on the wire): the bulk round lasts ~0.2 s.
-        opt = MigrationOptions(verify=True, arm_bulk=True, bandwidth_limit=1e6)
-        rep = _migrate_exactly(m, target, key, opt)
+        mig = Migration(m, (HOST, cable.port), key,
+                        options=MigrationOptions(verify=True, arm_bulk=True))
+        try:
+            mig.connect()
+            # The bulk round reaches the target only once the writer went round all its pages
+            # (armed, each faults once more), however long that takes on this host.
+            passes = m.status(0, "passes")
+            cable.hold()
+            cable.release_when(lambda: m.status(0, "passes") >= passes + 2)
+            rep = mig.run()
+        finally:
+            mig.close()
+            cable.cut()
+        _check_switchover(m, mig, target)
+        assert cable.released_by_condition
         assert rep.rounds[0].armed and rep.rounds[0].ring_full_exits > 0  # it faulted again
     finally:
         m.close()
@@ -144,20 +170,42 @@ def test_a_ring_overflow_inside_a_round_resyncs_and_still_migrates_exactly(
     t = m.tracker
     assert isinstance(t, RingTracker)
     real = t.harvest_unarmed
-    calls = {"n": 0, "raised": 0}
+    calls = {"armed_exits": 0, "raised": 0}
+    cable = _Cable(target.port)
+
+    def on_event(e: dict[str, Any]) -> None:
+        if e["event"] == "round" and e["round"] == 0:
+            # Round 1 reaches the target only once the overflow was injected: the writer (its
+            # pages writable during the bulk round, re-armed for round 1) fills its ring by
+            # then, however long that takes on this host.
+            cable.hold()
+            cable.release_when(lambda: calls["raised"] > 0)
+
+    mig = Migration(m, (HOST, cable.port), key, options=MigrationOptions(verify=True),
+                    on_event=on_event)
+    mid_round = mig.track.mid_round
+
+    def exit_in_a_round() -> int:  # a ring-full exit inside a tracked round
+        calls["armed_exits"] += mig.track.armed
+        return mid_round()
 
     def flaky() -> object:
-        calls["n"] += 1
         got = real()
-        if calls["n"] == 2:  # the bulk round's start, then the first ring-full exit of round 1
+        if calls["armed_exits"] == 1 and not calls["raised"]:  # the first one of round 1
             calls["raised"] += 1  # as ring.py does: the entries were consumed, then judged bad
             raise RingOverflow("injected by the test")
         return got
     monkeypatch.setattr(t, "harvest_unarmed", flaky)
+    monkeypatch.setattr(mig.track, "mid_round", exit_in_a_round)
     try:
-        # Paced (sparse pages are ~40 bytes on the wire): round 1 lasts ~0.15 s, long enough for
-        # the writer (its pages writable during the bulk round: no exit there) to fill its ring.
-        rep = _migrate_exactly(m, target, key, MigrationOptions(verify=True, bandwidth_limit=1e6))
+        try:
+            rep = mig.run()
+        finally:
+            mig.close()
+            cable.cut()
+        _check_switchover(m, mig, target)
+        assert cable.released_by_condition
+        assert rep.rounds[1].ring_full_exits > 0  # (round 1: where it was injected)
         assert calls["raised"] == 1 and rep.extras["resyncs"] == 1
         pages = sum(s.pages for s in t.slots.values())
         # All of memory went again (in a later round or in the stop-and-copy).
@@ -171,15 +219,20 @@ def test_rounds_sent_as_many_small_epochs_migrate_exactly(key: bytes, target: Ta
     try:
         opt = MigrationOptions(verify=True, epoch_pages=100, chunk_pages=64)
         rep = _migrate_exactly(m, target, key, opt)
-        # 4096 pages with data (16 MiB, all written: the warm-up's passes and the loader):
-        # far more epochs than rounds reached the target, each committed on its own.
-        assert target.sb.epochs > 3 * len(rep.rounds)
+        # Each epoch carries at most ``epoch_pages`` data pages plus one frame's, and each
+        # reached the target and was committed on its own: more epochs than rounds (the bulk
+        # round alone has the writer's 1024 pages).
+        per_epoch = opt.epoch_pages + opt.chunk_pages - 1
+        assert rep.rounds[0].pages_sent >= 1024
+        assert target.sb.epochs >= sum(max(1, math.ceil(r.pages_sent / per_epoch))
+                                       for r in rep.rounds)
     finally:
         m.close()
 
 
 class _Cable:
-    """A TCP relay between source and target that the test can cut."""
+    """A TCP relay between source and target that the test can cut, or hold (what the source
+    sends waits in the relay until it is released)."""
 
     def __init__(self, to_port: int) -> None:
         self.port = _port()
@@ -187,24 +240,47 @@ class _Cable:
         self._ls = socket.create_server((HOST, self.port))
         self._socks: list[socket.socket] = []
         self.bytes = 0
+        self._open = threading.Event()
+        self._open.set()
+        self.released_by_condition = False
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
         a, _ = self._ls.accept()
         b = socket.create_connection((HOST, self._to))
         self._socks += [a, b]
-        for x, y in ((a, b), (b, a)):
-            threading.Thread(target=self._pump, args=(x, y), daemon=True).start()
+        for x, y, gated in ((a, b, True), (b, a, False)):
+            threading.Thread(target=self._pump, args=(x, y, gated), daemon=True).start()
 
-    def _pump(self, x: socket.socket, y: socket.socket) -> None:
+    def _pump(self, x: socket.socket, y: socket.socket, gated: bool) -> None:
         try:
             while data := x.recv(1 << 16):
+                if gated:
+                    self._open.wait()
                 self.bytes += len(data)
                 y.sendall(data)
         except OSError:
             pass
 
+    def hold(self) -> None:
+        """Stop forwarding what the source sends (it waits here: nothing is lost)."""
+        self._open.clear()
+
+    def release_when(self, cond: Callable[[], bool]) -> None:
+        """Forward again once ``cond()`` holds (polled from a thread), or at ``DEADLINE``
+        (``released_by_condition`` tells which)."""
+        def watch() -> None:
+            end = time.monotonic() + DEADLINE
+            while time.monotonic() < end and not self._open.is_set():
+                if cond():
+                    self.released_by_condition = True
+                    break
+                time.sleep(0.002)
+            self._open.set()
+        threading.Thread(target=watch, daemon=True).start()
+
     def cut(self) -> None:
+        self._open.set()
         for s in (*self._socks, self._ls):
             try:
                 s.shutdown(socket.SHUT_RDWR)
@@ -217,20 +293,26 @@ def test_a_link_that_dies_mid_round_fails_the_migration_and_the_source_runs_on(
         key: bytes, target: Target) -> None:
     m = _writer("ring", hot=256, memory=32 * MiB)
     cable = _Cable(target.port)
+    cut_at: list[dict[str, Any]] = []
+
+    def on_event(e: dict[str, Any]) -> None:
+        # The cable is cut in the middle of the bulk round: some of its pages sent, not all.
+        if e["event"] == "progress" and e["round"] == 0 and 0 < e["sent"] < e["total"] \
+                and not cut_at:
+            cut_at.append(e)
+            cable.cut()
+
     try:
-        # A slow link (sparse pages are ~40 bytes on the wire): the bulk round takes seconds,
-        # and the cable is cut in the middle of it.
-        opt = MigrationOptions(bandwidth_limit=20e3, heartbeat_timeout=2.0)
-        mig = Migration(m, (HOST, cable.port), key, options=opt)
-        threading.Timer(0.5, cable.cut).start()
-        t0 = time.monotonic()
+        # A slow link (sparse pages are ~40 bytes on the wire): the bulk round takes seconds.
+        opt = MigrationOptions(bandwidth_limit=20e3, heartbeat_timeout=2.0, timeout=DEADLINE)
+        mig = Migration(m, (HOST, cable.port), key, options=opt, on_event=on_event)
         try:
-            with pytest.raises(MigrationError) as ei:
+            with pytest.raises(MigrationError) as ei:  # (not a hang, nor the timeout's end)
                 mig.run()
         finally:
             mig.close()
+        assert cut_at, "the bulk round ended before it could be cut"
         assert ei.value.source_may_run and not mig.switchover_sent
-        assert time.monotonic() - t0 < 10
         a = m.progress()
         run_guest(m, 0.1)
         assert m.progress() > a  # the guest runs on at the source
@@ -250,9 +332,16 @@ def test_a_round_queued_after_the_link_died_does_not_hang(key: bytes, target: Ta
         mig.net._lose("cut by the test")
         rnd = Round(index=1, kind="delta", dirty=mig.track.boundary())
         mig.net.submit(rnd)
-        t0 = time.monotonic()
-        mig._run_until(rnd, 0)
-        assert time.monotonic() - t0 < 1.0 and mig.net.lost.is_set()
+        # Were it to run the guest until the round is done, this ends it (and the test fails).
+        rescue = threading.Timer(DEADLINE, rnd.done.set)
+        rescue.start()
+        a = m.progress()
+        try:
+            mig._run_until(rnd, 0)
+        finally:
+            rescue.cancel()
+        assert mig.net.lost.is_set() and rnd.done.is_set()
+        assert m.progress() == a  # it failed at once: the guest never ran
         mig.close()
     finally:
         m.close()

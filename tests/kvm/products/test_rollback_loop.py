@@ -3,6 +3,7 @@ memory is exactly the root's (fingerprint), for the ring, bitmap and hot-set tra
 guest then replays identically, which it only does if its registers were restored too."""
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
@@ -16,6 +17,10 @@ from dirtyring.products.fingerprint import fingerprint
 
 MiB = 1 << 20
 TRACKERS = ["ring", "bitmap", "hotset"]
+#: The longest a guest run that must finish may take, and how long a test may drive runs
+#: towards what it needs before it fails. Generous: a slow or loaded host only takes longer
+#: (a run that finishes returns at once).
+DEADLINE = 60.0
 
 
 def dirtier(machines: list[Machine], tracker: str, *, threaded: bool = False,
@@ -40,7 +45,7 @@ def loop(m: Machine, rb: Rollback, root_digest: bytes, n: int, seed: int) -> lis
         writes = int(rng.integers(1, 300))
         m.set_control("seed", int(rng.integers(1, 1 << 62)))
         m.set_control("max_writes", base + writes)
-        assert rb.run(1.0) == "stopped", f"iteration {i}: the guest did not finish"
+        assert rb.run(DEADLINE) == "stopped", f"iteration {i}: the guest did not finish"
         m.check()
         assert m.status(0, "progress") == base + writes  # counted from the root
         restored.append(rb.rollback())
@@ -81,26 +86,32 @@ def test_same_input_replays_identically(machines: list[Machine], tracker: str,
 
 def test_root_in_the_middle_of_a_computation(machines: list[Machine]) -> None:
     """A root taken while the compute guest is mid-chain: every run from it reports the same
-    (correct) hash chain values, so the registers holding the chain were restored."""
+    (correct) hash chain values, so the registers holding the chain were restored. The runs
+    are long enough for a report (they get longer until one comes, however fast the host)."""
     cfg = MachineConfig(guest="compute", tracker="hotset", data_slots=(1 * MiB,),
                         params=GuestParams(report_every=5000, seed=3))
     m = Machine(cfg, threaded=False)
     machines.append(m)
-    m.runners[0].run_inline(0.005)
+    end = time.monotonic() + DEADLINE
+    while m.status(0, "step") == 0:  # mid-chain
+        assert time.monotonic() < end, "the compute guest made no step"
+        m.runners[0].run_inline(0.005)
     rb = Rollback(m)
     root = rb.mark()
     step0 = m.status(0, "step")
-    assert step0 > 0
-    runs = []
-    for _ in range(20):
+    runs: list[list[Any]] = []
+    length = 0.003
+    while len([r for r in runs if r]) < 10:  # runs that reported
+        assert time.monotonic() < end, (len(runs), length)
         n0 = len(m.outputs)
-        assert rb.run(0.003) == "interval"
+        assert rb.run(length) == "interval"
         runs.append([p for k, p in m.outputs[n0:] if k == "report"])
+        if not runs[-1]:
+            length *= 2
         rb.rollback()
         assert m.status(0, "step") == step0
         assert fingerprint(m.memory) == root.digest  # type: ignore[arg-type]
     reps = [r for r in runs if r]
-    assert len(reps) >= 10
     common = min(len(r) for r in reps)
     assert common and all(r[:common] == reps[0][:common] for r in reps)
     _, i, h = reps[0][0]
@@ -121,7 +132,7 @@ def test_untracked_machine_restores_all_memory(machines: list[Machine]) -> None:
     root = rb.mark()
     for _ in range(5):
         m.set_control("max_writes", 50)
-        assert rb.run() == "stopped"
+        assert rb.run(DEADLINE) == "stopped"
         assert rb.rollback() == sum(s.info.pages for s in m.memory.slots)
         assert fingerprint(m.memory) == root.digest
 
