@@ -60,12 +60,17 @@ def _add_etcd_options(p: argparse.ArgumentParser) -> None:
 
 
 def _arbiter(args: argparse.Namespace, who: str) -> Arbiter | None:
-    """The group's key in etcd, or None (with the warning) without --etcd."""
+    """The group's key in etcd, or None without --etcd (then ``_warn_no_etcd`` once started:
+    a user's mistake still ends in one clear line)."""
     if not args.etcd:
-        print(NO_ETCD_WARNING, file=sys.stderr)
         return None
     return Arbiter(args.etcd, args.name, who=who, ttl=args.lease_ttl,
                    margin=min(DEFAULT_MARGIN, args.lease_ttl / 3))
+
+
+def _warn_no_etcd(args: argparse.Namespace) -> None:
+    if not args.etcd:
+        print(NO_ETCD_WARNING, file=sys.stderr, flush=True)
 
 
 def add_parsers(sub: Any) -> None:
@@ -154,6 +159,7 @@ def protect(args: argparse.Namespace) -> int:
              "ttl_s": arbiter.ttl})
     # Connect before the VM exists: see Primary.connect (a death is noticed ~25 ms sooner).
     sock = connect(parse_addr(args.standby))
+    _warn_no_etcd(args)
     # One vCPU runs inline on this thread (no thread hand-offs per epoch); more use threads.
     with Machine(cfg, threaded=cfg.vcpus > 1) as m:
         svc = None
@@ -213,6 +219,7 @@ def standby(args: argparse.Namespace) -> int:
     if args.control:
         ctl = _control_server(parse_addr(args.control), sb, stop)
     try:
+        _warn_no_etcd(args)
         sb.serve(stop)
         if sb.failed_over.is_set() and sb.state == "failed_over":
             if sb.etcd is not None:
