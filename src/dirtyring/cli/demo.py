@@ -30,6 +30,10 @@ def add_parser(sub: Any) -> None:
                                                          "hotset"])
     p.add_argument("--memory", default="16M", help="guest data memory (default 16M)")
     p.add_argument("--clients", type=int, default=4, help="concurrent client connections")
+    p.add_argument("--heartbeat-timeout", type=duration, default=10.0, metavar="DURATION",
+                   help="both sides' heartbeat timeout (default 10s: a loaded host can keep "
+                        "the primary silent for seconds while it starts; the kill is noticed as "
+                        "a lost connection at once, whatever this is)")
     p.add_argument("--json", action="store_true",
                    help="JSON lines instead of the live view: 'demo' and 'stats' events, a "
                         "'failover' event (kill_to_resume_ms, detect_to_resume_ms), then one "
@@ -99,7 +103,7 @@ def _run(args: argparse.Namespace) -> int:
     live = sys.stdout.isatty() and not args.json
     standby = ChildProcess("standby", ["standby", "--listen", f"127.0.0.1:{p_repl}", "--control",
                                 f"127.0.0.1:{p_ctl}", "--serve", f"127.0.0.1:{p_kv2}",
-                                "--heartbeat-timeout", "0.5s"], env)
+                                "--heartbeat-timeout", f"{args.heartbeat_timeout}s"], env)
     primary: ChildProcess | None = None
     load: _Load | None = None
     try:
@@ -108,7 +112,8 @@ def _run(args: argparse.Namespace) -> int:
         primary = ChildProcess("primary", ["protect", "kvstore", "--standby", f"127.0.0.1:{p_repl}",
                                     "--serve", f"127.0.0.1:{p_kv1}", "--tracker", args.tracker,
                                     "--memory", args.memory, "--interval",
-                                    f"{args.interval * 1e6:.0f}us"], env)
+                                    f"{args.interval * 1e6:.0f}us", "--heartbeat-timeout",
+                                    f"{args.heartbeat_timeout}s"], env)
         say({"event": "demo", "msg": f"primary pid {primary.p.pid}, standby pid "
              f"{standby.p.pid}: key-value guest, {args.memory} memory, {args.tracker} tracking, "
              f"epochs of {args.interval * 1e3:g} ms", "primary_pid": primary.p.pid,
