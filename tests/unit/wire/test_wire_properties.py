@@ -216,6 +216,44 @@ def test_a_mutated_body_past_the_mac_decodes_to_a_valid_event_or_a_protocol_erro
     check_reauthenticated(*case)
 
 
+#: Page numbers a run may start at: small, just below and at the int64 limit, anywhere in u64.
+run_firsts = st.one_of(st.integers(0, 16), st.sampled_from([(1 << 63) - k for k in range(5)]),
+                       st.integers(0, U64))
+run_counts = st.one_of(st.integers(1, 4), st.sampled_from([0, 0xFFFF_FFFF, 1 << 31]))
+
+
+@st.composite
+def pages_bodies(draw: Any) -> bytes:
+    """A Pages body with an arbitrary head and run table (either layout), payloads that fit
+    their runs or not: the decoder's arithmetic on indices and counts, head on."""
+    ps = draw(st.sampled_from([512, 4096]))
+    runs = draw(st.lists(st.tuples(run_firsts, run_counts), min_size=1, max_size=4))
+    if draw(st.booleans()):  # in order, as a sender writes them
+        runs.sort()
+    total = sum(c for _, c in runs) & 0xFFFF_FFFF
+    n = draw(st.sampled_from([total, total, total - 1, total + 1])) & 0xFFFF_FFFF
+    sparse = draw(st.booleans())
+    head = struct.pack("!QIIIIB", 1, 0, ps, n, len(runs), (2 if sparse else 0)
+                       | draw(st.sampled_from([0, 1])))
+    if sparse:
+        words = draw(st.lists(st.integers(0, 64), max_size=3, unique=True).map(sorted))
+        return (head + b"".join(struct.pack("!QI", f, c) for f, c in runs)
+                + struct.pack("!I", len(words)) + b"".join(struct.pack("!I", w) for w in words)
+                + b"\x01" * 8 * len(words))
+    body = head
+    for f, c in runs:
+        enc = draw(st.sampled_from([0, 1, 4]))  # RAW, ZERO, SPARSE64
+        payload = {0: bytes(min(c, 4) * ps), 1: b"", 4: struct.pack("!I", 0)}[enc]
+        body += struct.pack("!QIBI", f, c, enc, len(payload)) + payload
+    return body
+
+
+@settings(PROPS, max_examples=500 * _SCALE)  # quick examples, and the decoder's core
+@given(body=pages_bodies())
+def test_any_run_table_decodes_to_valid_pages_or_a_protocol_error(body: bytes) -> None:
+    check_reauthenticated(FrameType.PAGES, body)
+
+
 @st.composite
 def mutated_batch(draw: Any) -> bytes:
     events = draw(st.lists(batchable, min_size=1, max_size=4))
