@@ -47,9 +47,9 @@ from wire_strategies import EVENTS, U64, any_event, pages  # noqa: E402
 
 #: DIRTYRING_PROPERTY_SCALE=N runs N times as many examples (a longer local campaign).
 _SCALE = max(1, int(os.environ.get("DIRTYRING_PROPERTY_SCALE", "1")))
-PROPS = settings(max_examples=120 * _SCALE, deadline=None, database=None,
+PROPS = settings(max_examples=100 * _SCALE, deadline=None, database=None,
                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-FEW = settings(PROPS, max_examples=60 * _SCALE)
+FEW = settings(PROPS, max_examples=50 * _SCALE)
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -248,7 +248,7 @@ def pages_bodies(draw: Any) -> bytes:
     return body
 
 
-@settings(PROPS, max_examples=500 * _SCALE)  # quick examples, and the decoder's core
+@settings(PROPS, max_examples=400 * _SCALE)  # quick examples, and the decoder's core
 @given(body=pages_bodies())
 def test_any_run_table_decodes_to_valid_pages_or_a_protocol_error(body: bytes) -> None:
     check_reauthenticated(FrameType.PAGES, body)
