@@ -27,6 +27,9 @@ from dirtyring.products.rollback import Rollback
 from dirtyring.products.fingerprint import fingerprint
 
 MiB = 1 << 20
+#: The longest a guest run that must finish may take. Generous: a run returns as soon as the
+#: guest stops, and a slow or loaded host only takes longer.
+DEADLINE = 60.0
 XMM0 = 160  # offset of XMM0 in the legacy (FXSAVE) part of the XSAVE area
 XSTATE_BV = 512  # offset of the XSAVE header's XSTATE_BV
 OUT_DONE = bytes([0xE7, int(Port.DONE)])  # outl %eax, $DONE
@@ -96,7 +99,7 @@ def test_fast_restore_undoes_registers_segments_and_fpu(machines: list[Machine],
     assert not rb.exact
     want = root_state(rb)
     for i in range(20):
-        assert rb.run() == "stopped"
+        assert rb.run(DEADLINE) == "stopped"
         if i % 2:
             scribble_on_vcpu(m)
         assert kvm_state(m)[0] != want[0]
@@ -118,7 +121,7 @@ def test_root_on_the_done_instruction_resumes_at_the_root(machines: list[Machine
     own ``out`` is left uncompleted, and its completion must not move the restored RIP."""
     m = dirtier(machines)
     r = m.runners[0]
-    assert r.run_inline(1.0) == "stopped"  # completes the out: RIP is after it
+    assert r.run_inline(DEADLINE) == "stopped"  # completes the out: RIP is after it
     after = r.fd.get_regs().rip
     assert m.memory is not None and m.memory.read(after - 2, 2) == OUT_DONE
     regs = r.fd.get_regs()
@@ -130,7 +133,7 @@ def test_root_on_the_done_instruction_resumes_at_the_root(machines: list[Machine
     want = root_state(rb)
     exits = sum(r.exits.values())
     for i in range(30):
-        assert rb.run() == "stopped" and r.finished and r.exit_code == 0
+        assert rb.run(DEADLINE) == "stopped" and r.finished and r.exit_code == 0
         rb.rollback()
         assert not r.finished
         assert kvm_state(m) == want, f"iteration {i}"
@@ -145,7 +148,7 @@ def test_set_after_fast_rollback_wins_over_the_pending_copy(machines: list[Machi
     rb = Rollback(m)
     rb.mark()
     other = m.capture_state()
-    assert rb.run() == "stopped"
+    assert rb.run(DEADLINE) == "stopped"
     mid = m.capture_state()  # finished, RIP on the DONE loop
     rb.rollback()
     fd = m.runners[0].fd
@@ -157,12 +160,12 @@ def test_set_after_fast_rollback_wins_over_the_pending_copy(machines: list[Machi
     assert U.kvm_regs.from_buffer_copy(got[0]).rbx == 0xABCDEF
     assert got[1:3] == root_state(rb)[1:3]  # sregs and events still from the rollback
     # An exact restore after a fast rollback (no run in between) lands on its own state.
-    assert rb.run() == "stopped"
+    assert rb.run(DEADLINE) == "stopped"
     rb.rollback()
     m.restore_state(mid)
     assert kvm_state(m)[:3] == (mid.vcpus[0].regs, mid.vcpus[0].sregs, mid.vcpus[0].events)
     m.restore_state(other)
-    assert rb.run() == "stopped"  # and the guest runs normally from there
+    assert rb.run(DEADLINE) == "stopped"  # and the guest runs normally from there
 
 
 def test_port_exits_before_done_take_the_general_path(machines: list[Machine]) -> None:
@@ -173,7 +176,7 @@ def test_port_exits_before_done_take_the_general_path(machines: list[Machine]) -
     root = rb.mark()
     ticks = m.control.ticks
     for _ in range(50):
-        assert rb.run() == "stopped"
+        assert rb.run(DEADLINE) == "stopped"
         assert m.control.ticks == ticks + 8
         rb.rollback()
         assert m.control.ticks == ticks
@@ -192,7 +195,7 @@ def test_a_crashing_root_is_restored_exactly_every_time(machines: list[Machine])
     rb = Rollback(m)
     root = rb.mark()
     for _ in range(5):
-        assert rb.run() == "stopped"
+        assert rb.run(DEADLINE) == "stopped"
         assert m.crashed is not None and "triple-faulted" in m.crashed
         rb.rollback()
         assert m.crashed is None and not m.stopped_event.is_set()
@@ -208,7 +211,7 @@ def test_exact_restore_undoes_an_msr_the_fast_one_leaves_alone(machines: list[Ma
     rb.mark()
     fd = m.runners[0].fd
     before = fd.get_msrs([U.MSR_KERNEL_GS_BASE])[U.MSR_KERNEL_GS_BASE]
-    assert rb.run() == "stopped"
+    assert rb.run(DEADLINE) == "stopped"
     fd.set_msrs({U.MSR_KERNEL_GS_BASE: before ^ 0x1000})
     rb.rollback()
     assert fd.get_msrs([U.MSR_KERNEL_GS_BASE])[U.MSR_KERNEL_GS_BASE] == before

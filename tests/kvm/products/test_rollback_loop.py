@@ -77,7 +77,7 @@ def test_same_input_replays_identically(machines: list[Machine], tracker: str,
     root = rb.mark()
     after = set()
     for _ in range(300):
-        assert rb.run() == "stopped"
+        assert rb.run(DEADLINE) == "stopped"
         after.add(fingerprint(m.memory))  # type: ignore[arg-type]
         rb.rollback()
     assert len(after) == 1 and root.digest not in after
@@ -148,7 +148,7 @@ def test_ring_full_during_a_run_is_carried_into_the_rollback(machines: list[Mach
     rb = Rollback(m)
     root = rb.mark()
     for _ in range(20):
-        assert rb.run() == "stopped"
+        assert rb.run(DEADLINE) == "stopped"
         assert rb.rollback() >= 900
         assert fingerprint(m.memory) == root.digest  # type: ignore[arg-type]
 
@@ -172,7 +172,7 @@ def test_fast_path_is_taken(machines: list[Machine]) -> None:
     exits = sum(r.exits.values())
     pages = [0] * 500
     for i in range(500):
-        assert rb.run() == "stopped"
+        assert rb.run(DEADLINE) == "stopped"
         pages[i] = rb.rollback()
     assert sum(r.exits.values()) - exits == 500
     assert 64 <= min(pages) and max(pages) <= 64 + 4

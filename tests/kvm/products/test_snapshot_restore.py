@@ -180,6 +180,7 @@ def test_compute_guest_continues_from_each_snapshot(tmp_path: Path,
     for _ in range(3):
         w.run(0.02)
         w.incremental()
+    m.pause_all()  # (it would take a core from the restored ones)
     seen = reports(m)
     for info in w.chain:
         m2 = S.restore(info.path)
