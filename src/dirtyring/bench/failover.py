@@ -55,20 +55,22 @@ def uplink_of(pid: int) -> int:
 
 
 def one_kill(guest: str, memory: str, kill_after: float, env: dict[str, str], *,
-             cell: str = "none", etcd: str = "", group: str = "") -> dict[str, float]:
+             cell: str = "none", etcd: str = "", group: str = "",
+             lease_ttl: int = LEASE_TTL) -> dict[str, float]:
     p_repl = free_port()
     arb = [] if cell == "none" else ["--etcd", etcd, "--name", group,
-                                     "--lease-ttl", str(LEASE_TTL)]
+                                     "--lease-ttl", str(lease_ttl)]
     sb = ChildProcess("standby", ["standby", "--listen", f"127.0.0.1:{p_repl}",
                                   "--heartbeat-timeout", HEARTBEAT_TIMEOUT, *arb], env)
     pr: ChildProcess | None = None
     try:
-        if sb.wait_event("listening", 20) is None:
+        # Deadlines, not figures: a loaded host took 25 s to start a primary.
+        if sb.wait_event("listening", 120) is None:
             raise DirtyringError("the standby did not start: " + sb.describe())
         pr = ChildProcess("primary", ["protect", guest, "--standby", f"127.0.0.1:{p_repl}",
                                       "--memory", memory, "--heartbeat-timeout",
                                       HEARTBEAT_TIMEOUT, *arb], env)
-        if pr.wait_event("protected", 30) is None:
+        if pr.wait_event("protected", 120) is None:
             raise DirtyringError("the primary never became protected: " + pr.describe())
         time.sleep(kill_after)
         uplink = uplink_of(pr.p.pid) if cell == "etcd-host-loss" else 0
@@ -77,7 +79,7 @@ def one_kill(guest: str, memory: str, kill_after: float, env: dict[str, str], *,
             os.kill(uplink, signal.SIGKILL)
         os.kill(pr.p.pid, signal.SIGKILL)
         pr.p.wait(60)  # a killed VMM's KVM teardown is slow on a loaded host; not timed
-        done = sb.wait_event("failover_done", 10 + 2 * LEASE_TTL)
+        done = sb.wait_event("failover_done", 10 + 2 * lease_ttl)
         lost = sb.wait_event("primary_lost", 0.5)
         if done is None or lost is None:
             raise DirtyringError("the standby did not take over: " + sb.describe())
@@ -99,7 +101,7 @@ def one_kill(guest: str, memory: str, kill_after: float, env: dict[str, str], *,
 
 def run(*, kills: int, guest: str, memory: str, progress: Any = None,
         rows: list[dict[str, Any]] | None = None,
-        cells: tuple[str, ...] = ("none",)) -> list[Record]:
+        cells: tuple[str, ...] = ("none",), lease_ttl: int = LEASE_TTL) -> list[Record]:
     """``kills`` kills at random moments in each cell; the records are p50/max/min of each
     measure. Each kill's own measures (and its cell) are appended to ``rows`` if given (the
     JSON keeps them, so a reader can see that every kill was followed by a resume)."""
@@ -115,7 +117,7 @@ def run(*, kills: int, guest: str, memory: str, progress: Any = None,
             for i in range(kills):
                 r = one_kill(guest, memory, random.uniform(0.3, 1.5), env, cell=cell,
                              etcd=member.url if member is not None else "",
-                             group=f"bench-{os.getpid()}-{cell}-{i}")
+                             group=f"bench-{os.getpid()}-{cell}-{i}", lease_ttl=lease_ttl)
                 mine.append(r)
                 rows.append({"cell": cell, **r})
                 if progress:
@@ -143,6 +145,10 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--cells", default=",".join(CELLS), metavar="CELL[,CELL...]",
                    help=f"which arbiters to measure: {', '.join(CELLS)} (default: all; the "
                         "etcd cells start a local etcd member)")
+    p.add_argument("--lease-ttl", type=int, default=LEASE_TTL, metavar="SECONDS",
+                   help=f"the etcd cells' lease TTL (default {LEASE_TTL}; a loaded host needs "
+                        "more: a lease not renewed in time lapses before the standby's "
+                        "handshake)")
     p.set_defaults(func=command)
 
 
@@ -162,14 +168,14 @@ def command(args: argparse.Namespace) -> int:
     try:
         rows: list[dict[str, Any]] = []
         recs = run(kills=kills, guest=args.guest, memory=args.memory, progress=show, rows=rows,
-                   cells=cells)
+                   cells=cells, lease_ttl=args.lease_ttl)
     except DirtyringError as e:
         print(f"dirtyring bench failover: error: {e}", file=sys.stderr)
         return 1
     out = Path(args.out)
     j = write_json(out / f"{BENCH}.json", BENCH, recs,
                    settings={"kills": kills, "guest": args.guest, "memory": args.memory,
-                             "cells": list(cells), "lease_ttl_s": LEASE_TTL},
+                             "cells": list(cells), "lease_ttl_s": args.lease_ttl},
                    extra={"per_kill": rows})
     for r in recs:
         if r.stat in ("p50", "max"):

@@ -14,12 +14,15 @@ from dirtyring.cli.main import build_parser
 
 METRICS = ("kill_to_resume_ms", "detect_to_resume_ms", "kill_to_detect_ms", "restore_ms")
 CELLS = ("none", "etcd-crash", "etcd-host-loss")
+LEASE_TTL = 10
 
 
 def test_bench_failover_quick_records_a_resume_after_every_kill(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # A long lease: on a loaded host the primary's renewals can stall for seconds, and a
+    # lapsed lease makes the standby refuse it as stale before it was ever protected.
     args = build_parser().parse_args(["bench", "failover", "--quick", "--memory", "16M",
-                                      "--out", str(tmp_path)])
+                                      "--lease-ttl", str(LEASE_TTL), "--out", str(tmp_path)])
     rc = args.func(args)
     out = capsys.readouterr()
     assert rc == 0, out.err[-2000:]
@@ -33,7 +36,8 @@ def test_bench_failover_quick_records_a_resume_after_every_kill(
     # each kill ended in a measured resume (else the bench fails)
     assert [r["cell"] for r in rows] == [c for c in CELLS for _ in range(kills)]
     assert out.out.count("resumed") == kills * len(CELLS)
-    ttl_ms = doc["settings"]["lease_ttl_s"] * 1e3
+    assert doc["settings"]["lease_ttl_s"] == LEASE_TTL
+    ttl_ms = LEASE_TTL * 1e3
     for r in rows:
         cell = r.pop("cell")
         assert set(r) == set(METRICS) | ({"lease_wait_ms"} if cell != "none" else set()), r
@@ -44,8 +48,10 @@ def test_bench_failover_quick_records_a_resume_after_every_kill(
         assert 0 < r["restore_ms"] <= r["detect_to_resume_ms"], r
         if cell == "etcd-host-loss":
             # nobody revoked the lease: the standby waited for it to run out, which takes
-            # at least the part of the TTL left after the last renewal (renewed every 0.4 s)
-            assert r["lease_wait_ms"] >= ttl_ms - 500, r
+            # the part of the TTL left after the last renewal. Renewals come every 0.4 s on
+            # an idle host, but a loaded one kept a process silent for 3.5 s: half the TTL
+            # holds under any load seen, and a revoked lease (no wait) fails it.
+            assert r["lease_wait_ms"] >= ttl_ms / 2, r
         if cell != "none":
             assert r["lease_wait_ms"] <= r["detect_to_resume_ms"], r
     for cell in CELLS:
