@@ -112,6 +112,12 @@ class CellResult:
         return len(self.run_ns)
 
 
+#: How long one run may take before the guest counts as stuck. It returns when the guest stops
+#: (~0.6 ms here), but a fresh 64 MiB machine's first run took 634 ms unloaded and over 1 s
+#: under two busy processes: a bound is a safety net, not a measure.
+RUN_BOUND_S = 60.0
+
+
 def measure_cell(p: RollbackParams) -> CellResult:
     """Run one cell; raises BenchError if the guest misbehaves or a rollback is wrong."""
     with Machine(p.machine_config(), threaded=False) as m:
@@ -120,7 +126,7 @@ def measure_cell(p: RollbackParams) -> CellResult:
 
         def one() -> tuple[int, int, int]:
             t0 = time.perf_counter_ns()
-            why = rb.run(1.0)
+            why = rb.run(RUN_BOUND_S)  # (returns as soon as the guest stops)
             t1 = time.perf_counter_ns()
             n = rb.rollback()
             t2 = time.perf_counter_ns()
