@@ -14,6 +14,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+#: How long ``ChildProcess.stop`` waits for a child after SIGKILL, seconds.
+STOP_WAIT_S = 120.0
+
 Event = dict[str, Any]
 
 
@@ -136,8 +139,13 @@ class ChildProcess:
             try:
                 self.p.wait(5)
             except subprocess.TimeoutExpired:
-                os.kill(self.pid, signal.SIGKILL)
-                self.p.wait(10)
+                try:
+                    os.kill(self.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                # A killed VMM's KVM teardown took over 10 s on a loaded host: wait it out
+                # (it cannot refuse SIGKILL), so the caller never leaves a process behind.
+                self.p.wait(STOP_WAIT_S)
         for t in self._readers:
             t.join(5)
         for f in (self.p.stdout, self.p.stderr):
