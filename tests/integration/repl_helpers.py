@@ -534,3 +534,13 @@ class SlowStranger:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+#: Heartbeat timeout for a test that does not test heartbeat detection (a kill -9 shows as a
+#: dropped connection at once). With two busy loops on this host's two cores, 0.5 s and even 2 s
+#: of silence happened between live processes (a standby dropped a primary mid-sync, a verify
+#: run failed over): a test that did not mean to test that failed. Pass as ``hb_timeout=``.
+HB_CALM = "30s"
+#: Heartbeat timeout for a test whose loss only the heartbeat can tell (SIGSTOP): short enough
+#: to wait for, long enough not to trip on a loaded host before the stop.
+HB_DETECT = "10s"

@@ -15,7 +15,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 if _HERE not in sys.path:  # repl_helpers sits beside the tests; works in any import mode
     sys.path.insert(0, _HERE)
 from repl_helpers import (  # noqa: E402
-    HOST, PATIENCE, Proc, SlowStranger, Spawner, control, free_port, kv_missing, raw_peer,
+    HB_CALM, HOST, PATIENCE, Proc, SlowStranger, Spawner, control, free_port, kv_missing, raw_peer,
     require, spawn, thread_count, wait_for, wait_port, wait_status, wait_threads,
 )
 
@@ -53,7 +53,7 @@ def test_bad_peers_while_standby_waits(spawn: Spawner) -> None:
     """Before any primary: each bad peer is a protocol_error naming the problem; the standby
     stays empty and waiting, and then serves the real primary and fails over normally."""
     sport, cport = free_port(), free_port()
-    sb = spawn.standby(sport, control=cport)
+    sb = spawn.standby(sport, control=cport, hb_timeout=HB_CALM)
     idle = thread_count(sb.pid)  # listening, no connection: each peer's thread comes and goes
     for i, (name, (data, eof, says)) in enumerate(bad_peers(spawn.key).items(), start=1):
         reply = raw_peer(sport, data, eof=eof)
@@ -86,7 +86,7 @@ def test_bad_peers_while_standby_waits(spawn: Spawner) -> None:
     # primary". The thread's end is the slot's release.
     wait_threads(sb.pid, idle)
 
-    pr = spawn.primary("compute", sport)
+    pr = spawn.primary("compute", sport, hb_timeout=HB_CALM)
     assert pr.wait_event("protected", PATIENCE) is not None, pr.describe() + sb.describe()
     # Something to take over: a consistent checkpoint past the first full epoch.
     wait_status(cport, lambda st: st["consistent"] and st["committed_epoch"] >= 2, PATIENCE)
@@ -101,8 +101,8 @@ def test_bad_peers_and_second_primary_while_following(spawn: Spawner) -> None:
     advancing from the real primary only, and failover afterwards keeps every acknowledged
     write."""
     ports = {"repl": free_port(), "ctl": free_port(), "kv1": free_port(), "kv2": free_port()}
-    sb = spawn.standby(ports["repl"], control=ports["ctl"], serve=ports["kv2"])
-    pr = spawn.primary("kvstore", ports["repl"], serve=ports["kv1"])
+    sb = spawn.standby(ports["repl"], control=ports["ctl"], serve=ports["kv2"], hb_timeout=HB_CALM)
+    pr = spawn.primary("kvstore", ports["repl"], serve=ports["kv1"], hb_timeout=HB_CALM)
     load = spawn.kv_load(ports["kv1"], clients=2)
     try:
         require(pr.wait_event("protected", 60) is not None, pr.describe())
@@ -160,7 +160,7 @@ def _stranger(kind: str, port: int, key: bytes) -> None:
     if kind == "connect-and-close":
         socket.create_connection((HOST, port), timeout=5).close()
     elif kind == "silent-peer":
-        raw_peer(port, b"", hold=1.0, read_reply=0.5)   # longer than the 0.5 s heartbeat timeout
+        raw_peer(port, b"", hold=1.0, read_reply=0.5)
     elif kind == "hello-bad-config":
         data, _ = hello_frame(key, config=b'{"guest": "no-such-guest"}')
         raw_peer(port, data)
@@ -169,7 +169,7 @@ def _stranger(kind: str, port: int, key: bytes) -> None:
 @pytest.mark.parametrize("kind", ["connect-and-close", "silent-peer", "hello-bad-config"])
 def test_stranger_does_not_kill_waiting_standby(spawn: Spawner, kind: str) -> None:
     sport, cport = free_port(), free_port()
-    sb = spawn.standby(sport, control=cport, hb_timeout="0.5s")
+    sb = spawn.standby(sport, control=cport, hb_timeout=HB_CALM)
     idle = thread_count(sb.pid)
     _stranger(kind, sport, spawn.key)
     wait_threads(sb.pid, idle)  # the standby is done with the stranger (its thread returned)
@@ -177,8 +177,8 @@ def test_stranger_does_not_kill_waiting_standby(spawn: Spawner, kind: str) -> No
     assert sb.alive(), sb.describe()
     st: dict[str, Any] = control(cport)
     assert st["state"] == "waiting" and st["committed_epoch"] == 0, st
-    pr = spawn.primary("compute", sport)
-    assert pr.wait_event("protected", 30) is not None, pr.describe() + sb.describe()
+    pr = spawn.primary("compute", sport, hb_timeout=HB_CALM)
+    assert pr.wait_event("protected", PATIENCE) is not None, pr.describe() + sb.describe()
 
 
 def test_unauthenticated_peer_does_not_lock_out_the_real_primary(spawn: Spawner) -> None:
@@ -187,12 +187,12 @@ def test_unauthenticated_peer_does_not_lock_out_the_real_primary(spawn: Spawner)
     would not do: the standby drops it after a fixed wait, and on a slow host the primary may
     only arrive after that.)"""
     sport = free_port()
-    sb = spawn.standby(sport, hb_timeout="5s")
+    sb = spawn.standby(sport, hb_timeout=HB_CALM)
     idle = thread_count(sb.pid)
     with SlowStranger(sport) as stranger:
         # The standby accepted the stranger and is reading its frame on a thread of its own.
         assert wait_for(lambda: thread_count(sb.pid) > idle), sb.describe()
-        pr = spawn.primary("compute", sport)
+        pr = spawn.primary("compute", sport, hb_timeout=HB_CALM)
         ok = pr.wait_event("protected", PATIENCE)
         refused = [line for line in pr.stderr if "refused" in line]
         assert ok is not None, f"real primary turned away: {refused or pr.describe()}"

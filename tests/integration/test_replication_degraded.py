@@ -11,7 +11,9 @@ import pytest
 _HERE = os.path.dirname(os.path.abspath(__file__))
 if _HERE not in sys.path:  # repl_helpers sits beside the tests; works in any import mode
     sys.path.insert(0, _HERE)
-from repl_helpers import PATIENCE, Spawner, free_port, require, spawn  # noqa: E402
+from repl_helpers import (  # noqa: E402
+    HB_CALM, HB_DETECT, PATIENCE, Spawner, free_port, require, spawn,
+)
 
 __all__ = ["spawn"]  # the fixture, imported so pytest finds it
 
@@ -25,12 +27,12 @@ def _degraded_stats(pr: object, since: int) -> list[dict]:
 def test_standby_lost_primary_goes_degraded_and_guest_keeps_running(spawn: Spawner,
                                                                     how: str) -> None:
     """kill -9: the primary sees the connection drop. SIGSTOP: the socket stays open and only
-    the heartbeat timeout (0.5 s here) can tell: the reason names the silence the uplink
+    the heartbeat timeout (HB_DETECT here) can tell: the reason names the silence the uplink
     measured (a receive timeout of exactly that long), which a wall-clock bound taken in this
     process could not check on a loaded host."""
     sport = free_port()
-    sb = spawn.standby(sport)
-    pr = spawn.primary("compute", sport, hb_timeout="0.5s")
+    sb = spawn.standby(sport, hb_timeout=HB_CALM)
+    pr = spawn.primary("compute", sport, hb_timeout=HB_DETECT)
     require(pr.wait_event("protected", PATIENCE) is not None, pr.describe())
     # The standby acknowledges commits: the pair runs protected right before the loss.
     require(pr.wait_event("stats", PATIENCE, lambda e: e["state"] == "protected"
@@ -44,7 +46,7 @@ def test_standby_lost_primary_goes_degraded_and_guest_keeps_running(spawn: Spawn
     deg = pr.wait_event("degraded", PATIENCE, start=mark)
     assert deg is not None, pr.describe()
     if how == "sigstop":
-        assert deg["reason"] == "no frame from the standby for 0.5 s", deg
+        assert deg["reason"] == f"no frame from the standby for {HB_DETECT[:-1]} s", deg
     mark = pr.mark()
     # Keeps running unprotected: periodic stats in state "degraded" with the guest progressing.
     assert pr.wait_event("stats", PATIENCE, lambda e: len(_degraded_stats(pr, mark)) >= 8,
@@ -65,8 +67,8 @@ def test_standby_lost_primary_goes_degraded_and_guest_keeps_running(spawn: Spawn
 def test_standby_killed_kv_clients_keep_getting_answers(spawn: Spawner) -> None:
     """Held output is released when the standby dies, and new requests are answered."""
     sport, kv = free_port(), free_port()
-    sb = spawn.standby(sport)
-    pr = spawn.primary("kvstore", sport, serve=kv, hb_timeout="0.5s")
+    sb = spawn.standby(sport, hb_timeout=HB_CALM)
+    pr = spawn.primary("kvstore", sport, serve=kv, hb_timeout=HB_CALM)
     load = spawn.kv_load(kv, clients=3)
     try:
         require(pr.wait_event("protected", PATIENCE) is not None, pr.describe())

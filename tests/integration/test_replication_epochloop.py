@@ -15,7 +15,7 @@ import sys
 _HERE = os.path.dirname(os.path.abspath(__file__))
 if _HERE not in sys.path:  # repl_helpers sits beside the tests; works in any import mode
     sys.path.insert(0, _HERE)
-from repl_helpers import PATIENCE, Spawner, control, free_port, spawn  # noqa: E402
+from repl_helpers import HB_CALM, PATIENCE, Spawner, control, free_port, spawn  # noqa: E402
 
 __all__ = ["spawn"]  # the fixture, imported so pytest finds it
 
@@ -31,13 +31,13 @@ def test_tiny_interval_primary_keeps_committing_and_stops_on_time(spawn: Spawner
     epochs per session, not wedged ones). Each session must end by itself, having said goodbye,
     and the standby must have committed every epoch the primary sent."""
     sport, cport = free_port(), free_port()
-    sb = spawn.standby(sport, control=cport)
+    sb = spawn.standby(sport, control=cport, hb_timeout=HB_CALM)
     st = control(cport)
     sessions = 0
     while st["epochs"] < EPOCHS:
         mark = sb.mark()
         pr = spawn.primary("dirtier", sport, "--pattern", "hot", "--interval", "20us",
-                           "--seconds", "2")
+                           "--seconds", "2", hb_timeout=HB_CALM)
         rc = pr.wait_exit(PATIENCE)
         st = control(cport)
         assert rc == 0, (f"`protect --seconds 2` still running after {PATIENCE:g} s; "
@@ -64,8 +64,9 @@ def test_uplink_runs_below_the_epoch_loop_priority(spawn: Spawner) -> None:
     paused (uplink_process.NICE; the figures that motivate it are in its main())."""
     from dirtyring.products.uplink_process import NICE
     sport = free_port()
-    spawn.standby(sport)
-    pr = spawn.primary("dirtier", sport, "--pattern", "hot", "--seconds", "20")
+    spawn.standby(sport, hb_timeout=HB_CALM)
+    pr = spawn.primary("dirtier", sport, "--pattern", "hot", "--seconds", "20",
+                       hb_timeout=HB_CALM)
     pr.need_event("protected", PATIENCE)
     uplinks = [c for c in _children(pr.pid)
                if b"uplink_process" in open(f"/proc/{c}/cmdline", "rb").read()]

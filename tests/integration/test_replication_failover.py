@@ -21,8 +21,9 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 if _HERE not in sys.path:  # repl_helpers sits beside the tests; works in any import mode
     sys.path.insert(0, _HERE)
 from repl_helpers import (  # noqa: E402
-    HOST, PATIENCE, Chain, KvLoad, Spawner, StandbyThread, control, failover_cli, free_port,
-    kv_missing, kv_value, require, rng_from_env, spawn, wait_for, wait_port, wait_status,
+    HB_CALM, HB_DETECT, HOST, PATIENCE, Chain, KvLoad, Spawner, StandbyThread, control,
+    failover_cli, free_port, kv_missing, kv_value, require, rng_from_env, spawn, wait_for,
+    wait_port, wait_status,
 )
 
 from dirtyring.products.kvservice import KvClient  # noqa: E402
@@ -35,8 +36,8 @@ REPORT_EVERY = 100_000  # GuestParams.report_every default: the compute guest re
 def _kv_pair(spawn: Spawner, *extra: str,
              clients: int = 3) -> tuple[Any, Any, KvLoad, dict[str, int]]:
     ports = {"repl": free_port(), "ctl": free_port(), "kv1": free_port(), "kv2": free_port()}
-    sb = spawn.standby(ports["repl"], control=ports["ctl"], serve=ports["kv2"])
-    pr = spawn.primary("kvstore", ports["repl"], *extra, serve=ports["kv1"])
+    sb = spawn.standby(ports["repl"], control=ports["ctl"], serve=ports["kv2"], hb_timeout=HB_CALM)
+    pr = spawn.primary("kvstore", ports["repl"], *extra, serve=ports["kv1"], hb_timeout=HB_CALM)
     load = spawn.kv_load(ports["kv1"], clients=clients)
     return sb, pr, load, ports
 
@@ -124,9 +125,10 @@ def test_kill9_primary_compute_guest_continues_exact_chain(spawn: Spawner, tmp_p
     chain = Chain(str(tmp_path))
     rng = rng_from_env(f"kill9-compute-{when}-{vcpus}")
     port = free_port()
-    s = StandbyThread(port, spawn.key, heartbeat_timeout=0.5)
+    s = StandbyThread(port, spawn.key, heartbeat_timeout=float(HB_CALM[:-1]))
     try:
-        pr = spawn.primary("compute", port, "--vcpus", str(vcpus), *extra, memory="4M")
+        pr = spawn.primary("compute", port, "--vcpus", str(vcpus), *extra, memory="4M",
+                           hb_timeout=HB_CALM)
         require(pr.wait_event("protected", PATIENCE) is not None, pr.describe())
         if when == "mid":
             time.sleep(rng.uniform(0.3, 1.0))
@@ -176,8 +178,8 @@ def test_kill9_primary_compute_progress_visible_from_standby_cli(spawn: Spawner)
     CLI: the control port's status carries a guest_progress that grows, and the guest's
     reports come out as events with growing steps (its guest never ran before the failover)."""
     sport, cport = free_port(), free_port()
-    sb = spawn.standby(sport, control=cport)
-    pr = spawn.primary("compute", sport, memory="4M")
+    sb = spawn.standby(sport, control=cport, hb_timeout=HB_CALM)
+    pr = spawn.primary("compute", sport, memory="4M", hb_timeout=HB_CALM)
     require(pr.wait_event("protected", PATIENCE) is not None, pr.describe())
     wait_status(cport, lambda st: st["consistent"], PATIENCE)
     require(not sb.of("report"), sb.describe())
@@ -256,8 +258,8 @@ def test_manual_failover_keeps_every_acknowledged_write(spawn: Spawner) -> None:
 
 def test_fenced_primary_does_not_claim_to_run_degraded(spawn: Spawner) -> None:
     sport, cport = free_port(), free_port()
-    sb = spawn.standby(sport, control=cport)
-    pr = spawn.primary("compute", sport)
+    sb = spawn.standby(sport, control=cport, hb_timeout=HB_CALM)
+    pr = spawn.primary("compute", sport, hb_timeout=HB_CALM)
     require(pr.wait_event("protected", PATIENCE) is not None, pr.describe())
     require(failover_cli(cport, env=spawn.env)["state"] == "failed_over")
     require(sb.of("failover_done"), sb.describe())
@@ -272,8 +274,8 @@ def test_stalled_primary_is_fenced_when_it_wakes(spawn: Spawner) -> None:
     """SIGSTOP the primary past the heartbeat timeout: the standby takes over; when the primary
     resumes it must stand down (fenced), not run on as a second live copy."""
     sport, cport = free_port(), free_port()
-    sb = spawn.standby(sport, control=cport)
-    pr = spawn.primary("compute", sport)
+    sb = spawn.standby(sport, control=cport, hb_timeout=HB_DETECT)
+    pr = spawn.primary("compute", sport, hb_timeout=HB_CALM)
     assert pr.wait_event("protected", PATIENCE) is not None, pr.describe()
     wait_status(cport, lambda st: st["consistent"], PATIENCE)
     pr.signal(signal.SIGSTOP)
@@ -329,8 +331,9 @@ def test_arbiter_decides_whether_an_automatic_failover_goes_live(spawn: Spawner,
     code = (f"import os, sys; open({str(seen)!r}, 'w').write(os.environ['DIRTYRING_EPOCH'] + "
             f"' ' + os.environ['DIRTYRING_REASON']); sys.exit({0 if grant else 3})")
     sport, cport = free_port(), free_port()
-    sb = spawn.standby(sport, "--arbiter", f"{sys.executable} -c \"{code}\"", control=cport)
-    pr = spawn.primary("compute", sport)
+    sb = spawn.standby(sport, "--arbiter", f"{sys.executable} -c \"{code}\"", control=cport,
+                       hb_timeout=HB_CALM)
+    pr = spawn.primary("compute", sport, hb_timeout=HB_CALM)
     require(pr.wait_event("protected", PATIENCE) is not None, pr.describe())
     wait_status(cport, lambda st: st["consistent"], PATIENCE)
     pr.kill9()

@@ -16,7 +16,8 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 if _HERE not in sys.path:  # repl_helpers sits beside the tests; works in any import mode
     sys.path.insert(0, _HERE)
 from repl_helpers import (  # noqa: E402
-    PATIENCE, Spawner, StandbyThread, control, failover_cli, free_port, spawn, wait_advancing,
+    HB_CALM, PATIENCE, Spawner, StandbyThread, control, failover_cli, free_port, spawn,
+    wait_advancing,
 )
 
 __all__ = ["spawn"]  # the fixture, imported so pytest finds it
@@ -48,8 +49,8 @@ def test_verify_mode_thousands_of_epochs_without_mismatch(spawn: Spawner, name: 
     """Digest checked at every commit; none may differ, none may be skipped, none resynced."""
     epochs = EPOCHS or epochs
     sport, cport = free_port(), free_port()
-    sb = spawn.standby(sport, "--verify", control=cport, hb_timeout="2s")
-    pr = spawn.primary("dirtier", sport, "--verify", *extra, memory=DATA, hb_timeout="2s")
+    sb = spawn.standby(sport, "--verify", control=cport, hb_timeout=HB_CALM)
+    pr = spawn.primary("dirtier", sport, "--verify", *extra, memory=DATA, hb_timeout=HB_CALM)
     assert pr.wait_event("protected", PATIENCE) is not None, pr.describe()
 
     def healthy() -> None:
@@ -95,11 +96,11 @@ def test_verify_detects_corrupted_standby_memory_and_resyncs(spawn: Spawner) -> 
     next verified commit must report verify_mismatch and drop consistency, the standby sends
     Resync, the primary answers with a full epoch, and from then on commits verify clean."""
     port = free_port()
-    s = StandbyThread(port, spawn.key, verify=True, heartbeat_timeout=3.0,
+    s = StandbyThread(port, spawn.key, verify=True, heartbeat_timeout=30.0,
                       auto_failover=False)
     try:
         pr = spawn.primary("dirtier", port, "--verify", "--pattern", "hot", "--hot-pages", "16",
-                           memory="4M", hb_timeout="3s")
+                           memory="4M", hb_timeout=HB_CALM)
         assert pr.wait_event("protected", 60) is not None, pr.describe()
         assert s.wait(lambda: len(s.commits) >= 20, 60), (s.commits[-3:], pr.describe())
         assert s.sb.mismatches == 0 and s.sb.consistent
@@ -151,19 +152,19 @@ def test_a_new_session_full_sync_replaces_what_an_earlier_primary_left(spawn: Sp
     session's pages must end up equal to the new primary's guest, which has not written most
     of them yet: its first verified commits must be clean."""
     port = free_port()
-    s = StandbyThread(port, spawn.key, verify=True, heartbeat_timeout=3.0,
+    s = StandbyThread(port, spawn.key, verify=True, heartbeat_timeout=30.0,
                       auto_failover=False)
     args = ["--verify", "--pattern", "random", "--rate", "50"]
     try:
         first = spawn.primary("dirtier", port, *args, "--seconds", "4", memory="1M",
-                              hb_timeout="3s")
+                              hb_timeout=HB_CALM)
         assert first.wait_exit(60) == 0, first.describe()
         m = s.sb.machine
         assert m is not None and m.memory is not None
         left = int(np.count_nonzero(m.memory.slots[1].view.reshape(-1, 4096).any(axis=1)))
         assert left >= 50, f"the first guest left only {left} non-zero data pages"
         n0 = len(s.commits)
-        second = spawn.primary("dirtier", port, *args, memory="1M", hb_timeout="3s")
+        second = spawn.primary("dirtier", port, *args, memory="1M", hb_timeout=HB_CALM)
         assert second.wait_event("protected", 60) is not None, second.describe()
         assert s.wait(lambda: len(s.commits) >= n0 + 20, 60), s.commits[-3:]
         assert not s.of("verify_mismatch"), s.of("verify_mismatch")[:3]
