@@ -184,7 +184,10 @@ class Primary:
         elif kind == "failover":
             self._fence(f"the standby took over ({msg[1]}); stopping this copy")
         elif kind == "lost":
-            self._lose(msg[1], uplink_died=msg[1] == UPLINK_DIED)
+            if self.state != "starting":  # (during the handshake, connect() reports it)
+                self._lose(msg[1], uplink_died=msg[1] == UPLINK_DIED)
+        elif kind == "revoker_armed":  # from now on a crash of ours frees the key at once
+            self._emit("lease_revoker_armed", **self._lease_fields())
         elif kind == "skipped":
             self.skipped_after_resync += 1
         elif kind == "stats":

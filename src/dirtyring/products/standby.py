@@ -434,11 +434,17 @@ class Standby:
         if self.failover_detected_at == 0.0:
             self.failover_detected_at = t0
         if self.etcd is not None:
-            if link is not None:  # a live primary (manual failover) stops and gives the key up
+            if link is not None and self.failover_requested.is_set():
+                # Manual: a live primary stops and gives the key up, then we take it.
                 try:
                     link.send(Failover(reason="standby taking over"))
                 except (LinkClosed, ProtocolError):
                     pass
+            elif link is not None:
+                # Automatic: the primary may be alive and only slow. Hang up (our heartbeats
+                # stop): a living primary then sees us gone, marks us stale and goes on, and
+                # we never go live; a dead or cut-off one leaves its lease to end first.
+                link.close()
             if not self._take_key(reason):
                 return
         self._emit("failover_started", reason=reason, epoch=self.committed_epoch)

@@ -82,7 +82,9 @@ class _Sender:
             try:
                 send_msg(self.ctrl, *msg)
             except OSError:
-                os._exit(0)  # the primary is gone
+                # The primary is gone: revoke its lease and hang up, from whichever thread
+                # finds out first (exiting alone would leave the lease to run out).
+                _primary_died(self.link)
 
     #: Slots up to this size keep a shadow of what the standby holds, for XOR deltas.
     SHADOW_MAX_BYTES = 4 << 30
@@ -420,15 +422,18 @@ _PF_EXITING = 0x4
 _REVOKER: Revoker | None = None
 
 
-def _arm_revoker(lease: dict[str, Any]) -> None:
+def _arm_revoker(lease: dict[str, Any], s: _Sender) -> None:
+    """Build the revoker, then say so: until then a crash leaves the lease to run out."""
     global _REVOKER
     _REVOKER = Revoker(lease)
+    s.tell("revoker_armed")
 
 
 def _primary_died(link: Link) -> NoReturn:
     """Revoke the primary's lease, drop the standby's connection at once (it takes over), go."""
-    if _REVOKER is not None:
-        _REVOKER.revoke()
+    if _REVOKER is not None and not _REVOKER.revoke():
+        print("dirtyring uplink: could not revoke the dead primary's etcd lease (no member "
+              "answered); the standby waits for it to run out", file=sys.stderr, flush=True)
     try:
         link.sock.shutdown(socket.SHUT_RDWR)
     except OSError:
@@ -511,7 +516,7 @@ def main(argv: list[str]) -> int:
         # connecting take ~0.3 s here and seconds on a loaded host, which before the Hello
         # could outlast the standby's patience. A primary dying before it is ready leaves
         # the lease to run out (the safe, slow path).
-        threading.Thread(target=_arm_revoker, args=(opts["lease"],), daemon=True).start()
+        threading.Thread(target=_arm_revoker, args=(opts["lease"], s), daemon=True).start()
     threading.Thread(target=s.receive, name="receiver", daemon=True).start()
     pending: deque[tuple[Any, ...]] = deque()
     primary = os.getppid()
