@@ -27,6 +27,24 @@ class MachineConfig:
     params: GuestParams = field(default_factory=GuestParams)
 
     def __post_init__(self) -> None:
+        # Types first: a configuration also arrives from the network and from files, and a
+        # float or a string that slipped through would fail much later, inside the machine.
+        for name in ("vcpus", "ring_entries", "hot_epochs"):
+            v = getattr(self, name)
+            if type(v) is not int:
+                raise ConfigError(f"{name} must be an integer, not {v!r}")
+        for name in ("kvmclock", "block_signals_in_reset"):
+            if type(getattr(self, name)) is not bool:
+                raise ConfigError(f"{name} must be true or false")
+        if not isinstance(self.guest, str) or not isinstance(self.tracker, str):
+            raise ConfigError("guest and tracker must be names")
+        if not isinstance(self.data_slots, tuple) or any(
+                type(n) is not int or n <= 0 for n in self.data_slots):
+            raise ConfigError(f"data_slots must be sizes in bytes, not {self.data_slots!r}")
+        if not isinstance(self.params, GuestParams) or any(
+                type(v) is not int and not isinstance(v, Pattern)
+                for v in asdict(self.params).values()):
+            raise ConfigError("guest parameters must be integers")
         if self.guest not in NAMES:
             raise ConfigError(f"unknown guest {self.guest!r}; choose one of {', '.join(NAMES)}")
         if not 1 <= self.vcpus <= MAX_VCPUS:
@@ -54,6 +72,8 @@ class MachineConfig:
     def from_json(cls, b: bytes) -> MachineConfig:
         try:
             d = json.loads(b)
+            if not isinstance(d, dict) or not isinstance(d.get("params"), dict):
+                raise ValueError("not a JSON object with params")
             p = d.pop("params")
             p["pattern"] = Pattern(p["pattern"])
             d["data_slots"] = tuple(d["data_slots"])
