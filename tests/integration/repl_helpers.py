@@ -87,7 +87,10 @@ class Proc(ChildProcess):
 
 
 class Spawner:
-    """Starts CLI children with a shared key; :meth:`close` ends every one by PID."""
+    """Starts CLI children with a shared key; :meth:`close` ends every one by PID. Their
+    heartbeat timeout is 10 s unless a test asks otherwise: on a loaded host live processes
+    went silent for over 2 s (see HB_CALM), and a test that does not test heartbeats must not
+    fail over because of that."""
 
     def __init__(self) -> None:
         self.key = new_key()
@@ -106,7 +109,7 @@ class Spawner:
         return p
 
     def standby(self, port: int, *extra: str, control: int | None = None,
-                serve: int | None = None, hb_timeout: str = "0.5s") -> Proc:
+                serve: int | None = None, hb_timeout: str = "10s") -> Proc:
         args = ["standby", "--listen", addr(port), "--json", "--heartbeat-timeout", hb_timeout]
         if control is not None:
             args += ["--control", addr(control)]
@@ -120,7 +123,7 @@ class Spawner:
         return p
 
     def primary(self, guest: str, standby_port: int, *extra: str, serve: int | None = None,
-                memory: str = "4M", hb_timeout: str = "0.5s") -> Proc:
+                memory: str = "4M", hb_timeout: str = "10s") -> Proc:
         args = ["protect", guest, "--standby", addr(standby_port), "--json", "--memory", memory,
                 "--heartbeat-timeout", hb_timeout]
         if serve is not None:
