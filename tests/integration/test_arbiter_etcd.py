@@ -112,43 +112,45 @@ def test_a_standby_takes_the_key_only_when_free_and_while_it_is_the_named_replic
         s.release()
 
 
-def test_a_primary_that_went_on_alone_leaves_its_standby_stale(etcd: str) -> None:
+@pytest.fixture
+def pair(etcd: str) -> Iterator[tuple[Arbiter, Arbiter]]:
+    """A primary holding a fresh group's key with standby "aa" named, and that standby."""
     g = group()
     p = Arbiter(etcd, g, who="primary", ttl=2, margin=0.5)
     s = Arbiter(etcd, g, who="standby", ttl=2, margin=0.5)
     try:
         p.acquire(wait=0)
-        p.set_replica("aa")
-        p.set_replica("")  # alone
-        p.release()  # even once the key is free
-        got = s.take_over("aa")
-        assert not got.token and got.stale
-    finally:
-        s.release()
-
-
-def test_renewals_keep_the_key_and_a_lease_left_to_run_out_frees_it(etcd: str) -> None:
-    g = group()
-    p = Arbiter(etcd, g, who="primary", ttl=2, margin=0.5)
-    s = Arbiter(etcd, g, who="standby", ttl=2, margin=0.5)
-    try:
-        p.acquire(wait=0)
-        p.set_replica("aa")
-        end = time.monotonic() + 3.5  # longer than the TTL: only renewals keep it
-        while time.monotonic() < end:
-            assert not s.take_over("aa").token
-            time.sleep(0.1)
-        assert p.may_release() and not p.lost
-        p._stop.set()  # renewals stop (a frozen or cut-off primary), the lease is not revoked
-        deadline = time.monotonic() + 30
-        while not (got := s.take_over("aa")).token:
-            assert time.monotonic() < deadline, "the lease never ran out"
-            time.sleep(0.05)
-        # by its own clock the old primary stopped releasing a margin before that
-        assert not p.may_release()
+        assert p.set_replica("aa")
+        yield p, s
     finally:
         p.release()
         s.release()
+
+
+def test_a_primary_that_went_on_alone_leaves_its_standby_stale(
+        pair: tuple[Arbiter, Arbiter]) -> None:
+    p, s = pair
+    p.set_replica("")  # alone
+    p.release()  # even once the key is free
+    got = s.take_over("aa")
+    assert not got.token and got.stale
+
+
+def test_renewals_keep_the_key_and_a_lease_left_to_run_out_frees_it(
+        pair: tuple[Arbiter, Arbiter]) -> None:
+    p, s = pair
+    end = time.monotonic() + 3.5  # longer than the TTL: only renewals keep it
+    while time.monotonic() < end:
+        assert not s.take_over("aa").token
+        time.sleep(0.1)
+    assert p.may_release() and not p.lost
+    p._stop.set()  # renewals stop (a frozen or cut-off primary), the lease is not revoked
+    deadline = time.monotonic() + 30
+    while not (got := s.take_over("aa")).token:
+        assert time.monotonic() < deadline, "the lease never ran out"
+        time.sleep(0.05)
+    # by its own clock the old primary stopped releasing a margin before that
+    assert not p.may_release()
 
 
 def test_an_unreachable_etcd_is_an_error_and_a_dead_member_is_skipped(etcd: str) -> None:
