@@ -41,17 +41,17 @@ def register(subparsers: Any) -> None:
                     "bitmap-clear trackers over sparse slots of 1..256 GiB and 16/256/4096 "
                     "contiguous or scattered dirty pages; check the ring's goals.")
     _common(h, f"timed harvests per cell (default {harvest.ITERATIONS}, "
-               f"quick {harvest.QUICK_ITERATIONS})")
+               f"{harvest.QUICK_ITERATIONS} with --quick)")
     h.add_argument("--rounds", type=positive_int, default=None, metavar="N",
                    help=f"sweeps over the matrix, samples pooled (default {harvest.ROUNDS}, "
-                        f"quick {harvest.QUICK_ROUNDS})")
+                        f"{harvest.QUICK_ROUNDS} with --quick)")
     h.set_defaults(func=harvest_command)
     e = subparsers.add_parser(
         "exits", help="KVM_RUN round trip and pause/resume-all cost",
         description="Exits per second of a guest that exits on every write, and the cost of "
                     "pause_all()/resume_all() on 1 and 2 running vCPUs.")
     _common(e, f"pause/resume samples per vCPU count (default {exits.ITERATIONS}, "
-               f"quick {exits.QUICK_ITERATIONS})")
+               f"{exits.QUICK_ITERATIONS} with --quick)")
     e.set_defaults(func=exits_command)
     fuzz.add_parser(subparsers)  # ``fuzz``: atheris on the wire Connection and snapshot reader
 

@@ -137,16 +137,21 @@ def run(*, kills: int, guest: str, memory: str, progress: Any = None,
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("failover", help="time from kill -9 of the primary to the guest "
                                         "running on the standby")
-    p.add_argument("--out", type=Path, default=Path("results"), metavar="DIR")
-    p.add_argument("--quick", action="store_true", help="2 kills instead of 10")
-    p.add_argument("--kills", type=int, default=None)
-    p.add_argument("--guest", default="dirtier", choices=["dirtier", "kvstore", "compute"])
-    p.add_argument("--memory", default="64M")
+    p.add_argument("--out", type=Path, default=Path("results"), metavar="DIR",
+                   help="directory for failover.json (default ./results)")
+    p.add_argument("--quick", action="store_true", help="2 kills per cell instead of 10")
+    p.add_argument("--kills", type=int, default=None, metavar="N",
+                   help="kills per cell (default 10, 2 with --quick)")
+    p.add_argument("--guest", default="dirtier", choices=["dirtier", "kvstore", "compute"],
+                   help="guest program to protect (default dirtier)")
+    p.add_argument("--memory", default="64M", metavar="SIZE",
+                   help="guest data memory (default 64M)")
     p.add_argument("--cells", default=",".join(CELLS), metavar="CELL[,CELL...]",
                    help=f"which arbiters to measure: {', '.join(CELLS)} (default: all; the "
                         "etcd cells start a local etcd member)")
     p.add_argument("--lease-ttl", type=int, default=LEASE_TTL, metavar="SECONDS",
-                   help=f"the etcd cells' lease TTL (default {LEASE_TTL}; a loaded host needs "
+                   help=f"the etcd cells' lease time to live in seconds (default {LEASE_TTL}; a "
+                        "loaded host needs "
                         "more: a lease not renewed in time lapses before the standby's "
                         "handshake)")
     p.set_defaults(func=command)

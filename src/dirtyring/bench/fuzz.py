@@ -569,21 +569,27 @@ def add_parser(sub: Any) -> None:
                     "file reader with atheris, one target after the other. Anything but the "
                     "reader's own error (a crash, an invalid decoded event, a hang, a memory "
                     "blow-up) is a finding: reported in DIR/fuzz.json, exit status 1.")
-    p.add_argument("--target", choices=(*TARGETS, "all"), default="all")
+    p.add_argument("--target", choices=(*TARGETS, "all"), default="all",
+                   help="what to fuzz (default all: each target in turn)")
     p.add_argument("--seconds", type=positive_int, default=None, metavar="N",
                    help=f"seconds per target (default {DEFAULT_SECONDS} unless --runs is given)")
     p.add_argument("--runs", type=positive_int, default=None, metavar="N",
-                   help="executions per target (with --seconds, whichever ends first)")
+                   help="executions per target (with --seconds, whichever ends first; "
+                        "default: no limit)")
     p.add_argument("--seed", type=int, default=0, metavar="N",
-                   help="libFuzzer's random seed, for a run that can be repeated (default: "
+                   help="libFuzzer's random seed, for a run that can be repeated (default 0: "
                         "a new one each run)")
     p.add_argument("--out", type=Path, default=Path("results"), metavar="DIR",
-                   help="directory for fuzz.json and fuzz/<target>/ (corpus, findings, log)")
+                   help="directory for fuzz.json and fuzz/<target>/ (corpus, findings, log; "
+                        "default ./results)")
     p.add_argument("--json", action="store_true",
                    help="print the JSON document on stdout instead of the table")
     p.add_argument("--replay", type=Path, default=None, metavar="FILE",
-                   help="run one saved input (a finding's) of --target and show what it raises")
-    p.add_argument("--plant", action="store_true", help=argparse.SUPPRESS)  # harness self-test
+                   help="run one saved input (a finding's) of --target and show what it raises "
+                        "(default: fuzz instead)")
+    p.add_argument("--plant", action="store_true",
+                   help="break the EpochEnd decoder on purpose, to check that the harness "
+                        "reports it (self-test)")
     p.set_defaults(func=command)
 
 

@@ -206,10 +206,12 @@ def plot(records: list[Record], path: Path) -> Path | None:
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("migrate", help="live migration total time, downtime and guest speed kept, "
                                        "ring vs bitmap, 1 GiB guest over loopback")
-    p.add_argument("--out", type=Path, default=Path("results"), metavar="DIR")
+    p.add_argument("--out", type=Path, default=Path("results"), metavar="DIR",
+                   help="directory for migrate.json and migrate.png (default ./results)")
     p.add_argument("--quick", action="store_true", help="64 MiB guest, one iteration (tests, CI)")
     p.add_argument("--iterations", type=int, default=None, metavar="N",
-                   help=f"migrations per cell (default {ITERATIONS}, quick {QUICK_ITERATIONS})")
+                   help=f"migrations per cell (default {ITERATIONS}, "
+                        f"{QUICK_ITERATIONS} with --quick)")
     p.set_defaults(func=command)
 
 

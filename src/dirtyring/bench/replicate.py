@@ -238,9 +238,12 @@ def plot(records: list[Record], path: Path) -> Path | None:
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("replicate", help="committed checkpoints/s and guest progress under "
                                          "replication vs unprotected and the host ceiling")
-    p.add_argument("--out", type=Path, default=Path("results"), metavar="DIR")
+    p.add_argument("--out", type=Path, default=Path("results"), metavar="DIR",
+                   help="directory for replicate.json and replicate.png (default ./results)")
     p.add_argument("--quick", action="store_true", help="small matrix (tests, CI)")
-    p.add_argument("--seconds", type=float, default=None, help="measured seconds per cell")
+    p.add_argument("--seconds", type=float, default=None,
+                   help=f"measured seconds per cell (default {SECONDS:g}, "
+                        f"{QUICK_SECONDS:g} with --quick)")
     p.set_defaults(func=command)
 
 

@@ -303,7 +303,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--quick", action="store_true", help="few iterations (tests, CI)")
     p.add_argument("--iterations", type=positive_int, default=None, metavar="N",
                    help=f"timed iterations per cell, at most {MAX_SECONDS:g} s each "
-                        f"(default {ITERATIONS}, quick {QUICK_ITERATIONS})")
+                        f"(default {ITERATIONS}, {QUICK_ITERATIONS} with --quick)")
     p.add_argument("--jsonl", action="store_true",
                    help="print the records as JSON lines on stdout instead of the table")
     p.set_defaults(func=rollback_command)

@@ -27,9 +27,11 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--interval", type=duration, default=1e-3, metavar="DURATION",
                    help="epoch length (default 1ms)")
     p.add_argument("--tracker", default="ring", choices=["ring", "bitmap", "bitmap-clear",
-                                                         "hotset"])
+                                                         "hotset"],
+                   help="dirty page tracker (default ring)")
     p.add_argument("--memory", default="16M", help="guest data memory (default 16M)")
-    p.add_argument("--clients", type=int, default=4, help="concurrent client connections")
+    p.add_argument("--clients", type=int, default=4,
+                   help="concurrent client connections (default 4)")
     p.add_argument("--heartbeat-timeout", type=duration, default=10.0, metavar="DURATION",
                    help="both sides' heartbeat timeout (default 10s: a loaded host can keep "
                         "the primary silent for seconds while it starts; the kill is noticed as "

@@ -96,12 +96,13 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--no-selftest", action="store_true",
                    help="skip the reset-defect self-test and the CPL3 speed check")
     p.add_argument("--seconds", type=_positive, default=5.0,
-                   help="at most this long looking for the reset defect (default 5)")
+                   help="at most this many seconds looking for the reset defect (default 5)")
     p.add_argument("--protected-seconds", type=float, default=1.0,
-                   help="then this long checking that dirtyring's protection loses nothing "
-                        "(default 1; 0 skips it)")
+                   help="then this many seconds checking that dirtyring's protection loses "
+                        "nothing (default 1; 0 skips it)")
     p.add_argument("--epochs", type=int, default=None,
-                   help="stop looking for the reset defect after this many epochs")
+                   help="stop looking for the reset defect after this many epochs "
+                        "(default: no limit)")
     p.set_defaults(func=run)
 
 

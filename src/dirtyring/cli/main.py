@@ -5,16 +5,27 @@ import faulthandler
 import signal
 
 import argparse
+import importlib.metadata
 import sys
 
 from ..errors import DirtyringError
 from . import demo, doctor, migration, replication, run, snapshot
 
 
+def version() -> str:
+    """The installed package's version (its metadata), or "unknown" when it is not installed."""
+    try:
+        return importlib.metadata.version("dirtyring")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="dirtyring",
         description="Checkpoint KVM guests thousands of times a second with KVM's dirty ring.")
+    p.add_argument("--version", action="version", version=f"dirtyring {version()}",
+                   help="print the version and exit")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     run.add_parser(sub)
     doctor.add_parser(sub)

@@ -76,26 +76,32 @@ def _printer(as_json: bool, live: bool) -> EventPrinter:
 
 def add_parsers(sub: Any) -> None:
     m = sub.add_parser("migrate", help="boot a guest and migrate it live to `dirtyring receive`")
-    m.add_argument("guest", choices=NAMES)
-    m.add_argument("--to", required=True, metavar="HOST:PORT", help="the target's --listen")
+    m.add_argument("guest", choices=NAMES, help="guest program to run")
+    m.add_argument("--to", required=True, metavar="HOST:PORT",
+                   help="the target's --listen address (required)")
     m.add_argument("--key", help="shared key, hex (or $DIRTYRING_KEY)")
     m.add_argument("--insecure", action="store_true", help="no key (trusted loopback only)")
     m.add_argument("--downtime-limit", type=duration, default=0.3, metavar="DURATION",
                    help="switch over once the remaining pages fit in this (default 300ms)")
     m.add_argument("--bandwidth-limit", type=float, default=0.0, metavar="MB/s",
                    help="pace the link to this many MB/s (10^6 bytes on the wire, after zero "
-                        "and sparse page encoding; default: unlimited)")
+                        "and sparse page encoding; default 0: unlimited)")
     m.add_argument("--timeout", type=duration, default=30.0, metavar="DURATION",
                    help="stop and copy anyway after this long (default 30s)")
-    m.add_argument("--max-rounds", type=positive_int, default=30)
+    m.add_argument("--max-rounds", type=positive_int, default=30, metavar="N",
+                   help="switch over after at most this many copy rounds (default 30)")
     m.add_argument("--no-throttle", action="store_true",
                    help="never slow down vCPUs that dirty faster than the link carries")
-    m.add_argument("--tracker", choices=("ring", "bitmap"), default="ring")
-    m.add_argument("--memory", type=size, default=64 << 20, metavar="SIZE")
-    m.add_argument("--pattern", choices=[x.name.lower() for x in Pattern], default="random")
-    m.add_argument("--hot-pages", type=positive_int, default=64)
+    m.add_argument("--tracker", choices=("ring", "bitmap"), default="ring",
+                   help="dirty page tracker (default ring)")
+    m.add_argument("--memory", type=size, default=64 << 20, metavar="SIZE",
+                   help="guest data memory (default 64M)")
+    m.add_argument("--pattern", choices=[x.name.lower() for x in Pattern], default="random",
+                   help="dirtier write pattern (default random)")
+    m.add_argument("--hot-pages", type=positive_int, default=64, metavar="PAGES",
+                   help="pages the hot pattern writes to (default 64)")
     m.add_argument("--rate", type=int, default=0, metavar="PAGES_PER_S",
-                   help="the dirtier's write rate (0: as fast as it can)")
+                   help="dirtier page writes per second (default 0: as fast as it can)")
     m.add_argument("--warmup", type=duration, default=0.5, metavar="DURATION",
                    help="let the guest run this long before migrating (default 500ms)")
     m.add_argument("--verify", action="store_true",
@@ -104,9 +110,10 @@ def add_parsers(sub: Any) -> None:
     m.set_defaults(func=migrate)
 
     r = sub.add_parser("receive", help="wait for an incoming migration and run the guest")
-    r.add_argument("--listen", required=True, metavar="HOST:PORT")
+    r.add_argument("--listen", required=True, metavar="HOST:PORT",
+                   help="address to wait for the source on (required)")
     r.add_argument("--key", help="shared key, hex (or $DIRTYRING_KEY)")
-    r.add_argument("--insecure", action="store_true")
+    r.add_argument("--insecure", action="store_true", help="no key (trusted loopback only)")
     r.add_argument("--heartbeat-timeout", type=duration, default=10.0, metavar="DURATION",
                    help="give the source up after this long without a frame (default 10s)")
     r.add_argument("--verify", action="store_true",
@@ -114,7 +121,7 @@ def add_parsers(sub: Any) -> None:
     r.add_argument("--run-for", type=duration, default=None, metavar="DURATION",
                    help="after the switchover, run the guest this long, then exit "
                         "(default: until SIGTERM or the guest stops)")
-    r.add_argument("--json", action="store_true")
+    r.add_argument("--json", action="store_true", help="JSON lines instead of the live view")
     r.set_defaults(func=receive)
 
 

@@ -53,9 +53,9 @@ def _add_etcd_options(p: argparse.ArgumentParser) -> None:
                         "holder may release output or go live (default: none, see the warning)")
     p.add_argument("--name", metavar="GROUP", default="default",
                    help="the protected guest's group name in etcd, the same on primary and "
-                        "standby (default: default)")
+                        "standby (default \"default\")")
     p.add_argument("--lease-ttl", type=positive_int, default=DEFAULT_TTL, metavar="SECONDS",
-                   help=f"etcd lease time to live, seconds (default {DEFAULT_TTL}): a lost "
+                   help=f"etcd lease time to live in seconds (default {DEFAULT_TTL}): a lost "
                         "primary host costs this long before the standby may go live")
 
 
@@ -75,46 +75,64 @@ def _warn_no_etcd(args: argparse.Namespace) -> None:
 
 def add_parsers(sub: Any) -> None:
     p = sub.add_parser("protect", help="run a guest protected by a standby (Remus primary)")
-    p.add_argument("guest", choices=NAMES)
-    p.add_argument("--standby", required=True, metavar="HOST:PORT")
+    p.add_argument("guest", choices=NAMES, help="guest program to run")
+    p.add_argument("--standby", required=True, metavar="HOST:PORT",
+                   help="the standby's --listen address (required)")
     p.add_argument("--key", help="shared key, hex (or $DIRTYRING_KEY)")
     p.add_argument("--insecure", action="store_true", help="no key (trusted loopback only)")
-    p.add_argument("--tracker", choices=KINDS, default="ring")
-    p.add_argument("--vcpus", type=positive_int, default=1)
-    p.add_argument("--memory", type=size, default=64 << 20, metavar="SIZE")
-    p.add_argument("--pattern", choices=[x.name.lower() for x in Pattern], default="hot")
-    p.add_argument("--hot-pages", type=positive_int, default=64)
-    p.add_argument("--rate", type=int, default=0, metavar="PAGES_PER_S")
+    p.add_argument("--tracker", choices=KINDS, default="ring",
+                   help="dirty page tracker (default ring)")
+    p.add_argument("--vcpus", type=positive_int, default=1, help="number of vCPUs (default 1)")
+    p.add_argument("--memory", type=size, default=64 << 20, metavar="SIZE",
+                   help="guest data memory (default 64M)")
+    p.add_argument("--pattern", choices=[x.name.lower() for x in Pattern], default="hot",
+                   help="dirtier write pattern (default hot)")
+    p.add_argument("--hot-pages", type=positive_int, default=64, metavar="PAGES",
+                   help="pages the hot pattern writes to (default 64)")
+    p.add_argument("--rate", type=int, default=0, metavar="PAGES_PER_S",
+                   help="dirtier page writes per second per vCPU (default 0: unlimited)")
     p.add_argument("--interval", type=duration, default=1e-3, metavar="DURATION",
                    help="epoch length (default 1ms)")
     p.add_argument("--budget", type=positive_int, default=None, metavar="PAGES",
-                   help="end an epoch early after about this many dirty pages (ring only)")
-    p.add_argument("--heartbeat", type=duration, default=0.1, metavar="DURATION")
-    p.add_argument("--heartbeat-timeout", type=duration, default=1.0, metavar="DURATION")
+                   help="end an epoch early after about this many dirty pages (ring only; "
+                        "default: no budget)")
+    p.add_argument("--heartbeat", type=duration, default=0.1, metavar="DURATION",
+                   help="heartbeat interval (default 100ms)")
+    p.add_argument("--heartbeat-timeout", type=duration, default=1.0, metavar="DURATION",
+                   help="declare the standby lost after this long without a frame (default 1s)")
     p.add_argument("--unsafe-output", action="store_true",
                    help="release guest output before its checkpoint is acknowledged (benchmarks)")
     p.add_argument("--verify", action="store_true",
                    help="send a memory digest with every epoch (the standby checks it)")
-    p.add_argument("--serve", metavar="HOST:PORT", help="key-value clients port (kvstore)")
-    p.add_argument("--seconds", type=float, default=None, help="stop after this long")
+    p.add_argument("--serve", metavar="HOST:PORT",
+                   help="key-value clients port (kvstore; default: none)")
+    p.add_argument("--seconds", type=float, default=None,
+                   help="stop after this many seconds (default: no limit)")
     p.add_argument("--json", action="store_true", help="JSON lines instead of the live view")
     _add_etcd_options(p)
     p.set_defaults(func=protect)
 
     s = sub.add_parser("standby", help="hold a non-running replica and take over on failure")
-    s.add_argument("--listen", required=True, metavar="HOST:PORT")
+    s.add_argument("--listen", required=True, metavar="HOST:PORT",
+                   help="address to wait for the primary on (required)")
     s.add_argument("--key", help="shared key, hex (or $DIRTYRING_KEY)")
-    s.add_argument("--insecure", action="store_true")
-    s.add_argument("--heartbeat", type=duration, default=0.1, metavar="DURATION")
-    s.add_argument("--heartbeat-timeout", type=duration, default=1.0, metavar="DURATION")
+    s.add_argument("--insecure", action="store_true", help="no key (trusted loopback only)")
+    s.add_argument("--heartbeat", type=duration, default=0.1, metavar="DURATION",
+                   help="heartbeat interval (default 100ms)")
+    s.add_argument("--heartbeat-timeout", type=duration, default=1.0, metavar="DURATION",
+                   help="treat the primary as failed after this long without a frame "
+                        "(default 1s)")
     s.add_argument("--verify", action="store_true", help="check memory digests at every commit")
     s.add_argument("--no-auto-failover", action="store_true",
                    help="only fail over on `dirtyring failover`")
     s.add_argument("--arbiter", metavar="COMMAND",
                    help="split-brain guard: run COMMAND before an automatic failover and go "
                         "live only if it exits 0 (it gets DIRTYRING_EPOCH, DIRTYRING_REASON)")
-    s.add_argument("--arbiter-timeout", type=duration, default=5.0, metavar="DURATION")
-    s.add_argument("--serve", metavar="HOST:PORT", help="key-value clients port after failover")
+    s.add_argument("--arbiter-timeout", type=duration, default=5.0, metavar="DURATION",
+                   help="how long the --arbiter command may take; no answer means no "
+                        "failover (default 5s)")
+    s.add_argument("--serve", metavar="HOST:PORT",
+                   help="key-value clients port after failover (default: none)")
     s.add_argument("--reprotect", metavar="HOST:PORT",
                    help="after a failover, protect the guest with the standby at HOST:PORT "
                         "(full sync, then checkpoints; retried until it answers)")
@@ -122,7 +140,7 @@ def add_parsers(sub: Any) -> None:
                    help="epoch length once re-protecting (default 1ms)")
     s.add_argument("--control", metavar="HOST:PORT",
                    help="control port for `dirtyring failover` / status (default: none)")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help="JSON lines instead of the live view")
     _add_etcd_options(s)
     s.set_defaults(func=standby)
 

@@ -21,22 +21,29 @@ from .options import duration, positive_int, size
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("run", help="run a guest under dirty tracking with live figures")
-    p.add_argument("--guest", choices=NAMES, default="dirtier")
-    p.add_argument("--tracker", choices=KINDS, default="ring")
-    p.add_argument("--vcpus", type=positive_int, default=1)
+    p.add_argument("--guest", choices=NAMES, default="dirtier",
+                   help="guest program to run (default dirtier)")
+    p.add_argument("--tracker", choices=KINDS, default="ring",
+                   help="dirty page tracker (default ring)")
+    p.add_argument("--vcpus", type=positive_int, default=1, help="number of vCPUs (default 1)")
     p.add_argument("--memory", type=size, default=64 << 20, metavar="SIZE",
                    help="guest data memory (default 64M)")
-    p.add_argument("--pattern", choices=[x.name.lower() for x in Pattern], default="hot")
-    p.add_argument("--hot-pages", type=positive_int, default=64)
+    p.add_argument("--pattern", choices=[x.name.lower() for x in Pattern], default="hot",
+                   help="dirtier write pattern (default hot)")
+    p.add_argument("--hot-pages", type=positive_int, default=64, metavar="PAGES",
+                   help="pages the hot pattern writes to (default 64)")
     p.add_argument("--rate", type=int, default=0, metavar="PAGES_PER_S",
-                   help="dirtier page writes per second per vCPU (0 = unlimited)")
+                   help="dirtier page writes per second per vCPU (default 0: unlimited)")
     p.add_argument("--interval", type=duration, default=1e-3, metavar="DURATION",
                    help="epoch length (default 1ms)")
     p.add_argument("--ring-entries", type=positive_int, default=4096,
-                   help="dirty ring size per vCPU; an epoch ends early when it fills")
-    p.add_argument("--seconds", type=float, default=10.0, help="how long to run (default 10)")
+                   help="dirty ring entries per vCPU; an epoch ends early when it fills "
+                        "(default 4096)")
+    p.add_argument("--seconds", type=float, default=10.0,
+                   help="how long to run, in seconds (default 10)")
     p.add_argument("--verify-every", type=int, default=100, metavar="N",
-                   help="compare a shadow copy with guest memory every N epochs (0 = off)")
+                   help="compare a shadow copy with guest memory every N epochs "
+                        "(default 100; 0 = off)")
     p.add_argument("--json", action="store_true", help="JSON lines instead of the live view")
     p.set_defaults(func=run)
 

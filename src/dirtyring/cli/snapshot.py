@@ -43,18 +43,21 @@ def add_parsers(sub: Any) -> None:
                     "seconds into DIR, as one chain. The guest pauses only to harvest and "
                     "capture; files are written while it runs.")
     p.add_argument("dir", type=Path, metavar="DIR", help="directory for the .snap files")
-    p.add_argument("--guest", choices=NAMES, default="compute")
-    p.add_argument("--tracker", choices=KINDS, default="ring")
-    p.add_argument("--vcpus", type=positive_int, default=1)
+    p.add_argument("--guest", choices=NAMES, default="compute",
+                   help="guest program to run (default compute)")
+    p.add_argument("--tracker", choices=KINDS, default="ring",
+                   help="dirty page tracker (default ring)")
+    p.add_argument("--vcpus", type=positive_int, default=1, help="number of vCPUs (default 1)")
     p.add_argument("--memory", type=size, default=64 << 20, metavar="SIZE",
                    help="guest data memory (default 64M)")
     p.add_argument("--pattern", choices=[x.name.lower() for x in Pattern], default="hot",
-                   help="dirtier write pattern")
-    p.add_argument("--hot-pages", type=positive_int, default=64)
+                   help="dirtier write pattern (default hot)")
+    p.add_argument("--hot-pages", type=positive_int, default=64, metavar="PAGES",
+                   help="pages the hot pattern writes to (default 64)")
     p.add_argument("--seconds", type=seconds, default=1.0,
-                   help="how long the guest runs after the full snapshot (default 1)")
+                   help="how long the guest runs after the full snapshot (default 1s)")
     p.add_argument("--every", type=seconds, default=0.2,
-                   help="seconds between incremental snapshots (default 0.2)")
+                   help="time between incremental snapshots (default 0.2s)")
     p.add_argument("--name", default="snap", help="file name prefix (default snap)")
     p.add_argument("--verify", action="store_true",
                    help="digest live memory at each capture and check the chain against it")
@@ -65,8 +68,9 @@ def add_parsers(sub: Any) -> None:
         "restore", help="start a guest from a snapshot (any of a chain) and run it",
         description="Check the chain ending at PATH (a .snap file, or a directory: its newest "
                     "snapshot), rebuild the machine from it and let the guest run.")
-    r.add_argument("path", type=Path, metavar="PATH")
-    r.add_argument("--seconds", type=seconds, default=1.0, help="how long to run (default 1)")
+    r.add_argument("path", type=Path, metavar="PATH",
+                   help="a .snap file, or a directory (its newest snapshot)")
+    r.add_argument("--seconds", type=seconds, default=1.0, help="how long to run (default 1s)")
     _common(r)
     r.set_defaults(func=restore_command)
 
