@@ -97,6 +97,7 @@ class Standby:
         self.consistent = False
         self.state = "waiting"
         self.failover_requested = threading.Event()
+        self._failover_lock = threading.Lock()
         self.failed_over = threading.Event()
         self.failover_detected_at = 0.0
         self.failover_done_at = 0.0
@@ -422,6 +423,12 @@ class Standby:
                 pass
 
     def failover(self, reason: str, link: Link | None = None) -> None:
+        """Take over (once: a manual request is seen both by the serving loop and by the
+        connection's thread, which may call this at the same time)."""
+        with self._failover_lock:
+            self._failover(reason, link)
+
+    def _failover(self, reason: str, link: Link | None) -> None:
         if self.failed_over.is_set():
             return
         if self.machine is None or self.committed_state is None or not self.consistent:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
@@ -561,3 +562,26 @@ def test_with_etcd_a_standby_the_primary_went_on_without_never_goes_live(
     p.finish()
     assert sb.state == "stale" and m.resumed == 0 and not sb.failed_over.is_set()
     assert "failover_refused" in kinds(events)
+
+
+def test_a_failover_asked_for_twice_at_once_happens_once(make_standby: Any) -> None:
+    """A manual request is seen by the serving loop and by the connection's thread, which may
+    both call failover at the same moment (seen in CI: the second restore found running vCPUs).
+    A slow restore widens that window so that a race would show every time."""
+    sb, m, events = make_standby()
+    protected(Primary(sb))
+    slow = m.restore_state
+
+    def restore(st: MachineState) -> None:
+        time.sleep(0.3)
+        slow(st)
+
+    m.restore_state = restore  # type: ignore[method-assign]
+    both = [threading.Thread(target=sb.failover, args=("manual failover command",))
+            for _ in range(2)]
+    for t in both:
+        t.start()
+    for t in both:
+        t.join(30)
+    assert len(m.restored) == 1 and m.resumed == 1
+    assert kinds(events).count("failover_started") == 1
