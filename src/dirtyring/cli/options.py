@@ -4,6 +4,9 @@ from __future__ import annotations
 import argparse
 import re
 
+from ..guests.protocol import Pattern
+from ..tracking import KINDS
+
 _UNITS = {"": 1 << 20, "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20,
           "g": 1 << 30, "gib": 1 << 30, "t": 1 << 40, "tib": 1 << 40}
 
@@ -36,3 +39,20 @@ def positive_int(text: str) -> int:
     if v <= 0:
         raise argparse.ArgumentTypeError(f"{text!r} must be positive")
     return v
+
+
+def add_guest_options(p: argparse.ArgumentParser, *, rate: bool = True) -> None:
+    """The options that shape a guest and its tracking, the same for run, protect and
+    snapshot: --tracker, --vcpus, --memory, --pattern, --hot-pages (and --rate)."""
+    p.add_argument("--tracker", choices=KINDS, default="ring",
+                   help="dirty page tracker (default ring)")
+    p.add_argument("--vcpus", type=positive_int, default=1, help="number of vCPUs (default 1)")
+    p.add_argument("--memory", type=size, default=64 << 20, metavar="SIZE",
+                   help="guest data memory (default 64M)")
+    p.add_argument("--pattern", choices=[x.name.lower() for x in Pattern], default="hot",
+                   help="dirtier write pattern (default hot)")
+    p.add_argument("--hot-pages", type=positive_int, default=64, metavar="PAGES",
+                   help="pages the hot pattern writes to (default 64)")
+    if rate:
+        p.add_argument("--rate", type=int, default=0, metavar="PAGES_PER_S",
+                       help="dirtier page writes per second per vCPU (default 0: unlimited)")

@@ -7,7 +7,6 @@ import signal
 import socket
 import sys
 import threading
-import time
 from typing import Any
 
 from ..errors import DirtyringError
@@ -22,8 +21,7 @@ from ..products.replicate import Primary, PrimaryOptions
 from ..products.reprotect import reprotect
 from ..products.standby import Standby
 from ..products.transport import connect, listen, load_key, parse_addr
-from ..tracking import KINDS
-from .options import duration, positive_int, size
+from .options import add_guest_options, duration, positive_int
 from .printer import EventPrinter
 
 
@@ -80,17 +78,7 @@ def add_parsers(sub: Any) -> None:
                    help="the standby's --listen address (required)")
     p.add_argument("--key", help="shared key, hex (or $DIRTYRING_KEY)")
     p.add_argument("--insecure", action="store_true", help="no key (trusted loopback only)")
-    p.add_argument("--tracker", choices=KINDS, default="ring",
-                   help="dirty page tracker (default ring)")
-    p.add_argument("--vcpus", type=positive_int, default=1, help="number of vCPUs (default 1)")
-    p.add_argument("--memory", type=size, default=64 << 20, metavar="SIZE",
-                   help="guest data memory (default 64M)")
-    p.add_argument("--pattern", choices=[x.name.lower() for x in Pattern], default="hot",
-                   help="dirtier write pattern (default hot)")
-    p.add_argument("--hot-pages", type=positive_int, default=64, metavar="PAGES",
-                   help="pages the hot pattern writes to (default 64)")
-    p.add_argument("--rate", type=int, default=0, metavar="PAGES_PER_S",
-                   help="dirtier page writes per second per vCPU (default 0: unlimited)")
+    add_guest_options(p)
     p.add_argument("--interval", type=duration, default=1e-3, metavar="DURATION",
                    help="epoch length (default 1ms)")
     p.add_argument("--budget", type=positive_int, default=None, metavar="PAGES",

@@ -15,25 +15,14 @@ from ..machine.epoch import EpochDriver
 from ..machine.stats import EpochStats
 from ..machine.verify import ShadowCheck
 from ..machine.vm import Machine
-from ..tracking import KINDS
-from .options import duration, positive_int, size
+from .options import add_guest_options, duration, positive_int
 
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("run", help="run a guest under dirty tracking with live figures")
     p.add_argument("--guest", choices=NAMES, default="dirtier",
                    help="guest program to run (default dirtier)")
-    p.add_argument("--tracker", choices=KINDS, default="ring",
-                   help="dirty page tracker (default ring)")
-    p.add_argument("--vcpus", type=positive_int, default=1, help="number of vCPUs (default 1)")
-    p.add_argument("--memory", type=size, default=64 << 20, metavar="SIZE",
-                   help="guest data memory (default 64M)")
-    p.add_argument("--pattern", choices=[x.name.lower() for x in Pattern], default="hot",
-                   help="dirtier write pattern (default hot)")
-    p.add_argument("--hot-pages", type=positive_int, default=64, metavar="PAGES",
-                   help="pages the hot pattern writes to (default 64)")
-    p.add_argument("--rate", type=int, default=0, metavar="PAGES_PER_S",
-                   help="dirtier page writes per second per vCPU (default 0: unlimited)")
+    add_guest_options(p)
     p.add_argument("--interval", type=duration, default=1e-3, metavar="DURATION",
                    help="epoch length (default 1ms)")
     p.add_argument("--ring-entries", type=positive_int, default=4096,

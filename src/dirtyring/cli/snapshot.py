@@ -20,8 +20,7 @@ from ..guests.protocol import GuestParams, Pattern, hash_chain
 from ..machine.config import MachineConfig
 from ..machine.vm import Machine
 from ..products.snapshot import FILE_KEY, SnapshotInfo, SnapshotWriter, resolve_chain, restore
-from ..tracking import KINDS
-from .options import duration, positive_int, size
+from .options import add_guest_options, duration
 
 
 def seconds(text: str) -> float:
@@ -45,15 +44,7 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("dir", type=Path, metavar="DIR", help="directory for the .snap files")
     p.add_argument("--guest", choices=NAMES, default="compute",
                    help="guest program to run (default compute)")
-    p.add_argument("--tracker", choices=KINDS, default="ring",
-                   help="dirty page tracker (default ring)")
-    p.add_argument("--vcpus", type=positive_int, default=1, help="number of vCPUs (default 1)")
-    p.add_argument("--memory", type=size, default=64 << 20, metavar="SIZE",
-                   help="guest data memory (default 64M)")
-    p.add_argument("--pattern", choices=[x.name.lower() for x in Pattern], default="hot",
-                   help="dirtier write pattern (default hot)")
-    p.add_argument("--hot-pages", type=positive_int, default=64, metavar="PAGES",
-                   help="pages the hot pattern writes to (default 64)")
+    add_guest_options(p, rate=False)
     p.add_argument("--seconds", type=seconds, default=1.0,
                    help="how long the guest runs after the full snapshot (default 1s)")
     p.add_argument("--every", type=seconds, default=0.2,
