@@ -5,54 +5,24 @@ revoked frees it; renewals keep it; and an unreachable etcd is an error, never a
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 import time
 from collections.abc import Iterator
 
 import pytest
-import requests
 
+from dirtyring.bench.etcd_member import EtcdMember
+from dirtyring.cli.child import free_port
 from dirtyring.errors import DirtyringError
 from dirtyring.products.arbiter import Arbiter, ArbiterUnavailable, Revoker, parse_endpoints
 
 pytestmark = pytest.mark.slow
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
-def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def etcd() -> Iterator[str]:
     """One etcd member on loopback, ended by its PID."""
-    d = str(tmp_path_factory.mktemp("etcd"))
-    client, peer = f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"
-    log = open(os.path.join(d, "etcd.log"), "wb")
-    proc = subprocess.Popen(
-        ["etcd", "--name", "m0", "--data-dir", os.path.join(d, "data"),
-         "--listen-client-urls", client, "--advertise-client-urls", client,
-         "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-         "--initial-cluster", f"m0={peer}"], stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if requests.get(client + "/health", timeout=1).json().get("health") == "true":
-                    break
-            except (requests.RequestException, ValueError):
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, \
-                open(os.path.join(d, "etcd.log")).read()[-2000:]
-            time.sleep(0.05)
-        yield client
-    finally:
-        proc.kill()
-        proc.wait()
-        log.close()
+    with EtcdMember() as member:
+        yield member.url
 
 
 _groups = iter(range(1 << 30))
@@ -146,7 +116,7 @@ def test_renewals_keep_the_key_and_a_lease_left_to_run_out_frees_it(
     assert p.may_release() and not p.lost
     p._stop.set()  # renewals stop (a frozen or cut-off primary), the lease is not revoked
     deadline = time.monotonic() + 30
-    while not (got := s.take_over("aa")).token:
+    while not s.take_over("aa").token:
         assert time.monotonic() < deadline, "the lease never ran out"
         time.sleep(0.05)
     # by its own clock the old primary stopped releasing a margin before that
