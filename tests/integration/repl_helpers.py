@@ -22,8 +22,8 @@ import pytest
 
 from dirtyring.cli.child import ChildProcess
 from dirtyring.cli.replication import control_request
-from dirtyring.products.kvservice import KvClient, missing_writes
-from dirtyring.products.standby import Standby
+from dirtyring.replication.kvservice import KvClient, missing_writes
+from dirtyring.replication.standby import Standby
 
 CLI = [sys.executable, "-m", "dirtyring.cli.main"]
 HOST = "127.0.0.1"

@@ -13,7 +13,7 @@ import pytest
 from dirtyring.bench.etcd_member import EtcdMember
 from dirtyring.cli.child import free_port
 from dirtyring.errors import DirtyringError
-from dirtyring.products.arbiter import Arbiter, ArbiterUnavailable, Revoker, parse_endpoints
+from dirtyring.replication.arbiter import Arbiter, ArbiterUnavailable, Revoker, parse_endpoints
 
 pytestmark = pytest.mark.slow
 

@@ -62,7 +62,7 @@ def _children(pid: int) -> list[int]:
 def test_uplink_runs_below_the_epoch_loop_priority(spawn: Spawner) -> None:
     """The uplink is background work: it must not take CPU from the loop that holds the guest
     paused (uplink_process.NICE; the figures that motivate it are in its main())."""
-    from dirtyring.products.uplink_process import NICE
+    from dirtyring.replication.uplink_process import NICE
     sport = free_port()
     spawn.standby(sport, hb_timeout=HB_CALM)
     pr = spawn.primary("dirtier", sport, "--pattern", "hot", "--seconds", "20",

@@ -26,7 +26,7 @@ from repl_helpers import (  # noqa: E402
     wait_port, wait_status,
 )
 
-from dirtyring.products.kvservice import KvClient  # noqa: E402
+from dirtyring.replication.kvservice import KvClient  # noqa: E402
 
 __all__ = ["spawn"]  # the fixture, imported so pytest finds it
 

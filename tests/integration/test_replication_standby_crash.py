@@ -1,6 +1,6 @@
 """kill -9 of the standby in the middle of a commit.
 
-The standby's test hook (``DIRTYRING_TEST_PAUSE_IN_COMMIT``, see ``products/standby.py``) stops
+The standby's test hook (``DIRTYRING_TEST_PAUSE_IN_COMMIT``, see ``replication/standby.py``) stops
 it deterministically halfway through committing a delta epoch E: E's pages are in its memory,
 E's state and number are not committed, and E is not acknowledged. There it is killed (-9).
 Then:

@@ -44,7 +44,7 @@ from repl_helpers import (  # noqa: E402
     HOST, Proc, Spawner, control, free_port, kv_value, require, spawn, wait_for,
 )
 
-from dirtyring.products.kvservice import KvClient, missing_writes  # noqa: E402
+from dirtyring.replication.kvservice import KvClient, missing_writes  # noqa: E402
 
 __all__ = ["spawn"]  # the fixture, imported so pytest finds it
 

@@ -1,7 +1,11 @@
-"""Imports only point down: bindings -> tracking -> machine -> products -> cli/bench.
+"""Imports only point down: bindings -> tracking -> machine -> the products (replication,
+migration, snapshots) -> cli/bench.
 
-``wire`` sits beside ``tracking`` and may use nothing of dirtyring but ``errors``; ``guests`` is
-data and tooling for the machine layer and imports nothing above ``errors``.
+``wire`` sits beside ``tracking`` and may use nothing of dirtyring but ``errors``, and never
+sockets, clocks or threads; ``guests`` is data and tooling for the machine layer and imports
+nothing above ``errors``. Among the products, only migration may use replication (a migration is
+replication that ends with a switchover: same transport, a standby that never fails over by
+itself); snapshots and replication use no other product.
 """
 from __future__ import annotations
 
@@ -12,6 +16,8 @@ import pytest
 
 PKG = Path(__file__).resolve().parents[2] / "src" / "dirtyring"
 
+PRODUCTS = ("replication", "migration", "snapshots")
+
 ALLOWED: dict[str, set[str]] = {
     "errors": set(),
     "_bindings": {"errors"},
@@ -19,9 +25,11 @@ ALLOWED: dict[str, set[str]] = {
     "wire": {"errors"},
     "tracking": {"errors", "_bindings"},
     "machine": {"errors", "_bindings", "tracking", "guests"},
-    "products": {"errors", "_bindings", "tracking", "guests", "machine", "wire"},
-    "bench": {"errors", "_bindings", "tracking", "guests", "machine", "wire", "products", "cli"},
-    "cli": {"errors", "_bindings", "tracking", "guests", "machine", "wire", "products", "bench"},
+    "replication": {"errors", "_bindings", "tracking", "guests", "machine", "wire"},
+    "migration": {"errors", "_bindings", "tracking", "guests", "machine", "wire", "replication"},
+    "snapshots": {"errors", "_bindings", "tracking", "guests", "machine", "wire"},
+    "bench": {"errors", "_bindings", "tracking", "guests", "machine", "wire", *PRODUCTS, "cli"},
+    "cli": {"errors", "_bindings", "tracking", "guests", "machine", "wire", *PRODUCTS, "bench"},
 }
 
 
@@ -62,3 +70,25 @@ def test_imports_point_down(path: Path) -> None:
         pytest.fail(f"{path.relative_to(PKG)} is in no known layer")
     bad = {m for m in _imports(path) if m != pkg and m not in ALLOWED[pkg]}
     assert not bad, f"{path.relative_to(PKG)} ({pkg}) imports {sorted(bad)}"
+
+
+#: What the wire layer must never touch: it is sans-IO.
+IO_MODULES = {"socket", "select", "selectors", "threading", "time", "asyncio", "subprocess"}
+
+
+@pytest.mark.parametrize("path", sorted((PKG / "wire").glob("*.py")), ids=lambda p: p.name)
+def test_wire_is_sans_io(path: Path) -> None:
+    tree = ast.parse(path.read_text())
+    used = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            used |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            used.add(node.module.split(".")[0])
+    assert not used & IO_MODULES, f"wire/{path.name} imports {sorted(used & IO_MODULES)}"
+
+
+def test_the_products_have_their_own_packages() -> None:
+    assert not (PKG / "products").exists()
+    for name in PRODUCTS:
+        assert (PKG / name / "__init__.py").is_file(), name

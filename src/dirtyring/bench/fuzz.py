@@ -2,7 +2,7 @@
 
 Two readers take bytes from outside: a :class:`~dirtyring.wire.Connection` (from a peer: an
 authenticated one, but a buggy or compromised peer has the key), and the snapshot reader
-(``products.snapshot.restore``: its default HMAC key is public, so anyone can forge a file that
+(``snapshots.files.restore``: its default HMAC key is public, so anyone can forge a file that
 passes every check of the frames). Each may raise only its own error, ``ProtocolError`` for
 the connection and ``SnapshotFormatError`` for a snapshot; any other exception, a failed
 check of what they return, a hang (libFuzzer ``-timeout``) or a memory blow-up
@@ -80,7 +80,7 @@ DEFAULT_SECONDS = 60
 INPUT_TIMEOUT_S = 30
 RSS_LIMIT_MB = 2048
 #: Modules whose code is instrumented for coverage feedback.
-INSTRUMENTED = ("dirtyring.wire", "dirtyring.products.snapshot", "dirtyring.machine.state",
+INSTRUMENTED = ("dirtyring.wire", "dirtyring.snapshots.files", "dirtyring.machine.state",
                 "dirtyring.machine.config")
 _MAX_FINDINGS = 50
 
@@ -260,7 +260,7 @@ class _FileMachine:
 
 @contextmanager
 def _without_kvm() -> Iterator[None]:
-    from ..products import snapshot
+    from ..snapshots import files as snapshot
     real = snapshot.Machine
     snapshot.Machine = _FileMachine  # type: ignore[misc,assignment]
     try:
@@ -296,8 +296,8 @@ def _snapshot_file(d: Path, name: str, parent: Any) -> bytes:
     import numpy as np
     from ..machine.config import MachineConfig
     from ..machine.state import MachineState
-    from ..products import snapshot as s
-    from ..products.fingerprint import Fingerprint
+    from ..snapshots import files as s
+    from ..machine.fingerprint import Fingerprint
     config = parent.config if parent else MachineConfig(data_slots=(1 << 20,), vcpus=1)
     fp = Fingerprint(_memory_for(config))
     if parent is not None:
@@ -335,7 +335,7 @@ def _snapshot_pages(name: str, n: int) -> bytes:
 
 def run_snapshot(data: bytes) -> None:
     """Restore the file one script describes; raises SnapshotFormatError (allowed) or a finding."""
-    from ..products import snapshot as s
+    from ..snapshots import files as s
     d = _snapshot_dir()
     _, recs = records(data)
     out, seq = bytearray(), 0
@@ -355,7 +355,7 @@ def run_snapshot(data: bytes) -> None:
 def seeds(target: str) -> list[bytes]:
     """Scripts of valid inputs the fuzzer starts from."""
     if target == "snapshot":
-        from ..products import snapshot as s
+        from ..snapshots import files as s
         d = _snapshot_dir()
         base = s.read_info(d / "base.snap")
         return [script(0, (d / "base.snap").read_bytes()),
@@ -476,7 +476,7 @@ def worker(argv: list[str]) -> int:
     target, findings_path, plant = argv[0], Path(argv[1]), argv[2] == "1"
     import dirtyring.machine.config  # noqa: F401 - loaded before instrumenting
     import dirtyring.machine.state  # noqa: F401
-    import dirtyring.products.snapshot  # noqa: F401
+    import dirtyring.snapshots.files  # noqa: F401
     import dirtyring.wire  # noqa: F401
     if plant:
         _plant()

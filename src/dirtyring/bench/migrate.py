@@ -73,7 +73,7 @@ def _prefill(m: Machine, pages: int) -> None:
 
 def measure(cell: Cell, key: bytes, baseline_s: float) -> dict[str, float]:
     """One migration of ``cell``; returns its figures."""
-    from ..products.migrate import Migration, MigrationOptions, run_guest, tune_allocator
+    from ..migration.source import Migration, MigrationOptions, run_guest, tune_allocator
     region = cell.region_bytes // 4096
     cfg = MachineConfig(guest="dirtier", tracker=cell.tracker, data_slots=(cell.guest_bytes,),
                         ring_entries=RING_ENTRIES,

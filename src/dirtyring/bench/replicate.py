@@ -92,7 +92,7 @@ def ceiling(interval: float, pages: int, seconds: float) -> tuple[float, float]:
 
 
 def measure(cell: Cell, seconds: float, key: bytes) -> dict[str, float]:
-    from ..products.replicate import Primary, PrimaryOptions
+    from ..replication.primary import Primary, PrimaryOptions
     port = free_port()
     sb = ChildProcess("standby", ["standby", "--listen", f"127.0.0.1:{port}"],
                       dict(os.environ, DIRTYRING_KEY=key.hex()))

@@ -45,8 +45,8 @@ from ..errors import DirtyringError
 from ..guests.protocol import GuestParams, Pattern
 from ..machine.config import MachineConfig
 from ..machine.vm import Machine
-from ..products.rollback import Rollback
-from ..products.snapshot import fingerprint
+from ..snapshots.rollback import Rollback
+from ..snapshots.files import fingerprint
 from .plot import pyplot, save
 from .records import BenchError, Record, find, host_info, json_lines, summary_stats, write_json
 

@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 from ..errors import DirtyringError
-from ..products.kvservice import KvClient, missing_writes
+from ..replication.kvservice import KvClient, missing_writes
 from .child import ChildProcess, free_port
 from .options import duration
 

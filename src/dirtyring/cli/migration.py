@@ -20,10 +20,10 @@ from ..guests import NAMES
 from ..guests.protocol import GuestParams, Pattern
 from ..machine.config import MachineConfig
 from ..machine.vm import Machine
-from ..products.migrate import (Migration, MigrationError, MigrationOptions, run_guest,
+from ..migration.source import (Migration, MigrationError, MigrationOptions, run_guest,
                                 tune_allocator)
-from ..products.standby import Standby
-from ..products.transport import load_key, parse_addr
+from ..replication.standby import Standby
+from ..replication.transport import load_key, parse_addr
 from .options import duration, positive_int, size
 from .printer import EventPrinter
 

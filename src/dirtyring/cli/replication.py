@@ -14,13 +14,13 @@ from ..guests import NAMES
 from ..guests.protocol import GuestParams, Pattern
 from ..machine.config import MachineConfig
 from ..machine.vm import Machine
-from ..products.arbiter import DEFAULT_MARGIN, DEFAULT_TTL, Arbiter
-from ..products.kvservice import KvService
-from ..products.outputs import OutputGate
-from ..products.replicate import Primary, PrimaryOptions
-from ..products.reprotect import reprotect
-from ..products.standby import Standby
-from ..products.transport import connect, listen, load_key, parse_addr
+from ..replication.arbiter import DEFAULT_MARGIN, DEFAULT_TTL, Arbiter
+from ..replication.kvservice import KvService
+from ..replication.output_commit import OutputGate
+from ..replication.primary import Primary, PrimaryOptions
+from ..replication.reprotect import reprotect
+from ..replication.standby import Standby
+from ..replication.transport import connect, listen, load_key, parse_addr
 from .options import add_guest_options, duration, positive_int
 from .printer import EventPrinter
 

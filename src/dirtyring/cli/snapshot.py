@@ -19,7 +19,7 @@ from ..guests import NAMES
 from ..guests.protocol import GuestParams, Pattern, hash_chain
 from ..machine.config import MachineConfig
 from ..machine.vm import Machine
-from ..products.snapshot import FILE_KEY, SnapshotInfo, SnapshotWriter, resolve_chain, restore
+from ..snapshots.files import FILE_KEY, SnapshotInfo, SnapshotWriter, resolve_chain, restore
 from .options import add_guest_options, duration
 
 

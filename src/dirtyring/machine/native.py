@@ -36,7 +36,7 @@ offset, which the batch reads at its start and checks at its end) where KVM does
 KVM_GET_MSRS, like every vCPU ioctl here, costs ~7.5 µs, rdtsc ~0.1 µs. Pause p50 went ~6-8 µs
 down in interleaved cells.
 
-**The uplink's delta** (``sparse_delta``): see ``products/uplink_process._delta``.
+**The uplink's delta** (``sparse_delta``): see ``replication/uplink_process._delta``.
 
 All are in ``native.c`` (~400 lines). It is compiled with the system's gcc on first use, into
 the user's cache directory, keyed by the source's hash. Without a compiler the copy runs with

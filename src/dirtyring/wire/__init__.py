@@ -1,7 +1,7 @@
 """Sans-IO wire protocol for replication, migration and snapshot streams.
 
 No networking code at all: :class:`Connection` turns events into bytes and bytes into events,
-and the caller (``products/transport.py``) owns sockets, clocks and threads. Imports nothing
+and the caller (``replication/transport.py``) owns sockets, clocks and threads. Imports nothing
 from dirtyring but :mod:`dirtyring.errors`.
 """
 from __future__ import annotations

@@ -2,7 +2,7 @@
 every cell measured against its ceiling, the share of the hot set's checkpoints the native
 steady batch took recorded, the goal line printed. Behaviour only, never timing: how large
 that share is depends on the host (a slow write fault keeps a big set from settling between
-re-arms), so it is the benchmark's figure; tests/kvm/products/test_steady_pause.py checks
+re-arms), so it is the benchmark's figure; tests/kvm/replication/test_steady_pause.py checks
 what the batch does."""
 from __future__ import annotations
 

@@ -87,8 +87,8 @@ def forged(d: Path, *, meta: dict | None = None, machine: object = None,
     snapshot of a 1 MiB machine, with its metadata, machine config or state replaced."""
     from dirtyring.machine.config import MachineConfig
     from dirtyring.machine.state import MachineState
-    from dirtyring.products import snapshot as s
-    from dirtyring.products.fingerprint import Fingerprint
+    from dirtyring.snapshots import files as s
+    from dirtyring.machine.fingerprint import Fingerprint
     from dirtyring.wire import EpochBegin, EpochEnd, Goodbye, Hello, MachineBlob
     from dirtyring.wire.codec import encode_body, frame_type_of
     config = MachineConfig(data_slots=(1 << 20,))
@@ -122,7 +122,7 @@ def test_a_malformed_snapshot_header_is_a_format_error(tmp_path: Path, meta: dic
                                                        machine: object) -> None:
     from dirtyring.errors import SnapshotFormatError
     from dirtyring.machine.config import MachineConfig
-    from dirtyring.products import snapshot as s
+    from dirtyring.snapshots import files as s
     if isinstance(machine, dict):
         machine = {**json.loads(MachineConfig().to_json()), **machine}
     with pytest.raises(SnapshotFormatError, match="metadata is malformed"):
@@ -132,7 +132,7 @@ def test_a_malformed_snapshot_header_is_a_format_error(tmp_path: Path, meta: dic
 def test_a_snapshot_whose_state_config_is_malformed_is_a_format_error(tmp_path: Path) -> None:
     from dirtyring.errors import SnapshotFormatError
     from dirtyring.machine.state import MachineState
-    from dirtyring.products import snapshot as s
+    from dirtyring.snapshots import files as s
     path = forged(tmp_path, state=MachineState(config=b"{not json", vcpus=()).encode())
     with fuzz._without_kvm(), pytest.raises(SnapshotFormatError, match="machine state"):
         s.restore(path, threaded=False)
@@ -144,7 +144,7 @@ def test_a_snapshot_whose_vcpu_state_is_cut_short_is_a_format_error(tmp_path: Pa
     from dirtyring.errors import SnapshotFormatError
     from dirtyring.machine.config import MachineConfig
     from dirtyring.machine.state import MachineState, VcpuState
-    from dirtyring.products import snapshot as s
+    from dirtyring.snapshots import files as s
     vcpu = VcpuState(index=0, regs=b"", sregs=b"x", fpu=b"", xsave=b"", xcrs=b"", msrs=(),
                      lapic=b"", events=b"", mp_state=0)
     config = MachineConfig(data_slots=(1 << 20,))

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from dirtyring.errors import LocalProtocolError
-from dirtyring.products.checkpoint import apply_runs
+from dirtyring.machine.checkpoint import apply_runs
 from dirtyring.wire import (
     NEED_DATA, Connection, EpochBegin, EpochEnd, MachineBlob, Pages,
 )
