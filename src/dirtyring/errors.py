@@ -54,6 +54,12 @@ class GuestCrashed(GuestError):
     """The guest stopped unexpectedly (triple fault, internal error, failed entry)."""
 
 
+class ProgramError(GuestError):
+    """A Linux program given to run as a guest cannot be run as it is: not an ELF file, not
+    x86-64, truncated, inconsistent program headers, or a kind not supported yet (the message
+    names the program and says which)."""
+
+
 class TrackingError(DirtyringError):
     """Dirty tracking cannot guarantee completeness (ring overflow, bad entry, reset interrupted).
 
