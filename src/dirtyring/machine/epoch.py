@@ -38,7 +38,11 @@ class EpochDriver:
         self.resyncs = 0
 
     def harvest_paused(self) -> tuple[DirtySet, bool]:
-        """Harvest with vCPUs already paused; falls back to a full resync if tracking failed."""
+        """Harvest with vCPUs already paused; falls back to a full resync if tracking failed.
+        A Linux program's queued output is drained here too, so it leaves tagged with the
+        epoch whose checkpoint holds the state that produced it."""
+        if self.m.stdio is not None:
+            self.m.drain_output()
         try:
             return self.tracker.harvest(), False
         except TrackingError:

@@ -25,6 +25,7 @@ from ..tracking import BitmapTracker, HotSetTracker, RingTracker, TrackedSlot, T
 from . import layout
 from .config import LINUX_GUEST, MachineConfig
 from .devices import Console, ControlPorts, Device, KvDevice, OutputSink, StdioDevice
+from .devices.stdio import ContractBroken
 from .memory import GuestMemory, plan_slots
 from .state import DeviceState, MachineState, VcpuState
 from .stateblob import StateBlob
@@ -281,6 +282,20 @@ class Machine:
         if not mm.is_write:
             for i in range(8):
                 mm.data[i] = 0xFF
+
+    def drain_output(self) -> int:
+        """Send what a Linux program queued on stdout/stderr to the sink (call with the vCPUs
+        paused: at a checkpoint, or after the program ended). A ring the guest broke stops the
+        machine as a crash with the reason; nothing of it is released."""
+        if self.stdio is None:
+            return 0
+        try:
+            return self.stdio.drain()
+        except ContractBroken as e:
+            r = self.runners[0]
+            r.crash = f"the guest broke its contract: {e}"
+            self.on_crash(r)
+            return 0
 
     def on_ring_full(self, r: VcpuRunner) -> None:
         rt = self.tracker
