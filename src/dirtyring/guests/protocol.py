@@ -31,6 +31,14 @@ class Port(enum.IntEnum):
 
 
 class Pattern(enum.IntEnum):
+    """How the dirtier guest picks the pages it writes: in order, at random, or within a hot
+    set of ``hot_pages`` pages.
+
+    Example::
+
+        dirtyring.GuestParams(pattern=dirtyring.Pattern.HOT, hot_pages=64)
+    """
+
     SEQUENTIAL = 0
     RANDOM = 1
     HOT = 2
@@ -48,7 +56,13 @@ KV_ENTRY = struct.Struct("<IIQQQ")  # op_or_status, id, key, value, pad
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class GuestParams:
-    """What the VMM writes into the control page before the guest starts."""
+    """What the VMM writes into the control page before the guest starts.
+
+    Example::
+
+        params = dirtyring.GuestParams(pattern=dirtyring.Pattern.RANDOM, seed=7, max_writes=500)
+        cfg = dirtyring.MachineConfig(guest="dirtier", params=params)
+    """
 
     pattern: Pattern = Pattern.RANDOM
     hot_pages: int = 64
