@@ -133,7 +133,7 @@ class SnapshotFormatError(DirtyringError):
     Example::
 
         try:
-            chain = dirtyring.resolve_chain("snaps/s-0002.snap")
+            chain = dirtyring.resolve_chain("snaps/snap-0002.snap")
         except dirtyring.SnapshotFormatError as e:
             print("bad chain:", e)               # names the file and what is wrong
     """

@@ -1,5 +1,5 @@
-"""Scripting live migration: :func:`migrate` moves a running machine to a receiver and returns
-the report; :func:`receive` serves the receiving side on a thread of this process (what
+"""Scripting live migration: ``migrate`` moves a running machine to a receiver and returns
+the report; ``receive`` serves the receiving side on a thread of this process (what
 ``dirtyring receive`` runs) and returns a handle whose machine runs the guest after the
 switchover.
 

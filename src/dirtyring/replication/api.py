@@ -1,17 +1,17 @@
-"""Scripting replication: :func:`protect` and :func:`standby` do the wiring ``dirtyring protect``
+"""Scripting replication: ``protect`` and ``standby`` do the wiring ``dirtyring protect``
 and ``dirtyring standby`` do (transport, keys, threads, events) and return handles with
 ``status()``, ``events()`` and ``close()``.
 
 Theory of operation
 -------------------
-A :class:`StandbyHandle` serves a :class:`~dirtyring.replication.standby.Standby` on a thread
+A ``StandbyHandle`` serves a ``dirtyring.replication.standby.Standby`` on a thread
 of this process: it listens, builds the replica VM when a primary connects, commits its
 checkpoints and, on a failover, resumes the guest in this process (``handle.machine``).
 ``standby()`` must be called on the main thread (it installs the vCPU kick signal handler).
 
-A :class:`ProtectHandle` holds a :class:`~dirtyring.replication.primary.Primary` that is
+A ``ProtectHandle`` holds a ``dirtyring.replication.primary.Primary`` that is
 connected to its standby (handshake done) but not running: the epoch loop runs on the calling
-thread inside :meth:`ProtectHandle.run`, because an inline machine (``threaded=False``, the
+thread inside ``ProtectHandle.run``, because an inline machine (``threaded=False``, the
 fast mode) runs its vCPU on that thread and ends epochs with a timer signal aimed at it. Call
 ``run`` from the main thread, once; it returns after ``seconds``, when ``stop`` is set, or as
 soon as the primary is fenced (the standby took over).
@@ -89,7 +89,7 @@ class _Events:
 
 
 class StandbyHandle:
-    """A standby served on a thread of this process (made by :func:`standby`).
+    """A standby served on a thread of this process (made by ``standby``).
 
     Example::
 
@@ -208,8 +208,8 @@ def standby(listen: Address, key: bytes = b"", *, insecure: bool = False,
         heartbeat_interval: how often to send heartbeats, seconds.
         verify: check the primary's memory digest at every commit.
         auto_failover: take over on connection loss or heartbeat timeout (else only
-            :meth:`StandbyHandle.failover` does).
-        etcd: an arbiter (:class:`~dirtyring.replication.arbiter.Arbiter`, role "standby"):
+            ``StandbyHandle.failover`` does).
+        etcd: an arbiter (``dirtyring.replication.arbiter.Arbiter``, role "standby"):
             every failover first takes the group's key.
         sink: receives the guest's output once it runs here (``(kind, payload)``).
         on_event: also called with every event (from the standby's threads).
@@ -233,7 +233,7 @@ def standby(listen: Address, key: bytes = b"", *, insecure: bool = False,
 
 
 class ProtectHandle:
-    """A primary connected to its standby (made by :func:`protect`); :meth:`run` replicates.
+    """A primary connected to its standby (made by ``protect``); ``run`` replicates.
 
     Example::
 
@@ -312,7 +312,7 @@ def protect(machine: Machine, standby: Address, key: bytes = b"", *,
             release: Callable[[str, Any, int], None] | None = None,
             on_event: Callable[[Event], None] | None = None) -> ProtectHandle:
     """Connect ``machine`` to the standby at ``standby`` and shake hands; the returned
-    handle's :meth:`ProtectHandle.run` then replicates. Guest output is held until its
+    handle's ``ProtectHandle.run`` then replicates. Guest output is held until its
     checkpoint is acknowledged and then passed to ``release(kind, payload, epoch)``.
 
     Args:

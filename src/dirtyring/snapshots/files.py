@@ -187,7 +187,7 @@ def read_info(path: str | Path, *, key: bytes = FILE_KEY) -> SnapshotInfo:
 
     Example::
 
-        info = dirtyring.read_info("snaps/s-0001.snap")
+        info = dirtyring.read_info("snaps/snap-0001.snap")
         print(info.kind, info.seq, info.config.guest)
     """
     path = Path(path)

@@ -191,11 +191,13 @@ class Rollback:
 
     Example::
 
-        m = dirtyring.Machine(dirtyring.MachineConfig(tracker="hotset"), threaded=False)
+        cfg = dirtyring.MachineConfig(tracker="hotset", data_slots=(1 << 20,))
+        m = dirtyring.Machine(cfg, threaded=False)
         rb = dirtyring.Rollback(m)
         rb.mark()                                # the root
         for _ in range(1000):
             m.set_control("seed", random.getrandbits(62))   # this run's input
+            m.set_control("max_writes", 200)     # the dirtier says DONE after 200 writes
             rb.run(1.0)                          # until the guest's DONE
             rb.rollback()                        # back to the root
     """
