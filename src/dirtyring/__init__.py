@@ -2,8 +2,9 @@
 
 The public API. A machine runs a built-in guest program; a tracker tells which pages it
 changed since the last harvest; on top of that sit replication (a primary and a standby),
-snapshots, rollback and live migration. Importing this package opens nothing: /dev/kvm is
-opened when a :class:`Machine` is built.
+snapshots, rollback and live migration. Importing this package is cheap and touches no device:
+/dev/kvm is opened when a :class:`Machine` is built, and the native helpers are built (or
+loaded) on first use.
 
 Example::
 

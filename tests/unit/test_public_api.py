@@ -1,5 +1,6 @@
 """The public API (``import dirtyring``): every name in ``__all__`` exists and has a docstring
-with an example, and importing the package is cheap: it opens no /dev/kvm and compiles nothing."""
+with an example, and importing the package is cheap: it opens no /dev/kvm and (once the native
+helper builds on first use, issue 14 item 6) compiles nothing."""
 from __future__ import annotations
 
 import inspect
@@ -7,6 +8,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 import dirtyring
 
@@ -40,17 +43,17 @@ def test_the_package_has_a_docstring_with_an_example() -> None:
     assert dirtyring.__doc__ and "Example::" in dirtyring.__doc__
 
 
-def test_import_opens_no_kvm_and_runs_no_compiler(tmp_path: Path) -> None:
-    """In a fresh interpreter, with /dev/kvm access and process creation traced through audit
-    hooks: importing dirtyring opens no device and starts no process (no gcc). The one
-    exception is ctypes' ``find_library("c")`` in the bindings, which runs ``ldconfig -p``."""
+def _import_trace(tmp_path: Path) -> list[str]:
+    """What ``import dirtyring`` does in a fresh interpreter, traced through audit hooks: whether
+    it opens /dev/kvm, and the processes it starts (but ctypes' ``find_library("c")`` in
+    the bindings, which runs ``ldconfig -p``). The native helper's cache is empty (a new
+    XDG_CACHE_HOME and TMPDIR), as on a host that never ran dirtyring."""
     code = (
         "import sys\n"
         "seen = []\n"
         "def hook(event, args):\n"
-        "    if event == 'open' and args and isinstance(args[0], (str, bytes)) "
-        "and 'kvm' in str(args[0]):\n"
-        "        seen.append(str(args[0]))\n"
+        "    if event == 'open' and args and str(args[0]).startswith('/dev/kvm'):\n"
+        "        seen.append(f'open {args[0]}')\n"
         "    if event in ('subprocess.Popen', 'os.posix_spawn', 'os.exec') "
         "and not str(args[0]).endswith('ldconfig'):\n"
         "        seen.append(f'{event} {args[0]}')\n"
@@ -59,8 +62,23 @@ def test_import_opens_no_kvm_and_runs_no_compiler(tmp_path: Path) -> None:
         "sys.addaudithook(hook)\n"
         "import dirtyring\n"
         "print(repr(seen))\n")
-    env = dict(os.environ, PYTHONPATH=str(SRC))
+    env = dict(os.environ, PYTHONPATH=str(SRC), XDG_CACHE_HOME=str(tmp_path),
+               TMPDIR=str(tmp_path))
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                        timeout=60)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == "[]", f"importing dirtyring did: {r.stdout.strip()}"
+    seen: list[str] = eval(r.stdout.strip())  # a list of str, printed by repr
+    return seen
+
+
+def test_import_does_not_open_kvm(tmp_path: Path) -> None:
+    opened = [x for x in _import_trace(tmp_path) if x.startswith("open ")]
+    assert not opened, f"importing dirtyring opened {opened}"
+
+
+@pytest.mark.xfail(strict=True, reason="machine/native.py builds its C helper at import "
+                   "(_LIB = _build()) when the cache is empty; issue 14 item 6 moves the build "
+                   "to install time or first use. Strict: remove this mark once that lands")
+def test_import_starts_no_process_even_with_a_cold_cache(tmp_path: Path) -> None:
+    started = [x for x in _import_trace(tmp_path) if not x.startswith("open ")]
+    assert not started, f"importing dirtyring started {started} (gcc: compiled at import)"
