@@ -6,7 +6,7 @@ In production the two run on different hosts (``dirtyring standby`` and ``dirtyr
 here the standby is served on a thread of this process and its replica VM runs here after the
 failover.
 
-Run: python examples/protect_standby.py   (needs /dev/kvm; about 3 seconds)
+Run: python examples/protect_standby.py   (needs /dev/kvm; about 2 seconds)
 """
 from __future__ import annotations
 
@@ -34,12 +34,24 @@ def main() -> int:
         with dirtyring.Machine(cfg, threaded=False) as m:
             p = dirtyring.protect(m, sb.address, key,
                                   options=dirtyring.PrimaryOptions(interval=0.001))
-            # Fail over 1 s into the run, from another thread: the primary's epoch loop holds
-            # this one. The standby tells the primary, which then stops (it is fenced).
-            timer = threading.Timer(1.0, sb.failover)
-            timer.start()
-            state = p.run(3.0)
-            timer.join()
+            # The failover is driven from another thread: the primary's epoch loop holds this
+            # one. Once the standby is protected, let it commit for half a second more, then
+            # take over. The standby tells the primary, which then stops by itself (fenced);
+            # ``stop`` only bounds the run if something went wrong.
+            stop = threading.Event()
+
+            def fail_over() -> None:
+                if sb.wait_for("protected", 30.0) is not None:
+                    time.sleep(0.5)
+                    sb.failover()
+                stop.wait(2.0)
+                stop.set()
+
+            driver = threading.Thread(target=fail_over)
+            driver.start()
+            state = p.run(60.0, stop=stop)
+            stop.set()
+            driver.join()
             st = p.status()
             p.close()
         print(f"primary: {state}, {st['epoch']} epochs, {st['acked']} acknowledged, "
