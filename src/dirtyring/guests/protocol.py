@@ -39,6 +39,14 @@ class LibosPort(enum.IntEnum):
 
 
 class Pattern(enum.IntEnum):
+    """How the dirtier guest picks the pages it writes: in order, at random, or within a hot
+    set of ``hot_pages`` pages.
+
+    Example::
+
+        dirtyring.GuestParams(pattern=dirtyring.Pattern.HOT, hot_pages=64)
+    """
+
     SEQUENTIAL = 0
     RANDOM = 1
     HOT = 2
@@ -64,7 +72,13 @@ STDIO_RECORD = struct.Struct("<II")  # fd (0 = padding to the ring's end), len
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class GuestParams:
-    """What the VMM writes into the control page before the guest starts."""
+    """What the VMM writes into the control page before the guest starts.
+
+    Example::
+
+        params = dirtyring.GuestParams(pattern=dirtyring.Pattern.RANDOM, seed=7, max_writes=500)
+        cfg = dirtyring.MachineConfig(guest="dirtier", params=params)
+    """
 
     pattern: Pattern = Pattern.RANDOM
     hot_pages: int = 64

@@ -19,6 +19,20 @@ MAX_VCPUS = 4
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MachineConfig:
+    """Everything needed to build an identical machine: guest program, vCPUs, memory slots,
+    tracker (``ring``, ``bitmap``, ``bitmap-clear``, ``hotset`` or ``none``), ring size and the
+    guest's parameters. Validated on creation (:class:`ConfigError`); ``to_json``/``from_json``
+    carry it to a standby or into a snapshot.
+
+    Example::
+
+        cfg = dirtyring.MachineConfig(guest="dirtier", tracker="hotset",
+                                      data_slots=(64 << 20,),
+                                      params=dirtyring.GuestParams(pattern=dirtyring.Pattern.HOT,
+                                                                   hot_pages=64))
+        assert dirtyring.MachineConfig.from_json(cfg.to_json()) == cfg
+    """
+
     guest: str = "dirtier"
     vcpus: int = 1
     data_slots: tuple[int, ...] = (64 * MiB,)  # bytes per data memslot

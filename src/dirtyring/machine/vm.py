@@ -41,7 +41,17 @@ STEAL_TIME_GPA = 0xA000  # 64 bytes per vCPU (kvm_steal_time)
 
 
 class Machine:
-    """One VM. Not thread-safe: one controller thread drives pause/resume/capture."""
+    """One VM. Not thread-safe: one controller thread drives pause/resume/capture.
+
+    Example::
+
+        cfg = dirtyring.MachineConfig(guest="compute", vcpus=2)
+        with dirtyring.Machine(cfg) as m:        # boots; vCPU threads run the guest
+            time.sleep(0.1)
+            m.pause_all()
+            print(m.progress())
+            m.resume_all()
+    """
 
     def __init__(self, config: MachineConfig, *, sink: OutputSink | None = None,
                  boot: bool | Callable[[Machine], None] = True, kvm: Kvm | None = None,
