@@ -13,13 +13,10 @@ import threading
 from collections.abc import Iterator
 
 from ..errors import ConfigError, DirtyringError, RemoteProtocolError
+from ..errors import LinkClosed as LinkClosed  # (moved to errors; imported from here too)
 from ..wire import NEED_DATA, Connection, Event, Goodbye, Hello, HelloAck
 
 IOV_BATCH = 512
-
-
-class LinkClosed(DirtyringError):
-    """The peer closed the connection or the network failed; the message says how."""
 
 
 class HandshakeRefused(DirtyringError):
