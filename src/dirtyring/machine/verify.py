@@ -29,7 +29,8 @@ from ..guests.protocol import GuestParams, Pattern
 from ..tracking import DirtySet, RingTracker
 from .config import MachineConfig
 from .memory import GuestMemory
-from .vcpu import EXIT_NAMES, _itimerspec, _sigevent
+from .exits import EXIT_NAMES
+from .vcpu import _itimerspec, _sigevent
 
 PAGE = 4096
 

@@ -22,6 +22,7 @@ from ..tracking import BitmapTracker, HotSetTracker, RingTracker, TrackedSlot, T
 from . import layout
 from .config import MachineConfig
 from .devices import Console, ControlPorts, Device, KvDevice, OutputSink
+from .exits import out_value
 from .memory import GuestMemory, plan_slots
 from .state import DeviceState, MachineState, VcpuState
 from .stateblob import StateBlob
@@ -244,15 +245,15 @@ class Machine:
         self.sink(kind, payload)
 
     def handle_io(self, r: VcpuRunner) -> None:
+        """Serve a ``KVM_EXIT_IO``: the port's device (``exits.serve`` calls this)."""
         io = r.run_struct.u.io
         dev = self._ports.get(io.port)
         size = io.size
-        data = r.fd.io_data(io.data_offset, size * max(1, io.count))
         if io.direction == U.KVM_EXIT_IO_OUT:
-            value = int.from_bytes(bytes(data)[:size], "little")
             if dev is not None:
-                dev.io_out(r, io.port, value, size)
+                dev.io_out(r, io.port, out_value(r.run_address, io), size)
         else:
+            data = r.fd.io_data(io.data_offset, size * max(1, io.count))
             value = dev.io_in(r, io.port, size) if dev is not None else 0xFFFFFFFF
             C.memmove(data, (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little"), size)
 

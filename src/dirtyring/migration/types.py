@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..errors import ConfigError
-from ..errors import MigrationError as MigrationError  # (moved to errors; imported from here too)
+from ..errors import MigrationError as MigrationError  # noqa: F401  (moved to errors)
 
 PAGE = 4096
 
