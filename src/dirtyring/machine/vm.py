@@ -19,7 +19,7 @@ from ..errors import CapabilityMissing, ConfigError, GuestCrashed, KvmError
 from ..guests import load_guest
 from ..guests.protocol import CONTROL_MAGIC, CONTROL_OFFSET
 from ..tracking import BitmapTracker, HotSetTracker, RingTracker, TrackedSlot, Tracker
-from . import layout
+from . import layout, native
 from .config import MachineConfig
 from .devices import Console, ControlPorts, Device, KvDevice, OutputSink
 from .exits import out_value
@@ -44,6 +44,9 @@ class Machine:
                  boot: bool = True, kvm: Kvm | None = None, threaded: bool = True) -> None:
         install_kick_handler()
         keep_freed_memory()
+        # The C helper is built (first time on this host) or loaded here, not at import and not
+        # inside the first checkpoint's pause (its gathers are the first native path used).
+        native.backend()
         if not threaded:
             if config.vcpus != 1:
                 raise ConfigError("the single-threaded (inline) mode runs exactly one vCPU")
