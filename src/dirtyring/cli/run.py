@@ -6,11 +6,12 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from ..guests import NAMES
 from ..linux.program import LinuxProgram
-from ..linux.runner import run_program
+from ..linux.runner import run_program, save_tree
 from ..guests.protocol import GuestParams, Pattern
 from ..machine.config import MachineConfig
 from ..machine.epoch import EpochDriver
@@ -44,6 +45,13 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--env", action="append", default=[], metavar="K=V",
                    help="an environment variable for --exec (repeatable; default: an empty "
                         "environment)")
+    p.add_argument("--file", action="append", default=[], metavar="HOST_PATH[:GUEST_PATH]",
+                   help="copy a host file (or a directory's tree) into the program's file "
+                        "system, at GUEST_PATH (default: the same path, relative to /, the "
+                        "program's working directory); repeatable (default: none)")
+    p.add_argument("--save-files", metavar="DIR", default=None,
+                   help="when the program ends, write every file of its file system under DIR "
+                        "(default: not saved)")
     p.add_argument("args", nargs="*", metavar="ARGS",
                    help="the program's arguments, after -- (default: none)")
     p.set_defaults(func=run)
@@ -52,8 +60,9 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.exec is not None:
         return run_exec(args)
-    if args.args or args.env:
-        print("dirtyring run: error: program arguments and --env need --exec PROGRAM",
+    if args.args or args.env or args.file or args.save_files:
+        print("dirtyring run: error: program arguments, --env, --file and --save-files need "
+              "--exec PROGRAM",
               file=sys.stderr)
         return 2
     cfg = MachineConfig(guest=args.guest, tracker=args.tracker, vcpus=args.vcpus,
@@ -132,7 +141,9 @@ def run_exec(args: argparse.Namespace) -> int:
             print(f"dirtyring run: error: --env {kv!r} is not K=V", file=sys.stderr)
             return 2
         env[k] = v
-    prog = LinuxProgram(args.exec, [args.exec, *args.args], env, memory=args.memory)
+    files = [(h, g or None) for h, _, g in (f.partition(":") for f in args.file)]
+    prog = LinuxProgram(args.exec, [args.exec, *args.args], env, memory=args.memory,
+                        files=files, export_files=args.save_files is not None)
     streams = {"stdout": sys.stdout.buffer, "stderr": sys.stderr.buffer}
 
     def write(kind: str, data: bytes) -> None:
@@ -146,6 +157,12 @@ def run_exec(args: argparse.Namespace) -> int:
                       verify_every=args.verify_every, warn=warn)
     if res.crash:
         warn(f"{prog.name}: stopped: {res.crash}")
+    if args.save_files is not None and res.crash is None:
+        try:
+            save_tree(res.files, Path(args.save_files))
+        except OSError as e:
+            warn(f"--save-files {args.save_files}: {e.strerror}")
+            return 1
     if res.missed_pages:
         warn(f"MISSED DIRTY PAGES: {res.missed_pages} page(s) the tracker never reported")
         return 1 if res.status == 0 else res.status
