@@ -16,6 +16,7 @@ struct frame { u64 rdi, rsi, rdx, r10, r8, r9, rax, rcx, r11; };
 u64 libos_user_rsp;                 /* the program's RSP while a syscall runs (entry.S) */
 static u64 cur_brk, mmap_next, rng[4];
 static u8 reported[512 / 8];
+static char comm[16];               /* prctl(PR_SET_NAME) */
 
 void *lmemset(void *d, int c, u64 n) {
     u8 *p = d;
@@ -211,6 +212,21 @@ static s64 sys_uname(u64 buf) {
     return 0;
 }
 
+static s64 sys_sysinfo(u64 info) {
+    if (!user_ok(info, 112)) return -EFAULT;
+    u8 *p = (u8 *)info;
+    lmemset(p, 0, 112);
+    const volatile struct linux_ctl *c = ctl();
+    u64 total = (c->brk_max - c->image_lo) + (c->mmap_hi - c->mmap_lo);
+    u64 free = (c->brk_max - cur_brk) + (mmap_next - c->mmap_lo);
+    *(s64 *)p = (s64)((now_ns() - c->boot_realtime_ns) / 1000000000UL);   /* uptime */
+    *(u64 *)(p + 32) = total;                                              /* totalram */
+    *(u64 *)(p + 40) = free;                                               /* freeram */
+    *(u16 *)(p + 80) = 1;                                                  /* procs */
+    *(u32 *)(p + 104) = 1;                                                 /* mem_unit */
+    return 0;
+}
+
 static s64 sys_getrandom(u64 buf, u64 len) {
     if (!user_ok(buf, len)) return -EFAULT;
     for (u64 i = 0; i < len; i += 8) {
@@ -250,8 +266,17 @@ s64 libos_syscall(struct frame *f) {
     case 60: case 231: flush_and_exit(a); return 0;        /* exit, exit_group */
     case 63: return sys_uname(a);
     case 96: return sys_gettimeofday(a);
+    case 99: return sys_sysinfo(a);
     case 102: case 104: case 107: case 108: return 0;      /* get[e]uid, get[e]gid: root */
     case 110: return 1;                                    /* getppid */
+    case 157:                                              /* prctl */
+        if (a == 15 || a == 16) {                          /* PR_SET_NAME, PR_GET_NAME */
+            if (!user_ok(b, 16)) return -EFAULT;
+            if (a == 15) { lmemcpy(comm, (void *)b, 15); comm[15] = 0; }
+            else lmemcpy((void *)b, comm, 16);
+            return 0;
+        }
+        return -EINVAL;
     case 158:                                              /* arch_prctl */
         if (a == 0x1002) { __asm__ volatile("wrfsbase %0" :: "r"(b)); return 0; }
         if (a == 0x1003) {
