@@ -43,23 +43,23 @@ flattened to plain tuples too, and decoding builds the typed values back (checki
 not pickle the dataclasses as they are: pickle reduces every instance in Python (``copyreg``;
 a NamedTuple too), and the per-epoch message carries a list of parts per checkpoint.
 
-Measured on this host (Python 3.11, ``tools/bench_uplink_messages.py``: best of 5 x 20,000;
-the host was shared with other work, so these vary by ±30 %): encode + decode of one
-message, and the sender's build of it.
+Measured on this host (Python 3.11, ``tools/bench_uplink_messages.py``: best of 5 x 20,000
+per run, best of 4 runs; the host was shared with other work, single runs varied by up to
++50 %): encode + decode of one message, and the sender's build of it.
 
 ====================================================  ==============  ========
 ``Checkpoints`` of 1 ``CheckpointEnd`` (2 parts,       encode+decode   build
 6,000-byte state): the one per ordinary epoch
 ====================================================  ==============  ========
-plain tuples (before)                                  2.1 µs          0.4 µs
-dataclasses, pickled as they are                       18.0 µs         1.9 µs
-dataclasses with ``__reduce__`` to a tuple             7.7 µs          1.6 µs
-**these: dataclasses as tag tuples**                   **7.2 µs**      1.9 µs
+plain tuples (before)                                  1.4 µs          0.4 µs
+dataclasses, pickled as they are                       12.8 µs         1.9 µs
+dataclasses with ``__reduce__`` to a tuple             7.6 µs          1.5 µs
+**these: dataclasses as tag tuples**                   **5.6 µs**      1.9 µs
 ``Checkpoints`` of 4 ``CheckpointEnd`` (the uplink     encode+decode   build
 lagging: several epochs told at once)
-plain tuples (before)                                  4.6 µs          0.8 µs
-dataclasses, pickled as they are                       40.7 µs         6.3 µs
-dataclasses with ``__reduce__`` to a tuple             20.2 µs         5.7 µs
+plain tuples (before)                                  4.4 µs          0.8 µs
+dataclasses, pickled as they are                       31.5 µs         5.6 µs
+dataclasses with ``__reduce__`` to a tuple             18.3 µs         5.7 µs
 **these**                                              **17.4 µs**     5.8 µs
 ``Checkpoints`` of 1 ``SteadyCheckpoints`` (a steady   encode+decode   build
 batch of 12 checkpoints: one message per batch)
@@ -67,13 +67,16 @@ plain tuples (before: ``SteadyEpochs.fields()``)       1.7 µs          0.1 µs
 **these**                                              **5.0 µs**      0.6 µs
 ====================================================  ==============  ========
 
-So the typed messages cost ~3-5 µs more than the tuples per ordinary epoch (~1.5 µs of it in
+So the typed messages cost ~4-6 µs more than the tuples per ordinary epoch (~2 µs of it in
 the epoch loop, after the guest was resumed; the rest in the uplink, whose own work per
 checkpoint is ~115 µs): at ~2,000 ordinary epochs/s, ~1 % of a core. A steady batch pays
-that once per message, not per checkpoint, plus ~1-2 µs per checkpoint in the uplink to
+~3 µs once per message, not per checkpoint, plus ~1-2 µs per checkpoint in the uplink to
 expand it into ``CheckpointEnd``s. The other choices cost more: pickling the dataclasses as
-they are ~2.5x these, and ``__reduce__`` still pays a Python call per record (and a class
-lookup per record when decoding).
+they are ~2x these, and ``__reduce__`` still pays a Python call per record (and a class
+lookup per record when decoding). ``bench replicate --quick`` before and after, interleaved
+on the same host (64 pages; 250 µs: ring, bitmap, hotset committed/s): 1337/1619/1867 and
+1745/1943/2096 before, 2106/1695/1809 and 1397/2212/2389 after: the host's own ceiling moved
+from 1,751 to 3,102 stops/s between these runs, and the change is well inside that noise.
 
 Both ends are this package's own processes, over a socketpair (pickle is not for strangers).
 :func:`decode` still checks what it builds: bytes that do not unpickle, an unknown tag, a
