@@ -47,8 +47,8 @@ from ..wire import Hello, PROTOCOL_VERSION
 from ..machine.checkpoint import capture_state
 from .arbiter import Arbiter, ArbiterUnavailable
 from .output_commit import OutputGate
-from .steady_pause import SteadyPause, SteadyRun
 from .staging_area import CELL_PAGES, CELLS
+from .steady_pause import SteadyPause, SteadyRun
 from .transport import connect
 from .uplink_handle import UPLINK_DIED, Uplink
 from .uplink_messages import (Acked, FromUplink, Lost, ResyncRequested, RevokerArmed, Skipped,
