@@ -47,9 +47,12 @@ from ..wire import Hello, PROTOCOL_VERSION
 from ..machine.checkpoint import capture_state
 from .arbiter import Arbiter, ArbiterUnavailable
 from .output_commit import OutputGate
+from .staging_area import CELL_PAGES, CELLS
 from .steady_pause import SteadyPause, SteadyRun
 from .transport import connect
 from .uplink_handle import UPLINK_DIED, Uplink
+from .uplink_messages import (Acked, FromUplink, Lost, ResyncRequested, RevokerArmed, Skipped,
+                              StandbyTookOver, WireStats)
 
 PAGE = 4096
 EventSink = Callable[[dict[str, Any]], None]
@@ -68,18 +71,10 @@ class PrimaryOptions:
     interval: float = 0.001
     heartbeat_interval: float = 0.1
     heartbeat_timeout: float = 1.0
-    #: Staging slots, each up to ``slot_pages`` pages (256 MiB at most). The steady batch takes
-    #: a slot per checkpoint and the uplink frees a batch's slots only once told of it, at the
-    #: batch's end, so batches settle at about half the slots the epoch loop may fill ahead.
-    #: Measured with a 64-page hot set at 150 µs, 3 runs each, interleaved: 16 x 4096 gave
-    #: batches of ~6 and 3,575-3,911 checkpoints/s, 32 x 2048 batches of ~12 and
-    #: 4,060-4,166/s, the guest at ~50 % in both (Python's share of a batch, ~200-400 µs right
-    #: after the guest ran, is spread over twice the checkpoints). 64 slots leave room for the
-    #: batches of a 4 ms window (``batch_window``); 64 of 2048 pages slowed big epochs down
-    #: (4096 pages at 25 ms: pause p99 ~34 ms against ~21 ms; staging memory is touched for the
-    #: first time over twice as many epochs).
-    max_inflight: int = 64
-    slot_pages: int = 1024
+    #: The staging area's shape: cells, each up to ``cell_pages`` pages (the defaults and why
+    #: they are what they are: ``staging_area.CELLS``).
+    staging_cells: int = CELLS
+    cell_pages: int = CELL_PAGES
     unsafe_output: bool = False
     verify: bool = False
     compress_level: int = 1
@@ -150,6 +145,14 @@ class Primary:
         #: may output leave without its acknowledgement)?
         self._alone = False
         self._alone_lock = threading.Lock()
+        # The epoch loop's own state (``run``).
+        self._consistent_epoch = 0  # the first checkpoint with machine state
+        self._carry = DirtySet()  # harvested while no checkpoint was taken: in the next one
+        self._t_end: float | None = None
+        self._stop_evt: threading.Event | None = None
+        self._steady: SteadyPause | None = None
+        self._last_queued = 0  # the last epoch handed to the uplink
+        self._t_last = 0.0  # when the previous epoch's checkpoint was ended
         if arbiter is not None:
             arbiter.on_lost = lambda why: self._fence(
                 f"lost the group's key in etcd ({why}); another copy may be live: stopping")
@@ -171,8 +174,8 @@ class Primary:
                          heartbeat_interval=self.opt.heartbeat_interval,
                          heartbeat_timeout=self.opt.heartbeat_timeout,
                          slot_sizes=[s.info.size for s in self.m.memory.slots],
-                         slots=max(2, self.opt.max_inflight),
-                         slot_pages=self.opt.slot_pages, on_message=self._on_message,
+                         cells=max(2, self.opt.staging_cells),
+                         cell_pages=self.opt.cell_pages, on_message=self._on_message,
                          lease=self.arbiter.handoff() if self.arbiter is not None else None)
         session = os.urandom(16)
         ok, reason = self.up.hello(Hello(role="primary", version=PROTOCOL_VERSION,
@@ -194,24 +197,24 @@ class Primary:
         self._emit("connected", standby=f"{self.addr[0]}:{self.addr[1]}")
 
     # --- what the uplink reports ---------------------------------------------------------------
-    def _on_message(self, msg: tuple[Any, ...]) -> None:
-        kind = msg[0]
-        if kind == "resync":
-            self._emit("resync_requested", epoch=msg[1], reason=msg[2])
-            self._resync.set()
-        elif kind == "failover":
-            self._fence(f"the standby took over ({msg[1]}); stopping this copy")
-        elif kind == "lost":
-            if self.state != "starting":  # (during the handshake, connect() reports it)
-                self._lose(msg[1], uplink_died=msg[1] == UPLINK_DIED)
-        elif kind == "revoker_armed":  # from now on a crash of ours frees the key at once
-            self._emit("lease_revoker_armed", **self._lease_fields())
-        elif kind == "skipped":
-            self.skipped_after_resync += 1
-        elif kind == "stats":
-            self._wire = msg[1]
-        elif kind == "acked":  # output was waiting for it: release it now, not next epoch
-            self._poll_acks()
+    def _on_message(self, msg: FromUplink) -> None:
+        match msg:
+            case ResyncRequested(epoch=epoch, reason=reason):
+                self._emit("resync_requested", epoch=epoch, reason=reason)
+                self._resync.set()
+            case StandbyTookOver(reason=reason):
+                self._fence(f"the standby took over ({reason}); stopping this copy")
+            case Lost(reason=reason):
+                if self.state != "starting":  # (during the handshake, connect() reports it)
+                    self._lose(reason, uplink_died=reason == UPLINK_DIED)
+            case RevokerArmed():  # from now on a crash of ours frees the key at once
+                self._emit("lease_revoker_armed", **self._lease_fields())
+            case Skipped():
+                self.skipped_after_resync += 1
+            case WireStats(values=values):
+                self._wire = values
+            case Acked():  # output was waiting for it: release it now, not next epoch
+                self._poll_acks()
 
     def _poll_acks(self) -> None:
         """Release the output the standby's latest acknowledgement covers (from the epoch
@@ -291,9 +294,6 @@ class Primary:
                           "output_held": not self.gate.releasing}}
 
     # --- main loop ------------------------------------------------------------------------------
-    _consistent_epoch = 0
-    _carry = DirtySet()
-
     def run(self, duration: float | None = None, *, progress_every: float = 0.5,
             stop: threading.Event | None = None) -> None:
         if self.up is None:
@@ -334,10 +334,6 @@ class Primary:
                 self.state = "stopping"
             self._stop.set()
 
-    _t_end: float | None = None
-    _stop_evt: threading.Event | None = None
-    _steady: SteadyPause | None = None
-
     def _given_up(self) -> bool:
         """While waiting for staging space: stop waiting if the standby is lost or the run is
         over (a stalled standby must not keep a planned stop from happening)."""
@@ -345,7 +341,7 @@ class Primary:
                 or (self._t_end is not None and time.monotonic() >= self._t_end))
 
     def _stage(self, epoch: int, kind: str, dirty: DirtySet) -> int:
-        """Gather ``dirty`` into the uplink's staging area (waits for free slots)."""
+        """Gather ``dirty`` into the uplink's staging area (waits for free cells)."""
         assert self.up is not None and self.m.memory is not None
         n = 0
         for slot, pages in dirty.items():
@@ -379,16 +375,12 @@ class Primary:
         self.up.end(1, "full", b"", b"", 0)
         self._last_queued = 1
 
-    _last_queued = 0
-
     def _full_copy(self) -> DirtySet:
         """The pages a full epoch carries: those that hold data. The standby zeroes its memory
         before applying a full epoch, so never-written pages (holes) need not travel: a fresh
         1 GiB guest syncs its few populated megabytes, not a gigabyte of zeros."""
         assert self.m.memory is not None
         return self.m.memory.populated()
-
-    _t_last = 0.0  # when the previous epoch's checkpoint was ended
 
     def _make_room(self) -> None:
         """Backpressure without pausing: while the uplink is behind, let the guest run on (a
@@ -495,7 +487,7 @@ class Primary:
         resumed = run.resumed if run.tail is not None else [*run.resumed, time.monotonic()]
         self.stats.record_many(pause_s=[r - e for r, e in zip(resumed, run.exited)],
                                dirty_pages=run.pages,
-                               nbytes=run.pages * PAGE + cps.blob + len(cps.devices))
+                               nbytes=run.pages * PAGE + cps.state_size + len(cps.devices))
 
     def _stage_epoch(self, e: Epoch) -> tuple[int, str] | None:
         """Stage the harvested epoch ``e`` the ordinary way: (pages, kind), or None if the

@@ -5,7 +5,7 @@ Theory of operation
 -------------------
 Pages and machine state of an epoch go to *staging* as they arrive (an epoch comes either as
 EpochBegin, Pages, MachineBlob, EpochEnd, or whole as one Checkpoint). Only its end commits:
-the staged runs are written into the (never-running) VM's memory and the state blob becomes the
+the staged runs are written into the (never-running) VM's memory and the state record becomes the
 committed state; then we Ack. A connection that breaks mid-epoch leaves committed memory and
 state exactly as they were: staging is simply dropped. The first epoch is a live full copy
 with no state; the standby is *consistent* (able to fail over) from the first committed epoch
@@ -24,6 +24,7 @@ import socket
 import subprocess
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -64,6 +65,17 @@ def _test_pause_in_commit(epoch: int, kind: str) -> None:
         f.write(str(epoch))
     os.replace(path + ".tmp", path)  # whole, for the test polling for it
     threading.Event().wait()  # until the test kills this process
+
+
+@dataclass(frozen=True, slots=True)
+class _StreamEnd:
+    """How a primary's stream ended: why, and whether it said goodbye (``graceful``: no
+    failover), asked us to take over (``switchover``) or sent garbage (``broken``)."""
+
+    reason: str
+    graceful: bool = False
+    switchover: bool = False
+    broken: bool = False
 
 
 class Standby:
@@ -120,7 +132,7 @@ class Standby:
         self.pages = 0
         self._busy = threading.Lock()
         self._staged: list[tuple[Any, ...]] = []
-        self._staged_blob: bytes | None = None
+        self._staged_state: bytes | None = None
         self._staged_epoch = 0
         self._staged_kind = "delta"
         self.staging_bytes = 0
@@ -132,6 +144,12 @@ class Standby:
         #: The fencing token of the primary we follow (the highest seen; 0: no arbiter).
         self.token = 0
         self._closed = threading.Event()
+        #: The last epoch committed and not yet acknowledged (0: none).
+        self._ack_due = 0
+        #: Until a full epoch commits, deltas have no base (start, or after a verify mismatch).
+        self._needs_full = True
+        #: Set by ``reprotect``: the replication of the guest this standby took over.
+        self.reprotected_by: Any = None
 
     def _emit(self, kind: str, **fields: Any) -> None:
         self.on_event({"event": kind, "t": time.time(), **fields})
@@ -161,14 +179,14 @@ class Standby:
             self._listener.close()
 
     def _greet(self, sock: socket.socket, peer: Any) -> None:
-        """Authenticate a newcomer *before* it may take the one follower slot: a stranger, a
-        silent peer or garbage is dropped without touching anything; an authenticated second
-        primary is refused with a reason."""
+        """Authenticate a newcomer *before* it may take the follower lock (``_busy``): a
+        stranger, a silent peer or garbage is dropped without touching anything; an
+        authenticated second primary is refused with a reason."""
         link = Link(sock, Connection(STANDBY, self.key, insecure=self.insecure))
         try:
             # A primary connects before it starts its uplink process, which then sends the
             # Hello: on a loaded host that start took over 5 s. A silent peer holds only this
-            # thread (not the follower slot), so waiting long costs nothing.
+            # thread (not the follower lock), so waiting long costs nothing.
             first = next(link.events(timeout=HELLO_TIMEOUT))
         except (TimeoutError, LinkClosed, StopIteration):
             link.close()
@@ -201,91 +219,98 @@ class Standby:
             self._busy.release()
 
     def _follow(self, link: Link, hello: Hello) -> None:
-        if True:  # the follower slot is held by _greet
-            self._link = link
-            reason = ""
-            graceful = False
-            switchover = False
-            broken = False
-            hb = threading.Thread(target=self._heartbeats, args=(link,), daemon=True)
-            try:
-                try:
-                    self._hello(link, hello)
-                except LinkClosed as e:
-                    self._emit("rejected", reason=str(e))
-                    link.close()
-                    self._link = None
-                    return
-                hb.start()
-                for ev in link.events(timeout=self.hb_timeout):
-                    if self.failover_requested.is_set():
-                        reason = "manual failover command"
-                        break
-                    if type(ev) is Checkpoint:  # the usual case: a whole epoch at once
-                        self._begin(ev.epoch, ev.kind)
-                        for p in ev.pages:
-                            self._stage(p)
-                        if ev.blob:
-                            self._staged_blob = ev.blob
-                        self._commit(link, ev.epoch, ev.digest)
-                    elif isinstance(ev, EpochBegin):
-                        self._begin(ev.epoch, ev.kind)
-                    elif isinstance(ev, Pages):
-                        self._stage(ev)
-                    elif isinstance(ev, MachineBlob):
-                        self._staged_blob = ev.blob
-                    elif isinstance(ev, EpochEnd):
-                        if ev.epoch != self._staged_epoch:
-                            raise ProtocolError("EpochEnd for an epoch that was not begun")
-                        self._commit(link, ev.epoch, ev.digest)
-                    elif isinstance(ev, Failover):
-                        # From the primary this means "take over now" (a planned switchover,
-                        # the end of a migration): everything it sent is committed already.
-                        reason = f"switchover requested by the primary: {ev.reason}"
-                        switchover = True
-                        break
-                    elif isinstance(ev, Goodbye):
-                        if self._ack_due:
-                            self._ack(link)
-                        reason = f"primary said goodbye: {ev.reason}"
-                        graceful = True
-                        break
-                    elif isinstance(ev, Heartbeat):
-                        pass
-                    if self._ack_due and not link.conn.frame_ready():
-                        self._ack(link)
-            except TimeoutError:
-                reason = f"no frame from the primary for {self.hb_timeout:g} s"
-            except LinkClosed as e:
-                reason = f"primary connection lost ({e})"
-            except ProtocolError as e:
-                # A malformed or unauthenticated frame mid-stream: it never touches committed
-                # state, and it is no proof that the primary died, so we do not fail over (two
-                # live copies would be worse); the primary sees the link drop and goes degraded.
-                self.rejected += 1
-                self._emit("protocol_error", error=str(e))
-                reason = f"protocol error from the primary: {e}"
-                broken = True
-            finally:
-                self._staged, self._staged_blob = [], None
-                self.staging_bytes = 0
+        """Follow the primary on ``link`` until its stream ends, then take over or wait for
+        another primary. The follower lock is held by ``_greet``."""
+        self._link = link
+        try:
+            end = self._stream(link, hello)
+        finally:
+            self._staged, self._staged_state = [], None
+            self.staging_bytes = 0
+        if end is not None:
             self.failover_detected_at = time.monotonic()
-            self._emit("switchover_requested" if switchover else "primary_lost", reason=reason,
-                       committed_epoch=self.committed_epoch)
-            if self.failover_requested.is_set() or switchover:
-                self.failover(reason, link)
-            elif self.auto_failover and not graceful and not broken and self.consistent:
-                if self._lease(reason):
-                    self.failover(reason, link)
-                else:
-                    self._emit("waiting", reason="failover refused by the arbiter; waiting for "
-                                                 "a primary or a manual failover")
-            elif not self.consistent or broken:
-                # Nothing consistent was ever committed from this peer: there is nothing to take
-                # over, and a stranger must not end the standby. Keep waiting for a primary.
-                self._emit("waiting", reason="not failing over; waiting for a primary to connect")
-            link.close()
-            self._link = None
+            self._emit("switchover_requested" if end.switchover else "primary_lost",
+                       reason=end.reason, committed_epoch=self.committed_epoch)
+            self._after(end, link)
+        link.close()
+        self._link = None
+
+    def _stream(self, link: Link, hello: Hello) -> _StreamEnd | None:
+        """Answer the Hello, then apply the primary's frames until the stream ends: how it
+        ended (None: this primary was refused)."""
+        hb = threading.Thread(target=self._heartbeats, args=(link,), daemon=True)
+        try:
+            try:
+                self._hello(link, hello)
+            except LinkClosed as e:
+                self._emit("rejected", reason=str(e))
+                return None
+            hb.start()
+            for ev in link.events(timeout=self.hb_timeout):
+                if self.failover_requested.is_set():
+                    return _StreamEnd("manual failover command")
+                end = self._apply(link, ev)
+                if end is not None:
+                    return end
+                if self._ack_due and not link.conn.frame_ready():
+                    self._ack(link)
+            return _StreamEnd("")
+        except TimeoutError:
+            return _StreamEnd(f"no frame from the primary for {self.hb_timeout:g} s")
+        except LinkClosed as e:
+            return _StreamEnd(f"primary connection lost ({e})")
+        except ProtocolError as e:
+            # A malformed or unauthenticated frame mid-stream: it never touches committed
+            # state, and it is no proof that the primary died, so we do not fail over (two
+            # live copies would be worse); the primary sees the link drop and goes degraded.
+            self.rejected += 1
+            self._emit("protocol_error", error=str(e))
+            return _StreamEnd(f"protocol error from the primary: {e}", broken=True)
+
+    def _apply(self, link: Link, ev: object) -> _StreamEnd | None:
+        """Stage or commit one frame of the primary's; how the stream ends if it ends it."""
+        if type(ev) is Checkpoint:  # the usual case: a whole epoch at once
+            self._begin(ev.epoch, ev.kind)
+            for p in ev.pages:
+                self._stage(p)
+            if ev.blob:
+                self._staged_state = ev.blob
+            self._commit(link, ev.epoch, ev.digest)
+        elif isinstance(ev, EpochBegin):
+            self._begin(ev.epoch, ev.kind)
+        elif isinstance(ev, Pages):
+            self._stage(ev)
+        elif isinstance(ev, MachineBlob):
+            self._staged_state = ev.blob
+        elif isinstance(ev, EpochEnd):
+            if ev.epoch != self._staged_epoch:
+                raise ProtocolError("EpochEnd for an epoch that was not begun")
+            self._commit(link, ev.epoch, ev.digest)
+        elif isinstance(ev, Failover):
+            # From the primary this means "take over now" (a planned switchover, the end of a
+            # migration): everything it sent is committed already.
+            return _StreamEnd(f"switchover requested by the primary: {ev.reason}",
+                              switchover=True)
+        elif isinstance(ev, Goodbye):
+            if self._ack_due:
+                self._ack(link)
+            return _StreamEnd(f"primary said goodbye: {ev.reason}", graceful=True)
+        return None  # (a Heartbeat: nothing to do)
+
+    def _after(self, end: _StreamEnd, link: Link) -> None:
+        """The primary's stream ended: take over, or wait for a primary (and say why)."""
+        if self.failover_requested.is_set() or end.switchover:
+            self.failover(end.reason, link)
+        elif self.auto_failover and not end.graceful and not end.broken and self.consistent:
+            if self._lease(end.reason):
+                self.failover(end.reason, link)
+            else:
+                self._emit("waiting", reason="failover refused by the arbiter; waiting for "
+                                             "a primary or a manual failover")
+        elif not self.consistent or end.broken:
+            # Nothing consistent was ever committed from this peer: there is nothing to take
+            # over, and a stranger must not end the standby. Keep waiting for a primary.
+            self._emit("waiting", reason="not failing over; waiting for a primary to connect")
 
     def _lease(self, reason: str) -> bool:
         """Split-brain guard: before an *automatic* failover, the arbiter command (if any) must
@@ -359,7 +384,7 @@ class Standby:
         self._emit("primary_connected")
 
     def _begin(self, epoch: int, kind: str) -> None:
-        self._staged, self._staged_blob = [], None
+        self._staged, self._staged_state = [], None
         self._staged_epoch, self._staged_kind = epoch, kind
         self.staging_bytes = 0
 
@@ -388,14 +413,14 @@ class Standby:
         self.pages += n
         if self._staged_kind == "full":
             self._needs_full = False
-        if self._staged_blob is not None:
-            self.committed_state = self._staged_blob
+        if self._staged_state is not None:
+            self.committed_state = self._staged_state
             self.consistent = not self._needs_full
         else:
             self.consistent = False  # a live full copy: consistent once the next delta lands
         self.committed_epoch = epoch
         self.epochs += 1
-        self._staged, self._staged_blob = [], None
+        self._staged, self._staged_state = [], None
         self.staging_bytes = 0
         if self.verify and digest:
             mine = m.memory.digest()
@@ -414,8 +439,6 @@ class Standby:
         # covers every epoch committed in it (acks are cumulative).
         self._ack_due = epoch
 
-    _ack_due = 0
-
     def _ack(self, link: Link) -> None:
         epoch, self._ack_due = self._ack_due, 0
         try:
@@ -424,9 +447,6 @@ class Standby:
             # The primary may have closed after a Goodbye we have not read yet: keep reading
             # what is already buffered; the end of the stream decides (Goodbye or loss).
             pass
-
-    #: Until a full epoch commits, deltas have no base (start, or after a verify mismatch).
-    _needs_full = True
 
     # --- failover ----------------------------------------------------------------------------------
     def request_failover(self) -> None:
@@ -550,9 +570,6 @@ class Standby:
                 # Once it took over and re-protects the guest: that replication's state.
                 "reprotect": self.reprotect_status(),
                 "lease": self.etcd.status() if self.etcd is not None else None}
-
-    #: Set by ``reprotect``: the replication of the guest this standby took over.
-    reprotected_by: Any = None
 
     def reprotect_status(self) -> dict[str, Any] | None:
         p = self.reprotected_by

@@ -3,10 +3,12 @@
 See ``uplink_handle.py`` for why it is a process. It owns the TCP connection and its
 ``wire.Connection``; a receiver thread turns the standby's acknowledgements into the staging
 header's acked counter and forwards rare events (Resync, Failover, loss) to the epoch loop.
-Finished epochs are sent in one write per burst of control messages, so when this process or
-the standby falls behind, epochs batch up by themselves.
+The control messages (``uplink_messages.py``) are handled by type (``_Control``). Finished
+epochs are sent in one write per burst of control messages, so when this process or the
+standby falls behind, epochs go out together by themselves.
 
-Run as ``python -m dirtyring.replication.uplink_process FD FD FD SIZE`` by ``uplink.Uplink``.
+Run as ``python -m dirtyring.replication.uplink_process FD FD FD SIZE`` by
+``uplink_handle.Uplink``.
 """
 from __future__ import annotations
 
@@ -24,15 +26,18 @@ from typing import Any, NoReturn
 import numpy as np
 
 from .._bindings.mapping import keep_freed_memory
-from ..errors import ProtocolError
+from ..errors import ProtocolError, RemoteProtocolError
 from ..machine.native import sparse_delta, take_words
 from ..wire import (PRIMARY, Ack, Checkpoint, Connection, EpochBegin, EpochEnd, Failover,
                     Goodbye, Heartbeat, Hello, MachineBlob, Pages)
 from ..wire import Resync as ResyncEvent
 from .arbiter import Revoker
-from .staging_area import (ACKED, ALIVE, CONSUMED, PAGE, Part, Staging, SteadyEpochs, recv_msg,
-                      send_msg)
+from .staging_area import PAGE, Staging
 from .transport import HandshakeRefused, Link, LinkClosed, handshake
+from .uplink_messages import (ACKED, ALIVE, CONSUMED, Acked, CheckpointEnd, Checkpoints, Close,
+                              FromUplink, Handshake, HandshakeDone, Lost, Part, ResyncRequested,
+                              RevokerArmed, Skipped, StagedParts, StandbyTookOver, Start,
+                              SteadyCheckpoints, WireStats, recv_msg, send_msg)
 
 MAX_UNACKED_BYTES = 2 << 20  # kept below the socket buffers: a Goodbye always fits
 #: Bounds the ack (and output) delay when the standby is slow. At ~3,500 checkpoints/s an ack
@@ -43,29 +48,41 @@ NICE = 5  # the uplink's priority below the epoch loop's (see main)
 #: After this long without a control message the uplink checks the primary is not dying (see
 #: ``_exiting``): a kill -9 is seen within about this, not when the primary's files close.
 WATCH_S = 0.002
+#: Finished epochs sent in one write at most (more wait for the next).
+MAX_OUTGOING = 16
+#: Memory slots up to this size keep a shadow of what the standby holds, for XOR deltas.
+SHADOW_MAX_BYTES = 4 << 30
 
 
 class _Sender:
     """The uplink's state: the link to the standby, the shadow of what it holds, flow
-    control, and the acknowledgements it publishes in the staging header."""
+    control, and the acknowledgements it publishes in the staging header.
 
-    #: Our primary's fencing token (its Hello's): every Ack must carry it.
-    token = 0
+    An epoch is built into ``cur`` from its parts; finished epochs wait in ``outgoing``
+    until every control message that was ready has been read, then go out in one write."""
 
-    def __init__(self, ctrl: socket.socket, link: Link, staging: Staging,
-                 opts: dict[str, Any]) -> None:
+    def __init__(self, ctrl: socket.socket, link: Link, staging: Staging, start: Start,
+                 token: int) -> None:
         self.ctrl = ctrl
         self.link = link
         self.st = staging
-        self.hb_interval = float(opts["heartbeat_interval"])
-        self.hb_timeout = float(opts["heartbeat_timeout"])
-        self.sizes = list(opts["slot_sizes"])
+        self.token = token  # our primary's fencing token (its Hello's): every Ack must carry it
+        self.hb_interval = float(start.heartbeat_interval)
+        self.hb_timeout = float(start.heartbeat_timeout)
+        self.sizes = list(start.slot_sizes)
         self.shadows: dict[int, np.ndarray | None] = {}
         self.lost = False
         self.closing = False
         self.last_send = time.monotonic()
         self.hb = 0
+        self._alive_seen = -1  # the epoch loop's liveness counter at the last heartbeat
         self.open: tuple[int, str, bool] | None = None  # epoch, kind, skipped
+        self.cur: list[Any] = []  # the open epoch's events not yet sent
+        self.cur_first = True  # nothing of the open epoch has been sent yet
+        self._n_pages = 0  # in the open epoch
+        self._last_seq: int | None = None  # staging cell of the open epoch's latest part
+        self.outgoing: list[tuple[int, list[Any], bool]] = []  # (epoch, events, skip-if-resync)
+        self.sent_epoch = 0  # the last epoch written to the standby in full
         self.unacked: dict[int, int] = {}  # epoch -> wire bytes, sent and not acknowledged
         self.sent_at: dict[int, float] = {}
         self.rtt: deque[float] = deque(maxlen=4096)
@@ -77,24 +94,22 @@ class _Sender:
         self.last_stats = 0.0
         self.report_ack = 0  # tell the primary at once when this epoch is acknowledged
 
-    def tell(self, *msg: Any) -> None:
+    def tell(self, msg: FromUplink) -> None:
         with self.ctrl_lock:
             try:
-                send_msg(self.ctrl, *msg)
+                send_msg(self.ctrl, msg)
             except OSError:
                 # The primary is gone: revoke its lease and hang up, from whichever thread
                 # finds out first (exiting alone would leave the lease to run out).
                 _primary_died(self.link)
 
-    #: Slots up to this size keep a shadow of what the standby holds, for XOR deltas.
-    SHADOW_MAX_BYTES = 4 << 30
-
     def shadow(self, slot: int) -> np.ndarray | None:
+        """Guest memory slot ``slot`` as the standby holds it (None: too big to keep)."""
         if slot not in self.shadows:
             size = self.sizes[slot]
             # np.zeros is calloc: untouched parts of a big, sparse slot cost nothing.
             self.shadows[slot] = (np.zeros((size // PAGE, PAGE), np.uint8)
-                                  if size <= self.SHADOW_MAX_BYTES else None)
+                                  if size <= SHADOW_MAX_BYTES else None)
         return self.shadows[slot]
 
     # --- receiving (thread) --------------------------------------------------------------------
@@ -120,11 +135,11 @@ class _Sender:
                         if report:
                             self.report_ack = 0
                     if report:  # output is held for it: the primary releases it now
-                        self.tell("acked", ev.epoch)
+                        self.tell(Acked(ev.epoch))
                 elif isinstance(ev, ResyncEvent):
-                    self.tell("resync", ev.epoch, ev.reason)
+                    self.tell(ResyncRequested(ev.epoch, ev.reason))
                 elif isinstance(ev, Failover):
-                    self.tell("failover", ev.reason)
+                    self.tell(StandbyTookOver(ev.reason))
                     return
                 elif isinstance(ev, Goodbye):
                     self.lose(f"standby said goodbye: {ev.reason}")
@@ -143,11 +158,9 @@ class _Sender:
             if self.lost:
                 return
             self.lost = True
-        self.tell("lost", reason)
+        self.tell(Lost(reason))
 
     # --- sending ---------------------------------------------------------------------------------
-    _alive_seen = -1
-
     def heartbeat_if_idle(self) -> None:
         """A heartbeat vouches for the *primary*, not for this process: it is sent only if the
         epoch loop moved its liveness counter since the last one. A stalled primary (SIGSTOP,
@@ -179,17 +192,15 @@ class _Sender:
             return self.lost or (len(self.unacked) < MAX_UNACKED_EPOCHS
                                  and sum(self.unacked.values()) <= MAX_UNACKED_BYTES)
 
-    # An epoch is built into ``self.cur`` from its parts; finished epochs wait in ``self.batch``
-    # until every control message that was ready has been read, then go out in one write.
     def _begin(self, epoch: int, kind: str) -> None:
         self.open = (epoch, kind, False)
-        self.cur = []  # the open epoch's Pages not yet sent
-        self.cur_first = True  # nothing of the epoch has been sent yet
+        self.cur = []
+        self.cur_first = True
         self._n_pages = 0
 
     def _pages(self, parts: list[Part]) -> None:
         """Pages events for staged parts. The shadow (what the standby will hold) is updated
-        at once, so the next epoch of the same batch XORs against it; if an epoch is skipped
+        at once, so the next epoch told with it XORs against it; if an epoch is skipped
         or the link fails, the full epoch that must follow rewrites every page anyway."""
         assert self.open is not None
         epoch, kind, skipped = self.open
@@ -213,17 +224,18 @@ class _Sender:
             if sh is not None:
                 sh[idx] = data
         if parts:
-            self._last_seq = parts[-1][0]
-            # Staging slots before the last one are free again; the last one too once the
+            self._last_seq = parts[-1].seq
+            # Staging cells before the last one are free again; the last one too once the
             # epoch is over (until then the epoch loop may still be filling it).
             self.st.header[CONSUMED] = self._last_seq
 
-    def on_parts(self, epoch: int, kind: str, parts: list[Part]) -> None:
-        """Parts of a big epoch ahead of its end (a staging slot the epoch loop filled): they
+    def on_parts(self, msg: StagedParts) -> None:
+        """Parts of a big epoch ahead of its end (a staging cell the epoch loop filled): they
         go out at once, so the epoch streams while the rest is still being gathered."""
+        epoch, kind = msg.epoch, msg.kind
         if self.open is None:
             self._begin(epoch, kind)
-        self._pages(parts)
+        self._pages(msg.parts)
         self.flush()
         if self.cur_first:
             self.cur.insert(0, EpochBegin(epoch=epoch, kind=kind))
@@ -234,72 +246,60 @@ class _Sender:
             self.cur_first = False
         self.cur = []
 
-    def on_checkpoint(self, epoch: int, kind: str, parts: list[Part],
-                      state: bytes, digest: bytes, outputs: int) -> None:
+    def on_checkpoint(self, cp: CheckpointEnd) -> None:
+        """The end of an epoch: it joins ``outgoing`` (or is skipped, after a Resync)."""
+        epoch, kind, state = cp.epoch, cp.kind, cp.state
         if self.open is None:
             self._begin(epoch, kind)
-        self._pages(parts)
+        self._pages(cp.parts)
         assert self.open is not None
         if self.open[2] or self.lost:
             self._skipped(epoch)
         elif self.cur_first:  # the whole epoch is here: one event (see wire.Checkpoint)
-            cp = Checkpoint.decoded(epoch=epoch, kind=kind, pages=tuple(self.cur), blob=state,
-                                    digest=digest, output_seq=outputs)
-            self.batch.append((epoch, [cp], kind == "delta"))
+            whole = Checkpoint.decoded(epoch=epoch, kind=kind, pages=tuple(self.cur), blob=state,
+                                       digest=cp.digest, output_seq=cp.outputs)
+            self.outgoing.append((epoch, [whole], kind == "delta"))
         else:
             if state:
                 self.cur.append(MachineBlob(epoch=epoch, blob=state))
-            self.cur.append(EpochEnd(epoch=epoch, n_pages=self._n_pages, digest=digest,
-                                     output_seq=outputs))
-            self.batch.append((epoch, self.cur, False))
+            self.cur.append(EpochEnd(epoch=epoch, n_pages=self._n_pages, digest=cp.digest,
+                                     output_seq=cp.outputs))
+            self.outgoing.append((epoch, self.cur, False))
         if self._last_seq is not None:
             self.st.header[CONSUMED] = self._last_seq + 1
         self._last_seq = None
         self.open = None
         self.cur = []
 
-    def steady(self, epochs: SteadyEpochs, outputs: int) -> list[tuple[Any, ...]]:
-        """The checkpoints of a steady batch as ``on_checkpoint`` takes them, their states
-        read from staging now (their slots are not released before they are handled)."""
-        return [("cp", epochs.epoch + i, "delta", epochs.parts(i), epochs.state(self.st, i),
-                 epochs.digest(i), outputs) for i in range(epochs.count)]
-
     def _skipped(self, epoch: int) -> None:
         self.skipped += 1
         if not self.lost:
-            self.tell("skipped", epoch)
+            self.tell(Skipped(epoch))
 
     def flush(self) -> None:
-        """Send every finished epoch of the batch in one write."""
-        if not self.batch:
+        """Send every finished epoch waiting in ``outgoing`` in one write."""
+        if not self.outgoing:
             return
-        batch, self.batch = self.batch, []
+        sent, self.outgoing = self.outgoing, []
         if self.lost:
             return
         now = time.monotonic()
         with self.lock:
-            for epoch, _, _ in batch:
+            for epoch, _, _ in sent:
                 self.sent_at[epoch] = now
-        sizes = self._send([(evs, skip) for _, evs, skip in batch])
+        sizes = self._send([(evs, skip) for _, evs, skip in sent])
         with self.lock:
-            for (epoch, _, _), size in zip(batch, sizes):
+            for (epoch, _, _), size in zip(sent, sizes):
                 if size < 0:
                     self.sent_at.pop(epoch, None)
                 elif epoch > self.acked:
                     self.unacked[epoch] = size
-        for (epoch, _, _), size in zip(batch, sizes):
+        for (epoch, _, _), size in zip(sent, sizes):
             if size < 0:
                 self._skipped(epoch)
             elif not self.lost:
                 self.sent_epoch = epoch
         self.maybe_stats()
-
-    cur: list[Any] = []
-    cur_first = True
-    batch: list[tuple[int, list[Any], bool]] = []
-    _n_pages = 0
-    _last_seq: int | None = None  # staging slot of the open epoch's latest part
-    sent_epoch = 0  # the last epoch written to the standby in full
 
     def maybe_stats(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -309,12 +309,12 @@ class _Sender:
         w = self.link.conn.statistics()
         with self.lock:
             rtt = np.asarray(self.rtt) if self.rtt else np.zeros(1)
-        self.tell("stats", {"compression_ratio": w.compression_ratio_out,
-                            "bytes_out": w.bytes_out, "frames_out": w.frames_out,
-                            "ack_ms_p50": float(np.percentile(rtt, 50)),
-                            "ack_ms_p99": float(np.percentile(rtt, 99)),
-                            "skipped_after_resync": self.skipped,
-                            "sent_epoch": self.sent_epoch})
+        self.tell(WireStats({"compression_ratio": w.compression_ratio_out,
+                             "bytes_out": w.bytes_out, "frames_out": w.frames_out,
+                             "ack_ms_p50": float(np.percentile(rtt, 50)),
+                             "ack_ms_p99": float(np.percentile(rtt, 99)),
+                             "skipped_after_resync": self.skipped,
+                             "sent_epoch": self.sent_epoch}))
 
     def goodbye(self, reason: str) -> None:
         """A planned stop: no frame after the Goodbye; half-close, then read until the standby
@@ -378,7 +378,7 @@ def _delta(epoch: int, slot: int, idx: np.ndarray, data: np.ndarray, shadow: np.
 
 def _staged_delta(epoch: int, slot: int, idx: np.ndarray, staged: int, pages: int,
                   words: int, shadow: np.ndarray | None) -> Pages:
-    """Pages for a part the pause staged as changed words (``stager.Part``; its pages at
+    """Pages for a part the pause staged as changed words (``uplink_messages.Part``; its pages at
     address ``staged``, their indices at ``pages``); the shadow, if kept, takes the same
     words. (C: numpy's slicing, copies and scatter were ~18 µs per part here.)"""
     got = take_words(staged, len(idx), words, pages,
@@ -426,7 +426,7 @@ def _arm_revoker(lease: dict[str, Any], s: _Sender) -> None:
     """Build the revoker, then say so: until then a crash leaves the lease to run out."""
     global _REVOKER
     _REVOKER = Revoker(lease)
-    s.tell("revoker_armed")
+    s.tell(RevokerArmed())
 
 
 def _primary_died(link: Link) -> NoReturn:
@@ -464,115 +464,175 @@ def _on_parent_death(primary: int, link: Link) -> None:
     signal.signal(_DEATH_SIGNAL, handler)
 
 
-def _handshake(link: Link, ctrl: socket.socket, msg: tuple[Any, ...]) -> bool:
-    _, role, version, sid, config, token = msg
+def _handshake(link: Link, ctrl: socket.socket, hello: Hello) -> bool:
+    """Say the primary's Hello to the standby and tell the primary how it went."""
     try:
-        ack = handshake(link, Hello(role=role, version=version, session_id=sid, config=config,
-                                    token=token))
-        send_msg(ctrl, "hello", True, ack.reason)
+        ack = handshake(link, hello)
+        send_msg(ctrl, HandshakeDone(True, ack.reason))
         return True
     except HandshakeRefused as e:
-        send_msg(ctrl, "hello", False, str(e))
+        send_msg(ctrl, HandshakeDone(False, str(e)))
     except TimeoutError:
-        send_msg(ctrl, "hello", False, "the standby did not answer the handshake within 10 s")
+        send_msg(ctrl, HandshakeDone(False, "the standby did not answer the handshake within 10 s"))
     except (LinkClosed, ProtocolError) as e:
-        send_msg(ctrl, "hello", False, f"handshake with the standby failed: {e}")
+        send_msg(ctrl, HandshakeDone(False, f"handshake with the standby failed: {e}"))
     return False
 
 
-def main(argv: list[str]) -> int:
+class _Control:
+    """What the uplink does with each control message after the handshake, by type.
+
+    Checkpoints and staged parts wait in ``pending`` (a steady batch's record expanded into
+    its checkpoints) until flow control lets them go (``send_pending``)."""
+
+    def __init__(self, sender: _Sender) -> None:
+        self.s = sender
+        self.pending: deque[StagedParts | CheckpointEnd] = deque()
+
+    def take(self, msg: object) -> Close | None:
+        """Handle one message from the epoch loop; a ``Close`` is returned, for the caller to
+        stop. Raises RemoteProtocolError for a message the epoch loop never sends now."""
+        match msg:
+            case Checkpoints():
+                self._checkpoints(msg)
+            case StagedParts():
+                self.pending.append(msg)
+            case Close():
+                return msg
+            case _:
+                raise RemoteProtocolError(f"unexpected control message from the primary after "
+                                          f"the handshake: {type(msg).__name__}")
+        return None
+
+    def _checkpoints(self, msg: Checkpoints) -> None:
+        for cp in msg.ended:
+            if isinstance(cp, SteadyCheckpoints):
+                self.pending.extend(cp.expand(self.s.st))
+            else:
+                self.pending.append(cp)
+        if msg.urgent and msg.ended:
+            with self.s.lock:
+                self.s.report_ack = max(self.s.report_ack, msg.last_epoch)
+
+    def send_pending(self) -> None:
+        """Build and send what is pending, as far as the flow-control window lets epochs
+        begin (an epoch already begun is always finished)."""
+        s = self.s
+        while self.pending:
+            if s.open is None and not s.window_open():
+                break
+            msg = self.pending.popleft()
+            if isinstance(msg, StagedParts):
+                s.flush()
+                s.on_parts(msg)
+            else:
+                s.on_checkpoint(msg)
+            if len(s.outgoing) >= MAX_OUTGOING:
+                s.flush()
+
+
+def _lower_priority() -> None:
+    """Set this process up as the epoch loop's background helper.
+
+    Background work must not delay the epoch loop, which holds the guest paused while it
+    runs: measured with a 64-page hot set at 250 us epochs, nice 5 here took the loop from
+    ~1,450 to ~2,000 checkpoints/s and the guest from ~30 % to ~41 % of its speed. The
+    uplink still has the other core; when it falls behind, the guest just runs longer epochs."""
     _pdeathsig()
     keep_freed_memory()
-    # Background work must not delay the epoch loop, which holds the guest paused while it
-    # runs: measured with a 64-page hot set at 250 us epochs, nice 5 here took the loop from
-    # ~1,450 to ~2,000 checkpoints/s and the guest from ~30 % to ~41 % of its speed. The
-    # uplink still has the other core; when it falls behind, the guest just runs longer epochs.
     try:
         os.nice(NICE)
     except OSError:
         pass
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the primary decides when we stop
-    ctrl_fd, sock_fd, mem_fd, size = (int(a) for a in argv[:4])
-    ctrl = socket.socket(fileno=ctrl_fd)
-    sock = socket.socket(fileno=sock_fd)
+
+
+def _start(ctrl: socket.socket, sock: socket.socket, mem_fd: int,
+           size: int) -> _Sender | int:
+    """Map staging, open the link and handshake, as ``Start`` and ``Handshake`` say: the
+    sender, or the exit status if it came to nothing."""
     start = recv_msg(ctrl)
-    if start is None or start[0] != "start":
+    if not isinstance(start, Start):
         return 2
-    opts = start[1]
-    staging = Staging(mem_fd, int(opts["slots"]), int(opts["slot_pages"]))
+    staging = Staging(mem_fd, start.cells, start.cell_pages)
     os.close(mem_fd)
     if staging.size != size:
         return 2
-    link = Link(sock, Connection(PRIMARY, opts["key"], insecure=bool(opts["insecure"]),
-                                 compress_level=int(opts["compress_level"])))
+    link = Link(sock, Connection(PRIMARY, start.key, insecure=start.insecure,
+                                 compress_level=start.compress_level))
     hello = recv_msg(ctrl)
-    if hello is None or hello[0] != "hello" or not _handshake(link, ctrl, hello):
+    if not isinstance(hello, Handshake) or not _handshake(link, ctrl, hello.hello):
         link.close()
         return 1
-    s = _Sender(ctrl, link, staging, opts)
-    s.token = int(hello[5])
-    if opts.get("lease"):
+    s = _Sender(ctrl, link, staging, start, hello.hello.token)
+    if start.lease:
         # After the handshake, beside the sending: importing the etcd client (requests) and
         # connecting take ~0.3 s here and seconds on a loaded host, which before the Hello
         # could outlast the standby's patience. A primary dying before it is ready leaves
         # the lease to run out (the safe, slow path).
-        threading.Thread(target=_arm_revoker, args=(opts["lease"], s), daemon=True).start()
+        threading.Thread(target=_arm_revoker, args=(start.lease, s), daemon=True).start()
     threading.Thread(target=s.receive, name="receiver", daemon=True).start()
-    pending: deque[tuple[Any, ...]] = deque()
-    primary = os.getppid()
-    _on_parent_death(primary, link)
+    return s
+
+
+def _read_ready(ctrl: socket.socket, control: _Control, link: Link) -> Close | None:
+    """Take every control message that is ready (none may be); a ``Close`` stops there.
+
+    Everything ready is read before anything is sent: when the standby or this process
+    falls behind, the epochs go out together in one write."""
     while True:
-        blocked = bool(pending)  # the window is shut: poll for acks and a close
+        try:
+            msg = recv_msg(ctrl, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return None
+        if msg is None:
+            _primary_died(link)
+        close = control.take(msg)
+        if close is not None:
+            return close
+
+
+def _serve(s: _Sender, ctrl: socket.socket, primary: int) -> int:
+    """Send what the epoch loop tells until it closes (0) or dies (this process ends)."""
+    control = _Control(s)
+    while True:
+        blocked = bool(control.pending)  # the window is shut: poll for acks and a close
         ready, _, _ = select.select([ctrl], [], [],
                                     0.001 if blocked else min(s.hb_interval, WATCH_S))
         if not ready and _exiting(primary):
-            _primary_died(link)
-        # Read every message that is ready, then send what they carried in one write: when
-        # the standby or this process falls behind, epochs batch up by themselves.
-        while ready:
-            try:
-                msg = recv_msg(ctrl, socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                break
-            if msg is None:
-                _primary_died(link)
-            if msg[0] == "close":
-                # Epochs still held back by flow control are never sent: their output was
-                # never released, and the standby keeps its last committed checkpoint.
-                s.flush()
-                s.maybe_stats(force=True)
-                s.goodbye(msg[1])
-                link.close()
-                return 0
-            if msg[0] == "cps":
-                last = 0
-                for cp in msg[1]:
-                    if cp[0] == "steady":  # ("steady", SteadyEpochs.fields(), outputs)
-                        epochs = SteadyEpochs(*cp[1])
-                        pending.extend(s.steady(epochs, cp[2]))
-                        last = epochs.epoch + epochs.count - 1
-                    else:
-                        pending.append(("cp", *cp))
-                        last = cp[0]
-                if msg[2]:
-                    with s.lock:
-                        s.report_ack = max(s.report_ack, last)
-            else:
-                pending.append(msg)
-        while pending:
-            if s.open is None and not s.window_open():
-                break
-            msg = pending.popleft()
-            if msg[0] == "parts":
-                s.flush()
-                s.on_parts(*msg[1:])
-            elif msg[0] == "cp":
-                s.on_checkpoint(*msg[1:])
-            if len(s.batch) >= 16:
-                s.flush()
+            _primary_died(s.link)
+        close = _read_ready(ctrl, control, s.link) if ready else None
+        if close is not None:
+            # Epochs still held back by flow control are never sent: their output was
+            # never released, and the standby keeps its last committed checkpoint.
+            s.flush()
+            s.maybe_stats(force=True)
+            s.goodbye(close.reason)
+            s.link.close()
+            return 0
+        control.send_pending()
         s.flush()
         s.heartbeat_if_idle()
         s.maybe_stats()
+
+
+def main(argv: list[str]) -> int:
+    _lower_priority()
+    ctrl_fd, sock_fd, mem_fd, size = (int(a) for a in argv[:4])
+    ctrl = socket.socket(fileno=ctrl_fd)
+    sock = socket.socket(fileno=sock_fd)
+    try:
+        s = _start(ctrl, sock, mem_fd, size)
+        if isinstance(s, int):
+            return s
+        primary = os.getppid()
+        _on_parent_death(primary, s.link)
+        return _serve(s, ctrl, primary)
+    except RemoteProtocolError as e:
+        # A bug of ours (both ends are this package): exiting drops the standby's connection,
+        # and the primary sees the uplink die.
+        print(f"dirtyring uplink: {e}", file=sys.stderr, flush=True)
+        return 3
 
 
 if __name__ == "__main__":

@@ -23,8 +23,8 @@ from dirtyring.machine.native import DELTA_WORDS
 from dirtyring.machine.state import MachineState
 from dirtyring.machine.stateblob import host_tsc_plus_offset
 from dirtyring.machine.vm import Machine
-from dirtyring.replication.staging_area import CONSUMED, Staging
-from dirtyring.replication.staging_area import Part
+from dirtyring.replication.staging_area import Staging
+from dirtyring.replication.uplink_messages import CONSUMED, Part
 from dirtyring.replication.steady_pause import SteadyPause, SteadyRun
 from dirtyring.replication.staging_writer import Stager
 from dirtyring.tracking import HotSetTracker
@@ -83,14 +83,14 @@ class Driver(EpochDriver):
                 f"the hot set never became steady (ordinary epochs of {self.length * 1e3:g} ms)"
 
 
-def stager(slots: int = 8, slot_pages: int = 256) -> Stager:
+def stager(cells: int = 8, cell_pages: int = 256) -> Stager:
     """The epoch loop's side of a staging area, with no uplink process reading it."""
-    return Stager(Staging(memfd("test-staging", Staging.size_for(slots, slot_pages)), slots,
-                          slot_pages), max_ahead=slots - 1)
+    return Stager(Staging(memfd("test-staging", Staging.size_for(cells, cell_pages)), cells,
+                          cell_pages), max_ahead=cells - 1)
 
 
 def consumed_all(up: Stager) -> None:
-    """What the uplink does once it has sent what was staged: the slots are free again."""
+    """What the uplink does once it has sent what was staged: the cells are free again."""
     up.staging.header[CONSUMED] = up.seq + 1
 
 
@@ -113,7 +113,7 @@ def steady_setup(machines: list[Machine], *, verify: bool = False, **staging: in
 
 
 def same_state(fast: bytes, m: Machine) -> None:
-    """The fast blob equals a capture now in everything but the TSC, which runs on."""
+    """The fast state record equals a capture now in everything but the TSC, which runs on."""
     a, b = MachineState.decode(fast), m.capture_state()
     assert a.config == b.config and a.devices == b.devices
     for x, y in zip(a.vcpus, b.vcpus):
@@ -172,7 +172,7 @@ def test_batches_stage_and_encode_each_epoch_like_the_ordinary_path(
         assert len(cps) <= left  # a batch never runs past the tracker's next re-arm
         staged = [parts_of(cp) for cp in cps]
         seqs = [seq for p in staged for seq, _, _ in p.values()]
-        assert len(set(seqs)) == len(cps) and up._parts == []  # a staging slot each
+        assert len(set(seqs)) == len(cps) and up._parts == []  # a staging cell each
         tscs = []
         for cp, parts in zip(cps, staged):
             st = MachineState.decode(cp.state)
@@ -184,7 +184,7 @@ def test_batches_stage_and_encode_each_epoch_like_the_ordinary_path(
                 # checkpoint's, and the pages staged for it are its pages.
                 assert sp._snapshots is not None
                 seq = next(iter(parts.values()))[0]
-                snap = np.frombuffer(sp._snapshots[seq % up.staging.slots], np.uint8)
+                snap = np.frombuffer(sp._snapshots[seq % up.staging.cells], np.uint8)
                 assert cp.digest == digest_of((snap,))
                 at = 0
                 for ms in m.memory.slots:
@@ -258,7 +258,7 @@ def test_with_a_base_batches_stage_only_the_words_changed_since_the_last_checkpo
                     image[slot][idx] = data
                     by_pages += 1
             assert sp._snapshots is not None
-            snap = sp._snapshots[cp.parts[0][0] % up.staging.slots]
+            snap = sp._snapshots[cp.parts[0].seq % up.staging.cells]
             assert b"".join(i.tobytes() for i in image) == bytes(snap), epoch
             batched += 1
         epoch += got.count
@@ -286,7 +286,7 @@ def test_an_epoch_dropped_unsent_leaves_no_base(machines: list[Machine]) -> None
 
 
 def test_a_set_too_big_to_batch_keeps_no_base(machines: list[Machine]) -> None:
-    """A hot set bigger than a staging slot is never batched: the ordinary checkpoint does
+    """A hot set bigger than a staging cell is never batched: the ordinary checkpoint does
     not copy it (that would only lengthen every ordinary pause)."""
     m = hot_machine(machines)
     tr = m.tracker
@@ -296,7 +296,7 @@ def test_a_set_too_big_to_batch_keeps_no_base(machines: list[Machine]) -> None:
     assert steady is not None
     n = sum(len(p) for _, p in steady[0].items())
     assert n > 1
-    sp = SteadyPause(m, tr, stager(slot_pages=n - 1))  # the set does not fit
+    sp = SteadyPause(m, tr, stager(cell_pages=n - 1))  # the set does not fit
     before = {slot: shadow.copy() for slot, shadow in sp._shadows.items()}
     sp.checkpointed()
     assert sp._shadow_for is None
@@ -307,14 +307,14 @@ def test_a_set_too_big_to_batch_keeps_no_base(machines: list[Machine]) -> None:
 
 
 def test_it_steps_aside_for_vmm_writes_and_busy_staging(machines: list[Machine]) -> None:
-    m, tr, up, sp, drv = steady_setup(machines, slots=3)
+    m, tr, up, sp, drv = steady_setup(machines, cells=3)
     epoch = drv.settle(1)
     m.memory.mark_dirty(1, 200)  # the VMM wrote a page: only the ordinary harvest reports it
     assert sp.run(epoch, EPOCH, 4) is None and up._parts == []
     assert (1, 200) in drv.run_epoch(EPOCH).dirty
     m.encode_state()
     epoch = drv.settle(epoch + 1)
-    up.seq, up.staging.header[CONSUMED] = 10, 8  # two staging slots still in the uplink's hands
+    up.seq, up.staging.header[CONSUMED] = 10, 8  # two staging cells still in the uplink's hands
     assert sp.run(epoch, EPOCH, 4) is None and up._parts == []
     up.staging.header[CONSUMED] = 9  # one free (max_ahead 2): a batch of one at most
     got, epoch = steady_run(sp, m, drv, up, epoch)

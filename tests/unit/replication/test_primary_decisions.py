@@ -15,6 +15,8 @@ import pytest
 from dirtyring.replication.arbiter import ArbiterUnavailable
 from dirtyring.replication.primary import Primary
 from dirtyring.replication.uplink_handle import UPLINK_DIED
+from dirtyring.replication.uplink_messages import (Acked, Lost, ResyncRequested, RevokerArmed,
+                                                   Skipped, StandbyTookOver, WireStats)
 
 
 class FakeArbiter:
@@ -90,7 +92,7 @@ def test_uplink_death_without_an_arbiter_fences_the_primary() -> None:
     What the standby acknowledged is released; the rest is dropped, never released."""
     p, out, log = primary(acked=3)
     emit_epochs(p, range(2, 6))
-    p._on_message(("lost", UPLINK_DIED))
+    p._on_message(Lost(UPLINK_DIED))
     assert p.fenced and p.state == "fenced"
     assert "the standby takes over" in p.lost_reason and "--etcd" in p.lost_reason
     assert out == [("r2", 2), ("r3", 3)]
@@ -103,7 +105,7 @@ def test_uplink_death_without_an_arbiter_fences_the_primary() -> None:
 def test_uplink_death_during_a_planned_stop_is_no_failover() -> None:
     p, out, _ = primary(acked=2)
     p.state = "stopping"
-    p._on_message(("lost", UPLINK_DIED))
+    p._on_message(Lost(UPLINK_DIED))
     assert not p.fenced
 
 
@@ -113,7 +115,7 @@ def test_a_lost_standby_without_an_arbiter_leaves_the_primary_alone() -> None:
     partition can then give two live copies)."""
     p, out, log = primary(acked=2)
     emit_epochs(p, range(2, 5))
-    p._on_message(("lost", "no frame from the standby for 0.3 s"))
+    p._on_message(Lost("no frame from the standby for 0.3 s"))
     assert p.state == "degraded" and not p.fenced
     assert [e for _, e in out] == [2, 3, 4]
     emit_epochs(p, range(5, 6))
@@ -127,7 +129,7 @@ def test_with_an_arbiter_the_standby_is_marked_stale_before_anything_unacknowled
     a = FakeArbiter([])
     p, out, log = primary(a, acked=2)
     emit_epochs(p, range(2, 5))
-    p._on_message(("lost", why))
+    p._on_message(Lost(why))
     assert p.state == "degraded" and not p.fenced
     assert [e for _, e in out] == [2, 3, 4]
     # r2 was acknowledged (released by the ack); r3 and r4 only after the mark
@@ -141,7 +143,7 @@ def test_with_etcd_unreachable_the_primary_holds_its_output_until_it_can_mark() 
     a.reachable = False
     p, out, log = primary(a, acked=0)
     emit_epochs(p, range(2, 4))
-    p._on_message(("lost", "no frame from the standby for 0.3 s"))
+    p._on_message(Lost("no frame from the standby for 0.3 s"))
     assert p.state == "degraded" and out == [] and p.gate.statistics().held == 2
     assert p._lease_fields()["lease"]["output_held"] is True
     emit_epochs(p, range(4, 5))
@@ -155,7 +157,7 @@ def test_with_etcd_unreachable_the_primary_holds_its_output_until_it_can_mark() 
 def test_alone_output_leaves_only_while_the_lease_surely_holds() -> None:
     a = FakeArbiter([])
     p, out, _ = primary(a, acked=0)
-    p._on_message(("lost", "no frame from the standby for 0.3 s"))
+    p._on_message(Lost("no frame from the standby for 0.3 s"))
     emit_epochs(p, range(2, 3))
     assert out == [("r2", 2)]
     a.lease_ok = False  # within the margin of the lease's end by our clock
@@ -184,7 +186,7 @@ def test_a_primary_that_cannot_mark_because_another_holds_the_key_fences_itself(
     a.holds = False
     p, out, _ = primary(a, acked=2)
     emit_epochs(p, range(2, 5))
-    p._on_message(("lost", UPLINK_DIED))
+    p._on_message(Lost(UPLINK_DIED))
     assert p.fenced and out == [("r2", 2)]
 
 
@@ -192,5 +194,23 @@ def test_the_standby_taking_over_fences_the_primary() -> None:
     a = FakeArbiter([])
     p, out, _ = primary(a, acked=3)
     emit_epochs(p, range(2, 6))
-    p._on_message(("failover", "manual failover command"))
+    p._on_message(StandbyTookOver("manual failover command"))
     assert p.fenced and [e for _, e in out] == [2, 3] and a.released
+
+
+def test_every_message_from_the_uplink_is_handled_by_its_type() -> None:
+    """Resync, skipped, statistics, the revoker, an urgent ack: each does its own thing."""
+    p, out, log = primary(acked=0)
+    emit_epochs(p, range(2, 4))
+    p._on_message(ResyncRequested(5, "memory digest mismatch"))
+    assert p._resync.is_set() and "resync_requested" in log
+    p._on_message(Skipped(6))
+    assert p.skipped_after_resync == 1
+    p._on_message(WireStats({"ack_ms_p50": 0.25}))
+    assert p._wire == {"ack_ms_p50": 0.25}
+    p._on_message(RevokerArmed())
+    assert "lease_revoker_armed" in log
+    p.up.acked = 2  # type: ignore[union-attr]
+    p._on_message(Acked(2))  # the ack is read from staging at once, not at the next epoch
+    assert out == [("r2", 2)]
+    assert not p.fenced and p.state == "protected"

@@ -24,7 +24,10 @@ from typing import Any
 import pytest
 
 from dirtyring.replication import uplink_handle as up
-from dirtyring.replication.staging_area import ACKED, recv_msg, send_msg
+from dirtyring.replication.uplink_messages import (ACKED, CheckpointEnd, Checkpoints, Close,
+                                                   Handshake, HandshakeDone, Lost, Message,
+                                                   ResyncRequested, Start, WireStats, recv_msg,
+                                                   send_msg)
 from dirtyring.wire import Hello
 
 SID = b"s" * 16
@@ -64,27 +67,27 @@ class FakeProcess:
             self.ctrl.close()
             self.exited.set()
 
-    def recv(self) -> tuple[Any, ...]:
+    def recv(self) -> Any:
         self.ctrl.settimeout(30)
         msg = recv_msg(self.ctrl)
         assert msg is not None
         return msg
 
-    def send(self, *msg: Any) -> None:
-        send_msg(self.ctrl, *msg)
+    def send(self, msg: Message) -> None:
+        send_msg(self.ctrl, msg)
 
 
 class Messages:
     def __init__(self) -> None:
-        self.got: list[tuple[Any, ...]] = []
+        self.got: list[Message] = []
         self.cv = threading.Condition()
 
-    def __call__(self, msg: tuple[Any, ...]) -> None:
+    def __call__(self, msg: Message) -> None:
         with self.cv:
             self.got.append(msg)
             self.cv.notify_all()
 
-    def wait(self, n: int) -> list[tuple[Any, ...]]:
+    def wait(self, n: int) -> list[Message]:
         with self.cv:
             assert self.cv.wait_for(lambda: len(self.got) >= n, 30), self.got
             return list(self.got)
@@ -102,12 +105,12 @@ def uplink(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
         b.close()
         msgs = Messages()
         u = up.Uplink(a, b"k" * 32, insecure=False, compress_level=1, heartbeat_interval=0.1,
-                      heartbeat_timeout=1.0, slot_sizes=[1 << 20], on_message=msgs, slots=4,
-                      slot_pages=16)
+                      heartbeat_timeout=1.0, slot_sizes=[1 << 20], on_message=msgs, cells=4,
+                      cell_pages=16)
         made.append(u)
         proc = FakeProcess.last
         start = proc.recv()
-        assert start[0] == "start" and start[1]["slots"] == 4 and start[1]["key"] == b"k" * 32
+        assert type(start) is Start and start.cells == 4 and start.key == b"k" * 32
         return u, proc, msgs
 
     yield make
@@ -121,11 +124,11 @@ def hello() -> Hello:
 
 def test_the_handshake_answer_is_the_uplinks(uplink: Any) -> None:
     u, proc, msgs = uplink()
-    proc.send("hello", True, "")
+    proc.send(HandshakeDone(True, ""))
     assert u.hello(hello()) == (True, "")
-    assert proc.recv() == ("hello", "primary", 2, SID, b"{}", 0)  # (token: no arbiter)
+    assert proc.recv() == Handshake(hello())  # (token: no arbiter)
     u2, proc2, _ = uplink()
-    proc2.send("hello", False, "this standby already follows a primary")
+    proc2.send(HandshakeDone(False, "this standby already follows a primary"))
     assert u2.hello(hello()) == (False, "this standby already follows a primary")
 
 
@@ -134,7 +137,7 @@ def test_an_uplink_that_ends_or_stays_silent_refuses_the_handshake(uplink: Any) 
     proc.exit(1)
     ok, reason = u.hello(hello())
     assert not ok and "ended during the handshake" in reason
-    assert msgs.wait(1) == [("lost", up.UPLINK_DIED)]
+    assert msgs.wait(1) == [Lost(up.UPLINK_DIED)]
     u2, _, msgs2 = uplink()
     ok, reason = u2.hello(hello(), timeout=0.2)  # the fake never answers
     assert not ok and "did not answer the handshake in time" in reason
@@ -149,24 +152,27 @@ def test_checkpoints_ended_together_go_in_one_message_in_order(uplink: Any) -> N
     u.end(7, "delta", b"s7", b"", 2, flush=False)
     assert u.queued_for > 0.0
     u.flush()
-    kind, entries, urgent = proc.recv()
-    assert kind == "cps" and urgent is True
-    assert [(e[0], e[3], e[5]) for e in entries] == [(5, b"s5", 1), (6, b"s6", 1), (7, b"s7", 2)]
+    msg = proc.recv()
+    assert type(msg) is Checkpoints and msg.urgent is True
+    assert [(e.epoch, e.state, e.outputs) for e in msg.ended] == [(5, b"s5", 1), (6, b"s6", 1),
+                                                                   (7, b"s7", 2)]
+    assert all(type(e) is CheckpointEnd for e in msg.ended)
     assert u.queued_for == 0.0
     u.flush()  # nothing queued: nothing told
     u.end(8, "delta", b"s8", b"", 2)  # flush=True: at once, and no longer urgent
-    kind, entries, urgent = proc.recv()
-    assert kind == "cps" and [e[0] for e in entries] == [8] and urgent is False
+    msg = proc.recv()
+    assert type(msg) is Checkpoints and [e.epoch for e in msg.ended] == [8]
+    assert msg.urgent is False
 
 
 def test_messages_reach_the_primary_in_order_and_the_end_is_one_loss(uplink: Any) -> None:
     u, proc, msgs = uplink()
-    proc.send("resync", 4, "memory digest mismatch")
-    proc.send("stats", {"ack_ms_p50": 0.1})
+    proc.send(ResyncRequested(4, "memory digest mismatch"))
+    proc.send(WireStats({"ack_ms_p50": 0.1}))
     proc.exit(1)
     got = msgs.wait(3)
-    assert got == [("resync", 4, "memory digest mismatch"), ("stats", {"ack_ms_p50": 0.1}),
-                   ("lost", up.UPLINK_DIED)]
+    assert got == [ResyncRequested(4, "memory digest mismatch"), WireStats({"ack_ms_p50": 0.1}),
+                   Lost(up.UPLINK_DIED)]
     assert u.dead.wait(30)
     # Telling a dead uplink about a checkpoint does not raise: it is dropped (its output stays
     # held, since no standby will ever acknowledge it).
@@ -179,9 +185,9 @@ def test_a_closing_primary_is_not_told_of_a_loss(uplink: Any) -> None:
     u.end(3, "delta", b"s3", b"", 1, flush=False)
 
     def uplink_side() -> None:
-        kind, entries, _ = proc.recv()  # close flushes what was queued first
-        assert kind == "cps" and entries[0][0] == 3
-        assert proc.recv() == ("close", "primary shutting down")
+        msg = proc.recv()  # close flushes what was queued first
+        assert type(msg) is Checkpoints and msg.ended[0].epoch == 3
+        assert proc.recv() == Close("primary shutting down")
         proc.exit(0)
     t = threading.Thread(target=uplink_side)
     t.start()
@@ -198,3 +204,12 @@ def test_acked_is_read_from_staging_and_kept_once_it_is_unmapped(uplink: Any) ->
     assert u.acked == 41
     u.kill()
     assert proc.killed and u.acked == 41 and u.staging_bytes == 0
+
+
+def test_a_malformed_message_from_the_uplink_stops_it_and_is_one_loss(uplink: Any) -> None:
+    """Bytes that are no message (a bug of ours) end the uplink, as if it had died: the standby
+    sees the connection drop, and the primary is told once."""
+    u, proc, msgs = uplink()
+    proc.ctrl.sendall(b"\x80\x05garbage")
+    assert msgs.wait(1) == [Lost(up.UPLINK_DIED)]
+    assert u.dead.wait(30) and proc.killed
