@@ -488,9 +488,14 @@ class Standby:
                 link.send(Failover(reason="standby took over"))
             except (LinkClosed, ProtocolError):
                 pass
+        a = self.etcd
+        lease = {} if a is None else {"lease": {  # (ours now: no etcd request for the event)
+            "group": a.group, "holder": a.who if a.token and not a.lost else "",
+            "revision": a.token, "ttl_left_s": round(a.ttl_left(), 3)}}
         self._emit("failover_done", epoch=self.committed_epoch, resumed_t=self.resumed_wall,
                    resume_ms=(self.failover_done_at - t0) * 1e3,
-                   since_detection_ms=(self.failover_done_at - self.failover_detected_at) * 1e3)
+                   since_detection_ms=(self.failover_done_at - self.failover_detected_at) * 1e3,
+                   **lease)
         self.failed_over.set()
 
     def _stale_token(self, token: int) -> str:
