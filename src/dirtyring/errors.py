@@ -10,7 +10,15 @@ import os
 
 
 class DirtyringError(Exception):
-    """Root of every error this package raises on purpose."""
+    """Root of every error this package raises on purpose.
+
+    Example::
+
+        try:
+            m = dirtyring.Machine(dirtyring.MachineConfig(vcpus=9))
+        except dirtyring.DirtyringError as e:
+            print(f"dirtyring: error: {e}")     # vcpus must be 1..4 ...
+    """
 
 
 class KvmError(DirtyringError, OSError):
@@ -18,6 +26,13 @@ class KvmError(DirtyringError, OSError):
 
     Raised by the bindings layer. Carries the errno and the ioctl name so a message reads like
     ``KVM_ENABLE_CAP failed: EINVAL (Invalid argument)``.
+
+    Example::
+
+        try:
+            m = dirtyring.Machine(cfg)
+        except dirtyring.KvmError as e:
+            print(e.ioctl, e.errno)              # e.g. KVM_CREATE_VM 12
     """
 
     def __init__(self, ioctl: str, err: int, hint: str = "") -> None:
@@ -34,11 +49,27 @@ class KvmError(DirtyringError, OSError):
 
 
 class KvmUnavailable(DirtyringError):
-    """/dev/kvm is missing or cannot be opened; the message says which and what to do."""
+    """/dev/kvm is missing or cannot be opened; the message says which and what to do.
+
+    Example::
+
+        try:
+            m = dirtyring.Machine(dirtyring.MachineConfig())
+        except dirtyring.KvmUnavailable as e:
+            raise SystemExit(f"no usable KVM on this host: {e}")
+    """
 
 
 class CapabilityMissing(DirtyringError):
-    """The host kernel lacks one or more KVM capabilities a feature needs (all are listed)."""
+    """The host kernel lacks one or more KVM capabilities a feature needs (all are listed).
+
+    Example::
+
+        try:
+            m = dirtyring.Machine(dirtyring.MachineConfig(tracker="ring"))
+        except dirtyring.CapabilityMissing as e:
+            print("missing:", e.missing)         # then try tracker="bitmap"
+    """
 
     def __init__(self, missing: list[str], feature: str = "") -> None:
         self.missing = list(missing)
@@ -47,39 +78,110 @@ class CapabilityMissing(DirtyringError):
 
 
 class GuestError(DirtyringError):
-    """A guest program is missing, malformed, or did something the VMM cannot serve."""
+    """A guest program is missing, malformed, or did something the VMM cannot serve.
+
+    Example::
+
+        try:
+            m.check()                            # raises if a vCPU crashed
+        except dirtyring.GuestError as e:
+            print("guest failed:", e)
+    """
 
 
 class GuestCrashed(GuestError):
-    """The guest stopped unexpectedly (triple fault, internal error, failed entry)."""
+    """The guest stopped unexpectedly (triple fault, internal error, failed entry).
+
+    Example::
+
+        try:
+            m.check()
+        except dirtyring.GuestCrashed as e:
+            print("crashed:", e)
+    """
+
+
+class ProgramError(GuestError):
+    """A Linux program given to run as a guest cannot be run as it is: not an ELF file, not
+    x86-64, truncated, inconsistent program headers, or a kind not supported yet (the message
+    names the program and says which)."""
 
 
 class TrackingError(DirtyringError):
     """Dirty tracking cannot guarantee completeness (ring overflow, bad entry, reset interrupted).
 
     The caller must treat every page as dirty (full resync) rather than trust the last harvest.
+
+    Example::
+
+        try:
+            dirty = m.tracker.harvest()
+        except dirtyring.TrackingError:
+            dirty = m.tracker.full()             # every page, re-armed: resync
     """
 
 
 class RingOverflow(TrackingError):
-    """The dirty ring lost entries (wrapped, or full with nothing to harvest): resync everything."""
+    """The dirty ring lost entries (wrapped, or full with nothing to harvest): resync everything.
+
+    Example::
+
+        try:
+            dirty = m.tracker.harvest()
+        except dirtyring.RingOverflow:
+            dirty = m.tracker.full()
+    """
 
 
 class SnapshotFormatError(DirtyringError):
-    """A snapshot file or state blob is truncated, corrupted, of another version, or out of chain."""
+    """A snapshot file or state blob is truncated, corrupted, of another version, or out of chain.
+
+    Example::
+
+        try:
+            chain = dirtyring.resolve_chain("snaps/snap-0002.snap")
+        except dirtyring.SnapshotFormatError as e:
+            print("bad chain:", e)               # names the file and what is wrong
+    """
 
 
 class ProtocolError(DirtyringError):
-    """Base of wire-protocol errors; not raised directly."""
+    """Base of wire-protocol errors; not raised directly.
+
+    Example::
+
+        except dirtyring.ProtocolError as e:     # either kind: the connection is dead
+            link.close()
+    """
 
 
 class LocalProtocolError(ProtocolError):
-    """We tried to send something the protocol state does not allow (a bug on our side)."""
+    """We tried to send something the protocol state does not allow (a bug on our side).
+
+    Example::
+
+        except dirtyring.LocalProtocolError as e:
+            raise AssertionError(f"dirtyring bug: {e}")
+    """
 
 
 class RemoteProtocolError(ProtocolError):
-    """The peer sent bytes that are malformed, unauthenticated or illegal in the current state."""
+    """The peer sent bytes that are malformed, unauthenticated or illegal in the current state.
+
+    Example::
+
+        except dirtyring.RemoteProtocolError as e:
+            print("peer sent bad data:", e)      # e.g. a wrong key: the MAC does not match
+    """
 
 
 class ConfigError(DirtyringError):
-    """A user-supplied setting is out of range or inconsistent; the message names the setting."""
+    """A user-supplied setting is out of range or inconsistent; the message names the setting.
+
+    Example::
+
+        try:
+            dirtyring.MachineConfig(tracker="magic")
+        except dirtyring.ConfigError as e:
+            print(e)                             # unknown tracker 'magic'; choose one of ...
+    """

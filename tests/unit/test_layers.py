@@ -1,5 +1,5 @@
-"""Imports only point down: bindings -> tracking -> machine -> the products (replication,
-migration, snapshots) -> cli/bench.
+"""Imports only point down: bindings -> tracking -> machine -> linux (the process
+personality) -> the products (replication, migration, snapshots) -> cli/bench.
 
 ``wire`` sits beside ``tracking`` and may use nothing of dirtyring but ``errors``, and never
 sockets, clocks or threads; ``guests`` is data and tooling for the machine layer and imports
@@ -25,11 +25,15 @@ ALLOWED: dict[str, set[str]] = {
     "wire": {"errors"},
     "tracking": {"errors", "_bindings"},
     "machine": {"errors", "_bindings", "tracking", "guests"},
-    "replication": {"errors", "_bindings", "tracking", "guests", "machine", "wire"},
-    "migration": {"errors", "_bindings", "tracking", "guests", "machine", "wire", "replication"},
-    "snapshots": {"errors", "_bindings", "tracking", "guests", "machine", "wire"},
-    "bench": {"errors", "_bindings", "tracking", "guests", "machine", "wire", *PRODUCTS, "cli"},
-    "cli": {"errors", "_bindings", "tracking", "guests", "machine", "wire", *PRODUCTS, "bench"},
+    "linux": {"errors", "_bindings", "tracking", "guests", "machine"},
+    "replication": {"errors", "_bindings", "tracking", "guests", "machine", "linux", "wire"},
+    "migration": {"errors", "_bindings", "tracking", "guests", "machine", "linux", "wire",
+                  "replication"},
+    "snapshots": {"errors", "_bindings", "tracking", "guests", "machine", "linux", "wire"},
+    "bench": {"errors", "_bindings", "tracking", "guests", "machine", "linux", "wire", *PRODUCTS,
+              "cli"},
+    "cli": {"errors", "_bindings", "tracking", "guests", "machine", "linux", "wire", *PRODUCTS,
+            "bench"},
 }
 
 

@@ -131,10 +131,13 @@ def measure(cell: Cell, seconds: float, key: bytes) -> dict[str, float]:
             / max(b["epoch"] - a["epoch"], 1)}
 
 
-def run(*, quick: bool, seconds: float | None = None,
-        progress: Any = None) -> list[Record]:
-    intervals = QUICK_INTERVALS_US if quick else INTERVALS_US
-    sets = QUICK_WORKING_SETS if quick else WORKING_SETS
+def run(*, quick: bool, seconds: float | None = None, progress: Any = None,
+        pages: tuple[int, ...] | None = None,
+        intervals_us: tuple[int, ...] | None = None) -> list[Record]:
+    """Measure the matrix (or the cells ``pages`` x ``intervals_us`` of it, to compare two
+    versions on the cells that matter without a full run)."""
+    intervals = intervals_us or (QUICK_INTERVALS_US if quick else INTERVALS_US)
+    sets = pages or (QUICK_WORKING_SETS if quick else WORKING_SETS)
     secs = seconds or (QUICK_SECONDS if quick else SECONDS)
     key = os.urandom(32)
     recs: list[Record] = []
@@ -244,7 +247,27 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--seconds", type=float, default=None,
                    help=f"measured seconds per cell (default {SECONDS:g}, "
                         f"{QUICK_SECONDS:g} with --quick)")
+    p.add_argument("--pages", type=_int_list, default=None, metavar="N[,N...]",
+                   help="only these hot-set sizes, in pages (default "
+                        f"{','.join(map(str, WORKING_SETS))}; "
+                        f"{','.join(map(str, QUICK_WORKING_SETS))} with --quick)")
+    p.add_argument("--intervals", type=_int_list, default=None, metavar="US[,US...]",
+                   help="only these epoch lengths, in µs (default "
+                        f"{','.join(map(str, INTERVALS_US))}; "
+                        f"{','.join(map(str, QUICK_INTERVALS_US))} with --quick)")
     p.set_defaults(func=command)
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    """``64,256`` -> (64, 256); positive integers only (argparse turns the error into a usage
+    message)."""
+    try:
+        out = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of integers: {text!r}") from None
+    if not out or min(out) <= 0:
+        raise argparse.ArgumentTypeError(f"expected positive integers: {text!r}")
+    return out
 
 
 def command(args: argparse.Namespace) -> int:
@@ -255,13 +278,15 @@ def command(args: argparse.Namespace) -> int:
               f"{100 * prog / base:5.1f} %  (pause p50 {r['pause_us_p50']:.0f} µs, "
               f"{r['mb_per_s']:.0f} MB/s)", flush=True)
     try:
-        recs = run(quick=args.quick, seconds=args.seconds, progress=show)
+        recs = run(quick=args.quick, seconds=args.seconds, progress=show, pages=args.pages,
+                   intervals_us=args.intervals)
     except DirtyringError as e:
         print(f"dirtyring bench replicate: error: {e}", file=sys.stderr)
         return 1
     print(verdict(recs))
     out = Path(args.out)
-    j = write_json(out / f"{BENCH}.json", BENCH, recs, settings={"quick": args.quick})
+    settings = {"quick": args.quick, "pages": args.pages, "intervals_us": args.intervals}
+    j = write_json(out / f"{BENCH}.json", BENCH, recs, settings=settings)
     png = plot(recs, out / f"{BENCH}.png")
     print(f"wrote {j}" + (f" and {png}" if png else " (matplotlib missing: no plot)"))
     return 0

@@ -1,5 +1,9 @@
 """Where a long-running command's events go: JSON lines for programs (``--json``), or text for
-people, with a status line rewritten in place on a terminal (live view)."""
+people, with a status line rewritten in place on a terminal (live view).
+
+Every JSON line carries ``"v"``: the version of the event schema (``docs/operations/events.md``
+documents every event and its fields). It goes up when a field changes meaning or goes away;
+new events and new fields do not change it, so readers should ignore what they do not know."""
 from __future__ import annotations
 
 import json
@@ -8,6 +12,9 @@ from collections.abc import Callable
 from typing import Any
 
 Event = dict[str, Any]
+
+#: The version of the JSON event schema, the ``"v"`` field of every JSON line.
+EVENT_SCHEMA_VERSION = 1
 
 
 class EventPrinter:
@@ -28,7 +35,7 @@ class EventPrinter:
     def __call__(self, e: Event) -> None:
         with self._lock:
             if self.as_json:
-                print(json.dumps(e), flush=True)
+                print(json.dumps({"v": EVENT_SCHEMA_VERSION, **e}), flush=True)
             elif self.render is None or not self.render(self, e):
                 rest = " ".join(f"{k}={v}" for k, v in e.items() if k not in self.hide)
                 self.line(f"{e['event']}: {rest}")

@@ -9,6 +9,8 @@ import time
 from typing import Any
 
 from ..guests import NAMES
+from ..linux.program import LinuxProgram
+from ..linux.runner import run_program
 from ..guests.protocol import GuestParams, Pattern
 from ..machine.config import MachineConfig
 from ..machine.epoch import EpochDriver
@@ -34,10 +36,26 @@ def add_parser(sub: Any) -> None:
                    help="compare a shadow copy with guest memory every N epochs "
                         "(default 100; 0 = off)")
     p.add_argument("--json", action="store_true", help="JSON lines instead of the live view")
+    p.add_argument("--exec", metavar="PROGRAM", default=None,
+                   help="run this static x86-64 Linux program instead of a built-in guest, "
+                        "under the library OS; its output passes through and its exit status "
+                        "is dirtyring's (default: none; --memory sizes its address space, "
+                        "--interval and --tracker apply, the other guest options do not)")
+    p.add_argument("--env", action="append", default=[], metavar="K=V",
+                   help="an environment variable for --exec (repeatable; default: an empty "
+                        "environment)")
+    p.add_argument("args", nargs="*", metavar="ARGS",
+                   help="the program's arguments, after -- (default: none)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.exec is not None:
+        return run_exec(args)
+    if args.args or args.env:
+        print("dirtyring run: error: program arguments and --env need --exec PROGRAM",
+              file=sys.stderr)
+        return 2
     cfg = MachineConfig(guest=args.guest, tracker=args.tracker, vcpus=args.vcpus,
                         data_slots=(args.memory,), ring_entries=args.ring_entries,
                         params=GuestParams(pattern=Pattern[args.pattern.upper()],
@@ -103,6 +121,40 @@ def run(args: argparse.Namespace) -> int:
                      "every reported page accounted for, none missed" if not stale_total
                      else f"{stale_total} MISSED pages"))
         return 1 if stale_total else 0
+
+
+def run_exec(args: argparse.Namespace) -> int:
+    """``dirtyring run --exec PROGRAM -- ARGS``: like running the program itself."""
+    env = {}
+    for kv in args.env:
+        k, eq, v = kv.partition("=")
+        if not eq or not k:
+            print(f"dirtyring run: error: --env {kv!r} is not K=V", file=sys.stderr)
+            return 2
+        env[k] = v
+    prog = LinuxProgram(args.exec, [args.exec, *args.args], env, memory=args.memory)
+    streams = {"stdout": sys.stdout.buffer, "stderr": sys.stderr.buffer}
+
+    def write(kind: str, data: bytes) -> None:
+        streams[kind].write(data)
+        streams[kind].flush()
+
+    def warn(line: str) -> None:
+        print(f"dirtyring: {line}", file=sys.stderr, flush=True)
+
+    res = run_program(prog, write=write, tracker=args.tracker, interval=args.interval,
+                      verify_every=args.verify_every, warn=warn)
+    if res.crash:
+        warn(f"{prog.name}: stopped: {res.crash}")
+    if res.missed_pages:
+        warn(f"MISSED DIRTY PAGES: {res.missed_pages} page(s) the tracker never reported")
+        return 1 if res.status == 0 else res.status
+    if args.json:
+        print(json.dumps({"event": "done", "status": res.status, "crash": res.crash,
+                          "epochs": res.epochs, "dirty_pages": res.dirty_pages,
+                          "missed_pages": res.missed_pages, "unsupported": res.unsupported}),
+              file=sys.stderr)
+    return res.status
 
 
 def _show(stats: EpochStats, live: bool, as_json: bool) -> None:

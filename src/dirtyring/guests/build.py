@@ -36,12 +36,20 @@ def _run(cmd: list[str]) -> str:
 
 
 def build_one(name: str, outdir: Path) -> Path:
+    return build_flat(name, [SRC / "start.S", SRC / f"{name}.c"], outdir)
+
+
+def build_flat(name: str, sources: list[Path], outdir: Path,
+               extra_cflags: tuple[str, ...] = ()) -> Path:
+    """Compile and link ``sources`` for the guest layout (code at 0x10000, .bss at 0x80000)
+    and keep the flat image ``outdir/<name>.bin``. Also what builds the library OS
+    (``dirtyring.linux.build``), so every piece of guest code gets the same flags."""
     with tempfile.TemporaryDirectory() as tmp:
         t = Path(tmp)
         elf = t / f"{name}.elf"
-        _run(["gcc", *CFLAGS, "-static", "-Wl,--build-id=none", "-Wl,-T", str(SRC / "guest.ld"),
-              "-Wl,-z,norelro", "-Wl,-z,noexecstack", "-no-pie",
-              "-o", str(elf), str(SRC / "start.S"), str(SRC / f"{name}.c")])
+        _run(["gcc", *CFLAGS, *extra_cflags, "-static", "-Wl,--build-id=none", "-Wl,-T",
+              str(SRC / "guest.ld"), "-Wl,-z,norelro", "-Wl,-z,noexecstack", "-no-pie",
+              "-o", str(elf), *map(str, sources)])
         sections = _run(["objdump", "-h", str(elf)])
         for line in sections.splitlines():
             parts = line.split()

@@ -30,7 +30,23 @@ class Port(enum.IntEnum):
     KV_DONE = 0x21
 
 
+class LibosPort(enum.IntEnum):
+    """Ports only the library OS uses (dirtyring/linux/guest/libos.h); it also uses DONE."""
+
+    STDIO_FLUSH = 0x30
+    UNSUPPORTED = 0x31
+    FAULT = 0x32
+
+
 class Pattern(enum.IntEnum):
+    """How the dirtier guest picks the pages it writes: in order, at random, or within a hot
+    set of ``hot_pages`` pages.
+
+    Example::
+
+        dirtyring.GuestParams(pattern=dirtyring.Pattern.HOT, hot_pages=64)
+    """
+
     SEQUENTIAL = 0
     RANDOM = 1
     HOT = 2
@@ -45,10 +61,24 @@ KV_REQ_OFFSET = 0x1000   # from QUEUE_GPA
 KV_RESP_OFFSET = 0x2000
 KV_ENTRY = struct.Struct("<IIQQQ")  # op_or_status, id, key, value, pad
 
+# The library OS's stdio queue (dirtyring/linux/guest/libos.h): a header page at QUEUE_GPA
+# (prod at +0, cons at +64), then a ring of records (u32 fd, u32 len, payload padded to 8).
+STDIO_RING_OFFSET = 0x1000  # from QUEUE_GPA
+STDIO_RING = 0x8000
+STDIO_MAX_RECORD = 0x1000
+STDIO_HEADER_OFFSETS = {"prod": 0, "cons": 64}
+STDIO_RECORD = struct.Struct("<II")  # fd (0 = padding to the ring's end), len
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class GuestParams:
-    """What the VMM writes into the control page before the guest starts."""
+    """What the VMM writes into the control page before the guest starts.
+
+    Example::
+
+        params = dirtyring.GuestParams(pattern=dirtyring.Pattern.RANDOM, seed=7, max_writes=500)
+        cfg = dirtyring.MachineConfig(guest="dirtier", params=params)
+    """
 
     pattern: Pattern = Pattern.RANDOM
     hot_pages: int = 64

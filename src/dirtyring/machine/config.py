@@ -10,12 +10,29 @@ from ..guests.protocol import GuestParams, Pattern
 from ..tracking import KINDS
 
 MiB = 1 << 20
+#: The guest name of a machine that runs a Linux program under the library OS
+#: (``dirtyring.linux``): booted by the linux layer, not from a built-in program.
+LINUX_GUEST = "linux"
 #: Stacks of 16 KiB between 0xF0000 and the device queues at 0x100000 (machine/layout.py).
 MAX_VCPUS = 4
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MachineConfig:
+    """Everything needed to build an identical machine: guest program, vCPUs, memory slots,
+    tracker (``ring``, ``bitmap``, ``bitmap-clear``, ``hotset`` or ``none``), ring size and the
+    guest's parameters. Validated on creation (:class:`ConfigError`); ``to_json``/``from_json``
+    carry it to a standby or into a snapshot.
+
+    Example::
+
+        cfg = dirtyring.MachineConfig(guest="dirtier", tracker="hotset",
+                                      data_slots=(64 << 20,),
+                                      params=dirtyring.GuestParams(pattern=dirtyring.Pattern.HOT,
+                                                                   hot_pages=64))
+        assert dirtyring.MachineConfig.from_json(cfg.to_json()) == cfg
+    """
+
     guest: str = "dirtier"
     vcpus: int = 1
     data_slots: tuple[int, ...] = (64 * MiB,)  # bytes per data memslot
@@ -45,7 +62,7 @@ class MachineConfig:
                 type(v) is not int and not isinstance(v, Pattern)
                 for v in asdict(self.params).values()):
             raise ConfigError("guest parameters must be integers")
-        if self.guest not in NAMES:
+        if self.guest not in NAMES and self.guest != LINUX_GUEST:
             raise ConfigError(f"unknown guest {self.guest!r}; choose one of {', '.join(NAMES)}")
         if not 1 <= self.vcpus <= MAX_VCPUS:
             raise ConfigError(f"vcpus must be 1..{MAX_VCPUS} (the guest layout has stacks and "

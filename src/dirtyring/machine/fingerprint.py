@@ -56,7 +56,15 @@ class Fingerprint:
 
 
 def fingerprint(memory: GuestMemory) -> bytes:
-    """The fingerprint of live guest memory (pause the guest first); reads populated pages only."""
+    """The fingerprint of live guest memory (pause the guest first); reads populated pages only.
+
+    Example::
+
+        m.pause_all()
+        before = dirtyring.fingerprint(m.memory)
+        m2 = dirtyring.restore(snapshot_path)
+        assert dirtyring.fingerprint(m2.memory) == before
+    """
     fp = Fingerprint(memory)
     for s in memory.slots:
         slot, view = s.info.slot, s.rows

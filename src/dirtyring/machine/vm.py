@@ -2,13 +2,16 @@
 
 Two ways to build one (as Firecracker's builder): ``Machine(config)`` boots the guest program
 fresh; ``Machine(config, boot=False)`` builds the same hardware with empty memory and parked
-vCPUs, to be filled by restoring a checkpoint or snapshot (``restore_state``).
+vCPUs, to be filled by restoring a checkpoint or snapshot (``restore_state``). A Linux program
+(``config.guest == "linux"``) is booted by the layer above, which passes its boot function:
+``Machine(config, boot=program.boot)``; its restore target needs nothing more than the config.
 """
 from __future__ import annotations
 
 import ctypes as C
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from .._bindings import Cap, Kvm, VcpuFd
@@ -20,8 +23,9 @@ from ..guests import load_guest
 from ..guests.protocol import CONTROL_MAGIC, CONTROL_OFFSET
 from ..tracking import BitmapTracker, HotSetTracker, RingTracker, TrackedSlot, Tracker
 from . import layout
-from .config import MachineConfig
-from .devices import Console, ControlPorts, Device, KvDevice, OutputSink
+from .config import LINUX_GUEST, MachineConfig
+from .devices import Console, ControlPorts, Device, KvDevice, OutputSink, StdioDevice
+from .devices.stdio import ContractBroken
 from .memory import GuestMemory, plan_slots
 from .state import DeviceState, MachineState, VcpuState
 from .stateblob import StateBlob
@@ -37,10 +41,21 @@ STEAL_TIME_GPA = 0xA000  # 64 bytes per vCPU (kvm_steal_time)
 
 
 class Machine:
-    """One VM. Not thread-safe: one controller thread drives pause/resume/capture."""
+    """One VM. Not thread-safe: one controller thread drives pause/resume/capture.
+
+    Example::
+
+        cfg = dirtyring.MachineConfig(guest="compute", vcpus=2)
+        with dirtyring.Machine(cfg) as m:        # boots; vCPU threads run the guest
+            time.sleep(0.1)
+            m.pause_all()
+            print(m.progress())
+            m.resume_all()
+    """
 
     def __init__(self, config: MachineConfig, *, sink: OutputSink | None = None,
-                 boot: bool = True, kvm: Kvm | None = None, threaded: bool = True) -> None:
+                 boot: bool | Callable[[Machine], None] = True, kvm: Kvm | None = None,
+                 threaded: bool = True) -> None:
         install_kick_handler()
         keep_freed_memory()
         if not threaded:
@@ -88,7 +103,7 @@ class Machine:
         if self.config.vcpus > nr:
             raise ConfigError(f"{self.config.vcpus} vCPUs asked, this host allows {nr}")
 
-    def _build(self, boot: bool) -> None:
+    def _build(self, boot: bool | Callable[[Machine], None]) -> None:
         cfg = self.config
         vm = self.vm
         try:
@@ -118,11 +133,18 @@ class Machine:
         self.control = ControlPorts(self.memory, self._emit)
         self.kv = KvDevice(self.memory, self._emit)
         self.devices: list[Device] = [self.console, self.control, self.kv]
+        #: The library OS's stdout/stderr queue (Linux programs only).
+        self.stdio: StdioDevice | None = None
+        if cfg.guest == LINUX_GUEST:
+            self.stdio = StdioDevice(self.memory, self._emit)
+            self.devices.append(self.stdio)
         self._ports: dict[int, Device] = {p: d for d in self.devices for p in d.ports}
         self.tracker = self._make_tracker()
         if self.tracker is not None:
             self.tracker.start()
-        if boot:
+        if callable(boot):
+            boot(self)
+        elif boot:
             self._boot()
         else:
             for r in self.runners:
@@ -161,6 +183,9 @@ class Machine:
         mem = self.memory
         assert mem is not None
         cfg = self.config
+        if cfg.guest == LINUX_GUEST:
+            raise ConfigError("a Linux program's machine is booted by dirtyring.linux "
+                              "(Machine(config, boot=program.boot))")
         layout.build_system_slot(mem.slots[0].view, mem.data_bytes)
         code = load_guest(cfg.guest)
         if len(code) > layout.CODE_LIMIT - layout.CODE_GPA:
@@ -181,6 +206,11 @@ class Machine:
         if cfg.kvmclock:
             for r in self.runners:
                 self.enable_kvmclock(r.fd, r.index)
+
+    def setup_vcpu(self, fd: VcpuFd, index: int) -> None:
+        """Long mode at CPL3 with the machine's segments and page tables, RIP at the code,
+        RSP at the vCPU's stack (a booting layer adjusts what its program needs after)."""
+        self._setup_vcpu(fd, index)
 
     def _setup_vcpu(self, fd: VcpuFd, index: int) -> None:
         s = fd.get_sregs()
@@ -262,6 +292,20 @@ class Machine:
         if not mm.is_write:
             for i in range(8):
                 mm.data[i] = 0xFF
+
+    def drain_output(self) -> int:
+        """Send what a Linux program queued on stdout/stderr to the sink (call with the vCPUs
+        paused: at a checkpoint, or after the program ended). A ring the guest broke stops the
+        machine as a crash with the reason; nothing of it is released."""
+        if self.stdio is None:
+            return 0
+        try:
+            return self.stdio.drain()
+        except ContractBroken as e:
+            r = self.runners[0]
+            r.crash = f"the guest broke its contract: {e}"
+            self.on_crash(r)
+            return 0
 
     def on_ring_full(self, r: VcpuRunner) -> None:
         rt = self.tracker

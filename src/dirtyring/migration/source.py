@@ -96,6 +96,14 @@ class Migration:
     machine is then left paused (never entered again). Build it with
     ``Machine(config, threaded=False)`` from the main thread; ``close()`` afterwards.
     ``pacer.target_pps`` is the ring throttle in force (per vCPU, 0 = none).
+
+    Example::
+
+        mig = dirtyring.Migration(m, ("10.0.0.2", 7100), key)
+        try:
+            rep = mig.run()
+        finally:
+            mig.close()
     """
 
     def __init__(self, machine: Machine, target: tuple[str, int], key: bytes, *,

@@ -12,7 +12,16 @@ PAGE = 4096
 
 class MigrationError(DirtyringError):
     """The migration failed. ``source_may_run`` says whether the source may go on running:
-    False once the switchover was requested (the target may be running the guest)."""
+    False once the switchover was requested (the target may be running the guest).
+
+    Example::
+
+        try:
+            rep = dirtyring.migrate(m, "10.0.0.2:7100", key)
+        except dirtyring.MigrationError as e:
+            if not e.source_may_run:
+                m.close()                # the target may run the guest: never resume this one
+    """
 
     def __init__(self, message: str, *, source_may_run: bool = True) -> None:
         super().__init__(message)
@@ -21,6 +30,15 @@ class MigrationError(DirtyringError):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MigrationOptions:
+    """How a live migration runs: downtime and bandwidth limits, timeout, rounds, throttling.
+
+    Example::
+
+        opt = dirtyring.MigrationOptions(downtime_limit=0.05, bandwidth_limit=100e6,
+                                         timeout=10.0)
+        rep = dirtyring.migrate(m, target, key, options=opt)
+    """
+
     downtime_limit: float = 0.3      # seconds; the stop-and-copy never expects more
     bandwidth_limit: float = 0.0     # bytes/s on the wire, 0 = unlimited
     timeout: float = 30.0            # total; at the timeout the migration stops and copies anyway
@@ -78,6 +96,15 @@ class RoundStats:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MigrationReport:
+    """What a migration did: why it stopped, each round, total time, downtime, bytes.
+
+    Example::
+
+        rep = dirtyring.migrate(m, target, key)
+        print(rep.stop_reason, len(rep.rounds), rep.total_s, rep.downtime_ms)
+        json.dumps(rep.as_dict())
+    """
+
     stop_reason: str              # converged | timeout | max_rounds | guest_stopped
     rounds: tuple[RoundStats, ...]
     total_s: float

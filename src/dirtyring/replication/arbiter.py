@@ -59,7 +59,15 @@ POLL_EVERY = 0.02
 
 
 class ArbiterUnavailable(DirtyringError):
-    """No etcd member answered: nothing may be decided (waiting is the safe side)."""
+    """No etcd member answered: nothing may be decided (waiting is the safe side).
+
+    Example::
+
+        try:
+            token = arbiter.acquire(wait=5.0)
+        except dirtyring.ArbiterUnavailable as e:
+            raise SystemExit(f"etcd unreachable: {e}")
+    """
 
 
 def _b64(s: str) -> str:
@@ -113,7 +121,14 @@ class Arbiter:
 
     ``who`` names this copy in ``owner`` (shown by ``status``). Thread-safe: the epoch loop
     asks :meth:`may_release`, a renewal thread keeps the lease, other threads take, mark and
-    read."""
+    read.
+
+    Example::
+
+        arb = dirtyring.Arbiter("http://127.0.0.1:2379", "db1", who="primary")
+        token = arb.acquire(wait=4.0)            # the fencing token (the key's revision)
+        p = dirtyring.protect(m, sb_addr, key, arbiter=arb)
+    """
 
     def __init__(self, endpoints: str | list[tuple[str, str, int]], group: str, *, who: str,
                  ttl: int = DEFAULT_TTL, margin: float = DEFAULT_MARGIN,

@@ -57,6 +57,14 @@ EventSink = Callable[[dict[str, Any]], None]
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PrimaryOptions:
+    """How a primary replicates: epoch length, heartbeats, staging, output commit, verify.
+
+    Example::
+
+        opt = dirtyring.PrimaryOptions(interval=0.0005, heartbeat_timeout=0.5, verify=True)
+        p = dirtyring.protect(m, sb_addr, key, options=opt)
+    """
+
     interval: float = 0.001
     heartbeat_interval: float = 0.1
     heartbeat_timeout: float = 1.0
@@ -92,6 +100,16 @@ class PrimaryOptions:
 
 
 class Primary:
+    """The Remus primary (see the module docstring); :func:`dirtyring.protect` wires one up.
+
+    Example::
+
+        prim = dirtyring.Primary(m, ("10.0.0.2", 7000), key, on_event=print)
+        prim.connect()
+        prim.run(10.0)                       # epochs on this thread
+        prim.close()
+    """
+
     def __init__(self, machine: Machine, standby: tuple[str, int], key: bytes, *,
                  insecure: bool = False, options: PrimaryOptions = PrimaryOptions(),
                  on_event: EventSink | None = None,

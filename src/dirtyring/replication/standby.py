@@ -67,6 +67,18 @@ def _test_pause_in_commit(epoch: int, kind: str) -> None:
 
 
 class Standby:
+    """The Remus standby (see the module docstring); :func:`dirtyring.standby` serves one.
+
+    Example::
+
+        sb = dirtyring.Standby(("0.0.0.0", 7000), key, on_event=print)
+        stop = threading.Event()
+        threading.Thread(target=sb.serve, args=(stop,), daemon=True).start()
+        ...
+        sb.request_failover()
+        print(sb.status()["state"])
+    """
+
     def __init__(self, listen_addr: tuple[str, int], key: bytes, *, insecure: bool = False,
                  heartbeat_timeout: float = 1.0, heartbeat_interval: float = 0.1,
                  verify: bool = False, auto_failover: bool = True,

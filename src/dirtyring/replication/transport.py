@@ -19,12 +19,26 @@ IOV_BATCH = 512
 
 
 class LinkClosed(DirtyringError):
-    """The peer closed the connection or the network failed; the message says how."""
+    """The peer closed the connection or the network failed; the message says how.
+
+    Example::
+
+        try:
+            p = dirtyring.protect(m, "10.0.0.2:7000", key)
+        except dirtyring.LinkClosed as e:
+            print(e)                             # cannot connect to 10.0.0.2:7000: Connection refused
+    """
 
 
 class HandshakeRefused(DirtyringError):
     """The standby (or migration target) answered the Hello with a refusal; the message is
-    its reason."""
+    its reason.
+
+    Example::
+
+        except dirtyring.HandshakeRefused as e:
+            print("refused:", e)
+    """
 
 
 def parse_addr(text: str) -> tuple[str, int]:

@@ -93,7 +93,13 @@ _END = "end of snapshot"
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SnapshotInfo:
-    """A snapshot's metadata (its Hello frame); writer statistics are 0 when read from a file."""
+    """A snapshot's metadata (its Hello frame); writer statistics are 0 when read from a file.
+
+    Example::
+
+        info = w.incremental()
+        print(info.path, info.seq, info.kind, info.pages, info.pause_us)
+    """
 
     path: Path
     name: str
@@ -177,7 +183,13 @@ def _open(path: Path) -> BinaryIO:
 
 
 def read_info(path: str | Path, *, key: bytes = FILE_KEY) -> SnapshotInfo:
-    """Read and check only a snapshot's first frame (its metadata)."""
+    """Read and check only a snapshot's first frame (its metadata).
+
+    Example::
+
+        info = dirtyring.read_info("snaps/snap-0001.snap")
+        print(info.kind, info.seq, info.config.guest)
+    """
     path = Path(path)
     conn = Connection(STANDBY, key, insecure=len(key) < MIN_KEY_LEN, max_frame_size=MAX_HEADER)
     with _open(path) as f:
@@ -196,7 +208,13 @@ def read_info(path: str | Path, *, key: bytes = FILE_KEY) -> SnapshotInfo:
 
 def resolve_chain(path: str | Path, *, key: bytes = FILE_KEY) -> list[SnapshotInfo]:
     """The chain ending at ``path``, full snapshot first; parents are looked up by file name
-    in the same directory. Raises SnapshotFormatError if a link is missing or does not match."""
+    in the same directory. Raises SnapshotFormatError if a link is missing or does not match.
+
+    Example::
+
+        chain = dirtyring.resolve_chain(w.chain[-1].path)
+        assert [i.seq for i in chain] == list(range(len(chain)))
+    """
     info = read_info(path, key=key)
     chain = [info]
     while info.parent is not None:
@@ -246,6 +264,14 @@ class SnapshotWriter:
         directory: created if missing. Existing files are never overwritten.
         key: HMAC key of the files (default: the public :data:`FILE_KEY`).
         verify: also fingerprint live memory while paused and check the chain against it.
+
+    Example::
+
+        w = dirtyring.SnapshotWriter(m, "snaps")
+        w.full()                                 # snaps/<name>.snap, seq 0
+        for _ in range(3):
+            w.run(0.2)                           # let the guest run (and dirty pages)
+            w.incremental()
     """
 
     def __init__(self, machine: Machine, directory: str | Path, *, key: bytes = FILE_KEY,
@@ -510,6 +536,12 @@ def restore(path: str | Path, *, key: bytes = FILE_KEY, threaded: bool = True,
     The whole chain's metadata is checked first; then the files are applied in order into a
     fresh ``Machine(config, boot=False)``, which is closed and never returned if any frame is
     bad (nothing half-applied). Raises SnapshotFormatError.
+
+    Example::
+
+        m2 = dirtyring.restore("snaps")          # the newest snapshot of the directory
+        m2.resume_all()                          # the guest goes on from the capture
+        m2.close()
     """
     p = Path(path)
     if p.is_dir():

@@ -99,7 +99,13 @@ def _dirtyset(parts: list[tuple[int, np.ndarray]],
 
 class BitmapTracker:
     """KVM_GET_DIRTY_LOG per slot. With ``manual`` (bitmap-clear), GET no longer re-arms and we
-    re-arm exactly the reported pages with KVM_CLEAR_DIRTY_LOG before returning them."""
+    re-arm exactly the reported pages with KVM_CLEAR_DIRTY_LOG before returning them.
+
+    Example::
+
+        m = dirtyring.Machine(dirtyring.MachineConfig(tracker="bitmap-clear"))
+        assert isinstance(m.tracker, dirtyring.BitmapTracker) and m.tracker.manual
+    """
 
     def __init__(self, vm: VmFd, slots: list[TrackedSlot], vmm_dirty: VmmDirtySource, *,
                  manual: bool = False) -> None:
@@ -167,7 +173,14 @@ class BitmapTracker:
 
 
 class HotSetTracker(BitmapTracker):
-    """Manual-protect bitmap that leaves recently dirtied pages writable (see module docstring)."""
+    """Manual-protect bitmap that leaves recently dirtied pages writable (see module docstring).
+
+    Example::
+
+        m = dirtyring.Machine(dirtyring.MachineConfig(tracker="hotset", hot_epochs=8),
+                              threaded=False)
+        assert isinstance(m.tracker, dirtyring.HotSetTracker)
+    """
 
     def __init__(self, vm: VmFd, slots: list[TrackedSlot], vmm_dirty: VmmDirtySource, *,
                  hot_epochs: int = 8, max_hot_epochs: int = 512) -> None:

@@ -12,7 +12,17 @@ _EMPTY.setflags(write=False)
 
 @dataclass(frozen=True, slots=True)
 class DirtySet:
-    """Per-slot sorted unique page indices (page = offset inside the memslot)."""
+    """Per-slot sorted unique page indices (page = offset inside the memslot).
+
+    Example::
+
+        >>> import numpy as np
+        >>> d = dirtyring.DirtySet.from_arrays([(1, np.array([5, 3, 5]))])
+        >>> len(d), d.slot(1).tolist()
+        (2, [3, 5])
+        >>> len(d | dirtyring.DirtySet.from_arrays([(1, np.array([9]))]))
+        3
+    """
 
     pages: Mapping[int, np.ndarray] = field(default_factory=dict)
 

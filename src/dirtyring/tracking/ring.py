@@ -161,7 +161,14 @@ _NO_OFFS = np.zeros(0, np.int64)
 
 
 class RingTracker:
-    """Tracks dirty pages through the per-vCPU dirty rings of one VM."""
+    """Tracks dirty pages through the per-vCPU dirty rings of one VM.
+
+    Example::
+
+        m = dirtyring.Machine(dirtyring.MachineConfig(tracker="ring", ring_entries=4096))
+        assert isinstance(m.tracker, dirtyring.RingTracker)
+        m.pause_all(); print(len(m.tracker.harvest())); m.resume_all()
+    """
 
     kind = "ring"
 

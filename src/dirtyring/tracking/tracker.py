@@ -49,6 +49,19 @@ class TrackerStats:
 
 
 class Tracker(Protocol):
+    """What every tracker does (:class:`RingTracker`, :class:`BitmapTracker`,
+    :class:`HotSetTracker`). A machine builds its own (``MachineConfig.tracker``) and starts
+    it; call :meth:`harvest` with every vCPU paused.
+
+    Example::
+
+        m.pause_all()
+        dirty = m.tracker.harvest()          # collected and re-armed
+        for slot, pages in dirty.items():
+            print(slot, pages[:8])
+        m.resume_all()
+    """
+
     kind: str
 
     def start(self) -> None:

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from dirtyring.cli.printer import EventPrinter
+from dirtyring.cli.printer import EVENT_SCHEMA_VERSION, EventPrinter
 
 
 def _stats_only(p: EventPrinter, e: dict[str, Any]) -> bool:
@@ -21,8 +21,20 @@ def test_json_mode_prints_every_event_whole(capsys: pytest.CaptureFixture[str]) 
     p({"event": "stats", "epoch": 3})
     p({"event": "degraded", "reason": "x", "t": 1.0})
     lines = capsys.readouterr().out.splitlines()
-    assert [json.loads(x) for x in lines] == [{"event": "stats", "epoch": 3},
-                                              {"event": "degraded", "reason": "x", "t": 1.0}]
+    assert [json.loads(x) for x in lines] == [{"v": 1, "event": "stats", "epoch": 3},
+                                              {"v": 1, "event": "degraded", "reason": "x",
+                                               "t": 1.0}]
+
+
+def test_every_json_line_starts_with_the_schema_version(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """``"v"`` is the first key of every line: a reader can check it before anything else."""
+    p = EventPrinter(True, False)
+    p({"event": "protected", "epoch": 7, "t": 2.0})
+    p({"event": "report", "rounds": []})
+    for line in capsys.readouterr().out.splitlines():
+        assert line.startswith('{"v": 1, "event": ')
+        assert json.loads(line)["v"] == EVENT_SCHEMA_VERSION == 1
 
 
 def test_live_status_is_rewritten_and_ended_before_the_next_line(

@@ -7,6 +7,7 @@ from .base import Device, OutputSink
 from .console import Console
 from .control import ControlPorts
 from .kv import KvDevice, KvRequest, KvResponse
+from .stdio import StdioDevice
 
 __all__ = ["Device", "OutputSink", "Console", "ControlPorts", "KvDevice", "KvRequest",
-           "KvResponse"]
+           "KvResponse", "StdioDevice"]

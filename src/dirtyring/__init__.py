@@ -1,0 +1,63 @@
+"""dirtyring: run VMs on the real Linux KVM and checkpoint them through KVM's dirty ring.
+
+The public API. A machine runs a built-in guest program; a tracker tells which pages it
+changed since the last harvest; on top of that sit replication (a primary and a standby),
+snapshots, rollback and live migration. Importing this package is cheap and touches no device:
+/dev/kvm is opened when a :class:`Machine` is built, and the native helpers are built (or
+loaded) on first use.
+
+Example::
+
+    import dirtyring
+
+    cfg = dirtyring.MachineConfig(guest="dirtier", tracker="ring", data_slots=(16 << 20,))
+    with dirtyring.Machine(cfg) as m:          # boots the guest; its vCPU threads start
+        drv = dirtyring.EpochDriver(m)
+        for _ in range(10):
+            e = drv.run_epoch(0.001)           # run 1 ms, pause, harvest (and re-arm)
+            print(e.number, e.reason, len(e.dirty))
+
+Every error raised on purpose derives from :class:`DirtyringError`.
+"""
+from __future__ import annotations
+
+from .errors import (CapabilityMissing, ConfigError, DirtyringError, GuestCrashed, GuestError,
+                     KvmError, KvmUnavailable, LocalProtocolError, ProtocolError,
+                     RemoteProtocolError, RingOverflow, SnapshotFormatError, TrackingError)
+from .guests.protocol import GuestParams, Pattern
+from .machine.config import MachineConfig
+from .machine.epoch import Epoch, EpochDriver
+from .machine.fingerprint import fingerprint
+from .machine.vm import Machine
+from .migration.api import migrate, receive
+from .migration.source import Migration
+from .migration.types import MigrationError, MigrationOptions, MigrationReport
+from .replication.api import ProtectHandle, StandbyHandle, protect, standby
+from .replication.arbiter import Arbiter, ArbiterUnavailable
+from .replication.primary import Primary, PrimaryOptions
+from .replication.standby import Standby
+from .replication.transport import HandshakeRefused, LinkClosed
+from .snapshots.files import SnapshotInfo, SnapshotWriter, read_info, resolve_chain, restore
+from .snapshots.rollback import Rollback, RollbackPoint, RollbackStats
+from .tracking import BitmapTracker, DirtySet, HotSetTracker, RingTracker, Tracker
+
+__all__ = [
+    # the machine
+    "Machine", "MachineConfig", "GuestParams", "Pattern", "fingerprint",
+    # dirty tracking and epochs
+    "Tracker", "RingTracker", "BitmapTracker", "HotSetTracker", "DirtySet",
+    "EpochDriver", "Epoch",
+    # replication
+    "protect", "standby", "ProtectHandle", "StandbyHandle",
+    "Primary", "PrimaryOptions", "Standby", "Arbiter",
+    # snapshots and rollback
+    "SnapshotWriter", "SnapshotInfo", "restore", "read_info", "resolve_chain",
+    "Rollback", "RollbackPoint", "RollbackStats",
+    # live migration
+    "migrate", "receive", "Migration", "MigrationOptions", "MigrationReport",
+    # errors
+    "DirtyringError", "KvmError", "KvmUnavailable", "CapabilityMissing", "ConfigError",
+    "GuestError", "GuestCrashed", "TrackingError", "RingOverflow", "SnapshotFormatError",
+    "ProtocolError", "LocalProtocolError", "RemoteProtocolError", "LinkClosed",
+    "HandshakeRefused", "ArbiterUnavailable", "MigrationError",
+]

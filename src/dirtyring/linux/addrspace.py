@@ -1,0 +1,163 @@
+"""A Linux program's address space: where its image, heap, mmap area and stack live, in guest
+virtual memory and in the guest-physical pages behind them.
+
+Why pre-mapped, and with 2 MiB pages: the library OS serves brk and mmap inside the guest at
+CPL3, where it cannot load CR3 or flush the TLB, and on our hosts (kvm_pvm, shadow paging) every
+page-table write the guest makes costs an exit. So the VMM maps, once, before the program starts,
+a few large regions backed by one sparse data slot: pages no one touched are holes of the memfd
+and cost nothing, and brk/mmap/munmap become bookkeeping in guest memory that every checkpoint
+captures with the pages themselves. mprotect is recorded, not enforced (one address space, as
+in any unikernel).
+
+Virtual layout (``plan``)::
+
+    [0, 4 MiB)                 the system area (identity mapped: GDT, TSS, page tables, the
+                               library OS, queues); programs must not be linked here
+    image + heap               the program's segments at their link addresses (ET_EXEC) or at
+                               PIE_BASE (static-PIE), then brk's heap, in one region
+    [MMAP_TOP - mmap, MMAP_TOP)          anonymous mmap, handed out top-down
+    [STACK_TOP - stack, STACK_TOP)       the main thread's stack
+
+The VMM keeps this plan itself and translates through it (``translate``): it never walks page
+tables the guest could have scribbled on.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import ConfigError, ProgramError
+from ..machine import layout as L
+from .elf import ElfImage
+
+HUGE = 2 << 20
+SYSTEM_END = 4 << 20
+PIE_BASE = 0x5555_5540_0000  # 2 MiB-aligned, where Linux puts a PIE without randomisation
+MMAP_TOP = 0x7F00_0000_0000
+STACK_TOP = 0x7FFE_0000_0000
+DEFAULT_STACK = 8 << 20  # RLIMIT_STACK's usual soft limit
+USER_TOP = 1 << 47
+
+
+def _up(n: int, a: int = HUGE) -> int:
+    return (n + a - 1) & ~(a - 1)
+
+
+def _down(n: int, a: int = HUGE) -> int:
+    return n & ~(a - 1)
+
+
+@dataclass(frozen=True, slots=True)
+class Region:
+    """``size`` bytes of virtual memory from ``va`` backed by the data slot from ``offset``
+    (both 2 MiB-aligned)."""
+
+    name: str
+    va: int
+    size: int
+    offset: int
+
+    @property
+    def end(self) -> int:
+        return self.va + self.size
+
+
+@dataclass(frozen=True, slots=True)
+class AddressSpace:
+    """The plan of one program's memory. ``data_bytes`` is the data slot it needs."""
+
+    regions: tuple[Region, ...]
+    bias: int
+    brk_start: int
+    stack_top: int
+
+    @property
+    def data_bytes(self) -> int:
+        return sum(r.size for r in self.regions)
+
+    def region(self, name: str) -> Region:
+        return next(r for r in self.regions if r.name == name)
+
+    def translate(self, va: int, n: int) -> list[tuple[int, int]]:
+        """The data-slot (offset, length) pieces behind ``[va, va + n)``. A range outside
+        every region raises ProgramError: the caller (a loader, or a VMM check of a pointer
+        the guest gave) must never touch memory the plan does not map."""
+        out: list[tuple[int, int]] = []
+        end = va + n
+        if n < 0 or va < 0 or end > USER_TOP:
+            raise ProgramError(f"address range {va:#x}+{n:#x} is outside a user address space")
+        while va < end:
+            r = next((r for r in self.regions if r.va <= va < r.end), None)
+            if r is None:
+                raise ProgramError(f"address {va:#x} is not mapped")
+            take = min(end, r.end) - va
+            out.append((r.offset + va - r.va, take))
+            va += take
+        return out
+
+    def leaves(self) -> list[tuple[int, int]]:
+        """Every 2 MiB mapping, (virtual address, data-slot offset), in address order."""
+        return [(r.va + i, r.offset + i) for r in self.regions for i in range(0, r.size, HUGE)]
+
+    def install(self, q: np.ndarray, data_gpa: int, tables_gpa: int, tables_end: int) -> None:
+        """Write this plan's mappings into the page tables rooted at ``layout.PML4_GPA`` of
+        the system slot ``q`` (its uint64 view), taking new PDPT/PD pages from
+        ``[tables_gpa, tables_end)``. Entries already present (the system area's) are never
+        overwritten: a clash is a bug in the plan and raises."""
+        free = tables_gpa
+        flags = L.P | L.RW | L.US | L.A
+
+        def table(entry_index: int) -> int:
+            nonlocal free
+            e = int(q[entry_index])
+            if e & L.P:
+                if e & L.PS:
+                    raise ConfigError(f"page-table entry {entry_index * 8:#x} is a leaf")
+                return (e & 0x000F_FFFF_FFFF_F000) // 8
+            if free + L.PAGE > tables_end:
+                raise ConfigError("no room left for the program's page tables")
+            q[free // 8:(free + L.PAGE) // 8] = 0
+            q[entry_index] = free | flags
+            free += L.PAGE
+            return (free - L.PAGE) // 8
+
+        for va, off in self.leaves():
+            pdpt = table(L.PML4_GPA // 8 + (va >> 39 & 511))
+            pd = table(pdpt + (va >> 30 & 511))
+            slot = pd + (va >> 21 & 511)
+            if int(q[slot]) & L.P:
+                raise ConfigError(f"{va:#x} is already mapped")
+            q[slot] = (data_gpa + off) | flags | L.D | L.PS
+
+
+def plan(image: ElfImage, *, memory: int, stack: int = DEFAULT_STACK) -> AddressSpace:
+    """Lay out ``image`` with ``memory`` bytes for image + heap + mmap + stack (rounded to
+    2 MiB pieces; unused memory costs nothing until touched). The heap and the mmap area share
+    what the image and the stack leave, half each: glibc's malloc takes small blocks from brk
+    and big ones (128 KiB and up) from mmap."""
+    bias = PIE_BASE if image.pie else 0
+    lo, hi = _down(image.low + bias), _up(image.high + bias)
+    if lo < SYSTEM_END:
+        raise ProgramError(f"{image.name}: linked at {image.low + bias:#x}, inside the first "
+                           f"{SYSTEM_END >> 20} MiB that the library OS uses; link it at "
+                           "0x400000 or above (gcc's default) or as static-PIE")
+    stack = _up(max(stack, HUGE))
+    rest = _down(memory - (hi - lo) - stack)
+    if rest < 2 * HUGE:
+        raise ConfigError(f"--memory {memory >> 20} MiB is too small for {image.name}: its "
+                          f"image takes {(hi - lo) >> 20} MiB and its stack {stack >> 20} MiB; "
+                          f"give it at least {(hi - lo + stack + 2 * HUGE) >> 20} MiB")
+    heap = _down(rest // 2)
+    mmap = rest - heap
+    if hi + heap > MMAP_TOP - mmap:
+        raise ProgramError(f"{image.name}: linked too high ({image.high + bias:#x}) to leave "
+                           "room for its heap and mmap area")
+    regions = []
+    off = 0
+    for name, va, size in (("image+heap", lo, hi - lo + heap), ("mmap", MMAP_TOP - mmap, mmap),
+                           ("stack", STACK_TOP - stack, stack)):
+        regions.append(Region(name, va, size, off))
+        off += size
+    return AddressSpace(regions=tuple(regions), bias=bias, brk_start=_up(image.high + bias, L.PAGE),
+                        stack_top=STACK_TOP)

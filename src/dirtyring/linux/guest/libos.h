@@ -1,0 +1,54 @@
+/* The library OS's contract with the VMM (dirtyring/linux/protocol.py mirrors it; a test
+ * compares them). The library OS runs at CPL3 in the program's own address space: code at
+ * 0x10000 (read-only), its state in .bss at 0x80000, its stack below LIBOS_STACK_TOP. It reads
+ * the VMM's settings from the Linux control block (read-only to the guest) and talks to the VMM
+ * through the stdio queue and three I/O ports. Nothing the VMM reads back from guest memory is
+ * trusted by the VMM: it checks every index and length itself. */
+#ifndef DIRTYRING_LIBOS_H
+#define DIRTYRING_LIBOS_H
+
+typedef unsigned long u64;
+typedef long s64;
+typedef unsigned int u32;
+typedef int s32;
+typedef unsigned short u16;
+typedef unsigned char u8;
+
+#define LINUX_CTL_GPA 0x7400UL      /* inside the control page (the VMM writes, guest reads) */
+#define LIBOS_STACK_TOP 0xF4000UL   /* vCPU 0's stack in the machine layout */
+#define STDIO_GPA 0x100000UL        /* the device queues' area */
+#define STDIO_RING_GPA (STDIO_GPA + 0x1000UL)
+#define STDIO_RING 0x8000UL         /* bytes; records never wrap */
+#define STDIO_MAX_RECORD 0x1000UL   /* payload bytes per record */
+
+/* Ports (the machine's device ports: DONE is shared with the built-in guests). */
+#define PORT_DONE 0x10              /* out32: exit status; the program has ended */
+#define PORT_STDIO_FLUSH 0x30       /* out32: the queue is full; drain it (the VMM updates cons) */
+#define PORT_UNSUPPORTED 0x31       /* out32: a syscall number the library OS does not serve */
+#define PORT_FAULT 0x32             /* out32: the library OS found the program's state broken */
+
+struct linux_ctl {                  /* the VMM fills it before the program starts */
+    u64 magic;        /* 0   "DRLINUX1" */
+    u64 image_lo;     /* 8   start of the image+heap region */
+    u64 brk_start;    /* 16  first byte after the image, page-aligned */
+    u64 brk_max;      /* 24  end of the image+heap region */
+    u64 mmap_lo;      /* 32  the anonymous mmap area, handed out top-down */
+    u64 mmap_hi;      /* 40 */
+    u64 stack_lo;     /* 48  the main stack region */
+    u64 stack_hi;     /* 56 */
+    u64 pid;          /* 64 */
+    u64 tsc_khz;      /* 72  for time from rdtsc */
+    u64 boot_tsc;     /* 80  rdtsc at boot_realtime_ns */
+    u64 boot_realtime_ns; /* 88 CLOCK_REALTIME at boot, in ns */
+    u64 seed[4];      /* 96  getrandom's generator starts from these */
+};
+
+struct stdio_header {               /* at STDIO_GPA */
+    volatile u64 prod; u64 pad0[7]; /* guest writes: bytes ever queued */
+    volatile u64 cons; u64 pad1[7]; /* VMM writes: bytes ever drained */
+};
+
+/* A record in the ring: header then payload, padded to 8 bytes; fd 0 = padding to the end. */
+struct stdio_record { u32 fd; u32 len; };
+
+#endif

@@ -1,0 +1,148 @@
+"""A Linux program as a guest: load it, boot it under the library OS, run it to its end.
+
+``LinuxProgram`` reads and checks the ELF file and plans its address space when it is made, so
+every problem with the user's input is a clear error before a VM exists. ``boot(machine)``
+then fills a fresh machine (``Machine(program.config(), boot=program.boot)``):
+
+- the system slot: GDT, TSS, the system area's page tables, the library OS at 0x10000 (LSTAR
+  points at its syscall entry), the Linux control block the library OS reads its settings from;
+- the program's page tables (``addrspace``), its segments, its initial stack (``initstack``);
+- the vCPU: RIP at the program's entry, RSP at argc, EFER.SCE on (``syscall`` works),
+  CR4.FSGSBASE on (arch_prctl is a ``wrfsbase``), FMASK 0 (the entry runs at CPL3 here and
+  returns with ``jmp *%rcx``, so no flags may be masked).
+
+Everything the program and the library OS know is then in guest memory, so checkpoints,
+snapshots and migration need nothing from this object: a restore target is built from the
+machine configuration alone.
+"""
+from __future__ import annotations
+
+import os
+import struct
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .._bindings import _uapi as U
+from ..errors import ConfigError, ProgramError
+from ..machine import layout
+from ..machine.config import LINUX_GUEST, MachineConfig
+from ..machine.vm import Machine
+from . import initstack
+from .addrspace import AddressSpace, plan
+from .build import load_libos
+from .elf import ElfImage
+
+LINUX_CTL_GPA = 0x7400
+LINUX_CTL_MAGIC = int.from_bytes(b"DRLINUX1", "little")
+#: The Linux control block (libos.h ``struct linux_ctl``), field by field.
+LINUX_CTL_FIELDS = ("magic", "image_lo", "brk_start", "brk_max", "mmap_lo", "mmap_hi",
+                    "stack_lo", "stack_hi", "pid", "tsc_khz", "boot_tsc", "boot_realtime_ns",
+                    "seed0", "seed1", "seed2", "seed3")
+DEFAULT_MEMORY = 256 << 20
+PID = 1
+CR4_FSGSBASE = 1 << 16
+EFER_SCE = 1
+#: STAR's CPL0 code selector (GDT entry 1), for a `syscall` on hardware KVM.
+STAR = (1 << 3) << 32
+
+
+class LinuxProgram:
+    """One program to run: ``LinuxProgram("./hello", ["hello", "world"], {"LANG": "C"})``.
+
+    Example::
+
+        prog = LinuxProgram("/usr/bin/busybox", ["busybox", "echo", "hi"])
+        with Machine(prog.config(), boot=prog.boot) as m:
+            ...
+    """
+
+    def __init__(self, path: str | os.PathLike[str], argv: Sequence[str] | None = None,
+                 env: dict[str, str] | None = None, *, memory: int = DEFAULT_MEMORY) -> None:
+        self.path = Path(path)
+        try:
+            self.data = self.path.read_bytes()
+        except OSError as e:
+            raise ProgramError(f"{path}: cannot read the program: {e.strerror}") from None
+        self.name = self.path.name
+        self.argv = list(argv) if argv else [str(path)]
+        self.env = dict(env or {})
+        for k in self.env:
+            if not k or "=" in k:
+                raise ConfigError(f"bad environment variable name {k!r}")
+        self.image = ElfImage.parse(self.data, str(path))
+        self.space: AddressSpace = plan(self.image, memory=memory)
+
+    def config(self, **kw: object) -> MachineConfig:
+        """The machine this program needs (one vCPU; the data slot holds its whole address
+        space). ``kw`` sets the rest (tracker, ...)."""
+        return MachineConfig(guest=LINUX_GUEST, vcpus=1, data_slots=(self.space.data_bytes,),
+                             **kw)  # type: ignore[arg-type]
+
+    # --- boot ----------------------------------------------------------------------------------
+    def boot(self, m: Machine) -> None:
+        """Fill a fresh machine with the library OS and this program, ready to run."""
+        mem = m.memory
+        assert mem is not None
+        if m.config.guest != LINUX_GUEST or len(m.runners) != 1:
+            raise ConfigError("a Linux program boots on its own config() (one vCPU)")
+        system = mem.slots[0].view
+        layout.build_system_slot(system, 0)  # no identity-mapped data: the plan maps it
+        code = load_libos()
+        system[layout.CODE_GPA:layout.CODE_GPA + len(code)] = np.frombuffer(code, np.uint8)
+        self.space.install(system.view(np.uint64), layout.DATA_GPA, layout.DATA_PD_GPA,
+                           layout.SYSTEM_SLOT_SIZE)
+        self.image.load(self.data, lambda va, b: self._write(m, va, bytes(b)),
+                        bias=self.space.bias)
+        stack = self._initial_stack()
+        self._write(m, stack.rsp, stack.data)
+        self._write_control(m, m.runners[0].fd.get_tsc())
+        mem.mark_dirty(0, 0, layout.SYSTEM_SLOT_SIZE // layout.PAGE)
+        r = m.runners[0]
+        m.setup_vcpu(r.fd, 0)
+        s = r.fd.get_sregs()
+        s.cr4 |= CR4_FSGSBASE
+        s.efer |= EFER_SCE
+        r.fd.set_sregs(s)
+        regs = r.fd.get_regs()
+        regs.rip = self.image.entry + self.space.bias
+        regs.rsp = stack.rsp
+        regs.rdi = regs.rdx = 0  # rdx: no rtld_fini for a static program
+        r.fd.set_regs(regs)
+        r.fd.set_msrs({U.MSR_STAR: STAR, U.MSR_LSTAR: layout.CODE_GPA, U.MSR_SYSCALL_MASK: 0})
+        if m.config.kvmclock:
+            m.enable_kvmclock(r.fd, 0)
+        r.static_state = None
+
+    def _write(self, m: Machine, va: int, data: bytes) -> None:
+        assert m.memory is not None
+        done = 0
+        for off, n in self.space.translate(va, len(data)):
+            m.memory.write(layout.DATA_GPA + off, data[done:done + n])
+            done += n
+
+    def _initial_stack(self) -> initstack.InitialStack:
+        img, bias = self.image, self.space.bias
+        aux = [(initstack.AT_PHDR, img.phdr_vaddr + bias), (initstack.AT_PHENT, img.phentsize),
+               (initstack.AT_PHNUM, img.phnum), (initstack.AT_PAGESZ, layout.PAGE),
+               (initstack.AT_BASE, 0), (initstack.AT_FLAGS, 0),
+               (initstack.AT_ENTRY, img.entry + bias), (initstack.AT_UID, 0),
+               (initstack.AT_EUID, 0), (initstack.AT_GID, 0), (initstack.AT_EGID, 0),
+               (initstack.AT_HWCAP, 0), (initstack.AT_CLKTCK, 100), (initstack.AT_SECURE, 0)]
+        env = [f"{k}={v}".encode() for k, v in self.env.items()]
+        return initstack.build(self.space.stack_top, [a.encode() for a in self.argv], env, aux,
+                               os.urandom(16), execfn=str(self.path).encode())
+
+    def _write_control(self, m: Machine, guest_tsc: int) -> None:
+        """Settings the library OS reads; its clock starts at the host's realtime now, with
+        the guest's TSC read at the same moment."""
+        sp = self.space
+        image, mm, stack = sp.region("image+heap"), sp.region("mmap"), sp.region("stack")
+        seeds = struct.unpack("<4Q", os.urandom(32))
+        values = (LINUX_CTL_MAGIC, image.va, sp.brk_start, image.end, mm.va, mm.end, stack.va,
+                  stack.end, PID, m.tsc_khz, guest_tsc, time.time_ns(), *seeds)
+        assert m.memory is not None
+        m.memory.write(LINUX_CTL_GPA, struct.pack(f"<{len(values)}Q", *values))
+

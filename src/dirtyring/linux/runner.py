@@ -1,0 +1,84 @@
+"""Run a Linux program to its end under dirty tracking, as ``dirtyring run --exec`` does: its
+output passes through, and the result carries its exit status.
+
+The program runs in epochs like every other guest: each epoch the machine is paused, the
+tracker harvests what changed (the program's pages and the library OS's alike), and the stdio
+queue is drained, so output leaves tagged with the epoch that produced it (what output commit
+needs). With ``verify_every``, a shadow copy of guest memory is compared with the real one,
+so a page the tracker missed is reported, as ``dirtyring run`` does for built-in guests.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..machine.epoch import EpochDriver
+from ..machine.verify import ShadowCheck
+from ..machine.vm import Machine
+from .program import LinuxProgram
+from .syscall_names import name as syscall_name
+
+#: What a program that crashed exits with, as a shell reports a SIGSEGV.
+CRASH_STATUS = 128 + 11
+
+
+@dataclass(slots=True)
+class ProgramResult:
+    """How a program ended. ``status`` is its exit status (or CRASH_STATUS); ``crash`` says
+    why it was stopped, if it was."""
+
+    status: int
+    crash: str | None = None
+    epochs: int = 0
+    dirty_pages: int = 0
+    missed_pages: int = 0
+    unsupported: list[str] = field(default_factory=list)
+
+
+def run_program(prog: LinuxProgram, *, write: Callable[[str, bytes], None],
+                tracker: str = "ring", interval: float = 1e-3, verify_every: int = 0,
+                warn: Callable[[str], None] = lambda s: None) -> ProgramResult:
+    """Run ``prog`` until it ends. ``write("stdout" | "stderr", bytes)`` gets its output in
+    order; ``warn`` gets one line per unsupported syscall (the first time it is used)."""
+    unsupported: list[str] = []
+
+    def sink(kind: str, payload: Any) -> None:
+        if kind in ("stdout", "stderr"):
+            write(kind, bytes(payload))
+        elif kind == "unsupported_syscall":
+            what = f"{syscall_name(int(payload))} ({payload})"
+            if what in unsupported:  # the library OS reports numbers >= 512 every time
+                return
+            unsupported.append(what)
+            warn(f"{prog.name}: syscall {what} is not supported yet; it returned ENOSYS")
+
+    res = ProgramResult(status=0, unsupported=unsupported)
+    with Machine(prog.config(tracker=tracker), boot=prog.boot, sink=sink) as m:
+        assert m.memory is not None and m.stdio is not None
+        drv = EpochDriver(m)
+        m.pause_all()
+        drv.tracker.full()
+        check = ShadowCheck(m.memory) if verify_every else None
+        while True:
+            e = drv.run_epoch(interval)
+            res.epochs += 1
+            res.dirty_pages += len(e.dirty)
+            if check is not None:
+                check.apply(e.dirty)
+                if res.epochs % verify_every == 0:
+                    res.missed_pages += len(check.stale())
+            if m.crashed:
+                res.crash = m.crashed
+                break
+            if e.reason == "stopped" or m.finished:
+                break
+        if check is not None:
+            res.missed_pages += len(check.stale())
+        m.drain_output()  # anything queued after the last harvest (none once it has ended)
+        res.crash = res.crash or m.crashed
+        if res.crash is None:
+            res.status = (m.runners[0].exit_code or 0) & 0xFF
+        else:
+            res.status = CRASH_STATUS
+    return res

@@ -1,0 +1,118 @@
+"""The library OS's standard output and error: a ring of records in guest memory that the
+guest fills without exiting, drained by the VMM when the guest finds it full (``out
+PORT_STDIO_FLUSH``), when the program ends, and whenever the controller asks (``drain``: at each
+checkpoint, so output leaves tagged with the epoch that produced it).
+
+Nothing in the ring is trusted: the producer index and every record header come from memory the
+program can scribble over. The VMM keeps its own consumer index, accepts a producer index only
+within one ring of it, and checks every record's fd and length; anything else stops the guest
+with "the guest broke its contract: ..." and a clear report, never a VMM crash or a read outside
+the ring. Output goes to the sink as ("stdout" | "stderr", bytes).
+
+Also here, because they are the same contract: PORT_UNSUPPORTED (the library OS met a syscall
+it does not serve: ("unsupported_syscall", number) to the sink, once per number, so the caller
+can name it) and PORT_FAULT (the library OS stopped the program).
+"""
+from __future__ import annotations
+
+import struct
+import threading
+from typing import TYPE_CHECKING
+
+from ...guests.protocol import (STDIO_HEADER_OFFSETS, STDIO_MAX_RECORD, STDIO_RECORD,
+                                STDIO_RING, STDIO_RING_OFFSET)
+from ...guests.protocol import LibosPort as Port
+from .. import layout
+from .base import OutputSink
+
+if TYPE_CHECKING:
+    from ..memory import GuestMemory
+    from ..vcpu import VcpuRunner
+
+STREAMS = {1: "stdout", 2: "stderr"}
+FAULTS = {1: "the program's syscall entered at CPL0 (hardware KVM), which the library OS "
+             "does not serve yet"}
+
+
+class ContractBroken(Exception):
+    """What the guest left in the ring cannot be right (the message says what)."""
+
+
+class StdioDevice:
+    name = "stdio"
+    ports = (int(Port.STDIO_FLUSH), int(Port.UNSUPPORTED), int(Port.FAULT))
+
+    def __init__(self, memory: GuestMemory, sink: OutputSink) -> None:
+        self.memory = memory
+        self.sink = sink
+        self.cons = 0  # bytes ever drained: ours, never read back from the guest
+        self._lock = threading.Lock()  # the vCPU thread (flush) and the controller (drain)
+        self.unsupported: list[int] = []
+
+    # --- ports (vCPU thread) -----------------------------------------------------------------
+    def io_out(self, vcpu: VcpuRunner, port: int, value: int, size: int) -> None:
+        if port == Port.STDIO_FLUSH:
+            try:
+                self.drain()
+            except ContractBroken as e:
+                self._stop(vcpu, str(e))
+        elif port == Port.UNSUPPORTED:
+            self.unsupported.append(value)
+            self.sink("unsupported_syscall", value)
+        elif port == Port.FAULT:
+            self._stop(vcpu, FAULTS.get(value, f"the library OS reported fault {value}"))
+
+    def io_in(self, vcpu: VcpuRunner, port: int, size: int) -> int:
+        return 0xFFFFFFFF
+
+    def _stop(self, vcpu: VcpuRunner, why: str) -> None:
+        vcpu.crash = f"the guest broke its contract: {why}"
+        vcpu.run_struct.immediate_exit = 1  # the next KVM_RUN returns at once and parks
+        vcpu.machine.on_crash(vcpu)
+
+    # --- the ring (any thread) ---------------------------------------------------------------
+    def drain(self) -> int:
+        """Emit every complete record the guest has queued; return the bytes of output.
+        Raises ContractBroken if the ring's contents are impossible."""
+        with self._lock:
+            base = layout.QUEUE_GPA
+            prod = self.memory.read_u64(base + STDIO_HEADER_OFFSETS["prod"])
+            if not self.cons <= prod <= self.cons + STDIO_RING:
+                raise ContractBroken(f"stdio producer index {prod} is outside "
+                                     f"[{self.cons}, {self.cons + STDIO_RING}]")
+            if prod == self.cons:
+                return 0
+            ring = self.memory.read(base + STDIO_RING_OFFSET, STDIO_RING)
+            chunks: list[tuple[str, bytes]] = []
+            pos = self.cons
+            while pos < prod:
+                off = pos % STDIO_RING
+                if off % 8 or STDIO_RING - off < STDIO_RECORD.size:
+                    raise ContractBroken(f"stdio record at {pos} is misaligned")
+                fd, n = STDIO_RECORD.unpack_from(ring, off)
+                room = STDIO_RING - off - STDIO_RECORD.size
+                if fd == 0:
+                    if n != room:
+                        raise ContractBroken(f"stdio padding at {pos} does not reach the end")
+                    step = STDIO_RING - off
+                elif fd in STREAMS and n <= min(room, STDIO_MAX_RECORD):
+                    step = (STDIO_RECORD.size + n + 7) & ~7
+                    chunks.append((STREAMS[fd], ring[off + STDIO_RECORD.size:
+                                                     off + STDIO_RECORD.size + n]))
+                else:
+                    raise ContractBroken(f"stdio record at {pos} has fd {fd}, length {n}")
+                if pos + step > prod:
+                    raise ContractBroken(f"stdio record at {pos} runs past the producer")
+                pos += step
+            # All checked: only now does anything leave (a broken ring releases nothing).
+            for stream, data in chunks:
+                self.sink(stream, data)
+            self.cons = prod
+            self.memory.write_u64(base + STDIO_HEADER_OFFSETS["cons"], prod)
+            return sum(len(d) for _, d in chunks)
+
+    def save(self) -> bytes:
+        return struct.pack("<Q", self.cons)
+
+    def restore(self, data: bytes) -> None:
+        (self.cons,) = struct.unpack("<Q", data)

@@ -1,0 +1,66 @@
+"""libos.h (the library OS's side) and the VMM's side agree: the Linux control block, the stdio
+queue, the ports, the addresses; and the committed libos.bin is what the sources build into."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from dirtyring.guests import build as guest_build
+from dirtyring.guests import protocol
+from dirtyring.linux import build, program
+from dirtyring.machine import layout
+
+LIBOS_H = build.SRC / "libos.h"
+
+
+def _defines() -> dict[str, int]:
+    out = {}
+    text = LIBOS_H.read_text()
+    for k, v in re.findall(r"^#define[ \t]+(\w+)[ \t]+(.+?)[ \t]*(?:/\*.*)?$", text, re.M):
+        v = v.strip()
+        m = re.fullmatch(r"\((\w+)\s*\+\s*(\w+)\)", v)
+        out[k] = (out[m[1]] + int(m[2].rstrip("UL"), 0)) if m else int(v.rstrip("UL"), 0)
+    return out
+
+
+def test_control_block_fields_and_offsets() -> None:
+    body = re.search(r"struct linux_ctl\s*\{(.*?)\};", LIBOS_H.read_text(), re.S)[1]
+    fields = []
+    for name, count, off in re.findall(r"u64\s+(\w+)(?:\[(\d+)\])?;\s*/\*\s*(\d+)", body):
+        n = int(count or 1)
+        fields += [(f"{name}{i}" if count else name, int(off) + 8 * i) for i in range(n)]
+    assert tuple(f for f, _ in fields) == program.LINUX_CTL_FIELDS
+    assert [o for _, o in fields] == [8 * i for i in range(len(fields))]
+    assert '"DRLINUX1"' in body
+    assert program.LINUX_CTL_MAGIC.to_bytes(8, "little") == b"DRLINUX1"
+    # The block sits in the control page, after the built-in guests' fields.
+    assert layout.CONTROL_GPA + 8 * len(protocol.CONTROL_FIELDS) <= program.LINUX_CTL_GPA
+    assert program.LINUX_CTL_GPA + 8 * len(fields) <= layout.CONTROL_GPA + layout.PAGE
+
+
+def test_addresses_ports_and_queue_agree() -> None:
+    d = _defines()
+    assert d["LINUX_CTL_GPA"] == program.LINUX_CTL_GPA
+    assert d["LIBOS_STACK_TOP"] == layout.STACK_BASE + layout.STACK_SIZE
+    assert d["STDIO_GPA"] == layout.QUEUE_GPA
+    assert d["STDIO_RING_GPA"] == layout.QUEUE_GPA + protocol.STDIO_RING_OFFSET
+    assert d["STDIO_RING"] == protocol.STDIO_RING
+    assert d["STDIO_MAX_RECORD"] == protocol.STDIO_MAX_RECORD
+    assert protocol.STDIO_RING_OFFSET + protocol.STDIO_RING <= layout.QUEUE_SIZE
+    ports = {k[len("PORT_"):]: v for k, v in d.items() if k.startswith("PORT_")}
+    assert ports == {"DONE": int(protocol.Port.DONE),
+                     **{p.name: int(p) for p in protocol.LibosPort}}
+    # entry.S hard-codes the stack top and the fault port.
+    entry = (build.SRC / "entry.S").read_text()
+    assert f"$0x{d['LIBOS_STACK_TOP']:X}" in entry
+    assert f"$0x{d['PORT_FAULT']:x}" in entry
+
+
+def test_committed_libos_is_what_the_sources_build(tmp_path: Path) -> None:
+    if not guest_build.toolchain_present():
+        pytest.fail("gcc/objcopy/objdump missing: ./tools/install-test-deps installs them")
+    fresh = build.build(tmp_path).read_bytes()
+    assert fresh == build.load_libos(), "rebuild with `python -m dirtyring.linux.build`"
+    assert len(fresh) <= layout.CODE_LIMIT - layout.CODE_GPA
