@@ -86,6 +86,7 @@ def test_a_protected_guest_and_its_standby_are_scraped(spawn: Spawner) -> None:
 
     # Two scrapes, each started after a stats event was printed: never less than it says.
     first = pr.need_event("stats", PATIENCE, lambda e: e["state"] == "protected")
+    events = pr.of("stats")  # (all printed before the scrape starts)
     a = scrape(pmet)
     for name in PRIMARY_FAMILIES:
         assert name in a, (name, sorted(a))
@@ -97,7 +98,6 @@ def test_a_protected_guest_and_its_standby_are_scraped(spawn: Spawner) -> None:
     assert value(a, "dirtyring_guest_progress", "_total") >= first["guest_progress"]
     # The histograms are folded at least at every stats event: they hold every epoch of the
     # event before the last one printed before the scrape.
-    events = pr.of("stats")
     if len(events) >= 2:
         assert value(a, "dirtyring_epoch_pause_seconds", "_count") >= events[-2]["epochs"]
     assert value(a, "dirtyring_epoch_pause_seconds", "_count") <= \

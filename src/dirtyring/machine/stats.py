@@ -141,6 +141,9 @@ class EpochStats:
         self.pause_hist: WindowHistogram | None = None
         self.dirty_hist: WindowHistogram | None = None
         self._fold_at = 1 << 62  # (never, without histograms)
+        #: (pause, dirty pages) as of the last fold, replaced whole: a reader on another
+        #: thread sees both histograms of the same epochs.
+        self.histograms: tuple[HistogramValue, HistogramValue] | None = None
         if histograms:
             self.pause_hist = WindowHistogram(self._pause, self._count, PAUSE_BUCKETS_S,
                                               scale=1e-6)
@@ -155,6 +158,7 @@ class EpochStats:
         if self.pause_hist is not None and self.dirty_hist is not None:
             self.pause_hist.fold()
             self.dirty_hist.fold()
+            self.histograms = (self.pause_hist.value, self.dirty_hist.value)
             self._fold_at = self.pause_hist.next
 
     def record(self, *, pause_s: float, harvest_s: float, dirty_pages: int, nbytes: int = 0,

@@ -147,10 +147,10 @@ class PrimaryCollector(Collector):
         st = p.stats
         gate = p.gate
         w: dict[str, Any] = p._wire  # (replaced whole by the uplink's reader thread)
+        pause, dirty = st.histograms or (None, None)
         yield histogram("epoch_pause_seconds", "Guest paused per checkpoint (harvest, gather, "
-                        "capture), seconds", st.pause_hist.value if st.pause_hist else None)
-        yield histogram("epoch_dirty_pages", "Pages dirtied per epoch (checkpointed)",
-                        st.dirty_hist.value if st.dirty_hist else None)
+                        "capture), seconds", pause)
+        yield histogram("epoch_dirty_pages", "Pages dirtied per epoch (checkpointed)", dirty)
         yield histogram("ack_round_trip_seconds", "Checkpoint sent to the standby's "
                         "acknowledgement, seconds", _hist_from_wire(w.get("ack_hist")))
         yield histogram("output_delay_seconds", "Guest output held until its checkpoint was "

@@ -88,6 +88,7 @@ def test_epoch_stats_fold_every_half_window_and_at_each_snapshot() -> None:
     assert st.dirty_hist.value.counts == expected([float(d) for d in dirty],
                                                   tuple(float(b) for b in DIRTY_PAGES_BUCKETS))
     assert st.dirty_hist.value.total == sum(dirty)
+    assert st.histograms == (st.pause_hist.value, st.dirty_hist.value)  # published together
 
 
 def test_without_histograms_nothing_is_kept() -> None:
