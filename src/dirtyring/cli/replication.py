@@ -7,6 +7,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from typing import Any
 
 from ..errors import DirtyringError
@@ -171,7 +172,8 @@ def _protect(args: argparse.Namespace, cfg: MachineConfig, key: bytes, insecure:
              opt: PrimaryOptions, out: EventPrinter, stop: threading.Event,
              metrics: Any) -> int:
     if metrics is not None:
-        out({"event": "metrics", "addr": f"{metrics.addr[0]}:{metrics.port}"})
+        out({"event": "metrics", "t": time.time(),
+             "addr": f"{metrics.addr[0]}:{metrics.port}"})
     arbiter = _arbiter(args, "primary")
     if arbiter is not None:
         # Before anything else: another live copy of this guest means we must not start.
@@ -248,7 +250,8 @@ def standby(args: argparse.Namespace) -> int:
     if metrics is not None:
         from ..replication.metrics import StandbyCollector
         metrics.add(StandbyCollector(sb))
-        out({"event": "metrics", "addr": f"{metrics.addr[0]}:{metrics.port}"})
+        out({"event": "metrics", "t": time.time(),
+             "addr": f"{metrics.addr[0]}:{metrics.port}"})
     ctl = None
     if args.control:
         ctl = _control_server(parse_addr(args.control), sb, stop)
@@ -268,6 +271,7 @@ def standby(args: argparse.Namespace) -> int:
                                                  heartbeat_interval=args.heartbeat,
                                                  heartbeat_timeout=args.heartbeat_timeout),
                           on_event=out, release=release, arbiter=sb.etcd)
+            was_held = False
             while not stop.is_set():
                 if lost_key.is_set() and sb.machine is not None:
                     sb.machine.pause_all()  # another copy may be live: stop this one
@@ -276,6 +280,11 @@ def standby(args: argparse.Namespace) -> int:
                     sb.state = "fenced"
                     break
                 alone.flush()
+                held = not alone.releasing
+                if held != was_held:  # (with --etcd: output waits while the lease is unsure)
+                    was_held = held
+                    out({"event": "output_hold", "t": time.time(), "held": held,
+                         "pieces": alone.held, **sb.lease_fields()})
                 if sb.machine is not None and sb.machine.wait_stopped(0.5):
                     out({"event": "guest_stopped", "crash": sb.machine.crashed})
                     break

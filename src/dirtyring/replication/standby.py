@@ -500,15 +500,20 @@ class Standby:
                 link.send(Failover(reason="standby took over"))
             except (LinkClosed, ProtocolError):
                 pass
-        a = self.etcd
-        lease = {} if a is None else {"lease": {  # (ours now: no etcd request for the event)
-            "group": a.group, "holder": a.who if a.token and not a.lost else "",
-            "revision": a.token, "ttl_left_s": round(a.ttl_left(), 3)}}
         self._emit("failover_done", epoch=self.committed_epoch, resumed_t=self.resumed_wall,
                    resume_ms=(self.failover_done_at - t0) * 1e3,
                    since_detection_ms=(self.failover_done_at - self.failover_detected_at) * 1e3,
-                   **lease)
+                   **self.lease_fields())
         self.failed_over.set()
+
+    def lease_fields(self) -> dict[str, Any]:
+        """With etcd, for events: ``{"lease": {group, holder, revision, ttl_left_s}}`` as this
+        process knows it (no etcd request); ``{}`` without."""
+        a = self.etcd
+        if a is None:
+            return {}
+        return {"lease": {"group": a.group, "holder": a.who if a.token and not a.lost else "",
+                          "revision": a.token, "ttl_left_s": round(a.ttl_left(), 3)}}
 
     def _stale_token(self, token: int) -> str:
         """Why a primary with fencing ``token`` must be refused, or "". With etcd its token
