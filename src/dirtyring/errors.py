@@ -185,3 +185,70 @@ class ConfigError(DirtyringError):
         except dirtyring.ConfigError as e:
             print(e)                             # unknown tracker 'magic'; choose one of ...
     """
+
+
+class LinkClosed(DirtyringError):
+    """The peer closed the connection or the network failed; the message says how.
+
+    Raised by ``replication.transport.Link`` (replication and migration both use it). A primary
+    treats it as a lost standby; a standby as a lost primary (fail over or wait, by policy).
+
+    Example::
+
+        try:
+            p = dirtyring.protect(m, "10.0.0.2:7000", key)
+        except dirtyring.LinkClosed as e:
+            print(e)                             # cannot connect to 10.0.0.2:7000: Connection refused
+    """
+
+
+class MigrationError(DirtyringError):
+    """The migration failed. ``source_may_run`` says whether the source may go on running:
+    False once the switchover was requested (the target may be running the guest).
+
+    Raised by ``migration.source.Migration``; the CLI reports it and exits non-zero.
+
+    Example::
+
+        try:
+            rep = dirtyring.migrate(m, "10.0.0.2:7100", key)
+        except dirtyring.MigrationError as e:
+            if not e.source_may_run:
+                m.close()                # the target may run the guest: never resume this one
+    """
+
+    def __init__(self, message: str, *, source_may_run: bool = True) -> None:
+        super().__init__(message)
+        self.source_may_run = source_may_run
+
+
+class NativeError(DirtyringError):
+    """Base of what the C helpers (``machine/native.py``) raise; not raised directly."""
+
+
+class NativeUnavailable(NativeError):
+    """A native path was asked for on a host where the C helper could not be built (no gcc,
+    or no writable cache directory). Callers that have a Python fallback check
+    ``native.backend()`` first; seeing this error means one did not: a bug to report."""
+
+
+class NativeCallFailed(NativeError, OSError):
+    """A system call made by native code failed (a pause program's ioctl, or reading the vCPU's
+    TSC offset). Carries the errno; the message names the call. The checkpoint in progress is
+    void: the caller stops, as after any failed ioctl."""
+
+    def __init__(self, err: int, message: str) -> None:
+        OSError.__init__(self, err, message)
+
+    def __str__(self) -> str:  # OSError's default prefixes "[Errno n]"
+        return str(self.args[1])
+
+
+class NativePageOutOfRange(NativeError, IndexError):
+    """A page index handed to native code lies outside its memory slot (a gather or a pause
+    program's gather). Nothing was copied. Trackers never report such pages: a bug."""
+
+
+class NativeDataInvalid(NativeError, ValueError):
+    """Data handed to native code is inconsistent (staged delta words outside their pages, or
+    more of them than fit), or a pause program is changed out of shape. Nothing was applied."""

@@ -76,9 +76,6 @@ def test_import_does_not_open_kvm(tmp_path: Path) -> None:
     assert not opened, f"importing dirtyring opened {opened}"
 
 
-@pytest.mark.xfail(strict=True, reason="machine/native.py builds its C helper at import "
-                   "(_LIB = _build()) when the cache is empty; issue 14 item 6 moves the build "
-                   "to install time or first use. Strict: remove this mark once that lands")
 def test_import_starts_no_process_even_with_a_cold_cache(tmp_path: Path) -> None:
     started = [x for x in _import_trace(tmp_path) if not x.startswith("open ")]
     assert not started, f"importing dirtyring started {started} (gcc: compiled at import)"

@@ -57,7 +57,19 @@ def main(argv: list[str] | None = None) -> int:
     # diagnosed in the field (SIGUSR1 kicks vCPUs, SIGALRM ends inline epochs).
     faulthandler.register(signal.SIGUSR2, all_threads=True)
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Everything after the first "--" is the --exec program's own arguments. Split here, not
+    # by argparse: a command with a positional of its own (snapshot DIR, protect ADDR) would
+    # otherwise take them for another positional.
+    program_args: list[str] = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, program_args = argv[:i], argv[i + 1:]
     args = parser.parse_args(argv)
+    if program_args:
+        if not hasattr(args, "args"):
+            parser.error("only commands that take --exec PROGRAM accept arguments after --")
+        args.args = [*args.args, *program_args]
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

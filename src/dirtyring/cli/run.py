@@ -6,17 +6,20 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
+from ..errors import ConfigError
 from ..guests import NAMES
 from ..linux.program import LinuxProgram
-from ..linux.runner import run_program
+from ..linux.runner import run_program, save_tree
 from ..guests.protocol import GuestParams, Pattern
 from ..machine.config import MachineConfig
 from ..machine.epoch import EpochDriver
 from ..machine.stats import EpochStats
 from ..machine.verify import ShadowCheck
 from ..machine.vm import Machine
+from .exec_options import add_exec_options, program_from_args
 from .options import add_guest_options, duration, positive_int
 
 
@@ -36,26 +39,19 @@ def add_parser(sub: Any) -> None:
                    help="compare a shadow copy with guest memory every N epochs "
                         "(default 100; 0 = off)")
     p.add_argument("--json", action="store_true", help="JSON lines instead of the live view")
-    p.add_argument("--exec", metavar="PROGRAM", default=None,
-                   help="run this static x86-64 Linux program instead of a built-in guest, "
-                        "under the library OS; its output passes through and its exit status "
-                        "is dirtyring's (default: none; --memory sizes its address space, "
-                        "--interval and --tracker apply, the other guest options do not)")
-    p.add_argument("--env", action="append", default=[], metavar="K=V",
-                   help="an environment variable for --exec (repeatable; default: an empty "
-                        "environment)")
-    p.add_argument("args", nargs="*", metavar="ARGS",
-                   help="the program's arguments, after -- (default: none)")
+    add_exec_options(p)
+    p.add_argument("--save-files", metavar="DIR", default=None,
+                   help="when the program ends, write every file of its file system under DIR "
+                        "(default: not saved)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.exec is not None:
-        return run_exec(args)
-    if args.args or args.env:
-        print("dirtyring run: error: program arguments and --env need --exec PROGRAM",
-              file=sys.stderr)
-        return 2
+    prog = program_from_args(args, export_files=args.save_files is not None)
+    if prog is not None:
+        return run_exec(args, prog)
+    if args.save_files:
+        raise ConfigError("--save-files needs --exec PROGRAM")
     cfg = MachineConfig(guest=args.guest, tracker=args.tracker, vcpus=args.vcpus,
                         data_slots=(args.memory,), ring_entries=args.ring_entries,
                         params=GuestParams(pattern=Pattern[args.pattern.upper()],
@@ -123,16 +119,8 @@ def run(args: argparse.Namespace) -> int:
         return 1 if stale_total else 0
 
 
-def run_exec(args: argparse.Namespace) -> int:
+def run_exec(args: argparse.Namespace, prog: LinuxProgram) -> int:
     """``dirtyring run --exec PROGRAM -- ARGS``: like running the program itself."""
-    env = {}
-    for kv in args.env:
-        k, eq, v = kv.partition("=")
-        if not eq or not k:
-            print(f"dirtyring run: error: --env {kv!r} is not K=V", file=sys.stderr)
-            return 2
-        env[k] = v
-    prog = LinuxProgram(args.exec, [args.exec, *args.args], env, memory=args.memory)
     streams = {"stdout": sys.stdout.buffer, "stderr": sys.stderr.buffer}
 
     def write(kind: str, data: bytes) -> None:
@@ -146,6 +134,12 @@ def run_exec(args: argparse.Namespace) -> int:
                       verify_every=args.verify_every, warn=warn)
     if res.crash:
         warn(f"{prog.name}: stopped: {res.crash}")
+    if args.save_files is not None and res.crash is None:
+        try:
+            save_tree(res.files, Path(args.save_files))
+        except OSError as e:
+            warn(f"--save-files {args.save_files}: {e.strerror}")
+            return 1
     if res.missed_pages:
         warn(f"MISSED DIRTY PAGES: {res.missed_pages} page(s) the tracker never reported")
         return 1 if res.status == 0 else res.status

@@ -17,9 +17,13 @@ from typing import Any
 from ..errors import ConfigError
 from ..guests import NAMES
 from ..guests.protocol import GuestParams, Pattern, hash_chain
-from ..machine.config import MachineConfig
+from ..linux.runner import CRASH_STATUS
+from ..linux.syscall_names import name as syscall_name
+from ..machine.config import LINUX_GUEST, MachineConfig
 from ..machine.vm import Machine
-from ..snapshots.files import FILE_KEY, SnapshotInfo, SnapshotWriter, resolve_chain, restore
+from ..snapshots.files import (FILE_KEY, SnapshotInfo, SnapshotWriter, latest, resolve_chain,
+                               restore)
+from .exec_options import add_exec_options, passthrough, program_from_args
 from .options import add_guest_options, duration
 
 
@@ -52,6 +56,7 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--name", default="snap", help="file name prefix (default snap)")
     p.add_argument("--verify", action="store_true",
                    help="digest live memory at each capture and check the chain against it")
+    add_exec_options(p)
     _common(p)
     p.set_defaults(func=snapshot_command)
 
@@ -86,7 +91,15 @@ def _key(args: argparse.Namespace) -> bytes:
 
 
 def _out(args: argparse.Namespace, text: str, **record: Any) -> None:
-    print(json.dumps(record) if args.json else text, flush=True)
+    print(json.dumps(record) if args.json else text, flush=True,
+          file=getattr(args, "status_stream", sys.stdout))
+
+
+def _program_sink(kind: str, payload: Any) -> None:
+    """A Linux program's output passes through; unsupported syscalls are named once."""
+    if not passthrough(kind, payload) and kind == "unsupported_syscall":
+        print(f"dirtyring: syscall {syscall_name(payload)} ({payload}) is not supported yet; "
+              "it returned ENOSYS", file=sys.stderr, flush=True)
 
 
 def _line(i: SnapshotInfo, progress: int) -> dict[str, Any]:
@@ -99,13 +112,21 @@ def snapshot_command(args: argparse.Namespace) -> int:
     if args.every <= 0:
         raise ConfigError("--every must be positive")
     key = _key(args)
-    cfg = MachineConfig(guest=args.guest, tracker=args.tracker, vcpus=args.vcpus,
-                        data_slots=(args.memory,),
-                        params=GuestParams(pattern=Pattern[args.pattern.upper()],
-                                           hot_pages=args.hot_pages))
-    with Machine(cfg) as m:
+    prog = program_from_args(args)
+    if prog is not None:
+        # A program's output is its own (passed through); the snapshot lines go to stderr.
+        cfg = prog.config(tracker=args.tracker)
+        machine = Machine(cfg, boot=prog.boot, sink=_program_sink)
+        args.status_stream = sys.stderr
+    else:
+        cfg = MachineConfig(guest=args.guest, tracker=args.tracker, vcpus=args.vcpus,
+                            data_slots=(args.memory,),
+                            params=GuestParams(pattern=Pattern[args.pattern.upper()],
+                                               hot_pages=args.hot_pages))
+        machine = Machine(cfg)
+    with machine as m:
         w = SnapshotWriter(m, args.dir, key=key, verify=args.verify)
-        _out(args, f"guest '{cfg.guest}', {cfg.vcpus} vCPU(s), {args.memory >> 20} MiB, tracker "
+        _out(args, f"guest '{cfg.guest}', {cfg.vcpus} vCPU(s), {cfg.data_bytes >> 20} MiB, tracker "
                    f"{cfg.tracker}: full snapshot, then one every {args.every:g} s for "
                    f"{args.seconds:g} s into {args.dir}", event="start")
         shots = [w.full(f"{args.name}-0000")]
@@ -141,11 +162,18 @@ def restore_command(args: argparse.Namespace) -> int:
              event="applied", name=i.name, kind=i.kind, seq=i.seq, pages=i.pages)
 
     target = args.path
+    program = resolve_chain(target if not target.is_dir() else latest(target, key=key),
+                            key=key)[-1].config.guest == LINUX_GUEST
+    if program:
+        args.status_stream = sys.stderr  # the program's own output owns stdout
     if not target.is_dir():
         chain = resolve_chain(target, key=key)
         _out(args, f"chain of {len(chain)}: " + " -> ".join(c.name for c in chain),
              event="chain", files=[c.path.name for c in chain])
-    with restore(target, key=key, progress=applied) as m:
+    with restore(target, key=key, progress=applied,
+                 sink=_program_sink if program else None) as m:
+        if program:
+            return _run_restored_program(args, m, t0)
         restore_ms = (time.perf_counter() - t0) * 1e3
         cfg = m.config
         start = {r.index: (m.status(r.index, "report_i"), m.status(r.index, "report_h"))
@@ -172,6 +200,30 @@ def restore_command(args: argparse.Namespace) -> int:
         _out(args, f"stopped at progress {m.progress():,}", event="done", progress=m.progress(),
              chain_ok=ok)
     return 0 if ok is not False else 1
+
+
+def _run_restored_program(args: argparse.Namespace, m: Machine, t0: float) -> int:
+    """A restored Linux program runs to its end (or --seconds); its output passes through and
+    its exit status is ours."""
+    _out(args, f"restored a Linux program ({m.config.data_bytes >> 20} MiB) in "
+               f"{(time.perf_counter() - t0) * 1e3:.1f} ms; running it", event="restored")
+    m.resume_all()
+    end = time.monotonic() + args.seconds
+    while not m.wait_stopped(0.05):
+        m.drain_output()
+        if time.monotonic() >= end:
+            m.pause_all()
+            m.drain_output()
+            _out(args, f"still running after {args.seconds:g} s; stopped", event="done")
+            return 0
+    m.pause_all()
+    m.drain_output()
+    if m.crashed:
+        print(f"dirtyring: the program stopped: {m.crashed}", file=sys.stderr)
+        return CRASH_STATUS
+    status = (m.runners[0].exit_code or 0) & 0xFF
+    _out(args, f"the program ended with status {status}", event="done", status=status)
+    return status
 
 
 def _check_reports(args: argparse.Namespace, m: Machine,

@@ -18,6 +18,7 @@ from ..errors import GuestError
 
 SRC = Path(__file__).resolve().parent
 GUESTS = ("dirtier", "compute", "kvstore")
+BSS_LIMIT = 0xF0000  # machine/layout.py: .bss from 0x80000, then the vCPU stacks
 CFLAGS = ["-O2", "-std=gnu11", "-ffreestanding", "-fno-pic", "-fno-pie", "-nostdlib",
           "-mgeneral-regs-only", "-mno-red-zone", "-fno-stack-protector",
           "-fno-asynchronous-unwind-tables", "-fno-unwind-tables", "-fcf-protection=none",
@@ -56,6 +57,9 @@ def build_flat(name: str, sources: list[Path], outdir: Path,
             if len(parts) > 2 and parts[1] == ".data" and int(parts[2], 16) != 0:
                 raise GuestError(f"guest {name} has initialised writable data (.data); "
                                  "use const or zero-initialised globals")
+            if len(parts) > 3 and parts[1] == ".bss" and \
+                    int(parts[3], 16) + int(parts[2], 16) > BSS_LIMIT:
+                raise GuestError(f"guest {name}'s .bss ends past {BSS_LIMIT:#x} (the stacks)")
         out = outdir / f"{name}.bin"
         _run(["objcopy", "-O", "binary", "-j", ".text", "-j", ".rodata", str(elf), str(out)])
     return out

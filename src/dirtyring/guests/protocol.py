@@ -36,6 +36,7 @@ class LibosPort(enum.IntEnum):
     STDIO_FLUSH = 0x30
     UNSUPPORTED = 0x31
     FAULT = 0x32
+    EXPORT = 0x33
 
 
 class Pattern(enum.IntEnum):
@@ -66,7 +67,7 @@ KV_ENTRY = struct.Struct("<IIQQQ")  # op_or_status, id, key, value, pad
 STDIO_RING_OFFSET = 0x1000  # from QUEUE_GPA
 STDIO_RING = 0x8000
 STDIO_MAX_RECORD = 0x1000
-STDIO_HEADER_OFFSETS = {"prod": 0, "cons": 64}
+STDIO_HEADER_OFFSETS = {"prod": 0, "cons": 64, "export_va": 128, "export_len": 136}
 STDIO_RECORD = struct.Struct("<II")  # fd (0 = padding to the ring's end), len
 
 

@@ -15,6 +15,7 @@ Virtual layout (``plan``)::
                                library OS, queues); programs must not be linked here
     image + heap               the program's segments at their link addresses (ET_EXEC) or at
                                PIE_BASE (static-PIE), then brk's heap, in one region
+    [FS_BASE, FS_BASE + fs)              the library OS's file system (blocks, the archives)
     [MMAP_TOP - mmap, MMAP_TOP)          anonymous mmap, handed out top-down
     [STACK_TOP - stack, STACK_TOP)       the main thread's stack
 
@@ -34,6 +35,7 @@ from .elf import ElfImage
 HUGE = 2 << 20
 SYSTEM_END = 4 << 20
 PIE_BASE = 0x5555_5540_0000  # 2 MiB-aligned, where Linux puts a PIE without randomisation
+FS_BASE = 0x6000_0000_0000
 MMAP_TOP = 0x7F00_0000_0000
 STACK_TOP = 0x7FFE_0000_0000
 DEFAULT_STACK = 8 << 20  # RLIMIT_STACK's usual soft limit
@@ -131,11 +133,12 @@ class AddressSpace:
             q[slot] = (data_gpa + off) | flags | L.D | L.PS
 
 
-def plan(image: ElfImage, *, memory: int, stack: int = DEFAULT_STACK) -> AddressSpace:
+def plan(image: ElfImage, *, memory: int, stack: int = DEFAULT_STACK,
+         fs: int = 0) -> AddressSpace:
     """Lay out ``image`` with ``memory`` bytes for image + heap + mmap + stack (rounded to
-    2 MiB pieces; unused memory costs nothing until touched). The heap and the mmap area share
-    what the image and the stack leave, half each: glibc's malloc takes small blocks from brk
-    and big ones (128 KiB and up) from mmap."""
+    2 MiB pieces; unused memory costs nothing until touched), plus ``fs`` bytes for the file
+    system. The heap and the mmap area share what the image and the stack leave, half each:
+    glibc's malloc takes small blocks from brk and big ones (128 KiB and up) from mmap."""
     bias = PIE_BASE if image.pie else 0
     lo, hi = _down(image.low + bias), _up(image.high + bias)
     if lo < SYSTEM_END:
@@ -155,8 +158,15 @@ def plan(image: ElfImage, *, memory: int, stack: int = DEFAULT_STACK) -> Address
                            "room for its heap and mmap area")
     regions = []
     off = 0
-    for name, va, size in (("image+heap", lo, hi - lo + heap), ("mmap", MMAP_TOP - mmap, mmap),
-                           ("stack", STACK_TOP - stack, stack)):
+    fs = _up(fs)
+    if hi + heap > FS_BASE or FS_BASE + fs > MMAP_TOP - mmap:
+        raise ConfigError(f"{image.name}: the file system ({fs >> 20} MiB) does not fit "
+                          "between the heap and the mmap area")
+    layout_ = [("image+heap", lo, hi - lo + heap), ("mmap", MMAP_TOP - mmap, mmap),
+               ("stack", STACK_TOP - stack, stack)]
+    if fs:
+        layout_.append(("fs", FS_BASE, fs))
+    for name, va, size in layout_:
         regions.append(Region(name, va, size, off))
         off += size
     return AddressSpace(regions=tuple(regions), bias=bias, brk_start=_up(image.high + bias, L.PAGE),

@@ -18,6 +18,7 @@ machine configuration alone.
 from __future__ import annotations
 
 import os
+import stat
 import struct
 import time
 from collections.abc import Sequence
@@ -30,7 +31,7 @@ from ..errors import ConfigError, ProgramError
 from ..machine import layout
 from ..machine.config import LINUX_GUEST, MachineConfig
 from ..machine.vm import Machine
-from . import initstack
+from . import archive, initstack
 from .addrspace import AddressSpace, plan
 from .build import load_libos
 from .elf import ElfImage
@@ -40,8 +41,12 @@ LINUX_CTL_MAGIC = int.from_bytes(b"DRLINUX1", "little")
 #: The Linux control block (libos.h ``struct linux_ctl``), field by field.
 LINUX_CTL_FIELDS = ("magic", "image_lo", "brk_start", "brk_max", "mmap_lo", "mmap_hi",
                     "stack_lo", "stack_hi", "pid", "tsc_khz", "boot_tsc", "boot_realtime_ns",
-                    "seed0", "seed1", "seed2", "seed3")
+                    "seed0", "seed1", "seed2", "seed3", "fs_lo", "fs_hi", "import_len",
+                    "export_files")
 DEFAULT_MEMORY = 256 << 20
+#: The file system's room beyond what the named files take (sparse: only what is written
+#: costs memory); the files the program writes, and their export at exit, live in it.
+DEFAULT_FS_ROOM = 256 << 20
 PID = 1
 CR4_FSGSBASE = 1 << 16
 EFER_SCE = 1
@@ -60,7 +65,12 @@ class LinuxProgram:
     """
 
     def __init__(self, path: str | os.PathLike[str], argv: Sequence[str] | None = None,
-                 env: dict[str, str] | None = None, *, memory: int = DEFAULT_MEMORY) -> None:
+                 env: dict[str, str] | None = None, *, memory: int = DEFAULT_MEMORY,
+                 files: Sequence[tuple[str, str | None]] = (), fs_room: int = DEFAULT_FS_ROOM,
+                 export_files: bool = False) -> None:
+        """``files``: (host path, guest path or None for the same path) pairs copied into
+        the guest's file system (a directory brings its whole tree). ``export_files``: at
+        exit, hand back every file the program's file system holds (``ProgramResult.files``)."""
         self.path = Path(path)
         try:
             self.data = self.path.read_bytes()
@@ -73,7 +83,10 @@ class LinuxProgram:
             if not k or "=" in k:
                 raise ConfigError(f"bad environment variable name {k!r}")
         self.image = ElfImage.parse(self.data, str(path))
-        self.space: AddressSpace = plan(self.image, memory=memory)
+        self.archive = archive.pack(_collect(files))
+        self.export_files = export_files
+        fs = len(self.archive) * 2 + fs_room
+        self.space: AddressSpace = plan(self.image, memory=memory, fs=fs)
 
     def config(self, **kw: object) -> MachineConfig:
         """The machine this program needs (one vCPU; the data slot holds its whole address
@@ -98,6 +111,7 @@ class LinuxProgram:
                         bias=self.space.bias)
         stack = self._initial_stack()
         self._write(m, stack.rsp, stack.data)
+        self._write(m, self.space.region("fs").va, self.archive)
         self._write_control(m, m.runners[0].fd.get_tsc())
         mem.mark_dirty(0, 0, layout.SYSTEM_SLOT_SIZE // layout.PAGE)
         r = m.runners[0]
@@ -115,6 +129,24 @@ class LinuxProgram:
         if m.config.kvmclock:
             m.enable_kvmclock(r.fd, 0)
         r.static_state = None
+
+    def read(self, m: Machine, va: int, n: int) -> bytes:
+        """``n`` bytes of the program's memory at ``va``; ProgramError if any of it is outside
+        the plan (an address the guest handed us is never trusted)."""
+        assert m.memory is not None
+        return b"".join(m.memory.read(layout.DATA_GPA + off, k)
+                        for off, k in self.space.translate(va, n))
+
+    def exported(self, m: Machine, va: int, n: int) -> list[archive.Entry]:
+        """The files the library OS packed at exit, read and checked."""
+        fs = self.space.region("fs")
+        if n == 0:
+            raise ProgramError("the program's files did not fit in its file system's free "
+                               "room at exit; give it more (fs_room)")
+        if not (fs.va <= va and va + n <= fs.end):
+            raise ProgramError(f"the guest broke its contract: its file archive at {va:#x} "
+                               f"(+{n}) is outside its file system")
+        return archive.unpack(self.read(m, va, n))
 
     def _write(self, m: Machine, va: int, data: bytes) -> None:
         assert m.memory is not None
@@ -140,9 +172,39 @@ class LinuxProgram:
         the guest's TSC read at the same moment."""
         sp = self.space
         image, mm, stack = sp.region("image+heap"), sp.region("mmap"), sp.region("stack")
+        fs = sp.region("fs")
         seeds = struct.unpack("<4Q", os.urandom(32))
         values = (LINUX_CTL_MAGIC, image.va, sp.brk_start, image.end, mm.va, mm.end, stack.va,
-                  stack.end, PID, m.tsc_khz, guest_tsc, time.time_ns(), *seeds)
+                  stack.end, PID, m.tsc_khz, guest_tsc, time.time_ns(), *seeds, fs.va, fs.end,
+                  len(self.archive), int(self.export_files))
         assert m.memory is not None
         m.memory.write(LINUX_CTL_GPA, struct.pack(f"<{len(values)}Q", *values))
 
+
+
+def _collect(files: Sequence[tuple[str, str | None]]) -> list[archive.Entry]:
+    """Archive entries for the (host, guest) pairs; a directory brings its tree. A host path
+    that cannot be read is a clear ProgramError naming it."""
+    out: list[archive.Entry] = []
+    for host, guest in files:
+        target = archive.guest_path(guest if guest else host)
+        try:
+            st = os.stat(host)
+            if stat.S_ISDIR(st.st_mode):
+                out.append(archive.Entry(target, st.st_mode))
+                for root, dirs, names in os.walk(host):
+                    rel = os.path.relpath(root, host)
+                    for d in sorted(dirs):
+                        p = os.path.join(root, d)
+                        out.append(archive.Entry(archive.guest_path(
+                            os.path.join(target, rel, d)), os.stat(p).st_mode))
+                    for n in sorted(names):
+                        p = os.path.join(root, n)
+                        out.append(archive.Entry(archive.guest_path(os.path.join(target, rel, n)),
+                                                 os.stat(p).st_mode, Path(p).read_bytes()))
+            else:
+                out.append(archive.Entry(target, stat.S_IFREG | (st.st_mode & 0o7777),
+                                         Path(host).read_bytes()))
+        except OSError as e:
+            raise ProgramError(f"--file {host}: {e.strerror}") from None
+    return out

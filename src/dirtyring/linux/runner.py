@@ -10,9 +10,13 @@ so a page the tracker missed is reported, as ``dirtyring run`` does for built-in
 from __future__ import annotations
 
 from collections.abc import Callable
+import posixpath
+import stat
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from ..errors import ProgramError
 from ..machine.epoch import EpochDriver
 from ..machine.verify import ShadowCheck
 from ..machine.vm import Machine
@@ -34,6 +38,9 @@ class ProgramResult:
     dirty_pages: int = 0
     missed_pages: int = 0
     unsupported: list[str] = field(default_factory=list)
+    #: Every file the program's file system held at exit (with ``export_files``): path -> data;
+    #: directories map to None.
+    files: dict[str, bytes | None] = field(default_factory=dict)
 
 
 def run_program(prog: LinuxProgram, *, write: Callable[[str, bytes], None],
@@ -42,6 +49,8 @@ def run_program(prog: LinuxProgram, *, write: Callable[[str, bytes], None],
     """Run ``prog`` until it ends. ``write("stdout" | "stderr", bytes)`` gets its output in
     order; ``warn`` gets one line per unsupported syscall (the first time it is used)."""
     unsupported: list[str] = []
+    machine: list[Machine] = []
+    res = ProgramResult(status=0, unsupported=unsupported)
 
     def sink(kind: str, payload: Any) -> None:
         if kind in ("stdout", "stderr"):
@@ -52,9 +61,15 @@ def run_program(prog: LinuxProgram, *, write: Callable[[str, bytes], None],
                 return
             unsupported.append(what)
             warn(f"{prog.name}: syscall {what} is not supported yet; it returned ENOSYS")
+        elif kind == "files_export":  # on the vCPU thread, at the program's exit
+            try:
+                for e in prog.exported(machine[0], *payload):
+                    res.files[e.path] = None if stat.S_ISDIR(e.mode) else e.data
+            except ProgramError as err:
+                res.crash = str(err)
 
-    res = ProgramResult(status=0, unsupported=unsupported)
     with Machine(prog.config(tracker=tracker), boot=prog.boot, sink=sink) as m:
+        machine.append(m)
         assert m.memory is not None and m.stdio is not None
         drv = EpochDriver(m)
         m.pause_all()
@@ -76,9 +91,26 @@ def run_program(prog: LinuxProgram, *, write: Callable[[str, bytes], None],
         if check is not None:
             res.missed_pages += len(check.stale())
         m.drain_output()  # anything queued after the last harvest (none once it has ended)
-        res.crash = res.crash or m.crashed
+        res.crash = m.crashed or res.crash
         if res.crash is None:
             res.status = (m.runners[0].exit_code or 0) & 0xFF
         else:
             res.status = CRASH_STATUS
     return res
+
+
+def save_tree(files: dict[str, bytes | None], root: Path) -> None:
+    """Write an exported file system under ``root`` (created if needed). Paths come from the
+    guest; ``archive.unpack`` already refused any that is not absolute, and normalising here
+    keeps every one inside ``root``."""
+    root.mkdir(parents=True, exist_ok=True)
+    for path, data in sorted(files.items()):
+        rel = posixpath.normpath(path).lstrip("/")
+        if not rel or rel.startswith(".."):
+            continue
+        target = root / rel
+        if data is None:
+            target.mkdir(parents=True, exist_ok=True)
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)

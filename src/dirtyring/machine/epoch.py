@@ -11,8 +11,9 @@ import dataclasses
 import time
 from dataclasses import dataclass
 
-from ..errors import TrackingError
+from ..errors import ConfigError, TrackingError
 from ..tracking import DirtySet
+from .exits import BUDGET, INTERVAL, STOPPED, StopReason
 from .vm import Machine
 
 
@@ -27,7 +28,7 @@ class Epoch:
     """
 
     number: int
-    reason: str  # "interval" | "budget" | "stopped"
+    reason: StopReason  # INTERVAL, BUDGET or STOPPED ("interval", "budget", "stopped")
     dirty: DirtySet
     resync: bool  # tracking could not vouch for the set; ``dirty`` is every page
     run_s: float  # time the guest was let run
@@ -49,7 +50,7 @@ class EpochDriver:
 
     def __init__(self, machine: Machine) -> None:
         if machine.tracker is None:
-            raise ValueError("the epoch driver needs a tracked machine")
+            raise ConfigError("the epoch driver needs a tracked machine (tracker other than none)")
         self.m = machine
         self.tracker = machine.tracker
         self.number = 0
@@ -72,9 +73,10 @@ class EpochDriver:
         self.number += n
 
     def ran(self, reason: str, run_s: float) -> Epoch:
-        """An epoch run elsewhere (the steady batch), paused and not harvested yet."""
+        """An epoch run elsewhere (the steady batch), paused and not harvested yet; ``reason``
+        is a ``StopReason`` or its string."""
         self.number += 1
-        return Epoch(number=self.number, reason=reason, dirty=DirtySet(), resync=False,
+        return Epoch(number=self.number, reason=StopReason(reason), dirty=DirtySet(), resync=False,
                      run_s=run_s, harvest_s=0.0)
 
     def harvest_epoch(self, e: Epoch) -> Epoch:
@@ -101,8 +103,8 @@ class EpochDriver:
         dirty, resync = self.harvest_paused()
         t2 = time.perf_counter()
         self.number += 1
-        reason = "interval"
+        reason = INTERVAL
         if woke:
-            reason = "stopped" if m.stopped_event.is_set() else "budget"
+            reason = STOPPED if m.stopped_event.is_set() else BUDGET
         return Epoch(number=self.number, reason=reason, dirty=dirty, resync=resync,
                      run_s=t1 - t0, harvest_s=t2 - t1)

@@ -26,6 +26,8 @@ import struct
 
 import numpy as np
 
+from ..errors import ConfigError
+
 PAGE = 4096
 SYSTEM_SLOT_SIZE = 4 << 20
 GDT_GPA = 0x1000
@@ -85,7 +87,7 @@ def build_system_slot(mem: np.ndarray, data_bytes: int) -> None:
     ``data_bytes`` is the total size of the data slots mapped from DATA_GPA with 2 MiB pages.
     """
     if data_bytes > MAX_DATA_BYTES:
-        raise ValueError(f"data memory above {MAX_DATA_BYTES >> 30} GiB is not supported")
+        raise ConfigError(f"data memory above {MAX_DATA_BYTES >> 30} GiB is not supported")
     q = mem.view(np.uint64)
     # PML4[0] -> PDPT; PDPT[0] -> PD0 (first GiB); PDPT[1+i] -> data PD i.
     q[PML4_GPA // 8] = PDPT_GPA | P | RW | US | A

@@ -118,7 +118,7 @@ class GuestMemory:
         for s in self.slots:
             if s.info.gpa <= gpa < s.info.gpa + s.info.size:
                 return s, gpa - s.info.gpa
-        raise ValueError(f"guest address {gpa:#x} is in no memslot")
+        raise ConfigError(f"guest address {gpa:#x} is in no memslot")
 
     def read(self, gpa: int, n: int) -> bytes:
         s, off = self.locate(gpa)

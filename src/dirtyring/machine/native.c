@@ -26,6 +26,8 @@
 #include <immintrin.h>
 #include <linux/kvm.h>
 
+#include "native.h"  /* the structs and constants native.py mirrors */
+
 static void page_nt(uint8_t *dst, const uint8_t *src)
 {
     const __m128i *s = (const __m128i *)src;
@@ -160,10 +162,10 @@ int64_t dirtyring_sparse_delta(const uint64_t *staged, uint64_t *shadow, const i
 int dirtyring_take_words(const uint8_t *staged, int64_t n, int64_t k, const int64_t *idx,
                          uint64_t *shadow, int64_t *where, uint64_t *diff)
 {
-    if (k < 0 || k > n * 64)
+    if (k < 0 || k > n * DR_DELTA_WORDS)
         return -1;
     memcpy(where, staged, (size_t)k * 8);
-    memcpy(diff, staged + n * 64 * 8, (size_t)k * 8);
+    memcpy(diff, staged + n * DR_DELTA_WORDS * 8, (size_t)k * 8);
     for (int64_t m = 0; m < k; m++)
         if (where[m] < 0 || where[m] >= n * 512)
             return -1;
@@ -172,34 +174,13 @@ int dirtyring_take_words(const uint8_t *staged, int64_t n, int64_t k, const int6
     return 0;
 }
 
-/* An op with this request is no ioctl: it stores the guest's TSC, the host's plus *offset (the
- * vCPU's TSC offset, which the batch reads at its start and checks at its end), at arg. The
- * ioctl (KVM_GET_MSRS) costs ~7.5 µs here, like every vCPU ioctl (vcpu_load and put), at every
- * pause; rdtsc ~0.1 µs. Used only where KVM's TSC is the host's plus that offset (no scaling;
+/* DR_OP_TSC (native.h): an op that is no ioctl but stores the guest's TSC. The ioctl
+ * (KVM_GET_MSRS) costs ~7.5 µs here, like every vCPU ioctl (vcpu_load and put), at every pause;
+ * rdtsc ~0.1 µs. Used only where KVM's TSC is the host's plus that offset (no scaling;
  * StateBlob checks). */
-#define DR_OP_TSC 0UL
-struct dr_op { int fd; int expect; unsigned long request; void *arg; const int64_t *offset; };
-
 uint64_t dirtyring_rdtsc(void) { return __rdtsc(); }
 
-struct dr_same { const void *a; const void *b; int64_t n; };
-/* With a shadow (a copy of the slot as of the last checkpoint), a delta gather: dst gets only
- * the words that changed since, as where[n * 64] then diff[n * 64] (int64, uint64), *count how
- * many, and the shadow is brought up to date; if more changed, the pages as a plain gather,
- * *count = -1. */
-struct dr_gather {
-    uint8_t *dst; int64_t *dst_idx; const uint8_t *src; const int64_t *idx;
-    int64_t n; int64_t src_pages; uint8_t *shadow; int64_t *count;
-};
-struct dr_copy { void *dst; const void *src; int64_t n; };
-struct dr_program {
-    const struct dr_op *ops; const struct dr_same *same; const struct dr_gather *gathers;
-    const struct dr_copy *copies; int nops, nsame, ngathers, ncopies;
-};
-
-/* 0: done; 1: a compared pair differed (no gather or copy done); -(i+1): op i failed (errno
- * set, or it returned other than its expect >= 0); -1000 - k: gather k names a page outside its
- * slot (nothing gathered or copied). */
+/* The program's results are native.h's DR_PROGRAM_*. */
 int dirtyring_program(const struct dr_program *p)
 {
     for (int i = 0; i < p->nops; i++) {
@@ -214,16 +195,16 @@ int dirtyring_program(const struct dr_program *p)
     }
     for (int i = 0; i < p->nsame; i++)
         if (memcmp(p->same[i].a, p->same[i].b, (size_t)p->same[i].n) != 0)
-            return 1;
+            return DR_PROGRAM_CHANGED;
     for (int k = 0; k < p->ngathers; k++)
         for (int64_t i = 0; i < p->gathers[k].n; i++)
             if (p->gathers[k].idx[i] < 0 || p->gathers[k].idx[i] >= p->gathers[k].src_pages)
-                return -1000 - k;
+                return DR_PROGRAM_BAD_PAGE - k;
     for (int k = 0; k < p->ngathers; k++) {
         const struct dr_gather *g = &p->gathers[k];
         int64_t words = -1;
         if (g->shadow) {
-            const int64_t max = g->n * 64;  /* an eighth of the words, as the uplink's delta */
+            const int64_t max = g->n * DR_DELTA_WORDS;  /* as the uplink's delta */
             int64_t *where = (int64_t *)g->dst;
             uint64_t *diff = (uint64_t *)(where + max);
             words = diff_words((const uint64_t *)g->src, 1, (const uint64_t *)g->shadow,
@@ -243,35 +224,8 @@ int dirtyring_program(const struct dr_program *p)
     for (int i = 0; i < p->ncopies; i++)
         memcpy(p->copies[i].dst, p->copies[i].src, (size_t)p->copies[i].n);
     _mm_sfence();
-    return 0;
+    return DR_PROGRAM_DONE;
 }
-
-#define DR_MAX_BATCH 64
-enum { DR_ALL_DONE = 0, DR_EXIT = 1, DR_CHANGED = 2, DR_PROGRAM_FAILED = 3, DR_RUN_FAILED = 4 };
-#define DR_VMM_WROTE 2
-#define DR_NO_TSC_OFFSET -999
-
-struct dr_batch {
-    /* in */
-    int vcpu_fd, n;                  /* the vCPU (run in this thread); epochs to run */
-    struct kvm_run *run;             /* its mapping */
-    void *timer;                     /* a timer_t whose SIGALRM goes to this thread */
-    int64_t interval_ns;
-    const volatile int64_t *watch;   /* a counter of VMM writes into guest memory ... */
-    int64_t watch_value;             /* ... and its value when the batch was set up */
-    const struct dr_program *progs[DR_MAX_BATCH];  /* epoch i's pause */
-    int64_t *tsc_offset;             /* the offset DR_OP_TSC ops add (NULL: none of them) */
-    /* out */
-    int done;                        /* epochs run and paused with their program done */
-    int why;                         /* DR_*: why it returned */
-    int detail;                      /* exit reason (DR_EXIT), the program's result, or
-                                        DR_VMM_WROTE (DR_CHANGED: the watched counter moved) */
-    int err;                         /* errno of a failed KVM_RUN or program ioctl */
-    int intr;                        /* KVM_EXIT_INTR exits taken */
-    int64_t enter_ns[DR_MAX_BATCH];  /* CLOCK_MONOTONIC before epoch i's first KVM_RUN */
-    int64_t exit_ns[DR_MAX_BATCH];   /* ... when epoch i's run ended */
-    int tsc_moved;                   /* the TSC offset changed: no epoch counts (done = 0) */
-};
 
 static int read_tsc_offset(int vcpu_fd, int64_t *out)
 {
@@ -304,7 +258,9 @@ static int64_t now_ns(void)
     return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
 }
 
-/* The same decisions as VcpuRunner.run_inline. SIGALRM is blocked in this thread and only
+/* The same decisions as VcpuRunner.run_inline: KVM_EXIT_INTR is the timer's (or another
+ * signal's) and handled here, as run_inline does; every other exit returns DR_EXIT for Python
+ * to serve (machine/exits.py serve, through run_inline's first_exit). SIGALRM is blocked in this thread and only
  * unblocked inside KVM_RUN (KVM_SET_SIGNAL_MASK), so a pending one makes KVM_RUN return EINTR
  * and is then taken here with sigtimedwait. Returns with the timer disarmed and no stale
  * SIGALRM pending, except on DR_EXIT, where epoch `done` is still running: the timer stays
@@ -376,8 +332,8 @@ int dirtyring_batch(struct dr_batch *b)
             return settle_tsc(b);
         }
         int rc = dirtyring_program(b->progs[i]);
-        if (rc != 0) {
-            b->why = rc == 1 ? DR_CHANGED : DR_PROGRAM_FAILED;
+        if (rc != DR_PROGRAM_DONE) {
+            b->why = rc == DR_PROGRAM_CHANGED ? DR_CHANGED : DR_PROGRAM_FAILED;
             b->detail = rc;
             b->err = errno;
             return settle_tsc(b);

@@ -38,9 +38,13 @@ down in interleaved cells.
 
 **The uplink's delta** (``sparse_delta``): see ``replication/uplink_process._delta``.
 
-All are in ``native.c`` (~400 lines). It is compiled with the system's gcc on first use, into
-the user's cache directory, keyed by the source's hash. Without a compiler the copy runs with
-numpy and checkpoints take the Python path (``BACKEND`` says which).
+All are in ``native.c`` (~400 lines); what Python shares with it (the structs below, the
+constants and result codes) is in ``native.h``, which ``tests/unit/machine/test_native_header.py``
+checks against this module. Nothing is compiled at import: the first use of a native path
+(``backend()``, or any function here that needs the helper) compiles both with the system's
+gcc into the user's cache directory, keyed by their hash, and loads it. Without a compiler the
+copy runs with numpy and checkpoints take the Python path (``backend()`` says which); the
+classes that exist only in C then raise ``NativeUnavailable``.
 """
 from __future__ import annotations
 
@@ -49,12 +53,18 @@ import hashlib
 import os
 import subprocess
 import tempfile
+from enum import IntEnum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..errors import NativeCallFailed, NativeDataInvalid, NativePageOutOfRange, NativeUnavailable
+
+#: native.h's DR_PAGE.
 PAGE = 4096
 _SRC = Path(__file__).with_name("native.c")
+_HEADER = Path(__file__).with_name("native.h")
 
 
 def _cache_dirs() -> list[Path]:
@@ -62,6 +72,11 @@ def _cache_dirs() -> list[Path]:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return [Path(base) / "dirtyring",
             Path(tempfile.gettempdir()) / f"dirtyring-{os.getuid()}"]
+
+
+def _source_key() -> bytes:
+    """What the built helper is keyed by: the source and the header it includes."""
+    return _SRC.read_bytes() + b"\0" + _HEADER.read_bytes()
 
 
 def _build_in(folder: Path, src: bytes) -> C.CDLL | None:
@@ -84,7 +99,7 @@ def _build_in(folder: Path, src: bytes) -> C.CDLL | None:
 
 def _build() -> C.CDLL | None:
     """The compiled helper, built if needed; None if it cannot be (no gcc, nowhere to put it)."""
-    src = _SRC.read_bytes()
+    src = _source_key()
     for folder in _cache_dirs():
         try:
             dll = _build_in(folder, src)
@@ -112,26 +127,72 @@ def _build() -> C.CDLL | None:
     return None
 
 
-_LIB = _build()
-_GATHER = _LIB.dirtyring_gather_nt if _LIB is not None else None
-_PROGRAM = _LIB.dirtyring_program if _LIB is not None else None
-_BATCH = _LIB.dirtyring_batch if _LIB is not None else None
-_DELTA = _LIB.dirtyring_sparse_delta if _LIB is not None else None
-_TAKE = _LIB.dirtyring_take_words if _LIB is not None else None
-_RDTSC = _LIB.dirtyring_rdtsc if _LIB is not None else None
-if _RDTSC is not None:
-    _RDTSC.restype = C.c_uint64
-#: "c-nt" (compiled: non-temporal stores, the steady pause) or "numpy" (no compiler here).
-BACKEND = "c-nt" if _GATHER is not None else "numpy"
+# The helper's entry points: set by _load(), on the first use of a native path (never at
+# import: importing the machine layer must not run a compiler). Each stays None without one.
+_LOADED = False
+_GATHER: C._NamedFuncPointer | None = None
+_PROGRAM: C._NamedFuncPointer | None = None
+_BATCH: C._NamedFuncPointer | None = None
+_DELTA: C._NamedFuncPointer | None = None
+_TAKE: C._NamedFuncPointer | None = None
+_RDTSC: C._NamedFuncPointer | None = None
+_BACKEND = "numpy"
+
+
+def _load() -> None:
+    """Build (if needed) and load the helper, once per process."""
+    global _LOADED, _GATHER, _PROGRAM, _BATCH, _DELTA, _TAKE, _RDTSC, _BACKEND
+    if _LOADED:
+        return
+    lib = _build()
+    if lib is not None:
+        _GATHER, _PROGRAM, _BATCH = lib.dirtyring_gather_nt, lib.dirtyring_program, \
+            lib.dirtyring_batch
+        _DELTA, _TAKE, _RDTSC = lib.dirtyring_sparse_delta, lib.dirtyring_take_words, \
+            lib.dirtyring_rdtsc
+        _RDTSC.restype = C.c_uint64
+        _BACKEND = "c-nt"
+    _LOADED = True
+
+
+def backend() -> str:
+    """"c-nt" (compiled: non-temporal stores, the steady pause) or "numpy" (no compiler here).
+    The first call builds the helper if it is not in the cache yet."""
+    _load()
+    return _BACKEND
+
+
+if TYPE_CHECKING:
+    #: What ``backend()`` returns (read as an attribute; computed on first access).
+    BACKEND: str
+else:
+    def __getattr__(name: str) -> str:
+        # ``native.BACKEND``: what ``backend()`` returns, computed (and the helper built) on
+        # first access rather than at import. (Hidden from mypy, which would otherwise accept
+        # any attribute of this module.)
+        if name == "BACKEND":
+            return backend()
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 #: Fewer pages than this are copied by numpy.
 SMALL = 8
-#: A delta gather keeps at most this many changed words per page (an eighth of them).
+#: A delta gather keeps at most this many changed words per page, an eighth of them (native.h
+#: DR_DELTA_WORDS).
 DELTA_WORDS = PAGE // 8 // 8
+
+
+def _unavailable() -> NativeUnavailable:
+    return NativeUnavailable("the native helper (machine/native.c) could not be built: no gcc "
+                             "on PATH, or no writable cache directory; this path has no Python "
+                             "fallback (install gcc, or check native.backend() first)")
 
 
 def gather_pages(dst: np.ndarray, pages_view: np.ndarray, pages: np.ndarray) -> None:
     """``dst[i] = pages_view[pages[i]]``. ``pages_view`` is guest memory as (n, 4096) uint8
     rows, ``dst`` C-contiguous uint8 (k, 4096) with k == len(pages), ``pages`` int64."""
+    if not _LOADED:
+        _load()
     n = len(pages)
     # A few pages are not worth the call's own overhead (~4 µs here against ~1 µs for numpy);
     # non-temporal stores need 16-byte alignment (staging slots are page-aligned).
@@ -143,7 +204,7 @@ def gather_pages(dst: np.ndarray, pages_view: np.ndarray, pages: np.ndarray) -> 
         np.ascontiguousarray(pages, np.int64)
     if _GATHER(dst.ctypes.data, pages_view.ctypes.data, idx.ctypes.data, n,
                pages_view.shape[0]) != 0:
-        raise IndexError("page index outside guest memory slot")
+        raise NativePageOutOfRange("page index outside guest memory slot")
 
 
 def sparse_delta(staged: np.ndarray, shadow: np.ndarray, pages: np.ndarray,
@@ -152,6 +213,8 @@ def sparse_delta(staged: np.ndarray, shadow: np.ndarray, pages: np.ndarray,
     (offsets into ``staged`` as int64 words, XOR values), with the shadow brought up to date
     at those words. None, with the shadow untouched, if more than ``most`` words differ or
     there is no compiled helper. Indices are the caller's own (the uplink's staging)."""
+    if not _LOADED:
+        _load()
     if _DELTA is None:
         return None
     assert staged.flags.c_contiguous and shadow.flags.c_contiguous
@@ -169,11 +232,14 @@ def take_words(staged: int, n: int, words: int, pages: int,
     indices, int64, at ``pages``), copied out, and applied to the rows at ``shadow`` (like
     guest memory's) unless that is 0. Addresses, not arrays: each ``ndarray.ctypes`` costs
     ~1 µs, as much as the work. Only where the helper is built (delta gathers need it)."""
-    assert _TAKE is not None
+    if _TAKE is None:
+        _load()
+        if _TAKE is None:
+            raise _unavailable()
     out = np.empty(2 * words, np.int64)
     at = out.ctypes.data
     if _TAKE(staged, n, words, pages, shadow or None, at, at + 8 * words) != 0:
-        raise ValueError("staged words lie outside their pages, or are too many")
+        raise NativeDataInvalid("staged words lie outside their pages, or are too many")
     return out[:words], out[words:].view(np.uint64)
 
 
@@ -182,12 +248,15 @@ class _Op(C.Structure):
                 ("arg", C.c_void_p), ("offset", C.c_void_p)]
 
 
-_TSC_OP = 0  # an op's request that stores the guest's TSC (native.c's DR_OP_TSC)
+_TSC_OP = 0  # an op's request that stores the guest's TSC (native.h's DR_OP_TSC)
 
 
 def rdtsc() -> int:
     """The host's TSC now (the helper must be built)."""
-    assert _RDTSC is not None
+    if _RDTSC is None:
+        _load()
+        if _RDTSC is None:
+            raise _unavailable()
     return int(_RDTSC())
 
 
@@ -220,8 +289,9 @@ class PauseProgram:
     computes them once (``ndarray.ctypes.data`` alone costs ~1 µs, a tenth of the call)."""
 
     def __init__(self, size: int = 32) -> None:
+        _load()
         if _PROGRAM is None:
-            raise RuntimeError("the native helper is not built (no gcc)")
+            raise _unavailable()
         self._ops, self._same, self._gathers = (_Op * size)(), (_Same * size)(), (_Gather * size)()
         self._copies = (_Copy * size)()
         self._p = _Program(C.addressof(self._ops), C.addressof(self._same),
@@ -280,7 +350,7 @@ class PauseProgram:
         moved but kept its shape (Python builds a program in ~90 µs right after the guest
         ran, and a moved set needs one per staging slot)."""
         if len(same) != self._p.nsame or len(gathers) != self._p.ngathers:
-            raise ValueError("a retargeted program keeps its compares and gathers")
+            raise NativeDataInvalid("a retargeted program keeps its compares and gathers")
         for i, (b, n) in enumerate(same):
             self._same[i].b, self._same[i].n = b, n
         for i, (dst, dst_idx, pages, n) in enumerate(gathers):
@@ -289,33 +359,53 @@ class PauseProgram:
 
     def _slot(self, i: int) -> int:
         if i >= self._size:
-            raise IndexError("pause program is full")
+            raise NativeDataInvalid(f"pause program is full ({self._size} entries of a kind)")
         return i
 
     def run(self) -> bool:
         """True: all done. False: a check failed and nothing was gathered (the ioctls ran)."""
         assert _PROGRAM is not None
         rc = _PROGRAM(self.address)
-        if rc == 0:
+        if rc == PROGRAM_DONE:
             return True
-        if rc == 1:
+        if rc == PROGRAM_CHANGED:
             return False
         raise program_error(rc, C.get_errno())
 
 
-def program_error(rc: int, err: int) -> Exception:
+#: A program's results (native.h DR_PROGRAM_*): done; a compared pair differed; (at or below,
+#: ``PROGRAM_BAD_PAGE - k``) gather k names a page outside its slot. -(i+1): op i failed.
+PROGRAM_DONE, PROGRAM_CHANGED, PROGRAM_BAD_PAGE = 0, 1, -1000
+
+
+def program_error(rc: int, err: int) -> NativeCallFailed | NativePageOutOfRange:
     """The error a program's result ``rc`` < 0 stands for."""
     if rc == NO_TSC_OFFSET:
-        return OSError(err, f"reading the vCPU's TSC offset failed: {os.strerror(err)}")
-    if rc <= -1000:
-        return IndexError(f"pause gather {-1000 - rc} names a page outside its slot")
-    return OSError(err, f"pause ioctl {-rc - 1} failed: "
-                        f"{os.strerror(err) if err else 'unexpected result'}")
+        return NativeCallFailed(err, f"reading the vCPU's TSC offset failed: {os.strerror(err)}")
+    if rc <= PROGRAM_BAD_PAGE:
+        return NativePageOutOfRange(f"pause gather {PROGRAM_BAD_PAGE - rc} names a page "
+                                    f"outside its slot")
+    return NativeCallFailed(err, f"pause ioctl {-rc - 1} failed: "
+                                 f"{os.strerror(err) if err else 'unexpected result'}")
 
 
+#: native.h DR_MAX_BATCH.
 MAX_BATCH = 64
-#: Why a batch returned (``EpochBatch.why``).
-ALL_DONE, EXIT, CHANGED, PROGRAM_FAILED, RUN_FAILED = range(5)
+
+
+class BatchWhy(IntEnum):
+    """Why a batch returned (``EpochBatch.why``; native.h's DR_* of the same names).
+    ``machine/exits.py`` ``BATCH_STOPS`` says what each means for the epoch that ended it."""
+
+    ALL_DONE = 0
+    EXIT = 1
+    CHANGED = 2
+    PROGRAM_FAILED = 3
+    RUN_FAILED = 4
+
+
+ALL_DONE, EXIT, CHANGED = BatchWhy.ALL_DONE, BatchWhy.EXIT, BatchWhy.CHANGED
+PROGRAM_FAILED, RUN_FAILED = BatchWhy.PROGRAM_FAILED, BatchWhy.RUN_FAILED
 #: ``EpochBatch.detail`` of a ``CHANGED`` that was the watched counter, not a dirty log.
 VMM_WROTE = 2
 #: ``EpochBatch.detail`` of a ``PROGRAM_FAILED`` before any epoch: the TSC offset's read.
@@ -337,8 +427,9 @@ class EpochBatch:
     needs Python. ``VcpuRunner.run_batch`` drives it; the fields say what happened."""
 
     def __init__(self, vcpu_fd: int, run_address: int, timer_id: int) -> None:
+        _load()
         if _BATCH is None:
-            raise RuntimeError("the native helper is not built (no gcc)")
+            raise _unavailable()
         self._b = _Batch(vcpu_fd=vcpu_fd, run=run_address, timer=timer_id)
         self._address = C.addressof(self._b)
 

@@ -93,7 +93,7 @@ def host_tsc_plus_offset(runner: VcpuRunner) -> bool:
     Then a pause can store it without that ioctl (~7.5 µs here: every vCPU ioctl costs that).
     KVM scales the host's TSC where the guest runs at another frequency: a read of the MSR
     between two of the host's shows whether it does."""
-    if native.BACKEND != "c-nt":
+    if native.backend() != "c-nt":
         return False
     fd = runner.fd
     offset = fd.tsc_offset()

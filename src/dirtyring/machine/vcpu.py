@@ -20,21 +20,19 @@ import signal
 import threading
 import time
 from collections import Counter
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from .._bindings import VcpuFd
 from .._bindings import _uapi as U
 from ..errors import DirtyringError, KvmError
 from . import native
+from .exits import (BATCH_STOPS, CRASHED, FINISHED, INTERVAL, RING_FULL, RUN_ON, SIGNAL,
+                    STOP_OF, STOPPED, StopReason, serve)
 
 if TYPE_CHECKING:
     from .vm import Machine
 
 KICK_SIGNAL = signal.SIGUSR1
-
-EXIT_NAMES = {v: k[len("KVM_EXIT_"):] for k, v in vars(U).items()
-              if k.startswith("KVM_EXIT_") and isinstance(v, int) and k not in
-              ("KVM_EXIT_IO_IN", "KVM_EXIT_IO_OUT")}
 
 
 def _noop(signum: int, frame: object) -> None:
@@ -181,6 +179,8 @@ class VcpuRunner:
         self.fd = fd
         self.index = index
         self.run_struct = fd.run_struct
+        #: The kvm_run mapping's address (``exits.out_value``).
+        self.run_address = C.addressof(self.run_struct)
         self.exits: Counter[int] = Counter()
         self.pause_requested = False
         self.parked = False
@@ -194,6 +194,8 @@ class VcpuRunner:
         #: capture after a run needs no ioctl for them (fd.sync_valid says whether it is current).
         self.static_state: dict[str, object] | None = None
         self._inline_ready = False
+        #: The inline run's timer signal was taken (the timer is spent: nothing to disarm).
+        self._timer_spent = False
         #: When an inline epoch ends (time.monotonic()); devices that block (the key-value
         #: doorbell) never wait past it. 0 when not running inline.
         self.deadline = 0.0
@@ -238,29 +240,20 @@ class VcpuRunner:
     def _main(self) -> None:
         m = self.machine
         run = self.fd.run
-        handle_io: Callable[[VcpuRunner], None] = m.handle_io
         try:
             while not self.quit:
                 if self.pause_requested or self.finished:
-                    # Not yet proven clean: re-run with immediate_exit to complete pending I/O.
+                    # Not yet proven clean: re-run with immediate_exit to complete pending I/O
+                    # (a FINISHED guest's ``out`` too: the next run's INTR then parks it).
                     self.run_struct.immediate_exit = 1
                 reason = run()
                 self.fd.sync_valid = True
                 self.exits[reason] += 1
-                if reason == U.KVM_EXIT_INTR:
+                x = serve(self, reason)
+                if x is SIGNAL:
                     if self._must_park():
                         self._park()
-                elif reason == U.KVM_EXIT_IO:
-                    handle_io(self)
-                elif reason == U.KVM_EXIT_DIRTY_RING_FULL:
-                    self.ring_full = True
-                    m.on_ring_full(self)
-                    self._park()
-                elif reason == U.KVM_EXIT_MMIO:
-                    m.handle_mmio(self)
-                else:
-                    self.crash = self._describe(reason)
-                    m.on_crash(self)
+                elif x is RING_FULL or x is CRASHED:
                     self._park()
         except KvmError as e:
             self.crash = str(e)
@@ -279,9 +272,9 @@ class VcpuRunner:
             m.cv.notify_all()
 
     # --- inline: the vCPU runs in the calling (main) thread ----------------------------------------
-    def run_inline(self, seconds: float, *, first_exit: int | None = None) -> str:
+    def run_inline(self, seconds: float, *, first_exit: int | None = None) -> StopReason:
         """Run the guest in this thread for up to ``seconds``; returns why it stopped:
-        "interval", "budget" (ring full), "stopped" (finished or crashed).
+        ``INTERVAL``, ``BUDGET`` (ring full), ``STOPPED`` (finished or crashed).
 
         ``first_exit``: go on with an epoch a batch (``run_batch``) left at that exit, with
         the timer still armed for it.
@@ -293,62 +286,83 @@ class VcpuRunner:
         kicker thread on our hosts (``time.sleep`` overshot each epoch by 100-140 µs).
         """
         if self.finished or self.crash:
-            return "stopped"
+            return STOPPED
+        timer = self._enter_inline(seconds, armed=first_exit is not None)
+        try:
+            return self._inline_loop(timer, first_exit)
+        finally:
+            self._leave_inline(timer)
+
+    def _enter_inline(self, seconds: float, *, armed: bool) -> ThreadTimer:
+        """Set up an inline run of ``seconds`` and arm its timer, unless a batch left it
+        ``armed``; returns this thread's timer."""
         self._prepare_inline()
         rs = self.run_struct
-        run = self.fd.run
-        m = self.machine
         self.parked = False
         _ARMED[0] = rs
         timer = thread_timer()
         self.deadline = time.monotonic() + seconds
-        if first_exit is None:
+        self._timer_spent = False
+        if not armed:
             rs.immediate_exit = 0
             timer.arm(seconds)
-        fired = False  # the timer's signal was taken: it is spent, nothing to disarm
-        try:
-            while True:
-                if first_exit is None:
-                    reason = run()
-                else:
-                    reason, first_exit = first_exit, None
-                self.fd.sync_valid = True
-                self.exits[reason] += 1
-                if reason == U.KVM_EXIT_INTR:
-                    # Eat the (blocked, pending) timer signal. One our timer sent means it
-                    # fired (a run drains its own stale one; another sender's is not ours).
-                    info = signal.sigtimedwait(_ALRM, 0)
-                    fired = info is not None and info.si_code == _SI_TIMER
-                    if fired or rs.immediate_exit or not timer.pending():
-                        # Either way, re-run once with immediate_exit set so a pending I/O
-                        # completes before the state can be captured.
-                        if self.quit:
-                            return "stopped"
-                        return "interval"
-                elif reason == U.KVM_EXIT_IO:
-                    m.handle_io(self)
-                    if self.finished:
-                        rs.immediate_exit = 1
-                        run()
-                        return "stopped"
-                elif reason == U.KVM_EXIT_DIRTY_RING_FULL:
-                    self.ring_full = True
-                    m.on_ring_full(self)
-                    return "budget"
-                elif reason == U.KVM_EXIT_MMIO:
-                    m.handle_mmio(self)
-                else:
-                    self.crash = self._describe(reason)
-                    m.on_crash(self)
-                    return "stopped"
-        finally:
-            if not fired:
-                disarm(timer)
-            self.deadline = 0.0
-            _ARMED[0] = None
-            rs.immediate_exit = 0
-            self.ring_full = False
-            self.parked = True
+        return timer
+
+    def _inline_loop(self, timer: ThreadTimer, first_exit: int | None) -> StopReason:
+        """KVM_RUN and serve each exit (``inline_exit``) until one ends the run."""
+        run = self.fd.run
+        fd = self.fd
+        exits = self.exits
+        reason = run() if first_exit is None else first_exit
+        while True:
+            fd.sync_valid = True
+            exits[reason] += 1
+            why = self.inline_exit(reason, timer)
+            if why is not None:
+                return why
+            reason = run()
+
+    def inline_exit(self, reason: int, timer: ThreadTimer) -> StopReason | None:
+        """Serve one exit of an inline run (``exits.serve``): None, the guest runs on; else
+        why the run stops. A finished guest's ``out`` is completed first (``complete_io``).
+        Also what the rollback's fast path does with an exit it does not shortcut."""
+        x = serve(self, reason)
+        if x is RUN_ON:
+            return None
+        if x is SIGNAL:
+            return self._timer_check(timer)
+        if x is FINISHED:
+            self.complete_io()
+        return STOP_OF[x]
+
+    def _timer_check(self, timer: ThreadTimer) -> StopReason | None:
+        """After a KVM_EXIT_INTR: did the epoch end? Eats the (blocked, pending) timer signal.
+        One our timer sent means it fired (a run drains its own stale one; another sender's is
+        not ours); a signal that is not ours leaves the run going on."""
+        info = signal.sigtimedwait(_ALRM, 0)
+        self._timer_spent = fired = info is not None and info.si_code == _SI_TIMER
+        if fired or self.run_struct.immediate_exit or not timer.pending():
+            # The caller re-runs once with immediate_exit set, so a pending I/O completes
+            # before the state can be captured.
+            return STOPPED if self.quit else INTERVAL
+        return None
+
+    def complete_io(self) -> None:
+        """A KVM_RUN with ``immediate_exit`` set: it completes a pending I/O instruction and
+        returns without entering the guest."""
+        self.run_struct.immediate_exit = 1
+        self.fd.run()
+
+    def _leave_inline(self, timer: ThreadTimer) -> None:
+        """Undo ``_enter_inline``: the timer disarmed (unless its signal was taken), the vCPU
+        parked."""
+        if not self._timer_spent:
+            disarm(timer)
+        self.deadline = 0.0
+        _ARMED[0] = None
+        self.run_struct.immediate_exit = 0
+        self.ring_full = False
+        self.parked = True
 
     def _prepare_inline(self) -> None:
         if not self._inline_ready:
@@ -362,16 +376,17 @@ class VcpuRunner:
 
     def run_batch(self, batch: native.EpochBatch, interval: float,
                   programs: list[native.PauseProgram], watch: Any = None,
-                  watch_value: int = 0, tsc_offset: int = 0) -> str:
+                  watch_value: int = 0, tsc_offset: int = 0) -> StopReason:
         """Up to ``len(programs)`` epochs of ``interval`` in one native call, each followed by
         its pause program (``EpochBatch``); ``batch.done`` of them are complete. Returns what
-        ``run_inline`` would for the epoch that ended the batch: "interval" (the batch ran
-        out, or that epoch's program found a changed log: it is paused, its program not done),
-        "stopped", or "exit": an exit the batch does not handle (I/O) stopped the epoch in
-        progress; ``run_inline(interval, first_exit=batch.detail)`` handles it and runs that
-        epoch on to its end (once the caller has dealt with the epochs completed before it)."""
+        ``run_inline`` would for the epoch that ended the batch (``exits.BATCH_STOPS``):
+        ``INTERVAL`` (the batch ran out, or that epoch's program found a changed log: it is
+        paused, its program not done), ``STOPPED``, or ``EXIT``: an exit the batch does not
+        handle (I/O) stopped the epoch in progress; ``run_inline(interval,
+        first_exit=batch.detail)`` handles it and runs that epoch on to its end (once the
+        caller has dealt with the epochs completed before it)."""
         if self.finished or self.crash:
-            return "stopped"
+            return STOPPED
         self._prepare_inline()
         self.parked = False
         try:
@@ -381,29 +396,9 @@ class VcpuRunner:
         self.fd.sync_valid = True
         if batch.intr:
             self.exits[U.KVM_EXIT_INTR] += batch.intr
-        why = batch.why
-        if why == native.EXIT:
-            return "exit"
-        if why == native.RUN_FAILED:
-            raise KvmError("KVM_RUN", batch.err)
-        if why == native.PROGRAM_FAILED:
+        stop = BATCH_STOPS[batch.why]
+        if stop is None:
+            if batch.why == native.RUN_FAILED:
+                raise KvmError("KVM_RUN", batch.err)
             raise native.program_error(batch.detail, batch.err)
-        return "stopped" if self.quit else "interval"
-
-    def _describe(self, reason: int) -> str:
-        name = EXIT_NAMES.get(reason, str(reason))
-        extra = ""
-        try:
-            regs = self.fd.get_regs()
-            extra = f" at rip={regs.rip:#x}"
-        except KvmError:
-            pass
-        if reason == U.KVM_EXIT_SHUTDOWN:
-            return f"guest on vCPU {self.index} triple-faulted (KVM_EXIT_SHUTDOWN){extra}"
-        if reason == U.KVM_EXIT_INTERNAL_ERROR:
-            sub = self.run_struct.u.internal.suberror
-            return f"KVM internal error {sub} on vCPU {self.index}{extra}"
-        if reason == U.KVM_EXIT_FAIL_ENTRY:
-            why = self.run_struct.u.fail_entry.hardware_entry_failure_reason
-            return f"VM entry failed on vCPU {self.index} (reason {why:#x}){extra}"
-        return f"unexpected exit {name} on vCPU {self.index}{extra}"
+        return STOPPED if stop is INTERVAL and self.quit else stop

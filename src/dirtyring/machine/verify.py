@@ -23,13 +23,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .._bindings import _uapi as U
 from ..errors import DirtyringError, GuestCrashed, TrackingError
 from ..guests.protocol import GuestParams, Pattern
 from ..tracking import DirtySet, RingTracker
 from .config import MachineConfig
 from .memory import GuestMemory
-from .vcpu import EXIT_NAMES, _itimerspec, _sigevent
+from .exits import Exit, serve
+from .vcpu import _itimerspec, _sigevent
 
 PAGE = 4096
 
@@ -205,19 +205,16 @@ def reset_defect_probe(*, protected: bool = False, seconds: float = 5.0,
         n = signalled = resyncs = 0
 
         def guest_epoch() -> None:
-            """Run the guest until it leaves KVM_RUN by itself."""
+            """Run the guest until it leaves KVM_RUN by itself (a port or a full ring)."""
             while True:
                 reason = run()
                 r.exits[reason] += 1
-                if reason == U.KVM_EXIT_IO:
-                    m.handle_io(r)
+                x = serve(r, reason)  # a full ring: the tracker notes it (Machine.on_ring_full)
+                if x is Exit.CRASHED:
+                    raise GuestCrashed(f"reset-defect probe: {r.crash}")
+                if x is not Exit.SIGNAL:
+                    r.ring_full = False
                     return
-                if reason == U.KVM_EXIT_DIRTY_RING_FULL:
-                    rt.note_ring_full()
-                    return
-                if reason != U.KVM_EXIT_INTR:
-                    raise GuestCrashed(f"reset-defect probe: unexpected exit "
-                                       f"{EXIT_NAMES.get(reason, reason)}")
 
         def harvest(open_window: bool) -> DirtySet:
             nonlocal resyncs

@@ -22,10 +22,11 @@ from ..errors import CapabilityMissing, ConfigError, GuestCrashed, KvmError
 from ..guests import load_guest
 from ..guests.protocol import CONTROL_MAGIC, CONTROL_OFFSET
 from ..tracking import BitmapTracker, HotSetTracker, RingTracker, TrackedSlot, Tracker
-from . import layout
+from . import layout, native
 from .config import LINUX_GUEST, MachineConfig
 from .devices import Console, ControlPorts, Device, KvDevice, OutputSink, StdioDevice
 from .devices.stdio import ContractBroken
+from .exits import out_value
 from .memory import GuestMemory, plan_slots
 from .state import DeviceState, MachineState, VcpuState
 from .stateblob import StateBlob
@@ -58,6 +59,9 @@ class Machine:
                  threaded: bool = True) -> None:
         install_kick_handler()
         keep_freed_memory()
+        # The C helper is built (first time on this host) or loaded here, not at import and not
+        # inside the first checkpoint's pause (its gathers are the first native path used).
+        native.backend()
         if not threaded:
             if config.vcpus != 1:
                 raise ConfigError("the single-threaded (inline) mode runs exactly one vCPU")
@@ -274,15 +278,15 @@ class Machine:
         self.sink(kind, payload)
 
     def handle_io(self, r: VcpuRunner) -> None:
+        """Serve a ``KVM_EXIT_IO``: the port's device (``exits.serve`` calls this)."""
         io = r.run_struct.u.io
         dev = self._ports.get(io.port)
         size = io.size
-        data = r.fd.io_data(io.data_offset, size * max(1, io.count))
         if io.direction == U.KVM_EXIT_IO_OUT:
-            value = int.from_bytes(bytes(data)[:size], "little")
             if dev is not None:
-                dev.io_out(r, io.port, value, size)
+                dev.io_out(r, io.port, out_value(r.run_address, io), size)
         else:
+            data = r.fd.io_data(io.data_offset, size * max(1, io.count))
             value = dev.io_in(r, io.port, size) if dev is not None else 0xFFFFFFFF
             C.memmove(data, (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little"), size)
 

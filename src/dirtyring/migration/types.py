@@ -5,27 +5,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..errors import ConfigError, DirtyringError
+from ..errors import ConfigError
+from ..errors import MigrationError as MigrationError  # noqa: F401  (moved to errors)
 
 PAGE = 4096
-
-
-class MigrationError(DirtyringError):
-    """The migration failed. ``source_may_run`` says whether the source may go on running:
-    False once the switchover was requested (the target may be running the guest).
-
-    Example::
-
-        try:
-            rep = dirtyring.migrate(m, "10.0.0.2:7100", key)
-        except dirtyring.MigrationError as e:
-            if not e.source_may_run:
-                m.close()                # the target may run the guest: never resume this one
-    """
-
-    def __init__(self, message: str, *, source_may_run: bool = True) -> None:
-        super().__init__(message)
-        self.source_may_run = source_may_run
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

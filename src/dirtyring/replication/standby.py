@@ -151,7 +151,11 @@ class Standby:
         try:
             while not self.failed_over.is_set() and not (stop is not None and stop.is_set()):
                 if self.failover_requested.is_set():
-                    self.failover("manual failover command")
+                    # With the followed primary's link, if there is one: this loop may get
+                    # here before the connection's thread, and a live primary must still be
+                    # told (Failover fences it) rather than see a dropped connection and go
+                    # on alone: two live copies.
+                    self.failover("manual failover command", self._link)
                     break
                 try:
                     sock, peer = self._listener.accept()

@@ -13,21 +13,10 @@ import threading
 from collections.abc import Iterator
 
 from ..errors import ConfigError, DirtyringError, RemoteProtocolError
+from ..errors import LinkClosed as LinkClosed  # (moved to errors; imported from here too)
 from ..wire import NEED_DATA, Connection, Event, Goodbye, Hello, HelloAck
 
 IOV_BATCH = 512
-
-
-class LinkClosed(DirtyringError):
-    """The peer closed the connection or the network failed; the message says how.
-
-    Example::
-
-        try:
-            p = dirtyring.protect(m, "10.0.0.2:7000", key)
-        except dirtyring.LinkClosed as e:
-            print(e)                             # cannot connect to 10.0.0.2:7000: Connection refused
-    """
 
 
 class HandshakeRefused(DirtyringError):

@@ -50,7 +50,8 @@ part of an iteration from ~57 to ~43 µs here (the whole iteration from ~110 to 
   should call ``complete_io()`` first.
 
 Any other first exit (a port the guest ticks, the run's time running out, a full ring, a
-crash) is handled as ``run_inline`` handles it, and the run goes on in ``run_inline``.
+crash) is served by ``VcpuRunner.inline_exit`` (``machine/exits.py``: the one dispatch of every
+run loop), and the run goes on in ``run_inline``.
 
 Where an iteration's time goes now (64-page hot set, p50 here, each step slower right after
 a guest run than alone: the world switch leaves caches and TLB cold): KVM_RUN ~34 µs (27 µs
@@ -60,7 +61,6 @@ KVM_GET_DIRTY_LOG), page copy ~11, KVM_SET_XSAVE ~8, device restores ~4, the res
 from __future__ import annotations
 
 import ctypes as C
-import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -70,6 +70,7 @@ import numpy as np
 from .._bindings import _uapi as U
 from ..errors import ConfigError, TrackingError
 from ..guests.protocol import Port
+from ..machine.exits import BUDGET, INTERVAL, STOPPED, StopReason, out_value
 from ..machine.state import MachineState
 from ..machine.vcpu import (ThreadTimer, VcpuRunner, disarm, install_alarm_handler,
                              thread_timer)
@@ -84,9 +85,7 @@ assert U.kvm_sync_regs.events.offset + C.sizeof(U.kvm_vcpu_events) == _SYNC_BYTE
 #: Copy run by run (slices) up to this many runs; beyond, one numpy gather/scatter.
 _MAX_SLICE_RUNS = 16
 _DONE = int(Port.DONE)
-_ALRM = {signal.SIGALRM}
 _EFER_LMA = 1 << 10
-_SIZE_MASK = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFFFFFF}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True, eq=False)
@@ -251,45 +250,45 @@ class Rollback:
         return self.root
 
     # --- running ---------------------------------------------------------------------------------
-    def run(self, seconds: float = 1.0) -> str:
+    def run(self, seconds: float = 1.0) -> StopReason:
         """Run the guest until it stops (finishes or crashes) or ``seconds`` pass, and leave it
         paused. A ring that fills is harvested into the next rollback's set and the guest goes
-        on. Returns "stopped" or "interval"."""
+        on. Returns ``STOPPED`` or ``INTERVAL`` (equal to "stopped", "interval")."""
         m = self.m
         end = time.perf_counter() + seconds
         if not m.threaded:
             left = seconds
             while True:
                 why = self._run_inline(left)
-                if why != "budget":
+                if why is not BUDGET:
                     return why
                 self._add_pending(self._harvest())
                 left = end - time.perf_counter()
                 if left <= 0:
-                    return "interval"
+                    return INTERVAL
         while True:
             left = end - time.perf_counter()
             if left <= 0:
-                return "interval"
+                return INTERVAL
             m.resume_all()
             m.attention.wait(left)
             m.pause_all()
-            why = "stopped" if m.stopped_event.is_set() else (
-                "budget" if any(r.ring_full for r in m.runners) else "interval")
-            if why == "interval" and end - time.perf_counter() > 0:
+            why = STOPPED if m.stopped_event.is_set() else (
+                BUDGET if any(r.ring_full for r in m.runners) else INTERVAL)
+            if why is INTERVAL and end - time.perf_counter() > 0:
                 continue  # woken with nothing to do (a stale wake-up): keep running
-            if why == "budget":
+            if why is BUDGET:
                 self._add_pending(self._harvest())
                 continue
             return why
 
-    def _run_inline(self, seconds: float) -> str:
-        """One inline run: "stopped", "interval" or "budget", as ``VcpuRunner.run_inline``.
-        A first exit on DONE ends it at once (see the module docstring); after any other exit
-        the run goes on in ``run_inline``."""
+    def _run_inline(self, seconds: float) -> StopReason:
+        """One inline run: ``STOPPED``, ``INTERVAL`` or ``BUDGET``, as
+        ``VcpuRunner.run_inline``. A first exit on DONE ends it at once (see the module
+        docstring); after any other exit the run goes on in ``run_inline``."""
         r = self._runner
         if r.finished or r.crash:
-            return "stopped"
+            return STOPPED
         if self._inline_thread != threading.get_native_id():
             install_alarm_handler()  # SIGALRM blocked here: an expiry in Python stays pending
             r.fd.set_signal_mask(set())  # and interrupts the next KVM_RUN at once
@@ -306,14 +305,11 @@ class Rollback:
             r.exits[reason] += 1
             if reason == U.KVM_EXIT_IO and io.port == _DONE \
                     and io.direction == U.KVM_EXIT_IO_OUT:
-                # SAFETY: data_offset is set by KVM and points inside the vCPU mmap area.
-                value = C.c_uint32.from_address(self._run_addr + io.data_offset).value
-                self._control.io_out(r, _DONE, value & _SIZE_MASK.get(io.size, 0xFFFFFFFF),
-                                     io.size)
+                self._control.io_out(r, _DONE, out_value(self._run_addr, io), io.size)
                 self._open_io = True
-                return "stopped"
+                return STOPPED
             r.deadline = start + seconds  # device handlers that block never wait past it
-            why = self._other_exit(reason, timer)
+            why = r.inline_exit(reason, timer)  # as run_inline serves it
         finally:
             disarm(timer)
             r.deadline = 0.0
@@ -323,39 +319,13 @@ class Rollback:
         if why is not None:
             return why
         left = start + seconds - time.monotonic()
-        return r.run_inline(left) if left > 0 else "interval"
-
-    def _other_exit(self, reason: int, timer: ThreadTimer) -> str | None:
-        """Handle an exit other than DONE the way ``run_inline`` does; None: the run goes on."""
-        r, m = self._runner, self.m
-        if reason == U.KVM_EXIT_IO:
-            m.handle_io(r)
-            if r.finished:  # DONE through another kind of ``out``: complete it, as run_inline
-                self._complete(r)
-                return "stopped"
-            return None
-        if reason == U.KVM_EXIT_INTR:
-            signal.sigtimedwait(_ALRM, 0)  # eat the (blocked, pending) timer signal
-            if r.run_struct.immediate_exit or not timer.pending():
-                return "stopped" if r.quit else "interval"
-            return None  # another signal: go on
-        if reason == U.KVM_EXIT_MMIO:
-            m.handle_mmio(r)
-            return None
-        if reason == U.KVM_EXIT_DIRTY_RING_FULL:
-            r.ring_full = True
-            m.on_ring_full(r)
-            return "budget"
-        r.crash = r._describe(reason)  # the same report as run_inline gives
-        m.on_crash(r)
-        return "stopped"
+        return r.run_inline(left) if left > 0 else INTERVAL
 
     @staticmethod
     def _complete(r: VcpuRunner) -> None:
         """A KVM_RUN that completes a pending I/O instruction and returns without entering the
         guest (``immediate_exit``)."""
-        r.run_struct.immediate_exit = 1
-        r.fd.run()
+        r.complete_io()
         r.fd.sync_valid = True
         r.run_struct.immediate_exit = 0
 

@@ -62,7 +62,8 @@ int main(void) {
     long ok = 1;
     for (int i = 0; i < 1000; i++) ok &= small[i][99 + i] == (char)i;
     printf("small ok %ld\n", ok);
-    unsigned char *m = mmap(0, 1 << 20, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    unsigned char *m = mmap(0, 1 << 20, PROT_READ | PROT_WRITE,
+                            MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     long zero = 1;
     for (int i = 0; i < 1 << 20; i++) zero &= m[i] == 0;
     printf("mmap zeroed %ld\n", zero);

@@ -402,6 +402,25 @@ def test_manual_failover_while_following(make_standby: Any) -> None:
     assert "failover_refused" not in kinds(events) and "lease_granted" not in kinds(events)
 
 
+def test_a_manual_failover_taken_by_the_serving_loop_still_fences_the_primary(
+        make_standby: Any) -> None:
+    """The serving loop may see a manual request before the connection's thread does; the
+    live primary must still get Failover (without etcd, it fences itself on it)."""
+    sb, m, events = make_standby()
+    p = Primary(sb)
+    protected(p)
+    sb.failover_requested.set()  # seen by the serving loop only: the link is left open
+    stop = threading.Event()
+    t = threading.Thread(target=sb.serve, args=(stop,), daemon=True)
+    t.start()
+    try:
+        assert isinstance(p.expect(Failover, timeout=30), Failover)
+        assert sb.state == "failed_over" and [tag_of(s) for s in m.restored] == ["e2"]
+    finally:
+        stop.set()
+        t.join(30)
+
+
 def test_nothing_consistent_means_no_failover(make_standby: Any) -> None:
     sb, m, events = make_standby()
     p = Primary(sb)

@@ -2,50 +2,32 @@
  * cost no exit to the VMM and everything the syscall layer knows lives in guest memory, where
  * every checkpoint captures it with the program's own pages.
  *
- * First cut (issue 15): what a static glibc program needs to start, print and end: memory
- * (brk, anonymous mmap, munmap/mprotect/madvise bookkeeping), arch_prctl through wrfsbase, ids,
- * uname, rlimits, getrandom, time from rdtsc, fstat/ioctl of the standard streams, write/writev
- * to stdout and stderr through the stdio queue, exit. Anything else is reported to the VMM once
- * per number (PORT_UNSUPPORTED) and returns -ENOSYS.
+ * This file: the dispatcher, memory (brk, mmap, mremap; munmap/mprotect/madvise bookkeeping),
+ * arch_prctl through wrfsbase, ids, uname, rlimits, getrandom, time from rdtsc, the stdio queue
+ * and exit. Files, directories, pipes and descriptors are in fs.c. Anything else is reported to
+ * the VMM once per number (PORT_UNSUPPORTED) and returns -ENOSYS.
  *
  * The program may scribble over any of this (one address space, as in any unikernel); the VMM
  * trusts none of it and checks what it reads. */
-#include "libos.h"
-
-#define ENOENT 2
-#define EBADF 9
-#define ENOMEM 12
-#define EFAULT 14
-#define EINVAL 22
-#define ENOTTY 25
-#define ENOSYS 38
+#include "kernel.h"
 
 struct frame { u64 rdi, rsi, rdx, r10, r8, r9, rax, rcx, r11; };
 
 u64 libos_user_rsp;                 /* the program's RSP while a syscall runs (entry.S) */
 static u64 cur_brk, mmap_next, rng[4];
 static u8 reported[512 / 8];
+static char comm[16];               /* prctl(PR_SET_NAME) */
 
-static inline const volatile struct linux_ctl *ctl(void) {
-    return (const volatile struct linux_ctl *)LINUX_CTL_GPA;
-}
-static inline struct stdio_header *stdio(void) { return (struct stdio_header *)STDIO_GPA; }
-static inline void outl(u16 port, u32 v) { __asm__ volatile("outl %0, %1" :: "a"(v), "Nd"(port)); }
-static inline u64 rdtsc(void) {
-    u32 lo, hi;
-    __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
-    return ((u64)hi << 32) | lo;
-}
-
-static void *lmemset(void *d, int c, u64 n) {
+void *lmemset(void *d, int c, u64 n) {
     u8 *p = d;
     while (n--) *p++ = (u8)c;
     return d;
 }
-static void *lmemcpy(void *d, const void *s, u64 n) {
+void *lmemcpy(void *d, const void *s, u64 n) {
     u8 *p = d;
     const u8 *q = s;
-    while (n--) *p++ = *q++;
+    if (p < q || p >= q + n) { while (n--) *p++ = *q++; }
+    else { p += n; q += n; while (n--) *--p = *--q; }   /* overlapping: copy backwards */
     return d;
 }
 static void strfill(char *d, const char *s, u64 n) {
@@ -55,7 +37,7 @@ static void strfill(char *d, const char *s, u64 n) {
 }
 
 /* A program's pointer is usable when it lies inside one of its regions. */
-static int user_ok(u64 p, u64 n) {
+int user_ok(u64 p, u64 n) {
     const volatile struct linux_ctl *c = ctl();
     u64 end = p + n;
     if (end < p) return 0;
@@ -68,11 +50,12 @@ static void init_once(void) {
     cur_brk = ctl()->brk_start;
     mmap_next = ctl()->mmap_hi;
     for (int i = 0; i < 4; i++) rng[i] = ctl()->seed[i] | (i == 0);
+    fs_init();
 }
 
 /* xoshiro256** (getrandom's bytes; seeded by the VMM from the host's entropy). */
 static u64 rotl(u64 x, int k) { return (x << k) | (x >> (64 - k)); }
-static u64 next_random(void) {
+u64 next_random(void) {
     u64 r = rotl(rng[1] * 5, 7) * 9, t = rng[1] << 17;
     rng[2] ^= rng[0]; rng[3] ^= rng[1]; rng[1] ^= rng[2]; rng[0] ^= rng[3];
     rng[2] ^= t; rng[3] = rotl(rng[3], 45);
@@ -103,33 +86,20 @@ static void queue_put(u32 fd, const u8 *buf, u64 len) {
     }
 }
 
-static s64 sys_write(u64 fd, u64 buf, u64 len) {
-    if (fd != 1 && fd != 2) return -EBADF;
-    if (len == 0) return 0;
-    if (!user_ok(buf, len)) return -EFAULT;
+s64 stdio_write(u32 fd, const u8 *buf, u64 len) {
     for (u64 done = 0; done < len;) {
         u64 n = len - done > STDIO_MAX_RECORD ? STDIO_MAX_RECORD : len - done;
-        queue_put((u32)fd, (const u8 *)(buf + done), n);
+        queue_put(fd, buf + done, n);
         done += n;
     }
     return (s64)len;
 }
 
-struct iovec { u64 base, len; };
-static s64 sys_writev(u64 fd, u64 iov, u64 cnt) {
-    if (cnt > 1024 || !user_ok(iov, cnt * sizeof(struct iovec))) return -EFAULT;
-    s64 total = 0;
-    for (u64 i = 0; i < cnt; i++) {
-        const struct iovec *v = (const struct iovec *)iov + i;
-        s64 r = sys_write(fd, v->base, v->len);
-        if (r < 0) return total ? total : r;
-        total += r;
-    }
-    return total;
-}
+void stdio_flush(void) { outl(PORT_STDIO_FLUSH, (u32)stdio()->prod); }
 
 static void flush_and_exit(u64 status) {
-    outl(PORT_STDIO_FLUSH, (u32)stdio()->prod);
+    if (ctl()->export_files) fs_export();
+    stdio_flush();
     for (;;) outl(PORT_DONE, (u32)(status & 0xFF));
 }
 
@@ -141,26 +111,58 @@ static s64 sys_brk(u64 want) {
     return (s64)cur_brk;
 }
 
+#define MAP_SHARED 0x01
 #define MAP_FIXED 0x10
 #define MAP_ANONYMOUS 0x20
-static s64 sys_mmap(u64 addr, u64 len, u64 prot, u64 flags, u64 fd, u64 off) {
-    (void)prot; (void)fd; (void)off;
-    if (!(flags & MAP_ANONYMOUS)) return -ENOSYS;           /* file mappings: to come */
-    len = (len + 4095) & ~4095UL;
-    if (len == 0) return -EINVAL;
-    if (flags & MAP_FIXED) {
-        if (addr & 4095 || !user_ok(addr, len)) return -ENOMEM;
-        lmemset((void *)addr, 0, len);
-        return (s64)addr;
-    }
+static s64 anon(u64 len) {
     if (len > mmap_next - ctl()->mmap_lo) return -ENOMEM;
     mmap_next -= len;              /* fresh pages read as zero: the area is never handed out twice */
     return (s64)mmap_next;
 }
 
+static s64 sys_mmap(u64 addr, u64 len, u64 prot, u64 flags, u64 fd, u64 off) {
+    (void)prot;
+    len = (len + 4095) & ~4095UL;
+    if (len == 0) return -EINVAL;
+    if (!(flags & MAP_ANONYMOUS)) {
+        if (off & 4095) return -EINVAL;
+        s64 at = (flags & MAP_FIXED) ? (s64)addr : anon(len);
+        if (at < 0) return at;
+        if ((u64)at & 4095 || !user_ok((u64)at, len)) return -ENOMEM;
+        return fs_mmap_file((u64)at, len, flags, fd, off);
+    }
+    if (flags & MAP_FIXED) {
+        if (addr & 4095 || !user_ok(addr, len)) return -ENOMEM;
+        lmemset((void *)addr, 0, len);
+        return (s64)addr;
+    }
+    return anon(len);
+}
+
+#define MREMAP_MAYMOVE 1
+static s64 sys_mremap(u64 old, u64 old_len, u64 new_len, u64 flags) {
+    old_len = (old_len + 4095) & ~4095UL;
+    new_len = (new_len + 4095) & ~4095UL;
+    if (old & 4095 || !new_len || !user_ok(old, old_len)) return -EINVAL;
+    if (new_len <= old_len) return (s64)old;
+    if (!(flags & MREMAP_MAYMOVE)) return -ENOMEM;     /* growing in place needs room above */
+    if (old == mmap_next && new_len - old_len <= mmap_next - ctl()->mmap_lo) {
+        /* The newest mapping grows downward in place: move its bytes down. */
+        u64 to = old - (new_len - old_len);
+        lmemcpy((void *)to, (void *)old, old_len);
+        mmap_next = to;
+        lmemset((void *)(to + old_len), 0, new_len - old_len);
+        return (s64)to;
+    }
+    s64 to = anon(new_len);
+    if (to < 0) return to;
+    lmemcpy((void *)to, (void *)old, old_len);
+    return to;
+}
+
 /* --- the rest ------------------------------------------------------------------------------ */
 struct timespec { s64 sec, nsec; };
-static u64 now_ns(void) {
+u64 now_ns(void) {
     u64 khz = ctl()->tsc_khz ? ctl()->tsc_khz : 1000000;
     u64 d = rdtsc() - ctl()->boot_tsc;
     return ctl()->boot_realtime_ns + d / khz * 1000000UL + d % khz * 1000000UL / khz;
@@ -171,6 +173,15 @@ static s64 sys_clock_gettime(u64 clk, u64 tp) {
     if (clk != 0 && clk != 5) ns -= ctl()->boot_realtime_ns;   /* monotonic clocks from boot */
     ((struct timespec *)tp)->sec = (s64)(ns / 1000000000UL);
     ((struct timespec *)tp)->nsec = (s64)(ns % 1000000000UL);
+    return 0;
+}
+struct timeval { s64 sec, usec; };
+static s64 sys_gettimeofday(u64 tv) {
+    if (!tv) return 0;
+    if (!user_ok(tv, sizeof(struct timeval))) return -EFAULT;
+    u64 ns = now_ns();
+    ((struct timeval *)tv)->sec = (s64)(ns / 1000000000UL);
+    ((struct timeval *)tv)->usec = (s64)(ns % 1000000000UL / 1000);
     return 0;
 }
 
@@ -201,12 +212,18 @@ static s64 sys_uname(u64 buf) {
     return 0;
 }
 
-static s64 sys_fstat(u64 fd, u64 st) {
-    if (fd > 2) return -EBADF;
-    if (!user_ok(st, 144)) return -EFAULT;
-    lmemset((void *)st, 0, 144);
-    *(u32 *)(st + 24) = 0020620;    /* st_mode: a character device, like a terminal or /dev/null */
-    *(u64 *)(st + 56) = 4096;       /* st_blksize */
+static s64 sys_sysinfo(u64 info) {
+    if (!user_ok(info, 112)) return -EFAULT;
+    u8 *p = (u8 *)info;
+    lmemset(p, 0, 112);
+    const volatile struct linux_ctl *c = ctl();
+    u64 total = (c->brk_max - c->image_lo) + (c->mmap_hi - c->mmap_lo);
+    u64 free = (c->brk_max - cur_brk) + (mmap_next - c->mmap_lo);
+    *(s64 *)p = (s64)((now_ns() - c->boot_realtime_ns) / 1000000000UL);   /* uptime */
+    *(u64 *)(p + 32) = total;                                              /* totalram */
+    *(u64 *)(p + 40) = free;                                               /* freeram */
+    *(u16 *)(p + 80) = 1;                                                  /* procs */
+    *(u32 *)(p + 104) = 1;                                                 /* mem_unit */
     return 0;
 }
 
@@ -232,23 +249,34 @@ static s64 unsupported(u64 nr) {
 s64 libos_syscall(struct frame *f) {
     u64 a = f->rdi, b = f->rsi, c = f->rdx, d = f->r10, e = f->r8, g = f->r9;
     init_once();
+    int handled = 0;
+    s64 r = fs_syscall(f->rax, a, b, c, d, e, &handled);
+    if (handled) return r;
     switch (f->rax) {
-    case 0: return a == 0 ? 0 : -EBADF;                    /* read: stdin is empty for now */
-    case 1: return sys_write(a, b, c);
-    case 3: return a <= 2 ? 0 : -EBADF;                   /* close */
-    case 5: return sys_fstat(a, b);                        /* fstat */
     case 9: return sys_mmap(a, b, c, d, e, g);
-    case 10: case 28: return 0;                            /* mprotect, madvise: bookkeeping */
-    case 11: return 0;                                     /* munmap: the area is not reused */
+    case 10: return 0;                                     /* mprotect: recorded, not enforced */
+    case 11: fs_munmap(a, b); return 0;                    /* munmap: shared files written back */
     case 12: return sys_brk(a);
-    case 16: return -ENOTTY;                               /* ioctl: no terminal */
-    case 20: return sys_writev(a, b, c);
+    case 25: return sys_mremap(a, b, c, d);
+    case 26: return 0;                                     /* msync: see munmap */
+    case 28:                                               /* madvise */
+        if (c == 4 && user_ok(a, b)) lmemset((void *)a, 0, b);   /* MADV_DONTNEED: zeros */
+        return 0;
     case 39: case 186: return (s64)ctl()->pid;             /* getpid, gettid */
     case 60: case 231: flush_and_exit(a); return 0;        /* exit, exit_group */
     case 63: return sys_uname(a);
-    case 89: case 267: return -ENOENT;                     /* readlink(at): no /proc */
+    case 96: return sys_gettimeofday(a);
+    case 99: return sys_sysinfo(a);
     case 102: case 104: case 107: case 108: return 0;      /* get[e]uid, get[e]gid: root */
     case 110: return 1;                                    /* getppid */
+    case 157:                                              /* prctl */
+        if (a == 15 || a == 16) {                          /* PR_SET_NAME, PR_GET_NAME */
+            if (!user_ok(b, 16)) return -EFAULT;
+            if (a == 15) { lmemcpy(comm, (void *)b, 15); comm[15] = 0; }
+            else lmemcpy((void *)b, comm, 16);
+            return 0;
+        }
+        return -EINVAL;
     case 158:                                              /* arch_prctl */
         if (a == 0x1002) { __asm__ volatile("wrfsbase %0" :: "r"(b)); return 0; }
         if (a == 0x1003) {
@@ -263,9 +291,6 @@ s64 libos_syscall(struct frame *f) {
     }
     case 218: return (s64)ctl()->pid;                      /* set_tid_address */
     case 228: return sys_clock_gettime(a, b);
-    case 262:                                              /* newfstatat(fd, "", st, EMPTY_PATH) */
-        if (!(d & 0x1000)) return -ENOENT;
-        return sys_fstat(a, c);
     case 273: return 0;                                    /* set_robust_list */
     case 302: return sys_prlimit(a, b, c, d);
     case 318: return sys_getrandom(a, b);

@@ -26,6 +26,7 @@ typedef unsigned char u8;
 #define PORT_STDIO_FLUSH 0x30       /* out32: the queue is full; drain it (the VMM updates cons) */
 #define PORT_UNSUPPORTED 0x31       /* out32: a syscall number the library OS does not serve */
 #define PORT_FAULT 0x32             /* out32: the library OS found the program's state broken */
+#define PORT_EXPORT 0x33            /* out32: the export archive is at stdio_header.export_va */
 
 struct linux_ctl {                  /* the VMM fills it before the program starts */
     u64 magic;        /* 0   "DRLINUX1" */
@@ -41,12 +42,23 @@ struct linux_ctl {                  /* the VMM fills it before the program start
     u64 boot_tsc;     /* 80  rdtsc at boot_realtime_ns */
     u64 boot_realtime_ns; /* 88 CLOCK_REALTIME at boot, in ns */
     u64 seed[4];      /* 96  getrandom's generator starts from these */
+    u64 fs_lo;        /* 128 the file system's region: the import archive, then blocks */
+    u64 fs_hi;        /* 136 */
+    u64 import_len;   /* 144 bytes of the import archive at fs_lo (0: an empty file system) */
+    u64 export_files; /* 152 nonzero: at exit, hand the VMM an archive of every file */
 };
 
 struct stdio_header {               /* at STDIO_GPA */
     volatile u64 prod; u64 pad0[7]; /* guest writes: bytes ever queued */
     volatile u64 cons; u64 pad1[7]; /* VMM writes: bytes ever drained */
+    volatile u64 export_va;         /* guest writes before PORT_EXPORT: the archive's address */
+    volatile u64 export_len;        /*   and length (0: it did not fit) */
 };
+
+/* The file archive the VMM hands in (at fs_lo) and gets back (PORT_EXPORT): a header
+ * {u64 magic "DRFSARC1", u64 count}, then per file {u32 path_len, u32 mode, u64 size, the
+ * absolute path, padding to 8, the data, padding to 8}. Directories have size 0. */
+#define FS_ARCHIVE_MAGIC 0x3143524153465244UL
 
 /* A record in the ring: header then payload, padded to 8 bytes; fd 0 = padding to the end. */
 struct stdio_record { u32 fd; u32 len; };

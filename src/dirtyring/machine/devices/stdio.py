@@ -11,7 +11,9 @@ the ring. Output goes to the sink as ("stdout" | "stderr", bytes).
 
 Also here, because they are the same contract: PORT_UNSUPPORTED (the library OS met a syscall
 it does not serve: ("unsupported_syscall", number) to the sink, once per number, so the caller
-can name it) and PORT_FAULT (the library OS stopped the program).
+can name it), PORT_FAULT (the library OS stopped the program) and PORT_EXPORT (the program's
+files are packed at (address, length): ("files_export", (va, length)) to the sink; the layer
+that knows the address space reads and checks them).
 """
 from __future__ import annotations
 
@@ -40,7 +42,7 @@ class ContractBroken(Exception):
 
 class StdioDevice:
     name = "stdio"
-    ports = (int(Port.STDIO_FLUSH), int(Port.UNSUPPORTED), int(Port.FAULT))
+    ports = (int(Port.STDIO_FLUSH), int(Port.UNSUPPORTED), int(Port.FAULT), int(Port.EXPORT))
 
     def __init__(self, memory: GuestMemory, sink: OutputSink) -> None:
         self.memory = memory
@@ -61,6 +63,11 @@ class StdioDevice:
             self.sink("unsupported_syscall", value)
         elif port == Port.FAULT:
             self._stop(vcpu, FAULTS.get(value, f"the library OS reported fault {value}"))
+        elif port == Port.EXPORT:  # where the guest says its file archive is: the layer that
+            base = layout.QUEUE_GPA  # knows the address space reads (and checks) it
+            va = self.memory.read_u64(base + STDIO_HEADER_OFFSETS["export_va"])
+            n = self.memory.read_u64(base + STDIO_HEADER_OFFSETS["export_len"])
+            self.sink("files_export", (va, n))
 
     def io_in(self, vcpu: VcpuRunner, port: int, size: int) -> int:
         return 0xFFFFFFFF

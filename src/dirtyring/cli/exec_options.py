@@ -1,0 +1,60 @@
+"""``--exec PROGRAM [--env K=V]... [--file HOST[:GUEST]]... -- ARGS``: the options that make a
+command run a Linux program instead of a built-in guest, the same for run, snapshot, protect
+and migrate, and the program and output streams they turn into."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from ..errors import ConfigError
+from ..linux.program import LinuxProgram
+
+
+def add_exec_options(p: argparse.ArgumentParser, *, memory_note: bool = True) -> None:
+    """Add --exec, --env, --file and the positional program arguments."""
+    p.add_argument("--exec", metavar="PROGRAM", default=None,
+                   help="run this static x86-64 Linux program instead of a built-in guest, "
+                        "under the library OS; its output passes through (default: none"
+                        + ("; --memory sizes its address space" if memory_note else "") + ")")
+    p.add_argument("--env", action="append", default=[], metavar="K=V",
+                   help="an environment variable for --exec (repeatable; default: an empty "
+                        "environment)")
+    p.add_argument("--file", action="append", default=[], metavar="HOST_PATH[:GUEST_PATH]",
+                   help="copy a host file (or a directory's tree) into the program's file "
+                        "system, at GUEST_PATH (default: the same path, relative to /, the "
+                        "program's working directory); repeatable (default: none)")
+    p.add_argument("args", nargs="*", metavar="ARGS",
+                   help="the program's arguments, after -- (default: none)")
+
+
+def program_from_args(args: argparse.Namespace, *, export_files: bool = False
+                      ) -> LinuxProgram | None:
+    """The program the options name, or None without --exec (then program arguments, --env and
+    --file are a usage error)."""
+    if args.exec is None:
+        if args.args or args.env or args.file:
+            raise ConfigError("program arguments, --env and --file need --exec PROGRAM")
+        return None
+    env = {}
+    for kv in args.env:
+        k, eq, v = kv.partition("=")
+        if not eq or not k:
+            raise ConfigError(f"--env {kv!r} is not K=V")
+        env[k] = v
+    files = [(h, g or None) for h, _, g in (f.partition(":") for f in args.file)]
+    return LinuxProgram(args.exec, [args.exec, *args.args], env, memory=args.memory,
+                        files=files, export_files=export_files)
+
+
+def passthrough(kind: str, payload: Any) -> bool:
+    """Write a program's stdout/stderr chunk to ours; True if ``kind`` was one of them."""
+    if kind == "stdout":
+        sys.stdout.buffer.write(payload)
+        sys.stdout.buffer.flush()
+        return True
+    if kind == "stderr":
+        sys.stderr.buffer.write(payload)
+        sys.stderr.buffer.flush()
+        return True
+    return False

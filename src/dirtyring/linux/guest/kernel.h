@@ -1,0 +1,53 @@
+/* What the library OS's own files share (not part of the VMM contract: that is libos.h). */
+#ifndef DIRTYRING_KERNEL_H
+#define DIRTYRING_KERNEL_H
+#include "libos.h"
+
+#define EPERM 1
+#define ENOENT 2
+#define EIO 5
+#define EBADF 9
+#define EAGAIN 11
+#define ENOMEM 12
+#define EFAULT 14
+#define EEXIST 17
+#define EXDEV 18
+#define ENOTDIR 20
+#define EISDIR 21
+#define EINVAL 22
+#define EMFILE 24
+#define ENOTTY 25
+#define EFBIG 27
+#define ENOSPC 28
+#define ESPIPE 29
+#define ENAMETOOLONG 36
+#define ENOSYS 38
+#define ENOTEMPTY 39
+
+static inline const volatile struct linux_ctl *ctl(void) {
+    return (const volatile struct linux_ctl *)LINUX_CTL_GPA;
+}
+static inline struct stdio_header *stdio(void) { return (struct stdio_header *)STDIO_GPA; }
+static inline void outl(u16 port, u32 v) { __asm__ volatile("outl %0, %1" :: "a"(v), "Nd"(port)); }
+static inline u64 rdtsc(void) {
+    u32 lo, hi;
+    __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
+    return ((u64)hi << 32) | lo;
+}
+
+void *lmemset(void *d, int c, u64 n);
+void *lmemcpy(void *d, const void *s, u64 n);
+int user_ok(u64 p, u64 n);
+u64 next_random(void);
+u64 now_ns(void);
+s64 stdio_write(u32 fd, const u8 *buf, u64 len);
+void stdio_flush(void);
+
+/* The file system (fs.c). */
+void fs_init(void);
+s64 fs_syscall(u64 nr, u64 a, u64 b, u64 c, u64 d, u64 e, int *handled);
+void fs_export(void);
+s64 fs_mmap_file(u64 addr, u64 len, u64 flags, u64 fd, u64 off);
+void fs_munmap(u64 addr, u64 len);
+
+#endif

@@ -1,0 +1,49 @@
+"""Snapshots of a running Linux program: ``dirtyring snapshot DIR --exec PROGRAM`` writes a
+chain while the program runs, and ``dirtyring restore`` of a snapshot taken mid-run finishes
+the program: its output from there on is exactly the rest of a native run's output, and its
+exit status is the native one."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent / "programs"
+RUN_TIMEOUT = 300
+STEPS = "1500"  # ~2 s natively: the first snapshots are taken long before it ends
+
+
+@pytest.fixture(scope="module")
+def count(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, bytes, int]:
+    gcc = shutil.which("gcc")
+    if not gcc:
+        pytest.fail("gcc is missing: ./tools/install-test-deps installs it")
+    out = tmp_path_factory.mktemp("count") / "count"
+    r = subprocess.run([gcc, "-static", "-O1", "-o", str(out), str(HERE / "count.c")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    n = subprocess.run([str(out), STEPS], capture_output=True, timeout=RUN_TIMEOUT)
+    return out, n.stdout, n.returncode
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([sys.executable, "-m", "dirtyring.cli.main", *args],
+                          capture_output=True, timeout=RUN_TIMEOUT)
+
+
+def test_restore_mid_run_finishes_the_program(count: tuple[Path, bytes, int],
+                                              tmp_path: Path) -> None:
+    prog, native, status = count
+    snaps = tmp_path / "snaps"
+    s = _cli("snapshot", str(snaps), "--exec", str(prog), "--seconds", "0.3", "--every", "0.1",
+             "--", STEPS)
+    assert s.returncode == 0, s.stderr
+    assert native.startswith(s.stdout)  # what it printed before the snapshots stopped
+    for name in ("snap-0000.snap", "snap-0001.snap"):
+        r = _cli("restore", str(snaps / name), "--seconds", "240")
+        assert r.returncode == status, r.stderr
+        assert r.stdout and native.endswith(r.stdout), (name, r.stdout[:200])
+        assert b"the program ended with status" in r.stderr
