@@ -24,7 +24,7 @@ from ..migration.source import (Migration, MigrationError, MigrationOptions, run
                                 tune_allocator)
 from ..replication.standby import Standby
 from ..replication.transport import load_key, parse_addr
-from .options import duration, positive_int, size
+from .options import add_metrics_option, duration, positive_int, size, start_metrics
 from .printer import EventPrinter
 
 #: Ring entries per vCPU for a migrating guest: a ring-full exit (the throttle's pacing point)
@@ -107,6 +107,7 @@ def add_parsers(sub: Any) -> None:
     m.add_argument("--verify", action="store_true",
                    help="send the memory digest with the last round (receive --verify checks it)")
     m.add_argument("--json", action="store_true", help="JSON lines instead of the live view")
+    add_metrics_option(m)
     m.set_defaults(func=migrate)
 
     r = sub.add_parser("receive", help="wait for an incoming migration and run the guest")
@@ -122,6 +123,7 @@ def add_parsers(sub: Any) -> None:
                    help="after the switchover, run the guest this long, then exit "
                         "(default: until SIGTERM or the guest stops)")
     r.add_argument("--json", action="store_true", help="JSON lines instead of the live view")
+    add_metrics_option(r)
     r.set_defaults(func=receive)
 
 
@@ -138,12 +140,28 @@ def migrate(args: argparse.Namespace) -> int:
                            verify=args.verify)
     live = sys.stdout.isatty() and not args.json
     out = _printer(args.json, live)
+    metrics = start_metrics(args.metrics)  # first: a bad address ends the command at once
+    try:
+        return _migrate(args, cfg, key, insecure, opt, out, metrics)
+    finally:
+        if metrics is not None:
+            metrics.close()
+
+
+def _migrate(args: argparse.Namespace, cfg: MachineConfig, key: bytes, insecure: bool,
+             opt: MigrationOptions, out: EventPrinter, metrics: Any) -> int:
+    if metrics is not None:
+        out({"event": "metrics", "t": time.time(),
+             "addr": f"{metrics.addr[0]}:{metrics.port}"})
     with Machine(cfg, threaded=False) as m:
         run_guest(m, args.warmup)
         out({"event": "source_running", "t": time.time(), "guest": args.guest,
              "memory_bytes": args.memory, "tracker": args.tracker, "progress": m.progress()})
         mig = Migration(m, parse_addr(args.to), key, insecure=insecure, options=opt,
                         on_event=out)
+        if metrics is not None:
+            from ..migration.metrics import MigrationCollector
+            metrics.add(MigrationCollector(mig))
         try:
             rep = mig.run()
         except MigrationError as e:
@@ -187,6 +205,12 @@ def receive(args: argparse.Namespace) -> int:
                  heartbeat_timeout=args.heartbeat_timeout, verify=args.verify,
                  auto_failover=False, on_event=events, sink=sink)
     signal.signal(signal.SIGTERM, lambda *a: stop.set())
+    metrics = start_metrics(args.metrics)
+    if metrics is not None:
+        from ..replication.metrics import StandbyCollector
+        metrics.add(StandbyCollector(sb))
+        out({"event": "metrics", "t": time.time(),
+             "addr": f"{metrics.addr[0]}:{metrics.port}"})
     t_run = 0.0
     try:
         sb.serve(stop)
@@ -211,5 +235,7 @@ def receive(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass
     finally:
+        if metrics is not None:
+            metrics.close()
         sb.close()
     return 0

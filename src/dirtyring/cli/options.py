@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from typing import Any
 
 from ..guests.protocol import Pattern
 from ..tracking import KINDS
@@ -56,3 +57,20 @@ def add_guest_options(p: argparse.ArgumentParser, *, rate: bool = True) -> None:
     if rate:
         p.add_argument("--rate", type=int, default=0, metavar="PAGES_PER_S",
                        help="dirtier page writes per second per vCPU (default 0: unlimited)")
+
+
+def add_metrics_option(p: argparse.ArgumentParser) -> None:
+    """``--metrics HOST:PORT``: protect, standby, migrate and receive."""
+    p.add_argument("--metrics", metavar="HOST:PORT",
+                   help="serve Prometheus metrics (text format, on /metrics) on HOST:PORT, "
+                        "e.g. 127.0.0.1:9464 (default: off)")
+
+
+def start_metrics(spec: str | None) -> Any:
+    """The ``--metrics`` endpoint, started (None without the option). A bad or busy address
+    is a DirtyringError (one line). prometheus_client is imported only when asked for."""
+    if not spec:
+        return None
+    from ..replication.metrics import MetricsServer
+    from ..replication.transport import parse_addr
+    return MetricsServer(parse_addr(spec))

@@ -7,6 +7,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from typing import Any
 
 from ..errors import DirtyringError
@@ -21,7 +22,7 @@ from ..replication.primary import Primary, PrimaryOptions
 from ..replication.reprotect import reprotect
 from ..replication.standby import Standby
 from ..replication.transport import connect, listen, load_key, parse_addr
-from .options import add_guest_options, duration, positive_int
+from .options import add_guest_options, add_metrics_option, duration, positive_int, start_metrics
 from .printer import EventPrinter
 
 
@@ -98,6 +99,7 @@ def add_parsers(sub: Any) -> None:
                    help="stop after this many seconds (default: no limit)")
     p.add_argument("--json", action="store_true", help="JSON lines instead of the live view")
     _add_etcd_options(p)
+    add_metrics_option(p)
     p.set_defaults(func=protect)
 
     s = sub.add_parser("standby", help="hold a non-running replica and take over on failure")
@@ -130,6 +132,7 @@ def add_parsers(sub: Any) -> None:
                    help="control port for `dirtyring failover` / status (default: none)")
     s.add_argument("--json", action="store_true", help="JSON lines instead of the live view")
     _add_etcd_options(s)
+    add_metrics_option(s)
     s.set_defaults(func=standby)
 
     f = sub.add_parser("failover", help="tell a standby to take over now (manual failover)")
@@ -157,6 +160,20 @@ def protect(args: argparse.Namespace) -> int:
                          unsafe_output=args.unsafe_output, verify=args.verify)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *a: stop.set())
+    metrics = start_metrics(args.metrics)  # first: a bad address ends the command at once
+    try:
+        return _protect(args, cfg, key, insecure, opt, out, stop, metrics)
+    finally:
+        if metrics is not None:
+            metrics.close()
+
+
+def _protect(args: argparse.Namespace, cfg: MachineConfig, key: bytes, insecure: bool,
+             opt: PrimaryOptions, out: EventPrinter, stop: threading.Event,
+             metrics: Any) -> int:
+    if metrics is not None:
+        out({"event": "metrics", "t": time.time(),
+             "addr": f"{metrics.addr[0]}:{metrics.port}"})
     arbiter = _arbiter(args, "primary")
     if arbiter is not None:
         # Before anything else: another live copy of this guest means we must not start.
@@ -173,6 +190,11 @@ def protect(args: argparse.Namespace) -> int:
             svc = KvService(m.kv, parse_addr(args.serve))
         prim = Primary(m, parse_addr(args.standby), key, insecure=insecure, options=opt,
                        on_event=out, release=svc.release if svc else None, arbiter=arbiter)
+        collector = None
+        if metrics is not None:
+            from ..replication.metrics import PrimaryCollector
+            collector = PrimaryCollector(prim)
+            metrics.add(collector)
         try:
             prim.connect(sock)
             prim.run(args.seconds, stop=stop)
@@ -180,6 +202,8 @@ def protect(args: argparse.Namespace) -> int:
             pass
         finally:
             prim.close()
+            if collector is not None:
+                metrics.remove(collector)  # (before the machine's memory goes)
             if arbiter is not None:
                 arbiter.release()
             if svc:
@@ -219,8 +243,15 @@ def standby(args: argparse.Namespace) -> int:
                  verify=args.verify, auto_failover=not args.no_auto_failover,
                  arbiter=args.arbiter, arbiter_timeout=args.arbiter_timeout, on_event=out,
                  sink=sink, etcd=_arbiter(args, "standby"))
+    sb.output = alone
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *a: stop.set())
+    metrics = start_metrics(args.metrics)
+    if metrics is not None:
+        from ..replication.metrics import StandbyCollector
+        metrics.add(StandbyCollector(sb))
+        out({"event": "metrics", "t": time.time(),
+             "addr": f"{metrics.addr[0]}:{metrics.port}"})
     ctl = None
     if args.control:
         ctl = _control_server(parse_addr(args.control), sb, stop)
@@ -240,6 +271,7 @@ def standby(args: argparse.Namespace) -> int:
                                                  heartbeat_interval=args.heartbeat,
                                                  heartbeat_timeout=args.heartbeat_timeout),
                           on_event=out, release=release, arbiter=sb.etcd)
+            was_held = False
             while not stop.is_set():
                 if lost_key.is_set() and sb.machine is not None:
                     sb.machine.pause_all()  # another copy may be live: stop this one
@@ -248,6 +280,11 @@ def standby(args: argparse.Namespace) -> int:
                     sb.state = "fenced"
                     break
                 alone.flush()
+                held = not alone.releasing
+                if held != was_held:  # (with --etcd: output waits while the lease is unsure)
+                    was_held = held
+                    out({"event": "output_hold", "t": time.time(), "held": held,
+                         "pieces": alone.held, **sb.lease_fields()})
                 if sb.machine is not None and sb.machine.wait_stopped(0.5):
                     out({"event": "guest_stopped", "crash": sb.machine.crashed})
                     break
@@ -258,6 +295,8 @@ def standby(args: argparse.Namespace) -> int:
             svc_holder["svc"].close()
         if ctl is not None:
             ctl.close()
+        if metrics is not None:
+            metrics.close()
         sb.close()
         if sb.etcd is not None:
             sb.etcd.release()  # (a stop: nobody need wait out our lease)

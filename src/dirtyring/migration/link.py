@@ -74,6 +74,9 @@ class SourceLink:
         self.lost_reason = ""
         self.target_resumed = threading.Event()
         self.raw = self.wire = self.pages = 0
+        #: Pages (and their raw bytes) sent so far, counted per frame (``pages``/``raw``: per
+        #: round, once it is sent): for the metrics.
+        self.sent_pages = self.sent_raw = 0
         self.fixed = 0.0       # the smallest round time seen: per-epoch fixed costs
         self._bw_bulk = 0.0    # page bytes per second, end to end (sent .. committed) ...
         self._bw = 0.0         # ... of the bulk round, and of the later rounds
@@ -294,6 +297,8 @@ class SourceLink:
             in_epoch += len(pages)
             rnd.pages += len(pages)
             rnd.raw += len(payload)
+            self.sent_pages += len(pages)
+            self.sent_raw += len(payload)
             if whole:
                 continue
             w = flush()

@@ -128,6 +128,11 @@ class Migration:
         self._paused = 0.0  # between rounds: harvest, decide, re-arm (the guest waits)
         self.final_state = b""
         self.report: MigrationReport | None = None
+        #: For status and metrics: "starting", "precopy", "stop_and_copy", "switched_over" or
+        #: "failed"; the rounds done so far and the one on its way.
+        self.state = "starting"
+        self.rounds: list[RoundStats] = []
+        self.current: Round | None = None
 
     def _emit(self, event: str, **fields: Any) -> None:
         self.on_event({"event": event, "t": time.time(), **fields})
@@ -184,6 +189,13 @@ class Migration:
     # --- the migration -----------------------------------------------------------------------
     def run(self) -> MigrationReport:
         """Migrate; see the class docstring. Raises MigrationError (see ``source_may_run``)."""
+        try:
+            return self._run()
+        except BaseException:
+            self.state = "failed"
+            raise
+
+    def _run(self) -> MigrationReport:
         net, m = self.net, self.m
         if net.link is None:
             net.connect()
@@ -193,13 +205,15 @@ class Migration:
         deadline = t_start + self.opt.timeout
         progress_before = p0 = m.progress()
         t0 = time.perf_counter()
-        rounds: list[RoundStats] = []
+        rounds = self.rounds
+        self.state = "precopy"
         index, kind = 0, "full"
         dirty = self.track.bulk()
         stop_reason = ""
         throttled = False
         while True:
             rnd = Round(index=index, kind=kind, dirty=dirty)
+            self.current = rnd
             armed = self.track.armed
             slept0 = self.pacer.slept
             ring_pps, duty = self.pacer.target_pps, self.policy.duty
@@ -257,6 +271,7 @@ class Migration:
         m, net = self.m, self.net
         assert m.memory is not None
         t_pause, t_pause_pc = pause
+        self.state = "stop_and_copy"
         t0 = time.perf_counter()
         progress_at_pause = m.progress()
         self._emit("stop_and_copy", reason=stop_reason, pages=len(dirty),
@@ -266,6 +281,7 @@ class Migration:
         digest = m.memory.digest() if self.opt.verify else b""
         self.final_state = state
         rnd = Round(index=len(rounds), kind="delta", dirty=dirty, state=state, digest=digest)
+        self.current = rnd
         t_cap = time.perf_counter()
         net.send_last(rnd)
         rnd.done.wait()
@@ -295,6 +311,7 @@ class Migration:
             throttled=throttled, tracker=m.config.tracker, pause_t=t_pause,
             final_digest=digest.hex(), progress_before=progress_before,
             progress_at_pause=progress_at_pause, extras=extras)
+        self.state = "switched_over"
         self._emit("switched_over", **{k: v for k, v in self.report.as_dict().items()
                                        if k != "rounds"})
         return self.report

@@ -15,8 +15,15 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from ..machine.stats import WindowHistogram
+
 #: Receives released output: (kind, payload, epoch it belongs to).
 Release = Callable[[str, Any, int], None]
+
+
+#: Histogram bounds (Prometheus ``le``) of how long output was held, seconds.
+DELAY_BUCKETS_S = (100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3,
+                   250e-3, 1.0, 5.0)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -40,6 +47,10 @@ class OutputGate:
         self.released = 0
         self.max_released_epoch = 0
         self._delays: deque[float] = deque(maxlen=4096)
+        #: Every piece's delay (held until its checkpoint was acknowledged), as a cumulative
+        #: histogram for the metrics, folded from ``_delays`` (see ``WindowHistogram``).
+        self.delay_hist = WindowHistogram(self._delays, self._released, DELAY_BUCKETS_S,
+                                          scale=1e-3)
         self.violations = 0  # released output of an epoch not yet committed (must stay 0)
         self.dropped = 0
         #: Alone (no standby): may output leave now? None: always (``unhold``).
@@ -54,6 +65,11 @@ class OutputGate:
                 self._pending.append((epoch, kind, payload, time.monotonic()))
                 return
         self._out(kind, payload, epoch, 0.0)
+
+    @property
+    def held(self) -> int:
+        """Pieces of output held now."""
+        return len(self._pending)
 
     @property
     def waiting(self) -> bool:
@@ -119,12 +135,18 @@ class OutputGate:
     def _out(self, kind: str, payload: Any, epoch: int, delay: float) -> None:
         if self.hold and epoch > self.committed:
             self.violations += 1
-        self.released += 1
-        self.max_released_epoch = max(self.max_released_epoch, epoch)
         self._delays.append(delay * 1e3)
+        self.released += 1  # (after the append: a fold never counts a value not yet there)
+        self.max_released_epoch = max(self.max_released_epoch, epoch)
+        if self.released >= self.delay_hist.next:
+            self.delay_hist.fold()
         self.release(kind, payload, epoch)
 
+    def _released(self) -> int:
+        return self.released
+
     def statistics(self) -> OutputStats:
+        self.delay_hist.fold()
         d = sorted(self._delays)
         return OutputStats(held=len(self._pending), released=self.released,
                            max_released_epoch=self.max_released_epoch,

@@ -126,7 +126,7 @@ class Primary:
         self.gate.advance(2)
         machine.sink = self.gate.emit
         self.drv = EpochDriver(machine)
-        self.stats = EpochStats()
+        self.stats = EpochStats(histograms=True)  # (for the metrics: see machine.stats)
         self.state = "starting"
         self.epoch = 0
         self.acked = 0

@@ -130,6 +130,12 @@ class Standby:
         self.mismatches = 0
         self.rejected = 0
         self.pages = 0
+        self.failovers = 0  # takeovers done (0 or 1: a standby goes live once)
+        self._bytes_lock = threading.Lock()
+        self._bytes_past = 0  # received on followed connections that have ended
+        #: The gate of the guest's output once live (the CLI's, with --etcd: output leaves
+        #: only while the lease surely holds); shown by ``status`` and the metrics.
+        self.output: Any = None
         self._busy = threading.Lock()
         self._staged: list[tuple[Any, ...]] = []
         self._staged_state: bytes | None = None
@@ -233,7 +239,9 @@ class Standby:
                        reason=end.reason, committed_epoch=self.committed_epoch)
             self._after(end, link)
         link.close()
-        self._link = None
+        with self._bytes_lock:
+            self._bytes_past += link.conn.statistics().bytes_in
+            self._link = None
 
     def _stream(self, link: Link, hello: Hello) -> _StreamEnd | None:
         """Answer the Hello, then apply the primary's frames until the stream ends: how it
@@ -311,6 +319,14 @@ class Standby:
             # Nothing consistent was ever committed from this peer: there is nothing to take
             # over, and a stranger must not end the standby. Keep waiting for a primary.
             self._emit("waiting", reason="not failing over; waiting for a primary to connect")
+
+    @property
+    def bytes_received(self) -> int:
+        """Wire bytes received from the primaries this standby followed (never decreases)."""
+        with self._bytes_lock:
+            link = self._link
+            return self._bytes_past + (link.conn.statistics().bytes_in if link is not None
+                                       else 0)
 
     def _lease(self, reason: str) -> bool:
         """Split-brain guard: before an *automatic* failover, the arbiter command (if any) must
@@ -500,6 +516,7 @@ class Standby:
         self.failover_done_at = time.monotonic()
         self.resumed_wall = time.time()  # wall clock: a migration source compares it with its own
         self.state = "failed_over"
+        self.failovers += 1
         if link is not None and self.etcd is None:
             try:
                 link.send(Failover(reason="standby took over"))
@@ -507,8 +524,18 @@ class Standby:
                 pass
         self._emit("failover_done", epoch=self.committed_epoch, resumed_t=self.resumed_wall,
                    resume_ms=(self.failover_done_at - t0) * 1e3,
-                   since_detection_ms=(self.failover_done_at - self.failover_detected_at) * 1e3)
+                   since_detection_ms=(self.failover_done_at - self.failover_detected_at) * 1e3,
+                   **self.lease_fields())
         self.failed_over.set()
+
+    def lease_fields(self) -> dict[str, Any]:
+        """With etcd, for events: ``{"lease": {group, holder, revision, ttl_left_s}}`` as this
+        process knows it (no etcd request); ``{}`` without."""
+        a = self.etcd
+        if a is None:
+            return {}
+        return {"lease": {"group": a.group, "holder": a.who if a.token and not a.lost else "",
+                          "revision": a.token, "ttl_left_s": round(a.ttl_left(), 3)}}
 
     def _stale_token(self, token: int) -> str:
         """Why a primary with fencing ``token`` must be refused, or "". With etcd its token
@@ -567,9 +594,18 @@ class Standby:
                 "mismatches": self.mismatches, "rejected": self.rejected,
                 "guest_progress": self.machine.progress() if self.machine is not None else 0,
                 "staging_bytes_max": self.max_staging_bytes,
+                "bytes_received": self.bytes_received, "failovers": self.failovers,
+                # Once live: is the guest's output held (waiting for the lease), and how much.
+                **self.output_status(),
                 # Once it took over and re-protects the guest: that replication's state.
                 "reprotect": self.reprotect_status(),
                 "lease": self.etcd.status() if self.etcd is not None else None}
+
+    def output_status(self) -> dict[str, Any]:
+        g = self.output
+        if g is None or not self.failed_over.is_set():
+            return {"output_held": False, "output_held_pieces": 0}
+        return {"output_held": not g.releasing, "output_held_pieces": g.held}
 
     def reprotect_status(self) -> dict[str, Any] | None:
         p = self.reprotected_by

@@ -28,6 +28,7 @@ import numpy as np
 from .._bindings.mapping import keep_freed_memory
 from ..errors import ProtocolError, RemoteProtocolError
 from ..machine.native import sparse_delta, take_words
+from ..machine.stats import WindowHistogram
 from ..wire import (PRIMARY, Ack, Checkpoint, Connection, EpochBegin, EpochEnd, Failover,
                     Goodbye, Heartbeat, Hello, MachineBlob, Pages)
 from ..wire import Resync as ResyncEvent
@@ -44,6 +45,10 @@ MAX_UNACKED_BYTES = 2 << 20  # kept below the socket buffers: a Goodbye always f
 #: round trip of ~5 ms (p99 here) spans ~18 epochs: 16 shut the window in every such burst.
 MAX_UNACKED_EPOCHS = 64
 STATS_EVERY = 0.25
+#: Histogram bounds (Prometheus ``le``) of the ack round trip, seconds: sent in the statistics
+#: as cumulative counts, for the primary's metrics.
+ACK_BUCKETS_S = (50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3,
+                 100e-3, 250e-3, 1.0)
 NICE = 5  # the uplink's priority below the epoch loop's (see main)
 #: After this long without a control message the uplink checks the primary is not dying (see
 #: ``_exiting``): a kill -9 is seen within about this, not when the primary's files close.
@@ -86,6 +91,9 @@ class _Sender:
         self.unacked: dict[int, int] = {}  # epoch -> wire bytes, sent and not acknowledged
         self.sent_at: dict[int, float] = {}
         self.rtt: deque[float] = deque(maxlen=4096)
+        self.rtt_n = 0  # round trips ever appended to ``rtt``
+        self.rtt_hist = WindowHistogram(self.rtt, lambda: self.rtt_n, ACK_BUCKETS_S,
+                                        scale=1e-3)
         self.skipped = 0
         self.acked = 0
         self.lock = threading.Lock()  # unacked, sent_at, rtt, acked: both threads
@@ -127,6 +135,9 @@ class _Sender:
                             t = self.sent_at.pop(e)
                             if e == ev.epoch:
                                 self.rtt.append((now - t) * 1e3)
+                                self.rtt_n += 1
+                                if self.rtt_n >= self.rtt_hist.next:
+                                    self.rtt_hist.fold()
                         for e in [e for e in self.unacked if e <= ev.epoch]:
                             del self.unacked[e]
                         self.acked = ev.epoch
@@ -309,12 +320,15 @@ class _Sender:
         w = self.link.conn.statistics()
         with self.lock:
             rtt = np.asarray(self.rtt) if self.rtt else np.zeros(1)
+            self.rtt_hist.fold()
+            h = self.rtt_hist.value
         self.tell(WireStats({"compression_ratio": w.compression_ratio_out,
                              "bytes_out": w.bytes_out, "frames_out": w.frames_out,
                              "ack_ms_p50": float(np.percentile(rtt, 50)),
                              "ack_ms_p99": float(np.percentile(rtt, 99)),
                              "skipped_after_resync": self.skipped,
-                             "sent_epoch": self.sent_epoch}))
+                             "sent_epoch": self.sent_epoch,
+                             "ack_hist": (h.bounds, h.counts, h.total, h.n)}))
 
     def goodbye(self, reason: str) -> None:
         """A planned stop: no frame after the Goodbye; half-close, then read until the standby

@@ -539,6 +539,11 @@ class FakeEtcd:
     def status(self) -> dict[str, Any]:
         return {"revision": self.revision}
 
+    who = "standby"
+
+    def ttl_left(self) -> float:
+        return 2.5 if self.token else 0.0
+
 
 def test_with_etcd_only_the_current_tenure_is_followed(make_standby: Any) -> None:
     etcd = FakeEtcd(revision=12)
@@ -566,6 +571,9 @@ def test_with_etcd_the_standby_goes_live_only_once_it_holds_the_key(make_standby
     k = kinds(events)
     assert k.index("lease_granted") < k.index("failover_started") and m.resumed == 1
     assert set(etcd.asked) == {p.session.hex()}
+    done = [e for e in events if e["event"] == "failover_done"][0]
+    assert done["lease"] == {"group": "g", "holder": "standby", "revision": 17,
+                             "ttl_left_s": 2.5}  # the key it took, in the event
 
 
 def test_with_etcd_a_standby_the_primary_went_on_without_never_goes_live(
