@@ -1,6 +1,7 @@
 """dirtyring: run VMs on the real Linux KVM and checkpoint them through KVM's dirty ring.
 
-The public API. A machine runs a built-in guest program; a tracker tells which pages it
+The public API. A machine runs a built-in guest program, or an unmodified static Linux program
+under the library OS (:class:`LinuxProgram`); a tracker tells which pages it
 changed since the last harvest; on top of that sit replication (a primary and a standby),
 snapshots, rollback and live migration. Importing this package is cheap and touches no device:
 /dev/kvm is opened when a :class:`Machine` is built, and the native helpers are built (or
@@ -22,9 +23,11 @@ Every error raised on purpose derives from :class:`DirtyringError`.
 from __future__ import annotations
 
 from .errors import (CapabilityMissing, ConfigError, DirtyringError, GuestCrashed, GuestError,
-                     KvmError, KvmUnavailable, LocalProtocolError, ProtocolError,
+                     KvmError, KvmUnavailable, LocalProtocolError, ProgramError, ProtocolError,
                      RemoteProtocolError, RingOverflow, SnapshotFormatError, TrackingError)
 from .guests.protocol import GuestParams, Pattern
+from .linux.program import LinuxProgram
+from .linux.runner import ProgramResult, run_program
 from .machine.config import MachineConfig
 from .machine.epoch import Epoch, EpochDriver
 from .machine.fingerprint import fingerprint
@@ -47,6 +50,8 @@ __all__ = [
     # dirty tracking and epochs
     "Tracker", "RingTracker", "BitmapTracker", "HotSetTracker", "DirtySet",
     "EpochDriver", "Epoch",
+    # Linux programs as guests
+    "LinuxProgram", "run_program", "ProgramResult",
     # replication
     "protect", "standby", "ProtectHandle", "StandbyHandle",
     "Primary", "PrimaryOptions", "Standby", "Arbiter",
@@ -59,5 +64,5 @@ __all__ = [
     "DirtyringError", "KvmError", "KvmUnavailable", "CapabilityMissing", "ConfigError",
     "GuestError", "GuestCrashed", "TrackingError", "RingOverflow", "SnapshotFormatError",
     "ProtocolError", "LocalProtocolError", "RemoteProtocolError", "LinkClosed",
-    "HandshakeRefused", "ArbiterUnavailable", "MigrationError",
+    "HandshakeRefused", "ArbiterUnavailable", "MigrationError", "ProgramError",
 ]

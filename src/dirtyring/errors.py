@@ -104,7 +104,16 @@ class GuestCrashed(GuestError):
 class ProgramError(GuestError):
     """A Linux program given to run as a guest cannot be run as it is: not an ELF file, not
     x86-64, truncated, inconsistent program headers, or a kind not supported yet (the message
-    names the program and says which)."""
+    names the program and says which). Also what a guest that broke the library OS's contract
+    with the VMM ends in ("the guest broke its contract: ...").
+
+    Example::
+
+        try:
+            dirtyring.LinuxProgram("/bin/ls")
+        except dirtyring.ProgramError as e:
+            print(e)      # /bin/ls: a dynamically linked program (it needs /lib64/ld-linux...
+    """
 
 
 class TrackingError(DirtyringError):

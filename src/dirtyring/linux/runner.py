@@ -30,7 +30,15 @@ CRASH_STATUS = 128 + 11
 @dataclass(slots=True)
 class ProgramResult:
     """How a program ended. ``status`` is its exit status (or CRASH_STATUS); ``crash`` says
-    why it was stopped, if it was."""
+    why it was stopped, if it was.
+
+    Example::
+
+        res = dirtyring.run_program(prog, write=lambda stream, data: None)
+        if res.crash:
+            print("stopped:", res.crash)
+        print(res.status, res.epochs, res.dirty_pages, sorted(res.files))
+    """
 
     status: int
     crash: str | None = None
@@ -47,7 +55,19 @@ def run_program(prog: LinuxProgram, *, write: Callable[[str, bytes], None],
                 tracker: str = "ring", interval: float = 1e-3, verify_every: int = 0,
                 warn: Callable[[str], None] = lambda s: None) -> ProgramResult:
     """Run ``prog`` until it ends. ``write("stdout" | "stderr", bytes)`` gets its output in
-    order; ``warn`` gets one line per unsupported syscall (the first time it is used)."""
+    order; ``warn`` gets one line per unsupported syscall (the first time it is used).
+
+    Example::
+
+        import sys
+        prog = dirtyring.LinuxProgram("/bin/busybox", ["busybox", "sha256sum", "in.txt"],
+                                      files=[("in.txt", None)])
+        res = dirtyring.run_program(
+            prog, write=lambda stream, data: getattr(sys, stream).buffer.write(data),
+            verify_every=10)                     # and check no dirty page was missed
+        assert res.missed_pages == 0
+        sys.exit(res.status)
+    """
     unsupported: list[str] = []
     machine: list[Machine] = []
     res = ProgramResult(status=0, unsupported=unsupported)
