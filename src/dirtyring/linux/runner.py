@@ -12,11 +12,13 @@ from __future__ import annotations
 from collections.abc import Callable
 import posixpath
 import stat
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import ProgramError
+from ..errors import DirtyringError, ProgramError
+from ..machine import layout
 from ..machine.epoch import EpochDriver
 from ..machine.verify import ShadowCheck
 from ..machine.vm import Machine
@@ -53,9 +55,11 @@ class ProgramResult:
 
 def run_program(prog: LinuxProgram, *, write: Callable[[str, bytes], None],
                 tracker: str = "ring", interval: float = 1e-3, verify_every: int = 0,
-                warn: Callable[[str], None] = lambda s: None) -> ProgramResult:
+                warn: Callable[[str], None] = lambda s: None,
+                seconds: float | None = None) -> ProgramResult:
     """Run ``prog`` until it ends. ``write("stdout" | "stderr", bytes)`` gets its output in
     order; ``warn`` gets one line per unsupported syscall (the first time it is used).
+    ``seconds`` bounds the run: a program still running then is stopped, and ``crash`` says so.
 
     Example::
 
@@ -95,6 +99,7 @@ def run_program(prog: LinuxProgram, *, write: Callable[[str, bytes], None],
         m.pause_all()
         drv.tracker.full()
         check = ShadowCheck(m.memory) if verify_every else None
+        deadline = None if seconds is None else time.monotonic() + seconds
         while True:
             e = drv.run_epoch(interval)
             res.epochs += 1
@@ -108,15 +113,35 @@ def run_program(prog: LinuxProgram, *, write: Callable[[str, bytes], None],
                 break
             if e.reason == "stopped" or m.finished:
                 break
+            if deadline is not None and time.monotonic() >= deadline:
+                res.crash = f"still running after {seconds:g} s; stopped"
+                break
         if check is not None:
             res.missed_pages += len(check.stale())
         m.drain_output()  # anything queued after the last harvest (none once it has ended)
         res.crash = m.crashed or res.crash
+        if m.crashed and "triple-faulted" in m.crashed:
+            res.crash = _where(m, prog) + m.crashed
         if res.crash is None:
             res.status = (m.runners[0].exit_code or 0) & 0xFF
         else:
             res.status = CRASH_STATUS
     return res
+
+
+def _where(m: Machine, prog: LinuxProgram) -> str:
+    """Which side faulted: the program, or the library OS (which a program can overwrite)."""
+    try:
+        rip = m.runners[0].fd.get_regs().rip
+    except DirtyringError:
+        return ""
+    if layout.CODE_GPA <= rip < layout.CODE_LIMIT:
+        return (f"the library OS faulted at {rip:#x} (the program may have overwritten its "
+                "memory): ")
+    image = prog.space.region("image+heap")
+    if image.va <= rip < image.end:
+        return f"the program faulted at {rip:#x} (a bad memory access, like SIGSEGV): "
+    return f"the program jumped to {rip:#x}, outside its code: "
 
 
 def save_tree(files: dict[str, bytes | None], root: Path) -> None:

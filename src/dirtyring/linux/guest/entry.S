@@ -12,7 +12,7 @@
 syscall_entry:
 _start:
     movq %rsp, libos_user_rsp
-    movq $0xF4000, %rsp          /* LIBOS_STACK_TOP */
+    movq $0x100000, %rsp         /* LIBOS_STACK_TOP */
     pushq %r11
     pushq %rcx
     pushq %rax

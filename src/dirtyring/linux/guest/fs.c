@@ -23,6 +23,8 @@
 #define NAME_MAX 247
 #define PATH_MAX 4096
 #define ROOT 1
+#define MAX_DEPTH 256      /* directory nesting the library OS follows */
+#define EXPORT_DEPTH 64    /* ... and packs at exit (recursive: bounded by the stack) */
 #define AT_FDCWD (-100)
 
 #define S_IFMT 0170000
@@ -221,6 +223,16 @@ static int dir_empty(u32 dir) {
 }
 static int is_dir(u32 ino) { return (inodes[ino].mode & S_IFMT) == S_IFDIR; }
 
+/* The working directory holds its inode like an open descriptor: removed, it stays valid
+ * (and nameless) until the program leaves it. */
+static void set_cwd(u32 ino) {
+    u32 old = cwd;
+    inodes[ino].opens++;
+    cwd = ino;
+    inodes[old].opens--;
+    inode_put(old);
+}
+
 /* --- paths --------------------------------------------------------------------------------- */
 static s64 copy_path(u64 user, char *out) {
     for (u64 i = 0; i < PATH_MAX; i++) {
@@ -386,6 +398,7 @@ void fs_init(void) {
         fds[fd] = (u32)o + 1;
     }
     cwd = ROOT;
+    inodes[ROOT].opens = 1;
     cur_umask = 022;
     import_archive();
 }
@@ -393,9 +406,11 @@ void fs_init(void) {
 /* Append the path of ``ino`` (a directory) to buf, from the root; returns its length. */
 static u64 path_of(u32 dir, char *buf, u64 cap);
 
-static void export_tree(u32 dir, char *path, u64 plen, u8 **out, u8 *end, u64 *count) {
+static void export_tree(u32 dir, char *path, u64 plen, u8 **out, u8 *end, u64 *count,
+                        int depth) {
     struct inode *dp = &inodes[dir];
-    struct dirent_rec e;
+    if (depth > EXPORT_DEPTH) return;
+    static struct dirent_rec e;    /* static: each level copies what it needs before recursing */
     for (u64 off = 0; off < dp->size; off += sizeof e) {
         file_read(dp, off, (u8 *)&e, sizeof e);
         if (!e.ino || e.len > NAME_MAX || plen + 1 + e.len >= PATH_MAX) continue;
@@ -416,7 +431,7 @@ static void export_tree(u32 dir, char *path, u64 plen, u8 **out, u8 *end, u64 *c
         file_read(ip, 0, data, size);
         *out = p + need;
         (*count)++;
-        if (type == S_IFDIR && e.ino != dir) export_tree(e.ino, path, n, out, end, count);
+        if (type == S_IFDIR && e.ino != dir) export_tree(e.ino, path, n, out, end, count, depth + 1);
         if (*out > end) return;
     }
 }
@@ -426,7 +441,7 @@ void fs_export(void) {
     u64 start = (bump + BLK - 1) & ~(BLK - 1);
     u8 *p = (u8 *)start + 16, *end = (u8 *)ctl()->fs_hi;
     u64 count = 0;
-    export_tree(ROOT, path_a, 0, &p, end, &count);
+    export_tree(ROOT, path_a, 0, &p, end, &count, 0);
     struct stdio_header *h = stdio();
     if (p > end || start + 16 > (u64)end) { h->export_va = 0; h->export_len = 0; }
     else {
@@ -582,20 +597,46 @@ static s64 getdents(struct ofd *o, u64 buf, u64 cap) {
     return (s64)used;
 }
 
+/* The path of directory ``dir``, built leaf-first into the end of ``tmp`` and then copied:
+ * iterative and bounded (a deep or damaged tree never overflows the 16 KiB stack). A
+ * directory that was removed has no path: returns 0. */
 static u64 path_of(u32 dir, char *buf, u64 cap) {
-    if (dir == ROOT) { if (cap) buf[0] = '/'; return 1; }
-    u32 parent = inodes[dir].parent;
-    u64 n = path_of(parent, buf, cap);
-    struct inode *pp = &inodes[parent];
-    struct dirent_rec e;
-    for (u64 off = 0; off < pp->size; off += sizeof e) {
-        file_read(pp, off, (u8 *)&e, sizeof e);
-        if (e.ino != dir || e.len > NAME_MAX) continue;
-        if (n > 1 && n < cap) buf[n++] = '/';
-        for (u32 i = 0; i < e.len && n < cap; i++) buf[n++] = e.name[i];
-        return n;
+    static char tmp[PATH_MAX];
+    u64 at = PATH_MAX;
+    for (int depth = 0; dir != ROOT; depth++) {
+        u32 parent = inodes[dir].parent;
+        if (depth >= MAX_DEPTH || !inodes[dir].mode || parent >= MAX_INODES) return 0;
+        struct inode *pp = &inodes[parent];
+        struct dirent_rec e;
+        int found = 0;
+        for (u64 off = 0; off < pp->size && !found; off += sizeof e) {
+            file_read(pp, off, (u8 *)&e, sizeof e);
+            if (e.ino != dir || e.len > NAME_MAX) continue;
+            if (at < e.len + 1) return 0;
+            at -= e.len;
+            lmemcpy(tmp + at, e.name, e.len);
+            tmp[--at] = '/';
+            found = 1;
+        }
+        if (!found) return 0;
+        dir = parent;
     }
+    if (at == PATH_MAX) tmp[--at] = '/';
+    u64 n = PATH_MAX - at;
+    if (n > cap) return 0;
+    lmemcpy(buf, tmp + at, n);
     return n;
+}
+
+/* Whether directory ``d`` is ``anc`` or lies below it (renaming a directory into its own
+ * subtree would make a cycle). */
+static int is_within(u32 d, u32 anc) {
+    for (int depth = 0; depth < MAX_DEPTH; depth++) {
+        if (d == anc) return 1;
+        if (d == ROOT) return 0;
+        d = inodes[d].parent;
+    }
+    return 1;
 }
 
 /* --- the system calls ---------------------------------------------------------------------- */
@@ -675,6 +716,7 @@ static s64 sys_renameat(s64 ofd_, u64 uold, s64 nfd, u64 unew, u64 flags) {
     s64 dst = walk(nfd, b, 1, &nd, &nn, &nl);
     if (dst < 0) return dst;
     if (dst == src) return 0;
+    if (is_dir((u32)src) && is_within(nd, (u32)src)) return -EINVAL;
     if (dst) {
         if (flags & 1) return -EEXIST;                   /* RENAME_NOREPLACE */
         if (is_dir((u32)dst)) {
@@ -868,6 +910,7 @@ s64 fs_syscall(u64 nr, u64 a, u64 b, u64 c, u64 d, u64 e, int *handled) {
     case 79: {                                           /* getcwd */
         char *buf = path_b;
         u64 n = path_of(cwd, buf, PATH_MAX - 1);
+        if (n == 0) return -ENOENT;                      /* its directory was removed */
         if (n + 1 > b) return -34;                       /* ERANGE */
         if (!user_ok(a, n + 1)) return -EFAULT;
         lmemcpy((void *)a, buf, n);
@@ -878,13 +921,13 @@ s64 fs_syscall(u64 nr, u64 a, u64 b, u64 c, u64 d, u64 e, int *handled) {
         s64 ino = lookup(AT_FDCWD, a, 0, 0);
         if (ino < 0) return ino;
         if (!is_dir((u32)ino)) return -ENOTDIR;
-        cwd = (u32)ino;
+        set_cwd((u32)ino);
         return 0;
     }
     case 81:                                             /* fchdir */
         if (!(o = ofd_of((s64)a))) return -EBADF;
         if (!is_dir(o->ino)) return -ENOTDIR;
-        cwd = o->ino;
+        set_cwd(o->ino);
         return 0;
     case 82: return sys_renameat(AT_FDCWD, a, AT_FDCWD, b, 0);
     case 264: return sys_renameat((s64)a, b, (s64)c, d, 0);

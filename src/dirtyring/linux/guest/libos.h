@@ -15,7 +15,7 @@ typedef unsigned short u16;
 typedef unsigned char u8;
 
 #define LINUX_CTL_GPA 0x7400UL      /* inside the control page (the VMM writes, guest reads) */
-#define LIBOS_STACK_TOP 0xF4000UL   /* vCPU 0's stack in the machine layout */
+#define LIBOS_STACK_TOP 0x100000UL  /* all four vCPU stacks of the machine layout: one vCPU */
 #define STDIO_GPA 0x100000UL        /* the device queues' area */
 #define STDIO_RING_GPA (STDIO_GPA + 0x1000UL)
 #define STDIO_RING 0x8000UL         /* bytes; records never wrap */
