@@ -45,10 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
         from ..bench import failover as bench_failover
         from ..bench import migrate as bench_migrate
         from ..bench import rollback as bench_rollback
+        from ..bench import exec as bench_exec
         bench_replicate.add_parser(bsub)
         bench_failover.add_parser(bsub)
         bench_migrate.add_parser(bsub)
         bench_rollback.add_parser(bsub)
+        bench_exec.add_parser(bsub)
     return p
 
 

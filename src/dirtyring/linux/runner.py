@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .._bindings import _uapi as U
 from ..errors import DirtyringError, ProgramError
 from ..machine import layout
 from ..machine.epoch import EpochDriver
@@ -48,6 +49,9 @@ class ProgramResult:
     dirty_pages: int = 0
     missed_pages: int = 0
     unsupported: list[str] = field(default_factory=list)
+    #: Port exits of the vCPU (the library OS leaves the guest only for the host: a full
+    #: output queue, an unsupported syscall, the end).
+    io_exits: int = 0
     #: Every file the program's file system held at exit (with ``export_files``): path -> data;
     #: directories map to None.
     files: dict[str, bytes | None] = field(default_factory=dict)
@@ -119,6 +123,7 @@ def run_program(prog: LinuxProgram, *, write: Callable[[str, bytes], None],
         if check is not None:
             res.missed_pages += len(check.stale())
         m.drain_output()  # anything queued after the last harvest (none once it has ended)
+        res.io_exits = m.runners[0].exits[U.KVM_EXIT_IO]
         res.crash = m.crashed or res.crash
         if m.crashed and "triple-faulted" in m.crashed:
             res.crash = _where(m, prog) + m.crashed

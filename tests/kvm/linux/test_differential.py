@@ -19,7 +19,10 @@ from pathlib import Path
 
 import pytest
 
+from dirtyring.bench import exec as bench_exec
+
 HERE = Path(__file__).resolve().parent / "programs"
+SQLITE_SRC = Path(bench_exec.__file__).resolve().parent / "programs" / "sqlite_workload.c"
 BUSYBOX = Path("/bin/busybox")
 RUN_TIMEOUT = 300  # generous: each program takes well under a second natively
 
@@ -89,7 +92,7 @@ def sqlite_prog(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if not gcc:
         pytest.fail("gcc is missing: ./tools/install-test-deps installs it")
     out = tmp_path_factory.mktemp("sqlite") / "sqlite_workload"
-    r = subprocess.run([gcc, "-static", "-O1", "-o", str(out), str(HERE / "sqlite_workload.c"),
+    r = subprocess.run([gcc, "-static", "-O1", "-o", str(out), str(SQLITE_SRC),
                         "-lsqlite3", "-lm"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     return out

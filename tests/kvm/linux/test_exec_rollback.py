@@ -9,10 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from dirtyring.bench import exec as bench_exec
+
 import dirtyring
 from dirtyring.machine.fingerprint import fingerprint
 
 HERE = Path(__file__).resolve().parent / "programs"
+SQLITE_SRC = Path(bench_exec.__file__).resolve().parent / "programs" / "sqlite_workload.c"
 ITERATIONS = 2000
 RUN_BOUND_S = 60.0  # generous: one run takes milliseconds; only a stuck guest reaches it
 
@@ -25,7 +28,7 @@ def sqlite_prog(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if not gcc:
         pytest.fail("gcc is missing: ./tools/install-test-deps installs it")
     out = tmp_path_factory.mktemp("sqlite") / "sqlite_workload"
-    r = subprocess.run([gcc, "-static", "-O1", "-o", str(out), str(HERE / "sqlite_workload.c"),
+    r = subprocess.run([gcc, "-static", "-O1", "-o", str(out), str(SQLITE_SRC),
                         "-lsqlite3", "-lm"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     return out

@@ -1,0 +1,239 @@
+"""``dirtyring bench exec``: unmodified Linux programs natively and under the library OS, in the
+same run, against issue 15's goals.
+
+- micro (``programs/exec_micro.c``, timed inside the program): the floor (a ``syscall`` the
+  library OS returns from at once: what this host's kvm_pvm charges for the instruction
+  itself), getpid and brk served in the guest (goal: within 1.5x of the floor), clock_gettime
+  (goal: <= 0.2 us, i.e. no ``syscall``: needs a vDSO, not there yet), a 64-byte write to
+  stdout (goal: no exit while the queue has room: the exits are counted);
+- whole programs, wall time: a SQLite workload (200,000 inserts into a database file) and a
+  busybox awk loop (goal: <= 1.10x native);
+- start-up: from building the program's machine to its end, for a program that returns at
+  once (goal: <= 20 ms).
+
+Programs are built with gcc at the start (SQLite needs libsqlite3-dev, the awk loop
+busybox-static: ``./tools/install-test-deps`` installs both); a missing one is skipped and said.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..errors import DirtyringError
+from ..linux.program import LinuxProgram
+from ..linux.runner import run_program
+from .plot import pyplot, save
+from .records import BenchError, Record, json_lines, write_json
+
+BENCH = "exec"
+HERE = Path(__file__).resolve().parent / "programs"
+SQLITE_SRC = HERE / "sqlite_workload.c"
+BUSYBOX = Path("/bin/busybox")
+AWK_LOOP = "BEGIN { for (i = 0; i < @N@; i++) s += i % 7; print s }"
+#: (micro ops, SQLite rows, awk iterations), full and --quick.
+SIZES = {False: (100_000, 200_000, 3_000_000), True: (5_000, 5_000, 100_000)}
+GOALS = {"getpid_vs_floor": 1.5, "brk_vs_floor": 1.5, "clock_us": 0.2,
+         "program_vs_native": 1.10, "startup_ms": 20.0}
+
+
+def _gcc(src: Path, out: Path, *libs: str) -> Path | None:
+    gcc = shutil.which("gcc")
+    if not gcc or not src.exists():
+        return None
+    r = subprocess.run([gcc, "-static", "-O2", "-o", str(out), str(src), *libs],
+                       capture_output=True, text=True)
+    return out if r.returncode == 0 else None
+
+
+def _parse_micro(text: str) -> dict[str, float]:
+    out = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        try:
+            out[name] = float(value)
+        except ValueError:
+            continue
+    return out
+
+
+def _guest(path: Path, args: list[str], cwd: Path | None = None
+           ) -> tuple[float, bytes, bytes, int, int]:
+    """Run in the guest: (wall seconds from building the machine to the end, stdout, stderr,
+    status, port exits of the vCPU)."""
+    streams = {"stdout": bytearray(), "stderr": bytearray()}
+    t0 = time.perf_counter()
+    prog = LinuxProgram(path, [str(path), *args])
+    res = run_program(prog, write=lambda k, b: streams[k].extend(b), interval=0.05)
+    dt = time.perf_counter() - t0
+    if res.crash:
+        raise BenchError(f"{path.name} stopped in the guest: {res.crash}")
+    return dt, bytes(streams["stdout"]), bytes(streams["stderr"]), res.status, res.io_exits
+
+
+def _native(path: Path, args: list[str], cwd: Path) -> tuple[float, bytes, bytes, int]:
+    t0 = time.perf_counter()
+    p = subprocess.run([str(path), *args], capture_output=True, cwd=cwd, timeout=600)
+    return time.perf_counter() - t0, p.stdout, p.stderr, p.returncode
+
+
+def run(*, quick: bool, progress: Callable[[str], None] = lambda s: None) -> list[Record]:
+    ops, rows, loops = SIZES[quick]
+    recs: list[Record] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        micro = _gcc(HERE / "exec_micro.c", d / "exec_micro")
+        if micro is None:
+            raise BenchError("cannot build the micro-benchmark program (is gcc installed?)")
+        _, _, nerr, _ = _native(micro, [str(ops)], d)
+        native = _parse_micro(nerr.decode())
+        _, _, gerr, _, exits = _guest(micro, [str(ops)])
+        guest = _parse_micro(gerr.decode())
+        for name in ("floor", "getpid", "brk", "clock", "write64"):
+            if name not in guest or name not in native:
+                raise BenchError(f"the micro-benchmark did not report {name}")
+            for where, v in (("native", native[name]), ("guest", guest[name])):
+                recs.append(Record.make(BENCH, "op_us", v / 1e3, "us", op=name, where=where))
+            progress(f"{name:<8} native {native[name] / 1e3:8.3f} us   guest "
+                     f"{guest[name] / 1e3:8.3f} us")
+        recs.append(Record.make(BENCH, "micro_exits", exits, "exits", where="guest"))
+        progress(f"port exits during the micro run (writes included): {exits}")
+        for name, cmd, args in _programs(d, rows, loops):
+            if cmd is None:
+                progress(f"{name}: skipped ({args[0]})")
+                continue
+            (d / "n").mkdir(exist_ok=True)
+            nt, nout, nerr, nst = _native(cmd, args, d / "n")
+            if nst != 0 or not nout:
+                raise BenchError(f"{name} failed natively (status {nst}): {nerr[-300:]!r}")
+            gt, gout, _, gst, _ = _guest(cmd, args)
+            if (gout, gst) != (nout, nst):
+                raise BenchError(f"{name}: the guest's output or status differs from native")
+            recs.append(Record.make(BENCH, "wall_s", nt, "s", program=name, where="native"))
+            recs.append(Record.make(BENCH, "wall_s", gt, "s", program=name, where="guest"))
+            progress(f"{name:<8} native {nt:7.3f} s   guest {gt:7.3f} s   ({gt / nt:.2f}x)")
+        true_prog = _gcc(HERE / "exec_micro.c", d / "exec_micro_0")
+        assert true_prog is not None
+        starts = sorted(_guest(true_prog, ["0"])[0] for _ in range(5 if quick else 20))
+        recs.append(Record.make(BENCH, "startup_ms", starts[len(starts) // 2] * 1e3, "ms",
+                                stat="p50"))
+        progress(f"start-up (build, boot, run, end of an empty program): p50 "
+                 f"{starts[len(starts) // 2] * 1e3:.1f} ms")
+    return recs
+
+
+def _programs(d: Path, rows: int, loops: int) -> list[tuple[str, Path | None, list[str]]]:
+    sq = _gcc(SQLITE_SRC, d / "sqlite_workload", "-lsqlite3", "-lm")
+    out: list[tuple[str, Path | None, list[str]]] = [
+        ("sqlite", sq, ["delete", str(rows)] if sq else ["no libsqlite3.a or workload source"])]
+    if BUSYBOX.exists():
+        out.append(("awk", BUSYBOX, ["awk", AWK_LOOP.replace("@N@", str(loops))]))
+    else:
+        out.append(("awk", None, ["no /bin/busybox"]))
+    return out
+
+
+def goals(records: list[Record]) -> dict[str, Any]:
+    """Each goal with the measured figure and whether it is met."""
+    def op(name: str, where: str = "guest") -> float:
+        return next(r.value for r in records if r.metric == "op_us"
+                    and r.matches(op=name, where=where))
+    out: dict[str, Any] = {}
+    floor = op("floor")
+    for name in ("getpid", "brk"):
+        ratio = op(name) / floor
+        out[f"{name}_vs_floor"] = {"value": round(ratio, 2), "goal": GOALS[f"{name}_vs_floor"],
+                                   "met": ratio <= GOALS[f"{name}_vs_floor"]}
+    out["clock_us"] = {"value": round(op("clock"), 3), "goal": GOALS["clock_us"],
+                       "met": op("clock") <= GOALS["clock_us"]}
+    for name in ("sqlite", "awk"):
+        w = {r.dims["where"]: r.value for r in records if r.metric == "wall_s"
+             and r.matches(program=name)}
+        if len(w) == 2:
+            ratio = w["guest"] / w["native"]
+            out[f"{name}_vs_native"] = {"value": round(ratio, 2),
+                                        "goal": GOALS["program_vs_native"],
+                                        "met": ratio <= GOALS["program_vs_native"]}
+    s = next(r.value for r in records if r.metric == "startup_ms")
+    out["startup_ms"] = {"value": round(s, 1), "goal": GOALS["startup_ms"],
+                         "met": s <= GOALS["startup_ms"]}
+    return out
+
+
+def format_table(records: list[Record]) -> str:
+    """Native and guest side by side, per operation and per program."""
+    rows = ["what                 native        guest     ratio"]
+    for metric, key, unit, scale in (("op_us", "op", "us", 1.0), ("wall_s", "program", "s", 1.0)):
+        names = dict.fromkeys(str(r.dims[key]) for r in records if r.metric == metric)
+        for n in names:
+            v = {r.dims["where"]: r.value * scale for r in records
+                 if r.metric == metric and r.dims[key] == n}
+            if len(v) == 2:
+                rows.append(f"{n:<12} {v['native']:>11.3f} {unit:<2} {v['guest']:>10.3f} {unit:<2}"
+                            f" {v['guest'] / max(v['native'], 1e-12):>8.1f}x")
+    for r in records:
+        if r.metric in ("startup_ms", "micro_exits"):
+            rows.append(f"{r.metric:<12} {r.value:>26.1f} {r.unit}")
+    return "\n".join(rows)
+
+
+def plot(records: list[Record], path: Path) -> Path | None:
+    """Guest time over native time per operation and program (log scale)."""
+    plt = pyplot(quiet=True)
+    if plt is None:
+        return None
+    labels, ratios = [], []
+    for metric, key in (("op_us", "op"), ("wall_s", "program")):
+        for n in dict.fromkeys(str(r.dims[key]) for r in records if r.metric == metric):
+            v = {r.dims["where"]: r.value for r in records
+                 if r.metric == metric and r.dims[key] == n}
+            if len(v) == 2:
+                labels.append(n)
+                ratios.append(v["guest"] / max(v["native"], 1e-12))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.bar(labels, ratios)
+    ax.set_yscale("log")
+    ax.set_ylabel("guest / native time")
+    ax.axhline(GOALS["program_vs_native"], color="grey", linewidth=0.8, linestyle=":")
+    ax.set_title("Linux programs under the library OS")
+    fig.tight_layout()
+    return save(plt, fig, path, dpi=90)
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("exec", help="Linux programs natively vs under the library OS",
+                       description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p.add_argument("--out", type=Path, default=Path("results"), metavar="DIR",
+                   help="directory for exec.json and exec.png (default ./results)")
+    p.add_argument("--quick", action="store_true", help="small sizes (tests, CI)")
+    p.add_argument("--jsonl", action="store_true",
+                   help="print the records as JSON lines on stdout instead of the table")
+    p.set_defaults(func=command)
+
+
+def command(args: argparse.Namespace) -> int:
+    """``dirtyring bench exec``."""
+    try:
+        t0 = time.monotonic()
+        recs = run(quick=args.quick, progress=lambda s: print(s, file=sys.stderr, flush=True))
+        g = goals(recs)
+        path = write_json(Path(args.out) / f"{BENCH}.json", BENCH, recs,
+                          settings={"quick": args.quick, "sizes": SIZES[args.quick]},
+                          extra={"goals": g,
+                                 "elapsed_s": round(time.monotonic() - t0, 1)})
+    except (DirtyringError, OSError) as e:
+        print(f"dirtyring bench exec: error: {e}", file=sys.stderr)
+        return 1
+    print(json_lines(recs) if args.jsonl else format_table(recs), flush=True)
+    for name, v in g.items():
+        print(f"goal {name}: {v['value']} (goal {v['goal']}): "
+              f"{'met' if v['met'] else 'NOT met'}", file=sys.stderr)
+    png = plot(recs, Path(args.out) / f"{BENCH}.png")
+    print(f"exec: wrote {path}" + (f" and {png}" if png else ""), file=sys.stderr)
+    return 0

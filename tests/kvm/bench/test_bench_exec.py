@@ -1,0 +1,29 @@
+"""``dirtyring bench exec --quick`` end to end: every figure is measured natively and in the
+guest in the same run, the programs' output matched (the bench refuses otherwise), and every
+goal is reported with its figure. No speed is asserted: benchmarks measure, tests check."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from dirtyring.bench.records import read_json
+
+
+def test_bench_exec_quick(tmp_path: Path) -> None:
+    p = subprocess.run([sys.executable, "-m", "dirtyring.cli.main", "bench", "exec", "--quick",
+                        "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr
+    doc, recs = read_json(tmp_path / "exec.json")
+    json.dumps(doc)
+    ops = {(r.dims["op"], r.dims["where"]) for r in recs if r.metric == "op_us"}
+    assert ops == {(o, w) for o in ("floor", "getpid", "brk", "clock", "write64")
+                   for w in ("native", "guest")}
+    assert all(r.value > 0 for r in recs if r.metric in ("op_us", "wall_s", "startup_ms"))
+    programs = {(r.dims["program"], r.dims["where"]) for r in recs if r.metric == "wall_s"}
+    assert programs == {(n, w) for n in ("sqlite", "awk") for w in ("native", "guest")}
+    goals = doc["goals"]
+    assert set(goals) == {"getpid_vs_floor", "brk_vs_floor", "clock_us", "sqlite_vs_native",
+                          "awk_vs_native", "startup_ms"}
+    assert all(isinstance(g["met"], bool) and g["value"] >= 0 for g in goals.values())
