@@ -24,6 +24,10 @@ def add_exec_options(p: argparse.ArgumentParser, *, memory_note: bool = True) ->
                    help="copy a host file (or a directory's tree) into the program's file "
                         "system, at GUEST_PATH (default: the same path, relative to /, the "
                         "program's working directory); repeatable (default: none)")
+    p.add_argument("--strace", action="store_true",
+                   help="print each of the program's system calls with its arguments and "
+                        "result on stderr (from a trace ring in guest memory: no exit per "
+                        "call; default off)")
     p.add_argument("args", nargs="*", metavar="ARGS",
                    help="the program's arguments, after -- (default: none)")
 
@@ -33,8 +37,8 @@ def program_from_args(args: argparse.Namespace, *, export_files: bool = False
     """The program the options name, or None without --exec (then program arguments, --env and
     --file are a usage error)."""
     if args.exec is None:
-        if args.args or args.env or args.file:
-            raise ConfigError("program arguments, --env and --file need --exec PROGRAM")
+        if args.args or args.env or args.file or args.strace:
+            raise ConfigError("program arguments, --env, --file and --strace need --exec PROGRAM")
         return None
     env = {}
     for kv in args.env:
@@ -44,7 +48,7 @@ def program_from_args(args: argparse.Namespace, *, export_files: bool = False
         env[k] = v
     files = [(h, g or None) for h, _, g in (f.partition(":") for f in args.file)]
     return LinuxProgram(args.exec, [args.exec, *args.args], env, memory=args.memory,
-                        files=files, export_files=export_files)
+                        files=files, export_files=export_files, strace=args.strace)
 
 
 def passthrough(kind: str, payload: Any) -> bool:

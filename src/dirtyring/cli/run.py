@@ -131,7 +131,8 @@ def run_exec(args: argparse.Namespace, prog: LinuxProgram) -> int:
         print(f"dirtyring: {line}", file=sys.stderr, flush=True)
 
     res = run_program(prog, write=write, tracker=args.tracker, interval=args.interval,
-                      verify_every=args.verify_every, warn=warn)
+                      verify_every=args.verify_every, warn=warn,
+                      trace=lambda line: print(line, file=sys.stderr, flush=True))
     if res.crash:
         warn(f"{prog.name}: stopped: {res.crash}")
     if args.save_files is not None and res.crash is None:

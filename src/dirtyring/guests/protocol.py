@@ -37,6 +37,7 @@ class LibosPort(enum.IntEnum):
     UNSUPPORTED = 0x31
     FAULT = 0x32
     EXPORT = 0x33
+    TRACE_FLUSH = 0x34
 
 
 class Pattern(enum.IntEnum):
@@ -67,7 +68,12 @@ KV_ENTRY = struct.Struct("<IIQQQ")  # op_or_status, id, key, value, pad
 STDIO_RING_OFFSET = 0x1000  # from QUEUE_GPA
 STDIO_RING = 0x8000
 STDIO_MAX_RECORD = 0x1000
-STDIO_HEADER_OFFSETS = {"prod": 0, "cons": 64, "export_va": 128, "export_len": 136}
+STDIO_HEADER_OFFSETS = {"prod": 0, "cons": 64, "export_va": 128, "export_len": 136,
+                        "trace_prod": 144, "trace_cons": 152}
+# --strace's ring: records of {u64 nr, u64 args[6], s64 ret} after the stdio ring.
+TRACE_OFFSET = 0x9000  # from QUEUE_GPA
+TRACE_RECORDS = 448
+TRACE_RECORD = struct.Struct("<7Qq")
 STDIO_RECORD = struct.Struct("<II")  # fd (0 = padding to the ring's end), len
 
 

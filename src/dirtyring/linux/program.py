@@ -42,7 +42,7 @@ LINUX_CTL_MAGIC = int.from_bytes(b"DRLINUX1", "little")
 LINUX_CTL_FIELDS = ("magic", "image_lo", "brk_start", "brk_max", "mmap_lo", "mmap_hi",
                     "stack_lo", "stack_hi", "pid", "tsc_khz", "boot_tsc", "boot_realtime_ns",
                     "seed0", "seed1", "seed2", "seed3", "fs_lo", "fs_hi", "import_len",
-                    "export_files")
+                    "export_files", "strace")
 DEFAULT_MEMORY = 256 << 20
 #: The file system's room beyond what the named files take (sparse: only what is written
 #: costs memory); the files the program writes, and their export at exit, live in it.
@@ -67,7 +67,7 @@ class LinuxProgram:
     def __init__(self, path: str | os.PathLike[str], argv: Sequence[str] | None = None,
                  env: dict[str, str] | None = None, *, memory: int = DEFAULT_MEMORY,
                  files: Sequence[tuple[str, str | None]] = (), fs_room: int = DEFAULT_FS_ROOM,
-                 export_files: bool = False) -> None:
+                 export_files: bool = False, strace: bool = False) -> None:
         """``files``: (host path, guest path or None for the same path) pairs copied into
         the guest's file system (a directory brings its whole tree). ``export_files``: at
         exit, hand back every file the program's file system holds (``ProgramResult.files``)."""
@@ -85,6 +85,7 @@ class LinuxProgram:
         self.image = ElfImage.parse(self.data, str(path))
         self.archive = archive.pack(_collect(files))
         self.export_files = export_files
+        self.strace = strace
         fs = len(self.archive) * 2 + fs_room
         self.space: AddressSpace = plan(self.image, memory=memory, fs=fs)
 
@@ -137,6 +138,22 @@ class LinuxProgram:
         return b"".join(m.memory.read(layout.DATA_GPA + off, k)
                         for off, k in self.space.translate(va, n))
 
+    def read_str(self, m: Machine, va: int, limit: int = 256) -> str | None:
+        """The NUL-terminated string at ``va`` (at most ``limit`` bytes), or None if it is not
+        in the program's memory."""
+        out = b""
+        try:
+            while len(out) < limit:
+                chunk = self.read(m, va + len(out), min(64, limit - len(out)))
+                end = chunk.find(b"\0")
+                if end >= 0:
+                    return (out + chunk[:end]).decode("utf-8", "replace")
+                out += chunk
+        except ProgramError:
+            if not out:
+                return None
+        return out.decode("utf-8", "replace")
+
     def exported(self, m: Machine, va: int, n: int) -> list[archive.Entry]:
         """The files the library OS packed at exit, read and checked."""
         fs = self.space.region("fs")
@@ -176,7 +193,7 @@ class LinuxProgram:
         seeds = struct.unpack("<4Q", os.urandom(32))
         values = (LINUX_CTL_MAGIC, image.va, sp.brk_start, image.end, mm.va, mm.end, stack.va,
                   stack.end, PID, m.tsc_khz, guest_tsc, time.time_ns(), *seeds, fs.va, fs.end,
-                  len(self.archive), int(self.export_files))
+                  len(self.archive), int(self.export_files), int(self.strace))
         assert m.memory is not None
         m.memory.write(LINUX_CTL_GPA, struct.pack(f"<{len(values)}Q", *values))
 

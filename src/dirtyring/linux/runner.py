@@ -24,6 +24,7 @@ from ..machine.epoch import EpochDriver
 from ..machine.verify import ShadowCheck
 from ..machine.vm import Machine
 from .program import LinuxProgram
+from .strace import format_call
 from .syscall_names import name as syscall_name
 
 #: What a program that crashed exits with, as a shell reports a SIGSEGV.
@@ -60,10 +61,12 @@ class ProgramResult:
 def run_program(prog: LinuxProgram, *, write: Callable[[str, bytes], None],
                 tracker: str = "ring", interval: float = 1e-3, verify_every: int = 0,
                 warn: Callable[[str], None] = lambda s: None,
-                seconds: float | None = None) -> ProgramResult:
+                seconds: float | None = None,
+                trace: Callable[[str], None] = lambda s: None) -> ProgramResult:
     """Run ``prog`` until it ends. ``write("stdout" | "stderr", bytes)`` gets its output in
     order; ``warn`` gets one line per unsupported syscall (the first time it is used).
     ``seconds`` bounds the run: a program still running then is stopped, and ``crash`` says so.
+    ``trace`` gets one line per system call when the program was made with ``strace=True``.
 
     Example::
 
@@ -89,6 +92,9 @@ def run_program(prog: LinuxProgram, *, write: Callable[[str, bytes], None],
                 return
             unsupported.append(what)
             warn(f"{prog.name}: syscall {what} is not supported yet; it returned ENOSYS")
+        elif kind == "strace":
+            for nr, args, ret in payload:
+                trace(format_call(nr, args, ret, lambda va: prog.read_str(machine[0], va)))
         elif kind == "files_export":  # on the vCPU thread, at the program's exit
             try:
                 for e in prog.exported(machine[0], *payload):

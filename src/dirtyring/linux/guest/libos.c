@@ -97,6 +97,17 @@ s64 stdio_write(u32 fd, const u8 *buf, u64 len) {
 
 void stdio_flush(void) { outl(PORT_STDIO_FLUSH, (u32)stdio()->prod); }
 
+static void trace(u64 nr, const u64 *args, s64 ret) {
+    struct stdio_header *h = stdio();
+    while (h->trace_prod - h->trace_cons >= TRACE_RECORDS) outl(PORT_TRACE_FLUSH, 0);
+    struct trace_record *t = (struct trace_record *)TRACE_GPA + h->trace_prod % TRACE_RECORDS;
+    t->nr = nr;
+    for (int i = 0; i < 6; i++) t->args[i] = args[i];
+    t->ret = ret;
+    __asm__ volatile("" ::: "memory");
+    h->trace_prod++;
+}
+
 static void flush_and_exit(u64 status) {
     if (ctl()->export_files) fs_export();
     stdio_flush();
@@ -246,9 +257,20 @@ static s64 unsupported(u64 nr) {
     return -ENOSYS;
 }
 
+static s64 dispatch(struct frame *f);
+
 s64 libos_syscall(struct frame *f) {
-    u64 a = f->rdi, b = f->rsi, c = f->rdx, d = f->r10, e = f->r8, g = f->r9;
     init_once();
+    if (!ctl()->strace) return dispatch(f);
+    u64 args[6] = {f->rdi, f->rsi, f->rdx, f->r10, f->r8, f->r9};
+    if (f->rax == 60 || f->rax == 231) trace(f->rax, args, 0);   /* it will not return */
+    s64 r = dispatch(f);
+    trace(f->rax, args, r);
+    return r;
+}
+
+static s64 dispatch(struct frame *f) {
+    u64 a = f->rdi, b = f->rsi, c = f->rdx, d = f->r10, e = f->r8, g = f->r9;
     int handled = 0;
     s64 r = fs_syscall(f->rax, a, b, c, d, e, &handled);
     if (handled) return r;

@@ -20,6 +20,8 @@ typedef unsigned char u8;
 #define STDIO_RING_GPA (STDIO_GPA + 0x1000UL)
 #define STDIO_RING 0x8000UL         /* bytes; records never wrap */
 #define STDIO_MAX_RECORD 0x1000UL   /* payload bytes per record */
+#define TRACE_GPA (STDIO_GPA + 0x9000UL)
+#define TRACE_RECORDS 448UL         /* of struct trace_record: 28 KiB, to the queue area's end */
 
 /* Ports (the machine's device ports: DONE is shared with the built-in guests). */
 #define PORT_DONE 0x10              /* out32: exit status; the program has ended */
@@ -27,6 +29,7 @@ typedef unsigned char u8;
 #define PORT_UNSUPPORTED 0x31       /* out32: a syscall number the library OS does not serve */
 #define PORT_FAULT 0x32             /* out32: the library OS found the program's state broken */
 #define PORT_EXPORT 0x33            /* out32: the export archive is at stdio_header.export_va */
+#define PORT_TRACE_FLUSH 0x34       /* out32: the trace ring is full; drain it */
 
 struct linux_ctl {                  /* the VMM fills it before the program starts */
     u64 magic;        /* 0   "DRLINUX1" */
@@ -46,6 +49,7 @@ struct linux_ctl {                  /* the VMM fills it before the program start
     u64 fs_hi;        /* 136 */
     u64 import_len;   /* 144 bytes of the import archive at fs_lo (0: an empty file system) */
     u64 export_files; /* 152 nonzero: at exit, hand the VMM an archive of every file */
+    u64 strace;       /* 160 nonzero: record every syscall in the trace ring */
 };
 
 struct stdio_header {               /* at STDIO_GPA */
@@ -53,6 +57,8 @@ struct stdio_header {               /* at STDIO_GPA */
     volatile u64 cons; u64 pad1[7]; /* VMM writes: bytes ever drained */
     volatile u64 export_va;         /* guest writes before PORT_EXPORT: the archive's address */
     volatile u64 export_len;        /*   and length (0: it did not fit) */
+    volatile u64 trace_prod;        /* guest writes: trace records ever written */
+    volatile u64 trace_cons;        /* VMM writes: trace records ever drained */
 };
 
 /* The file archive the VMM hands in (at fs_lo) and gets back (PORT_EXPORT): a header
@@ -62,5 +68,8 @@ struct stdio_header {               /* at STDIO_GPA */
 
 /* A record in the ring: header then payload, padded to 8 bytes; fd 0 = padding to the end. */
 struct stdio_record { u32 fd; u32 len; };
+
+/* --strace: one record per system call, written after it returns (exit: before it ends). */
+struct trace_record { u64 nr; u64 args[6]; s64 ret; };
 
 #endif

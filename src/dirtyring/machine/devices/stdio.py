@@ -22,7 +22,8 @@ import threading
 from typing import TYPE_CHECKING
 
 from ...guests.protocol import (STDIO_HEADER_OFFSETS, STDIO_MAX_RECORD, STDIO_RECORD,
-                                STDIO_RING, STDIO_RING_OFFSET)
+                                STDIO_RING, STDIO_RING_OFFSET, TRACE_OFFSET, TRACE_RECORD,
+                                TRACE_RECORDS)
 from ...guests.protocol import LibosPort as Port
 from .. import layout
 from .base import OutputSink
@@ -42,18 +43,20 @@ class ContractBroken(Exception):
 
 class StdioDevice:
     name = "stdio"
-    ports = (int(Port.STDIO_FLUSH), int(Port.UNSUPPORTED), int(Port.FAULT), int(Port.EXPORT))
+    ports = (int(Port.STDIO_FLUSH), int(Port.UNSUPPORTED), int(Port.FAULT), int(Port.EXPORT),
+             int(Port.TRACE_FLUSH))
 
     def __init__(self, memory: GuestMemory, sink: OutputSink) -> None:
         self.memory = memory
         self.sink = sink
         self.cons = 0  # bytes ever drained: ours, never read back from the guest
+        self.trace_cons = 0  # --strace records ever drained (likewise)
         self._lock = threading.Lock()  # the vCPU thread (flush) and the controller (drain)
         self.unsupported: list[int] = []
 
     # --- ports (vCPU thread) -----------------------------------------------------------------
     def io_out(self, vcpu: VcpuRunner, port: int, value: int, size: int) -> None:
-        if port == Port.STDIO_FLUSH:
+        if port in (Port.STDIO_FLUSH, Port.TRACE_FLUSH):
             try:
                 self.drain()
             except ContractBroken as e:
@@ -77,49 +80,72 @@ class StdioDevice:
         vcpu.run_struct.immediate_exit = 1  # the next KVM_RUN returns at once and parks
         vcpu.machine.on_crash(vcpu)
 
-    # --- the ring (any thread) ---------------------------------------------------------------
+    # --- the rings (any thread) --------------------------------------------------------------
     def drain(self) -> int:
-        """Emit every complete record the guest has queued; return the bytes of output.
-        Raises ContractBroken if the ring's contents are impossible."""
+        """Emit every complete record the guest has queued (the --strace records first, as
+        ("strace", [(nr, args, ret), ...])); return the bytes of output. Raises ContractBroken
+        if a ring's contents are impossible."""
         with self._lock:
-            base = layout.QUEUE_GPA
-            prod = self.memory.read_u64(base + STDIO_HEADER_OFFSETS["prod"])
-            if not self.cons <= prod <= self.cons + STDIO_RING:
-                raise ContractBroken(f"stdio producer index {prod} is outside "
-                                     f"[{self.cons}, {self.cons + STDIO_RING}]")
-            if prod == self.cons:
-                return 0
-            ring = self.memory.read(base + STDIO_RING_OFFSET, STDIO_RING)
-            chunks: list[tuple[str, bytes]] = []
-            pos = self.cons
-            while pos < prod:
-                off = pos % STDIO_RING
-                if off % 8 or STDIO_RING - off < STDIO_RECORD.size:
-                    raise ContractBroken(f"stdio record at {pos} is misaligned")
-                fd, n = STDIO_RECORD.unpack_from(ring, off)
-                room = STDIO_RING - off - STDIO_RECORD.size
-                if fd == 0:
-                    if n != room:
-                        raise ContractBroken(f"stdio padding at {pos} does not reach the end")
-                    step = STDIO_RING - off
-                elif fd in STREAMS and n <= min(room, STDIO_MAX_RECORD):
-                    step = (STDIO_RECORD.size + n + 7) & ~7
-                    chunks.append((STREAMS[fd], ring[off + STDIO_RECORD.size:
-                                                     off + STDIO_RECORD.size + n]))
-                else:
-                    raise ContractBroken(f"stdio record at {pos} has fd {fd}, length {n}")
-                if pos + step > prod:
-                    raise ContractBroken(f"stdio record at {pos} runs past the producer")
-                pos += step
-            # All checked: only now does anything leave (a broken ring releases nothing).
-            for stream, data in chunks:
-                self.sink(stream, data)
-            self.cons = prod
-            self.memory.write_u64(base + STDIO_HEADER_OFFSETS["cons"], prod)
-            return sum(len(d) for _, d in chunks)
+            self._drain_trace()
+            return self._drain_output()
+
+    def _drain_trace(self) -> None:
+        base = layout.QUEUE_GPA
+        prod = self.memory.read_u64(base + STDIO_HEADER_OFFSETS["trace_prod"])
+        if prod == self.trace_cons:
+            return
+        if not self.trace_cons < prod <= self.trace_cons + TRACE_RECORDS:
+            raise ContractBroken(f"trace producer index {prod} is outside "
+                                 f"[{self.trace_cons}, {self.trace_cons + TRACE_RECORDS}]")
+        ring = self.memory.read(base + TRACE_OFFSET, TRACE_RECORDS * TRACE_RECORD.size)
+        calls = []
+        for i in range(self.trace_cons, prod):
+            nr, *args, ret = TRACE_RECORD.unpack_from(ring, (i % TRACE_RECORDS) *
+                                                      TRACE_RECORD.size)
+            calls.append((nr, tuple(args), ret))
+        self.trace_cons = prod
+        self.memory.write_u64(base + STDIO_HEADER_OFFSETS["trace_cons"], prod)
+        self.sink("strace", calls)
+
+    def _drain_output(self) -> int:
+        base = layout.QUEUE_GPA
+        prod = self.memory.read_u64(base + STDIO_HEADER_OFFSETS["prod"])
+        if not self.cons <= prod <= self.cons + STDIO_RING:
+            raise ContractBroken(f"stdio producer index {prod} is outside "
+                                 f"[{self.cons}, {self.cons + STDIO_RING}]")
+        if prod == self.cons:
+            return 0
+        ring = self.memory.read(base + STDIO_RING_OFFSET, STDIO_RING)
+        chunks: list[tuple[str, bytes]] = []
+        pos = self.cons
+        while pos < prod:
+            off = pos % STDIO_RING
+            if off % 8 or STDIO_RING - off < STDIO_RECORD.size:
+                raise ContractBroken(f"stdio record at {pos} is misaligned")
+            fd, n = STDIO_RECORD.unpack_from(ring, off)
+            room = STDIO_RING - off - STDIO_RECORD.size
+            if fd == 0:
+                if n != room:
+                    raise ContractBroken(f"stdio padding at {pos} does not reach the end")
+                step = STDIO_RING - off
+            elif fd in STREAMS and n <= min(room, STDIO_MAX_RECORD):
+                step = (STDIO_RECORD.size + n + 7) & ~7
+                chunks.append((STREAMS[fd], ring[off + STDIO_RECORD.size:
+                                                 off + STDIO_RECORD.size + n]))
+            else:
+                raise ContractBroken(f"stdio record at {pos} has fd {fd}, length {n}")
+            if pos + step > prod:
+                raise ContractBroken(f"stdio record at {pos} runs past the producer")
+            pos += step
+        # All checked: only now does anything leave (a broken ring releases nothing).
+        for stream, data in chunks:
+            self.sink(stream, data)
+        self.cons = prod
+        self.memory.write_u64(base + STDIO_HEADER_OFFSETS["cons"], prod)
+        return sum(len(d) for _, d in chunks)
 
     def save(self) -> bytes:
-        return struct.pack("<Q", self.cons)
+        return struct.pack("<QQ", self.cons, self.trace_cons)
 
     def restore(self, data: bytes) -> None:
-        (self.cons,) = struct.unpack("<Q", data)
+        self.cons, self.trace_cons = struct.unpack("<QQ", data)
