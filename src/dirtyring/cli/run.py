@@ -132,7 +132,8 @@ def run_exec(args: argparse.Namespace, prog: LinuxProgram) -> int:
 
     res = run_program(prog, write=write, tracker=args.tracker, interval=args.interval,
                       verify_every=args.verify_every, warn=warn,
-                      trace=lambda line: print(line, file=sys.stderr, flush=True))
+                      trace=lambda line: print(line, file=sys.stderr, flush=True),
+                      stdin=_stdin_fd())
     if res.crash:
         warn(f"{prog.name}: stopped: {res.crash}")
     if args.save_files is not None and res.crash is None:
@@ -150,6 +151,14 @@ def run_exec(args: argparse.Namespace, prog: LinuxProgram) -> int:
                           "missed_pages": res.missed_pages, "unsupported": res.unsupported}),
               file=sys.stderr)
     return res.status
+
+
+def _stdin_fd() -> int | None:
+    """Our stdin for the program's, if we have one."""
+    try:
+        return sys.stdin.fileno() if sys.stdin is not None else None
+    except (OSError, ValueError):
+        return None
 
 
 def _show(stats: EpochStats, live: bool, as_json: bool) -> None:

@@ -38,6 +38,7 @@ class LibosPort(enum.IntEnum):
     FAULT = 0x32
     EXPORT = 0x33
     TRACE_FLUSH = 0x34
+    STDIN_WAIT = 0x35
 
 
 class Pattern(enum.IntEnum):
@@ -69,10 +70,14 @@ STDIO_RING_OFFSET = 0x1000  # from QUEUE_GPA
 STDIO_RING = 0x8000
 STDIO_MAX_RECORD = 0x1000
 STDIO_HEADER_OFFSETS = {"prod": 0, "cons": 64, "export_va": 128, "export_len": 136,
-                        "trace_prod": 144, "trace_cons": 152}
+                        "trace_prod": 144, "trace_cons": 152, "stdin_prod": 160,
+                        "stdin_cons": 168, "stdin_eof": 176}
 # --strace's ring: records of {u64 nr, u64 args[6], s64 ret} after the stdio ring.
 TRACE_OFFSET = 0x9000  # from QUEUE_GPA
-TRACE_RECORDS = 448
+TRACE_RECORDS = 192
+# stdin: a byte ring the VMM fills, after the trace ring, to the queue area's end.
+STDIN_OFFSET = 0xC000  # from QUEUE_GPA
+STDIN_RING = 0x4000
 TRACE_RECORD = struct.Struct("<7Qq")
 STDIO_RECORD = struct.Struct("<II")  # fd (0 = padding to the ring's end), len
 

@@ -62,11 +62,13 @@ def run_program(prog: LinuxProgram, *, write: Callable[[str, bytes], None],
                 tracker: str = "ring", interval: float = 1e-3, verify_every: int = 0,
                 warn: Callable[[str], None] = lambda s: None,
                 seconds: float | None = None,
-                trace: Callable[[str], None] = lambda s: None) -> ProgramResult:
+                trace: Callable[[str], None] = lambda s: None,
+                stdin: int | None = None) -> ProgramResult:
     """Run ``prog`` until it ends. ``write("stdout" | "stderr", bytes)`` gets its output in
     order; ``warn`` gets one line per unsupported syscall (the first time it is used).
     ``seconds`` bounds the run: a program still running then is stopped, and ``crash`` says so.
     ``trace`` gets one line per system call when the program was made with ``strace=True``.
+    ``stdin``: a readable descriptor the program's stdin comes from (default: empty).
 
     Example::
 
@@ -104,6 +106,8 @@ def run_program(prog: LinuxProgram, *, write: Callable[[str, bytes], None],
 
     with Machine(prog.config(tracker=tracker), boot=prog.boot, sink=sink) as m:
         machine.append(m)
+        assert m.stdio is not None
+        m.stdio.stdin_fd = stdin
         assert m.memory is not None and m.stdio is not None
         drv = EpochDriver(m)
         m.pause_all()

@@ -104,3 +104,35 @@ def test_sqlite_database_file(tmp_path: Path, sqlite_prog: Path, mode: str) -> N
     assert g.returncode == n.returncode == 0, g.stderr
     assert g.stdout == n.stdout and b"|" in n.stdout and n.stdout.endswith(b"ok\n")
     assert gtree == ntree and f"test-{mode}.db" in ntree
+
+
+@pytest.mark.parametrize("args", [["wc"], ["sort", "-r"], ["sha256sum"], ["gzip", "-c"]],
+                         ids=lambda a: a[0])
+def test_busybox_reads_stdin(tmp_path: Path, args: list[str]) -> None:
+    _need(BUSYBOX, "busybox-static")
+    n = subprocess.run([str(BUSYBOX), *args], input=DATA, capture_output=True, env={},
+                       timeout=RUN_TIMEOUT)
+    g = subprocess.run([sys.executable, "-m", "dirtyring.cli.main", "run", "--exec",
+                        str(BUSYBOX), "--", *args], input=DATA, capture_output=True,
+                       timeout=RUN_TIMEOUT)
+    assert g.returncode == n.returncode == 0, g.stderr
+    assert (g.stdout, g.stderr) == (n.stdout, n.stderr)
+
+
+def test_a_program_waiting_for_slow_input_keeps_being_checkpointed(tmp_path: Path) -> None:
+    """Input that trickles in: the guest waits (a little at a time, so epochs go on: a pause
+    never waits for input), and gets every byte."""
+    _need(BUSYBOX, "busybox-static")
+    writer = ("import sys, time\n"
+              "for i in range(8):\n"
+              "    sys.stdout.write(f'line {i}\\n'); sys.stdout.flush(); time.sleep(0.2)\n")
+    w = subprocess.Popen([sys.executable, "-c", writer], stdout=subprocess.PIPE)
+    try:
+        g = subprocess.run([sys.executable, "-m", "dirtyring.cli.main", "run", "--exec",
+                            str(BUSYBOX), "--json", "--", "wc", "-l"], stdin=w.stdout,
+                           capture_output=True, timeout=RUN_TIMEOUT)
+    finally:
+        w.kill()
+        w.wait()
+    assert g.returncode == 0, g.stderr
+    assert g.stdout.split() == [b"8"]

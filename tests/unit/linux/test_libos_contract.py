@@ -49,7 +49,14 @@ def test_addresses_ports_and_queue_agree() -> None:
     assert d["STDIO_RING_GPA"] == layout.QUEUE_GPA + protocol.STDIO_RING_OFFSET
     assert d["STDIO_RING"] == protocol.STDIO_RING
     assert d["STDIO_MAX_RECORD"] == protocol.STDIO_MAX_RECORD
-    assert protocol.STDIO_RING_OFFSET + protocol.STDIO_RING <= layout.QUEUE_SIZE
+    assert protocol.STDIO_RING_OFFSET + protocol.STDIO_RING <= protocol.TRACE_OFFSET
+    assert d["TRACE_GPA"] == layout.QUEUE_GPA + protocol.TRACE_OFFSET
+    assert d["TRACE_RECORDS"] == protocol.TRACE_RECORDS
+    assert protocol.TRACE_OFFSET + protocol.TRACE_RECORDS * protocol.TRACE_RECORD.size \
+        <= protocol.STDIN_OFFSET
+    assert d["STDIN_GPA"] == layout.QUEUE_GPA + protocol.STDIN_OFFSET
+    assert d["STDIN_RING"] == protocol.STDIN_RING
+    assert protocol.STDIN_OFFSET + protocol.STDIN_RING <= layout.QUEUE_SIZE
     ports = {k[len("PORT_"):]: v for k, v in d.items() if k.startswith("PORT_")}
     assert ports == {"DONE": int(protocol.Port.DONE),
                      **{p.name: int(p) for p in protocol.LibosPort}}
@@ -65,3 +72,15 @@ def test_committed_libos_is_what_the_sources_build(tmp_path: Path) -> None:
     fresh = build.build(tmp_path).read_bytes()
     assert fresh == build.load_libos(), "rebuild with `python -m dirtyring.linux.build`"
     assert len(fresh) <= layout.CODE_LIMIT - layout.CODE_GPA
+
+
+def test_stdio_header_offsets_by_declaration() -> None:
+    body = re.search(r"struct stdio_header\s*\{(.*?)\};", LIBOS_H.read_text(), re.S)[1]
+    off, got = 0, {}
+    for name, pad in re.findall(r"volatile u64 (\w+);(?:\s*u64 \w+\[(\d+)\];)?", body):
+        got[name] = off
+        off += 8 * (1 + int(pad or 0))
+    assert got == protocol.STDIO_HEADER_OFFSETS
+    record = re.search(r"struct trace_record\s*\{(.*?)\};", LIBOS_H.read_text(), re.S)[1]
+    assert record.split() == ["u64", "nr;", "u64", "args[6];", "s64", "ret;"]
+    assert protocol.TRACE_RECORD.size == 64

@@ -469,7 +469,8 @@ static s64 do_read(struct ofd *o, u64 buf, u64 n, u64 *off) {
             }
             return (s64)n;
         }
-        return 0;                                     /* null, stdin (empty for now) */
+        if (ip->dev == DEV_STDIN) return stdin_read((u8 *)buf, n, (o->flags & O_NONBLOCK) != 0);
+        return 0;                                     /* null */
     case S_IFIFO: {
         u64 avail = ip->size - ip->rpos;
         if (!avail) return ip->writers ? -EAGAIN : 0;

@@ -41,6 +41,7 @@ int user_ok(u64 p, u64 n);
 u64 next_random(void);
 u64 now_ns(void);
 s64 stdio_write(u32 fd, const u8 *buf, u64 len);
+s64 stdin_read(u8 *buf, u64 len, int nonblock);
 void stdio_flush(void);
 
 /* The file system (fs.c). */

@@ -95,6 +95,27 @@ s64 stdio_write(u32 fd, const u8 *buf, u64 len) {
     return (s64)len;
 }
 
+/* Bytes of stdin, without an exit while the VMM has put some in the ring; when it is empty,
+ * ask the VMM (which waits for input a little at a time, so the guest can still be paused). */
+s64 stdin_read(u8 *buf, u64 len, int nonblock) {
+    struct stdio_header *h = stdio();
+    for (;;) {
+        u64 prod = h->stdin_prod, cons = h->stdin_cons;
+        if (prod != cons) {
+            u64 avail = prod - cons;
+            if (avail > STDIN_RING) return -EIO;               /* the VMM never does this */
+            u64 n = len < avail ? len : avail;
+            for (u64 i = 0; i < n; i++) buf[i] = ((u8 *)STDIN_GPA)[(cons + i) % STDIN_RING];
+            __asm__ volatile("" ::: "memory");
+            h->stdin_cons = cons + n;
+            return (s64)n;
+        }
+        if (h->stdin_eof || len == 0) return 0;
+        if (nonblock) return -EAGAIN;
+        outl(PORT_STDIN_WAIT, 0);
+    }
+}
+
 void stdio_flush(void) { outl(PORT_STDIO_FLUSH, (u32)stdio()->prod); }
 
 static void trace(u64 nr, const u64 *args, s64 ret) {

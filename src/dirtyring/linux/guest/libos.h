@@ -21,7 +21,9 @@ typedef unsigned char u8;
 #define STDIO_RING 0x8000UL         /* bytes; records never wrap */
 #define STDIO_MAX_RECORD 0x1000UL   /* payload bytes per record */
 #define TRACE_GPA (STDIO_GPA + 0x9000UL)
-#define TRACE_RECORDS 448UL         /* of struct trace_record: 28 KiB, to the queue area's end */
+#define TRACE_RECORDS 192UL         /* of struct trace_record: 12 KiB */
+#define STDIN_GPA (STDIO_GPA + 0xC000UL)
+#define STDIN_RING 0x4000UL         /* bytes, to the queue area's end; the VMM fills it */
 
 /* Ports (the machine's device ports: DONE is shared with the built-in guests). */
 #define PORT_DONE 0x10              /* out32: exit status; the program has ended */
@@ -30,6 +32,7 @@ typedef unsigned char u8;
 #define PORT_FAULT 0x32             /* out32: the library OS found the program's state broken */
 #define PORT_EXPORT 0x33            /* out32: the export archive is at stdio_header.export_va */
 #define PORT_TRACE_FLUSH 0x34       /* out32: the trace ring is full; drain it */
+#define PORT_STDIN_WAIT 0x35        /* out32: stdin is empty; fill it (or set eof), or wait a bit */
 
 struct linux_ctl {                  /* the VMM fills it before the program starts */
     u64 magic;        /* 0   "DRLINUX1" */
@@ -59,6 +62,9 @@ struct stdio_header {               /* at STDIO_GPA */
     volatile u64 export_len;        /*   and length (0: it did not fit) */
     volatile u64 trace_prod;        /* guest writes: trace records ever written */
     volatile u64 trace_cons;        /* VMM writes: trace records ever drained */
+    volatile u64 stdin_prod;        /* VMM writes: stdin bytes ever provided */
+    volatile u64 stdin_cons;        /* guest writes: stdin bytes ever read */
+    volatile u64 stdin_eof;         /* VMM writes: nonzero once stdin has ended */
 };
 
 /* The file archive the VMM hands in (at fs_lo) and gets back (PORT_EXPORT): a header

@@ -17,13 +17,15 @@ that knows the address space reads and checks them).
 """
 from __future__ import annotations
 
+import os
+import select
 import struct
 import threading
 from typing import TYPE_CHECKING
 
 from ...guests.protocol import (STDIO_HEADER_OFFSETS, STDIO_MAX_RECORD, STDIO_RECORD,
-                                STDIO_RING, STDIO_RING_OFFSET, TRACE_OFFSET, TRACE_RECORD,
-                                TRACE_RECORDS)
+                                STDIO_RING, STDIO_RING_OFFSET, STDIN_OFFSET, STDIN_RING,
+                                TRACE_OFFSET, TRACE_RECORD, TRACE_RECORDS)
 from ...guests.protocol import LibosPort as Port
 from .. import layout
 from .base import OutputSink
@@ -44,13 +46,20 @@ class ContractBroken(Exception):
 class StdioDevice:
     name = "stdio"
     ports = (int(Port.STDIO_FLUSH), int(Port.UNSUPPORTED), int(Port.FAULT), int(Port.EXPORT),
-             int(Port.TRACE_FLUSH))
+             int(Port.TRACE_FLUSH), int(Port.STDIN_WAIT))
+    #: How long one STDIN_WAIT may wait for input before the guest asks again: short, so a
+    #: pause (a checkpoint) is never held up by a program waiting for its input.
+    STDIN_SLICE = 0.01
 
     def __init__(self, memory: GuestMemory, sink: OutputSink) -> None:
         self.memory = memory
         self.sink = sink
         self.cons = 0  # bytes ever drained: ours, never read back from the guest
         self.trace_cons = 0  # --strace records ever drained (likewise)
+        #: The program's stdin: a readable descriptor, or None for an empty one.
+        self.stdin_fd: int | None = None
+        self.stdin_prod = 0  # stdin bytes ever put in the ring (ours)
+        self.stdin_eof = False
         self._lock = threading.Lock()  # the vCPU thread (flush) and the controller (drain)
         self.unsupported: list[int] = []
 
@@ -59,6 +68,11 @@ class StdioDevice:
         if port in (Port.STDIO_FLUSH, Port.TRACE_FLUSH):
             try:
                 self.drain()
+            except ContractBroken as e:
+                self._stop(vcpu, str(e))
+        elif port == Port.STDIN_WAIT:
+            try:
+                self._fill_stdin()
             except ContractBroken as e:
                 self._stop(vcpu, str(e))
         elif port == Port.UNSUPPORTED:
@@ -88,6 +102,38 @@ class StdioDevice:
         with self._lock:
             self._drain_trace()
             return self._drain_output()
+
+    def _fill_stdin(self) -> None:
+        """Put what is available of the program's stdin in its ring (waiting at most
+        STDIN_SLICE for some), or mark its end."""
+        base = layout.QUEUE_GPA
+        cons = self.memory.read_u64(base + STDIO_HEADER_OFFSETS["stdin_cons"])
+        if not self.stdin_prod - STDIN_RING <= cons <= self.stdin_prod:
+            raise ContractBroken(f"stdin consumer index {cons} is outside "
+                                 f"[{self.stdin_prod - STDIN_RING}, {self.stdin_prod}]")
+        room = STDIN_RING - (self.stdin_prod - cons)
+        if room == 0 or self.stdin_eof:
+            return
+        data = b""
+        if self.stdin_fd is not None:
+            ready, _, _ = select.select([self.stdin_fd], [], [], self.STDIN_SLICE)
+            if not ready:
+                return  # nothing yet: the guest asks again (and can be paused meanwhile)
+            try:
+                data = os.read(self.stdin_fd, room)
+            except OSError:
+                data = b""
+        if not data:
+            self.stdin_eof = True
+            self.memory.write_u64(base + STDIO_HEADER_OFFSETS["stdin_eof"], 1)
+            return
+        at = self.stdin_prod % STDIN_RING
+        first = min(len(data), STDIN_RING - at)
+        self.memory.write(base + STDIN_OFFSET + at, data[:first])
+        if first < len(data):
+            self.memory.write(base + STDIN_OFFSET, data[first:])
+        self.stdin_prod += len(data)
+        self.memory.write_u64(base + STDIO_HEADER_OFFSETS["stdin_prod"], self.stdin_prod)
 
     def _drain_trace(self) -> None:
         base = layout.QUEUE_GPA
@@ -145,7 +191,9 @@ class StdioDevice:
         return sum(len(d) for _, d in chunks)
 
     def save(self) -> bytes:
-        return struct.pack("<QQ", self.cons, self.trace_cons)
+        return struct.pack("<QQQQ", self.cons, self.trace_cons, self.stdin_prod,
+                           int(self.stdin_eof))
 
     def restore(self, data: bytes) -> None:
-        self.cons, self.trace_cons = struct.unpack("<QQ", data)
+        self.cons, self.trace_cons, self.stdin_prod, eof = struct.unpack("<QQQQ", data)
+        self.stdin_eof = bool(eof)
