@@ -4,7 +4,7 @@ same run, against issue 15's goals.
 - micro (``programs/exec_micro.c``, timed inside the program): the floor (a ``syscall`` the
   library OS returns from at once: what this host's kvm_pvm charges for the instruction
   itself), getpid and brk served in the guest (goal: within 1.5x of the floor), clock_gettime
-  (goal: <= 0.2 us, i.e. no ``syscall``: needs a vDSO, not there yet), a 64-byte write to
+  (goal: <= 0.2 us, i.e. no ``syscall``: the library OS's vDSO serves it), a 64-byte write to
   stdout (goal: no exit while the queue has room: the exits are counted);
 - whole programs, wall time: a SQLite workload (200,000 inserts into a database file) and a
   busybox awk loop (goal: <= 1.10x native);

@@ -33,7 +33,7 @@ from ..machine.config import LINUX_GUEST, MachineConfig
 from ..machine.vm import Machine
 from . import archive, initstack
 from .addrspace import AddressSpace, plan
-from .build import load_libos
+from .build import load_libos, load_vdso
 from .elf import ElfImage
 
 LINUX_CTL_GPA = 0x7400
@@ -44,6 +44,9 @@ LINUX_CTL_FIELDS = ("magic", "image_lo", "brk_start", "brk_max", "mmap_lo", "mma
                     "seed0", "seed1", "seed2", "seed3", "fs_lo", "fs_hi", "import_len",
                     "export_files", "strace")
 DEFAULT_MEMORY = 256 << 20
+#: Where the vDSO sits: in the code area (read-only, mapped in every program), after the
+#: library OS. AT_SYSINFO_EHDR points here.
+VDSO_GPA = 0x60000
 #: The file system's room beyond what the named files take (sparse: only what is written
 #: costs memory); the files the program writes, and their export at exit, live in it.
 DEFAULT_FS_ROOM = 256 << 20
@@ -105,7 +108,11 @@ class LinuxProgram:
         system = mem.slots[0].view
         layout.build_system_slot(system, 0)  # no identity-mapped data: the plan maps it
         code = load_libos()
+        vdso = load_vdso()
+        if layout.CODE_GPA + len(code) > VDSO_GPA or VDSO_GPA + len(vdso) > layout.CODE_LIMIT:
+            raise ConfigError("the library OS or its vDSO outgrew the code area")
         system[layout.CODE_GPA:layout.CODE_GPA + len(code)] = np.frombuffer(code, np.uint8)
+        system[VDSO_GPA:VDSO_GPA + len(vdso)] = np.frombuffer(vdso, np.uint8)
         self.space.install(system.view(np.uint64), layout.DATA_GPA, layout.DATA_PD_GPA,
                            layout.SYSTEM_SLOT_SIZE)
         self.image.load(self.data, lambda va, b: self._write(m, va, bytes(b)),
@@ -179,7 +186,8 @@ class LinuxProgram:
                (initstack.AT_BASE, 0), (initstack.AT_FLAGS, 0),
                (initstack.AT_ENTRY, img.entry + bias), (initstack.AT_UID, 0),
                (initstack.AT_EUID, 0), (initstack.AT_GID, 0), (initstack.AT_EGID, 0),
-               (initstack.AT_HWCAP, 0), (initstack.AT_CLKTCK, 100), (initstack.AT_SECURE, 0)]
+               (initstack.AT_HWCAP, 0), (initstack.AT_CLKTCK, 100), (initstack.AT_SECURE, 0),
+               (initstack.AT_SYSINFO_EHDR, VDSO_GPA)]
         env = [f"{k}={v}".encode() for k, v in self.env.items()]
         return initstack.build(self.space.stack_top, [a.encode() for a in self.argv], env, aux,
                                os.urandom(16), execfn=str(self.path).encode())

@@ -1,10 +1,13 @@
 """--strace: every system call of the program, decoded, from a ring the library OS writes,
-with no exit per call; and the CLI prints them on stderr while stdout stays the program's."""
+with no exit per call; and the CLI prints them on stderr while stdout stays the program's.
+Also what it shows about time: clock_gettime, gettimeofday and time come from the vDSO and
+make no system call at all."""
 from __future__ import annotations
 
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -25,6 +28,48 @@ int main(void) {
     return 5;
 }
 """
+
+
+TIME_SOURCE = r"""
+#include <stdio.h>
+#include <sys/time.h>
+#include <time.h>
+int main(void) {
+    struct timespec a, b, r;
+    struct timeval tv;
+    clock_gettime(CLOCK_MONOTONIC, &a);
+    clock_gettime(CLOCK_REALTIME, &r);
+    gettimeofday(&tv, 0);
+    long t = time(0);
+    clock_gettime(CLOCK_MONOTONIC, &b);
+    long back = (b.tv_sec - a.tv_sec) * 1000000000L + (b.tv_nsec - a.tv_nsec);
+    printf("%ld %ld %ld %d\n", (long)r.tv_sec, (long)tv.tv_sec, t, back >= 0);
+    return 0;
+}
+"""
+
+
+def test_time_comes_from_the_vdso_without_a_syscall(tmp_path: Path) -> None:
+    gcc = shutil.which("gcc")
+    if not gcc:
+        pytest.fail("gcc is missing: ./tools/install-test-deps installs it")
+    (tmp_path / "t.c").write_text(TIME_SOURCE)
+    subprocess.run([gcc, "-static", "-O1", "-o", str(tmp_path / "t"), str(tmp_path / "t.c")],
+                   check=True)
+    lines: list[str] = []
+    out = bytearray()
+    before = time.time()
+    res = run_program(LinuxProgram(tmp_path / "t", ["t"], strace=True),
+                      write=lambda k, b: out.extend(b if k == "stdout" else b""),
+                      trace=lines.append)
+    after = time.time()
+    assert res.status == 0, res.crash
+    realtime, tod, t, monotonic = (int(x) for x in out.split())
+    assert monotonic == 1
+    for v in (realtime, tod, t):
+        assert before - 2 <= v <= after + 2, (v, before, after)
+    called = {line.split("(")[0] for line in lines}
+    assert not called & {"clock_gettime", "gettimeofday", "time"}, called
 
 
 @pytest.fixture(scope="module")

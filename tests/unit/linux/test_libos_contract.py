@@ -3,6 +3,7 @@ queue, the ports, the addresses; and the committed libos.bin is what the sources
 from __future__ import annotations
 
 import re
+import struct
 from pathlib import Path
 
 import pytest
@@ -71,7 +72,29 @@ def test_committed_libos_is_what_the_sources_build(tmp_path: Path) -> None:
         pytest.fail("gcc/objcopy/objdump missing: ./tools/install-test-deps installs them")
     fresh = build.build(tmp_path).read_bytes()
     assert fresh == build.load_libos(), "rebuild with `python -m dirtyring.linux.build`"
-    assert len(fresh) <= layout.CODE_LIMIT - layout.CODE_GPA
+    vdso = (tmp_path / "vdso.so").read_bytes()
+    assert vdso == build.load_vdso(), "rebuild with `python -m dirtyring.linux.build`"
+    assert layout.CODE_GPA + len(fresh) <= program.VDSO_GPA
+    assert program.VDSO_GPA + len(vdso) <= layout.CODE_LIMIT
+
+
+def test_the_vdso_is_one_read_only_segment_from_zero() -> None:
+    """What glibc's setup_vdso needs: the first PT_LOAD at address 0 (it takes it as the
+    base), no second one, a read-only PT_DYNAMIC, and the four symbols at version LINUX_2.6."""
+    img = build.load_vdso()
+    phoff, = struct.unpack_from("<Q", img, 32)
+    phentsize, phnum = struct.unpack_from("<HH", img, 54)
+    loads, dyn = [], []
+    for i in range(phnum):
+        ptype, flags, off, vaddr = struct.unpack_from("<IIQQ", img, phoff + i * phentsize)
+        if ptype == 1:
+            loads.append((off, vaddr, flags))
+        elif ptype == 2:
+            dyn.append(flags)
+    assert loads == [(0, 0, 5)] and dyn == [4]
+    for sym in (b"__vdso_clock_gettime", b"__vdso_gettimeofday", b"__vdso_time",
+                b"__vdso_getcpu", b"LINUX_2.6"):
+        assert sym in img
 
 
 def test_stdio_header_offsets_by_declaration() -> None:

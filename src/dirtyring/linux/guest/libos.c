@@ -3,8 +3,8 @@
  * every checkpoint captures it with the program's own pages.
  *
  * This file: the dispatcher, memory (brk, mmap, mremap; munmap/mprotect/madvise bookkeeping),
- * arch_prctl through wrfsbase, ids, uname, rlimits, getrandom, time from rdtsc, the stdio queue
- * and exit. Files, directories, pipes and descriptors are in fs.c. Anything else is reported to
+ * arch_prctl through wrfsbase, ids, uname, rlimits, getrandom, time from rdtsc (for programs
+ * that do not use the vDSO, vdso.c), the stdio queue and exit. Files, directories, pipes and descriptors are in fs.c. Anything else is reported to
  * the VMM once per number (PORT_UNSUPPORTED) and returns -ENOSYS.
  *
  * The program may scribble over any of this (one address space, as in any unikernel); the VMM
