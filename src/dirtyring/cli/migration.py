@@ -15,15 +15,16 @@ import threading
 import time
 from typing import Any
 
-from ..errors import DirtyringError
+from ..errors import ConfigError, DirtyringError
 from ..guests import NAMES
 from ..guests.protocol import GuestParams, Pattern
-from ..machine.config import MachineConfig
+from ..machine.config import LINUX_GUEST, MachineConfig
 from ..machine.vm import Machine
 from ..migration.source import (Migration, MigrationError, MigrationOptions, run_guest,
                                 tune_allocator)
 from ..replication.standby import Standby
 from ..replication.transport import load_key, parse_addr
+from .exec_options import add_exec_options, passthrough, program_from_args
 from .options import add_metrics_option, duration, positive_int, size, start_metrics
 from .printer import EventPrinter
 
@@ -76,7 +77,8 @@ def _printer(as_json: bool, live: bool) -> EventPrinter:
 
 def add_parsers(sub: Any) -> None:
     m = sub.add_parser("migrate", help="boot a guest and migrate it live to `dirtyring receive`")
-    m.add_argument("guest", choices=NAMES, help="guest program to run")
+    m.add_argument("guest", nargs="?", choices=NAMES, default=None,
+                   help="guest program to run (default: none; name one, or use --exec)")
     m.add_argument("--to", required=True, metavar="HOST:PORT",
                    help="the target's --listen address (required)")
     m.add_argument("--key", help="shared key, hex (or $DIRTYRING_KEY)")
@@ -108,6 +110,7 @@ def add_parsers(sub: Any) -> None:
                    help="send the memory digest with the last round (receive --verify checks it)")
     m.add_argument("--json", action="store_true", help="JSON lines instead of the live view")
     add_metrics_option(m)
+    add_exec_options(m)
     m.set_defaults(func=migrate)
 
     r = sub.add_parser("receive", help="wait for an incoming migration and run the guest")
@@ -130,16 +133,28 @@ def add_parsers(sub: Any) -> None:
 def migrate(args: argparse.Namespace) -> int:
     key, insecure = load_key(args.key, allow_insecure=args.insecure)
     tune_allocator()
-    cfg = MachineConfig(guest=args.guest, tracker=args.tracker, data_slots=(args.memory,),
-                        ring_entries=RING_ENTRIES,
-                        params=GuestParams(pattern=Pattern[args.pattern.upper()],
-                                           hot_pages=args.hot_pages, rate_pps=args.rate))
+    prog = program_from_args(args)
+    if prog is not None:
+        if args.guest is not None:
+            raise ConfigError("name a built-in guest or --exec PROGRAM, not both")
+        cfg = prog.config(tracker=args.tracker, ring_entries=RING_ENTRIES)
+    elif args.guest is None:
+        raise ConfigError("name the guest program to run (dirtier, compute, kvstore) or "
+                          "--exec PROGRAM")
+    else:
+        cfg = MachineConfig(guest=args.guest, tracker=args.tracker, data_slots=(args.memory,),
+                            ring_entries=RING_ENTRIES,
+                            params=GuestParams(pattern=Pattern[args.pattern.upper()],
+                                               hot_pages=args.hot_pages, rate_pps=args.rate))
+    args.program = prog
     opt = MigrationOptions(downtime_limit=args.downtime_limit,
                            bandwidth_limit=args.bandwidth_limit * 1e6, timeout=args.timeout,
                            max_rounds=args.max_rounds, throttle=not args.no_throttle,
                            verify=args.verify)
-    live = sys.stdout.isatty() and not args.json
+    live = sys.stdout.isatty() and not args.json and prog is None
     out = _printer(args.json, live)
+    if prog is not None:
+        out.file = sys.stderr  # the program's own output owns stdout
     metrics = start_metrics(args.metrics)  # first: a bad address ends the command at once
     try:
         return _migrate(args, cfg, key, insecure, opt, out, metrics)
@@ -153,9 +168,12 @@ def _migrate(args: argparse.Namespace, cfg: MachineConfig, key: bytes, insecure:
     if metrics is not None:
         out({"event": "metrics", "t": time.time(),
              "addr": f"{metrics.addr[0]}:{metrics.port}"})
-    with Machine(cfg, threaded=False) as m:
+    prog = args.program
+    with Machine(cfg, threaded=False, boot=prog.boot if prog else True,
+                 sink=_program_sink if prog else None) as m:
         run_guest(m, args.warmup)
-        out({"event": "source_running", "t": time.time(), "guest": args.guest,
+        out({"event": "source_running", "t": time.time(),
+             "guest": args.guest or (prog.name if prog else ""),
              "memory_bytes": args.memory, "tracker": args.tracker, "progress": m.progress()})
         mig = Migration(m, parse_addr(args.to), key, insecure=insecure, options=opt,
                         on_event=out)
@@ -181,6 +199,13 @@ def _migrate(args: argparse.Namespace, cfg: MachineConfig, key: bytes, insecure:
     return 0
 
 
+def _program_sink(kind: str, payload: Any) -> None:
+    """A Linux program's output passes through on the source (until the switchover)."""
+    if not passthrough(kind, payload) and kind == "unsupported_syscall":
+        print(f"dirtyring: syscall {payload} is not supported yet; it returned ENOSYS",
+              file=sys.stderr, flush=True)
+
+
 def receive(args: argparse.Namespace) -> int:
     key, insecure = load_key(args.key, allow_insecure=args.insecure)
     tune_allocator(2 << 30)  # a round's staging: up to the guest's size
@@ -189,6 +214,8 @@ def receive(args: argparse.Namespace) -> int:
     failed: list[str] = []
 
     def events(e: dict[str, Any]) -> None:
+        if e["event"] == "standby_vm_created" and e.get("guest") == LINUX_GUEST:
+            out.file = sys.stderr  # a Linux program's own output will own stdout
         out(e)
         if e["event"] == "primary_lost" and e.get("committed_epoch", 0) > 0:
             # Part of a guest arrived and the source is gone: this target is not resumable and
@@ -199,7 +226,8 @@ def receive(args: argparse.Namespace) -> int:
             failed.append(e.get("detail", "cannot resume"))
 
     def sink(kind: str, payload: Any) -> None:
-        out({"event": "output", "t": time.time(), "kind": kind, "payload": repr(payload)})
+        if not passthrough(kind, payload):
+            out({"event": "output", "t": time.time(), "kind": kind, "payload": repr(payload)})
 
     sb = Standby(parse_addr(args.listen), key, insecure=insecure,
                  heartbeat_timeout=args.heartbeat_timeout, verify=args.verify,
@@ -218,20 +246,29 @@ def receive(args: argparse.Namespace) -> int:
             why = failed[0] if failed else "interrupted before the switchover"
             raise DirtyringError(f"incoming migration failed: {why}")
         m = sb.machine
+        if m.stdio is not None:
+            out.file = sys.stderr  # a Linux program: its own output owns stdout
         t_run = time.monotonic()
         out({"event": "migrated", "t": time.time(), "resumed_t": sb.resumed_wall,
              "epochs": sb.epochs, "pages": sb.pages, "committed_epoch": sb.committed_epoch,
              "staging_bytes_max": sb.max_staging_bytes, "progress": m.progress()})
         end = None if args.run_for is None else t_run + args.run_for
+        tick = 0.05 if m.stdio is not None else 0.5  # a program's output drains this often
         while not stop.is_set() and (end is None or time.monotonic() < end):
-            if m.wait_stopped(0.5 if end is None else max(0.0, min(0.5, end - time.monotonic()))):
+            left = tick if end is None else max(0.0, min(tick, end - time.monotonic()))
+            if m.wait_stopped(left):
+                m.drain_output()
                 out({"event": "guest_stopped", "t": time.time(), "crash": m.crashed})
                 break
-            out({"event": "running", "t": time.time(), "progress": m.progress()})
+            m.drain_output()
+            if m.stdio is None:
+                out({"event": "running", "t": time.time(), "progress": m.progress()})
         out({"event": "report", "t": time.time(), **sb.status(),
              "guest": "crashed" if m.crashed else "stopped" if m.finished else "running",
              "ran_s": time.monotonic() - t_run, "progress": m.progress(),
              "resumed_t": sb.resumed_wall})
+        if m.stdio is not None and m.finished and not m.crashed:
+            return (m.runners[0].exit_code or 0) & 0xFF  # the program's, as `run` returns it
     except KeyboardInterrupt:
         pass
     finally:

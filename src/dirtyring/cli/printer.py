@@ -7,9 +7,10 @@ new events and new fields do not change it, so readers should ignore what they d
 from __future__ import annotations
 
 import json
+import sys
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TextIO
 
 Event = dict[str, Any]
 
@@ -24,8 +25,10 @@ class EventPrinter:
 
     def __init__(self, as_json: bool, live: bool,
                  render: Callable[[EventPrinter, Event], bool] | None = None,
-                 hide: tuple[str, ...] = ("event", "t")) -> None:
+                 hide: tuple[str, ...] = ("event", "t"), file: TextIO | None = None) -> None:
         self.as_json = as_json
+        #: Where it prints (stdout unless set; a Linux program's own output owns stdout).
+        self.file = file
         self.live = live
         self.render = render
         self.hide = hide
@@ -35,7 +38,8 @@ class EventPrinter:
     def __call__(self, e: Event) -> None:
         with self._lock:
             if self.as_json:
-                print(json.dumps({"v": EVENT_SCHEMA_VERSION, **e}), flush=True)
+                print(json.dumps({"v": EVENT_SCHEMA_VERSION, **e}), flush=True,
+                      file=self.file or sys.stdout)
             elif self.render is None or not self.render(self, e):
                 rest = " ".join(f"{k}={v}" for k, v in e.items() if k not in self.hide)
                 self.line(f"{e['event']}: {rest}")
@@ -43,13 +47,14 @@ class EventPrinter:
     def status(self, text: str) -> None:
         """A line that the next status replaces in place (live), else an ordinary line."""
         if self.live:
-            print("\r" + text, end="", flush=True)
+            print("\r" + text, end="", flush=True, file=self.file or sys.stdout)
             self._pending = True
         else:
             self.line(text)
 
     def line(self, text: str) -> None:
+        out = self.file or sys.stdout
         if self._pending:
-            print()
+            print(file=out)
             self._pending = False
-        print(text, flush=True)
+        print(text, flush=True, file=out)
