@@ -11,8 +11,10 @@ from ..errors import ConfigError
 from ..linux.program import LinuxProgram
 
 
-def add_exec_options(p: argparse.ArgumentParser, *, memory_note: bool = True) -> None:
-    """Add --exec, --env, --file and the positional program arguments."""
+def add_exec_options(p: argparse.ArgumentParser, *, memory_note: bool = True,
+                     strace: bool = False) -> None:
+    """Add --exec, --env, --file (and --strace where the command prints traces) and the
+    positional program arguments."""
     p.add_argument("--exec", metavar="PROGRAM", default=None,
                    help="run this static x86-64 Linux program instead of a built-in guest, "
                         "under the library OS; its output passes through (default: none"
@@ -24,10 +26,11 @@ def add_exec_options(p: argparse.ArgumentParser, *, memory_note: bool = True) ->
                    help="copy a host file (or a directory's tree) into the program's file "
                         "system, at GUEST_PATH (default: the same path, relative to /, the "
                         "program's working directory); repeatable (default: none)")
-    p.add_argument("--strace", action="store_true",
-                   help="print each of the program's system calls with its arguments and "
-                        "result on stderr (from a trace ring in guest memory: no exit per "
-                        "call; default off)")
+    if strace:
+        p.add_argument("--strace", action="store_true",
+                       help="print each of the program's system calls with its arguments and "
+                            "result on stderr (from a trace ring in guest memory: no exit per "
+                            "call; default off)")
     p.add_argument("args", nargs="*", metavar="ARGS",
                    help="the program's arguments, after -- (default: none)")
 
@@ -37,7 +40,7 @@ def program_from_args(args: argparse.Namespace, *, export_files: bool = False
     """The program the options name, or None without --exec (then program arguments, --env and
     --file are a usage error)."""
     if args.exec is None:
-        if args.args or args.env or args.file or args.strace:
+        if args.args or args.env or args.file or getattr(args, "strace", False):
             raise ConfigError("program arguments, --env, --file and --strace need --exec PROGRAM")
         return None
     env = {}
@@ -48,7 +51,8 @@ def program_from_args(args: argparse.Namespace, *, export_files: bool = False
         env[k] = v
     files = [(h, g or None) for h, _, g in (f.partition(":") for f in args.file)]
     return LinuxProgram(args.exec, [args.exec, *args.args], env, memory=args.memory,
-                        files=files, export_files=export_files, strace=args.strace)
+                        files=files, export_files=export_files,
+                        strace=getattr(args, "strace", False))
 
 
 def passthrough(kind: str, payload: Any) -> bool:

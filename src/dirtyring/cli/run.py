@@ -39,7 +39,7 @@ def add_parser(sub: Any) -> None:
                    help="compare a shadow copy with guest memory every N epochs "
                         "(default 100; 0 = off)")
     p.add_argument("--json", action="store_true", help="JSON lines instead of the live view")
-    add_exec_options(p)
+    add_exec_options(p, strace=True)
     p.add_argument("--save-files", metavar="DIR", default=None,
                    help="when the program ends, write every file of its file system under DIR "
                         "(default: not saved)")
