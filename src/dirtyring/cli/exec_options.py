@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from ..errors import ConfigError
 from ..linux.program import LinuxProgram
+from ..linux.runner import unsupported_line
 
 
 def add_exec_options(p: argparse.ArgumentParser, *, memory_note: bool = True,
@@ -66,3 +68,18 @@ def passthrough(kind: str, payload: Any) -> bool:
         sys.stderr.buffer.flush()
         return True
     return False
+
+
+def program_sink(name: str) -> Callable[[str, Any], None]:
+    """A machine sink for the Linux program ``name`` outside ``run``: its output passes
+    through, and each syscall it uses that the library OS does not serve is named once on
+    stderr."""
+    named: set[int] = set()
+
+    def sink(kind: str, payload: Any) -> None:
+        if not passthrough(kind, payload) and kind == "unsupported_syscall" \
+                and payload not in named:
+            named.add(payload)
+            print(f"dirtyring: {unsupported_line(name, payload)}", file=sys.stderr,
+                  flush=True)
+    return sink

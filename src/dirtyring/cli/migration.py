@@ -24,7 +24,7 @@ from ..migration.source import (Migration, MigrationError, MigrationOptions, run
                                 tune_allocator)
 from ..replication.standby import Standby
 from ..replication.transport import load_key, parse_addr
-from .exec_options import add_exec_options, passthrough, program_from_args
+from .exec_options import add_exec_options, passthrough, program_from_args, program_sink
 from .options import add_metrics_option, duration, positive_int, size, start_metrics
 from .printer import EventPrinter
 
@@ -170,7 +170,7 @@ def _migrate(args: argparse.Namespace, cfg: MachineConfig, key: bytes, insecure:
              "addr": f"{metrics.addr[0]}:{metrics.port}"})
     prog = args.program
     with Machine(cfg, threaded=False, boot=prog.boot if prog else True,
-                 sink=_program_sink if prog else None) as m:
+                 sink=program_sink(prog.name) if prog else None) as m:
         run_guest(m, args.warmup)
         out({"event": "source_running", "t": time.time(),
              "guest": args.guest or (prog.name if prog else ""),
@@ -197,13 +197,6 @@ def _migrate(args: argparse.Namespace, cfg: MachineConfig, key: bytes, insecure:
                      f"{rep.bytes_sent / 1e6:.0f} MB of pages in {rep.wire_bytes / 1e6:.1f} MB "
                      f"on the wire{', throttled' if rep.throttled else ''}); source paused")
     return 0
-
-
-def _program_sink(kind: str, payload: Any) -> None:
-    """A Linux program's output passes through on the source (until the switchover)."""
-    if not passthrough(kind, payload) and kind == "unsupported_syscall":
-        print(f"dirtyring: syscall {payload} is not supported yet; it returned ENOSYS",
-              file=sys.stderr, flush=True)
 
 
 def receive(args: argparse.Namespace) -> int:

@@ -18,12 +18,11 @@ from ..errors import ConfigError
 from ..guests import NAMES
 from ..guests.protocol import GuestParams, Pattern, hash_chain
 from ..linux.runner import CRASH_STATUS
-from ..linux.syscall_names import name as syscall_name
 from ..machine.config import LINUX_GUEST, MachineConfig
 from ..machine.vm import Machine
 from ..snapshots.files import (FILE_KEY, SnapshotInfo, SnapshotWriter, latest, resolve_chain,
                                restore)
-from .exec_options import add_exec_options, passthrough, program_from_args
+from .exec_options import add_exec_options, program_from_args, program_sink
 from .options import add_guest_options, duration
 
 
@@ -95,13 +94,6 @@ def _out(args: argparse.Namespace, text: str, **record: Any) -> None:
           file=getattr(args, "status_stream", sys.stdout))
 
 
-def _program_sink(kind: str, payload: Any) -> None:
-    """A Linux program's output passes through; unsupported syscalls are named once."""
-    if not passthrough(kind, payload) and kind == "unsupported_syscall":
-        print(f"dirtyring: syscall {syscall_name(payload)} ({payload}) is not supported yet; "
-              "it returned ENOSYS", file=sys.stderr, flush=True)
-
-
 def _line(i: SnapshotInfo, progress: int) -> dict[str, Any]:
     return {"event": "snapshot", "name": i.name, "kind": i.kind, "seq": i.seq, "pages": i.pages,
             "bytes": i.file_bytes, "pause_us": round(i.pause_us, 1),
@@ -116,7 +108,7 @@ def snapshot_command(args: argparse.Namespace) -> int:
     if prog is not None:
         # A program's output is its own (passed through); the snapshot lines go to stderr.
         cfg = prog.config(tracker=args.tracker)
-        machine = Machine(cfg, boot=prog.boot, sink=_program_sink)
+        machine = Machine(cfg, boot=prog.boot, sink=program_sink(prog.name))
         args.status_stream = sys.stderr
     else:
         cfg = MachineConfig(guest=args.guest, tracker=args.tracker, vcpus=args.vcpus,
@@ -171,7 +163,7 @@ def restore_command(args: argparse.Namespace) -> int:
         _out(args, f"chain of {len(chain)}: " + " -> ".join(c.name for c in chain),
              event="chain", files=[c.path.name for c in chain])
     with restore(target, key=key, progress=applied,
-                 sink=_program_sink if program else None) as m:
+                 sink=program_sink("the program") if program else None) as m:
         if program:
             return _run_restored_program(args, m, t0)
         restore_ms = (time.perf_counter() - t0) * 1e3

@@ -89,11 +89,11 @@ def run_program(prog: LinuxProgram, *, write: Callable[[str, bytes], None],
         if kind in ("stdout", "stderr"):
             write(kind, bytes(payload))
         elif kind == "unsupported_syscall":
-            what = f"{syscall_name(int(payload))} ({payload})"
+            what = syscall_label(int(payload))
             if what in unsupported:  # the library OS reports numbers >= 512 every time
                 return
             unsupported.append(what)
-            warn(f"{prog.name}: syscall {what} is not supported yet; it returned ENOSYS")
+            warn(unsupported_line(prog.name, int(payload)))
         elif kind == "strace":
             for nr, args, ret in payload:
                 trace(format_call(nr, args, ret, lambda va: prog.read_str(machine[0], va)))
@@ -142,6 +142,16 @@ def run_program(prog: LinuxProgram, *, write: Callable[[str, bytes], None],
         else:
             res.status = CRASH_STATUS
     return res
+
+
+def syscall_label(nr: int) -> str:
+    """``fork (57)``: how an unsupported syscall is named."""
+    return f"{syscall_name(nr)} ({nr})"
+
+
+def unsupported_line(program: str, nr: int) -> str:
+    """The one line that names a syscall the library OS does not serve (once per number)."""
+    return f"{program}: syscall {syscall_label(nr)} is not supported yet; it returned ENOSYS"
 
 
 def _where(m: Machine, prog: LinuxProgram) -> str:

@@ -462,13 +462,7 @@ static s64 do_read(struct ofd *o, u64 buf, u64 n, u64 *off) {
     case S_IFDIR: return -EISDIR;
     case S_IFCHR:
         if (ip->dev == DEV_ZERO) { lmemset((void *)buf, 0, n); return (s64)n; }
-        if (ip->dev == DEV_RANDOM) {
-            for (u64 i = 0; i < n; i += 8) {
-                u64 r = next_random();
-                lmemcpy((void *)(buf + i), &r, n - i < 8 ? n - i : 8);
-            }
-            return (s64)n;
-        }
+        if (ip->dev == DEV_RANDOM) { fill_random((u8 *)buf, n); return (s64)n; }
         if (ip->dev == DEV_STDIN) return stdin_read((u8 *)buf, n, (o->flags & O_NONBLOCK) != 0);
         return 0;                                     /* null */
     case S_IFIFO: {

@@ -35,11 +35,19 @@ static inline u64 rdtsc(void) {
     return ((u64)hi << 32) | lo;
 }
 
+/* Nanoseconds of CLOCK_REALTIME from the TSC and the boot time the VMM wrote: one formula for
+ * the library OS's clock syscalls and the vDSO (which includes this header), so they agree. */
+static inline u64 now_ns(void) {
+    u64 khz = ctl()->tsc_khz ? ctl()->tsc_khz : 1000000;
+    u64 d = rdtsc() - ctl()->boot_tsc;
+    return ctl()->boot_realtime_ns + d / khz * 1000000UL + d % khz * 1000000UL / khz;
+}
+
 void *lmemset(void *d, int c, u64 n);
 void *lmemcpy(void *d, const void *s, u64 n);
 int user_ok(u64 p, u64 n);
 u64 next_random(void);
-u64 now_ns(void);
+void fill_random(u8 *buf, u64 len);
 s64 stdio_write(u32 fd, const u8 *buf, u64 len);
 s64 stdin_read(u8 *buf, u64 len, int nonblock);
 void stdio_flush(void);

@@ -194,11 +194,6 @@ static s64 sys_mremap(u64 old, u64 old_len, u64 new_len, u64 flags) {
 
 /* --- the rest ------------------------------------------------------------------------------ */
 struct timespec { s64 sec, nsec; };
-u64 now_ns(void) {
-    u64 khz = ctl()->tsc_khz ? ctl()->tsc_khz : 1000000;
-    u64 d = rdtsc() - ctl()->boot_tsc;
-    return ctl()->boot_realtime_ns + d / khz * 1000000UL + d % khz * 1000000UL / khz;
-}
 static s64 sys_clock_gettime(u64 clk, u64 tp) {
     if (!user_ok(tp, sizeof(struct timespec))) return -EFAULT;
     u64 ns = now_ns();
@@ -259,12 +254,17 @@ static s64 sys_sysinfo(u64 info) {
     return 0;
 }
 
-static s64 sys_getrandom(u64 buf, u64 len) {
-    if (!user_ok(buf, len)) return -EFAULT;
+/* Random bytes (getrandom, /dev/urandom). */
+void fill_random(u8 *buf, u64 len) {
     for (u64 i = 0; i < len; i += 8) {
         u64 r = next_random();
-        lmemcpy((void *)(buf + i), &r, len - i < 8 ? len - i : 8);
+        lmemcpy(buf + i, &r, len - i < 8 ? len - i : 8);
     }
+}
+
+static s64 sys_getrandom(u64 buf, u64 len) {
+    if (!user_ok(buf, len)) return -EFAULT;
+    fill_random((u8 *)buf, len);
     return (s64)len;
 }
 

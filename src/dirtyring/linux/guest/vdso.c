@@ -1,23 +1,9 @@
 /* The vDSO: clock_gettime, gettimeofday, time and getcpu without a `syscall`, from the TSC
  * and the boot time the VMM wrote into the Linux control block (read-only to the guest). */
-#include "libos.h"
+#include "kernel.h"  /* ctl(), rdtsc() and now_ns(): the library OS's own clock */
 
 struct kts { s64 sec, nsec; };
 struct ktv { s64 sec, usec; };
-
-static inline const volatile struct linux_ctl *ctl(void) {
-    return (const volatile struct linux_ctl *)LINUX_CTL_GPA;
-}
-static inline u64 rdtsc(void) {
-    u32 lo, hi;
-    __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
-    return ((u64)hi << 32) | lo;
-}
-static u64 now_ns(void) {
-    u64 khz = ctl()->tsc_khz ? ctl()->tsc_khz : 1000000;
-    u64 d = rdtsc() - ctl()->boot_tsc;
-    return ctl()->boot_realtime_ns + d / khz * 1000000UL + d % khz * 1000000UL / khz;
-}
 static long sys2(long n, long a, long b) {
     long r;
     __asm__ volatile("syscall" : "=a"(r) : "a"(n), "D"(a), "S"(b) : "rcx", "r11", "memory");
