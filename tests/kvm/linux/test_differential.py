@@ -12,17 +12,13 @@ The README's test command installs busybox-static and libsqlite3-dev (tools/inst
 from __future__ import annotations
 
 import gzip
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from dirtyring.bench import exec as bench_exec
 
-HERE = Path(__file__).resolve().parent / "programs"
-SQLITE_SRC = Path(bench_exec.__file__).resolve().parent / "programs" / "sqlite_workload.c"
 BUSYBOX = Path("/bin/busybox")
 RUN_TIMEOUT = 300  # generous: each program takes well under a second natively
 
@@ -83,19 +79,6 @@ def test_busybox_applets(tmp_path: Path, args: list[str]) -> None:
     assert g.stdout == n.stdout
     assert g.stderr == n.stderr
     assert gtree == ntree
-
-
-@pytest.fixture(scope="module")
-def sqlite_prog(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    _need(Path("/usr/lib/x86_64-linux-gnu/libsqlite3.a"), "libsqlite3-dev")
-    gcc = shutil.which("gcc")
-    if not gcc:
-        pytest.fail("gcc is missing: ./tools/install-test-deps installs it")
-    out = tmp_path_factory.mktemp("sqlite") / "sqlite_workload"
-    r = subprocess.run([gcc, "-static", "-O1", "-o", str(out), str(SQLITE_SRC),
-                        "-lsqlite3", "-lm"], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    return out
 
 
 @pytest.mark.parametrize("mode", ["delete", "wal"])

@@ -4,7 +4,7 @@ transcript and leaves byte-identical files in the guest as it does natively; the
 user names go in, and every file comes back out (``--save-files``)."""
 from __future__ import annotations
 
-import shutil
+from collections.abc import Callable
 import subprocess
 import sys
 from pathlib import Path
@@ -19,15 +19,8 @@ RUN_TIMEOUT = 120  # generous: the program ends in well under a second
 
 
 @pytest.fixture(scope="module")
-def files_prog(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    gcc = shutil.which("gcc")
-    if not gcc:
-        pytest.fail("gcc is missing: ./tools/install-test-deps installs it")
-    out = tmp_path_factory.mktemp("prog") / "files"
-    r = subprocess.run([gcc, "-static", "-O1", "-o", str(out), str(HERE / "files.c")],
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    return out
+def files_prog(tmp_path_factory: pytest.TempPathFactory, static_build: Callable[..., Path]) -> Path:
+    return static_build(HERE / "files.c", tmp_path_factory.mktemp("prog") / "files")
 
 
 INPUT = "".join(f"line {i}\n" for i in range(57)).encode()

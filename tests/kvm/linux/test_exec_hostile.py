@@ -6,8 +6,7 @@ The random-syscall program must NEVER be run natively (as root it may kill every
 only in the guest, as here."""
 from __future__ import annotations
 
-import shutil
-import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -19,15 +18,11 @@ HERE = Path(__file__).resolve().parent / "programs"
 BOUND_S = 600.0  # generous: the million calls take ~50 s here; a stuck guest is stopped
 
 
-def _build(name: str, tmp: Path) -> Path:
-    gcc = shutil.which("gcc")
-    if not gcc:
-        pytest.fail("gcc is missing: ./tools/install-test-deps installs it")
-    out = tmp / name
-    r = subprocess.run([gcc, "-static", "-O1", "-o", str(out), str(HERE / f"{name}.c")],
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    return out
+@pytest.fixture(scope="module")
+def programs(tmp_path_factory: pytest.TempPathFactory,
+             static_build: Callable[..., Path]) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("hostile")
+    return {n: static_build(HERE / f"{n}.c", d / n) for n in ("random_syscalls", "scribbler")}
 
 
 def _run(path: Path, args: list[str], seconds: float) -> tuple[ProgramResult, bytes, list[str]]:
@@ -40,8 +35,8 @@ def _run(path: Path, args: list[str], seconds: float) -> tuple[ProgramResult, by
 
 
 @pytest.mark.slow
-def test_a_million_random_syscalls(tmp_path: Path) -> None:
-    prog = _build("random_syscalls", tmp_path)
+def test_a_million_random_syscalls(programs: dict[str, Path]) -> None:
+    prog = programs["random_syscalls"]
     res, out, warnings = _run(prog, ["1000000"], BOUND_S)
     assert res.crash is None and res.status == 0, res.crash
     last = out.rstrip(b"\n").rsplit(b"\n", 1)[-1]
@@ -52,8 +47,8 @@ def test_a_million_random_syscalls(tmp_path: Path) -> None:
     assert len(warnings) == len(set(warnings)) and warnings
 
 
-def test_a_scribbled_producer_index_is_a_broken_contract(tmp_path: Path) -> None:
-    prog = _build("scribbler", tmp_path)
+def test_a_scribbled_producer_index_is_a_broken_contract(programs: dict[str, Path]) -> None:
+    prog = programs["scribbler"]
     res, out, _ = _run(prog, ["prod"], BOUND_S)
     assert res.status == CRASH_STATUS
     assert res.crash and "the guest broke its contract: stdio producer index" in res.crash
@@ -62,8 +57,9 @@ def test_a_scribbled_producer_index_is_a_broken_contract(tmp_path: Path) -> None
 
 @pytest.mark.parametrize("seed", range(1, 13))
 @pytest.mark.parametrize("where", ["all", "os"])
-def test_scribbling_never_brings_the_vmm_down(tmp_path: Path, seed: int, where: str) -> None:
-    prog = _build("scribbler", tmp_path)
+def test_scribbling_never_brings_the_vmm_down(programs: dict[str, Path], seed: int,
+                                              where: str) -> None:
+    prog = programs["scribbler"]
     args = [str(seed), "300"] + (["os"] if where == "os" else [])
     res, out, _ = _run(prog, args, 120.0)
     if res.crash is None:

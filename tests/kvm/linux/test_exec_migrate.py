@@ -4,31 +4,17 @@ printed after is exactly a native run's output (no line lost, none twice: unprin
 travels in the guest's memory)."""
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from dirtyring.cli.child import free_port
 
-HERE = Path(__file__).resolve().parent / "programs"
 STEPS = "1000000000"  # runs for days: still running at the switchover on any host
 RUN_TIMEOUT = 300
 
 
-@pytest.fixture(scope="module")
-def count(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    gcc = shutil.which("gcc")
-    if not gcc:
-        pytest.fail("gcc is missing: ./tools/install-test-deps installs it")
-    out = tmp_path_factory.mktemp("count") / "count"
-    subprocess.run([gcc, "-static", "-O1", "-o", str(out), str(HERE / "count.c")], check=True)
-    return out
-
-
-def test_migrate_a_running_program(count: Path, tmp_path: Path) -> None:
+def test_migrate_a_running_program(count_prog: Path) -> None:
     """The program never ends by itself (STEPS is huge), so it is surely running when the
     switchover comes, whatever the host's speed; the target runs it on for a while and stops.
     Whatever each side printed, together it is a native run's first lines, each once."""
@@ -41,7 +27,7 @@ def test_migrate_a_running_program(count: Path, tmp_path: Path) -> None:
         first = target.stdout.readline() if target.stdout else b""  # it listens from here
         assert first.startswith(b"listening:"), first
         src = subprocess.run([*cli, "migrate", "--insecure", "--to", f"127.0.0.1:{port}",
-                              "--warmup", "0.3", "--exec", str(count), "--", STEPS],
+                              "--warmup", "0.3", "--exec", str(count_prog), "--", STEPS],
                              capture_output=True, timeout=RUN_TIMEOUT)
         assert src.returncode == 0, src.stderr[-2000:]
         out, err = target.communicate(timeout=RUN_TIMEOUT)
@@ -53,5 +39,5 @@ def test_migrate_a_running_program(count: Path, tmp_path: Path) -> None:
     assert out, err[-2000:]  # the target ran the program on (and printed: a line per step)
     both = src.stdout + out
     lines = both.count(b"\n")
-    native = subprocess.run([str(count), str(lines)], capture_output=True, timeout=RUN_TIMEOUT)
+    native = subprocess.run([str(count_prog), str(lines)], capture_output=True, timeout=RUN_TIMEOUT)
     assert both == native.stdout

@@ -3,35 +3,17 @@ rolled back, print identical output and end with the same status; afterwards the
 memory is exactly the root's (its fingerprint), library OS and file system included."""
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from dirtyring.bench import exec as bench_exec
 
 import dirtyring
 from dirtyring.machine.fingerprint import fingerprint
 
-HERE = Path(__file__).resolve().parent / "programs"
-SQLITE_SRC = Path(bench_exec.__file__).resolve().parent / "programs" / "sqlite_workload.c"
 ITERATIONS = 2000
 RUN_BOUND_S = 60.0  # generous: one run takes milliseconds; only a stuck guest reaches it
-
-
-@pytest.fixture(scope="module")
-def sqlite_prog(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if not Path("/usr/lib/x86_64-linux-gnu/libsqlite3.a").exists():
-        pytest.fail("libsqlite3.a is missing: ./tools/install-test-deps installs libsqlite3-dev")
-    gcc = shutil.which("gcc")
-    if not gcc:
-        pytest.fail("gcc is missing: ./tools/install-test-deps installs it")
-    out = tmp_path_factory.mktemp("sqlite") / "sqlite_workload"
-    r = subprocess.run([gcc, "-static", "-O1", "-o", str(out), str(SQLITE_SRC),
-                        "-lsqlite3", "-lm"], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    return out
 
 
 @pytest.mark.slow

@@ -4,7 +4,6 @@ the program: its output from there on is exactly the rest of a native run's outp
 exit status is the native one."""
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,16 +16,9 @@ STEPS = "1500"  # ~2 s natively: the first snapshots are taken long before it en
 
 
 @pytest.fixture(scope="module")
-def count(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, bytes, int]:
-    gcc = shutil.which("gcc")
-    if not gcc:
-        pytest.fail("gcc is missing: ./tools/install-test-deps installs it")
-    out = tmp_path_factory.mktemp("count") / "count"
-    r = subprocess.run([gcc, "-static", "-O1", "-o", str(out), str(HERE / "count.c")],
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    n = subprocess.run([str(out), STEPS], capture_output=True, timeout=RUN_TIMEOUT)
-    return out, n.stdout, n.returncode
+def count(count_prog: Path) -> tuple[Path, bytes, int]:
+    n = subprocess.run([str(count_prog), STEPS], capture_output=True, timeout=RUN_TIMEOUT)
+    return count_prog, n.stdout, n.returncode
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[bytes]:
