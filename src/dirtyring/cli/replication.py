@@ -8,12 +8,16 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
-from ..errors import DirtyringError
+from ..errors import ConfigError, DirtyringError
 from ..guests import NAMES
 from ..guests.protocol import GuestParams, Pattern
-from ..machine.config import MachineConfig
+from ..linux.output import STREAMS, ProgramOutput
+from ..linux.program import LinuxProgram
+from ..linux.runner import CRASH_STATUS
+from ..machine.config import LINUX_GUEST, MachineConfig
 from ..machine.vm import Machine
 from ..replication.arbiter import DEFAULT_MARGIN, DEFAULT_TTL, Arbiter
 from ..replication.kvservice import KvService
@@ -22,6 +26,7 @@ from ..replication.primary import Primary, PrimaryOptions
 from ..replication.reprotect import reprotect
 from ..replication.standby import Standby
 from ..replication.transport import connect, listen, load_key, parse_addr
+from .exec_options import add_exec_options, program_from_args, program_sink
 from .options import add_guest_options, add_metrics_option, duration, positive_int, start_metrics
 from .printer import EventPrinter
 
@@ -58,6 +63,17 @@ def _add_etcd_options(p: argparse.ArgumentParser) -> None:
                         "primary host costs this long before the standby may go live")
 
 
+def _add_output_options(p: argparse.ArgumentParser, role: str) -> None:
+    """--stdout/--stderr PATH: where a protected Linux program's output is written."""
+    after = " after a failover" if role == "standby" else ""
+    for stream in STREAMS:
+        p.add_argument(f"--{stream}", metavar="PATH", default=None,
+                       help=f"--exec: write the program's {stream}{after} to this file, each "
+                            "chunk at its byte offset, so a standby given the same file "
+                            "continues it exactly once across a failover (default: our own "
+                            f"{stream}; output is then at least once across a failover)")
+
+
 def _arbiter(args: argparse.Namespace, who: str) -> Arbiter | None:
     """The group's key in etcd, or None without --etcd (then ``_warn_no_etcd`` once started:
     a user's mistake still ends in one clear line)."""
@@ -74,7 +90,9 @@ def _warn_no_etcd(args: argparse.Namespace) -> None:
 
 def add_parsers(sub: Any) -> None:
     p = sub.add_parser("protect", help="run a guest protected by a standby (Remus primary)")
-    p.add_argument("guest", choices=NAMES, help="guest program to run")
+    p.add_argument("guest", nargs="?", choices=NAMES, default=None,
+                   help="built-in guest program to run (default: none; name one, or use "
+                        "--exec)")
     p.add_argument("--standby", required=True, metavar="HOST:PORT",
                    help="the standby's --listen address (required)")
     p.add_argument("--key", help="shared key, hex (or $DIRTYRING_KEY)")
@@ -100,6 +118,8 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="JSON lines instead of the live view")
     _add_etcd_options(p)
     add_metrics_option(p)
+    add_exec_options(p)
+    _add_output_options(p, "primary")
     p.set_defaults(func=protect)
 
     s = sub.add_parser("standby", help="hold a non-running replica and take over on failure")
@@ -133,6 +153,7 @@ def add_parsers(sub: Any) -> None:
     s.add_argument("--json", action="store_true", help="JSON lines instead of the live view")
     _add_etcd_options(s)
     add_metrics_option(s)
+    _add_output_options(s, "standby")
     s.set_defaults(func=standby)
 
     f = sub.add_parser("failover", help="tell a standby to take over now (manual failover)")
@@ -146,12 +167,27 @@ def protect(args: argparse.Namespace) -> int:
     ring = 4096
     if args.budget:
         ring = 1 << max(8, (args.budget + 64 - 1).bit_length())
-    cfg = MachineConfig(guest=args.guest, tracker=args.tracker, vcpus=args.vcpus,
-                        data_slots=(args.memory,), ring_entries=ring,
-                        params=GuestParams(pattern=Pattern[args.pattern.upper()],
-                                           hot_pages=args.hot_pages, rate_pps=args.rate))
-    live = sys.stdout.isatty() and not args.json
-    out = _printer(args.json, live)
+    prog = program_from_args(args)
+    if prog is not None:
+        if args.guest is not None:
+            raise ConfigError("name a built-in guest or --exec PROGRAM, not both")
+        if args.serve:
+            raise ConfigError("--serve is the kvstore guest's; a program has no key-value port")
+        cfg = prog.config(tracker=args.tracker, ring_entries=ring)
+    elif args.guest is None:
+        raise ConfigError("name the guest program to run (dirtier, compute, kvstore) or "
+                          "--exec PROGRAM")
+    else:
+        if args.stdout or args.stderr:
+            raise ConfigError("--stdout and --stderr need --exec PROGRAM")
+        cfg = MachineConfig(guest=args.guest, tracker=args.tracker, vcpus=args.vcpus,
+                            data_slots=(args.memory,), ring_entries=ring,
+                            params=GuestParams(pattern=Pattern[args.pattern.upper()],
+                                               hot_pages=args.hot_pages, rate_pps=args.rate))
+    # A program's own output owns our stdout: the events go to stderr then.
+    live = (sys.stderr if prog else sys.stdout).isatty() and not args.json
+    out = EventPrinter(args.json, live, _render, file=sys.stderr if prog else None)
+    args.program = prog
     if args.unsafe_output:
         print("WARNING: --unsafe-output: guest output is released BEFORE its checkpoint is "
               "acknowledged; a failover can lose what clients were told", file=sys.stderr)
@@ -183,13 +219,23 @@ def _protect(args: argparse.Namespace, cfg: MachineConfig, key: bytes, insecure:
     # Connect before the VM exists: see Primary.connect (a death is noticed ~25 ms sooner).
     sock = connect(parse_addr(args.standby))
     _warn_no_etcd(args)
+    prog: LinuxProgram | None = args.program
+    streams = None
+    release: Callable[[str, Any, int], None] | None = None
+    if prog is not None:
+        streams = ProgramOutput({"stdout": args.stdout, "stderr": args.stderr},
+                                fallback=_OWN_STREAMS, truncate=True)
+        release = _program_release(streams, prog.name)
     # One vCPU runs inline on this thread (no thread hand-offs per epoch); more use threads.
-    with Machine(cfg, threaded=cfg.vcpus > 1) as m:
+    with Machine(cfg, threaded=cfg.vcpus > 1, boot=prog.boot if prog else True) as m:
         svc = None
         if args.serve:
             svc = KvService(m.kv, parse_addr(args.serve))
+            release = svc.release
+        if streams is not None:
+            streams.bind(m.stdio)
         prim = Primary(m, parse_addr(args.standby), key, insecure=insecure, options=opt,
-                       on_event=out, release=svc.release if svc else None, arbiter=arbiter)
+                       on_event=out, release=release, arbiter=arbiter)
         collector = None
         if metrics is not None:
             from ..replication.metrics import PrimaryCollector
@@ -198,6 +244,8 @@ def _protect(args: argparse.Namespace, cfg: MachineConfig, key: bytes, insecure:
         try:
             prim.connect(sock)
             prim.run(args.seconds, stop=stop)
+            if m.finished:
+                prim.finish(stop)  # its last output is written before anyone hears it ended
         except KeyboardInterrupt:
             pass
         finally:
@@ -208,8 +256,41 @@ def _protect(args: argparse.Namespace, cfg: MachineConfig, key: bytes, insecure:
                 arbiter.release()
             if svc:
                 svc.close()
+            if streams is not None:
+                streams.close()
         out({"event": "done", **prim.snapshot()})
-    return 0
+        if prog is None:
+            return 0
+        return _program_status(m, prim.fenced)
+
+
+#: A program's output streams when no file is named: ours.
+_OWN_STREAMS: dict[str, Any] = {"stdout": sys.stdout.buffer, "stderr": sys.stderr.buffer}
+
+
+def _program_release(streams: ProgramOutput, name: str) -> Callable[[str, Any, int], None]:
+    """The output gate's release for a Linux program: its streams, and each unsupported
+    syscall named once on our stderr."""
+    named = program_sink(name)
+
+    def release(kind: str, payload: Any, epoch: int) -> None:
+        if kind in STREAMS:
+            streams.write(kind, bytes(payload))
+        else:
+            named(kind, payload)
+    return release
+
+
+def _program_status(m: Machine, fenced: bool) -> int:
+    """What dirtyring exits with for a protected program: its own status once it ended, the
+    shell's SIGSEGV status if it crashed, 1 if this copy was fenced (another runs it), 0 for a
+    planned stop."""
+    if m.crashed:
+        print(f"dirtyring: {m.crashed}", file=sys.stderr, flush=True)
+        return CRASH_STATUS
+    if m.finished:
+        return (m.runners[0].exit_code or 0) & 0xFF
+    return 1 if fenced else 0
 
 
 def standby(args: argparse.Namespace) -> int:
@@ -226,9 +307,17 @@ def standby(args: argparse.Namespace) -> int:
         """Output of the guest once this standby runs it (after failover)."""
         alone.emit(kind, payload)
 
+    #: A Linux program's output streams once this standby runs it (``on_restored``).
+    streams: list[ProgramOutput] = []
+    named: list[Callable[[str, Any], None]] = []
+
     def release(kind: str, payload: Any, epoch: int) -> None:
         """... also once re-protected: then held until the new standby committed ``epoch``."""
-        if kind == "kv":
+        if streams and kind in STREAMS:
+            streams[0].write(kind, bytes(payload))
+        elif named and kind == "unsupported_syscall":
+            named[0](kind, payload)
+        elif kind == "kv":
             svc = svc_holder.get("svc")
             if svc is not None:
                 svc.release(kind, payload, epoch)
@@ -244,6 +333,23 @@ def standby(args: argparse.Namespace) -> int:
                  arbiter=args.arbiter, arbiter_timeout=args.arbiter_timeout, on_event=out,
                  sink=sink, etcd=_arbiter(args, "standby"))
     sb.output = alone
+
+    def on_event(e: dict[str, Any]) -> None:
+        if e["event"] == "standby_vm_created" and e.get("guest") == LINUX_GUEST \
+                and not args.stdout:
+            out.file = sys.stderr  # a program's output may own our stdout after a failover
+        out(e)
+
+    def on_restored(m: Machine) -> None:
+        """Failover: a Linux program's streams continue where the checkpoint says."""
+        if m.stdio is not None and not streams:
+            streams.append(ProgramOutput({"stdout": args.stdout, "stderr": args.stderr},
+                                         fallback=_OWN_STREAMS, truncate=False))
+            named.append(program_sink("program"))
+        if streams:
+            streams[0].bind(m.stdio)
+    sb.on_event = on_event
+    sb.on_restored = on_restored
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *a: stop.set())
     metrics = start_metrics(args.metrics)
@@ -253,6 +359,7 @@ def standby(args: argparse.Namespace) -> int:
         out({"event": "metrics", "t": time.time(),
              "addr": f"{metrics.addr[0]}:{metrics.port}"})
     ctl = None
+    status: int | None = None
     if args.control:
         ctl = _control_server(parse_addr(args.control), sb, stop)
     try:
@@ -287,6 +394,10 @@ def standby(args: argparse.Namespace) -> int:
                          "pieces": alone.held, **sb.lease_fields()})
                 if sb.machine is not None and sb.machine.wait_stopped(0.5):
                     out({"event": "guest_stopped", "crash": sb.machine.crashed})
+                    if sb.machine.stdio is not None:  # a program: exit with its status
+                        sb.machine.drain_output()
+                        alone.flush()
+                        status = _program_status(sb.machine, False)
                     break
     except KeyboardInterrupt:
         pass
@@ -300,6 +411,10 @@ def standby(args: argparse.Namespace) -> int:
         sb.close()
         if sb.etcd is not None:
             sb.etcd.release()  # (a stop: nobody need wait out our lease)
+        for st in streams:
+            st.close()
+    if status is not None:
+        return status
     return 0 if sb.state in ("failed_over", "following", "protected", "waiting") else 1
 
 

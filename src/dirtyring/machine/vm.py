@@ -453,7 +453,12 @@ class Machine:
         for d in self.devices:
             if d.name in by_name:
                 d.restore(by_name[d.name].data)
+        for r in self.runners:  # how a guest that had finished ended (its DONE's value)
+            r.exit_code = self.control.exit_codes.get(r.index) if r.finished else None
         self.stopped_event.clear()
+        if all(r.finished for r in self.runners):  # (nothing will run to say so)
+            self.stopped_event.set()
+            self.attention.set()
 
     def wait_stopped(self, timeout: float | None = None) -> bool:
         """Block until every vCPU finished or one crashed; True if that happened in time."""

@@ -125,6 +125,10 @@ class Primary:
         # over to: output from before the first consistent checkpoint belongs to epoch 2.
         self.gate.advance(2)
         machine.sink = self.gate.emit
+        if machine.stdio is not None:
+            # A Linux program's output stays in its device state until delivered, so every
+            # checkpoint carries what a standby must write if we die before writing it.
+            machine.stdio.keep_undelivered = True
         self.drv = EpochDriver(machine)
         self.stats = EpochStats(histograms=True)  # (for the metrics: see machine.stats)
         self.state = "starting"
@@ -324,6 +328,10 @@ class Primary:
                 self._poll_acks()
                 if m.crashed:
                     self._emit("guest_crashed", reason=m.crashed)
+                    break
+                if m.finished:  # (a Linux program ended: its last checkpoint is queued)
+                    self._emit("guest_finished", epoch=self.epoch,
+                               exit_code=m.runners[0].exit_code)
                     break
                 if time.monotonic() >= next_report:
                     next_report += progress_every
@@ -555,6 +563,26 @@ class Primary:
                  steady_pauses=self._steady.taken if self._steady is not None else 0,
                  **self._lease_fields())
         return s
+
+    def finish(self, stop: threading.Event | None = None) -> None:
+        """The guest finished (a program ended): wait until its last checkpoint is
+        acknowledged and every piece of output released, or the standby is lost and the
+        output released without it. Only then may the program's end be reported: a planned
+        stop (``close``) tells the standby not to take over, so output still held here
+        would otherwise never be written by anyone."""
+        up = self.up
+        while up is not None and not self.fenced and not (stop is not None and stop.is_set()):
+            up.flush()
+            self._poll_acks()
+            if up.acked >= self._last_queued and not self.gate.waiting:
+                return
+            if self._lost.is_set():
+                if self.arbiter is not None and self._go_alone():
+                    self.gate.flush()
+                if not self.gate.waiting:
+                    return
+            up.alive()
+            time.sleep(0.002)
 
     def close(self) -> None:
         """Stop replicating. A planned stop must not look like a crash to the standby: wait for

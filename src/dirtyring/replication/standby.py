@@ -156,6 +156,9 @@ class Standby:
         self._needs_full = True
         #: Set by ``reprotect``: the replication of the guest this standby took over.
         self.reprotected_by: Any = None
+        #: Called with the machine when a failover restored it, before it resumes: the CLI
+        #: points a Linux program's output streams at the offsets the checkpoint holds.
+        self.on_restored: Callable[[Machine], None] | None = None
 
     def _emit(self, kind: str, **fields: Any) -> None:
         self.on_event({"event": kind, "t": time.time(), **fields})
@@ -380,6 +383,8 @@ class Standby:
         if self.machine is None:
             self.machine = Machine(cfg, boot=False, sink=self.sink)
             self.config = cfg
+            if self.machine.stdio is not None:  # (so does the primary: see Primary)
+                self.machine.stdio.keep_undelivered = True
             self._emit("standby_vm_created", vcpus=cfg.vcpus, memory_bytes=cfg.data_bytes,
                        guest=cfg.guest)
         refused = self._stale_token(ev.token)
@@ -512,6 +517,12 @@ class Standby:
         m.restore_state(st)
         if m.tracker is not None:
             m.tracker.stop()
+        if self.on_restored is not None:
+            self.on_restored(m)
+        if m.stdio is not None:
+            # Output the checkpoint's program made that the primary may not have written:
+            # out again first (at its offsets: see linux/output.py), then the program goes on.
+            m.stdio.replay_undelivered()
         m.resume_all()
         self.failover_done_at = time.monotonic()
         self.resumed_wall = time.time()  # wall clock: a migration source compares it with its own

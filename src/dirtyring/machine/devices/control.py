@@ -4,6 +4,7 @@ from __future__ import annotations
 import struct
 from typing import TYPE_CHECKING, Callable
 
+from ...errors import SnapshotFormatError
 from ...guests.protocol import STATUS_OFFSET, Port
 from .. import layout
 from .base import OutputSink
@@ -22,6 +23,9 @@ class ControlPorts:
         self.sink = sink
         self.ticks = 0
         self.reports = 0
+        #: vCPU index -> the value its DONE carried (a program's exit status): state, so a
+        #: machine restored after its guest finished still knows how it ended.
+        self.exit_codes: dict[int, int] = {}
         #: Called on the vCPU thread for every TICK (benchmarks use it to stop after N writes).
         self.on_tick: Callable[[VcpuRunner], None] | None = None
 
@@ -29,6 +33,7 @@ class ControlPorts:
         if port == Port.DONE:
             vcpu.finished = True
             vcpu.exit_code = value
+            self.exit_codes[vcpu.index] = value
             vcpu.machine.on_finished(vcpu)
         elif port == Port.TICK:
             self.ticks += 1
@@ -45,7 +50,20 @@ class ControlPorts:
         return 0xFFFFFFFF
 
     def save(self) -> bytes:
-        return struct.pack("<QQ", self.ticks, self.reports)
+        codes = sorted(self.exit_codes.items())
+        return struct.pack(f"<QQI{2 * len(codes)}I", self.ticks, self.reports, len(codes),
+                           *(x & 0xFFFFFFFF for kv in codes for x in kv))
 
     def restore(self, data: bytes) -> None:
-        self.ticks, self.reports = struct.unpack("<QQ", data)
+        """Load a saved state (also the 16-byte one of older snapshots)."""
+        try:
+            self.ticks, self.reports = struct.unpack_from("<QQ", data)
+            codes: dict[int, int] = {}
+            if len(data) > 16:
+                (n,) = struct.unpack_from("<I", data, 16)
+                flat = struct.unpack(f"<{2 * n}I", data[20:])
+                codes = dict(zip(flat[::2], flat[1::2]))
+        except struct.error:
+            raise SnapshotFormatError(f"control device state of {len(data)} bytes is "
+                                      "malformed") from None
+        self.exit_codes = codes

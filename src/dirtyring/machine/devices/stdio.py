@@ -9,6 +9,13 @@ within one ring of it, and checks every record's fd and length; anything else st
 with "the guest broke its contract: ..." and a clear report, never a VMM crash or a read outside
 the ring. Output goes to the sink as ("stdout" | "stderr", bytes).
 
+Output taken from the ring is the device's until it is *delivered* (``keep_undelivered``,
+which replication turns on): then each chunk stays in the device's saved state, with its byte
+offset in its stream, until whoever writes it out says ``delivered``. A standby resumed from a
+checkpoint therefore holds everything the primary may not have written yet, and where each
+piece goes (``replay_undelivered``, ``stream_offsets``): written again at the same offsets of a
+file, a repeat is harmless, and nothing the checkpoint's program printed is ever lost.
+
 Also here, because they are the same contract: PORT_UNSUPPORTED (the library OS met a syscall
 it does not serve: ("unsupported_syscall", number) to the sink, once per number, so the caller
 can name it), PORT_FAULT (the library OS stopped the program) and PORT_EXPORT (the program's
@@ -21,8 +28,10 @@ import os
 import select
 import struct
 import threading
+from collections import deque
 from typing import TYPE_CHECKING
 
+from ...errors import SnapshotFormatError
 from ...guests.protocol import (STDIO_HEADER_OFFSETS, STDIO_MAX_RECORD, STDIO_RECORD,
                                 STDIO_RING, STDIO_RING_OFFSET, STDIN_OFFSET, STDIN_RING,
                                 TRACE_OFFSET, TRACE_RECORD, TRACE_RECORDS)
@@ -62,6 +71,13 @@ class StdioDevice:
         self.stdin_eof = False
         self._lock = threading.Lock()  # the vCPU thread (flush) and the controller (drain)
         self.unsupported: list[int] = []
+        #: Bytes of each stream ever taken from the ring: the offset of the next chunk.
+        self.out_off = {"stdout": 0, "stderr": 0}
+        #: Keep what was taken until ``delivered`` (replication: see the module docstring).
+        self.keep_undelivered = False
+        #: (stream, offset, data) taken from the ring and not yet delivered, oldest first.
+        self.undelivered: deque[tuple[str, int, bytes]] = deque()
+        self._undelivered_lock = threading.Lock()  # (a release may run inside ``drain``)
 
     # --- ports (vCPU thread) -----------------------------------------------------------------
     def io_out(self, vcpu: VcpuRunner, port: int, value: int, size: int) -> None:
@@ -184,16 +200,84 @@ class StdioDevice:
                 raise ContractBroken(f"stdio record at {pos} runs past the producer")
             pos += step
         # All checked: only now does anything leave (a broken ring releases nothing).
-        for stream, data in chunks:
-            self.sink(stream, data)
         self.cons = prod
         self.memory.write_u64(base + STDIO_HEADER_OFFSETS["cons"], prod)
+        for stream, data in chunks:
+            data = bytes(data)
+            if self.keep_undelivered:
+                with self._undelivered_lock:  # before the sink: it may deliver at once
+                    self.undelivered.append((stream, self.out_off[stream], data))
+            self.out_off[stream] += len(data)
+            self.sink(stream, data)
         return sum(len(d) for _, d in chunks)
 
+    # --- delivery (replication) --------------------------------------------------------------
+    def delivered(self, stream: str, end: int) -> None:
+        """Everything of ``stream`` before byte ``end`` has been written out: forget it."""
+        with self._undelivered_lock:
+            kept = deque(c for c in self.undelivered
+                         if c[0] != stream or c[1] + len(c[2]) > end)
+            self.undelivered = kept
+
+    def stream_offsets(self) -> dict[str, int]:
+        """Where each stream's next write goes: the offset of its oldest undelivered chunk, or
+        the end of what was taken from the ring."""
+        with self._undelivered_lock:
+            out = dict(self.out_off)
+            for stream, off, _ in reversed(self.undelivered):
+                out[stream] = off
+        return out
+
+    def replay_undelivered(self) -> int:
+        """Send every undelivered chunk to the sink again, in order (a standby resuming from a
+        checkpoint: the primary may not have written them). Returns how many."""
+        with self._undelivered_lock:
+            chunks = list(self.undelivered)
+        for stream, _, data in chunks:
+            self.sink(stream, data)
+        return len(chunks)
+
     def save(self) -> bytes:
-        return struct.pack("<QQQQ", self.cons, self.trace_cons, self.stdin_prod,
-                           int(self.stdin_eof))
+        with self._undelivered_lock:
+            chunks = list(self.undelivered)
+        head = struct.pack("<QQQQQQI", self.cons, self.trace_cons, self.stdin_prod,
+                           int(self.stdin_eof), self.out_off["stdout"], self.out_off["stderr"],
+                           len(chunks))
+        return head + b"".join(_CHUNK.pack(_FDS[s], off, len(d)) + d for s, off, d in chunks)
 
     def restore(self, data: bytes) -> None:
-        self.cons, self.trace_cons, self.stdin_prod, eof = struct.unpack("<QQQQ", data)
+        """Load a saved state (also the 32-byte one of older snapshots). A state that cannot be
+        right (it came from a file or the network) raises SnapshotFormatError, changing nothing."""
+        if len(data) == _OLD_STATE.size:
+            cons, trace, stdin_prod, eof = _OLD_STATE.unpack(data)
+            offs, chunks = {"stdout": 0, "stderr": 0}, []
+        else:
+            if len(data) < _STATE.size:
+                raise SnapshotFormatError(f"stdio state of {len(data)} bytes is truncated")
+            cons, trace, stdin_prod, eof, o1, o2, n = _STATE.unpack_from(data)
+            offs = {"stdout": o1, "stderr": o2}
+            chunks = []
+            at = _STATE.size
+            for _ in range(n):
+                if at + _CHUNK.size > len(data):
+                    raise SnapshotFormatError("stdio state: an undelivered chunk is truncated")
+                fd, off, k = _CHUNK.unpack_from(data, at)
+                at += _CHUNK.size
+                if fd not in STREAMS or at + k > len(data) or off + k > offs[STREAMS[fd]]:
+                    raise SnapshotFormatError(f"stdio state: undelivered chunk (fd {fd}, offset "
+                                         f"{off}, {k} bytes) is impossible")
+                chunks.append((STREAMS[fd], off, bytes(data[at:at + k])))
+                at += k
+            if at != len(data):
+                raise SnapshotFormatError("stdio state has bytes after its last chunk")
+        self.cons, self.trace_cons, self.stdin_prod = cons, trace, stdin_prod
         self.stdin_eof = bool(eof)
+        self.out_off = offs
+        with self._undelivered_lock:
+            self.undelivered = deque(chunks)
+
+
+_OLD_STATE = struct.Struct("<QQQQ")
+_STATE = struct.Struct("<QQQQQQI")
+_CHUNK = struct.Struct("<IQI")  # fd, offset in its stream, length; then the bytes
+_FDS = {v: k for k, v in STREAMS.items()}
