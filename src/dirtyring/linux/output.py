@@ -35,7 +35,7 @@ class ProgramOutput:
 
         out = ProgramOutput({"stdout": "/shared/out.log"}, fallback={"stdout": sys.stdout.buffer,
                             "stderr": sys.stderr.buffer}, truncate=True)
-        out.bind(machine.stdio)           # offsets and delivery notices go to the device
+        out.bind(machine.stdio)           # each stream's next offset
         out.write("stdout", b"hello\\n")  # (the gate's release callback)
     """
 
@@ -46,7 +46,6 @@ class ProgramOutput:
         self._fd: dict[str, int] = {}
         self._fallback = fallback
         self.next: dict[str, int] = {s: 0 for s in STREAMS}
-        self.device: StdioDevice | None = None
         for stream in STREAMS:
             path = paths.get(stream)
             if path is None:
@@ -67,9 +66,8 @@ class ProgramOutput:
         return stream in self._fd
 
     def bind(self, device: StdioDevice | None) -> None:
-        """Take each stream's next offset from the stdio device (a standby: where the oldest
-        chunk it holds goes) and tell it of every chunk delivered from now on."""
-        self.device = device
+        """Take each stream's next offset from the stdio device: a standby that took over
+        starts where the oldest chunk its checkpoint holds goes."""
         if device is not None:
             self.next.update(device.stream_offsets())
 
@@ -85,8 +83,6 @@ class ProgramOutput:
             f.write(data)
             f.flush()
         self.next[stream] += len(data)
-        if self.device is not None:
-            self.device.delivered(stream, self.next[stream])
 
     def close(self) -> None:
         for fd in self._fd.values():

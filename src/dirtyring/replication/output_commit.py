@@ -36,8 +36,12 @@ class OutputStats:
 
 
 class OutputGate:
-    def __init__(self, release: Release, *, hold: bool = True) -> None:
+    def __init__(self, release: Release, *, hold: bool = True,
+                 delivered: Callable[[str], None] | None = None) -> None:
+        """``delivered(kind)``: called after each piece is released (a Linux program's stdio
+        device then forgets that chunk: ``StdioDevice.delivered``)."""
         self.release = release
+        self.delivered = delivered
         self.hold = hold
         self.open_epoch = 1
         self.committed = 0
@@ -141,6 +145,8 @@ class OutputGate:
         if self.released >= self.delay_hist.next:
             self.delay_hist.fold()
         self.release(kind, payload, epoch)
+        if self.delivered is not None:
+            self.delivered(kind)
 
     def _released(self) -> int:
         return self.released

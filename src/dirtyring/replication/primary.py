@@ -120,15 +120,17 @@ class Primary:
         self.insecure = insecure
         self.opt = options
         self.on_event = on_event or (lambda e: None)
-        self.gate = OutputGate(release or (lambda k, p, e: None), hold=not options.unsafe_output)
+        stdio = machine.stdio
+        self.gate = OutputGate(release or (lambda k, p, e: None), hold=not options.unsafe_output,
+                               delivered=stdio.delivered if stdio is not None else None)
         # Epoch 1 is the live full copy, which carries no machine state and cannot be failed
         # over to: output from before the first consistent checkpoint belongs to epoch 2.
         self.gate.advance(2)
         machine.sink = self.gate.emit
-        if machine.stdio is not None:
-            # A Linux program's output stays in its device state until delivered, so every
-            # checkpoint carries what a standby must write if we die before writing it.
-            machine.stdio.keep_undelivered = True
+        if stdio is not None:
+            # A Linux program's output stays in its device state until the gate released it,
+            # so every checkpoint carries what a standby must write if we die before writing.
+            stdio.keep_undelivered = True
         self.drv = EpochDriver(machine)
         self.stats = EpochStats(histograms=True)  # (for the metrics: see machine.stats)
         self.state = "starting"

@@ -383,8 +383,6 @@ class Standby:
         if self.machine is None:
             self.machine = Machine(cfg, boot=False, sink=self.sink)
             self.config = cfg
-            if self.machine.stdio is not None:  # (so does the primary: see Primary)
-                self.machine.stdio.keep_undelivered = True
             self._emit("standby_vm_created", vcpus=cfg.vcpus, memory_bytes=cfg.data_bytes,
                        guest=cfg.guest)
         refused = self._stale_token(ev.token)
@@ -523,6 +521,8 @@ class Standby:
             # Output the checkpoint's program made that the primary may not have written:
             # out again first (at its offsets: see linux/output.py), then the program goes on.
             m.stdio.replay_undelivered()
+            m.stdio.forget_undelivered()  # (from now on it goes straight out; a re-protecting
+            # primary keeps chunks again)
         m.resume_all()
         self.failover_done_at = time.monotonic()
         self.resumed_wall = time.time()  # wall clock: a migration source compares it with its own

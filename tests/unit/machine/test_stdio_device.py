@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dirtyring.errors import SnapshotFormatError
 from dirtyring.guests.protocol import STDIO_HEADER_OFFSETS, STDIO_RING, STDIO_RING_OFFSET
 from dirtyring.machine import layout
 from dirtyring.machine.devices.stdio import ContractBroken, StdioDevice
@@ -120,3 +121,92 @@ def test_scribbled_rings_give_contract_broken_or_output(prod: int, junk: bytes, 
         assert dev.cons == 0 and not out  # a broken ring releases nothing
         return
     assert n == sum(len(p) for _, p in out) and dev.cons == prod
+
+
+# --- undelivered output (replication) -------------------------------------------------------
+def _kept() -> tuple[StdioDevice, Guest, list[tuple[str, Any]]]:
+    dev, mem, out = _device()
+    dev.keep_undelivered = True
+    return dev, Guest(mem), out
+
+
+def test_chunks_are_kept_with_their_offsets_until_delivered() -> None:
+    dev, g, out = _kept()
+    for fd, data in [(1, b"one\n"), (2, b"err\n"), (1, b"two\n"), (1, b"three\n")]:
+        g.put(fd, data)
+    dev.drain()
+    assert list(dev.undelivered) == [("stdout", 0, b"one\n"), ("stderr", 0, b"err\n"),
+                                     ("stdout", 4, b"two\n"), ("stdout", 8, b"three\n")]
+    dev.delivered("stdout")  # the oldest stdout chunk went out
+    assert dev.stream_offsets() == {"stdout": 4, "stderr": 0}
+    dev.delivered("stderr")
+    dev.delivered("stdout")
+    assert dev.stream_offsets() == {"stdout": 8, "stderr": 4}
+    dev.delivered("stdout")
+    assert not dev.undelivered and dev.stream_offsets() == {"stdout": 14, "stderr": 4}
+    assert out == [("stdout", b"one\n"), ("stderr", b"err\n"), ("stdout", b"two\n"),
+                   ("stdout", b"three\n")]
+
+
+def test_a_restored_device_replays_what_was_not_delivered() -> None:
+    """A standby's device, from the primary's saved state: the undelivered chunks come out
+    again, in order, and the stream goes on at the offsets they had."""
+    dev, g, _ = _kept()
+    g.put(1, b"a" * 10)
+    g.put(1, b"b" * 5)
+    g.put(2, b"!")
+    dev.drain()
+    dev.delivered("stdout")
+    blob = dev.save()
+    other, _, out = _device()
+    other.restore(blob)
+    assert other.stream_offsets() == {"stdout": 10, "stderr": 0}
+    assert other.out_off == {"stdout": 15, "stderr": 1} and other.cons == dev.cons
+    assert other.replay_undelivered() == 2
+    assert out == [("stdout", b"b" * 5), ("stderr", b"!")]
+    other.forget_undelivered()
+    assert not other.undelivered and other.save() != blob
+
+
+def test_without_keeping_nothing_is_kept() -> None:
+    dev, mem, out = _device()
+    Guest(mem).put(1, b"x")
+    dev.drain()
+    assert not dev.undelivered and dev.out_off["stdout"] == 1 and out == [("stdout", b"x")]
+
+
+def test_an_old_32_byte_state_still_restores() -> None:
+    dev, _, _ = _device()
+    dev.restore(struct.pack("<QQQQ", 64, 0, 0, 1))
+    assert dev.cons == 64 and dev.stdin_eof and not dev.undelivered
+
+
+@pytest.mark.parametrize("cut", [1, 20, 47, 52, 60])
+def test_a_truncated_or_impossible_state_is_a_clear_error(cut: int) -> None:
+    dev, g, _ = _kept()
+    g.put(1, b"hello")
+    dev.drain()
+    blob = dev.save()
+    other, _, _ = _device()
+    with pytest.raises(SnapshotFormatError):
+        other.restore(blob[:-cut])
+    with pytest.raises(SnapshotFormatError):
+        other.restore(blob + b"x")
+    bad = bytearray(blob)
+    bad[_HEAD:_HEAD + 4] = struct.pack("<I", 9)  # fd 9
+    with pytest.raises(SnapshotFormatError):
+        other.restore(bytes(bad))
+    assert other.cons == 0  # nothing changed
+
+
+_HEAD = struct.calcsize("<QQQQQQI")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=200))
+def test_any_bytes_restore_or_fail_cleanly(blob: bytes) -> None:
+    dev, _, _ = _device()
+    try:
+        dev.restore(blob)
+    except SnapshotFormatError:
+        pass

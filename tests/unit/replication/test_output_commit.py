@@ -91,3 +91,19 @@ def test_two_committing_threads_release_in_order() -> None:
     g.commit(4)
     first.join()
     assert out == list(range(40))
+
+
+def test_each_released_piece_is_reported_delivered_after_its_release() -> None:
+    """A Linux program's stdio device forgets a chunk only once it was written: the hook runs
+    after the release, never for a piece still held or dropped."""
+    log: list[str] = []
+    g = OutputGate(lambda k, p, e: log.append(f"release {p}"), hold=True,
+                   delivered=lambda k: log.append(f"delivered {k}"))
+    g.emit("stdout", "a")
+    g.advance(2)
+    g.emit("stderr", "b")
+    assert log == []
+    g.commit(1)
+    assert log == ["release a", "delivered stdout"]
+    g.drop()
+    assert log == ["release a", "delivered stdout"]

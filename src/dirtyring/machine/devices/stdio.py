@@ -10,8 +10,8 @@ with "the guest broke its contract: ..." and a clear report, never a VMM crash o
 the ring. Output goes to the sink as ("stdout" | "stderr", bytes).
 
 Output taken from the ring is the device's until it is *delivered* (``keep_undelivered``,
-which replication turns on): then each chunk stays in the device's saved state, with its byte
-offset in its stream, until whoever writes it out says ``delivered``. A standby resumed from a
+which a replicating primary turns on): then each chunk stays in the device's saved state, with
+its byte offset in its stream, until the output gate has released it (``delivered``). A standby resumed from a
 checkpoint therefore holds everything the primary may not have written yet, and where each
 piece goes (``replay_undelivered``, ``stream_offsets``): written again at the same offsets of a
 file, a repeat is harmless, and nothing the checkpoint's program printed is ever lost.
@@ -212,12 +212,20 @@ class StdioDevice:
         return sum(len(d) for _, d in chunks)
 
     # --- delivery (replication) --------------------------------------------------------------
-    def delivered(self, stream: str, end: int) -> None:
-        """Everything of ``stream`` before byte ``end`` has been written out: forget it."""
+    def delivered(self, stream: str) -> None:
+        """The oldest undelivered chunk of ``stream`` has been written out: forget it. (Chunks
+        leave in the order they were taken, one sink call each: see ``OutputGate``.)"""
         with self._undelivered_lock:
-            kept = deque(c for c in self.undelivered
-                         if c[0] != stream or c[1] + len(c[2]) > end)
-            self.undelivered = kept
+            for i, c in enumerate(self.undelivered):
+                if c[0] == stream:
+                    del self.undelivered[i]
+                    return
+
+    def forget_undelivered(self) -> None:
+        """Stop keeping chunks (output now goes straight out: a standby that took over)."""
+        with self._undelivered_lock:
+            self.keep_undelivered = False
+            self.undelivered.clear()
 
     def stream_offsets(self) -> dict[str, int]:
         """Where each stream's next write goes: the offset of its oldest undelivered chunk, or

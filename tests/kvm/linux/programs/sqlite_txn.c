@@ -3,7 +3,7 @@
  * with the primary killed at random moments, the printed numbers must continue with no gap and
  * no repeat, and the final line must agree with them (the file system is in guest memory, so
  * the database and the output come from the same checkpoint).
- * Usage: sqlite_txn [N [journal_mode]] */
+ * Usage: sqlite_txn [N [journal_mode [exit_status]]] */
 #include <sqlite3.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -30,6 +30,7 @@ static long long one(const char *sql) {
 int main(int argc, char **argv) {
     int n = argc > 1 ? atoi(argv[1]) : 2000;
     const char *mode = argc > 2 ? argv[2] : "wal";
+    int status = argc > 3 ? atoi(argv[3]) : 0;
     char sql[128];
     if (sqlite3_open("txn.db", &db) != SQLITE_OK) return 1;
     snprintf(sql, sizeof sql, "PRAGMA journal_mode=%s;", mode);
@@ -47,5 +48,5 @@ int main(int argc, char **argv) {
            one("SELECT max(n) FROM t;"), one("SELECT sum(sq) FROM t;"),
            one("SELECT count(*) FROM t WHERE sq != n * n;"));
     sqlite3_close(db);
-    return 0;
+    return status;
 }

@@ -1,0 +1,262 @@
+"""``protect --exec``: a Linux program under Remus protection, with kill -9 of the primary.
+
+The program commits numbered SQLite transactions to a database file in its (guest-memory) file
+system and prints each number after its commit (``programs/sqlite_txn.c``). Its output is
+released only once the checkpoint that printed it is acknowledged, and it stays in the stdio
+device's state until written, so a standby resuming from any checkpoint writes what the dead
+primary may not have:
+
+- with ``--stdout FILE`` on every copy, each chunk lands at its byte offset: the file holds
+  1..N once each, whatever moment the primary died at (exactly once);
+- on plain stdout (a pipe) the standby cannot know what the primary wrote last: nothing is
+  lost, and only a tail of the primary's last lines can appear again (at least once).
+
+Kill points are counted in lines the primary has written (a random threshold from a seeded
+generator), never in seconds, so every run kills a program that is surely mid-way, on any host.
+Every process is ended by its PID.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from dirtyring.cli.child import free_port
+
+PROGRAMS = Path(__file__).resolve().parent / "programs"
+LIBSQLITE = Path("/usr/lib/x86_64-linux-gnu/libsqlite3.a")
+
+CLI = [sys.executable, "-m", "dirtyring.cli.main"]
+#: How long any one step may take on a loaded host before the test gives up on it.
+PATIENCE = 120.0
+STATUS = 7  # the program's exit status: the copy that ends it must exit with it
+HB = "500ms"  # heartbeat timeout: a kill -9 is noticed fast; nothing here idles that long
+
+
+def _seed() -> random.Random:
+    return random.Random(int(os.environ.get("DIRTYRING_TEST_SEED", "1515")))
+
+
+@pytest.fixture(scope="module")
+def txn_prog(tmp_path_factory: pytest.TempPathFactory, static_build: Callable[..., Path]) -> Path:
+    if not LIBSQLITE.exists():
+        pytest.fail("libsqlite3.a is missing: ./tools/install-test-deps installs libsqlite3-dev")
+    return static_build(PROGRAMS / "sqlite_txn.c",
+                        tmp_path_factory.mktemp("txn") / "sqlite_txn", "-lsqlite3", "-lm")
+
+
+def _native(prog: Path, tmp: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
+    d = tmp / "native"
+    d.mkdir(exist_ok=True)
+    return subprocess.run([str(prog), *args], cwd=d, capture_output=True, timeout=PATIENCE)
+
+
+class Procs:
+    """CLI children writing to files; each is ended by its PID however the test ends."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+        out = open(self.tmp / f"{name}.out", "wb")
+        err = open(self.tmp / f"{name}.err", "wb")
+        p = subprocess.Popen([*CLI, *args], stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        out.close()
+        err.close()
+        self.procs[name] = p
+        return p
+
+    def text(self, name: str, stream: str = "out") -> bytes:
+        return (self.tmp / f"{name}.{stream}").read_bytes()
+
+    def events(self, name: str, stream: str) -> list[dict[str, object]]:
+        out = []
+        for line in self.text(name, stream).splitlines():
+            if line.startswith(b'{"v"'):
+                out.append(json.loads(line))
+        return out
+
+    def wait_event(self, name: str, stream: str, kind: str) -> dict[str, object]:
+        end = time.monotonic() + PATIENCE
+        while time.monotonic() < end:
+            for e in self.events(name, stream):
+                if e["event"] == kind:
+                    return e
+            if self.procs[name].poll() is not None:
+                break
+            time.sleep(0.02)
+        raise AssertionError(f"{name}: no {kind!r} event\n" + self.describe())
+
+    def describe(self) -> str:
+        return "\n".join(f"--- {n}.{s}:\n" + self.text(n, s)[-3000:].decode(errors="replace")
+                         for n in self.procs for s in ("out", "err"))
+
+    def wait_exit(self, name: str) -> int:
+        try:
+            return self.procs[name].wait(PATIENCE)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"{name} did not end\n" + self.describe()) from None
+
+    def kill9(self, name: str) -> None:
+        p = self.procs[name]
+        if p.poll() is None:
+            os.kill(p.pid, signal.SIGKILL)
+        p.wait(30)
+
+    def close(self) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait(10)
+
+
+@pytest.fixture
+def procs(tmp_path: Path) -> Iterator[Procs]:
+    p = Procs(tmp_path)
+    try:
+        yield p
+    finally:
+        p.close()
+
+
+def _wait_lines(read: Callable[[], bytes], n: int, what: str, procs: Procs) -> int:
+    """Wait until ``read()`` holds at least ``n`` complete lines; how many it holds then."""
+    end = time.monotonic() + PATIENCE
+    while time.monotonic() < end:
+        k = read().count(b"\n")
+        if k >= n:
+            return k
+        time.sleep(0.005)
+    raise AssertionError(f"{what} never reached {n} lines\n" + procs.describe())
+
+
+def _numbers(data: bytes) -> tuple[list[int], bytes]:
+    """The numbered lines and the summary line after them."""
+    lines = data.split(b"\n")
+    assert lines[-1] == b"", data[-200:]  # ends with a whole line
+    nums = [int(x) for x in lines[:-2]]
+    return nums, lines[-2]
+
+
+def _standby(procs: Procs, name: str, port: int, *extra: str) -> None:
+    procs.start(name, "standby", "--listen", f"127.0.0.1:{port}", "--insecure", "--json",
+                "--heartbeat-timeout", HB, *extra)
+
+
+def _protect(procs: Procs, port: int, prog: Path, *extra: str, n: int, mode: str) -> None:
+    procs.start("primary", "protect", "--standby", f"127.0.0.1:{port}", "--insecure", "--json",
+                "--heartbeat-timeout", HB, *extra, "--exec", str(prog), "--", str(n), mode,
+                str(STATUS))
+
+
+def test_protected_program_runs_like_native(procs: Procs, txn_prog: Path,
+                                            tmp_path: Path) -> None:
+    """No failure: the program's stdout is a native run's, byte for byte, released through
+    output commit, and protect exits with the program's status after the standby
+    acknowledged its last checkpoint (guest_finished, then done)."""
+    n = 300
+    native = _native(txn_prog, tmp_path, str(n), "delete", str(STATUS))
+    assert native.returncode == STATUS
+    port = free_port()
+    _standby(procs, "standby", port)
+    procs.wait_event("standby", "out", "listening")
+    _protect(procs, port, txn_prog, n=n, mode="delete")
+    assert procs.wait_exit("primary") == STATUS, procs.describe()
+    assert procs.text("primary") == native.stdout
+    ev = procs.events("primary", "err")
+    kinds = [e["event"] for e in ev]
+    assert "protected" in kinds and "guest_finished" in kinds, kinds
+    done = ev[-1]
+    assert done["event"] == "done" and done["output_violations"] == 0, done
+    assert done["acked"] == done["epoch"], done  # the last checkpoint was acknowledged
+    # The standby saw a planned stop, not a failure: it never took over.
+    sb = [e["event"] for e in procs.events("standby", "out")]
+    assert "failover_started" not in sb, sb
+
+
+@pytest.mark.slow
+def test_kill9_twice_numbers_continue_exactly_once(procs: Procs, txn_prog: Path,
+                                                   tmp_path: Path) -> None:
+    """Primary P, standby A (which re-protects to B when it takes over), standby B; all write
+    the same --stdout file. Kill -9 P at a random line, then kill -9 A (by then B's primary)
+    at a later random line. B finishes the program: the file is 1..N once each, then the
+    summary a native run prints, and B exits with the program's status."""
+    rng = _seed()
+    n = 4000
+    native = _native(txn_prog, tmp_path, str(n), "wal", str(STATUS))
+    out = tmp_path / "program.out"
+    pa, pb = free_port(), free_port()
+    _standby(procs, "B", pb, "--stdout", str(out))
+    _standby(procs, "A", pa, "--stdout", str(out), "--reprotect", f"127.0.0.1:{pb}",
+             "--interval", "1ms")
+    procs.wait_event("A", "out", "listening")
+    procs.wait_event("B", "out", "listening")
+    _protect(procs, pa, txn_prog, "--stdout", str(out), n=n, mode="wal")
+    procs.wait_event("primary", "err", "protected")
+    first = rng.randint(50, 600)
+    seen = _wait_lines(out.read_bytes, first, "the primary's output", procs)
+    procs.kill9("primary")
+    procs.wait_event("A", "out", "failover_done")
+    procs.wait_event("B", "out", "protected")  # A's guest is protected by B now
+    second = seen + rng.randint(100, 800)
+    seen2 = _wait_lines(out.read_bytes, second, "A's output", procs)
+    procs.kill9("A")
+    procs.wait_event("B", "out", "failover_done")
+    assert procs.wait_exit("B") == STATUS, procs.describe()
+    nums, summary = _numbers(out.read_bytes())
+    assert nums == list(range(1, n + 1)), (first, seen, second, seen2, nums[:5], nums[-5:])
+    assert summary + b"\n" == native.stdout.split(b"\n", n)[-1]
+    assert out.read_bytes() == native.stdout
+    print(f"killed P after line {seen}, A after line {seen2}: {n} numbers, each once")
+
+
+@pytest.mark.slow
+def test_kill9_on_pipes_loses_nothing(procs: Procs, txn_prog: Path, tmp_path: Path) -> None:
+    """Without --stdout the streams are the processes' own (pipes here): the primary's
+    output, then the standby's, holds every number in order; the only overlap allowed is the
+    standby repeating the primary's last lines (at least once), never a gap."""
+    rng = _seed()
+    n = 2000
+    native = _native(txn_prog, tmp_path, str(n), "delete", str(STATUS))
+    port = free_port()
+    _standby(procs, "standby", port)
+    procs.wait_event("standby", "out", "listening")
+    _protect(procs, port, txn_prog, n=n, mode="delete")
+    procs.wait_event("primary", "err", "protected")
+    k = _wait_lines(lambda: procs.text("primary"), rng.randint(50, 800),
+                    "the primary's output", procs)
+    procs.kill9("primary")
+    assert procs.wait_exit("standby") == STATUS, procs.describe()
+    # The standby learnt its guest is a program and moved its events to stderr.
+    assert any(e["event"] == "failover_done" for e in procs.events("standby", "err"))
+    before = procs.text("primary")
+    assert before.endswith(b"\n")  # released chunk by chunk, each whole
+    p_nums = [int(x) for x in before.split()]
+    assert p_nums == list(range(1, len(p_nums) + 1)) and len(p_nums) >= k
+    # Its stdout: the events it printed before it knew its guest was a program, then the
+    # program's output alone.
+    after = procs.text("standby")
+    while after.startswith(b'{"v"'):
+        after = after.split(b"\n", 1)[1]
+    s_nums, summary = _numbers(after)
+    assert s_nums, "the standby printed nothing after taking over"
+    j = s_nums[0]
+    assert 1 <= j <= len(p_nums) + 1, (len(p_nums), j)  # no gap (a repeat at most)
+    assert s_nums == list(range(j, n + 1))
+    assert summary + b"\n" == native.stdout.split(b"\n", n)[-1]
+    print(f"primary printed 1..{len(p_nums)}, the standby {j}..{n}: "
+          f"{len(p_nums) - j + 1} line(s) repeated")
