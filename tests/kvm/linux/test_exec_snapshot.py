@@ -39,3 +39,21 @@ def test_restore_mid_run_finishes_the_program(count: tuple[Path, bytes, int],
         assert r.returncode == status, r.stderr
         assert r.stdout and native.endswith(r.stdout), (name, r.stdout[:200])
         assert b"the program ended with status" in r.stderr
+
+
+def test_a_snapshot_of_an_ended_program_restores_its_exit_status(count_prog: Path,
+                                                                 tmp_path: Path) -> None:
+    """The last snapshot of a chain is taken after the program ended: restoring it prints
+    nothing more and exits with the program's status (kept in the machine's state), not 0."""
+    native = subprocess.run([str(count_prog), "3"], capture_output=True, timeout=RUN_TIMEOUT)
+    assert native.returncode != 0  # (the hash chain's low bits: 3 steps end with a non-zero)
+    snaps = tmp_path / "snaps"
+    s = _cli("snapshot", str(snaps), "--exec", str(count_prog), "--seconds", "60",
+             "--every", "0.05", "--", "3")
+    assert s.returncode == 0, s.stderr
+    assert s.stdout == native.stdout
+    assert b"the guest finished" in s.stderr
+    last = sorted(snaps.glob("snap-*.snap"))[-1]
+    r = _cli("restore", str(last), "--seconds", "60")
+    assert r.returncode == native.returncode, r.stderr
+    assert r.stdout == b""
