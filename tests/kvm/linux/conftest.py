@@ -49,3 +49,13 @@ def sqlite_prog(tmp_path_factory: pytest.TempPathFactory) -> Path:
         pytest.fail("libsqlite3.a is missing: ./tools/install-test-deps installs libsqlite3-dev")
     return build_static(SQLITE_SRC, tmp_path_factory.mktemp("sqlite") / "sqlite_workload",
                         "-lsqlite3", "-lm")
+
+
+@pytest.fixture(scope="session")
+def txn_prog(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``programs/sqlite_txn.c``: numbered SQLite transactions, each number printed after its
+    commit, then what the database holds; ``sqlite_txn N MODE STATUS``."""
+    if not LIBSQLITE.exists():
+        pytest.fail("libsqlite3.a is missing: ./tools/install-test-deps installs libsqlite3-dev")
+    return build_static(PROGRAMS / "sqlite_txn.c", tmp_path_factory.mktemp("txn") / "sqlite_txn",
+                        "-lsqlite3", "-lm")

@@ -5,6 +5,7 @@ travels in the guest's memory)."""
 from __future__ import annotations
 
 import subprocess
+import tempfile
 import sys
 from pathlib import Path
 
@@ -41,3 +42,31 @@ def test_migrate_a_running_program(count_prog: Path) -> None:
     lines = both.count(b"\n")
     native = subprocess.run([str(count_prog), str(lines)], capture_output=True, timeout=RUN_TIMEOUT)
     assert both == native.stdout
+
+
+def test_migrate_the_numbered_sqlite_program(txn_prog: Path) -> None:
+    """The SQLite program of the protect test, migrated while it commits: the source's lines
+    then the target's are a native run's output (every number once, and the final line says
+    the database the target finished holds every row), and the target exits with its status."""
+    args = ["6000", "wal", "9"]
+    port = free_port()
+    cli = [sys.executable, "-m", "dirtyring.cli.main"]
+    target = subprocess.Popen([*cli, "receive", "--insecure", "--listen", f"127.0.0.1:{port}"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        first = target.stdout.readline() if target.stdout else b""
+        assert first.startswith(b"listening:"), first
+        src = subprocess.run([*cli, "migrate", "--insecure", "--to", f"127.0.0.1:{port}",
+                              "--warmup", "0.3", "--exec", str(txn_prog), "--", *args],
+                             capture_output=True, timeout=RUN_TIMEOUT)
+        assert src.returncode == 0, src.stderr[-2000:]
+        out, err = target.communicate(timeout=RUN_TIMEOUT)
+    finally:
+        if target.poll() is None:
+            target.kill()
+            target.wait()
+    assert target.returncode == 9, err[-2000:]
+    with tempfile.TemporaryDirectory() as d:
+        native = subprocess.run([str(txn_prog), *args], cwd=d, capture_output=True,
+                                timeout=RUN_TIMEOUT)
+    assert src.stdout + out == native.stdout

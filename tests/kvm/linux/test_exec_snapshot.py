@@ -57,3 +57,25 @@ def test_a_snapshot_of_an_ended_program_restores_its_exit_status(count_prog: Pat
     r = _cli("restore", str(last), "--seconds", "60")
     assert r.returncode == native.returncode, r.stderr
     assert r.stdout == b""
+
+
+def test_restore_of_the_numbered_sqlite_program_continues_its_database(
+        txn_prog: Path, tmp_path: Path) -> None:
+    """The SQLite program of the protect test (a numbered transaction per line): restored
+    from a mid-run snapshot it prints the rest of the numbers, and its database (a file in its
+    guest-memory file system, restored with it) then holds exactly what a native run's does."""
+    args = ["8000", "wal", "5"]  # >= 80 ms at any speed: snapshot 1 (at 50 ms) is mid-run
+    nat_dir = tmp_path / "native"
+    nat_dir.mkdir()
+    native = subprocess.run([str(txn_prog), *args], cwd=nat_dir, capture_output=True,
+                            timeout=RUN_TIMEOUT)
+    assert native.returncode == 5
+    snaps = tmp_path / "snaps"
+    s = _cli("snapshot", str(snaps), "--exec", str(txn_prog), "--seconds", "0.2", "--every",
+             "0.05", "--", *args)
+    assert s.returncode == 0, s.stderr
+    assert native.stdout.startswith(s.stdout)
+    r = _cli("restore", str(snaps / "snap-0001.snap"), "--seconds", "240")
+    assert r.returncode == 5, r.stderr
+    assert r.stdout and native.stdout.endswith(r.stdout)
+    assert r.stdout.startswith(b"1\n") or native.stdout[:-len(r.stdout)].endswith(b"\n")

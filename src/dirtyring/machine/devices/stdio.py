@@ -256,15 +256,15 @@ class StdioDevice:
     def restore(self, data: bytes) -> None:
         """Load a saved state (also the 32-byte one of older snapshots). A state that cannot be
         right (it came from a file or the network) raises SnapshotFormatError, changing nothing."""
+        chunks: list[tuple[str, int, bytes]] = []
         if len(data) == _OLD_STATE.size:
             cons, trace, stdin_prod, eof = _OLD_STATE.unpack(data)
-            offs, chunks = {"stdout": 0, "stderr": 0}, []
+            offs = {"stdout": 0, "stderr": 0}
         else:
             if len(data) < _STATE.size:
                 raise SnapshotFormatError(f"stdio state of {len(data)} bytes is truncated")
             cons, trace, stdin_prod, eof, o1, o2, n = _STATE.unpack_from(data)
             offs = {"stdout": o1, "stderr": o2}
-            chunks = []
             at = _STATE.size
             for _ in range(n):
                 if at + _CHUNK.size > len(data):
