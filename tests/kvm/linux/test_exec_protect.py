@@ -255,3 +255,28 @@ def test_kill9_on_pipes_loses_nothing(procs: Procs, txn_prog: Path, tmp_path: Pa
     assert summary + b"\n" == native.stdout.split(b"\n", n)[-1]
     print(f"primary printed 1..{len(p_nums)}, the standby {j}..{n}: "
           f"{len(p_nums) - j + 1} line(s) repeated")
+
+
+@pytest.mark.slow
+def test_kill9_with_etcd_numbers_continue_exactly_once(procs: Procs, txn_prog: Path,
+                                                       tmp_path: Path) -> None:
+    """The same with the group's key in etcd (a real member on loopback): the standby goes
+    live only once it holds the key, writes from its checkpoint, and the file is 1..N once."""
+    from dirtyring.bench.etcd_member import EtcdMember
+    rng = _seed(7)
+    n = 3000
+    native = _native(txn_prog, tmp_path, str(n), "delete", str(STATUS))
+    out = tmp_path / "program.out"
+    port = free_port()
+    with EtcdMember() as etcd:
+        grp = ["--etcd", etcd.url, "--name", f"exec-{port}"]
+        _standby(procs, "standby", port, "--stdout", str(out), *grp)
+        procs.wait_event("standby", "out", "listening")
+        _protect(procs, port, txn_prog, "--stdout", str(out), *grp, n=n, mode="delete")
+        procs.wait_event("primary", "err", "protected")
+        seen = _wait_lines(out.read_bytes, rng.randint(1, 2000), "the primary's output", procs)
+        procs.kill9("primary")
+        done = procs.wait_event("standby", "out", "failover_done")
+        assert done.get("lease"), done  # it went live holding the key
+        assert procs.wait_exit("standby") == STATUS, procs.describe()
+    assert out.read_bytes() == native.stdout, seen
