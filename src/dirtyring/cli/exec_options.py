@@ -57,6 +57,18 @@ def program_from_args(args: argparse.Namespace, *, export_files: bool = False
                         strace=getattr(args, "strace", False))
 
 
+def guest_or_program(args: argparse.Namespace) -> LinuxProgram | None:
+    """For a command with an optional built-in GUEST positional and --exec: the program, or
+    None for the named built-in guest; naming both or neither is a usage error."""
+    prog = program_from_args(args)
+    if prog is not None and args.guest is not None:
+        raise ConfigError("name a built-in guest or --exec PROGRAM, not both")
+    if prog is None and args.guest is None:
+        raise ConfigError("name the guest program to run (dirtier, compute, kvstore) or "
+                          "--exec PROGRAM")
+    return prog
+
+
 def passthrough(kind: str, payload: Any) -> bool:
     """Write a program's stdout/stderr chunk to ours; True if ``kind`` was one of them."""
     if kind == "stdout":

@@ -15,7 +15,7 @@ import threading
 import time
 from typing import Any
 
-from ..errors import ConfigError, DirtyringError
+from ..errors import DirtyringError
 from ..guests import NAMES
 from ..guests.protocol import GuestParams, Pattern
 from ..machine.config import LINUX_GUEST, MachineConfig
@@ -24,7 +24,7 @@ from ..migration.source import (Migration, MigrationError, MigrationOptions, run
                                 tune_allocator)
 from ..replication.standby import Standby
 from ..replication.transport import load_key, parse_addr
-from .exec_options import add_exec_options, passthrough, program_from_args, program_sink
+from .exec_options import add_exec_options, guest_or_program, passthrough, program_sink
 from .options import add_metrics_option, duration, positive_int, size, start_metrics
 from .printer import EventPrinter
 
@@ -133,14 +133,9 @@ def add_parsers(sub: Any) -> None:
 def migrate(args: argparse.Namespace) -> int:
     key, insecure = load_key(args.key, allow_insecure=args.insecure)
     tune_allocator()
-    prog = program_from_args(args)
+    prog = guest_or_program(args)
     if prog is not None:
-        if args.guest is not None:
-            raise ConfigError("name a built-in guest or --exec PROGRAM, not both")
         cfg = prog.config(tracker=args.tracker, ring_entries=RING_ENTRIES)
-    elif args.guest is None:
-        raise ConfigError("name the guest program to run (dirtier, compute, kvstore) or "
-                          "--exec PROGRAM")
     else:
         cfg = MachineConfig(guest=args.guest, tracker=args.tracker, data_slots=(args.memory,),
                             ring_entries=RING_ENTRIES,

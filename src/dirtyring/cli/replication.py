@@ -26,7 +26,7 @@ from ..replication.primary import Primary, PrimaryOptions
 from ..replication.reprotect import reprotect
 from ..replication.standby import Standby
 from ..replication.transport import connect, listen, load_key, parse_addr
-from .exec_options import add_exec_options, program_from_args, program_sink
+from .exec_options import add_exec_options, guest_or_program, program_sink
 from .options import add_guest_options, add_metrics_option, duration, positive_int, start_metrics
 from .printer import EventPrinter
 
@@ -167,16 +167,11 @@ def protect(args: argparse.Namespace) -> int:
     ring = 4096
     if args.budget:
         ring = 1 << max(8, (args.budget + 64 - 1).bit_length())
-    prog = program_from_args(args)
+    prog = guest_or_program(args)
     if prog is not None:
-        if args.guest is not None:
-            raise ConfigError("name a built-in guest or --exec PROGRAM, not both")
         if args.serve:
             raise ConfigError("--serve is the kvstore guest's; a program has no key-value port")
         cfg = prog.config(tracker=args.tracker, ring_entries=ring)
-    elif args.guest is None:
-        raise ConfigError("name the guest program to run (dirtier, compute, kvstore) or "
-                          "--exec PROGRAM")
     else:
         if args.stdout or args.stderr:
             raise ConfigError("--stdout and --stderr need --exec PROGRAM")

@@ -15,20 +15,20 @@ STEPS = "1000000000"  # runs for days: still running at the switchover on any ho
 RUN_TIMEOUT = 300
 
 
-def test_migrate_a_running_program(count_prog: Path) -> None:
-    """The program never ends by itself (STEPS is huge), so it is surely running when the
-    switchover comes, whatever the host's speed; the target runs it on for a while and stops.
-    Whatever each side printed, together it is a native run's first lines, each once."""
+def _migrate(prog: Path, args: list[str], *receive_args: str
+             ) -> tuple[subprocess.CompletedProcess[bytes], bytes, bytes, int]:
+    """``receive`` on a free loopback port, then ``migrate --exec prog -- args`` to it; the
+    source's result and the target's stdout, stderr and exit status. The target is ended by
+    its PID whatever happens."""
     port = free_port()
     cli = [sys.executable, "-m", "dirtyring.cli.main"]
     target = subprocess.Popen([*cli, "receive", "--insecure", "--listen", f"127.0.0.1:{port}",
-                               "--run-for", "2s"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                               *receive_args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         first = target.stdout.readline() if target.stdout else b""  # it listens from here
         assert first.startswith(b"listening:"), first
         src = subprocess.run([*cli, "migrate", "--insecure", "--to", f"127.0.0.1:{port}",
-                              "--warmup", "0.3", "--exec", str(count_prog), "--", STEPS],
+                              "--warmup", "0.3", "--exec", str(prog), "--", *args],
                              capture_output=True, timeout=RUN_TIMEOUT)
         assert src.returncode == 0, src.stderr[-2000:]
         out, err = target.communicate(timeout=RUN_TIMEOUT)
@@ -36,7 +36,15 @@ def test_migrate_a_running_program(count_prog: Path) -> None:
         if target.poll() is None:
             target.kill()
             target.wait()
-    assert target.returncode == 0, err[-2000:]
+    return src, out, err, target.returncode
+
+
+def test_migrate_a_running_program(count_prog: Path) -> None:
+    """The program never ends by itself (STEPS is huge), so it is surely running when the
+    switchover comes, whatever the host's speed; the target runs it on for a while and stops.
+    Whatever each side printed, together it is a native run's first lines, each once."""
+    src, out, err, status = _migrate(count_prog, [STEPS], "--run-for", "2s")
+    assert status == 0, err[-2000:]
     assert out, err[-2000:]  # the target ran the program on (and printed: a line per step)
     both = src.stdout + out
     lines = both.count(b"\n")
@@ -49,23 +57,8 @@ def test_migrate_the_numbered_sqlite_program(txn_prog: Path) -> None:
     then the target's are a native run's output (every number once, and the final line says
     the database the target finished holds every row), and the target exits with its status."""
     args = ["6000", "wal", "9"]
-    port = free_port()
-    cli = [sys.executable, "-m", "dirtyring.cli.main"]
-    target = subprocess.Popen([*cli, "receive", "--insecure", "--listen", f"127.0.0.1:{port}"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        first = target.stdout.readline() if target.stdout else b""
-        assert first.startswith(b"listening:"), first
-        src = subprocess.run([*cli, "migrate", "--insecure", "--to", f"127.0.0.1:{port}",
-                              "--warmup", "0.3", "--exec", str(txn_prog), "--", *args],
-                             capture_output=True, timeout=RUN_TIMEOUT)
-        assert src.returncode == 0, src.stderr[-2000:]
-        out, err = target.communicate(timeout=RUN_TIMEOUT)
-    finally:
-        if target.poll() is None:
-            target.kill()
-            target.wait()
-    assert target.returncode == 9, err[-2000:]
+    src, out, err, status = _migrate(txn_prog, args)
+    assert status == 9, err[-2000:]
     with tempfile.TemporaryDirectory() as d:
         native = subprocess.run([str(txn_prog), *args], cwd=d, capture_output=True,
                                 timeout=RUN_TIMEOUT)
