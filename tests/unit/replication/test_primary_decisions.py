@@ -63,7 +63,7 @@ def primary(arbiter: FakeArbiter | None = None, acked: int = 0
         out.append((payload, epoch))
         log.append(f"out {payload}")
 
-    m = SimpleNamespace(tracker=object(), sink=None)
+    m = SimpleNamespace(tracker=object(), sink=None, stdio=None)
     p = Primary(m, ("127.0.0.1", 1), b"k" * 32, release=release,  # type: ignore[arg-type]
                 arbiter=arbiter, on_event=lambda e: log.append(e["event"]))  # type: ignore[arg-type]
     p.up = SimpleNamespace(acked=acked)  # type: ignore[assignment]
