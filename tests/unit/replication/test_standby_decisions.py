@@ -73,6 +73,7 @@ class FakeMachine:
         self.resumed = 0
         self.tracker = SimpleNamespace(stop=lambda: None)
         self.sink = None
+        self.stdio = None  # (not a Linux program)
 
     def restore_state(self, st: MachineState) -> None:
         self.restored.append(st)
