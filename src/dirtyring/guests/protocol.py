@@ -39,6 +39,7 @@ class LibosPort(enum.IntEnum):
     EXPORT = 0x33
     TRACE_FLUSH = 0x34
     STDIN_WAIT = 0x35
+    ENTROPY = 0x36
 
 
 class Pattern(enum.IntEnum):
@@ -71,7 +72,10 @@ STDIO_RING = 0x8000
 STDIO_MAX_RECORD = 0x1000
 STDIO_HEADER_OFFSETS = {"prod": 0, "cons": 64, "export_va": 128, "export_len": 136,
                         "trace_prod": 144, "trace_cons": 152, "stdin_prod": 160,
-                        "stdin_cons": 168, "stdin_eof": 176}
+                        "stdin_cons": 168, "stdin_eof": 176, "entropy_used": 184}
+# getrandom's pool (libos.h ENTROPY_*): the VMM fills it from the host's entropy.
+ENTROPY_OFFSET = 0xC00  # from QUEUE_GPA, in the header page
+ENTROPY_POOL = 0x400
 # --strace's ring: records of {u64 nr, u64 args[6], s64 ret} after the stdio ring.
 TRACE_OFFSET = 0x9000  # from QUEUE_GPA
 TRACE_RECORDS = 192

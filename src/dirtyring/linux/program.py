@@ -121,6 +121,8 @@ class LinuxProgram:
         self._write(m, stack.rsp, stack.data)
         self._write(m, self.space.region("fs").va, self.archive)
         self._write_control(m, m.runners[0].fd.get_tsc())
+        assert m.stdio is not None
+        m.stdio.refill_entropy()  # getrandom's first bytes
         mem.mark_dirty(0, 0, layout.SYSTEM_SLOT_SIZE // layout.PAGE)
         r = m.runners[0]
         m.setup_vcpu(r.fd, 0)

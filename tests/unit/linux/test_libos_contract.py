@@ -58,6 +58,19 @@ def test_addresses_ports_and_queue_agree() -> None:
     assert d["STDIN_GPA"] == layout.QUEUE_GPA + protocol.STDIN_OFFSET
     assert d["STDIN_RING"] == protocol.STDIN_RING
     assert protocol.STDIN_OFFSET + protocol.STDIN_RING <= layout.QUEUE_SIZE
+    # getrandom's pool: in the header page, after the header, within the page.
+    assert d["ENTROPY_OFFSET"] == protocol.ENTROPY_OFFSET
+    assert d["ENTROPY_POOL"] == protocol.ENTROPY_POOL
+    header = re.search(r"struct stdio_header\s*\{(.*?)\};", LIBOS_H.read_text(), re.S)[1]
+    names = re.findall(r"u64\s+(\w+)(?:\[(\d+)\])?;", header)
+    offsets, at = {}, 0
+    for name, count in names:
+        offsets[name] = at
+        at += 8 * int(count or 1)
+    assert {k: v for k, v in offsets.items() if not k.startswith("pad")} \
+        == protocol.STDIO_HEADER_OFFSETS
+    assert at <= protocol.ENTROPY_OFFSET
+    assert protocol.ENTROPY_OFFSET + protocol.ENTROPY_POOL <= protocol.STDIO_RING_OFFSET
     ports = {k[len("PORT_"):]: v for k, v in d.items() if k.startswith("PORT_")}
     assert ports == {"DONE": int(protocol.Port.DONE),
                      **{p.name: int(p) for p in protocol.LibosPort}}

@@ -46,7 +46,6 @@ static inline u64 now_ns(void) {
 void *lmemset(void *d, int c, u64 n);
 void *lmemcpy(void *d, const void *s, u64 n);
 int user_ok(u64 p, u64 n);
-u64 next_random(void);
 void fill_random(u8 *buf, u64 len);
 s64 stdio_write(u32 fd, const u8 *buf, u64 len);
 s64 stdin_read(u8 *buf, u64 len, int nonblock);

@@ -14,7 +14,7 @@
 struct frame { u64 rdi, rsi, rdx, r10, r8, r9, rax, rcx, r11; };
 
 u64 libos_user_rsp;                 /* the program's RSP while a syscall runs (entry.S) */
-static u64 cur_brk, mmap_next, rng[4];
+static u64 cur_brk, mmap_next;
 static u8 reported[512 / 8];
 static char comm[16];               /* prctl(PR_SET_NAME) */
 
@@ -49,17 +49,7 @@ static void init_once(void) {
     if (cur_brk) return;
     cur_brk = ctl()->brk_start;
     mmap_next = ctl()->mmap_hi;
-    for (int i = 0; i < 4; i++) rng[i] = ctl()->seed[i] | (i == 0);
     fs_init();
-}
-
-/* xoshiro256** (getrandom's bytes; seeded by the VMM from the host's entropy). */
-static u64 rotl(u64 x, int k) { return (x << k) | (x >> (64 - k)); }
-u64 next_random(void) {
-    u64 r = rotl(rng[1] * 5, 7) * 9, t = rng[1] << 17;
-    rng[2] ^= rng[0]; rng[3] ^= rng[1]; rng[1] ^= rng[2]; rng[0] ^= rng[3];
-    rng[2] ^= t; rng[3] = rotl(rng[3], 45);
-    return r;
 }
 
 /* --- stdio queue --------------------------------------------------------------------------- */
@@ -255,10 +245,19 @@ static s64 sys_sysinfo(u64 info) {
 }
 
 /* Random bytes (getrandom, /dev/urandom). */
+/* Random bytes for the program: from the pool the VMM fills with its host's entropy, asking
+ * for more whenever it is used up (one exit per 1 KiB). Each byte is handed out once. */
 void fill_random(u8 *buf, u64 len) {
-    for (u64 i = 0; i < len; i += 8) {
-        u64 r = next_random();
-        lmemcpy(buf + i, &r, len - i < 8 ? len - i : 8);
+    struct stdio_header *h = stdio();
+    u8 *pool = (u8 *)h + ENTROPY_OFFSET;
+    while (len) {
+        u64 used = h->entropy_used;
+        if (used >= ENTROPY_POOL) { outl(PORT_ENTROPY, 0); continue; }
+        u64 n = ENTROPY_POOL - used < len ? ENTROPY_POOL - used : len;
+        lmemcpy(buf, pool + used, n);
+        lmemset(pool + used, 0, n);            /* (gone from the pool once given) */
+        h->entropy_used = used + n;
+        buf += n; len -= n;
     }
 }
 

@@ -33,6 +33,7 @@ typedef unsigned char u8;
 #define PORT_EXPORT 0x33            /* out32: the export archive is at stdio_header.export_va */
 #define PORT_TRACE_FLUSH 0x34       /* out32: the trace ring is full; drain it */
 #define PORT_STDIN_WAIT 0x35        /* out32: stdin is empty; fill it (or set eof), or wait a bit */
+#define PORT_ENTROPY 0x36           /* out32: the entropy pool is used up; refill it */
 
 struct linux_ctl {                  /* the VMM fills it before the program starts */
     u64 magic;        /* 0   "DRLINUX1" */
@@ -65,7 +66,12 @@ struct stdio_header {               /* at STDIO_GPA */
     volatile u64 stdin_prod;        /* VMM writes: stdin bytes ever provided */
     volatile u64 stdin_cons;        /* guest writes: stdin bytes ever read */
     volatile u64 stdin_eof;         /* VMM writes: nonzero once stdin has ended */
+    volatile u64 entropy_used;      /* bytes of the pool handed out; the VMM refills, sets 0 */
 };
+/* getrandom's and /dev/urandom's bytes: a pool in the header page that the VMM fills from its
+ * own getrandom (at boot and on PORT_ENTROPY), never a generator a program could predict. */
+#define ENTROPY_OFFSET 0xC00        /* from STDIO_GPA, after the rewrite counters */
+#define ENTROPY_POOL 0x400
 
 /* The file archive the VMM hands in (at fs_lo) and gets back (PORT_EXPORT): a header
  * {u64 magic "DRFSARC1", u64 count}, then per file {u32 path_len, u32 mode, u64 size, the

@@ -32,9 +32,10 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 from ...errors import SnapshotFormatError
-from ...guests.protocol import (STDIO_HEADER_OFFSETS, STDIO_MAX_RECORD, STDIO_RECORD,
-                                STDIO_RING, STDIO_RING_OFFSET, STDIN_OFFSET, STDIN_RING,
-                                TRACE_OFFSET, TRACE_RECORD, TRACE_RECORDS)
+from ...guests.protocol import (ENTROPY_OFFSET, ENTROPY_POOL, STDIO_HEADER_OFFSETS,
+                                STDIO_MAX_RECORD, STDIO_RECORD, STDIO_RING, STDIO_RING_OFFSET,
+                                STDIN_OFFSET, STDIN_RING, TRACE_OFFSET, TRACE_RECORD,
+                                TRACE_RECORDS)
 from ...guests.protocol import LibosPort as Port
 from .. import layout
 from .base import OutputSink
@@ -55,7 +56,7 @@ class ContractBroken(Exception):
 class StdioDevice:
     name = "stdio"
     ports = (int(Port.STDIO_FLUSH), int(Port.UNSUPPORTED), int(Port.FAULT), int(Port.EXPORT),
-             int(Port.TRACE_FLUSH), int(Port.STDIN_WAIT))
+             int(Port.TRACE_FLUSH), int(Port.STDIN_WAIT), int(Port.ENTROPY))
     #: How long one STDIN_WAIT may wait for input before the guest asks again: short, so a
     #: pause (a checkpoint) is never held up by a program waiting for its input.
     STDIN_SLICE = 0.01
@@ -91,6 +92,8 @@ class StdioDevice:
                 self._fill_stdin()
             except ContractBroken as e:
                 self._stop(vcpu, str(e))
+        elif port == Port.ENTROPY:
+            self.refill_entropy()
         elif port == Port.UNSUPPORTED:
             self.unsupported.append(value)
             self.sink("unsupported_syscall", value)
@@ -109,6 +112,13 @@ class StdioDevice:
         vcpu.crash = f"the guest broke its contract: {why}"
         vcpu.run_struct.immediate_exit = 1  # the next KVM_RUN returns at once and parks
         vcpu.machine.on_crash(vcpu)
+
+    def refill_entropy(self) -> None:
+        """Fill getrandom's pool from the host's entropy (at boot, and when the library OS has
+        handed all of it out). Nothing is read from the guest: the pool is only written."""
+        base = layout.QUEUE_GPA
+        self.memory.write(base + ENTROPY_OFFSET, os.urandom(ENTROPY_POOL))
+        self.memory.write_u64(base + STDIO_HEADER_OFFSETS["entropy_used"], 0)
 
     # --- the rings (any thread) --------------------------------------------------------------
     def drain(self) -> int:
