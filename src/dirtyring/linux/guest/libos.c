@@ -290,8 +290,10 @@ static s64 unsupported(u64 nr) {
  * that just ran (bytes that only look like one are never touched), the imm32 must equal the
  * number the program actually put in RAX (a valid one, < 512), and a byte before the b8 that
  * would be a prefix of the mov (REX: mov to r8d-r15d; 66; 67; f2/f3; lock; segments) refuses
- * the site. Only the program's loaded image is rewritten (not code it wrote into the heap or an
- * mmap). Everything (the rewritten text, the trampolines, the counts) is guest memory, so
+ * the site, as do bytes that make the b8 a displacement (disp8_of_imm_op). What is left is a
+ * coincidence no compiler emits on purpose: b8 and the number being the tail of a longer
+ * instruction (a disp32 or an immediate) whose value equals RAX. Only the program's loaded
+ * image is rewritten (not code it wrote into the heap or an mmap). Everything (the rewritten text, the trampolines, the counts) is guest memory, so
  * checkpoints, snapshots and migration carry it. */
 extern char syscall_fast[];
 #define TRAMP_BYTES 32
@@ -307,6 +309,19 @@ static int mov_prefix(u8 b) {
            b == 0x65;
 }
 
+/* The one false pattern a compiler plausibly puts before a syscall: b8 as the disp8 of
+ * `op $imm32, disp8(base)` (c7 mov, 81 arith, 69 imul, f7 test), e.g. `movl $39,-0x48(%rbp)`,
+ * whose imm32 then looks like a mov's. site[-1] is its ModRM (mod 01), or its SIB with the
+ * ModRM before it. A real mov's site is refused only if the bytes before it look so too. */
+static int disp8_of_imm_op(const u8 *site) {
+    u8 m1 = site[-1], m2 = site[-2], m3 = site[-3];
+#define IMM_OP(b) ((b) == 0xc7 || (b) == 0x81 || (b) == 0x69 || (b) == 0xf7)
+    if ((m1 & 0xc0) == 0x40 && (m1 & 7) != 4 && IMM_OP(m2)) return 1;
+    if ((m2 & 0xc7) == 0x44 && IMM_OP(m3)) return 1;
+#undef IMM_OP
+    return 0;
+}
+
 static int fits_rel32(s64 v) { return v == (s64)(s32)v; }
 
 static void put32(u8 *p, u32 v) { for (int i = 0; i < 4; i++) p[i] = (u8)(v >> (8 * i)); }
@@ -315,9 +330,10 @@ static void rewrite_site(const struct frame *f) {
     const volatile struct linux_ctl *c = ctl();
     u64 ret = f->rcx;                               /* just after the syscall instruction */
     if (!c->rewrite || !c->tramp_lo || f->rax >= 512) return;
-    if (ret < c->image_lo + 8 || ret > c->brk_start) return;
+    if (ret < c->image_lo + 10 || ret > c->brk_start) return;
     u8 *site = (u8 *)(ret - 7);
-    if (site[0] != 0xb8 || site[5] != 0x0f || site[6] != 0x05 || mov_prefix(site[-1])) return;
+    if (site[0] != 0xb8 || site[5] != 0x0f || site[6] != 0x05 || mov_prefix(site[-1]) ||
+        disp8_of_imm_op(site)) return;
     u32 imm = (u32)site[1] | (u32)site[2] << 8 | (u32)site[3] << 16 | (u32)site[4] << 24;
     if (imm != f->rax) return;
     if (!tramp_next) tramp_next = c->tramp_lo;
