@@ -172,6 +172,10 @@ def _where(m: Machine, prog: LinuxProgram) -> str:
     if layout.CODE_GPA <= rip < layout.CODE_LIMIT:
         return (f"the library OS faulted at {rip:#x} (the program may have overwritten its "
                 "memory): ")
+    tramp = prog.space.find("tramp")
+    if tramp is not None and tramp.va <= rip < tramp.end:
+        return (f"the program faulted at {rip:#x}, in a rewritten syscall site's trampoline "
+                "(it may have overwritten them; --no-rewrite runs it without): ")
     image = prog.space.region("image+heap")
     if image.va <= rip < image.end:
         return f"the program faulted at {rip:#x} (a bad memory access, like SIGSEGV): "
