@@ -5,7 +5,9 @@ every problem with the user's input is a clear error before a VM exists. ``boot(
 then fills a fresh machine (``Machine(program.config(), boot=program.boot)``):
 
 - the system slot: GDT, TSS, the system area's page tables, the library OS at 0x10000 (LSTAR
-  points at its syscall entry), the Linux control block the library OS reads its settings from;
+  points at its syscall entry), the Linux control block the library OS reads its settings from
+  (among them the trampoline region, where it puts a jump target for each syscall site it
+  rewrites, and whether it may rewrite: ``rewrite_syscalls``);
 - the program's page tables (``addrspace``), its segments, its initial stack (``initstack``);
 - the vCPU: RIP at the program's entry, RSP at argc, EFER.SCE on (``syscall`` works),
   CR4.FSGSBASE on (arch_prctl is a ``wrfsbase``), FMASK 0 (the entry runs at CPL3 here and
