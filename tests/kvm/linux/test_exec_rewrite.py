@@ -5,6 +5,7 @@ site's syscall instruction still works, and the program's output is native's eit
 Deterministic: counts and bytes, no timing."""
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -27,6 +28,19 @@ def prog(tmp_path_factory: pytest.TempPathFactory, static_build: Build) -> Path:
     return static_build(HERE / "rewrite.c", tmp_path_factory.mktemp("rewrite") / "rewrite")
 
 
+@pytest.fixture(scope="module")
+def pie_prog(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same program as static-PIE: its image (and so its trampolines) sit at PIE_BASE."""
+    gcc = shutil.which("gcc")
+    if not gcc:
+        pytest.fail("gcc is missing: ./tools/install-test-deps installs it")
+    out = tmp_path_factory.mktemp("rewrite-pie") / "rewrite"
+    r = subprocess.run([gcc, "-static-pie", "-O1", "-o", str(out), str(HERE / "rewrite.c")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
 def _run(prog: Path, **kw: bool) -> tuple[ProgramResult, bytes]:
     out = bytearray()
     res = run_program(LinuxProgram(prog, [str(prog), str(N)], **kw),
@@ -35,7 +49,10 @@ def _run(prog: Path, **kw: bool) -> tuple[ProgramResult, bytes]:
     return res, bytes(out)
 
 
-def test_sites_are_rewritten_and_only_true_ones(prog: Path) -> None:
+@pytest.mark.parametrize("kind", ["static", "static-pie"])
+def test_sites_are_rewritten_and_only_true_ones(kind: str, request: pytest.FixtureRequest
+                                                ) -> None:
+    prog: Path = request.getfixturevalue("prog" if kind == "static" else "pie_prog")
     native = subprocess.run([str(prog), str(N)], capture_output=True, timeout=60)
     assert native.returncode == 0 and native.stdout.endswith(BYTES_NATIVE), native.stdout
     res, out = _run(prog)
