@@ -293,8 +293,9 @@ static s64 unsupported(u64 nr) {
  * the site, as do bytes that make the b8 a displacement (disp8_of_imm_op). What is left is a
  * coincidence no compiler emits on purpose: b8 and the number being the tail of a longer
  * instruction (a disp32 or an immediate) whose value equals RAX. Only the program's loaded
- * image is rewritten (not code it wrote into the heap or an mmap). Everything (the rewritten text, the trampolines, the counts) is guest memory, so
- * checkpoints, snapshots and migration carry it. */
+ * image is rewritten (not code it wrote into the heap or an mmap). Everything (the rewritten
+ * text, the trampolines, the counts) is guest memory, so checkpoints, snapshots and migration
+ * carry it. */
 extern char syscall_fast[];
 #define TRAMP_BYTES 32
 static u64 tramp_next;
