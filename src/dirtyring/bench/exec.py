@@ -120,7 +120,7 @@ def run(*, quick: bool, progress: Callable[[str], None] = lambda s: None,
                 raise BenchError(f"the micro-benchmark did not report {name}")
             for where, v in (("native", native[name]), ("guest", guest[name])):
                 recs.append(Record.make(BENCH, "op_us", v / 1e3, "us", op=name, where=where))
-            progress(f"{name:<8} native {native[name] / 1e3:8.3f} us   guest "
+            progress(f"{name:<9} native {native[name] / 1e3:8.3f} us   guest "
                      f"{guest[name] / 1e3:8.3f} us")
         recs.append(Record.make(BENCH, "micro_exits", exits, "exits", where="guest"))
         progress(f"port exits during the micro run (writes included): {exits}")
