@@ -5,11 +5,18 @@ same run, against issue 15's goals.
   library OS returns from at once: what this host's kvm_pvm charges for the instruction
   itself), getpid and brk served in the guest (goal: within 1.5x of the floor), clock_gettime
   (goal: <= 0.2 us, i.e. no ``syscall``: the library OS's vDSO serves it), a 64-byte write to
-  stdout (goal: no exit while the queue has room: the exits are counted);
+  stdout (goal: no exit while the queue has room: the exits are counted), and getpid through
+  the C library (``getpid_rw``: a site the library OS rewrites into a jump, so no trap). The
+  raw-``syscall`` loops are not rewritable (the number comes from a register), so they keep
+  measuring the trap;
 - whole programs, wall time: a SQLite workload (200,000 inserts into a database file) and a
   busybox awk loop (goal: <= 1.10x native);
 - start-up: from building the program's machine to its end, for a program that returns at
   once (goal: <= 20 ms).
+
+Each guest run reports the syscall sites the library OS rewrote, and how many calls came
+through them (fast) or still trapped; ``--no-rewrite`` runs every program with its code left
+as linked, to compare.
 
 Programs are built with gcc at the start (SQLite needs libsqlite3-dev, the awk loop
 busybox-static: ``./tools/install-test-deps`` installs both); a missing one is skipped and said.
@@ -28,7 +35,7 @@ from typing import Any
 
 from ..errors import DirtyringError
 from ..linux.program import LinuxProgram
-from ..linux.runner import run_program
+from ..linux.runner import ProgramResult, run_program
 from .plot import pyplot, save
 from .records import BenchError, Record, json_lines, write_json
 
@@ -63,18 +70,29 @@ def _parse_micro(text: str) -> dict[str, float]:
     return out
 
 
-def _guest(path: Path, args: list[str], cwd: Path | None = None
-           ) -> tuple[float, bytes, bytes, int, int]:
+def _guest(path: Path, args: list[str], cwd: Path | None = None, *, rewrite: bool = True
+           ) -> tuple[float, bytes, bytes, ProgramResult]:
     """Run in the guest: (wall seconds from building the machine to the end, stdout, stderr,
-    status, port exits of the vCPU)."""
+    the result: status, port exits of the vCPU, rewritten sites and calls)."""
     streams = {"stdout": bytearray(), "stderr": bytearray()}
     t0 = time.perf_counter()
-    prog = LinuxProgram(path, [str(path), *args])
+    prog = LinuxProgram(path, [str(path), *args], rewrite_syscalls=rewrite)
     res = run_program(prog, write=lambda k, b: streams[k].extend(b), interval=0.05)
     dt = time.perf_counter() - t0
     if res.crash:
         raise BenchError(f"{path.name} stopped in the guest: {res.crash}")
-    return dt, bytes(streams["stdout"]), bytes(streams["stderr"]), res.status, res.io_exits
+    return dt, bytes(streams["stdout"]), bytes(streams["stderr"]), res
+
+
+def _rewrite_records(name: str, res: ProgramResult,
+                     progress: Callable[[str], None]) -> list[Record]:
+    """What rewriting syscall sites did in one guest run."""
+    progress(f"{name:<8} syscall sites rewritten {res.rewritten_sites}, calls through them "
+             f"{res.fast_calls}, trapped {res.trapped_calls}")
+    return [Record.make(BENCH, "rewrite", v, unit, program=name, what=what)
+            for what, v, unit in (("sites", res.rewritten_sites, "sites"),
+                                  ("fast_calls", res.fast_calls, "calls"),
+                                  ("trapped_calls", res.trapped_calls, "calls"))]
 
 
 def _native(path: Path, args: list[str], cwd: Path) -> tuple[float, bytes, bytes, int]:
@@ -83,7 +101,8 @@ def _native(path: Path, args: list[str], cwd: Path) -> tuple[float, bytes, bytes
     return time.perf_counter() - t0, p.stdout, p.stderr, p.returncode
 
 
-def run(*, quick: bool, progress: Callable[[str], None] = lambda s: None) -> list[Record]:
+def run(*, quick: bool, progress: Callable[[str], None] = lambda s: None,
+        rewrite: bool = True) -> list[Record]:
     ops, rows, loops = SIZES[quick]
     recs: list[Record] = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -93,17 +112,19 @@ def run(*, quick: bool, progress: Callable[[str], None] = lambda s: None) -> lis
             raise BenchError("cannot build the micro-benchmark program (is gcc installed?)")
         _, _, nerr, _ = _native(micro, [str(ops)], d)
         native = _parse_micro(nerr.decode())
-        _, _, gerr, _, exits = _guest(micro, [str(ops)])
+        _, _, gerr, mres = _guest(micro, [str(ops)], rewrite=rewrite)
+        exits = mres.io_exits
         guest = _parse_micro(gerr.decode())
-        for name in ("floor", "getpid", "brk", "clock", "write64"):
+        for name in ("floor", "getpid", "brk", "clock", "write64", "getpid_rw"):
             if name not in guest or name not in native:
                 raise BenchError(f"the micro-benchmark did not report {name}")
             for where, v in (("native", native[name]), ("guest", guest[name])):
                 recs.append(Record.make(BENCH, "op_us", v / 1e3, "us", op=name, where=where))
-            progress(f"{name:<8} native {native[name] / 1e3:8.3f} us   guest "
+            progress(f"{name:<9} native {native[name] / 1e3:8.3f} us   guest "
                      f"{guest[name] / 1e3:8.3f} us")
         recs.append(Record.make(BENCH, "micro_exits", exits, "exits", where="guest"))
         progress(f"port exits during the micro run (writes included): {exits}")
+        recs += _rewrite_records("micro", mres, progress)
         for name, cmd, args in _programs(d, rows, loops):
             if cmd is None:
                 progress(f"{name}: skipped ({args[0]})")
@@ -112,15 +133,18 @@ def run(*, quick: bool, progress: Callable[[str], None] = lambda s: None) -> lis
             nt, nout, nerr, nst = _native(cmd, args, d / "n")
             if nst != 0 or not nout:
                 raise BenchError(f"{name} failed natively (status {nst}): {nerr[-300:]!r}")
-            gt, gout, _, gst, _ = _guest(cmd, args)
+            gt, gout, _, gres = _guest(cmd, args, rewrite=rewrite)
+            gst = gres.status
             if (gout, gst) != (nout, nst):
                 raise BenchError(f"{name}: the guest's output or status differs from native")
             recs.append(Record.make(BENCH, "wall_s", nt, "s", program=name, where="native"))
             recs.append(Record.make(BENCH, "wall_s", gt, "s", program=name, where="guest"))
             progress(f"{name:<8} native {nt:7.3f} s   guest {gt:7.3f} s   ({gt / nt:.2f}x)")
+            recs += _rewrite_records(name, gres, progress)
         true_prog = _gcc(HERE / "exec_micro.c", d / "exec_micro_0")
         assert true_prog is not None
-        starts = sorted(_guest(true_prog, ["0"])[0] for _ in range(5 if quick else 20))
+        starts = sorted(_guest(true_prog, ["0"], rewrite=rewrite)[0]
+                        for _ in range(5 if quick else 20))
         recs.append(Record.make(BENCH, "startup_ms", starts[len(starts) // 2] * 1e3, "ms",
                                 stat="p50"))
         progress(f"start-up (build, boot, run, end of an empty program): p50 "
@@ -180,6 +204,11 @@ def format_table(records: list[Record]) -> str:
     for r in records:
         if r.metric in ("startup_ms", "micro_exits"):
             rows.append(f"{r.metric:<12} {r.value:>26.1f} {r.unit}")
+    for n in dict.fromkeys(str(r.dims["program"]) for r in records if r.metric == "rewrite"):
+        v = {r.dims["what"]: int(r.value) for r in records
+             if r.metric == "rewrite" and r.dims["program"] == n}
+        rows.append(f"rewrite {n:<8} {v.get('sites', 0):>6} sites {v.get('fast_calls', 0):>9} "
+                    f"fast {v.get('trapped_calls', 0):>8} trapped")
     return "\n".join(rows)
 
 
@@ -214,6 +243,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--quick", action="store_true", help="small sizes (tests, CI)")
     p.add_argument("--jsonl", action="store_true",
                    help="print the records as JSON lines on stdout instead of the table")
+    p.add_argument("--no-rewrite", action="store_true",
+                   help="run the guests with their syscall sites left as linked (every "
+                        "`syscall` traps), to compare (default: rewrite)")
     p.set_defaults(func=command)
 
 
@@ -221,10 +253,12 @@ def command(args: argparse.Namespace) -> int:
     """``dirtyring bench exec``."""
     try:
         t0 = time.monotonic()
-        recs = run(quick=args.quick, progress=lambda s: print(s, file=sys.stderr, flush=True))
+        recs = run(quick=args.quick, progress=lambda s: print(s, file=sys.stderr, flush=True),
+                   rewrite=not args.no_rewrite)
         g = goals(recs)
         path = write_json(Path(args.out) / f"{BENCH}.json", BENCH, recs,
-                          settings={"quick": args.quick, "sizes": SIZES[args.quick]},
+                          settings={"quick": args.quick, "sizes": SIZES[args.quick],
+                                    "rewrite": not args.no_rewrite},
                           extra={"goals": g,
                                  "elapsed_s": round(time.monotonic() - t0, 1)})
     except (DirtyringError, OSError) as e:

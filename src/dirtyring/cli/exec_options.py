@@ -15,8 +15,8 @@ from ..linux.runner import unsupported_line
 
 def add_exec_options(p: argparse.ArgumentParser, *, memory_note: bool = True,
                      strace: bool = False) -> None:
-    """Add --exec, --env, --file (and --strace where the command prints traces) and the
-    positional program arguments."""
+    """Add --exec, --env, --file, --no-rewrite (and --strace where the command prints traces)
+    and the positional program arguments."""
     p.add_argument("--exec", metavar="PROGRAM", default=None,
                    help="run this static x86-64 Linux program instead of a built-in guest, "
                         "under the library OS; its output passes through (default: none"
@@ -28,6 +28,10 @@ def add_exec_options(p: argparse.ArgumentParser, *, memory_note: bool = True,
                    help="copy a host file (or a directory's tree) into the program's file "
                         "system, at GUEST_PATH (default: the same path, relative to /, the "
                         "program's working directory); repeatable (default: none)")
+    p.add_argument("--no-rewrite", action="store_true",
+                   help="keep the program's code byte for byte: do not let the library OS "
+                        "rewrite its `mov $nr,%%eax; syscall` sites into jumps that skip the "
+                        "trap a `syscall` costs (~20 us on kvm_pvm) (default: rewrite)")
     if strace:
         p.add_argument("--strace", action="store_true",
                        help="print each of the program's system calls with its arguments and "
@@ -42,8 +46,10 @@ def program_from_args(args: argparse.Namespace, *, export_files: bool = False
     """The program the options name, or None without --exec (then program arguments, --env and
     --file are a usage error)."""
     if args.exec is None:
-        if args.args or args.env or args.file or getattr(args, "strace", False):
-            raise ConfigError("program arguments, --env, --file and --strace need --exec PROGRAM")
+        if args.args or args.env or args.file or getattr(args, "strace", False) \
+                or getattr(args, "no_rewrite", False):
+            raise ConfigError("program arguments, --env, --file, --strace and --no-rewrite "
+                              "need --exec PROGRAM")
         return None
     env = {}
     for kv in args.env:
@@ -54,7 +60,8 @@ def program_from_args(args: argparse.Namespace, *, export_files: bool = False
     files = [(h, g or None) for h, _, g in (f.partition(":") for f in args.file)]
     return LinuxProgram(args.exec, [args.exec, *args.args], env, memory=args.memory,
                         files=files, export_files=export_files,
-                        strace=getattr(args, "strace", False))
+                        strace=getattr(args, "strace", False),
+                        rewrite_syscalls=not getattr(args, "no_rewrite", False))
 
 
 def guest_or_program(args: argparse.Namespace) -> LinuxProgram | None:

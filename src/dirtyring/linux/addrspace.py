@@ -12,7 +12,12 @@ in any unikernel).
 Virtual layout (``plan``)::
 
     [0, 4 MiB)                 the system area (identity mapped: GDT, TSS, page tables, the
-                               library OS, queues); programs must not be linked here
+                               library OS, queues); programs must not be linked here. Only its
+                               first 2 MiB are mapped, so [2 MiB, 4 MiB) can take a trampoline
+                               region.
+    trampolines                2 MiB just below the image: the library OS writes a trampoline
+                               there for each ``syscall`` site it rewrites (libos.c), so a
+                               rel32 jump from anywhere in the image reaches it
     image + heap               the program's segments at their link addresses (ET_EXEC) or at
                                PIE_BASE (static-PIE), then brk's heap, in one region
     [FS_BASE, FS_BASE + fs)              the library OS's file system (blocks, the archives)
@@ -34,6 +39,9 @@ from .elf import ElfImage
 
 HUGE = 2 << 20
 SYSTEM_END = 4 << 20
+TRAMP_SIZE = HUGE
+#: The lowest address a trampoline region may take: the system area maps only its first 2 MiB.
+TRAMP_LOW = 2 << 20
 PIE_BASE = 0x5555_5540_0000  # 2 MiB-aligned, where Linux puts a PIE without randomisation
 FS_BASE = 0x6000_0000_0000
 MMAP_TOP = 0x7F00_0000_0000
@@ -80,6 +88,11 @@ class AddressSpace:
 
     def region(self, name: str) -> Region:
         return next(r for r in self.regions if r.name == name)
+
+    def find(self, name: str) -> Region | None:
+        """The region called ``name``, or None if this plan has none (``tramp`` for an image
+        too big for a rel32 jump to reach from its start to its end)."""
+        return next((r for r in self.regions if r.name == name), None)
 
     def translate(self, va: int, n: int) -> list[tuple[int, int]]:
         """The data-slot (offset, length) pieces behind ``[va, va + n)``. A range outside
@@ -164,6 +177,10 @@ def plan(image: ElfImage, *, memory: int, stack: int = DEFAULT_STACK,
                           "between the heap and the mmap area")
     layout_ = [("image+heap", lo, hi - lo + heap), ("mmap", MMAP_TOP - mmap, mmap),
                ("stack", STACK_TOP - stack, stack)]
+    if lo - TRAMP_SIZE >= TRAMP_LOW and hi - (lo - TRAMP_SIZE) <= 1 << 31:
+        # Trampolines for rewritten syscall sites, within a rel32 jump of every byte of the
+        # image (it costs nothing until the library OS writes one).
+        layout_.append(("tramp", lo - TRAMP_SIZE, TRAMP_SIZE))
     if fs:
         layout_.append(("fs", FS_BASE, fs))
     for name, va, size in layout_:

@@ -56,6 +56,12 @@ class ProgramResult:
     #: Every file the program's file system held at exit (with ``export_files``): path -> data;
     #: directories map to None.
     files: dict[str, bytes | None] = field(default_factory=dict)
+    #: Syscall sites the library OS rewrote into jumps, the syscalls that came through them
+    #: (no trap), and those that trapped (LinuxProgram's ``rewrite_syscalls``). As the guest
+    #: counted them: figures to report, not to trust.
+    rewritten_sites: int = 0
+    fast_calls: int = 0
+    trapped_calls: int = 0
 
 
 def run_program(prog: LinuxProgram, *, write: Callable[[str, bytes], None],
@@ -134,6 +140,9 @@ def run_program(prog: LinuxProgram, *, write: Callable[[str, bytes], None],
             res.missed_pages += len(check.stale())
         m.drain_output()  # anything queued after the last harvest (none once it has ended)
         res.io_exits = m.runners[0].exits[U.KVM_EXIT_IO]
+        st = LinuxProgram.rewrite_stats(m)
+        res.rewritten_sites, res.fast_calls = st["sites"], st["fast_calls"]
+        res.trapped_calls = st["trapped_calls"]
         res.crash = m.crashed or res.crash
         if m.crashed and "triple-faulted" in m.crashed:
             res.crash = _where(m, prog) + m.crashed
@@ -163,6 +172,10 @@ def _where(m: Machine, prog: LinuxProgram) -> str:
     if layout.CODE_GPA <= rip < layout.CODE_LIMIT:
         return (f"the library OS faulted at {rip:#x} (the program may have overwritten its "
                 "memory): ")
+    tramp = prog.space.find("tramp")
+    if tramp is not None and tramp.va <= rip < tramp.end:
+        return (f"the program faulted at {rip:#x}, in a rewritten syscall site's trampoline "
+                "(it may have overwritten them; --no-rewrite runs it without): ")
     image = prog.space.region("image+heap")
     if image.va <= rip < image.end:
         return f"the program faulted at {rip:#x} (a bad memory access, like SIGSEGV): "

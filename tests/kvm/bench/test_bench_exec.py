@@ -18,8 +18,13 @@ def test_bench_exec_quick(tmp_path: Path) -> None:
     doc, recs = read_json(tmp_path / "exec.json")
     json.dumps(doc)
     ops = {(r.dims["op"], r.dims["where"]) for r in recs if r.metric == "op_us"}
-    assert ops == {(o, w) for o in ("floor", "getpid", "brk", "clock", "write64")
+    assert ops == {(o, w) for o in ("floor", "getpid", "brk", "clock", "write64", "getpid_rw")
                    for w in ("native", "guest")}
+    # What rewriting syscall sites did, per guest run: the micro run's getpid_rw loop came
+    # through a rewritten site.
+    rw = {(r.dims["program"], r.dims["what"]): r.value for r in recs if r.metric == "rewrite"}
+    assert {p for p, _ in rw} == {"micro", "sqlite", "awk"}
+    assert rw["micro", "sites"] > 0 and rw["micro", "fast_calls"] > 0
     assert all(r.value > 0 for r in recs if r.metric in ("op_us", "wall_s", "startup_ms"))
     programs = {(r.dims["program"], r.dims["where"]) for r in recs if r.metric == "wall_s"}
     assert programs == {(n, w) for n in ("sqlite", "awk") for w in ("native", "guest")}

@@ -91,6 +91,8 @@ def test_every_call_is_traced_without_an_exit_per_call(prog: Path) -> None:
                       trace=lines.append)
     assert res.status == 5 and bytes(out) == b"sum 3000\n"
     assert lines.count("getpid() = 1") == 3000
+    # glibc's getpid site was rewritten: its calls came through a trampoline, and traced.
+    assert res.rewritten_sites > 0 and res.fast_calls >= 2999, res
     assert 'openat(AT_FDCWD, "/tmp/traced", 0x41, 0600) = 3' in lines
     assert "close(3) = 0" in lines and lines[-1] == "exit_group(5) = 0"
     # One exit per ring of 448 records at most, not one per call.
@@ -102,3 +104,5 @@ def test_the_cli_traces_on_stderr(prog: Path) -> None:
                         "--strace"], capture_output=True, text=True, timeout=300)
     assert p.returncode == 5 and p.stdout == "sum 3000\n"
     assert "getpid() = 1" in p.stderr and "exit_group(5) = 0" in p.stderr
+    # Every call, the ones through rewritten sites too.
+    assert p.stderr.splitlines().count("getpid() = 1") == 3000

@@ -38,9 +38,13 @@ def _walk(q: np.ndarray, va: int) -> int | None:
 def test_plan_install_and_walk_agree(pie: bool) -> None:
     img = _image(0 if pie else 0x400000, 3 << 20, pie=pie)
     space = A.plan(img, memory=GIB)
-    assert space.data_bytes <= GIB
+    assert space.data_bytes <= GIB + A.TRAMP_SIZE
     rs = sorted(space.regions, key=lambda r: r.va)
-    assert rs[0].va >= A.SYSTEM_END
+    # Only the trampoline region may sit in the system area's unmapped half, [2 MiB, 4 MiB).
+    assert all(r.va >= A.SYSTEM_END for r in rs if r.name != "tramp")
+    tramp, image = space.region("tramp"), space.region("image+heap")
+    assert tramp.va >= A.TRAMP_LOW and tramp.end == image.va
+    assert img.high + space.bias - tramp.va <= 1 << 31   # a rel32 jump reaches it from the image
     assert all(a.end <= b.va for a, b in zip(rs, rs[1:]))
     assert space.brk_start == (img.high + space.bias) and space.brk_start % L.PAGE == 0
     sysmem = np.zeros(L.SYSTEM_SLOT_SIZE, np.uint8)
@@ -91,3 +95,11 @@ def test_programs_that_do_not_fit_say_why() -> None:
         A.plan(_image(0x10000, 4096), memory=GIB)
     with pytest.raises(ConfigError, match="too small"):
         A.plan(_image(0x400000, 100 << 20), memory=64 << 20)
+
+
+def test_trampolines_need_a_rel32_reach() -> None:
+    """An image too big for a rel32 jump to reach from its end to the region below it gets no
+    trampoline region (the library OS then rewrites nothing)."""
+    assert A.plan(_image(0x400000, 1 << 20), memory=GIB).find("tramp") is not None
+    huge = A.plan(_image(0x400000, (2 << 30) + (4 << 20)), memory=4 * GIB)
+    assert huge.find("tramp") is None

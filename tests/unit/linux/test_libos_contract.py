@@ -120,3 +120,16 @@ def test_stdio_header_offsets_by_declaration() -> None:
     record = re.search(r"struct trace_record\s*\{(.*?)\};", LIBOS_H.read_text(), re.S)[1]
     assert record.split() == ["u64", "nr;", "u64", "args[6];", "s64", "ret;"]
     assert protocol.TRACE_RECORD.size == 64
+
+
+def test_rewrite_stats_agree() -> None:
+    """The counts the library OS keeps for rewritten syscall sites: where the VMM reads them,
+    in order, in the queue header page after stdio_header and before the stdio ring."""
+    d = _defines()
+    assert d["REWRITE_STATS_GPA"] == program.REWRITE_STATS_GPA
+    body = re.search(r"struct rewrite_stats\s*\{(.*?)\};", LIBOS_H.read_text(), re.S)[1]
+    assert tuple(re.findall(r"volatile u64 (\w+);", body)) == program.REWRITE_STATS_FIELDS
+    header_end = max(protocol.STDIO_HEADER_OFFSETS.values()) + 8
+    assert layout.QUEUE_GPA + header_end <= program.REWRITE_STATS_GPA
+    assert program.REWRITE_STATS_GPA + 8 * len(program.REWRITE_STATS_FIELDS) \
+        <= layout.QUEUE_GPA + protocol.STDIO_RING_OFFSET

@@ -1,4 +1,5 @@
-/* The library OS's syscall entry, at 0x10000 (the VMM points LSTAR here).
+/* The library OS's syscall entries: `syscall_entry` at 0x10000 (the VMM points LSTAR here), and
+ * `syscall_fast`, where the trampolines of rewritten syscall sites jump (libos.c).
  *
  * On these hosts (kvm_pvm) a CPL3 `syscall` lands here still at CPL3, with RCX = the return
  * address and R11 = RFLAGS (FMASK is 0, so nothing was masked). The program's stack must not be
@@ -6,9 +7,15 @@
  * to the library OS's stack, save every register Linux preserves across a syscall (all but RAX,
  * RCX and R11), call the C dispatcher with a pointer to them, restore, and return with
  * `jmp *%rcx` (`sysretq` is privileged at CPL3). On hardware KVM the same `syscall` enters CPL0,
- * where `sysretq` is right; that path is not done yet: the entry reports it and stops. */
+ * where `sysretq` is right; that path is not done yet: the entry reports it and stops.
+ *
+ * Each `syscall` instruction traps on kvm_pvm (~20 us), so the trapped entry rewrites the site
+ * it came from when it can (libos.c: rewrite_site) into a jump to a trampoline that sets RAX and
+ * RCX as `syscall` would and jumps to `syscall_fast`, with no trap. `syscall_fast` leaves the
+ * registers exactly as the trapped path does: RCX = return address, R11 = RFLAGS, the flags
+ * restored; it saves the flags itself (pushfq) before any instruction that changes them. */
     .section .text.start, "ax"
-    .globl syscall_entry, _start
+    .globl syscall_entry, syscall_fast, _start
 syscall_entry:
 _start:
     cmpq $1000, %rax             /* the floor (bench exec): a syscall that returns at once; */
@@ -30,7 +37,23 @@ _start:
     movq %rsp, %rdi
     subq $8, %rsp                /* 9 pushes: realign to 16 for the call */
     call libos_syscall           /* returns the result in RAX */
-    addq $8, %rsp
+    jmp 1f
+syscall_fast:                    /* from a trampoline: RAX = nr, RCX = return address */
+    movq %rsp, libos_user_rsp    /* (mov changes no flags) */
+    movq $0x100000, %rsp
+    pushfq                       /* R11's slot: what `syscall` would have put in R11 */
+    pushq %rcx
+    pushq %rax
+    pushq %r9
+    pushq %r8
+    pushq %r10
+    pushq %rdx
+    pushq %rsi
+    pushq %rdi
+    movq %rsp, %rdi
+    subq $8, %rsp
+    call libos_fast_syscall
+1:  addq $8, %rsp
     popq %rdi
     popq %rsi
     popq %rdx

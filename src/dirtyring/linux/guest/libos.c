@@ -277,9 +277,88 @@ static s64 unsupported(u64 nr) {
     return -ENOSYS;
 }
 
+/* --- rewriting syscall sites --------------------------------------------------------------
+ * A `syscall` instruction traps on kvm_pvm (~20 us); a jump does not. So when a `syscall`
+ * traps, the site it came from is rewritten, if it is the 7 bytes `b8 imm32 0f 05`
+ * (mov $nr,%eax; syscall): the mov becomes `e9 rel32`, a jump to a trampoline of this site
+ * that does the mov, sets RCX as `syscall` would and jumps to syscall_fast (entry.S). The
+ * `0f 05` stays: code that jumps straight to the syscall instruction still traps and is
+ * still right.
+ *
+ * Doing it here, lazily, is what makes it safe: RCX - 2 is known to be a syscall instruction
+ * that just ran (bytes that only look like one are never touched), the imm32 must equal the
+ * number the program actually put in RAX (a valid one, < 512), and a byte before the b8 that
+ * would be a prefix of the mov (REX: mov to r8d-r15d; 66; 67; f2/f3; lock; segments) refuses
+ * the site, as do bytes that make the b8 a displacement (disp8_of_imm_op). What is left is a
+ * coincidence no compiler emits on purpose: b8 and the number being the tail of a longer
+ * instruction (a disp32 or an immediate) whose value equals RAX. Only the program's loaded
+ * image is rewritten (not code it wrote into the heap or an mmap). Everything (the rewritten
+ * text, the trampolines, the counts) is guest memory, so checkpoints, snapshots and migration
+ * carry it. */
+extern char syscall_fast[];
+#define TRAMP_BYTES 32
+static u64 tramp_next;
+
+static inline struct rewrite_stats *rw_stats(void) {
+    return (struct rewrite_stats *)REWRITE_STATS_GPA;
+}
+
+static int mov_prefix(u8 b) {
+    return (b >= 0x40 && b <= 0x4f) || b == 0x66 || b == 0x67 || b == 0xf2 || b == 0xf3 ||
+           b == 0xf0 || b == 0x26 || b == 0x2e || b == 0x36 || b == 0x3e || b == 0x64 ||
+           b == 0x65;
+}
+
+/* The one false pattern a compiler plausibly puts before a syscall: b8 as the disp8 of
+ * `op $imm32, disp8(base)` (c7 mov, 81 arith, 69 imul, f7 test), e.g. `movl $39,-0x48(%rbp)`,
+ * whose imm32 then looks like a mov's. site[-1] is its ModRM (mod 01), or its SIB with the
+ * ModRM before it. A real mov's site is refused only if the bytes before it look so too. */
+static int disp8_of_imm_op(const u8 *site) {
+    u8 m1 = site[-1], m2 = site[-2], m3 = site[-3];
+#define IMM_OP(b) ((b) == 0xc7 || (b) == 0x81 || (b) == 0x69 || (b) == 0xf7)
+    if ((m1 & 0xc0) == 0x40 && (m1 & 7) != 4 && IMM_OP(m2)) return 1;
+    if ((m2 & 0xc7) == 0x44 && IMM_OP(m3)) return 1;
+#undef IMM_OP
+    return 0;
+}
+
+static int fits_rel32(s64 v) { return v == (s64)(s32)v; }
+
+static void put32(u8 *p, u32 v) { for (int i = 0; i < 4; i++) p[i] = (u8)(v >> (8 * i)); }
+
+static void rewrite_site(const struct frame *f) {
+    const volatile struct linux_ctl *c = ctl();
+    u64 ret = f->rcx;                               /* just after the syscall instruction */
+    if (!c->rewrite || !c->tramp_lo || f->rax >= 512) return;
+    if (ret < c->image_lo + 10 || ret > c->brk_start) return;
+    u8 *site = (u8 *)(ret - 7);
+    if (site[0] != 0xb8 || site[5] != 0x0f || site[6] != 0x05 || mov_prefix(site[-1]) ||
+        disp8_of_imm_op(site)) return;
+    u32 imm = (u32)site[1] | (u32)site[2] << 8 | (u32)site[3] << 16 | (u32)site[4] << 24;
+    if (imm != f->rax) return;
+    if (!tramp_next) tramp_next = c->tramp_lo;
+    u64 t = tramp_next;
+    if (t + TRAMP_BYTES > c->tramp_hi) return;      /* full: the site keeps trapping */
+    s64 to_tramp = (s64)(t - (ret - 2)), to_ret = (s64)(ret - (t + 12));
+    if (!fits_rel32(to_tramp) || !fits_rel32(to_ret)) return;
+    u8 *p = (u8 *)t;
+    p[0] = 0xb8; put32(p + 1, imm);                 /* mov $nr, %eax */
+    p[5] = 0x48; p[6] = 0x8d; p[7] = 0x0d;          /* lea ret(%rip), %rcx */
+    put32(p + 8, (u32)to_ret);
+    p[12] = 0xff; p[13] = 0x25; put32(p + 14, 6);   /* jmp *24(trampoline) */
+    for (int i = 18; i < 24; i++) p[i] = 0xcc;      /* int3 */
+    *(u64 *)(p + 24) = (u64)syscall_fast;
+    tramp_next = t + TRAMP_BYTES;
+    __asm__ volatile("" ::: "memory");              /* the trampoline before the jump to it */
+    put32(site + 1, (u32)to_tramp);
+    __asm__ volatile("" ::: "memory");
+    site[0] = 0xe9;                                 /* jmp trampoline */
+    rw_stats()->sites++;
+}
+
 static s64 dispatch(struct frame *f);
 
-s64 libos_syscall(struct frame *f) {
+static s64 serve(struct frame *f) {
     init_once();
     if (!ctl()->strace) return dispatch(f);
     u64 args[6] = {f->rdi, f->rsi, f->rdx, f->r10, f->r8, f->r9};
@@ -287,6 +366,19 @@ s64 libos_syscall(struct frame *f) {
     s64 r = dispatch(f);
     trace(f->rax, args, r);
     return r;
+}
+
+/* A `syscall` instruction trapped into syscall_entry. */
+s64 libos_syscall(struct frame *f) {
+    rw_stats()->trapped_calls++;
+    rewrite_site(f);
+    return serve(f);
+}
+
+/* A rewritten site's trampoline jumped to syscall_fast. */
+s64 libos_fast_syscall(struct frame *f) {
+    rw_stats()->fast_calls++;
+    return serve(f);
 }
 
 static s64 dispatch(struct frame *f) {

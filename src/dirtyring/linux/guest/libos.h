@@ -54,6 +54,9 @@ struct linux_ctl {                  /* the VMM fills it before the program start
     u64 import_len;   /* 144 bytes of the import archive at fs_lo (0: an empty file system) */
     u64 export_files; /* 152 nonzero: at exit, hand the VMM an archive of every file */
     u64 strace;       /* 160 nonzero: record every syscall in the trace ring */
+    u64 tramp_lo;     /* 168 the trampoline region for rewritten syscall sites (0: none) */
+    u64 tramp_hi;     /* 176 */
+    u64 rewrite;      /* 184 nonzero: rewrite `mov $nr,%eax; syscall` sites that trap */
 };
 
 struct stdio_header {               /* at STDIO_GPA */
@@ -72,6 +75,15 @@ struct stdio_header {               /* at STDIO_GPA */
  * own getrandom (at boot and on PORT_ENTROPY), never a generator a program could predict. */
 #define ENTROPY_OFFSET 0xC00        /* from STDIO_GPA, after the rewrite counters */
 #define ENTROPY_POOL 0x400
+
+/* What rewriting syscall sites did, counted by the library OS (the VMM reports it): in the
+ * queue area's header page, after stdio_header. */
+#define REWRITE_STATS_GPA (STDIO_GPA + 0x800UL)
+struct rewrite_stats {
+    volatile u64 sites;             /* syscall sites rewritten into jumps to a trampoline */
+    volatile u64 fast_calls;        /* syscalls that came through a trampoline: no trap */
+    volatile u64 trapped_calls;     /* syscalls that trapped (a `syscall` instruction ran) */
+};
 
 /* The file archive the VMM hands in (at fs_lo) and gets back (PORT_EXPORT): a header
  * {u64 magic "DRFSARC1", u64 count}, then per file {u32 path_len, u32 mode, u64 size, the
