@@ -58,8 +58,9 @@ DEFAULT_FS_ROOM = 256 << 20
 PID = 1
 CR4_FSGSBASE = 1 << 16
 EFER_SCE = 1
-#: STAR's CPL0 code selector (GDT entry 1), for a `syscall` on hardware KVM.
-STAR = (1 << 3) << 32
+#: STAR: the CPL0 code selector `syscall` loads on hardware KVM (GDT entry 1; SS = entry 2), and
+#: the base `sysretq` returns through (user data and code at + 8 and + 16: machine/layout.py).
+STAR = (layout.SYSRET_BASE << 48) | ((1 << 3) << 32)
 
 
 class LinuxProgram:

@@ -107,12 +107,14 @@ def build_system_slot(mem: np.ndarray, data_bytes: int) -> None:
     if n2m:
         gpas = DATA_GPA + (np.arange(n2m, dtype=np.uint64) << np.uint64(21))
         q[DATA_PD_GPA // 8: DATA_PD_GPA // 8 + n2m] = gpas | np.uint64(P | RW | US | A | D | PS)
-    # GDT: null, kernel code, kernel data, user code 64, user data, TSS (16 bytes).
-    gdt = [0, 0x00AF9A000000FFFF, 0x00CF92000000FFFF, 0x00AFFA000000FFFF, 0x00CFF2000000FFFF]
+    # GDT: null, kernel code, kernel data, user code 64, user data, TSS (16 bytes), then user
+    # data and user code 64 again where `sysretq` looks for them (SYSRET_BASE + 8 and + 16): a
+    # Linux program's syscall entry returns with it on hardware KVM (linux/guest/entry.S).
+    gdt = [0, KERNEL_CODE64, KERNEL_DATA, USER_CODE64, USER_DATA]
     tss_limit = TSS_LIMIT
     tss_lo = (tss_limit & 0xFFFF) | ((TSS_GPA & 0xFFFFFF) << 16) | (0x89 << 40) \
         | (((TSS_GPA >> 24) & 0xFF) << 56)
-    gdt += [tss_lo, TSS_GPA >> 32]
+    gdt += [tss_lo, TSS_GPA >> 32, USER_DATA, USER_CODE64]
     mem[GDT_GPA:GDT_GPA + 8 * len(gdt)] = np.frombuffer(struct.pack(f"<{len(gdt)}Q", *gdt),
                                                          np.uint8)
     # TSS with an all-zero I/O permission bitmap for ports 0..IO_PORTS-1 (then the 0xFF byte
@@ -125,4 +127,10 @@ def build_system_slot(mem: np.ndarray, data_bytes: int) -> None:
     mem[TSS_GPA + IO_BITMAP_OFFSET + IO_PORTS // 8] = 0xFF
 
 
-GDT_LIMIT = 7 * 8 - 1
+GDT_LIMIT = 9 * 8 - 1
+#: Segment descriptors: 64-bit code (L=1) and data, at DPL 0 and 3.
+KERNEL_CODE64, KERNEL_DATA = 0x00AF9A000000FFFF, 0x00CF92000000FFFF
+USER_CODE64, USER_DATA = 0x00AFFA000000FFFF, 0x00CFF2000000FFFF
+#: STAR[63:48] for `sysretq`: it loads SS = this + 8 and CS = this + 16 (RPL 3), GDT entries 7
+#: and 8 (entries 5 and 6 are the TSS's 16 bytes).
+SYSRET_BASE = 6 << 3

@@ -262,7 +262,7 @@ class VcpuRunner:
                 self.parked = True
                 m.cv.notify_all()
         except BaseException as e:  # a device handler bug must not hang the controller
-            self.crash = f"VMM error on vCPU {self.index}: {type(e).__name__}: {e}"
+            self.crash = f"VMM error on vCPU {self.index}: {type(e).__name__}: {e}{_where(e)}"
             m.on_crash(self)
             with m.cv:
                 self.parked = True
@@ -402,3 +402,15 @@ class VcpuRunner:
                 raise KvmError("KVM_RUN", batch.err)
             raise native.program_error(batch.detail, batch.err)
         return STOPPED if stop is INTERVAL and self.quit else stop
+
+
+def _where(e: BaseException) -> str:
+    """`` (in file.py:LINE func)``: where in the VMM an error on a vCPU thread was raised, so a
+    bug report names it (the thread has no one to print a traceback to)."""
+    tb = e.__traceback__
+    if tb is None:
+        return ""
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    code = tb.tb_frame.f_code
+    return f" (in {code.co_filename.rsplit('/', 1)[-1]}:{tb.tb_lineno} {code.co_name})"

@@ -6,6 +6,7 @@ import re
 import struct
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from dirtyring.guests import build as guest_build
@@ -74,10 +75,40 @@ def test_addresses_ports_and_queue_agree() -> None:
     ports = {k[len("PORT_"):]: v for k, v in d.items() if k.startswith("PORT_")}
     assert ports == {"DONE": int(protocol.Port.DONE),
                      **{p.name: int(p) for p in protocol.LibosPort}}
-    # entry.S hard-codes the stack top and the fault port.
+    # entry.S hard-codes the stack top.
     entry = (build.SRC / "entry.S").read_text()
     assert f"$0x{d['LIBOS_STACK_TOP']:X}" in entry
-    assert f"$0x{d['PORT_FAULT']:x}" in entry
+
+
+def _descriptor(gdt: bytes, selector: int) -> dict[str, int]:
+    d = int.from_bytes(gdt[selector & ~7:(selector & ~7) + 8], "little")
+    access = (d >> 40) & 0xFF
+    return {"present": access >> 7, "dpl": (access >> 5) & 3, "code": (access >> 3) & 1,
+            "s": (access >> 4) & 1, "rw": (access >> 1) & 1, "long": (d >> 53) & 1}
+
+
+def test_star_and_the_gdt_agree_with_syscall_and_sysret() -> None:
+    """On hardware KVM a program's `syscall` enters CPL0 through STAR[47:32] and the entry
+    returns with `sysretq`, which loads SS = STAR[63:48] + 8 and CS = STAR[63:48] + 16 (SDM
+    vol. 2, SYSRET). This host never takes that path (kvm_pvm keeps the entry at CPL3), so the
+    descriptors it would load are checked here, as the CPU would read them."""
+    mem = np.zeros(layout.SYSTEM_SLOT_SIZE, np.uint8)
+    layout.build_system_slot(mem, 0)
+    gdt = mem[layout.GDT_GPA:layout.GDT_GPA + layout.GDT_LIMIT + 1].tobytes()
+    kernel_cs = (program.STAR >> 32) & 0xFFFF
+    base = (program.STAR >> 48) & 0xFFFF
+    assert _descriptor(gdt, kernel_cs) == {"present": 1, "dpl": 0, "code": 1, "s": 1, "rw": 1,
+                                           "long": 1}
+    assert _descriptor(gdt, kernel_cs + 8)["code"] == 0  # syscall's SS
+    user_ss, user_cs = base + 8, base + 16
+    assert user_cs + 8 <= layout.GDT_LIMIT + 1
+    assert _descriptor(gdt, user_ss) == {"present": 1, "dpl": 3, "code": 0, "s": 1, "rw": 1,
+                                         "long": 0}
+    assert _descriptor(gdt, user_cs) == {"present": 1, "dpl": 3, "code": 1, "s": 1, "rw": 1,
+                                         "long": 1}
+    entry = (build.SRC / "entry.S").read_text()
+    code = [ln.split("/*")[0].split() for ln in entry.splitlines()]
+    assert sum(1 for w in code if "sysretq" in w) == 2  # the return and the floor's, at CPL0
 
 
 def test_committed_libos_is_what_the_sources_build(tmp_path: Path) -> None:

@@ -6,8 +6,11 @@
  * touched: the 128 bytes below its RSP (the red zone) may hold live data. So: save RSP, switch
  * to the library OS's stack, save every register Linux preserves across a syscall (all but RAX,
  * RCX and R11), call the C dispatcher with a pointer to them, restore, and return with
- * `jmp *%rcx` (`sysretq` is privileged at CPL3). On hardware KVM the same `syscall` enters CPL0,
- * where `sysretq` is right; that path is not done yet: the entry reports it and stops.
+ * `jmp *%rcx` (`sysretq` is privileged at CPL3). On hardware KVM the same `syscall` enters CPL0:
+ * everything is the same up to the return, which reads CS's RPL and, at CPL0, returns with
+ * `sysretq` instead (RIP from RCX, RFLAGS from R11, CS/SS from STAR's user selectors: the GDT has
+ * them where sysret looks, see machine/layout.py). That path cannot run on kvm_pvm, where this
+ * entry always runs at CPL3; it is checked here only by the layout test (STAR and the GDT).
  *
  * Each `syscall` instruction traps on kvm_pvm (~20 us), so the trapped entry rewrites the site
  * it came from when it can (libos.c: rewrite_site) into a jump to a trampoline that sets RAX and
@@ -31,9 +34,6 @@ _start:
     pushq %rdx
     pushq %rsi
     pushq %rdi
-    movl %cs, %eax
-    testl $3, %eax
-    jz 2f
     movq %rsp, %rdi
     subq $8, %rsp                /* 9 pushes: realign to 16 for the call */
     call libos_syscall           /* returns the result in RAX */
@@ -63,13 +63,20 @@ syscall_fast:                    /* from a trampoline: RAX = nr, RCX = return ad
     addq $8, %rsp                /* the saved RAX: the result replaces it */
     popq %rcx
     popq %r11
-    pushq %r11
+    pushq %rax                   /* (the result, while CS is looked at) */
+    movl %cs, %eax
+    testl $3, %eax
+    popq %rax                    /* (pop keeps the flags the test set) */
+    jz 4f
+    pushq %r11                   /* CPL3 (kvm_pvm): restore the flags, jump back */
     popfq
     movq libos_user_rsp, %rsp
     jmpq *%rcx
-3:  xorl %eax, %eax
+4:  movq libos_user_rsp, %rsp    /* CPL0 (hardware KVM): sysretq restores RFLAGS from R11 */
+    sysretq
+3:  movl %cs, %eax               /* the floor: return at once, the same two ways */
+    testl $3, %eax
+    movl $0, %eax                /* (mov keeps the flags) */
+    jz 5f
     jmpq *%rcx
-2:  movl $1, %eax                /* entered at CPL0: hardware KVM, not supported yet */
-    outl %eax, $0x32             /* PORT_FAULT */
-    hlt
-    jmp 2b
+5:  sysretq
