@@ -145,10 +145,14 @@ def run(*, quick: bool, progress: Callable[[str], None] = lambda s: None,
         assert true_prog is not None
         starts = sorted(_guest(true_prog, ["0"], rewrite=rewrite)[0]
                         for _ in range(5 if quick else 20))
+        # The p50 first (the goal reads it), then the min: start-up is bimodal here (~12 and
+        # ~16 ms on a quiet host), as the first re-arm waits for an SRCU grace period of
+        # KVM's that ends on one timer tick or the next (machine/vm.py, Machine._build).
         recs.append(Record.make(BENCH, "startup_ms", starts[len(starts) // 2] * 1e3, "ms",
                                 stat="p50"))
+        recs.append(Record.make(BENCH, "startup_ms", starts[0] * 1e3, "ms", stat="min"))
         progress(f"start-up (build, boot, run, end of an empty program): p50 "
-                 f"{starts[len(starts) // 2] * 1e3:.1f} ms")
+                 f"{starts[len(starts) // 2] * 1e3:.1f} ms, min {starts[0] * 1e3:.1f} ms")
     return recs
 
 
@@ -184,7 +188,7 @@ def goals(records: list[Record]) -> dict[str, Any]:
             out[f"{name}_vs_native"] = {"value": round(ratio, 2),
                                         "goal": GOALS["program_vs_native"],
                                         "met": ratio <= GOALS["program_vs_native"]}
-    s = next(r.value for r in records if r.metric == "startup_ms")
+    s = next(r.value for r in records if r.metric == "startup_ms" and r.stat == "p50")
     out["startup_ms"] = {"value": round(s, 1), "goal": GOALS["startup_ms"],
                          "met": s <= GOALS["startup_ms"]}
     return out
@@ -203,7 +207,8 @@ def format_table(records: list[Record]) -> str:
                             f" {v['guest'] / max(v['native'], 1e-12):>8.1f}x")
     for r in records:
         if r.metric in ("startup_ms", "micro_exits"):
-            rows.append(f"{r.metric:<12} {r.value:>26.1f} {r.unit}")
+            name = f"{r.metric} {r.stat}" if r.metric == "startup_ms" else r.metric
+            rows.append(f"{name:<16} {r.value:>22.1f} {r.unit}")
     for n in dict.fromkeys(str(r.dims["program"]) for r in records if r.metric == "rewrite"):
         v = {r.dims["what"]: int(r.value) for r in records
              if r.metric == "rewrite" and r.dims["program"] == n}

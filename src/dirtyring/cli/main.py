@@ -12,6 +12,15 @@ from ..errors import DirtyringError
 from . import demo, doctor, migration, replication, run, snapshot
 
 
+BENCH_HELP = "benchmarks (JSON + PNG out)"
+
+
+def _command(argv: list[str]) -> str | None:
+    """The subcommand ``argv`` names (its first word that is not an option), if any: the
+    top-level parser has only flags (--help, --version), so that word is the command."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
 def version() -> str:
     """The installed package's version (its metadata), or "unknown" when it is not installed."""
     try:
@@ -20,7 +29,10 @@ def version() -> str:
         return "unknown"
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(*, bench_commands: bool = True) -> argparse.ArgumentParser:
+    """The whole command line. ``bench_commands=False`` leaves ``bench``'s subcommands out
+    (``bench`` itself stays, with its help line): ``main`` does that for every other command,
+    because importing the benchmarks cost ~32 ms of a ~40 ms start-up here."""
     p = argparse.ArgumentParser(
         prog="dirtyring",
         description="Checkpoint KVM guests thousands of times a second with KVM's dirty ring.")
@@ -33,12 +45,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_parser(sub)
     snapshot.add_parsers(sub)
     migration.add_parsers(sub)
+    if not bench_commands:
+        sub.add_parser("bench", help=BENCH_HELP)
+        return p
     try:
         from .. import bench
     except ImportError:
         bench = None  # type: ignore[assignment]
     if bench is not None:
-        bp = sub.add_parser("bench", help="benchmarks (JSON + PNG out)")
+        bp = sub.add_parser("bench", help=BENCH_HELP)
         bsub = bp.add_subparsers(dest="bench", metavar="BENCH", required=True)
         bench.register(bsub)
         from ..bench import replicate as bench_replicate
@@ -58,8 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     # `kill -USR2 PID` prints every thread's Python stack to stderr: how a stuck process is
     # diagnosed in the field (SIGUSR1 kicks vCPUs, SIGALRM ends inline epochs).
     faulthandler.register(signal.SIGUSR2, all_threads=True)
-    parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(bench_commands=_command(argv) in (None, "bench"))
     # Everything after the first "--" is the --exec program's own arguments. Split here, not
     # by argparse: a command with a positional of its own (snapshot DIR, protect ADDR) would
     # otherwise take them for another positional.

@@ -35,28 +35,53 @@ PAGE = 4096
 
 
 class ShadowCheck:
-    """A shadow of guest memory, advanced only by reported dirty pages."""
+    """A shadow of guest memory, advanced only by reported dirty pages.
+
+    Sparse, because guest memory is: a memfd page never written is a hole and reads as zero,
+    and so does a never-written page of the shadow (made with ``np.zeros``, which costs
+    nothing until written; ``zeros_like`` would write every byte). So the shadow starts as a
+    copy of the populated pages only, and ``stale`` compares only the pages where either side
+    can hold data: the memfd's populated pages and the pages the shadow was ever written.
+    Every other page is zero on both sides. (Copying and comparing whole slots read every
+    hole through the mapping, which makes the kernel allocate it: a 512 MiB Linux program's
+    check cost ~0.5 s and ~750 MB here, for a few hundred pages of data.)
+    """
 
     def __init__(self, memory: GuestMemory, slots: list[int] | None = None) -> None:
         self.memory = memory
         self.slots = slots if slots is not None else [s.info.slot for s in memory.slots]
-        self._views = {s.info.slot: s.rows for s in memory.slots
-                       if s.info.slot in self.slots}
-        self.shadow = {k: v.copy() for k, v in self._views.items()}
+        self._slots = {s.info.slot: s for s in memory.slots if s.info.slot in self.slots}
+        self._views = {k: s.rows for k, s in self._slots.items()}
+        self.shadow = {k: np.zeros(v.shape, v.dtype) for k, v in self._views.items()}
+        #: Pages of each shadow that may be non-zero (written at least once).
+        self._held = {k: np.zeros(len(v), bool) for k, v in self._views.items()}
+        for k, s in self._slots.items():
+            self._copy(k, s.populated_pages())
+
+    def _copy(self, slot: int, pages: np.ndarray) -> None:
+        self.shadow[slot][pages] = self._views[slot][pages]
+        self._held[slot][pages] = True
 
     def apply(self, dirty: DirtySet) -> None:
         """Copy the reported pages from guest memory (guest paused, after the harvest)."""
         for slot, pages in dirty.items():
             if slot in self.shadow:
-                self.shadow[slot][pages] = self._views[slot][pages]
+                self._copy(slot, pages)
 
     def stale(self) -> DirtySet:
         """Pages whose shadow differs from guest memory: writes tracking never reported."""
         parts = []
         for slot, view in self._views.items():
+            held = self._held[slot].copy()
+            held[self._slots[slot].populated_pages()] = True
             sh = self.shadow[slot]
-            diff = (sh.view(np.uint64) != view.view(np.uint64)).any(axis=1)
-            parts.append((slot, np.flatnonzero(diff)))
+            if held.all():  # dense: compare in place rather than gather every page
+                diff = (sh.view(np.uint64) != view.view(np.uint64)).any(axis=1)
+                parts.append((slot, np.flatnonzero(diff)))
+                continue
+            pages = np.flatnonzero(held)
+            diff = (sh[pages].view(np.uint64) != view[pages].view(np.uint64)).any(axis=1)
+            parts.append((slot, pages[diff]))
         return DirtySet.from_arrays(parts)
 
 

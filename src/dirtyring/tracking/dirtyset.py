@@ -10,6 +10,20 @@ _EMPTY = np.zeros(0, dtype=np.int64)
 _EMPTY.setflags(write=False)
 
 
+def sorted_unique(a: np.ndarray) -> np.ndarray:
+    """``np.unique(a)`` for int64 page numbers, by sorting: numpy 2.4's ``np.unique`` hashes,
+    and measured here that is 10-14x slower at every size (4,096 random pages: 316 vs 22 us;
+    131,072: 18 ms vs 1.4 ms), and its first call imports numpy.ma (~15 ms). Returns a new
+    array (``a`` is not modified)."""
+    s = np.sort(a)
+    if len(s) < 2:
+        return s
+    keep = np.empty(len(s), bool)
+    keep[0] = True
+    np.not_equal(s[1:], s[:-1], out=keep[1:])
+    return s if keep.all() else s[keep]
+
+
 @dataclass(frozen=True, slots=True)
 class DirtySet:
     """Per-slot sorted unique page indices (page = offset inside the memslot).
@@ -35,7 +49,7 @@ class DirtySet:
                 acc.setdefault(int(slot), []).append(np.asarray(arr, dtype=np.int64))
         out: dict[int, np.ndarray] = {}
         for slot, arrs in acc.items():
-            a = np.unique(np.concatenate(arrs)) if len(arrs) > 1 else np.unique(arrs[0])
+            a = sorted_unique(np.concatenate(arrs) if len(arrs) > 1 else arrs[0])
             a.setflags(write=False)
             out[slot] = a
         return cls(out)
@@ -46,7 +60,8 @@ class DirtySet:
         if len(slots) == 0:
             return cls({})
         # One sort of (slot << 40 | page) keys, then split at the slot boundaries.
-        keys = np.unique((np.asarray(slots, np.int64) << 40) | np.asarray(pages, np.int64))
+        keys = sorted_unique((np.asarray(slots, np.int64) << 40)
+                             | np.asarray(pages, np.int64))
         ids = keys >> 40
         pg = keys & ((1 << 40) - 1)
         if ids[0] == ids[-1]:

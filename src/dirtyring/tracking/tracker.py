@@ -88,4 +88,15 @@ def set_dirty_logging(vm: VmFd, slots: list[TrackedSlot], on: bool) -> None:
 
 
 def all_pages(slots: list[TrackedSlot]) -> DirtySet:
-    return DirtySet.from_arrays((s.slot, np.arange(s.pages, dtype=np.int64)) for s in slots)
+    """Every page of every slot (what a full resync reports). Built directly: an ``arange`` is
+    already sorted and duplicate-free, and passing it through ``DirtySet.from_arrays`` (a
+    unique) cost ~23 ms for a 514 MiB slot: half of a Linux program's start-up."""
+    out: dict[int, np.ndarray] = {}
+    for s in slots:
+        if s.pages:
+            a = np.arange(s.pages, dtype=np.int64)
+            if s.slot in out:  # never in practice (one TrackedSlot per slot); stay exact
+                a = DirtySet.from_arrays([(s.slot, out[s.slot]), (s.slot, a)]).slot(s.slot)
+            a.setflags(write=False)
+            out[s.slot] = a
+    return DirtySet(out)
