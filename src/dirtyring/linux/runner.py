@@ -110,10 +110,16 @@ def run_program(prog: LinuxProgram, *, write: Callable[[str, bytes], None],
             except ProgramError as err:
                 res.crash = str(err)
 
-    with Machine(prog.config(tracker=tracker), boot=prog.boot, sink=sink) as m:
+    def boot(m: Machine) -> None:
+        """Boot, and set up what the guest may use at once: its vCPU thread starts running it
+        as soon as this returns (a fast program had ended, or read an empty stdin, before
+        setting them up afterwards could happen)."""
+        prog.boot(m)
         machine.append(m)
         assert m.stdio is not None
         m.stdio.stdin_fd = stdin
+
+    with Machine(prog.config(tracker=tracker), boot=boot, sink=sink) as m:
         assert m.memory is not None and m.stdio is not None
         drv = EpochDriver(m)
         m.pause_all()
