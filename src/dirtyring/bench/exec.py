@@ -70,14 +70,16 @@ def _parse_micro(text: str) -> dict[str, float]:
     return out
 
 
-def _guest(path: Path, args: list[str], cwd: Path | None = None, *, rewrite: bool = True
-           ) -> tuple[float, bytes, bytes, ProgramResult]:
+def _guest(path: Path, args: list[str], cwd: Path | None = None, *, rewrite: bool = True,
+           tracker: str = "ring") -> tuple[float, bytes, bytes, ProgramResult]:
     """Run in the guest: (wall seconds from building the machine to the end, stdout, stderr,
-    the result: status, port exits of the vCPU, rewritten sites and calls)."""
+    the result: status, port exits of the vCPU, rewritten sites and calls). ``tracker``:
+    "ring" (50 ms epochs: what a checkpointing user runs) or "none" (the library OS alone)."""
     streams = {"stdout": bytearray(), "stderr": bytearray()}
     t0 = time.perf_counter()
     prog = LinuxProgram(path, [str(path), *args], rewrite_syscalls=rewrite)
-    res = run_program(prog, write=lambda k, b: streams[k].extend(b), interval=0.05)
+    res = run_program(prog, write=lambda k, b: streams[k].extend(b), interval=0.05,
+                      tracker=tracker)
     dt = time.perf_counter() - t0
     if res.crash:
         raise BenchError(f"{path.name} stopped in the guest: {res.crash}")
@@ -133,13 +135,14 @@ def run(*, quick: bool, progress: Callable[[str], None] = lambda s: None,
             nt, nout, nerr, nst = _native(cmd, args, d / "n")
             if nst != 0 or not nout:
                 raise BenchError(f"{name} failed natively (status {nst}): {nerr[-300:]!r}")
-            gt, gout, _, gres = _guest(cmd, args, rewrite=rewrite)
-            gst = gres.status
-            if (gout, gst) != (nout, nst):
-                raise BenchError(f"{name}: the guest's output or status differs from native")
             recs.append(Record.make(BENCH, "wall_s", nt, "s", program=name, where="native"))
-            recs.append(Record.make(BENCH, "wall_s", gt, "s", program=name, where="guest"))
-            progress(f"{name:<8} native {nt:7.3f} s   guest {gt:7.3f} s   ({gt / nt:.2f}x)")
+            for where, tracker in (("guest", "ring"), ("guest-untracked", "none")):
+                gt, gout, _, gres = _guest(cmd, args, rewrite=rewrite, tracker=tracker)
+                if (gout, gres.status) != (nout, nst):
+                    raise BenchError(f"{name}: the guest's output or status differs from native")
+                recs.append(Record.make(BENCH, "wall_s", gt, "s", program=name, where=where))
+                progress(f"{name:<8} native {nt:7.3f} s   {where} {gt:7.3f} s   "
+                         f"({gt / nt:.2f}x)")
             recs += _rewrite_records(name, gres, progress)
         true_prog = _gcc(HERE / "exec_micro.c", d / "exec_micro_0")
         assert true_prog is not None
@@ -183,11 +186,14 @@ def goals(records: list[Record]) -> dict[str, Any]:
     for name in ("sqlite", "awk"):
         w = {r.dims["where"]: r.value for r in records if r.metric == "wall_s"
              and r.matches(program=name)}
-        if len(w) == 2:
-            ratio = w["guest"] / w["native"]
-            out[f"{name}_vs_native"] = {"value": round(ratio, 2),
-                                        "goal": GOALS["program_vs_native"],
-                                        "met": ratio <= GOALS["program_vs_native"]}
+        # Tracked (the ring, 50 ms epochs: each page's first write per epoch is a
+        # write-protect fault) and untracked (the library OS's own cost).
+        for where, key in (("guest", f"{name}_vs_native"),
+                           ("guest-untracked", f"{name}_untracked_vs_native")):
+            if where in w and "native" in w:
+                ratio = w[where] / w["native"]
+                out[key] = {"value": round(ratio, 2), "goal": GOALS["program_vs_native"],
+                            "met": ratio <= GOALS["program_vs_native"]}
     s = next(r.value for r in records if r.metric == "startup_ms" and r.stat == "p50")
     out["startup_ms"] = {"value": round(s, 1), "goal": GOALS["startup_ms"],
                          "met": s <= GOALS["startup_ms"]}
@@ -202,9 +208,11 @@ def format_table(records: list[Record]) -> str:
         for n in names:
             v = {r.dims["where"]: r.value * scale for r in records
                  if r.metric == metric and r.dims[key] == n}
-            if len(v) == 2:
-                rows.append(f"{n:<12} {v['native']:>11.3f} {unit:<2} {v['guest']:>10.3f} {unit:<2}"
-                            f" {v['guest'] / max(v['native'], 1e-12):>8.1f}x")
+            for where in ("guest", "guest-untracked"):
+                if where in v and "native" in v:
+                    label = n if where == "guest" else f"{n} untracked"
+                    rows.append(f"{label:<16} {v['native']:>7.3f} {unit:<2} {v[where]:>10.3f} "
+                                f"{unit:<2} {v[where] / max(v['native'], 1e-12):>8.1f}x")
     for r in records:
         if r.metric in ("startup_ms", "micro_exits"):
             name = f"{r.metric} {r.stat}" if r.metric == "startup_ms" else r.metric
@@ -227,9 +235,10 @@ def plot(records: list[Record], path: Path) -> Path | None:
         for n in dict.fromkeys(str(r.dims[key]) for r in records if r.metric == metric):
             v = {r.dims["where"]: r.value for r in records
                  if r.metric == metric and r.dims[key] == n}
-            if len(v) == 2:
-                labels.append(n)
-                ratios.append(v["guest"] / max(v["native"], 1e-12))
+            for where in ("guest", "guest-untracked"):
+                if where in v and "native" in v:
+                    labels.append(n if where == "guest" else f"{n}\nuntracked")
+                    ratios.append(v[where] / max(v["native"], 1e-12))
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.bar(labels, ratios)
     ax.set_yscale("log")

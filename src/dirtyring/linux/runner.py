@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .._bindings import _uapi as U
-from ..errors import DirtyringError, ProgramError
+from ..errors import ConfigError, DirtyringError, ProgramError
 from ..machine import layout
 from ..machine.epoch import EpochDriver
 from ..machine.verify import ShadowCheck
@@ -75,6 +75,8 @@ def run_program(prog: LinuxProgram, *, write: Callable[[str, bytes], None],
     ``seconds`` bounds the run: a program still running then is stopped, and ``crash`` says so.
     ``trace`` gets one line per system call when the program was made with ``strace=True``.
     ``stdin``: a readable descriptor the program's stdin comes from (default: empty).
+    ``tracker="none"`` runs it untracked (no epochs' harvests, no write-protect faults: the
+    library OS's own cost); its output is still drained every ``interval``.
 
     Example::
 
@@ -119,31 +121,15 @@ def run_program(prog: LinuxProgram, *, write: Callable[[str, bytes], None],
         assert m.stdio is not None
         m.stdio.stdin_fd = stdin
 
+    if tracker == "none" and verify_every:
+        raise ConfigError("verify_every needs a tracker: nothing is tracked with tracker none")
     with Machine(prog.config(tracker=tracker), boot=boot, sink=sink) as m:
         assert m.memory is not None and m.stdio is not None
-        drv = EpochDriver(m)
-        m.pause_all()
-        drv.tracker.full()
-        check = ShadowCheck(m.memory) if verify_every else None
         deadline = None if seconds is None else time.monotonic() + seconds
-        while True:
-            e = drv.run_epoch(interval)
-            res.epochs += 1
-            res.dirty_pages += len(e.dirty)
-            if check is not None:
-                check.apply(e.dirty)
-                if res.epochs % verify_every == 0:
-                    res.missed_pages += len(check.stale())
-            if m.crashed:
-                res.crash = m.crashed
-                break
-            if e.reason == "stopped" or m.finished:
-                break
-            if deadline is not None and time.monotonic() >= deadline:
-                res.crash = f"still running after {seconds:g} s; stopped"
-                break
-        if check is not None:
-            res.missed_pages += len(check.stale())
+        if tracker == "none":
+            res.crash = _run_untracked(m, res, interval, deadline, seconds)
+        else:
+            res.crash = _run_tracked(m, res, interval, deadline, seconds, verify_every)
         m.drain_output()  # anything queued after the last harvest (none once it has ended)
         res.io_exits = m.runners[0].exits[U.KVM_EXIT_IO]
         st = LinuxProgram.rewrite_stats(m)
@@ -157,6 +143,54 @@ def run_program(prog: LinuxProgram, *, write: Callable[[str, bytes], None],
         else:
             res.status = CRASH_STATUS
     return res
+
+
+def _run_tracked(m: Machine, res: ProgramResult, interval: float, deadline: float | None,
+                 seconds: float | None, verify_every: int) -> str | None:
+    """Epoch after epoch under the tracker (with the shadow check every ``verify_every``);
+    why it was stopped early, if it was."""
+    assert m.memory is not None
+    drv = EpochDriver(m)
+    m.pause_all()
+    drv.tracker.full()
+    check = ShadowCheck(m.memory) if verify_every else None
+    crash = None
+    while True:
+        e = drv.run_epoch(interval)
+        res.epochs += 1
+        res.dirty_pages += len(e.dirty)
+        if check is not None:
+            check.apply(e.dirty)
+            if res.epochs % verify_every == 0:
+                res.missed_pages += len(check.stale())
+        if m.crashed:
+            crash = m.crashed
+            break
+        if e.reason == "stopped" or m.finished:
+            break
+        if deadline is not None and time.monotonic() >= deadline:
+            crash = f"still running after {seconds:g} s; stopped"
+            break
+    if check is not None:
+        res.missed_pages += len(check.stale())
+    return crash
+
+
+def _run_untracked(m: Machine, res: ProgramResult, interval: float, deadline: float | None,
+                   seconds: float | None) -> str | None:
+    """No tracker (``tracker="none"``): the program runs on, paused every ``interval`` only to
+    drain its output; the library OS's own cost, with no write-protect faults."""
+    crash = None
+    while not m.wait_stopped(interval):
+        m.pause_all()
+        m.drain_output()
+        res.epochs += 1
+        if deadline is not None and time.monotonic() >= deadline:
+            crash = f"still running after {seconds:g} s; stopped"
+            break
+        m.resume_all()
+    m.pause_all()
+    return crash or m.crashed
 
 
 def syscall_label(nr: int) -> str:

@@ -27,8 +27,10 @@ def test_bench_exec_quick(tmp_path: Path) -> None:
     assert rw["micro", "sites"] > 0 and rw["micro", "fast_calls"] > 0
     assert all(r.value > 0 for r in recs if r.metric in ("op_us", "wall_s", "startup_ms"))
     programs = {(r.dims["program"], r.dims["where"]) for r in recs if r.metric == "wall_s"}
-    assert programs == {(n, w) for n in ("sqlite", "awk") for w in ("native", "guest")}
+    assert programs == {(n, w) for n in ("sqlite", "awk")
+                        for w in ("native", "guest", "guest-untracked")}
     goals = doc["goals"]
     assert set(goals) == {"getpid_vs_floor", "brk_vs_floor", "clock_us", "sqlite_vs_native",
-                          "awk_vs_native", "startup_ms"}
+                          "awk_vs_native", "sqlite_untracked_vs_native",
+                          "awk_untracked_vs_native", "startup_ms"}
     assert all(isinstance(g["met"], bool) and g["value"] >= 0 for g in goals.values())

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from dirtyring.errors import ConfigError
 from dirtyring.linux.program import LinuxProgram
 from dirtyring.linux.runner import CRASH_STATUS, ProgramResult, run_program
 
@@ -199,3 +200,18 @@ def test_the_cli_refuses_what_it_cannot_run(argv: list[str], message: str) -> No
     p = subprocess.run([sys.executable, "-m", "dirtyring.cli.main", "run", *argv],
                        capture_output=True, text=True, timeout=RUN_TIMEOUT)
     assert p.returncode != 0 and message in p.stderr and "Traceback" not in p.stderr
+
+
+def test_untracked_runs_give_the_same_output_and_status(txn_prog: Path, tmp_path: Path) -> None:
+    """``tracker="none"`` (the library OS alone, as bench exec measures it) runs the program to
+    the same end: output drained on the way, the native status; a shadow check is refused."""
+    args = ["300", "wal", "6"]
+    native = subprocess.run([str(txn_prog), *args], cwd=tmp_path, capture_output=True,
+                            timeout=120)
+    out: list[bytes] = []
+    res = run_program(LinuxProgram(txn_prog, [str(txn_prog), *args]),
+                      write=lambda s, d: out.append(d), tracker="none", interval=0.01)
+    assert (b"".join(out), res.status, res.crash) == (native.stdout, 6, None)
+    with pytest.raises(ConfigError, match="needs a tracker"):
+        run_program(LinuxProgram(txn_prog), write=lambda s, d: None, tracker="none",
+                    verify_every=5)
