@@ -401,9 +401,9 @@ static s64 sys_rt_sigprocmask(u64 how, u64 set, u64 oset, u64 size) {
     if (set) {
         if (!user_ok(set, 8)) return -EFAULT;
         u64 n = *(u64 *)set & ~UNBLOCKABLE;
-        if (how == 0) blocked |= n;
-        else if (how == 1) blocked &= ~n;
-        else if (how == 2) blocked = n;
+        if ((u32)how == 0) blocked |= n;
+        else if ((u32)how == 1) blocked &= ~n;
+        else if ((u32)how == 2) blocked = n;
         else return -EINVAL;
     }
     if (oset) {
@@ -551,6 +551,7 @@ static s64 futex_addr(u64 uaddr, int read) {
 /* One thread: nobody else waits, so a wake wakes no one, and a wait that matches can only end
  * by its timeout. */
 static s64 sys_futex(u64 uaddr, u64 op, u64 val, u64 utime, u64 uaddr2, u64 val3) {
+    op = (u32)op;
     u64 cmd = op & ~(u64)(FUTEX_PRIVATE_FLAG | FUTEX_CLOCK_REALTIME);
     int shared = !(op & FUTEX_PRIVATE_FLAG);
     u64 deadline = 0, ns;
@@ -672,7 +673,7 @@ s64 proc_syscall(u64 nr, u64 a, u64 b, u64 c, u64 d, u64 e, u64 g, u64 *rip, int
     setup();
     *handled = 1;
     switch (nr) {
-    case 13: return sys_rt_sigaction((s64)a, b, c, d);
+    case 13: return sys_rt_sigaction((s32)a, b, c, d);        /* int arguments: 32 bits */
     case 14: return after(sys_rt_sigprocmask(a, b, c, d), rip);
     case 15: { u64 args[6] = {a, b, c, d, e, g}; sys_rt_sigreturn(args); }
     case 24: return 0;                                  /* sched_yield: no one else to run */
@@ -694,8 +695,8 @@ s64 proc_syscall(u64 nr, u64 a, u64 b, u64 c, u64 d, u64 e, u64 g, u64 *rip, int
     case 131: return set_altstack(a, b, libos_user_rsp);
     case 200: return after(sys_tgkill(0, (s64)a, (s64)b, 0), rip);
     case 202: return sys_futex(a, b, c, d, e, g);
-    case 204: return sys_sched_getaffinity((s64)a, b, c);
-    case 230: return sys_clock_nanosleep((s64)a, b, c);
+    case 204: return sys_sched_getaffinity((s64)a, (u32)b, c);
+    case 230: return sys_clock_nanosleep((s32)a, (u32)b, c);
     case 234: return after(sys_tgkill((s64)a, (s64)b, (s64)c, 1), rip);
     case 309: return sys_getcpu(a, b);
     default:
