@@ -400,6 +400,13 @@ int main(int argc, char **argv) {
         write(1, "after\n", 6);
         return 3;
     }
+    /* A native run inherits its parent's blocked and ignored signals: start from Linux's
+     * defaults, as the guest does. */
+    struct ksigaction dfl = {0, 0, 0, 0};
+    for (int sig = 1; sig <= 64; sig++)
+        if (sig != SIGKILL && sig != SIGSTOP) syscall(SYS_rt_sigaction, sig, &dfl, NULL, 8);
+    unsigned long none = 0;
+    syscall(SYS_rt_sigprocmask, SIG_SETMASK, &none, NULL, 8);
     sigaction_tests();
     mask_tests();
     pending_and_delivery_tests();
