@@ -18,6 +18,7 @@ from typing import Any
 from ..errors import DirtyringError
 from ..guests import NAMES
 from ..guests.protocol import GuestParams, Pattern
+from ..linux.signals import end_report
 from ..machine.config import LINUX_GUEST, MachineConfig
 from ..machine.vm import Machine
 from ..migration.source import (Migration, MigrationError, MigrationOptions, run_guest,
@@ -256,6 +257,9 @@ def receive(args: argparse.Namespace) -> int:
              "ran_s": time.monotonic() - t_run, "progress": m.progress(),
              "resumed_t": sb.resumed_wall})
         if m.stdio is not None and m.finished and not m.crashed:
+            report = end_report(m.runners[0].exit_code)  # a signal killed it
+            if report:
+                print(f"dirtyring: {report}", file=sys.stderr, flush=True)
             return (m.runners[0].exit_code or 0) & 0xFF  # the program's, as `run` returns it
     except KeyboardInterrupt:
         pass

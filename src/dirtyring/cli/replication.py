@@ -17,6 +17,7 @@ from ..guests.protocol import GuestParams, Pattern
 from ..linux.output import STREAMS, ProgramOutput
 from ..linux.program import LinuxProgram
 from ..linux.runner import CRASH_STATUS
+from ..linux.signals import end_report
 from ..machine.config import LINUX_GUEST, MachineConfig
 from ..machine.vm import Machine
 from ..replication.arbiter import DEFAULT_MARGIN, DEFAULT_TTL, Arbiter
@@ -284,6 +285,9 @@ def _program_status(m: Machine, fenced: bool) -> int:
         print(f"dirtyring: {m.crashed}", file=sys.stderr, flush=True)
         return CRASH_STATUS
     if m.finished:
+        report = end_report(m.runners[0].exit_code)  # a signal killed it
+        if report:
+            print(f"dirtyring: {report}", file=sys.stderr, flush=True)
         return (m.runners[0].exit_code or 0) & 0xFF
     return 1 if fenced else 0
 

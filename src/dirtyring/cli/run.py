@@ -13,6 +13,7 @@ from ..errors import ConfigError
 from ..guests import NAMES
 from ..linux.program import LinuxProgram
 from ..linux.runner import run_program, save_tree
+from ..linux.signals import killed_line
 from ..guests.protocol import GuestParams, Pattern
 from ..machine.config import MachineConfig
 from ..machine.epoch import EpochDriver
@@ -136,6 +137,8 @@ def run_exec(args: argparse.Namespace, prog: LinuxProgram) -> int:
                       stdin=_stdin_fd())
     if res.crash:
         warn(f"{prog.name}: stopped: {res.crash}")
+    if res.signal is not None:
+        warn(f"{prog.name}: {killed_line(res.signal)}")
     if args.save_files is not None and res.crash is None:
         try:
             save_tree(res.files, Path(args.save_files))
@@ -147,6 +150,7 @@ def run_exec(args: argparse.Namespace, prog: LinuxProgram) -> int:
         return 1 if res.status == 0 else res.status
     if args.json:
         print(json.dumps({"event": "done", "status": res.status, "crash": res.crash,
+                          "signal": res.signal,
                           "epochs": res.epochs, "dirty_pages": res.dirty_pages,
                           "missed_pages": res.missed_pages, "unsupported": res.unsupported}),
               file=sys.stderr)

@@ -15,7 +15,7 @@ from ..errors import GuestError
 from ..guests.build import build_flat
 
 SRC = Path(__file__).resolve().parent / "guest"
-SOURCES = ("entry.S", "libos.c", "fs.c")
+SOURCES = ("entry.S", "libos.c", "fs.c", "proc.c")
 #: The library OS's own memset/memcpy loops must not be turned back into calls to memset.
 EXTRA_CFLAGS = ("-fno-tree-loop-distribute-patterns", "-fno-builtin")
 

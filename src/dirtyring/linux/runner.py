@@ -24,6 +24,7 @@ from ..machine.epoch import EpochDriver
 from ..machine.verify import ShadowCheck
 from ..machine.vm import Machine
 from .program import LinuxProgram
+from .signals import killed_by
 from .strace import format_call
 from .syscall_names import name as syscall_name
 
@@ -34,7 +35,8 @@ CRASH_STATUS = 128 + 11
 @dataclass(slots=True)
 class ProgramResult:
     """How a program ended. ``status`` is its exit status (or CRASH_STATUS); ``crash`` says
-    why it was stopped, if it was.
+    why it was stopped, if it was; ``signal``, the signal that killed it (then ``status`` is
+    128 + signal, as a shell reports it; ``signals.killed_line`` says it in words).
 
     Example::
 
@@ -46,6 +48,7 @@ class ProgramResult:
 
     status: int
     crash: str | None = None
+    signal: int | None = None
     epochs: int = 0
     dirty_pages: int = 0
     missed_pages: int = 0
@@ -139,9 +142,15 @@ def run_program(prog: LinuxProgram, *, write: Callable[[str, bytes], None],
         if m.crashed and "triple-faulted" in m.crashed:
             res.crash = _where(m, prog) + m.crashed
         if res.crash is None:
-            res.status = (m.runners[0].exit_code or 0) & 0xFF
-        else:
+            code = m.runners[0].exit_code or 0
+            try:
+                res.signal = killed_by(code)
+            except ValueError as err:
+                res.crash = f"the guest broke its contract: {err}"
+            res.status = code & 0xFF
+        if res.crash is not None:
             res.status = CRASH_STATUS
+            res.signal = None
     return res
 
 

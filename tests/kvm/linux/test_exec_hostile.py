@@ -42,7 +42,10 @@ def test_a_million_random_syscalls(programs: dict[str, Path]) -> None:
     last = out.rstrip(b"\n").rsplit(b"\n", 1)[-1]
     assert last.startswith(b"done ") and b" calls: " in last, last[-200:]
     calls = int(last.split()[1])
-    assert calls > 980_000  # the few left out (exit, arch_prctl, mmap...) are ~1.5 %
+    # The few left out (exit, arch_prctl, mmap..., rt_sigreturn, pause, rt_sigsuspend, and a
+    # kill carrying SIGKILL or SIGSTOP) are ~2.2 %; the program ignores and blocks every other
+    # signal first, so the kill calls that hit itself (pid 1, 0, -1) do not end it.
+    assert calls > 975_000
     # Unsupported numbers are named once each, whatever their count.
     assert len(warnings) == len(set(warnings)) and warnings
 

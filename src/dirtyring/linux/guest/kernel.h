@@ -5,6 +5,8 @@
 
 #define EPERM 1
 #define ENOENT 2
+#define ESRCH 3
+#define EINTR 4
 #define EIO 5
 #define EBADF 9
 #define EAGAIN 11
@@ -23,6 +25,8 @@
 #define ENAMETOOLONG 36
 #define ENOSYS 38
 #define ENOTEMPTY 39
+#define EOPNOTSUPP 95
+#define ETIMEDOUT 110
 
 static inline const volatile struct linux_ctl *ctl(void) {
     return (const volatile struct linux_ctl *)LINUX_CTL_GPA;
@@ -50,6 +54,13 @@ void fill_random(u8 *buf, u64 len);
 s64 stdio_write(u32 fd, const u8 *buf, u64 len);
 s64 stdin_read(u8 *buf, u64 len, int nonblock);
 void stdio_flush(void);
+void trace(u64 nr, const u64 *args, s64 ret);
+/* End the program: export its files if asked, flush its output, then DONE with `done`. */
+__attribute__((noreturn)) void libos_end(u32 done);
+
+/* Signals, futexes, sleeps and the small process calls (proc.c). `rip`: where the syscall
+ * returns (entry.S's saved RCX), which a signal handler's delivery redirects. */
+s64 proc_syscall(u64 nr, u64 a, u64 b, u64 c, u64 d, u64 e, u64 g, u64 *rip, int *handled);
 
 /* The file system (fs.c). */
 void fs_init(void);

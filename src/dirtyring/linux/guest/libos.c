@@ -4,7 +4,8 @@
  *
  * This file: the dispatcher, memory (brk, mmap, mremap; munmap/mprotect/madvise bookkeeping),
  * arch_prctl through wrfsbase, ids, uname, rlimits, getrandom, time from rdtsc (for programs
- * that do not use the vDSO, vdso.c), the stdio queue and exit. Files, directories, pipes and descriptors are in fs.c. Anything else is reported to
+ * that do not use the vDSO, vdso.c), the stdio queue and exit. Files, directories, pipes and descriptors are in fs.c;
+ * signals, futexes, sleeps and process groups in proc.c. Anything else is reported to
  * the VMM once per number (PORT_UNSUPPORTED) and returns -ENOSYS.
  *
  * The program may scribble over any of this (one address space, as in any unikernel); the VMM
@@ -108,7 +109,7 @@ s64 stdin_read(u8 *buf, u64 len, int nonblock) {
 
 void stdio_flush(void) { outl(PORT_STDIO_FLUSH, (u32)stdio()->prod); }
 
-static void trace(u64 nr, const u64 *args, s64 ret) {
+void trace(u64 nr, const u64 *args, s64 ret) {
     struct stdio_header *h = stdio();
     while (h->trace_prod - h->trace_cons >= TRACE_RECORDS) outl(PORT_TRACE_FLUSH, 0);
     struct trace_record *t = (struct trace_record *)TRACE_GPA + h->trace_prod % TRACE_RECORDS;
@@ -119,10 +120,10 @@ static void trace(u64 nr, const u64 *args, s64 ret) {
     h->trace_prod++;
 }
 
-static void flush_and_exit(u64 status) {
+void libos_end(u32 done) {
     if (ctl()->export_files) fs_export();
     stdio_flush();
-    for (;;) outl(PORT_DONE, (u32)(status & 0xFF));
+    for (;;) outl(PORT_DONE, done);
 }
 
 /* --- memory -------------------------------------------------------------------------------- */
@@ -386,6 +387,8 @@ static s64 dispatch(struct frame *f) {
     int handled = 0;
     s64 r = fs_syscall(f->rax, a, b, c, d, e, &handled);
     if (handled) return r;
+    r = proc_syscall(f->rax, a, b, c, d, e, g, &f->rcx, &handled);
+    if (handled) return r;
     switch (f->rax) {
     case 9: return sys_mmap(a, b, c, d, e, g);
     case 10: return 0;                                     /* mprotect: recorded, not enforced */
@@ -397,7 +400,7 @@ static s64 dispatch(struct frame *f) {
         if (c == 4 && user_ok(a, b)) lmemset((void *)a, 0, b);   /* MADV_DONTNEED: zeros */
         return 0;
     case 39: case 186: return (s64)ctl()->pid;             /* getpid, gettid */
-    case 60: case 231: flush_and_exit(a); return 0;        /* exit, exit_group */
+    case 60: case 231: libos_end((u32)(a & 0xFF));        /* exit, exit_group */
     case 63: return sys_uname(a);
     case 96: return sys_gettimeofday(a);
     case 99: return sys_sysinfo(a);

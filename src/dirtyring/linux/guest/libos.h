@@ -27,13 +27,22 @@ typedef unsigned char u8;
 
 /* Ports (the machine's device ports: DONE is shared with the built-in guests). */
 #define PORT_DONE 0x10              /* out32: exit status; the program has ended */
+/* DONE's value for a program a signal killed: the status a shell shows (128 + sig) in the low
+ * byte, the signal above it, so the VMM can say which signal (it checks the two agree). */
+#define DONE_KILLED(sig) (((u32)(sig) << 8) | (128U + (u32)(sig)))
 #define PORT_STDIO_FLUSH 0x30       /* out32: the queue is full; drain it (the VMM updates cons) */
 #define PORT_UNSUPPORTED 0x31       /* out32: a syscall number the library OS does not serve */
-#define PORT_FAULT 0x32             /* out32: the library OS found the program's state broken */
+#define PORT_FAULT 0x32             /* out32: the library OS stopped the program (a FAULT_ code) */
 #define PORT_EXPORT 0x33            /* out32: the export archive is at stdio_header.export_va */
 #define PORT_TRACE_FLUSH 0x34       /* out32: the trace ring is full; drain it */
 #define PORT_STDIN_WAIT 0x35        /* out32: stdin is empty; fill it (or set eof), or wait a bit */
 #define PORT_ENTROPY 0x36           /* out32: the entropy pool is used up; refill it */
+
+/* PORT_FAULT's values: why the library OS stopped the program. */
+#define FAULT_CPL0 1                /* its syscall entered at CPL0 (hardware KVM): not served */
+#define FAULT_FUTEX_WAIT 2          /* it waits on a futex with no timeout: no thread can wake it */
+#define FAULT_SIGNAL_WAIT 3         /* pause/sigsuspend/sigtimedwait with nothing pending */
+#define FAULT_STOPPED 4             /* a stop signal (SIGSTOP...): nothing can send SIGCONT */
 
 struct linux_ctl {                  /* the VMM fills it before the program starts */
     u64 magic;        /* 0   "DRLINUX1" */

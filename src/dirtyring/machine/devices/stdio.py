@@ -18,7 +18,7 @@ file, a repeat is harmless, and nothing the checkpoint's program printed is ever
 
 Also here, because they are the same contract: PORT_UNSUPPORTED (the library OS met a syscall
 it does not serve: ("unsupported_syscall", number) to the sink, once per number, so the caller
-can name it), PORT_FAULT (the library OS stopped the program) and PORT_EXPORT (the program's
+can name it), PORT_FAULT (the library OS stopped the program: ``FAULTS`` says why) and PORT_EXPORT (the program's
 files are packed at (address, length): ("files_export", (va, length)) to the sink; the layer
 that knows the address space reads and checks them).
 """
@@ -45,8 +45,17 @@ if TYPE_CHECKING:
     from ..vcpu import VcpuRunner
 
 STREAMS = {1: "stdout", 2: "stderr"}
-FAULTS = {1: "the program's syscall entered at CPL0 (hardware KVM), which the library OS "
-             "does not serve yet"}
+#: PORT_FAULT's values (libos.h FAULT_*): why the library OS stopped the program. The first is
+#: the guest's side breaking the contract; the others are the program's own doing, reported as
+#: such: each would leave a lone program stuck for ever under Linux.
+FAULTS = {1: "the guest broke its contract: the program's syscall entered at CPL0 (hardware "
+             "KVM), which the library OS does not serve yet",
+          2: "the program waits on a futex no other thread can wake (with no timeout, it would "
+             "hang for ever)",
+          3: "the program waits for a signal (pause, sigsuspend or sigtimedwait with no "
+             "timeout) that nothing can send it: it would hang for ever",
+          4: "the program was stopped by a stop signal (SIGSTOP, SIGTSTP, SIGTTIN or SIGTTOU) "
+             "and nothing can continue it"}
 
 
 class ContractBroken(Exception):
@@ -98,7 +107,8 @@ class StdioDevice:
             self.unsupported.append(value)
             self.sink("unsupported_syscall", value)
         elif port == Port.FAULT:
-            self._stop(vcpu, FAULTS.get(value, f"the library OS reported fault {value}"))
+            self._stop(vcpu, FAULTS.get(value, "the guest broke its contract: the library OS "
+                                               f"reported fault {value}"), contract=False)
         elif port == Port.EXPORT:  # where the guest says its file archive is: the layer that
             base = layout.QUEUE_GPA  # knows the address space reads (and checks) it
             va = self.memory.read_u64(base + STDIO_HEADER_OFFSETS["export_va"])
@@ -108,8 +118,10 @@ class StdioDevice:
     def io_in(self, vcpu: VcpuRunner, port: int, size: int) -> int:
         return 0xFFFFFFFF
 
-    def _stop(self, vcpu: VcpuRunner, why: str) -> None:
-        vcpu.crash = f"the guest broke its contract: {why}"
+    def _stop(self, vcpu: VcpuRunner, why: str, contract: bool = True) -> None:
+        """Stop the guest with ``why`` (prefixed as a broken contract unless ``contract`` is
+        False: then ``why`` says it all)."""
+        vcpu.crash = f"the guest broke its contract: {why}" if contract else why
         vcpu.run_struct.immediate_exit = 1  # the next KVM_RUN returns at once and parks
         vcpu.machine.on_crash(vcpu)
 
