@@ -12,8 +12,12 @@ primary may not have:
   lost, and only a tail of the primary's last lines can appear again (at least once).
 
 Kill points are counted in lines the primary has written (a random threshold from a seeded
-generator), never in seconds, so every run kills a program that is surely mid-way, on any host.
-Every process is ended by its PID.
+generator), never in seconds, and the program either never ends by itself (it is stopped by
+SIGTERM once the check has enough lines) or pauses after each line, so that the time left
+after the kill point has a floor: every run kills a program that is surely mid-way, on any host
+(with its syscall sites rewritten, 4,000 transactions take ~0.2 s here). Every line carries the
+database's row count after that commit, so the database is checked at every line, across every
+failover. Every process is ended by its PID.
 """
 from __future__ import annotations
 
@@ -138,12 +142,29 @@ def _wait_lines(read: Callable[[], bytes], n: int, what: str, procs: Procs) -> i
     raise AssertionError(f"{what} never reached {n} lines\n" + procs.describe())
 
 
-def _numbers(data: bytes) -> tuple[list[int], bytes]:
-    """The numbered lines and the summary line after them."""
-    lines = data.split(b"\n")
-    assert lines[-1] == b"", data[-200:]  # ends with a whole line
-    nums = [int(x) for x in lines[:-2]]
-    return nums, lines[-2]
+def _lines(data: bytes) -> list[tuple[int, int]]:
+    """The program's "i rows" lines; each must be whole and say the database holds i rows."""
+    assert data.endswith(b"\n") or not data, data[-200:]
+    out = []
+    for line in data.splitlines():
+        i, rows = (int(x) for x in line.split())
+        assert rows == i, line  # the database after commit i holds i rows
+        out.append((i, rows))
+    return out
+
+
+def _consecutive(data: bytes) -> int:
+    """The lines are 1..K, each once, each with its database count: K."""
+    nums = [i for i, _ in _lines(data)]
+    assert nums == list(range(1, len(nums) + 1)), _first_break(nums)
+    return len(nums)
+
+
+def _first_break(nums: list[int]) -> str:
+    for k, v in enumerate(nums, 1):
+        if v != k:
+            return f"line {k} is {v} (around: {nums[max(0, k - 4):k + 3]})"
+    return "ok"
 
 
 def _standby(procs: Procs, name: str, port: int, *extra: str) -> None:
@@ -151,10 +172,19 @@ def _standby(procs: Procs, name: str, port: int, *extra: str) -> None:
                 "--heartbeat-timeout", HB, *extra)
 
 
-def _protect(procs: Procs, port: int, prog: Path, *extra: str, n: int, mode: str) -> None:
+def _protect(procs: Procs, port: int, prog: Path, *extra: str, n: int, mode: str,
+             pause_us: int = 0) -> None:
     procs.start("primary", "protect", "--standby", f"127.0.0.1:{port}", "--insecure", "--json",
                 "--heartbeat-timeout", HB, *extra, "--exec", str(prog), "--", str(n), mode,
-                str(STATUS))
+                str(STATUS), str(pause_us))
+
+
+def _stop(procs: Procs, name: str) -> int:
+    """A planned stop (SIGTERM) of a copy running the program; its exit status."""
+    p = procs.procs[name]
+    if p.poll() is None:
+        p.send_signal(signal.SIGTERM)
+    return procs.wait_exit(name)
 
 
 def test_protected_program_runs_like_native(procs: Procs, txn_prog: Path,
@@ -187,12 +217,10 @@ def test_protected_program_runs_like_native(procs: Procs, txn_prog: Path,
 def test_kill9_twice_numbers_continue_exactly_once(procs: Procs, txn_prog: Path,
                                                    tmp_path: Path, run: int) -> None:
     """Primary P, standby A (which re-protects to B when it takes over), standby B; all write
-    the same --stdout file. Kill -9 P at a random line, then kill -9 A (by then B's primary)
-    at a later random line. B finishes the program: the file is 1..N once each, then the
-    summary a native run prints, and B exits with the program's status."""
+    the same --stdout file. The program never ends by itself. Kill -9 P at a random line, then
+    kill -9 A (by then B protects it) at a later random line; let B print more, then stop it.
+    The file is 1..K once each, and every line says the database holds exactly its rows."""
     rng = _seed(run)
-    n = 4000
-    native = _native(txn_prog, tmp_path, str(n), "wal", str(STATUS))
     out = tmp_path / "program.out"
     pa, pb = free_port(), free_port()
     _standby(procs, "B", pb, "--stdout", str(out))
@@ -200,23 +228,21 @@ def test_kill9_twice_numbers_continue_exactly_once(procs: Procs, txn_prog: Path,
              "--interval", "1ms")
     procs.wait_event("A", "out", "listening")
     procs.wait_event("B", "out", "listening")
-    _protect(procs, pa, txn_prog, "--stdout", str(out), n=n, mode="wal")
+    _protect(procs, pa, txn_prog, "--stdout", str(out), n=0, mode="wal")
     procs.wait_event("primary", "err", "protected")
     first = rng.randint(1, 1500)
     seen = _wait_lines(out.read_bytes, first, "the primary's output", procs)
     procs.kill9("primary")
     procs.wait_event("A", "out", "failover_done")
     procs.wait_event("B", "out", "protected")  # A's guest is protected by B now
-    second = min(seen + rng.randint(1, 1500), n - 500)
-    seen2 = _wait_lines(out.read_bytes, second, "A's output", procs)
+    seen2 = _wait_lines(out.read_bytes, seen + rng.randint(1, 1500), "A's output", procs)
     procs.kill9("A")
     procs.wait_event("B", "out", "failover_done")
-    assert procs.wait_exit("B") == STATUS, procs.describe()
-    nums, summary = _numbers(out.read_bytes())
-    assert nums == list(range(1, n + 1)), (first, seen, second, seen2, nums[:5], nums[-5:])
-    assert summary + b"\n" == native.stdout.split(b"\n", n)[-1]
-    assert out.read_bytes() == native.stdout
-    print(f"killed P after line {seen}, A after line {seen2}: {n} numbers, each once")
+    _wait_lines(out.read_bytes, seen2 + 200, "B's output", procs)
+    _stop(procs, "B")
+    k = _consecutive(out.read_bytes())
+    assert k >= seen2 + 200
+    print(f"killed P after line {seen}, A after line {seen2}; B went on to {k}: each once")
 
 
 @pytest.mark.slow
@@ -225,56 +251,57 @@ def test_kill9_on_pipes_loses_nothing(procs: Procs, txn_prog: Path, tmp_path: Pa
     output, then the standby's, holds every number in order; the only overlap allowed is the
     standby repeating the primary's last lines (at least once), never a gap."""
     rng = _seed()
-    n = 2000
-    native = _native(txn_prog, tmp_path, str(n), "delete", str(STATUS))
     port = free_port()
     _standby(procs, "standby", port)
     procs.wait_event("standby", "out", "listening")
-    _protect(procs, port, txn_prog, n=n, mode="delete")
+    _protect(procs, port, txn_prog, n=0, mode="delete")
     procs.wait_event("primary", "err", "protected")
     k = _wait_lines(lambda: procs.text("primary"), rng.randint(50, 800),
                     "the primary's output", procs)
     procs.kill9("primary")
-    assert procs.wait_exit("standby") == STATUS, procs.describe()
-    # The standby learnt its guest is a program and moved its events to stderr.
-    assert any(e["event"] == "failover_done" for e in procs.events("standby", "err"))
-    before = procs.text("primary")
-    assert before.endswith(b"\n")  # released chunk by chunk, each whole
-    p_nums = [int(x) for x in before.split()]
+    procs.wait_event("standby", "err", "failover_done")
+    # The standby learnt its guest is a program and moved its events to stderr; its stdout
+    # is the events it printed before that, then the program's output alone.
+    def after() -> bytes:
+        data = procs.text("standby")
+        while data.startswith(b'{"v"') and b"\n" in data:
+            data = data.split(b"\n", 1)[1]
+        return data
+    _wait_lines(after, 200, "the standby's output", procs)
+    _stop(procs, "standby")
+    p_nums = [i for i, _ in _lines(procs.text("primary"))]
     assert p_nums == list(range(1, len(p_nums) + 1)) and len(p_nums) >= k
-    # Its stdout: the events it printed before it knew its guest was a program, then the
-    # program's output alone.
-    after = procs.text("standby")
-    while after.startswith(b'{"v"'):
-        after = after.split(b"\n", 1)[1]
-    s_nums, summary = _numbers(after)
-    assert s_nums, "the standby printed nothing after taking over"
+    s_nums = [i for i, _ in _lines(after())]
     j = s_nums[0]
     assert 1 <= j <= len(p_nums) + 1, (len(p_nums), j)  # no gap (a repeat at most)
-    assert s_nums == list(range(j, n + 1))
-    assert summary + b"\n" == native.stdout.split(b"\n", n)[-1]
-    print(f"primary printed 1..{len(p_nums)}, the standby {j}..{n}: "
+    assert s_nums == list(range(j, j + len(s_nums))), _first_break(
+        [x - j + 1 for x in s_nums])
+    print(f"primary printed 1..{len(p_nums)}, the standby {j}..{s_nums[-1]}: "
           f"{len(p_nums) - j + 1} line(s) repeated")
 
 
 @pytest.mark.slow
-def test_kill9_with_etcd_numbers_continue_exactly_once(procs: Procs, txn_prog: Path,
-                                                       tmp_path: Path) -> None:
-    """The same with the group's key in etcd (a real member on loopback): the standby goes
-    live only once it holds the key, writes from its checkpoint, and the file is 1..N once."""
+def test_kill9_with_etcd_then_the_standby_ends_the_program(procs: Procs, txn_prog: Path,
+                                                           tmp_path: Path) -> None:
+    """With the group's key in a real etcd member: kill -9 the primary; the standby goes live
+    only holding the key, and runs the program to its end: the --stdout file is a native run's
+    output exactly, and the standby exits with the program's status. The program pauses 0.5 ms
+    after each line and is killed within its first 1,000 of 20,000: ~9.5 s of its run are
+    surely left, whatever the host's speed."""
     from dirtyring.bench.etcd_member import EtcdMember
     rng = _seed(7)
-    n = 3000
-    native = _native(txn_prog, tmp_path, str(n), "delete", str(STATUS))
+    n, pause_us = 20000, 500
+    native = _native(txn_prog, tmp_path, str(n), "delete", str(STATUS), "0")
     out = tmp_path / "program.out"
     port = free_port()
     with EtcdMember() as etcd:
         grp = ["--etcd", etcd.url, "--name", f"exec-{port}"]
         _standby(procs, "standby", port, "--stdout", str(out), *grp)
         procs.wait_event("standby", "out", "listening")
-        _protect(procs, port, txn_prog, "--stdout", str(out), *grp, n=n, mode="delete")
+        _protect(procs, port, txn_prog, "--stdout", str(out), *grp, n=n, mode="delete",
+                 pause_us=pause_us)
         procs.wait_event("primary", "err", "protected")
-        seen = _wait_lines(out.read_bytes, rng.randint(1, 2000), "the primary's output", procs)
+        seen = _wait_lines(out.read_bytes, rng.randint(1, 1000), "the primary's output", procs)
         procs.kill9("primary")
         done = procs.wait_event("standby", "out", "failover_done")
         assert done.get("lease"), done  # it went live holding the key

@@ -64,7 +64,7 @@ def test_restore_of_the_numbered_sqlite_program_continues_its_database(
     """The SQLite program of the protect test (a numbered transaction per line): restored
     from a mid-run snapshot it prints the rest of the numbers, and its database (a file in its
     guest-memory file system, restored with it) then holds exactly what a native run's does."""
-    args = ["8000", "wal", "5"]  # >= 80 ms at any speed: snapshot 1 (at 50 ms) is mid-run
+    args = ["8000", "wal", "5", "100"]  # >= 0.8 s at any speed: snapshot 1 (50 ms) is mid-run
     nat_dir = tmp_path / "native"
     nat_dir.mkdir()
     native = subprocess.run([str(txn_prog), *args], cwd=nat_dir, capture_output=True,

@@ -3,10 +3,14 @@
  * with the primary killed at random moments, the printed numbers must continue with no gap and
  * no repeat, and the final line must agree with them (the file system is in guest memory, so
  * the database and the output come from the same checkpoint).
- * Usage: sqlite_txn [N [journal_mode [exit_status]]] */
+ * Each line is "i rows": the number, and how many rows the database holds right after that
+ * commit (always i: the database and the output come from the same state at every line).
+ * Usage: sqlite_txn [N [journal_mode [exit_status [pause_us]]]]; pause_us sleeps after each
+ * line, so a test knows a lower bound of the time left (N = 0: go on forever). */
 #include <sqlite3.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <time.h>
 
 static sqlite3 *db;
 
@@ -31,18 +35,21 @@ int main(int argc, char **argv) {
     int n = argc > 1 ? atoi(argv[1]) : 2000;
     const char *mode = argc > 2 ? argv[2] : "wal";
     int status = argc > 3 ? atoi(argv[3]) : 0;
+    long pause_us = argc > 4 ? atol(argv[4]) : 0;
+    struct timespec pause = {pause_us / 1000000, pause_us % 1000000 * 1000};
     char sql[128];
     if (sqlite3_open("txn.db", &db) != SQLITE_OK) return 1;
     snprintf(sql, sizeof sql, "PRAGMA journal_mode=%s;", mode);
     exec(sql);
     exec("PRAGMA synchronous=FULL;");
     exec("CREATE TABLE t(n INTEGER PRIMARY KEY, sq INTEGER);");
-    for (int i = 1; i <= n; i++) {
+    for (int i = 1; n == 0 || i <= n; i++) {
         snprintf(sql, sizeof sql, "BEGIN; INSERT INTO t VALUES(%d, %lld); COMMIT;", i,
                  (long long)i * i);
         exec(sql);
-        printf("%d\n", i);
+        printf("%d %lld\n", i, one("SELECT count(*) FROM t;"));
         fflush(stdout);
+        if (pause_us) nanosleep(&pause, 0);
     }
     printf("rows %lld max %lld sum %lld check %lld\n", one("SELECT count(*) FROM t;"),
            one("SELECT max(n) FROM t;"), one("SELECT sum(sq) FROM t;"),
