@@ -37,7 +37,8 @@ def _run(path: Path, args: list[str], seconds: float) -> tuple[ProgramResult, by
 @pytest.mark.slow
 def test_a_million_random_syscalls(programs: dict[str, Path]) -> None:
     prog = programs["random_syscalls"]
-    res, out, warnings = _run(prog, ["1000000"], BOUND_S)
+    # 1,025,000 draws: the ~2.2 % left out (see below) leave over a million calls issued.
+    res, out, warnings = _run(prog, ["1025000"], BOUND_S)
     assert res.crash is None and res.status == 0, res.crash
     last = out.rstrip(b"\n").rsplit(b"\n", 1)[-1]
     assert last.startswith(b"done ") and b" calls: " in last, last[-200:]
@@ -45,7 +46,7 @@ def test_a_million_random_syscalls(programs: dict[str, Path]) -> None:
     # The few left out (exit, arch_prctl, mmap..., rt_sigreturn, pause, rt_sigsuspend, and a
     # kill carrying SIGKILL or SIGSTOP) are ~2.2 %; the program ignores and blocks every other
     # signal first, so the kill calls that hit itself (pid 1, 0, -1) do not end it.
-    assert calls > 975_000
+    assert calls >= 1_000_000
     # Unsupported numbers are named once each, whatever their count.
     assert len(warnings) == len(set(warnings)) and warnings
 
