@@ -17,31 +17,9 @@
  * RCX as `syscall` would and jumps to `syscall_fast`, with no trap. `syscall_fast` leaves the
  * registers exactly as the trapped path does: RCX = return address, R11 = RFLAGS, the flags
  * restored; it saves the flags itself (pushfq) before any instruction that changes them. */
-    .section .text.start, "ax"
-    .globl syscall_entry, syscall_fast, _start
-syscall_entry:
-_start:
-    cmpq $1000, %rax             /* the floor (bench exec): a syscall that returns at once; */
-    je 3f                        /* (it alone does not keep the flags) */
-    movq %rsp, libos_user_rsp
-    movq $0x100000, %rsp         /* LIBOS_STACK_TOP */
-    pushq %r11
-    pushq %rcx
-    pushq %rax
-    pushq %r9
-    pushq %r8
-    pushq %r10
-    pushq %rdx
-    pushq %rsi
-    pushq %rdi
-    movq %rsp, %rdi
-    subq $8, %rsp                /* 9 pushes: realign to 16 for the call */
-    call libos_syscall           /* returns the result in RAX */
-    jmp 1f
-syscall_fast:                    /* from a trampoline: RAX = nr, RCX = return address */
-    movq %rsp, libos_user_rsp    /* (mov changes no flags) */
-    movq $0x100000, %rsp
-    pushfq                       /* R11's slot: what `syscall` would have put in R11 */
+/* The rest of struct frame (libos.h) below R11's slot, which the caller pushed; then RDI
+ * points at it and the stack is realigned to 16 for the call (9 pushes). */
+    .macro save_frame
     pushq %rcx
     pushq %rax
     pushq %r9
@@ -52,6 +30,25 @@ syscall_fast:                    /* from a trampoline: RAX = nr, RCX = return ad
     pushq %rdi
     movq %rsp, %rdi
     subq $8, %rsp
+    .endm
+
+    .section .text.start, "ax"
+    .globl syscall_entry, syscall_fast, _start
+syscall_entry:
+_start:
+    cmpq $1000, %rax             /* the floor (bench exec): a syscall that returns at once; */
+    je 3f                        /* (it alone does not keep the flags) */
+    movq %rsp, libos_user_rsp
+    movq $0x100000, %rsp         /* LIBOS_STACK_TOP */
+    pushq %r11
+    save_frame                   /* struct frame, RDI pointing at it, the stack aligned */
+    call libos_syscall           /* returns the result in RAX */
+    jmp 1f
+syscall_fast:                    /* from a trampoline: RAX = nr, RCX = return address */
+    movq %rsp, libos_user_rsp    /* (mov changes no flags) */
+    movq $0x100000, %rsp
+    pushfq                       /* R11's slot: what `syscall` would have put in R11 */
+    save_frame
     call libos_fast_syscall
 1:  addq $8, %rsp
     popq %rdi
