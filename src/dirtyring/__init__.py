@@ -24,7 +24,8 @@ from __future__ import annotations
 
 from .errors import (CapabilityMissing, ConfigError, DirtyringError, GuestCrashed, GuestError,
                      KvmError, KvmUnavailable, LocalProtocolError, ProgramError, ProtocolError,
-                     RemoteProtocolError, RingOverflow, SnapshotFormatError, TrackingError)
+                     RemoteProtocolError, RingOverflow, SnapshotFormatError, TrackingError,
+                     TruncatedStream)
 from .guests.protocol import GuestParams, Pattern
 from .linux.program import LinuxProgram
 from .linux.runner import ProgramResult, run_program
@@ -63,6 +64,6 @@ __all__ = [
     # errors
     "DirtyringError", "KvmError", "KvmUnavailable", "CapabilityMissing", "ConfigError",
     "GuestError", "GuestCrashed", "TrackingError", "RingOverflow", "SnapshotFormatError",
-    "ProtocolError", "LocalProtocolError", "RemoteProtocolError", "LinkClosed",
+    "ProtocolError", "LocalProtocolError", "RemoteProtocolError", "TruncatedStream", "LinkClosed",
     "HandshakeRefused", "ArbiterUnavailable", "MigrationError", "ProgramError",
 ]

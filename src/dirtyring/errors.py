@@ -184,6 +184,18 @@ class RemoteProtocolError(ProtocolError):
     """
 
 
+class TruncatedStream(RemoteProtocolError):
+    """The peer's byte stream ended inside a frame: it stopped in the middle of a send (killed,
+    crashed, or its link cut), which is a lost connection, not a malformed frame. The partial
+    frame is discarded: it never touches committed state.
+
+    Example::
+
+        except dirtyring.TruncatedStream:
+            ...                                  # the peer is gone: as after a plain EOF
+    """
+
+
 class ConfigError(DirtyringError):
     """A user-supplied setting is out of range or inconsistent; the message names the setting.
 

@@ -30,7 +30,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .._bindings.mapping import keep_freed_memory
-from ..errors import ConfigError, ProtocolError
+from ..errors import ConfigError, ProtocolError, TruncatedStream
 from ..machine.config import MachineConfig
 from ..machine.state import MachineState
 from ..machine.vcpu import install_kick_handler
@@ -268,7 +268,9 @@ class Standby:
             return _StreamEnd("")
         except TimeoutError:
             return _StreamEnd(f"no frame from the primary for {self.hb_timeout:g} s")
-        except LinkClosed as e:
+        except (LinkClosed, TruncatedStream) as e:
+            # (A stream that ends inside a frame is a primary that died mid-send, as after
+            # a kill -9 during a large checkpoint: lost, like any other end of the stream.)
             return _StreamEnd(f"primary connection lost ({e})")
         except ProtocolError as e:
             # A malformed or unauthenticated frame mid-stream: it never touches committed

@@ -14,7 +14,7 @@ import struct
 from collections import deque
 from typing import Final, Literal, TypeAlias
 
-from dirtyring.errors import LocalProtocolError, RemoteProtocolError
+from dirtyring.errors import LocalProtocolError, RemoteProtocolError, TruncatedStream
 
 from .codec import (FRAME_OVERHEAD, HEADER_LEN, MAX_FRAME_SIZE, UNBATCHABLE, Batch, Buffer,
                     FrameType, batch_body, body_len, encode_body, encode_event, frame_parts,
@@ -310,7 +310,8 @@ class Connection:
         """Return the next event from the peer, NEED_DATA, or ConnectionClosed after EOF.
 
         Raises RemoteProtocolError (and enters ERROR) on any malformed, unauthenticated,
-        out-of-sequence or illegal frame, or on EOF inside a frame.
+        out-of-sequence or illegal frame; TruncatedStream (a RemoteProtocolError) on EOF
+        inside a frame: the peer stopped mid-send, which a receiver treats as a lost peer.
         """
         if self._error is not None:
             raise RemoteProtocolError(f"connection is in ERROR: {self._error}")
@@ -323,7 +324,7 @@ class Connection:
                 if not self._eof:
                     return NEED_DATA
                 if self._buf:
-                    raise RemoteProtocolError(
+                    raise TruncatedStream(
                         f"truncated frame at EOF: stream ended {len(self._buf)} bytes into a frame")
                 return ConnectionClosed(clean=self.their_state is CLOSED)
             if isinstance(frame.event, Batch):

@@ -254,6 +254,28 @@ def test_an_epoch_cut_short_by_a_lost_connection_is_never_applied(make_standby: 
     assert len(done) == 1 and done[0]["epoch"] == 2
 
 
+def test_a_primary_that_dies_inside_a_frame_is_lost_and_failed_over_from(
+        make_standby: Any) -> None:
+    """A kill -9 in the middle of a large checkpoint leaves half a frame: the primary is gone
+    (a lost connection, as at a frame boundary), not a peer that sent garbage, so the standby
+    fails over to its last whole checkpoint. (It once took this for a protocol error and only
+    waited: a kill -9 mid-send left no live copy.)"""
+    sb, m, events = make_standby()
+    p = Primary(sb)
+    before = protected(p)
+    frame = b"".join(bytes(x) for x in p.link.conn.send_parts(
+        Checkpoint(epoch=3, kind="delta", pages=(pages(3, 0, [0, 1, 2, 3], 90),),
+                   blob=blob("e3"), digest=b"", output_seq=3)))
+    p.link.sock.sendall(frame[:len(frame) // 2])
+    p.lose()
+    p.finish()
+    assert same(m.memory.copy(), before) and sb.committed_epoch == 2
+    assert "protocol_error" not in kinds(events)
+    assert [tag_of(s) for s in m.restored] == ["e2"] and m.resumed == 1
+    lost = [e for e in events if e["event"] == "primary_lost"]
+    assert lost and "truncated frame" in lost[0]["reason"], lost
+
+
 def test_a_bad_frame_mid_epoch_applies_nothing_and_is_no_reason_to_fail_over(
         make_standby: Any) -> None:
     sb, m, events = make_standby()
