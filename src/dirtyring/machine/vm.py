@@ -21,7 +21,7 @@ from .._bindings.mapping import keep_freed_memory
 from ..errors import CapabilityMissing, ConfigError, GuestCrashed, KvmError
 from ..guests import load_guest
 from ..guests.protocol import CONTROL_MAGIC, CONTROL_OFFSET
-from ..tracking import BitmapTracker, HotSetTracker, RingTracker, TrackedSlot, Tracker
+from ..tracking import KINDS, BitmapTracker, HotSetTracker, RingTracker, TrackedSlot, Tracker
 from . import layout, native
 from .config import LINUX_GUEST, MachineConfig
 from .devices import Console, ControlPorts, Device, KvDevice, OutputSink, StdioDevice
@@ -198,7 +198,7 @@ class Machine:
 
     def _will_track(self) -> bool:
         """Will ``_make_tracker`` make a tracker (whose start() turns dirty logging on)?"""
-        return self.config.tracker in ("ring", "bitmap", "bitmap-clear", "hotset")
+        return self.config.tracker in KINDS
 
     def _make_tracker(self) -> Tracker | None:
         assert self.memory is not None

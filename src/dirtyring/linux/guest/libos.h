@@ -39,7 +39,6 @@ typedef unsigned char u8;
 #define PORT_ENTROPY 0x36           /* out32: the entropy pool is used up; refill it */
 
 /* PORT_FAULT's values: why the library OS stopped the program. */
-#define FAULT_CPL0 1                /* its syscall entered at CPL0 (hardware KVM): not served */
 #define FAULT_FUTEX_WAIT 2          /* it waits on a futex with no timeout: no thread can wake it */
 #define FAULT_SIGNAL_WAIT 3         /* pause/sigsuspend/sigtimedwait with nothing pending */
 #define FAULT_STOPPED 4             /* a stop signal (SIGSTOP...): nothing can send SIGCONT */

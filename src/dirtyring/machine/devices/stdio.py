@@ -11,16 +11,17 @@ the ring. Output goes to the sink as ("stdout" | "stderr", bytes).
 
 Output taken from the ring is the device's until it is *delivered* (``keep_undelivered``,
 which a replicating primary turns on): then each chunk stays in the device's saved state, with
-its byte offset in its stream, until the output gate has released it (``delivered``). A standby resumed from a
-checkpoint therefore holds everything the primary may not have written yet, and where each
-piece goes (``replay_undelivered``, ``stream_offsets``): written again at the same offsets of a
-file, a repeat is harmless, and nothing the checkpoint's program printed is ever lost.
+its byte offset in its stream, until the output gate has released it (``delivered``). A
+standby resumed from a checkpoint therefore holds everything the primary may not have written
+yet, and where each piece goes (``replay_undelivered``, ``stream_offsets``): written again at
+the same offsets of a file, a repeat is harmless, and nothing the checkpoint's program printed
+is ever lost.
 
 Also here, because they are the same contract: PORT_UNSUPPORTED (the library OS met a syscall
 it does not serve: ("unsupported_syscall", number) to the sink, once per number, so the caller
-can name it), PORT_FAULT (the library OS stopped the program: ``FAULTS`` says why) and PORT_EXPORT (the program's
-files are packed at (address, length): ("files_export", (va, length)) to the sink; the layer
-that knows the address space reads and checks them).
+can name it), PORT_FAULT (the library OS stopped the program: ``FAULTS`` says why) and
+PORT_EXPORT (the program's files are packed at (address, length): ("files_export", (va,
+length)) to the sink; the layer that knows the address space reads and checks them).
 """
 from __future__ import annotations
 
@@ -45,12 +46,11 @@ if TYPE_CHECKING:
     from ..vcpu import VcpuRunner
 
 STREAMS = {1: "stdout", 2: "stderr"}
-#: PORT_FAULT's values (libos.h FAULT_*): why the library OS stopped the program. The first is
-#: the guest's side breaking the contract; the others are the program's own doing, reported as
-#: such: each would leave a lone program stuck for ever under Linux.
-FAULTS = {1: "the guest broke its contract: the program's syscall entered at CPL0 (hardware "
-             "KVM), which the library OS does not serve yet",
-          2: "the program waits on a futex no other thread can wake (with no timeout, it would "
+#: PORT_FAULT's values (libos.h FAULT_*): why the library OS stopped the program. Each is the
+#: program's own doing, reported as such: it would leave a lone program stuck for ever under
+#: Linux. (1 was "entered at CPL0": entry.S now serves that path; any other value is a broken
+#: contract.)
+FAULTS = {2: "the program waits on a futex no other thread can wake (with no timeout, it would "
              "hang for ever)",
           3: "the program waits for a signal (pause, sigsuspend or sigtimedwait with no "
              "timeout) that nothing can send it: it would hang for ever",
@@ -294,8 +294,8 @@ class StdioDevice:
                 fd, off, k = _CHUNK.unpack_from(data, at)
                 at += _CHUNK.size
                 if fd not in STREAMS or at + k > len(data) or off + k > offs[STREAMS[fd]]:
-                    raise SnapshotFormatError(f"stdio state: undelivered chunk (fd {fd}, offset "
-                                         f"{off}, {k} bytes) is impossible")
+                    raise SnapshotFormatError(f"stdio state: undelivered chunk (fd {fd}, "
+                                              f"offset {off}, {k} bytes) is impossible")
                 chunks.append((STREAMS[fd], off, bytes(data[at:at + k])))
                 at += k
             if at != len(data):
