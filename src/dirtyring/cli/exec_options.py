@@ -11,6 +11,8 @@ from typing import Any
 from ..errors import ConfigError
 from ..linux.program import LinuxProgram
 from ..linux.runner import unsupported_line
+from ..linux.signals import end_report
+from ..machine.vm import Machine
 
 
 def add_exec_options(p: argparse.ArgumentParser, *, memory_note: bool = True,
@@ -102,3 +104,13 @@ def program_sink(name: str) -> Callable[[str, Any], None]:
             print(f"dirtyring: {unsupported_line(name, payload)}", file=sys.stderr,
                   flush=True)
     return sink
+
+
+def finished_status(m: Machine) -> int:
+    """The exit status of a command whose Linux program ended on ``m``: the program's own (as
+    ``run`` returns it), after naming on stderr the signal that killed it, if one did."""
+    code = m.runners[0].exit_code
+    report = end_report(code)
+    if report:
+        print(f"dirtyring: {report}", file=sys.stderr, flush=True)
+    return (code or 0) & 0xFF

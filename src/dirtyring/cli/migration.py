@@ -18,14 +18,14 @@ from typing import Any
 from ..errors import DirtyringError
 from ..guests import NAMES
 from ..guests.protocol import GuestParams, Pattern
-from ..linux.signals import end_report
 from ..machine.config import LINUX_GUEST, MachineConfig
 from ..machine.vm import Machine
 from ..migration.source import (Migration, MigrationError, MigrationOptions, run_guest,
                                 tune_allocator)
 from ..replication.standby import Standby
 from ..replication.transport import load_key, parse_addr
-from .exec_options import add_exec_options, guest_or_program, passthrough, program_sink
+from .exec_options import (add_exec_options, finished_status, guest_or_program, passthrough,
+                           program_sink)
 from .options import add_metrics_option, duration, positive_int, size, start_metrics
 from .printer import EventPrinter
 
@@ -257,10 +257,7 @@ def receive(args: argparse.Namespace) -> int:
              "ran_s": time.monotonic() - t_run, "progress": m.progress(),
              "resumed_t": sb.resumed_wall})
         if m.stdio is not None and m.finished and not m.crashed:
-            report = end_report(m.runners[0].exit_code)  # a signal killed it
-            if report:
-                print(f"dirtyring: {report}", file=sys.stderr, flush=True)
-            return (m.runners[0].exit_code or 0) & 0xFF  # the program's, as `run` returns it
+            return finished_status(m)
     except KeyboardInterrupt:
         pass
     finally:

@@ -17,7 +17,6 @@ from ..guests.protocol import GuestParams, Pattern
 from ..linux.output import STREAMS, ProgramOutput
 from ..linux.program import LinuxProgram
 from ..linux.runner import CRASH_STATUS
-from ..linux.signals import end_report
 from ..machine.config import LINUX_GUEST, MachineConfig
 from ..machine.vm import Machine
 from ..replication.arbiter import DEFAULT_MARGIN, DEFAULT_TTL, Arbiter
@@ -27,7 +26,7 @@ from ..replication.primary import Primary, PrimaryOptions
 from ..replication.reprotect import reprotect
 from ..replication.standby import Standby
 from ..replication.transport import connect, listen, load_key, parse_addr
-from .exec_options import add_exec_options, guest_or_program, program_sink
+from .exec_options import add_exec_options, finished_status, guest_or_program, program_sink
 from .options import add_guest_options, add_metrics_option, duration, positive_int, start_metrics
 from .printer import EventPrinter
 
@@ -285,10 +284,7 @@ def _program_status(m: Machine, fenced: bool) -> int:
         print(f"dirtyring: {m.crashed}", file=sys.stderr, flush=True)
         return CRASH_STATUS
     if m.finished:
-        report = end_report(m.runners[0].exit_code)  # a signal killed it
-        if report:
-            print(f"dirtyring: {report}", file=sys.stderr, flush=True)
-        return (m.runners[0].exit_code or 0) & 0xFF
+        return finished_status(m)
     return 1 if fenced else 0
 
 

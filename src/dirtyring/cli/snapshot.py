@@ -18,12 +18,11 @@ from ..errors import ConfigError
 from ..guests import NAMES
 from ..guests.protocol import GuestParams, Pattern, hash_chain
 from ..linux.runner import CRASH_STATUS
-from ..linux.signals import end_report
 from ..machine.config import LINUX_GUEST, MachineConfig
 from ..machine.vm import Machine
 from ..snapshots.files import (FILE_KEY, SnapshotInfo, SnapshotWriter, latest, resolve_chain,
                                restore)
-from .exec_options import add_exec_options, program_from_args, program_sink
+from .exec_options import add_exec_options, finished_status, program_from_args, program_sink
 from .options import add_guest_options, duration
 
 
@@ -214,10 +213,7 @@ def _run_restored_program(args: argparse.Namespace, m: Machine, t0: float) -> in
     if m.crashed:
         print(f"dirtyring: the program stopped: {m.crashed}", file=sys.stderr)
         return CRASH_STATUS
-    status = (m.runners[0].exit_code or 0) & 0xFF
-    report = end_report(m.runners[0].exit_code)  # a signal killed it (or a bad DONE value)
-    if report:
-        print(f"dirtyring: {report}", file=sys.stderr)
+    status = finished_status(m)
     _out(args, f"the program ended with status {status}", event="done", status=status)
     return status
 
