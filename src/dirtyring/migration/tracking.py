@@ -22,7 +22,6 @@ from __future__ import annotations
 import time
 
 import numpy as np
-import numpy.ma  # noqa: F401  np.unique imports it on first use (numpy 2.4: ~15 ms); not then
 
 from ..errors import ConfigError, TrackingError
 from ..machine.vm import Machine
