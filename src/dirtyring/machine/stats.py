@@ -31,6 +31,19 @@ class HistogramValue:
     n: int
 
 
+def newest(window: deque[float] | deque[int], k: int | None = None) -> np.ndarray:
+    """The ``k`` newest values of ``window`` (all of them by default), newest first, as floats,
+    while other threads may append to it: a copy that met an append ("deque mutated during
+    iteration", seen on a degraded primary whose ack reader released output during a fold) is
+    simply taken again; appends are rare and short, so a retry finds the window still."""
+    while True:
+        n = len(window) if k is None else min(k, len(window))
+        try:
+            return np.fromiter(islice(reversed(window), n), float, n)
+        except RuntimeError:
+            continue
+
+
 class WindowHistogram:
     """Cumulative bucket counts of every value appended to a bounded window (a ``deque``),
     taken from its newest values in batches (``fold``), so that appending stays the only cost
@@ -70,8 +83,7 @@ class WindowHistogram:
             if new <= 0:
                 return
             k = min(new, len(self.window))
-            # (one C call: the window cannot change while it is copied)
-            tail = np.fromiter(islice(reversed(self.window), k), float, k)
+            tail = newest(self.window, k)
             per = np.bincount(np.searchsorted(self._edges, tail, "left"),
                               minlength=len(self._counts))
             s = float(tail.sum()) * self.scale

@@ -15,7 +15,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from ..machine.stats import WindowHistogram
+from ..machine.stats import WindowHistogram, newest
 
 #: Receives released output: (kind, payload, epoch it belongs to).
 Release = Callable[[str, Any, int], None]
@@ -68,7 +68,8 @@ class OutputGate:
                                               and not self.may_release()):
                 self._pending.append((epoch, kind, payload, time.monotonic()))
                 return
-        self._out(kind, payload, epoch, 0.0)
+        with self._deliver:  # after anything a flush on another thread is still releasing
+            self._out(kind, payload, epoch, 0.0)
 
     @property
     def held(self) -> int:
@@ -153,7 +154,7 @@ class OutputGate:
 
     def statistics(self) -> OutputStats:
         self.delay_hist.fold()
-        d = sorted(self._delays)
+        d = sorted(newest(self._delays).tolist())  # (a copy: the ack reader may append)
         return OutputStats(held=len(self._pending), released=self.released,
                            max_released_epoch=self.max_released_epoch,
                            delay_ms_p50=d[len(d) // 2] if d else 0.0,

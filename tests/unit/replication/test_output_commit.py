@@ -107,3 +107,31 @@ def test_each_released_piece_is_reported_delivered_after_its_release() -> None:
     assert log == ["release a", "delivered stdout"]
     g.drop()
     assert log == ["release a", "delivered stdout"]
+
+
+def test_releasing_alone_while_statistics_are_read_raises_nothing() -> None:
+    """Alone (released at once) on several threads while another reads the statistics (a
+    fold of the delay window): a copy of the window that meets an append is taken again, never
+    'deque mutated during iteration' (which once killed a degraded primary)."""
+    out: list[object] = []
+    g = OutputGate(lambda k, p, e: out.append(p), hold=False)
+    errors: list[BaseException] = []
+
+    def emit(base: int) -> None:
+        for i in range(20000):
+            g.emit("kv", base + i)
+
+    def read() -> None:
+        try:
+            for _ in range(2000):
+                g.statistics()
+        except BaseException as e:  # (reported below, not lost on the thread)
+            errors.append(e)
+
+    threads = [threading.Thread(target=emit, args=(n * 100000,)) for n in range(3)]
+    threads.append(threading.Thread(target=read))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(out) == 60000 and g.statistics().released == 60000
