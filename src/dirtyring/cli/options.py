@@ -42,11 +42,18 @@ def positive_int(text: str) -> int:
     return v
 
 
-def add_guest_options(p: argparse.ArgumentParser, *, rate: bool = True) -> None:
+def add_guest_options(p: argparse.ArgumentParser, *, rate: bool = True,
+                      tracker_help: str | None = None) -> None:
     """The options that shape a guest and its tracking, the same for run, protect and
-    snapshot: --tracker, --vcpus, --memory, --pattern, --hot-pages (and --rate)."""
-    p.add_argument("--tracker", choices=KINDS, default="ring",
-                   help="dirty page tracker (default ring)")
+    snapshot: --tracker, --vcpus, --memory, --pattern, --hot-pages (and --rate).
+
+    ``tracker_help``: run's own --tracker, which may also be "none" and whose default depends
+    on the guest (so it is left None here and chosen by the command)."""
+    if tracker_help is None:
+        p.add_argument("--tracker", choices=KINDS, default="ring",
+                       help="dirty page tracker (default ring)")
+    else:
+        p.add_argument("--tracker", choices=(*KINDS, "none"), default=None, help=tracker_help)
     p.add_argument("--vcpus", type=positive_int, default=1, help="number of vCPUs (default 1)")
     p.add_argument("--memory", type=size, default=64 << 20, metavar="SIZE",
                    help="guest data memory (default 64M)")

@@ -3,8 +3,8 @@
 Unlike one hash over all memory, a fingerprint can be kept up to date from captured pages
 alone, so a snapshot writer never rereads memory it did not capture and a restore checks it
 from the pages it applied; rollback uses it to check a rolled-back guest against its root.
-Only pages a slot's memfd holds are read (SEEK_DATA): holes read as zero, and touching them
-would allocate them.
+Only a slot's populated pages are read (``Slot.populated_pages``): holes read as zero, and
+touching them would allocate them.
 """
 from __future__ import annotations
 

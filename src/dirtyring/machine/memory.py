@@ -1,4 +1,6 @@
-"""Guest memory: memslots backed by memfd, so another process or a snapshot can map the same pages.
+"""Guest memory: memslots backed by memfd (sparse: holes cost nothing and SEEK_DATA finds what
+holds data), or, for a machine no tracker watches, by anonymous memory that may use huge pages
+(``BACKINGS``; why in :func:`dirtyring._bindings.mapping.anonymous`).
 
 Every write the VMM makes into guest memory goes through :meth:`GuestMemory.write` or is
 announced with :meth:`GuestMemory.mark_dirty`: KVM never logs such writes, so the trackers merge
@@ -18,11 +20,19 @@ from typing import Any
 import numpy as np
 
 from .._bindings import Mapping, memfd
+from .._bindings.mapping import anonymous
 from ..errors import ConfigError
 from ..tracking import DirtySet
 from . import layout
 
 PAGE = layout.PAGE
+#: How a data slot's host memory is made: "memfd" (every tracked machine: dirty logging keeps
+#: KVM on 4 KiB pages anyway) or "anonymous" (huge pages where the host allows them). The system
+#: slot is always a memfd: it is small, and its page tables must stay 4 KiB-mapped.
+BACKINGS = ("memfd", "anonymous")
+#: Pagemap entries read at a time when looking for an anonymous slot's populated pages.
+_PAGEMAP_CHUNK = 1 << 16
+_PM_PRESENT, _PM_SWAPPED = np.uint64(1 << 63), np.uint64(1 << 62)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -40,18 +50,33 @@ class SlotInfo:
 
 
 class Slot:
-    """A memslot: its memfd, its host mapping, a uint8 view and the same as page rows."""
+    """A memslot: its memory (memfd, or anonymous with ``fd`` -1), its host mapping, a uint8
+    view and the same as page rows."""
 
-    def __init__(self, info: SlotInfo, fd: int | None = None) -> None:
+    def __init__(self, info: SlotInfo, fd: int | None = None, backing: str = "memfd") -> None:
+        if backing not in BACKINGS:
+            raise ConfigError(f"unknown memory backing {backing!r}; one of {', '.join(BACKINGS)}")
         self.info = info
-        self.fd = fd if fd is not None else memfd(f"dirtyring-{info.name}", info.size)
-        self.map = Mapping(self.fd, info.size, noreserve=True)
+        if backing == "anonymous" and fd is None:
+            self.fd = -1
+            self.map = anonymous(info.size)
+        else:
+            self.fd = fd if fd is not None else memfd(f"dirtyring-{info.name}", info.size)
+            self.map = Mapping(self.fd, info.size, noreserve=True)
         self.view = self.map.array()
         self.rows = self.view.reshape(-1, PAGE)  # (pages, 4096): for page gathers and stores
 
+    @property
+    def backing(self) -> str:
+        return "memfd" if self.fd >= 0 else "anonymous"
+
     def populated_pages(self) -> np.ndarray:
-        """Pages of the memfd that hold data (SEEK_DATA/SEEK_HOLE). The others are holes: they
-        read as zero and were never written; reading one through the mapping would allocate it."""
+        """Pages that hold data. The others read as zero and were never written; reading one
+        through the mapping would allocate it. A memfd says which with SEEK_DATA/SEEK_HOLE;
+        anonymous memory with /proc/self/pagemap (present or swapped out). With huge pages, all
+        512 pages of a 2 MiB page touched once count: a superset, never a page missed."""
+        if self.fd < 0:
+            return self._pagemap_populated()
         parts, off, size = [], 0, self.info.size
         while off < size:
             try:
@@ -65,9 +90,24 @@ class Slot:
             off = end
         return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
+    def _pagemap_populated(self) -> np.ndarray:
+        first, pages = self.map.addr // PAGE, self.info.pages
+        parts = []
+        with open("/proc/self/pagemap", "rb", buffering=0) as f:
+            for start in range(0, pages, _PAGEMAP_CHUNK):
+                n = min(_PAGEMAP_CHUNK, pages - start)
+                raw = os.pread(f.fileno(), 8 * n, 8 * (first + start))
+                if len(raw) != 8 * n:
+                    raise OSError(errno.EIO, "short read of /proc/self/pagemap")
+                e = np.frombuffer(raw, np.uint64)
+                hit = np.flatnonzero(e & (_PM_PRESENT | _PM_SWAPPED))
+                if len(hit):
+                    parts.append(hit.astype(np.int64) + start)
+        return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
     def discard(self) -> None:
         """Make every page a hole again (zero, and its memory freed)."""
-        self.map.madvise(mmap.MADV_REMOVE)
+        self.map.madvise(mmap.MADV_REMOVE if self.fd >= 0 else mmap.MADV_DONTNEED)
 
     def close(self) -> None:
         self.map.close()
@@ -93,8 +133,11 @@ def plan_slots(data_sizes: list[int]) -> list[SlotInfo]:
 class GuestMemory:
     """All memslots of one machine and the record of VMM-side writes."""
 
-    def __init__(self, infos: list[SlotInfo], fds: list[int] | None = None) -> None:
-        self.slots = [Slot(info, None if fds is None else fds[i])
+    def __init__(self, infos: list[SlotInfo], fds: list[int] | None = None,
+                 backing: str = "memfd") -> None:
+        """``backing`` is for the data slots (``BACKINGS``); the system slot is a memfd."""
+        self.slots = [Slot(info, None if fds is None else fds[i],
+                           backing if info.slot > 0 else "memfd")
                       for i, info in enumerate(infos)]
         self._vmm_dirty: dict[int, set[int]] = {}
         self._lock = threading.Lock()

@@ -134,7 +134,10 @@ class Machine:
             vm.enable_dirty_log_ring(cfg.ring_entries * 16)
         elif cfg.tracker in ("bitmap-clear", "hotset"):
             vm.enable_manual_dirty_log_protect()
-        self.memory = GuestMemory(plan_slots(list(cfg.data_slots)))
+        # Untracked, KVM may map guest memory with 2 MiB pages if the host memory is huge pages
+        # (GuestMemory's "anonymous" backing); tracked, dirty logging keeps it on 4 KiB pages.
+        self.memory = GuestMemory(plan_slots(list(cfg.data_slots)),
+                                  backing="memfd" if self._will_track() else "anonymous")
         # Memslots before the irqchip, and created with dirty logging on when a tracker will
         # turn it on (every tracker's start() does; the same flags again are a no-op for KVM).
         # Why: every memslot change waits for an SRCU grace period, and KVM_CREATE_IRQCHIP

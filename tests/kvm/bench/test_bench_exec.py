@@ -28,9 +28,15 @@ def test_bench_exec_quick(tmp_path: Path) -> None:
     assert all(r.value > 0 for r in recs if r.metric in ("op_us", "wall_s", "startup_ms"))
     programs = {(r.dims["program"], r.dims["where"]) for r in recs if r.metric == "wall_s"}
     assert programs == {(n, w) for n in ("sqlite", "awk")
-                        for w in ("native", "guest", "guest-untracked")}
+                        for w in ("native", "guest", "guest-tracked")}
+    # The tracked runs reported pages (every program writes some), and what each cost.
+    assert {r.dims["program"] for r in recs if r.metric == "tracked_pages" and r.value > 0} \
+        == {"sqlite", "awk"}
+    starts = {(r.dims["what"], r.stat) for r in recs if r.metric == "startup_ms"}
+    assert starts == {(w, s) for w in ("vmm", "command", "python") for s in ("p50", "min")}
     goals = doc["goals"]
     assert set(goals) == {"getpid_vs_floor", "brk_vs_floor", "clock_us", "sqlite_vs_native",
-                          "awk_vs_native", "sqlite_untracked_vs_native",
-                          "awk_untracked_vs_native", "startup_ms"}
+                          "awk_vs_native", "startup_ms", "startup_command_ms"}
     assert all(isinstance(g["met"], bool) and g["value"] >= 0 for g in goals.values())
+    assert goals["startup_command_ms"]["floor_python_ms"] > 0
+    assert set(doc["context"]) == {"sqlite_tracked_vs_native", "awk_tracked_vs_native"}

@@ -12,6 +12,7 @@ The README's test command installs busybox-static and libsqlite3-dev (tools/inst
 from __future__ import annotations
 
 import gzip
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -35,11 +36,13 @@ def _tree(root: Path) -> dict[str, bytes]:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def differential(tmp: Path, program: Path, args: list[str], inputs: dict[str, bytes]
+def differential(tmp: Path, program: Path, args: list[str], inputs: dict[str, bytes],
+                 options: tuple[str, ...] = ()
                  ) -> tuple[subprocess.CompletedProcess[bytes], subprocess.CompletedProcess[bytes],
                             dict[str, bytes], dict[str, bytes]]:
     """Run ``program args`` natively in a directory holding ``inputs``, and under dirtyring
-    with the same files; return both runs and both resulting file trees."""
+    (``run --exec`` with ``options``: none is run's default, untracked) with the same files;
+    return both runs and both resulting file trees."""
     nat, work, saved = tmp / "native", tmp / "work", tmp / "saved"
     for d in (nat, work):
         d.mkdir()
@@ -48,7 +51,7 @@ def differential(tmp: Path, program: Path, args: list[str], inputs: dict[str, by
     n = subprocess.run([str(program), *args], cwd=nat, capture_output=True, env={},
                        timeout=RUN_TIMEOUT)
     cmd = [sys.executable, "-m", "dirtyring.cli.main", "run", "--exec", str(program),
-           "--save-files", str(saved)]
+           "--save-files", str(saved), *options]
     for name in inputs:
         cmd += ["--file", name]
     g = subprocess.run([*cmd, "--", *args], cwd=work, capture_output=True,
@@ -81,9 +84,16 @@ def test_busybox_applets(tmp_path: Path, args: list[str]) -> None:
     assert gtree == ntree
 
 
+TRACKED = ("--tracker", "ring", "--interval", "1ms", "--verify-every", "5")
+
+
+@pytest.mark.parametrize("options", [(), TRACKED], ids=["untracked", "tracked"])
 @pytest.mark.parametrize("mode", ["delete", "wal"])
-def test_sqlite_database_file(tmp_path: Path, sqlite_prog: Path, mode: str) -> None:
-    n, g, ntree, gtree = differential(tmp_path, sqlite_prog, [mode, "3000"], {})
+def test_sqlite_database_file(tmp_path: Path, sqlite_prog: Path, mode: str,
+                              options: tuple[str, ...]) -> None:
+    """Both as ``run`` runs a program by default (untracked, on huge pages where the host has
+    them) and tracked with the shadow check every 5 epochs (a missed page fails the run)."""
+    n, g, ntree, gtree = differential(tmp_path, sqlite_prog, [mode, "3000"], {}, options)
     assert g.returncode == n.returncode == 0, g.stderr
     assert g.stdout == n.stdout and b"|" in n.stdout and n.stdout.endswith(b"ok\n")
     assert gtree == ntree and f"test-{mode}.db" in ntree
@@ -102,7 +112,9 @@ def test_busybox_reads_stdin(tmp_path: Path, args: list[str]) -> None:
     assert (g.stdout, g.stderr) == (n.stdout, n.stderr)
 
 
-def test_a_program_waiting_for_slow_input_keeps_being_checkpointed(tmp_path: Path) -> None:
+@pytest.mark.parametrize("options", [(), ("--tracker", "ring")], ids=["untracked", "tracked"])
+def test_a_program_waiting_for_slow_input_keeps_being_checkpointed(
+        tmp_path: Path, options: tuple[str, ...]) -> None:
     """Input that trickles in: the guest waits (a little at a time, so epochs go on: a pause
     never waits for input), and gets every byte."""
     _need(BUSYBOX, "busybox-static")
@@ -112,10 +124,14 @@ def test_a_program_waiting_for_slow_input_keeps_being_checkpointed(tmp_path: Pat
     w = subprocess.Popen([sys.executable, "-c", writer], stdout=subprocess.PIPE)
     try:
         g = subprocess.run([sys.executable, "-m", "dirtyring.cli.main", "run", "--exec",
-                            str(BUSYBOX), "--json", "--", "wc", "-l"], stdin=w.stdout,
+                            str(BUSYBOX), "--json", *options, "--", "wc", "-l"],
+                           stdin=w.stdout,
                            capture_output=True, timeout=RUN_TIMEOUT)
     finally:
         w.kill()
         w.wait()
     assert g.returncode == 0, g.stderr
     assert g.stdout.split() == [b"8"]
+    done = json.loads(g.stderr.splitlines()[-1])
+    assert done["tracker"] == ("ring" if options else "none")
+    assert done["missed_pages"] == 0 and (done["dirty_pages"] > 0) == bool(options)
