@@ -199,6 +199,12 @@ def _run_restored_program(args: argparse.Namespace, m: Machine, t0: float) -> in
     its exit status is ours."""
     _out(args, f"restored a Linux program ({m.config.data_bytes >> 20} MiB) in "
                f"{(time.perf_counter() - t0) * 1e3:.1f} ms; running it", event="restored")
+    # A fresh getrandom pool: the snapshot holds the pool the original run was drawing from,
+    # and every restore of it would hand the program the same "random" bytes again (two
+    # copies restored from one snapshot would share keys, nonces, temp names). The VM
+    # generation ID problem of any VM snapshot; here the VMM owns the pool, so it refills it.
+    assert m.stdio is not None
+    m.stdio.refill_entropy()
     m.resume_all()
     end = time.monotonic() + args.seconds
     while not m.wait_stopped(0.05):

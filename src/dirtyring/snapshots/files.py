@@ -537,6 +537,10 @@ def restore(path: str | Path, *, key: bytes = FILE_KEY, threaded: bool = True,
     fresh ``Machine(config, boot=False)``, which is closed and never returned if any frame is
     bad (nothing half-applied). Raises SnapshotFormatError.
 
+    A Linux program's getrandom pool is restored as captured, like all its memory: before
+    resuming a copy that must not repeat the original's random bytes, refill it with
+    ``m.stdio.refill_entropy()`` (``dirtyring restore`` does).
+
     Example::
 
         m2 = dirtyring.restore("snaps")          # the newest snapshot of the directory

@@ -79,3 +79,23 @@ def test_restore_of_the_numbered_sqlite_program_continues_its_database(
     assert r.returncode == 5, r.stderr
     assert r.stdout and native.stdout.endswith(r.stdout)
     assert r.stdout.startswith(b"1\n") or native.stdout[:-len(r.stdout)].endswith(b"\n")
+
+
+def test_each_restore_draws_fresh_random_bytes(static_build, tmp_path: Path) -> None:
+    """Two restores of one snapshot must not hand the program the same getrandom bytes: the
+    snapshot holds the pool the original run drew from, and ``restore`` refills it. Only a
+    line whose bytes were drawn before the capture (at most the first after it) may repeat."""
+    prog = static_build(HERE / "entropy_steps.c", tmp_path / "entropy_steps")
+    snaps = tmp_path / "snaps"
+    s = _cli("snapshot", str(snaps), "--exec", str(prog), "--seconds", "0.3", "--every", "0.1",
+             "--", "500")  # >= 1 s at any speed: the snapshots are mid-run
+    assert s.returncode == 0, s.stderr
+    runs = []
+    for _ in range(2):
+        r = _cli("restore", str(snaps / "snap-0001.snap"), "--seconds", "240")
+        assert r.returncode == 0, r.stderr
+        runs.append(dict(line.split() for line in r.stdout.decode().splitlines()))
+    steps = sorted(set(runs[0]) & set(runs[1]), key=int)
+    assert len(steps) >= 100 and steps[-1] == "499"
+    same = [i for i in steps if runs[0][i] == runs[1][i]]
+    assert same in ([], [steps[0]]), same[:5]
