@@ -61,6 +61,7 @@ def _import_trace(tmp_path: Path) -> list[str]:
         "        seen.append(event)\n"
         "sys.addaudithook(hook)\n"
         "import dirtyring\n"
+        "for name in dirtyring.__all__: getattr(dirtyring, name)  # every lazy import done\n"
         "print(repr(seen))\n")
     env = dict(os.environ, PYTHONPATH=str(SRC), XDG_CACHE_HOME=str(tmp_path),
                TMPDIR=str(tmp_path))
@@ -79,3 +80,35 @@ def test_import_does_not_open_kvm(tmp_path: Path) -> None:
 def test_import_starts_no_process_even_with_a_cold_cache(tmp_path: Path) -> None:
     started = [x for x in _import_trace(tmp_path) if not x.startswith("open ")]
     assert not started, f"importing dirtyring started {started} (gcc: compiled at import)"
+
+
+def _modules_after(code: str) -> set[str]:
+    """The dirtyring modules loaded after running ``code`` in a fresh interpreter."""
+    full = (code + "\nimport sys\n"
+            "print(' '.join(m for m in sys.modules if m.startswith('dirtyring')))")
+    r = subprocess.run([sys.executable, "-c", full], capture_output=True, text=True, timeout=60,
+                       env=dict(os.environ, PYTHONPATH=str(SRC)))
+    assert r.returncode == 0, r.stderr
+    return set(r.stdout.split())
+
+
+def test_the_api_is_imported_on_first_use() -> None:
+    """``import dirtyring`` loads nothing else; a name loads its own module only."""
+    assert _modules_after("import dirtyring") == {"dirtyring"}
+    mods = _modules_after("import dirtyring\ndirtyring.fingerprint")
+    assert "dirtyring.machine.fingerprint" in mods
+    assert not any(m.startswith(("dirtyring.replication", "dirtyring.migration")) for m in mods)
+    with pytest.raises(AttributeError, match="no attribute 'nothing_here'"):
+        dirtyring.nothing_here  # noqa: B018
+    assert set(dirtyring.__all__) <= set(dir(dirtyring))
+
+
+def test_a_command_imports_only_its_own_module() -> None:
+    """``dirtyring run`` builds its parser without importing replication, migration or the
+    snapshot files (what it does not use); the full parser still has every command."""
+    mods = _modules_after("from dirtyring.cli.main import build_parser\n"
+                          "build_parser(bench_commands=False, command='run')")
+    assert "dirtyring.cli.run" in mods
+    assert not any(m.startswith(("dirtyring.replication", "dirtyring.migration",
+                                 "dirtyring.snapshots", "dirtyring.cli.replication"))
+                   for m in mods), sorted(mods)

@@ -16,12 +16,13 @@ from typing import Any
 
 from ..errors import DirtyringError
 from ..replication.kvservice import KvClient, missing_writes
+from .commands import command_help
 from .child import ChildProcess, free_port
 from .options import duration
 
 
 def add_parser(sub: Any) -> None:
-    p = sub.add_parser("demo", help="protected key-value VM + local standby, kill, failover, proof")
+    p = sub.add_parser("demo", help=command_help("demo"))
     p.add_argument("--kill-after", type=float, default=None, metavar="SECONDS",
                    help="kill the primary after this long (default: random 3-6 s)")
     p.add_argument("--interval", type=duration, default=1e-3, metavar="DURATION",

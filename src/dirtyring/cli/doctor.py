@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 from .._bindings import Cap, Kvm
+from .commands import command_help
 
 
 def probe(kvm: Kvm) -> dict[str, Any]:
@@ -91,7 +92,7 @@ def _positive(text: str) -> float:
 
 
 def add_parser(sub: Any) -> None:
-    p = sub.add_parser("doctor", help="print this host's KVM facts and run the self-tests")
+    p = sub.add_parser("doctor", help=command_help("doctor"))
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--no-selftest", action="store_true",
                    help="skip the reset-defect self-test and the CPL3 speed check")

@@ -5,11 +5,11 @@ import faulthandler
 import signal
 
 import argparse
-import importlib.metadata
+import importlib
 import sys
 
 from ..errors import DirtyringError
-from . import demo, doctor, migration, replication, run, snapshot
+from .commands import COMMANDS
 
 
 BENCH_HELP = "benchmarks (JSON + PNG out)"
@@ -23,28 +23,48 @@ def _command(argv: list[str]) -> str | None:
 
 def version() -> str:
     """The installed package's version (its metadata), or "unknown" when it is not installed."""
+    import importlib.metadata  # ~12 ms: only when --version is asked for
     try:
         return importlib.metadata.version("dirtyring")
     except importlib.metadata.PackageNotFoundError:
         return "unknown"
 
 
-def build_parser(*, bench_commands: bool = True) -> argparse.ArgumentParser:
+class _VersionAction(argparse.Action):
+    """``--version``, reading the package metadata only when asked (argparse's own "version"
+    action needs the string when the parser is built, i.e. on every command)."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kw: object) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         **kw)  # type: ignore[arg-type]
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: object, option_string: str | None = None) -> None:
+        print(f"dirtyring {version()}")
+        parser.exit()
+
+
+def build_parser(*, bench_commands: bool = True,
+                 command: str | None = None) -> argparse.ArgumentParser:
     """The whole command line. ``bench_commands=False`` leaves ``bench``'s subcommands out
     (``bench`` itself stays, with its help line): ``main`` does that for every other command,
-    because importing the benchmarks cost ~32 ms of a ~40 ms start-up here."""
+    because importing the benchmarks cost ~32 ms of a ~40 ms start-up here. Likewise
+    ``command`` (one of ``commands.COMMANDS``) imports only the module that defines it; the
+    other commands are listed by name and help line alone (they cannot be parsed then)."""
     p = argparse.ArgumentParser(
         prog="dirtyring",
         description="Checkpoint KVM guests thousands of times a second with KVM's dirty ring.")
-    p.add_argument("--version", action="version", version=f"dirtyring {version()}",
-                   help="print the version and exit")
+    p.add_argument("--version", action=_VersionAction, help="print the version and exit")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    run.add_parser(sub)
-    doctor.add_parser(sub)
-    replication.add_parsers(sub)
-    demo.add_parser(sub)
-    snapshot.add_parsers(sub)
-    migration.add_parsers(sub)
+    wanted = COMMANDS[command][0] if command in COMMANDS else None
+    for module in dict.fromkeys(m for m, _ in COMMANDS.values()):
+        if wanted is None or module == wanted:
+            mod = importlib.import_module(f"{__package__}.{module}")
+            (getattr(mod, "add_parsers", None) or mod.add_parser)(sub)
+        else:
+            for name, (m, help_line) in COMMANDS.items():
+                if m == module:
+                    sub.add_parser(name, help=help_line)
     if not bench_commands:
         sub.add_parser("bench", help=BENCH_HELP)
         return p
@@ -74,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     # diagnosed in the field (SIGUSR1 kicks vCPUs, SIGALRM ends inline epochs).
     faulthandler.register(signal.SIGUSR2, all_threads=True)
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser(bench_commands=_command(argv) in (None, "bench"))
+    command = _command(argv)
+    parser = build_parser(bench_commands=command in (None, "bench"), command=command)
     # Everything after the first "--" is the --exec program's own arguments. Split here, not
     # by argparse: a command with a positional of its own (snapshot DIR, protect ADDR) would
     # otherwise take them for another positional.

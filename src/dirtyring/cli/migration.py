@@ -24,6 +24,7 @@ from ..migration.source import (Migration, MigrationError, MigrationOptions, run
                                 tune_allocator)
 from ..replication.standby import Standby
 from ..replication.transport import load_key, parse_addr
+from .commands import command_help
 from .exec_options import (add_exec_options, finished_status, guest_or_program, passthrough,
                            program_sink)
 from .options import add_metrics_option, duration, positive_int, size, start_metrics
@@ -77,7 +78,7 @@ def _printer(as_json: bool, live: bool) -> EventPrinter:
 
 
 def add_parsers(sub: Any) -> None:
-    m = sub.add_parser("migrate", help="boot a guest and migrate it live to `dirtyring receive`")
+    m = sub.add_parser("migrate", help=command_help("migrate"))
     m.add_argument("guest", nargs="?", choices=NAMES, default=None,
                    help="guest program to run (default: none; name one, or use --exec)")
     m.add_argument("--to", required=True, metavar="HOST:PORT",
@@ -114,7 +115,7 @@ def add_parsers(sub: Any) -> None:
     add_exec_options(m)
     m.set_defaults(func=migrate)
 
-    r = sub.add_parser("receive", help="wait for an incoming migration and run the guest")
+    r = sub.add_parser("receive", help=command_help("receive"))
     r.add_argument("--listen", required=True, metavar="HOST:PORT",
                    help="address to wait for the source on (required)")
     r.add_argument("--key", help="shared key, hex (or $DIRTYRING_KEY)")

@@ -26,6 +26,7 @@ from ..replication.primary import Primary, PrimaryOptions
 from ..replication.reprotect import reprotect
 from ..replication.standby import Standby
 from ..replication.transport import connect, listen, load_key, parse_addr
+from .commands import command_help
 from .exec_options import add_exec_options, finished_status, guest_or_program, program_sink
 from .options import add_guest_options, add_metrics_option, duration, positive_int, start_metrics
 from .printer import EventPrinter
@@ -89,7 +90,7 @@ def _warn_no_etcd(args: argparse.Namespace) -> None:
 
 
 def add_parsers(sub: Any) -> None:
-    p = sub.add_parser("protect", help="run a guest protected by a standby (Remus primary)")
+    p = sub.add_parser("protect", help=command_help("protect"))
     p.add_argument("guest", nargs="?", choices=NAMES, default=None,
                    help="built-in guest program to run (default: none; name one, or use "
                         "--exec)")
@@ -122,7 +123,7 @@ def add_parsers(sub: Any) -> None:
     _add_output_options(p, "primary")
     p.set_defaults(func=protect)
 
-    s = sub.add_parser("standby", help="hold a non-running replica and take over on failure")
+    s = sub.add_parser("standby", help=command_help("standby"))
     s.add_argument("--listen", required=True, metavar="HOST:PORT",
                    help="address to wait for the primary on (required)")
     s.add_argument("--key", help="shared key, hex (or $DIRTYRING_KEY)")
@@ -156,7 +157,7 @@ def add_parsers(sub: Any) -> None:
     _add_output_options(s, "standby")
     s.set_defaults(func=standby)
 
-    f = sub.add_parser("failover", help="tell a standby to take over now (manual failover)")
+    f = sub.add_parser("failover", help=command_help("failover"))
     f.add_argument("control", metavar="HOST:PORT", help="the standby's --control address")
     f.add_argument("--status", action="store_true", help="only print the standby's status")
     f.set_defaults(func=failover_cmd)

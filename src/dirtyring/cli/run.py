@@ -20,12 +20,13 @@ from ..machine.epoch import EpochDriver
 from ..machine.stats import EpochStats
 from ..machine.verify import ShadowCheck
 from ..machine.vm import Machine
+from .commands import command_help
 from .exec_options import add_exec_options, program_from_args
 from .options import add_guest_options, duration, positive_int
 
 
 def add_parser(sub: Any) -> None:
-    p = sub.add_parser("run", help="run a guest under dirty tracking with live figures")
+    p = sub.add_parser("run", help=command_help("run"))
     p.add_argument("--guest", choices=NAMES, default="dirtier",
                    help="guest program to run (default dirtier)")
     add_guest_options(p, tracker_help=(

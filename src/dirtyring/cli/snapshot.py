@@ -22,6 +22,7 @@ from ..machine.config import LINUX_GUEST, MachineConfig
 from ..machine.vm import Machine
 from ..snapshots.files import (FILE_KEY, SnapshotInfo, SnapshotWriter, latest, resolve_chain,
                                restore)
+from .commands import command_help
 from .exec_options import add_exec_options, finished_status, program_from_args, program_sink
 from .options import add_guest_options, duration
 
@@ -39,7 +40,7 @@ def seconds(text: str) -> float:
 
 def add_parsers(sub: Any) -> None:
     p = sub.add_parser(
-        "snapshot", help="run a guest and write a full snapshot, then incremental ones",
+        "snapshot", help=command_help("snapshot"),
         description="Boot a guest, let it run, and write a full snapshot followed by incremental "
                     "snapshots (only the pages dirtied since the previous one) every --every "
                     "seconds into DIR, as one chain. The guest pauses only to harvest and "
@@ -60,7 +61,7 @@ def add_parsers(sub: Any) -> None:
     p.set_defaults(func=snapshot_command)
 
     r = sub.add_parser(
-        "restore", help="start a guest from a snapshot (any of a chain) and run it",
+        "restore", help=command_help("restore"),
         description="Check the chain ending at PATH (a .snap file, or a directory: its newest "
                     "snapshot), rebuild the machine from it and let the guest run.")
     r.add_argument("path", type=Path, metavar="PATH",

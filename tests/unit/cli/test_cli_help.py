@@ -72,3 +72,22 @@ def test_version_when_not_installed(monkeypatch: pytest.MonkeyPatch) -> None:
         raise importlib.metadata.PackageNotFoundError(name)
     monkeypatch.setattr(importlib.metadata, "version", not_found)
     assert version() == "unknown"
+
+
+def test_the_command_table_names_every_command_with_its_help() -> None:
+    """``commands.COMMANDS`` (what --help lists without importing the modules) and the real
+    parsers agree: the same commands, in the same order, with the same help lines."""
+    import argparse
+
+    from dirtyring.cli.commands import COMMANDS
+    from dirtyring.cli.main import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    real = {c.dest: c.help for c in sub._choices_actions}
+    assert list(real) == [*COMMANDS, "bench"]
+    assert all(real[name] == help_line for name, (_, help_line) in COMMANDS.items())
+    for name in COMMANDS:  # a command built alone parses its own --help-free arguments
+        lone = build_parser(bench_commands=False, command=name)
+        lone_sub = next(a for a in lone._actions
+                        if isinstance(a, argparse._SubParsersAction))
+        assert list(lone_sub.choices) == list(real)
