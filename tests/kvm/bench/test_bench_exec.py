@@ -33,10 +33,12 @@ def test_bench_exec_quick(tmp_path: Path) -> None:
     assert {r.dims["program"] for r in recs if r.metric == "tracked_pages" and r.value > 0} \
         == {"sqlite", "awk"}
     starts = {(r.dims["what"], r.stat) for r in recs if r.metric == "startup_ms"}
-    assert starts == {(w, s) for w in ("vmm", "command", "python") for s in ("p50", "min")}
+    assert starts == {(w, s) for w in ("vmm", "command", "python", "python+numpy")
+                      for s in ("p50", "min")}
     goals = doc["goals"]
     assert set(goals) == {"getpid_vs_floor", "brk_vs_floor", "clock_us", "sqlite_vs_native",
                           "awk_vs_native", "startup_ms", "startup_command_ms"}
     assert all(isinstance(g["met"], bool) and g["value"] >= 0 for g in goals.values())
     assert goals["startup_command_ms"]["floor_python_ms"] > 0
+    assert goals["startup_command_ms"]["floor_python_numpy_ms"] > 0
     assert set(doc["context"]) == {"sqlite_tracked_vs_native", "awk_tracked_vs_native"}
