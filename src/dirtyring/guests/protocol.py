@@ -76,6 +76,10 @@ STDIO_HEADER_OFFSETS = {"prod": 0, "cons": 64, "export_va": 128, "export_len": 1
 # getrandom's pool (libos.h ENTROPY_*): the VMM fills it from the host's entropy.
 ENTROPY_OFFSET = 0xC00  # from QUEUE_GPA, in the header page
 ENTROPY_POOL = 0x400
+# Signals sent to a Linux program from outside (libos.h struct ext_signals), in the header
+# page: u64 pending (bit sig - 1), u64 entry (where the VMM sends an interrupted program), then
+# the interrupted registers (r8 ... r15, rdi, rsi, rbp, rbx, rdx, rax, rcx, rsp, rip, eflags).
+EXT_SIGNALS_OFFSET = 0x900  # from QUEUE_GPA
 # --strace's ring: records of {u64 nr, u64 args[6], s64 ret} after the stdio ring.
 TRACE_OFFSET = 0x9000  # from QUEUE_GPA
 TRACE_RECORDS = 192

@@ -24,7 +24,7 @@ from ..machine.epoch import EpochDriver
 from ..machine.verify import ShadowCheck
 from ..machine.vm import Machine
 from .program import LinuxProgram
-from .signals import killed_by
+from .signals import OutsideSignals, killed_by
 from .strace import format_call
 from .syscall_names import name as syscall_name
 
@@ -81,12 +81,15 @@ def run_program(prog: LinuxProgram, *, write: Callable[[str, bytes], None],
                 warn: Callable[[str], None] = lambda s: None,
                 seconds: float | None = None,
                 trace: Callable[[str], None] = lambda s: None,
-                stdin: int | None = None) -> ProgramResult:
+                stdin: int | None = None,
+                signals: OutsideSignals | None = None) -> ProgramResult:
     """Run ``prog`` until it ends. ``write("stdout" | "stderr", bytes)`` gets its output in
     order; ``warn`` gets one line per unsupported syscall (the first time it is used).
     ``seconds`` bounds the run: a program still running then is stopped, and ``crash`` says so.
     ``trace`` gets one line per system call when the program was made with ``strace=True``.
     ``stdin``: a readable descriptor the program's stdin comes from (default: empty).
+    ``signals``: signals to send the program from outside (``dirtyring run --exec`` puts there
+    those it gets); sent at the next pause, every ``interval``.
     ``tracker="none"`` runs it untracked (no epochs' harvests, no write-protect faults: the
     library OS's own cost); its output is still drained every ``interval``.
 
@@ -138,10 +141,11 @@ def run_program(prog: LinuxProgram, *, write: Callable[[str, bytes], None],
     with Machine(prog.config(tracker=tracker), boot=boot, sink=sink) as m:
         assert m.memory is not None and m.stdio is not None
         deadline = None if seconds is None else time.monotonic() + seconds
+        fwd = signals if signals is not None else OutsideSignals()
         if tracker == "none":
-            res.crash = _run_untracked(m, res, interval, deadline, seconds)
+            res.crash = _run_untracked(m, res, interval, deadline, seconds, fwd)
         else:
-            res.crash = _run_tracked(m, res, interval, deadline, seconds, verify_every)
+            res.crash = _run_tracked(m, res, interval, deadline, seconds, verify_every, fwd)
         res.ended_at = time.perf_counter()
         m.drain_output()  # anything queued after the last harvest (none once it has ended)
         res.io_exits = m.runners[0].exits[U.KVM_EXIT_IO]
@@ -165,7 +169,7 @@ def run_program(prog: LinuxProgram, *, write: Callable[[str, bytes], None],
 
 
 def _run_tracked(m: Machine, res: ProgramResult, interval: float, deadline: float | None,
-                 seconds: float | None, verify_every: int) -> str | None:
+                 seconds: float | None, verify_every: int, signals: OutsideSignals) -> str | None:
     """Epoch after epoch under the tracker (with the shadow check every ``verify_every``);
     why it was stopped early, if it was."""
     assert m.memory is not None
@@ -190,15 +194,17 @@ def _run_tracked(m: Machine, res: ProgramResult, interval: float, deadline: floa
         if deadline is not None and time.monotonic() >= deadline:
             crash = f"still running after {seconds:g} s; stopped"
             break
+        signals.deliver(m)  # (paused between epochs)
     if check is not None:
         res.missed_pages += len(check.stale())
     return crash
 
 
 def _run_untracked(m: Machine, res: ProgramResult, interval: float, deadline: float | None,
-                   seconds: float | None) -> str | None:
+                   seconds: float | None, signals: OutsideSignals) -> str | None:
     """No tracker (``tracker="none"``): the program runs on, paused every ``interval`` only to
-    drain its output; the library OS's own cost, with no write-protect faults."""
+    drain its output and pass it signals; the library OS's own cost, with no write-protect
+    faults."""
     crash = None
     while not m.wait_stopped(interval):
         m.pause_all()
@@ -207,6 +213,7 @@ def _run_untracked(m: Machine, res: ProgramResult, interval: float, deadline: fl
         if deadline is not None and time.monotonic() >= deadline:
             crash = f"still running after {seconds:g} s; stopped"
             break
+        signals.deliver(m)
         m.resume_all()
     m.pause_all()
     return crash or m.crashed

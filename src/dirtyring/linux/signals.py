@@ -1,12 +1,40 @@
-"""How a Linux program a signal killed is reported.
+"""Signals and a Linux program: sending it one from outside, and reporting one that killed it.
 
-The library OS ends such a program with DONE carrying ``(sig << 8) | (128 + sig)``
+Sending (``send_signal``, ``interrupt``): ``dirtyring run --exec`` forwards the SIGHUP, SIGINT,
+SIGQUIT and SIGTERM it gets to its program, as a shell's foreground job gets them (Ctrl-C runs
+the program's handler, or ends it with status 130). With the program paused, the VMM sets the
+signal's bit in the library OS's ``ext_signals`` area. If the program is running its own code,
+the VMM also saves its registers there and points its RIP at the library OS's async entry,
+which delivers the signal as a kernel does after an interrupt (libos.h, proc.c). If the library
+OS is serving a syscall, it takes the signal when that call returns, or cuts a sleep or a wait
+for stdin short with EINTR. Waits that only a signal could end (pause, sigsuspend, a futex or
+sigtimedwait without a timeout) are still reported rather than waited out, and an interrupted
+read of stdin returns EINTR even under SA_RESTART.
+
+Reporting: the library OS ends a killed program with DONE carrying ``(sig << 8) | (128 + sig)``
 (libos.h ``DONE_KILLED``): the low byte is the status a shell shows for a killed process, so
 every path that takes ``exit_code & 0xFF`` already exits like the program would; the byte above
 names the signal. The value comes from the guest, which the program can scribble on: anything
 but an exit status or a consistent pair is refused (``killed_by`` raises ValueError).
 """
 from __future__ import annotations
+
+import signal as _signal
+import struct
+from collections import deque
+from typing import TYPE_CHECKING
+
+from ..guests.protocol import EXT_SIGNALS_OFFSET
+from ..machine import layout
+
+if TYPE_CHECKING:
+    from ..machine.vm import Machine
+
+#: The signals ``run --exec`` passes on to its program (SIGUSR1 and SIGUSR2 are dirtyring's
+#: own: they kick vCPUs and dump its threads' stacks).
+FORWARDED = (_signal.SIGHUP, _signal.SIGINT, _signal.SIGQUIT, _signal.SIGTERM)
+_BASE = layout.QUEUE_GPA + EXT_SIGNALS_OFFSET
+_CTX = struct.Struct("<18Q")
 
 #: Linux's x86-64 signal names (32 and 33 are glibc's internal ones; 34..64 are SIGRTMIN+n).
 NAMES = {1: "SIGHUP", 2: "SIGINT", 3: "SIGQUIT", 4: "SIGILL", 5: "SIGTRAP", 6: "SIGABRT",
@@ -48,3 +76,65 @@ def end_report(done: int | None) -> str | None:
     except ValueError as e:
         return str(e)
     return None if sig is None else killed_line(sig)
+
+
+class OutsideSignals:
+    """Signals for a program from outside: ``put`` them from anywhere (a signal handler), and
+    the run loop ``deliver``s them at each pause of its machine."""
+
+    def __init__(self) -> None:
+        self.queue: deque[int] = deque()
+        self._waiting = False  # sent, not yet taken by the library OS
+
+    def put(self, sig: int) -> None:
+        self.queue.append(sig)
+
+    def deliver(self, m: Machine) -> None:
+        """At a pause: send what came since the last one; for a signal sent but not taken
+        yet, try again to interrupt the program. Only for signals sent here: bits a program
+        scribbled into the area do not make the VMM move it."""
+        while self.queue:
+            send_signal(m, self.queue.popleft())
+            self._waiting = True
+        if self._waiting and (interrupt(m) or not _pending(m)):
+            self._waiting = False
+
+
+def _pending(m: Machine) -> int:
+    assert m.memory is not None
+    return m.memory.read_u64(_BASE)
+
+
+def send_signal(m: Machine, sig: int) -> bool:
+    """Send signal ``sig`` (1..64) to the program of ``m`` from outside; its vCPU must be
+    paused. True if it was interrupted in its own code to take it now; otherwise the library
+    OS takes it on its way back to the program (``interrupt`` tries again at later pauses)."""
+    if not 1 <= sig <= NSIG:
+        raise ValueError(f"no signal {sig}")
+    assert m.memory is not None
+    m.memory.write_u64(_BASE, m.memory.read_u64(_BASE) | 1 << (sig - 1))
+    return interrupt(m)
+
+
+def interrupt(m: Machine) -> bool:
+    """If a signal from outside waits for the paused program and it is running its own code,
+    send it to the library OS's async entry now (True). The entry is read from guest memory,
+    which the program can scribble on: one outside the library OS's code is not used (the
+    signal then waits for the next syscall), so nothing the program writes there can make the
+    VMM run it anywhere else."""
+    mem = m.memory
+    if mem is None or not m.runners or m.finished or not mem.read_u64(_BASE):
+        return False
+    entry = mem.read_u64(_BASE + 8)
+    if not layout.CODE_GPA <= entry < layout.CODE_LIMIT:
+        return False
+    fd = m.runners[0].fd
+    r = fd.get_regs()
+    if layout.CODE_GPA <= r.rip < layout.CODE_LIMIT:
+        return False  # the library OS is running: it takes the signal itself
+    mem.write(_BASE + 16, _CTX.pack(r.r8, r.r9, r.r10, r.r11, r.r12, r.r13, r.r14, r.r15, r.rdi,
+                                    r.rsi, r.rbp, r.rbx, r.rdx, r.rax, r.rcx, r.rsp, r.rip,
+                                    r.rflags))
+    r.rip = entry
+    fd.set_regs(r)
+    return True

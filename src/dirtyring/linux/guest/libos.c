@@ -51,6 +51,7 @@ static void init_once(void) {
     cur_brk = ctl()->brk_start;
     mmap_next = ctl()->mmap_hi;
     fs_init();
+    ((struct ext_signals *)EXT_SIGNALS_GPA)->entry = (u64)proc_async_stub;
 }
 
 /* --- stdio queue --------------------------------------------------------------------------- */
@@ -103,6 +104,7 @@ s64 stdin_read(u8 *buf, u64 len, int nonblock) {
         }
         if (h->stdin_eof || len == 0) return 0;
         if (nonblock) return -EAGAIN;
+        if (proc_ext_interrupts()) return -EINTR;
         outl(PORT_STDIN_WAIT, 0);
     }
 }
@@ -361,12 +363,12 @@ static s64 dispatch(struct frame *f);
 
 static s64 serve(struct frame *f) {
     init_once();
-    if (!ctl()->strace) return dispatch(f);
+    if (!ctl()->strace) return proc_syscall_exit(dispatch(f), &f->rcx);
     u64 args[6] = {f->rdi, f->rsi, f->rdx, f->r10, f->r8, f->r9};
     if (f->rax == 60 || f->rax == 231) trace(f->rax, args, 0);   /* it will not return */
     s64 r = dispatch(f);
     trace(f->rax, args, r);
-    return r;
+    return proc_syscall_exit(r, &f->rcx);
 }
 
 /* A `syscall` instruction trapped into syscall_entry. */

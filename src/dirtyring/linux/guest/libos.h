@@ -93,6 +93,19 @@ struct rewrite_stats {
     volatile u64 trapped_calls;     /* syscalls that trapped (a `syscall` instruction ran) */
 };
 
+/* Signals sent to the program from outside (the VMM forwards the SIGINT, SIGTERM... it gets):
+ * in the queue area's header page, after rewrite_stats. With the program paused, the VMM sets
+ * the signal's bit in `pending`; if the program was in its own code (not the library OS's), the
+ * VMM also stores its registers in `ctx` (struct sigctx's order, proc.c) and points its RIP at
+ * `entry`, which delivers the signal as a kernel would on an interrupt. Otherwise the library OS
+ * takes the bits when the syscall it is serving returns, or while it waits. */
+#define EXT_SIGNALS_GPA (STDIO_GPA + 0x900UL)
+struct ext_signals {
+    volatile u64 pending;           /* VMM sets bit (sig - 1); the library OS clears it */
+    volatile u64 entry;             /* library OS writes at start: proc_async_stub */
+    u64 ctx[18];                    /* VMM writes: the interrupted registers (r8 ... eflags) */
+};
+
 /* The file archive the VMM hands in (at fs_lo) and gets back (PORT_EXPORT): a header
  * {u64 magic "DRFSARC1", u64 count}, then per file {u32 path_len, u32 mode, u64 size, the
  * absolute path, padding to 8, the data, padding to 8}. Directories have size 0. */

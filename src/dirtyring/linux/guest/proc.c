@@ -3,10 +3,14 @@
  * a Linux signal frame and rt_sigreturn, pause/rt_sigsuspend/rt_sigtimedwait, futex, sleeps,
  * sched_yield/sched_getaffinity/getcpu, getrusage/times, process groups and sessions.
  *
- * Signals here can only come from the program itself (no other process, no timers, no fault
- * is turned into a signal: a real fault stops the guest and the VMM reports it). So a signal
- * is acted on exactly where Linux would act on it for a self-sent one: when the syscall that
- * made it deliverable returns (kill, an unblocking sigprocmask, rt_sigreturn, sigsuspend).
+ * Signals come from the program itself, or from outside: the VMM forwards those it gets (no
+ * other process, no timers, no fault is turned into a signal: a real fault stops the guest and
+ * the VMM reports it). A self-sent signal is acted on exactly where Linux would act on it: when
+ * the syscall that made it deliverable returns (kill, an unblocking sigprocmask, rt_sigreturn,
+ * sigsuspend). One from outside (libos.h struct ext_signals) is taken when the syscall being
+ * served returns, or interrupts a sleep or a wait for stdin (EINTR), or, when the program was
+ * running its own code, is delivered at once: the VMM saved its registers and sent it to
+ * proc_async_stub, which delivers on top of that context as a kernel does after an interrupt.
  * Invariant: after every call served here, no signal is both pending and unblocked.
  *
  * Default actions: terminate ends the program with DONE_KILLED(sig) (the VMM reports "killed by
@@ -123,6 +127,8 @@ static int have_saved_mask;
 void proc_signal_stub(void);
 __attribute__((noreturn)) void proc_ctx_jump(struct sigctx *c);
 __attribute__((noreturn, used)) void proc_signal_entry(void);
+__attribute__((noreturn, used)) void proc_async_entry(void);
+_Static_assert(sizeof(struct sigctx) == sizeof(((struct ext_signals *)0)->ctx), "ext ctx");
 
 __asm__(
 "    .pushsection .text\n"
@@ -146,6 +152,11 @@ __asm__(
 "    movq %r11, proc_ctx+136(%rip)\n"  /* entry.S loaded RFLAGS from R11 */
 "    movq $0x100000, %rsp\n"           /* LIBOS_STACK_TOP: nothing of the library OS is live */
 "    call proc_signal_entry\n"
+"    ud2\n"
+"    .globl proc_async_stub\n"
+"proc_async_stub:\n"                   /* the VMM interrupted the program in its own code */
+"    movq $0x100000, %rsp\n"           /* (its registers are in ext_signals.ctx) */
+"    call proc_async_entry\n"
 "    ud2\n"
 "    .globl proc_ctx_jump\n"
 "proc_ctx_jump:\n"                     /* RDI: a struct sigctx in library OS memory */
@@ -206,8 +217,16 @@ static s64 read_timespec(u64 p, u64 *ns) {
 static u64 add_sat(u64 a, u64 b) { return a + b < a ? ~0UL : a + b; }
 /* Wait until now_ns() reaches the deadline: nothing can interrupt a lone program's wait, and
  * CPL3 cannot halt, so spin (the VMM still pauses the vCPU for its checkpoints meanwhile). */
-static void wait_until(u64 deadline) {
-    while (now_ns() < deadline) __asm__ volatile("pause");
+static int proc_ext_pending_interrupts(void);
+
+/* Busy-wait until `deadline` (the vCPU has nothing else to run); 1 if a signal from outside
+ * interrupted the wait first. */
+static int wait_until(u64 deadline) {
+    while (now_ns() < deadline) {
+        if (proc_ext_pending_interrupts()) return 1;
+        __asm__ volatile("pause");
+    }
+    return 0;
 }
 
 /* --- signal state --------------------------------------------------------------------------- */
@@ -274,6 +293,27 @@ static int settle(void) {
         killed(sig);
     }
 }
+
+/* --- signals from outside ------------------------------------------------------------------- */
+static inline struct ext_signals *ext(void) { return (struct ext_signals *)EXT_SIGNALS_GPA; }
+static int ext_taken;   /* signals from outside were queued since the last syscall's exit */
+
+static void take_external(void) {
+    u64 p = ext()->pending;
+    if (!p) return;
+    ext()->pending = 0;
+    for (int sig = 1; sig <= NSIG; sig++)
+        if (p & BIT(sig)) send_self(sig, SI_USER);
+    ext_taken = 1;
+}
+
+static int proc_ext_pending_interrupts(void) {
+    if (!ext()->pending) return 0;
+    setup();
+    take_external();
+    return next_deliverable() != 0;
+}
+int proc_ext_interrupts(void) { return proc_ext_pending_interrupts(); }
 
 /* After a call that may have made a signal deliverable: if a handler must run, return to the
  * stub instead of the program. */
@@ -370,6 +410,25 @@ void proc_signal_entry(void) {
     u64 mask = have_saved_mask ? saved_mask : blocked;
     have_saved_mask = 0;
     deliver_and_jump(&proc_ctx, mask);
+}
+
+/* The VMM paused the program in its own code with a signal from outside for it: deliver on
+ * top of the registers it saved, as after an interrupt (an ignored or blocked one: back to
+ * where the program was, every register as it was). */
+void proc_async_entry(void) {
+    setup();
+    lmemcpy(&proc_ctx, ext()->ctx, sizeof proc_ctx);
+    take_external();
+    ext_taken = 0;
+    deliver_and_jump(&proc_ctx, blocked);
+}
+
+s64 proc_syscall_exit(s64 r, u64 *rip) {
+    if (ext()->pending) { setup(); take_external(); }
+    if (!ext_taken) return r;
+    ext_taken = 0;
+    if (*rip == (u64)proc_signal_stub) return r;   /* already bound for a handler */
+    return after(r, rip);
 }
 
 /* --- the calls ------------------------------------------------------------------------------ */
@@ -508,7 +567,10 @@ static s64 sys_rt_sigtimedwait(u64 set, u64 info, u64 timeout, u64 size) {
         return sig;
     }
     if (!timeout) fault(FAULT_SIGNAL_WAIT);
-    wait_until(add_sat(now_ns(), ns));
+    if (wait_until(add_sat(now_ns(), ns))) {   /* one from outside: maybe one of `want` */
+        if (pending_set() & want) return sys_rt_sigtimedwait(set, info, 0, size);
+        return -EINTR;
+    }
     return -EAGAIN;
 }
 
@@ -573,8 +635,7 @@ static s64 sys_futex(u64 uaddr, u64 op, u64 val, u64 utime, u64 uaddr2, u64 val3
         if ((e = futex_addr(uaddr, 1))) return e;
         if (*(volatile u32 *)uaddr != (u32)val) return -EAGAIN;
         if (!timed) fault(FAULT_FUTEX_WAIT);
-        wait_until(deadline);
-        return -ETIMEDOUT;
+        return wait_until(deadline) ? -EINTR : -ETIMEDOUT;
     case FUTEX_WAKE:
     case FUTEX_WAKE_BITSET:
         if (cmd == FUTEX_WAKE_BITSET && (u32)val3 == 0) return -EINVAL;
@@ -593,15 +654,27 @@ static s64 sys_futex(u64 uaddr, u64 op, u64 val, u64 utime, u64 uaddr2, u64 val3
 }
 
 /* --- sleeps, scheduling, accounting, process groups ----------------------------------------- */
-static s64 sys_nanosleep(u64 req) {
+/* A sleep a signal from outside cut short: EINTR, with the time left in `rem` if given. */
+static s64 interrupted_sleep(u64 deadline, u64 rem) {
+    if (rem && user_ok(rem, sizeof(struct timespec))) {
+        u64 now = now_ns(), left = deadline > now ? deadline - now : 0;
+        struct timespec *t = (struct timespec *)rem;
+        t->sec = (s64)(left / NS);
+        t->nsec = (s64)(left % NS);
+    }
+    return -EINTR;
+}
+
+static s64 sys_nanosleep(u64 req, u64 rem) {
     u64 ns;
     s64 e = read_timespec(req, &ns);
     if (e) return e;
-    wait_until(add_sat(now_ns(), ns));
+    u64 deadline = add_sat(now_ns(), ns);
+    if (wait_until(deadline)) return interrupted_sleep(deadline, rem);
     return 0;
 }
 
-static s64 sys_clock_nanosleep(s64 clk, u64 flags, u64 req) {
+static s64 sys_clock_nanosleep(s64 clk, u64 flags, u64 req, u64 rem) {
     int realtime;
     switch (clk) {
     case 0: case 11: realtime = 1; break;              /* REALTIME, TAI */
@@ -614,7 +687,7 @@ static s64 sys_clock_nanosleep(s64 clk, u64 flags, u64 req) {
     if (e) return e;
     u64 deadline = !(flags & 1) ? add_sat(now_ns(), ns)            /* TIMER_ABSTIME */
                    : realtime ? ns : add_sat(ns, ctl()->boot_realtime_ns);
-    wait_until(deadline);
+    if (wait_until(deadline)) return interrupted_sleep(deadline, (flags & 1) ? 0 : rem);
     return 0;
 }
 
@@ -678,7 +751,7 @@ s64 proc_syscall(u64 nr, u64 a, u64 b, u64 c, u64 d, u64 e, u64 g, u64 *rip, int
     case 15: { u64 args[6] = {a, b, c, d, e, g}; sys_rt_sigreturn(args); }
     case 24: return 0;                                  /* sched_yield: no one else to run */
     case 34: return suspend(blocked, rip);              /* pause */
-    case 35: return sys_nanosleep(a);
+    case 35: return sys_nanosleep(a, b);
     case 62: return after(sys_kill((s64)a, (s64)b), rip);
     case 98: return sys_getrusage((s64)a, b);
     case 100: return sys_times(a);
@@ -696,7 +769,7 @@ s64 proc_syscall(u64 nr, u64 a, u64 b, u64 c, u64 d, u64 e, u64 g, u64 *rip, int
     case 200: return after(sys_tgkill(0, (s64)a, (s64)b, 0), rip);
     case 202: return sys_futex(a, b, c, d, e, g);
     case 204: return sys_sched_getaffinity((s64)a, (u32)b, c);
-    case 230: return sys_clock_nanosleep((s32)a, (u32)b, c);
+    case 230: return sys_clock_nanosleep((s32)a, (u32)b, c, d);
     case 234: return after(sys_tgkill((s64)a, (s64)b, (s64)c, 1), rip);
     case 309: return sys_getcpu(a, b);
     default:

@@ -53,7 +53,8 @@ STREAMS = {1: "stdout", 2: "stderr"}
 FAULTS = {2: "the program waits on a futex no other thread can wake (with no timeout, it would "
              "hang for ever)",
           3: "the program waits for a signal (pause, sigsuspend or sigtimedwait with no "
-             "timeout) that nothing can send it: it would hang for ever",
+             "timeout), and the library OS does not wait for one from outside: it would hang "
+             "for ever",
           4: "the program was stopped by a stop signal (SIGSTOP, SIGTSTP, SIGTTIN or SIGTTOU) "
              "and nothing can continue it"}
 
