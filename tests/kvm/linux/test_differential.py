@@ -2,7 +2,7 @@
 byte-identical stdout, exit status and files.
 
 - Debian's busybox-static applets that do not fork: sha256sum, awk, sort, sed, wc, gzip and
-  gunzip, on input files;
+  gunzip, cat and cp, on input files;
 - a SQLite workload linked with Debian's libsqlite3.a, creating a database file in
   rollback-journal (delete) and in WAL mode: inserts, updates, deletes, an index, queries and
   an integrity check.
@@ -68,6 +68,9 @@ APPLETS = [
     ["gzip", "-c", "-9", "data.txt"],
     ["gunzip", "-c", "data.txt.gz"],
     ["gzip", "data.txt"],  # in place: writes data.txt.gz, removes data.txt
+    ["cat", "data.txt"],  # sendfile to stdout
+    ["cp", "data.txt", "copy.txt"],  # sendfile between files
+    # (not tar: its headers hold the file's mtime, which the guest's copy does not share)
 ]
 
 

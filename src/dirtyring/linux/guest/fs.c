@@ -454,52 +454,96 @@ void fs_export(void) {
 }
 
 /* --- reading and writing ------------------------------------------------------------------- */
-static s64 do_read(struct ofd *o, u64 buf, u64 n, u64 *off) {
-    if (!user_ok(buf, n)) return -EFAULT;
+/* read_into and write_from take a buffer already checked (the program's) or the library OS's
+ * own (sendfile's bounce buffer); do_read and do_write check the program's first. */
+static s64 read_into(struct ofd *o, u8 *buf, u64 n, u64 *off) {
     if ((o->flags & O_ACCMODE) == O_WRONLY) return -EBADF;
     struct inode *ip = &inodes[o->ino];
     switch (ip->mode & S_IFMT) {
     case S_IFDIR: return -EISDIR;
     case S_IFCHR:
-        if (ip->dev == DEV_ZERO) { lmemset((void *)buf, 0, n); return (s64)n; }
-        if (ip->dev == DEV_RANDOM) { fill_random((u8 *)buf, n); return (s64)n; }
-        if (ip->dev == DEV_STDIN) return stdin_read((u8 *)buf, n, (o->flags & O_NONBLOCK) != 0);
+        if (ip->dev == DEV_ZERO) { lmemset(buf, 0, n); return (s64)n; }
+        if (ip->dev == DEV_RANDOM) { fill_random(buf, n); return (s64)n; }
+        if (ip->dev == DEV_STDIN) return stdin_read(buf, n, (o->flags & O_NONBLOCK) != 0);
         return 0;                                     /* null */
     case S_IFIFO: {
         u64 avail = ip->size - ip->rpos;
         if (!avail) return ip->writers ? -EAGAIN : 0;
         if (n > avail) n = avail;
-        file_read(ip, ip->rpos, (u8 *)buf, n);
+        file_read(ip, ip->rpos, buf, n);
         ip->rpos += n;
         if (ip->rpos == ip->size) { file_truncate(ip, 0); ip->rpos = 0; }
         return (s64)n;
     }
     default: {
-        u64 got = file_read(ip, *off, (u8 *)buf, n);
+        u64 got = file_read(ip, *off, buf, n);
         *off += got;
         return (s64)got;
     }
     }
 }
 
-static s64 do_write(struct ofd *o, u64 buf, u64 n, u64 *off, int positioned) {
+static s64 do_read(struct ofd *o, u64 buf, u64 n, u64 *off) {
     if (!user_ok(buf, n)) return -EFAULT;
+    return read_into(o, (u8 *)buf, n, off);
+}
+
+static s64 write_from(struct ofd *o, const u8 *buf, u64 n, u64 *off, int positioned) {
     if ((o->flags & O_ACCMODE) == 0) return -EBADF;
     struct inode *ip = &inodes[o->ino];
     switch (ip->mode & S_IFMT) {
     case S_IFDIR: return -EISDIR;
     case S_IFCHR:
         if (ip->dev == DEV_STDOUT || ip->dev == DEV_STDERR)
-            return n ? stdio_write(ip->dev == DEV_STDOUT ? 1 : 2, (const u8 *)buf, n) : 0;
+            return n ? stdio_write(ip->dev == DEV_STDOUT ? 1 : 2, buf, n) : 0;
         return (s64)n;                                /* null, zero, random: discarded */
-    case S_IFIFO: return file_write(ip, ip->size, (const u8 *)buf, n);
+    case S_IFIFO: return file_write(ip, ip->size, buf, n);
     default: {
         if ((o->flags & O_APPEND) && !positioned) *off = ip->size;
-        s64 r = file_write(ip, *off, (const u8 *)buf, n);
+        s64 r = file_write(ip, *off, buf, n);
         if (r > 0) *off += (u64)r;
         return r;
     }
     }
+}
+
+static s64 do_write(struct ofd *o, u64 buf, u64 n, u64 *off, int positioned) {
+    if (!user_ok(buf, n)) return -EFAULT;
+    return write_from(o, (const u8 *)buf, n, off, positioned);
+}
+
+/* sendfile: `count` bytes from in_fd (at *offp, which it advances, or at in_fd's offset) to
+ * out_fd, through a bounce buffer of the library OS's. As Linux: the bytes moved, or the
+ * error if none were; a short write ends it (and leaves the input unread past it). */
+static u8 bounce[4096];
+static s64 sys_sendfile(s64 out_fd, s64 in_fd, u64 offp, u64 count) {
+    struct ofd *out = ofd_of(out_fd), *in = ofd_of(in_fd);
+    if (!out || !in) return -EBADF;
+    if ((in->flags & O_ACCMODE) == O_WRONLY || (out->flags & O_ACCMODE) == 0) return -EBADF;
+    u64 off = 0, *pos = &in->off;
+    if (offp) {
+        if (!user_ok(offp, 8)) return -EFAULT;
+        off = *(u64 *)offp;
+        if ((s64)off < 0) return -EINVAL;
+        pos = &off;
+    }
+    s64 total = 0;
+    while ((u64)total < count) {
+        u64 want = count - (u64)total < sizeof bounce ? count - (u64)total : sizeof bounce;
+        u64 at = *pos;
+        s64 r = read_into(in, bounce, want, pos);
+        if (r <= 0) { if (!total) total = r; break; }
+        s64 w = write_from(out, bounce, (u64)r, &out->off, 0);
+        if (w < r) {
+            if ((inodes[in->ino].mode & S_IFMT) == S_IFREG) *pos = at + (w > 0 ? (u64)w : 0);
+            if (w > 0) total += w;
+            else if (!total) total = w;
+            break;
+        }
+        total += w;
+    }
+    if (offp) *(u64 *)offp = off;
+    return total;
 }
 
 struct iovec { u64 base, len; };
@@ -866,6 +910,7 @@ s64 fs_syscall(u64 nr, u64 a, u64 b, u64 c, u64 d, u64 e, int *handled) {
         u64 off = d;
         return nr == 17 ? do_read(o, b, c, &off) : do_write(o, b, c, &off, 1);
     }
+    case 40: return sys_sendfile((s64)a, (s64)b, c, d);
     case 19: if (!(o = ofd_of((s64)a))) return -EBADF; return do_rw_vec(o, b, c, &o->off, 0, 0);
     case 20: if (!(o = ofd_of((s64)a))) return -EBADF; return do_rw_vec(o, b, c, &o->off, 1, 0);
     case 295: case 296: {                                /* preadv, pwritev */
