@@ -89,6 +89,12 @@ class OutsideSignals:
     def put(self, sig: int) -> None:
         self.queue.append(sig)
 
+    @property
+    def busy(self) -> bool:
+        """Is there a signal to send, or one sent and not taken yet (the next pause must
+        deliver or retry)?"""
+        return bool(self.queue) or self._waiting
+
     def deliver(self, m: Machine) -> None:
         """At a pause: send what came since the last one; for a signal sent but not taken
         yet, try again to interrupt the program. Only for signals sent here: bits a program

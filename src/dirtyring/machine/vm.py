@@ -334,12 +334,27 @@ class Machine:
             for i in range(8):
                 mm.data[i] = 0xFF
 
-    def drain_output(self) -> int:
+    def drain_output(self, *, live: bool = False) -> int:
         """Send what a Linux program queued on stdout/stderr to the sink (call with the vCPUs
         paused: at a checkpoint, or after the program ended). A ring the guest broke stops the
-        machine as a crash with the reason; nothing of it is released."""
+        machine as a crash with the reason; nothing of it is released.
+
+        ``live=True``: while the vCPUs run, with nothing to keep consistent with a checkpoint
+        (an untracked run). The rings are single-producer, single-consumer: the guest writes a
+        record before it moves the producer index and never writes where the consumer has not
+        been, so the complete records below the index read here are final. A ring that looks
+        broken is read again with the machine paused, which reports it as above."""
         if self.stdio is None:
             return 0
+        if live:
+            try:
+                return self.stdio.drain()
+            except ContractBroken:
+                self.pause_all()
+                n = self.drain_output()
+                if not self.crashed:
+                    self.resume_all()  # (it read well paused: it was caught mid-write)
+                return n
         try:
             return self.stdio.drain()
         except ContractBroken as e:

@@ -25,12 +25,16 @@ def programs(tmp_path_factory: pytest.TempPathFactory,
     return {n: static_build(HERE / f"{n}.c", d / n) for n in ("random_syscalls", "scribbler")}
 
 
-def _run(path: Path, args: list[str], seconds: float) -> tuple[ProgramResult, bytes, list[str]]:
+def _run(path: Path, args: list[str], seconds: float, tracker: str = "ring"
+         ) -> tuple[ProgramResult, bytes, list[str]]:
+    """Tracked, output is drained with the program paused; untracked ("none", ``run
+    --exec``'s default), while it runs."""
     out = bytearray()
     warnings: list[str] = []
     res = run_program(LinuxProgram(path, [str(path), *args]),
                       write=lambda k, b: out.extend(b if k == "stdout" else b""),
-                      warn=warnings.append, seconds=seconds)
+                      warn=warnings.append, seconds=seconds, tracker=tracker,
+                      interval=1e-3 if tracker == "ring" else 10e-3)
     return res, bytes(out), warnings
 
 
@@ -51,21 +55,24 @@ def test_a_million_random_syscalls(programs: dict[str, Path]) -> None:
     assert len(warnings) == len(set(warnings)) and warnings
 
 
-def test_a_scribbled_producer_index_is_a_broken_contract(programs: dict[str, Path]) -> None:
+@pytest.mark.parametrize("tracker", ["ring", "none"])
+def test_a_scribbled_producer_index_is_a_broken_contract(programs: dict[str, Path],
+                                                         tracker: str) -> None:
     prog = programs["scribbler"]
-    res, out, _ = _run(prog, ["prod"], BOUND_S)
+    res, out, _ = _run(prog, ["prod"], BOUND_S, tracker)
     assert res.status == CRASH_STATUS
     assert res.crash and "the guest broke its contract: stdio producer index" in res.crash
     assert b"after" not in out  # nothing of a broken ring is released
 
 
+@pytest.mark.parametrize("tracker", ["ring", "none"])
 @pytest.mark.parametrize("seed", range(1, 13))
 @pytest.mark.parametrize("where", ["all", "os"])
 def test_scribbling_never_brings_the_vmm_down(programs: dict[str, Path], seed: int,
-                                              where: str) -> None:
+                                              where: str, tracker: str) -> None:
     prog = programs["scribbler"]
     args = [str(seed), "300"] + (["os"] if where == "os" else [])
-    res, out, _ = _run(prog, args, 120.0)
+    res, out, _ = _run(prog, args, 120.0, tracker)
     if res.crash is None:
         # It ended by itself. With its OS's state scribbled on, that may be anywhere (its
         # stdout may now be a file): what matters is that the VMM is up and says so.
