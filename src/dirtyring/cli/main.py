@@ -10,6 +10,7 @@ import sys
 
 from ..errors import DirtyringError
 from .commands import COMMANDS
+from .options import resolve_memory
 
 
 BENCH_HELP = "benchmarks (JSON + PNG out)"
@@ -104,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         i = argv.index("--")
         argv, program_args = argv[:i], argv[i + 1:]
     args = parser.parse_args(argv)
+    resolve_memory(args)
     if program_args:
         if not hasattr(args, "args"):
             parser.error("only commands that take --exec PROGRAM accept arguments after --")

@@ -98,8 +98,9 @@ def add_parsers(sub: Any) -> None:
                    help="never slow down vCPUs that dirty faster than the link carries")
     m.add_argument("--tracker", choices=("ring", "bitmap"), default="ring",
                    help="dirty page tracker (default ring)")
-    m.add_argument("--memory", type=size, default=64 << 20, metavar="SIZE",
-                   help="guest data memory (default 64M)")
+    m.add_argument("--memory", type=size, default=None, metavar="SIZE",
+                   help="guest data memory (default 64M; with --exec, the program's address "
+                        "space: 1G, which costs nothing until the program uses it)")
     m.add_argument("--pattern", choices=[x.name.lower() for x in Pattern], default="random",
                    help="dirtier write pattern (default random)")
     m.add_argument("--hot-pages", type=positive_int, default=64, metavar="PAGES",

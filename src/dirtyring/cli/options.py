@@ -42,6 +42,21 @@ def positive_int(text: str) -> int:
     return v
 
 
+#: A built-in guest's data memory when --memory is not given.
+BUILTIN_MEMORY = 64 << 20
+
+
+def resolve_memory(args: argparse.Namespace) -> None:
+    """--memory's default, which depends on the guest: a built-in guest's data memory, or a
+    program's address space (``LinuxProgram``'s default: sparse, so generous)."""
+    if getattr(args, "memory", "absent") is None:
+        if getattr(args, "exec", None):
+            from ..linux.program import DEFAULT_MEMORY
+            args.memory = DEFAULT_MEMORY
+        else:
+            args.memory = BUILTIN_MEMORY
+
+
 def add_guest_options(p: argparse.ArgumentParser, *, rate: bool = True,
                       tracker_help: str | None = None) -> None:
     """The options that shape a guest and its tracking, the same for run, protect and
@@ -55,8 +70,9 @@ def add_guest_options(p: argparse.ArgumentParser, *, rate: bool = True,
     else:
         p.add_argument("--tracker", choices=(*KINDS, "none"), default=None, help=tracker_help)
     p.add_argument("--vcpus", type=positive_int, default=1, help="number of vCPUs (default 1)")
-    p.add_argument("--memory", type=size, default=64 << 20, metavar="SIZE",
-                   help="guest data memory (default 64M)")
+    p.add_argument("--memory", type=size, default=None, metavar="SIZE",
+                   help="guest data memory (default 64M; with --exec, the program's address "
+                        "space: 1G, which costs nothing until the program uses it)")
     p.add_argument("--pattern", choices=[x.name.lower() for x in Pattern], default="hot",
                    help="dirtier write pattern (default hot)")
     p.add_argument("--hot-pages", type=positive_int, default=64, metavar="PAGES",

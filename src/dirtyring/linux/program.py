@@ -48,7 +48,11 @@ LINUX_CTL_FIELDS = ("magic", "image_lo", "brk_start", "brk_max", "mmap_lo", "mma
 #: Where the library OS counts what rewriting syscall sites did (libos.h struct rewrite_stats).
 REWRITE_STATS_GPA = layout.QUEUE_GPA + 0x800
 REWRITE_STATS_FIELDS = ("sites", "fast_calls", "trapped_calls")
-DEFAULT_MEMORY = 256 << 20
+#: A program's address space (image, heap, mmap area, stack) when none is asked for: 1 GiB, so
+#: a program that mallocs hundreds of MiB runs as it does natively (with 64 MiB, a 64 MiB malloc
+#: failed and a program that did not check crashed). It is sparse: a page costs host memory,
+#: snapshot and sync time only once the program touches it.
+DEFAULT_MEMORY = 1 << 30
 #: Where the vDSO sits: in the code area (read-only, mapped in every program), after the
 #: library OS. AT_SYSINFO_EHDR points here.
 VDSO_GPA = 0x60000

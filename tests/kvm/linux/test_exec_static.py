@@ -215,3 +215,17 @@ def test_untracked_runs_give_the_same_output_and_status(txn_prog: Path, tmp_path
     with pytest.raises(ConfigError, match="needs a tracker"):
         run_program(LinuxProgram(txn_prog), write=lambda s, d: None, tracker="none",
                     verify_every=5)
+
+
+def test_a_program_that_allocates_hundreds_of_mib_runs_with_the_defaults(
+        static_build, tmp_path: Path) -> None:
+    """``run --exec``'s default address space (1 GiB, sparse) holds a 256 MiB malloc, as a
+    native run does; ``--memory 64M`` cannot, and the program, which checks, says so."""
+    prog = static_build(Path(__file__).resolve().parent / "programs" / "bigalloc.c",
+                        tmp_path / "bigalloc")
+    native = subprocess.run([str(prog)], capture_output=True, timeout=RUN_TIMEOUT)
+    cli = [sys.executable, "-m", "dirtyring.cli.main", "run", "--exec", str(prog)]
+    p = subprocess.run(cli, capture_output=True, timeout=RUN_TIMEOUT)
+    assert (p.returncode, p.stdout) == (native.returncode, native.stdout) == (0, b"sum 32640\n")
+    small = subprocess.run([*cli, "--memory", "64M"], capture_output=True, timeout=RUN_TIMEOUT)
+    assert (small.returncode, small.stdout) == (1, b"malloc failed\n"), small.stderr

@@ -7,13 +7,16 @@ from pathlib import Path
 import pytest
 
 from dirtyring.cli import snapshot as cli
+from dirtyring.cli.options import resolve_memory
 from dirtyring.errors import ConfigError, SnapshotFormatError
 
 
 def parse(*argv: str) -> argparse.Namespace:
     p = argparse.ArgumentParser()
     cli.add_parsers(p.add_subparsers(dest="command"))
-    return p.parse_args(list(argv))
+    args = p.parse_args(list(argv))
+    resolve_memory(args)  # as main does: --memory's default depends on the guest
+    return args
 
 
 def test_seconds_accepts_bare_seconds_and_units() -> None:
@@ -31,6 +34,7 @@ def test_defaults() -> None:
     assert (a.guest, a.tracker, a.seconds, a.every, a.memory) == ("compute", "ring", 1.0, 0.2,
                                                                   64 << 20)
     assert a.dir == Path("out") and a.func is cli.snapshot_command
+    assert parse("snapshot", "out", "--exec", "prog").memory == 1 << 30  # an address space
     r = parse("restore", "out/snap-0001.snap", "--seconds", "0.5")
     assert r.seconds == 0.5 and r.func is cli.restore_command
 
