@@ -4,14 +4,16 @@ and migrate, and the program and output streams they turn into."""
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from ..errors import ConfigError
 from ..linux.program import LinuxProgram
 from ..linux.runner import unsupported_line
-from ..linux.signals import end_report
+from ..linux.signals import FORWARDED, OutsideSignals, end_report
 from ..machine.vm import Machine
 
 
@@ -114,3 +116,18 @@ def finished_status(m: Machine) -> int:
     if report:
         print(f"dirtyring: {report}", file=sys.stderr, flush=True)
     return (code or 0) & 0xFF
+
+
+@contextmanager
+def forwarded_signals() -> Iterator[OutsideSignals]:
+    """While inside, the signals a shell's foreground job gets (SIGHUP, SIGINT, SIGQUIT,
+    SIGTERM) go to the program, not to us: Ctrl-C runs its handler, or ends it with 130. The
+    caller delivers them at its pauses (``OutsideSignals.deliver``). kill -9 still ends
+    dirtyring at once."""
+    sigs = OutsideSignals()
+    old = {s: signal.signal(s, lambda sig, frame: sigs.put(sig)) for s in FORWARDED}
+    try:
+        yield sigs
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)

@@ -251,7 +251,7 @@ def receive(args: argparse.Namespace) -> int:
                 m.drain_output()
                 out({"event": "guest_stopped", "t": time.time(), "crash": m.crashed})
                 break
-            m.drain_output()
+            m.drain_output(live=True)
             if m.stdio is None:
                 out({"event": "running", "t": time.time(), "progress": m.progress()})
         out({"event": "report", "t": time.time(), **sb.status(),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
 import time
 from pathlib import Path
@@ -14,7 +13,7 @@ from ..errors import ConfigError
 from ..guests import NAMES
 from ..linux.program import LinuxProgram
 from ..linux.runner import EXEC_INTERVAL, run_program, save_tree
-from ..linux.signals import FORWARDED, OutsideSignals, killed_line
+from ..linux.signals import killed_line
 from ..guests.protocol import GuestParams, Pattern
 from ..machine.config import MachineConfig
 from ..machine.epoch import EpochDriver
@@ -22,7 +21,7 @@ from ..machine.stats import EpochStats
 from ..machine.verify import ShadowCheck
 from ..machine.vm import Machine
 from .commands import command_help
-from .exec_options import add_exec_options, program_from_args
+from .exec_options import add_exec_options, forwarded_signals, program_from_args
 from .options import add_guest_options, duration, positive_int
 
 
@@ -162,18 +161,11 @@ def run_exec(args: argparse.Namespace, prog: LinuxProgram) -> int:
     def warn(line: str) -> None:
         print(f"dirtyring: {line}", file=sys.stderr, flush=True)
 
-    # The signals a shell's foreground job gets go to the program (Ctrl-C runs its handler or
-    # ends it with 130), not to us; kill -9 still ends dirtyring at once.
-    forwarded = OutsideSignals()
-    old = {s: signal.signal(s, lambda sig, frame: forwarded.put(sig)) for s in FORWARDED}
-    try:
+    with forwarded_signals() as forwarded:
         res = run_program(prog, write=write, tracker=args.tracker, interval=args.interval,
                           verify_every=args.verify_every, warn=warn,
                           trace=lambda line: print(line, file=sys.stderr, flush=True),
                           stdin=_stdin_fd(), signals=forwarded)
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
     if res.crash:
         warn(f"{prog.name}: stopped: {res.crash}")
     if res.signal is not None:

@@ -23,7 +23,8 @@ from ..machine.vm import Machine
 from ..snapshots.files import (FILE_KEY, SnapshotInfo, SnapshotWriter, latest, resolve_chain,
                                restore)
 from .commands import command_help
-from .exec_options import add_exec_options, finished_status, program_from_args, program_sink
+from .exec_options import (add_exec_options, finished_status, forwarded_signals, program_from_args,
+                           program_sink)
 from .options import add_guest_options, duration
 
 
@@ -196,25 +197,30 @@ def restore_command(args: argparse.Namespace) -> int:
 
 
 def _run_restored_program(args: argparse.Namespace, m: Machine, t0: float) -> int:
-    """A restored Linux program runs to its end (or --seconds); its output passes through and
-    its exit status is ours."""
-    _out(args, f"restored a Linux program ({m.config.data_bytes >> 20} MiB) in "
-               f"{(time.perf_counter() - t0) * 1e3:.1f} ms; running it", event="restored")
+    """A restored Linux program runs to its end (or --seconds); its output passes through, the
+    signals we get go to it (as with ``run --exec``), and its exit status is ours."""
     # A fresh getrandom pool: the snapshot holds the pool the original run was drawing from,
     # and every restore of it would hand the program the same "random" bytes again (two
     # copies restored from one snapshot would share keys, nonces, temp names). The VM
     # generation ID problem of any VM snapshot; here the VMM owns the pool, so it refills it.
     assert m.stdio is not None
     m.stdio.refill_entropy()
-    m.resume_all()
-    end = time.monotonic() + args.seconds
-    while not m.wait_stopped(0.05):
-        m.drain_output()
-        if time.monotonic() >= end:
-            m.pause_all()
-            m.drain_output()
-            _out(args, f"still running after {args.seconds:g} s; stopped", event="done")
-            return 0
+    with forwarded_signals() as signals:  # (before we say it runs: from then on, it gets them)
+        _out(args, f"restored a Linux program ({m.config.data_bytes >> 20} MiB) in "
+                   f"{(time.perf_counter() - t0) * 1e3:.1f} ms; running it", event="restored")
+        m.resume_all()
+        end = time.monotonic() + args.seconds
+        while not m.wait_stopped(0.05):
+            m.drain_output(live=True)
+            if time.monotonic() >= end:
+                m.pause_all()
+                m.drain_output()
+                _out(args, f"still running after {args.seconds:g} s; stopped", event="done")
+                return 0
+            if signals.busy:
+                m.pause_all()
+                signals.deliver(m)
+                m.resume_all()
     m.pause_all()
     m.drain_output()
     if m.crashed:

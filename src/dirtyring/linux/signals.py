@@ -1,7 +1,7 @@
 """Signals and a Linux program: sending it one from outside, and reporting one that killed it.
 
-Sending (``send_signal``, ``interrupt``): ``dirtyring run --exec`` forwards the SIGHUP, SIGINT,
-SIGQUIT and SIGTERM it gets to its program, as a shell's foreground job gets them (Ctrl-C runs
+Sending (``send_signal``, ``interrupt``): ``dirtyring run --exec`` (and ``restore`` of a
+program) forwards the SIGHUP, SIGINT, SIGQUIT and SIGTERM it gets to its program, as a shell's foreground job gets them (Ctrl-C runs
 the program's handler, or ends it with status 130). With the program paused, the VMM sets the
 signal's bit in the library OS's ``ext_signals`` area. If the program is running its own code,
 the VMM also saves its registers there and points its RIP at the library OS's async entry,

@@ -100,3 +100,31 @@ def test_a_signal_before_the_program_runs_is_kept(prog: Path) -> None:
     # Before dirtyring takes SIGTERM over (while Python starts), the signal ends dirtyring
     # itself: a shell sees 143 either way.
     assert p.returncode in (128 + signal.SIGTERM, -signal.SIGTERM), err
+
+
+def test_a_restored_program_gets_signals_too(prog: Path, tmp_path: Path) -> None:
+    """``dirtyring restore`` of a program runs it like ``run --exec`` does: a SIGTERM for
+    dirtyring goes to the program, which (no handler) ends with 143."""
+    snaps = tmp_path / "snaps"
+    cli = [sys.executable, "-m", "dirtyring.cli.main"]
+    s = subprocess.run([*cli, "snapshot", str(snaps), "--exec", str(prog), "--seconds", "0.2",
+                        "--every", "0.1", "--", "plain"], capture_output=True, timeout=120)
+    assert s.returncode == 0 and s.stdout == b"ready-compute\n", s.stderr
+    p = subprocess.Popen([*cli, "restore", str(snaps / "snap-0001.snap"), "--seconds", "600"],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    try:
+        assert p.stderr is not None
+        seen = b""
+        while b"running it" not in seen:  # the restored program runs from here on
+            line = p.stderr.readline()
+            assert line, seen
+            seen += line
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=PATIENCE)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 128 + signal.SIGTERM, seen + err
+    assert out == b""
