@@ -18,6 +18,7 @@ from ..errors import ConfigError
 from ..guests import NAMES
 from ..guests.protocol import GuestParams, Pattern, hash_chain
 from ..linux.runner import CRASH_STATUS
+from ..linux.signals import set_forwarding
 from ..machine.config import LINUX_GUEST, MachineConfig
 from ..machine.vm import Machine
 from ..snapshots.files import (FILE_KEY, SnapshotInfo, SnapshotWriter, latest, resolve_chain,
@@ -206,6 +207,7 @@ def _run_restored_program(args: argparse.Namespace, m: Machine, t0: float) -> in
     assert m.stdio is not None
     m.stdio.refill_entropy()
     with forwarded_signals() as signals:  # (before we say it runs: from then on, it gets them)
+        set_forwarding(m, True)
         _out(args, f"restored a Linux program ({m.config.data_bytes >> 20} MiB) in "
                    f"{(time.perf_counter() - t0) * 1e3:.1f} ms; running it", event="restored")
         m.resume_all()

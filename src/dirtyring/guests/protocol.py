@@ -40,6 +40,7 @@ class LibosPort(enum.IntEnum):
     TRACE_FLUSH = 0x34
     STDIN_WAIT = 0x35
     ENTROPY = 0x36
+    SIGNAL_WAIT = 0x37
 
 
 class Pattern(enum.IntEnum):
@@ -77,8 +78,9 @@ STDIO_HEADER_OFFSETS = {"prod": 0, "cons": 64, "export_va": 128, "export_len": 1
 ENTROPY_OFFSET = 0xC00  # from QUEUE_GPA, in the header page
 ENTROPY_POOL = 0x400
 # Signals sent to a Linux program from outside (libos.h struct ext_signals), in the header
-# page: u64 pending (bit sig - 1), u64 entry (where the VMM sends an interrupted program), then
-# the interrupted registers (r8 ... r15, rdi, rsi, rbp, rbx, rdx, rax, rcx, rsp, rip, eflags).
+# page: u64 pending (bit sig - 1), u64 entry (where the VMM sends an interrupted program), u64
+# forwarding (nonzero: the VMM forwards signals), then the interrupted registers (r8 ... r15,
+# rdi, rsi, rbp, rbx, rdx, rax, rcx, rsp, rip, eflags).
 EXT_SIGNALS_OFFSET = 0x900  # from QUEUE_GPA
 # --strace's ring: records of {u64 nr, u64 args[6], s64 ret} after the stdio ring.
 TRACE_OFFSET = 0x9000  # from QUEUE_GPA

@@ -24,7 +24,7 @@ from ..machine.epoch import EpochDriver
 from ..machine.verify import ShadowCheck
 from ..machine.vm import Machine
 from .program import LinuxProgram
-from .signals import OutsideSignals, killed_by
+from .signals import OutsideSignals, killed_by, set_forwarding
 from .strace import format_call
 from .syscall_names import name as syscall_name
 
@@ -132,6 +132,8 @@ def run_program(prog: LinuxProgram, *, write: Callable[[str, bytes], None],
         as soon as this returns (a fast program had ended, or read an empty stdin, before
         setting them up afterwards could happen)."""
         prog.boot(m)
+        if signals is not None:  # someone sends it signals: a wait for one may wait
+            set_forwarding(m, True)
         machine.append(m)
         assert m.stdio is not None
         m.stdio.stdin_fd = stdin

@@ -138,9 +138,17 @@ def interrupt(m: Machine) -> bool:
     r = fd.get_regs()
     if layout.CODE_GPA <= r.rip < layout.CODE_LIMIT:
         return False  # the library OS is running: it takes the signal itself
-    mem.write(_BASE + 16, _CTX.pack(r.r8, r.r9, r.r10, r.r11, r.r12, r.r13, r.r14, r.r15, r.rdi,
+    mem.write(_BASE + 24, _CTX.pack(r.r8, r.r9, r.r10, r.r11, r.r12, r.r13, r.r14, r.r15, r.rdi,
                                     r.rsi, r.rbp, r.rbx, r.rdx, r.rax, r.rcx, r.rsp, r.rip,
                                     r.rflags))
     r.rip = entry
     fd.set_regs(r)
     return True
+
+
+def set_forwarding(m: Machine, on: bool) -> None:
+    """Tell the library OS whether signals from outside can come (the VMM forwards them): then
+    a wait only a signal can end (pause, sigsuspend, sigwait, a futex without a timeout) waits
+    for one, as natively; otherwise it is reported, as nothing could ever end it."""
+    assert m.memory is not None
+    m.memory.write_u64(_BASE + 16, 1 if on else 0)

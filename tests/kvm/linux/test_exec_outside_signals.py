@@ -1,6 +1,6 @@
 """Signals sent from outside to ``dirtyring run --exec``: the program gets them as it would
-natively, wherever it is (computing in its own code, sleeping, blocked on stdin), and one it
-has no handler for ends it with the shell's 128 + signal. Each test drives the native run and
+natively, wherever it is (computing in its own code, sleeping, blocked on stdin, in sigsuspend
+or sigwait), and one it has no handler for ends it with the shell's 128 + signal. Each test drives the native run and
 the guest run the same way and compares their transcripts."""
 from __future__ import annotations
 
@@ -61,7 +61,8 @@ def _guest(prog: Path, *args: str) -> list[str]:
 
 
 PLAN = {b"ready-compute": signal.SIGINT, b"ready-sleep": signal.SIGTERM,
-        b"ready-read": signal.SIGHUP}
+        b"ready-read": signal.SIGHUP, b"ready-suspend": signal.SIGQUIT,
+        b"ready-sigwait": signal.SIGTERM}
 
 
 @pytest.mark.parametrize("options", [(), ("--tracker", "ring")], ids=["untracked", "tracked"])
@@ -71,7 +72,9 @@ def test_handlers_run_wherever_the_program_is(prog: Path, options: tuple[str, ..
     cmd[cmd.index("--exec"):cmd.index("--exec")] = list(options)
     guest = _drive(cmd, PLAN)
     assert native == ([b"ready-compute", b"compute: caught 2", b"ready-sleep",
-                       b"sleep: caught 15", b"ready-read", b"read: caught 1"], 0)
+                       b"sleep: caught 15", b"ready-read", b"read: caught 1",
+                       b"ready-suspend", b"suspend: returned -1 errno EINTR, caught 3",
+                       b"ready-sigwait", b"sigwait: got 15"], 0)
     assert guest == native
 
 

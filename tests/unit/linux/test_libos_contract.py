@@ -77,9 +77,9 @@ def test_addresses_ports_and_queue_agree() -> None:
     assert d["EXT_SIGNALS_GPA"] == layout.QUEUE_GPA + protocol.EXT_SIGNALS_OFFSET
     assert d["REWRITE_STATS_GPA"] + 3 * 8 <= d["EXT_SIGNALS_GPA"]
     ext = re.search(r"struct ext_signals\s*\{(.*?)\};", LIBOS_H.read_text(), re.S)[1]
-    assert re.findall(r"u64\s+(\w+)(?:\[(\d+)\])?;", ext) == [("pending", ""), ("entry", ""),
-                                                             ("ctx", "18")]
-    assert protocol.EXT_SIGNALS_OFFSET + 8 * 20 <= protocol.ENTROPY_OFFSET
+    assert re.findall(r"u64\s+(\w+)(?:\[(\d+)\])?;", ext) == [
+        ("pending", ""), ("entry", ""), ("forwarding", ""), ("ctx", "18")]
+    assert protocol.EXT_SIGNALS_OFFSET + 8 * 21 <= protocol.ENTROPY_OFFSET
     sigctx = re.search(r"struct sigctx \{(.*?)\};", (build.SRC / "proc.c").read_text(), re.S)[1]
     assert [r.strip(" ;") for r in sigctx.replace("u64", "").replace("\n", " ").split(",")] == [
         "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rdi", "rsi", "rbp", "rbx",

@@ -37,6 +37,7 @@ typedef unsigned char u8;
 #define PORT_TRACE_FLUSH 0x34       /* out32: the trace ring is full; drain it */
 #define PORT_STDIN_WAIT 0x35        /* out32: stdin is empty; fill it (or set eof), or wait a bit */
 #define PORT_ENTROPY 0x36           /* out32: the entropy pool is used up; refill it */
+#define PORT_SIGNAL_WAIT 0x37       /* out32: waiting for a signal from outside; wait a bit */
 
 /* PORT_FAULT's values: why the library OS stopped the program. */
 #define FAULT_FUTEX_WAIT 2          /* it waits on a futex with no timeout: no thread can wake it */
@@ -103,6 +104,8 @@ struct rewrite_stats {
 struct ext_signals {
     volatile u64 pending;           /* VMM sets bit (sig - 1); the library OS clears it */
     volatile u64 entry;             /* library OS writes at start: proc_async_stub */
+    volatile u64 forwarding;        /* VMM sets nonzero while it forwards signals: a wait only
+                                       a signal can end (pause...) then waits for one */
     u64 ctx[18];                    /* VMM writes: the interrupted registers (r8 ... eflags) */
 };
 

@@ -315,6 +315,13 @@ static int proc_ext_pending_interrupts(void) {
 }
 int proc_ext_interrupts(void) { return proc_ext_pending_interrupts(); }
 
+/* A wait only a signal can end: one from outside, if the VMM forwards them (else nothing ever
+ * will: stop with `fault_code`). Waits in the VMM a slice at a time, so it does not spin. */
+static void wait_outside(u32 fault_code) {
+    if (!ext()->forwarding) fault(fault_code);
+    while (!proc_ext_pending_interrupts()) outl(PORT_SIGNAL_WAIT, 0);
+}
+
 /* After a call that may have made a signal deliverable: if a handler must run, return to the
  * stub instead of the program. */
 static s64 after(s64 r, u64 *rip) {
@@ -538,7 +545,7 @@ __attribute__((noreturn)) static void sys_rt_sigreturn(const u64 *args) {
 static s64 suspend(u64 mask, u64 *rip) {
     u64 old = blocked;
     blocked = mask & ~UNBLOCKABLE;
-    if (!settle()) fault(FAULT_SIGNAL_WAIT);
+    while (!settle()) wait_outside(FAULT_SIGNAL_WAIT);
     saved_mask = old;                 /* the handler's frame restores the mask it replaced */
     have_saved_mask = 1;
     proc_resume_rip = *rip;
@@ -566,7 +573,15 @@ static s64 sys_rt_sigtimedwait(u64 set, u64 info, u64 timeout, u64 size) {
         }
         return sig;
     }
-    if (!timeout) fault(FAULT_SIGNAL_WAIT);
+    if (!timeout) {
+        if (!ext()->forwarding) fault(FAULT_SIGNAL_WAIT);
+        for (;;) {                                 /* only one from outside can come */
+            int deliverable = proc_ext_pending_interrupts();
+            if (pending_set() & want) return sys_rt_sigtimedwait(set, info, 0, size);
+            if (deliverable) return -EINTR;
+            outl(PORT_SIGNAL_WAIT, 0);
+        }
+    }
     if (wait_until(add_sat(now_ns(), ns))) {   /* one from outside: maybe one of `want` */
         if (pending_set() & want) return sys_rt_sigtimedwait(set, info, 0, size);
         return -EINTR;
@@ -634,7 +649,7 @@ static s64 sys_futex(u64 uaddr, u64 op, u64 val, u64 utime, u64 uaddr2, u64 val3
         if (cmd == FUTEX_WAIT_BITSET && (u32)val3 == 0) return -EINVAL;
         if ((e = futex_addr(uaddr, 1))) return e;
         if (*(volatile u32 *)uaddr != (u32)val) return -EAGAIN;
-        if (!timed) fault(FAULT_FUTEX_WAIT);
+        if (!timed) { wait_outside(FAULT_FUTEX_WAIT); return -EINTR; }
         return wait_until(deadline) ? -EINTR : -ETIMEDOUT;
     case FUTEX_WAKE:
     case FUTEX_WAKE_BITSET:

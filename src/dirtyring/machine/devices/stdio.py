@@ -29,6 +29,7 @@ import os
 import select
 import struct
 import threading
+import time
 from collections import deque
 from typing import TYPE_CHECKING
 
@@ -66,10 +67,13 @@ class ContractBroken(Exception):
 class StdioDevice:
     name = "stdio"
     ports = (int(Port.STDIO_FLUSH), int(Port.UNSUPPORTED), int(Port.FAULT), int(Port.EXPORT),
-             int(Port.TRACE_FLUSH), int(Port.STDIN_WAIT), int(Port.ENTROPY))
+             int(Port.TRACE_FLUSH), int(Port.STDIN_WAIT), int(Port.ENTROPY),
+             int(Port.SIGNAL_WAIT))
     #: How long one STDIN_WAIT may wait for input before the guest asks again: short, so a
     #: pause (a checkpoint) is never held up by a program waiting for its input.
     STDIN_SLICE = 0.01
+    #: How long one wait for a signal from outside lasts before the guest looks again.
+    SIGNAL_SLICE = 0.005
 
     def __init__(self, memory: GuestMemory, sink: OutputSink) -> None:
         self.memory = memory
@@ -104,6 +108,8 @@ class StdioDevice:
                 self._stop(vcpu, str(e))
         elif port == Port.ENTROPY:
             self.refill_entropy()
+        elif port == Port.SIGNAL_WAIT:  # waiting for a signal from outside: it comes at a
+            time.sleep(self.SIGNAL_SLICE)  # pause, which finds this thread back soon
         elif port == Port.UNSUPPORTED:
             self.unsupported.append(value)
             self.sink("unsupported_syscall", value)

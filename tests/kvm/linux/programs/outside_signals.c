@@ -1,5 +1,5 @@
-/* Signals sent from outside, in three places a program can be: computing in its own code (no
- * syscall), sleeping, and blocked reading stdin. Before each it prints "ready-<phase>" and
+/* Signals sent from outside, wherever a program can be: computing in its own code (no
+ * syscall), sleeping, blocked reading stdin, in sigsuspend and in sigwait. Before each it prints "ready-<phase>" and
  * waits there for the signal the test then sends; after, which signal its handler caught.
  * "plain": no handlers, it only computes, so the signal's default action ends it. */
 #include <errno.h>
@@ -58,5 +58,26 @@ int main(int argc, char **argv) {
     }
     printf("read: caught %d\n", got);
     fprintf(stderr, "read %s\n", cut ? "cut short" : "not entered");
+    got = 0;
+
+    /* Waits only a signal can end, made race-free the usual way: the signal is blocked until
+     * the wait itself unblocks it (sigsuspend) or takes it (sigwait). */
+    sigset_t quit, term, old;
+    sigemptyset(&quit);
+    sigaddset(&quit, SIGQUIT);
+    sigaction(SIGQUIT, &sa, 0);
+    sigprocmask(SIG_BLOCK, &quit, &old);
+    ready("suspend");
+    int r = sigsuspend(&old);
+    int e = errno;
+    printf("suspend: returned %d errno %s, caught %d\n", r, e == EINTR ? "EINTR" : "other", got);
+
+    sigemptyset(&term);
+    sigaddset(&term, SIGTERM);
+    sigprocmask(SIG_BLOCK, &term, 0);
+    ready("sigwait");
+    int sig = 0;
+    sigwait(&term, &sig);
+    printf("sigwait: got %d\n", sig);
     return 0;
 }
