@@ -45,6 +45,7 @@ from repl_helpers import (  # noqa: E402
 )
 
 from dirtyring.replication.kvservice import KvClient, missing_writes  # noqa: E402
+from dirtyring.replication.uplink_handle import uplink_pid  # noqa: E402
 
 __all__ = ["spawn"]  # the fixture, imported so pytest finds it
 
@@ -211,26 +212,9 @@ def etcd_args(endpoints: str, ttl: str = TTL) -> list[str]:
     return ["--etcd", endpoints, "--name", GROUP, "--lease-ttl", ttl]
 
 
-def children(pid: int) -> list[int]:
-    out: list[int] = []
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{tid}/children") as f:
-            out += [int(c) for c in f.read().split()]
-    return out
-
-
 def uplink_of(primary: Proc) -> int:
-    """The PID of the primary's uplink process (its one ``uplink_process`` child)."""
-    found = []
-    for c in children(primary.pid):
-        try:
-            with open(f"/proc/{c}/cmdline", "rb") as f:
-                if b"uplink_process" in f.read():
-                    found.append(c)
-        except OSError:
-            continue
-    assert len(found) == 1, f"uplink children of {primary.pid}: {found}"
-    return found[0]
+    """The PID of the primary's uplink process."""
+    return uplink_pid(primary.pid)
 
 
 # --- partitions: P, S and three etcd members in namespaces ---------------------------------------

@@ -26,6 +26,7 @@ import numpy as np
 
 from ..cli.child import ChildProcess, free_port
 from ..errors import DirtyringError
+from ..replication.uplink_handle import uplink_pid
 from .etcd_member import EtcdMember
 from .records import Record, write_json
 
@@ -38,20 +39,6 @@ LEASE_TTL = 2
 #: for 0.7-3.5 s between its sync's start and "protected" (8 runs), and a standby waiting only
 #: 0.5 s (4 runs in 5) or 2 s (2 in 8) dropped it: "no frame from the primary".
 HEARTBEAT_TIMEOUT = "10s"
-
-
-def uplink_of(pid: int) -> int:
-    """The uplink process of the primary ``pid`` (its one child)."""
-    kids: list[int] = []
-    try:
-        for task in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{task}/children") as f:
-                kids += [int(k) for k in f.read().split()]
-    except OSError:
-        pass
-    if len(kids) != 1:
-        raise DirtyringError(f"expected one uplink process under the primary, found {kids}")
-    return kids[0]
 
 
 def one_kill(guest: str, memory: str, kill_after: float, env: dict[str, str], *,
@@ -73,7 +60,7 @@ def one_kill(guest: str, memory: str, kill_after: float, env: dict[str, str], *,
         if pr.wait_event("protected", 120) is None:
             raise DirtyringError("the primary never became protected: " + pr.describe())
         time.sleep(kill_after)
-        uplink = uplink_of(pr.p.pid) if cell == "etcd-host-loss" else 0
+        uplink = uplink_pid(pr.p.pid) if cell == "etcd-host-loss" else 0
         t_kill = time.time()
         if uplink:  # the whole host: nobody is left to revoke the lease
             os.kill(uplink, signal.SIGKILL)

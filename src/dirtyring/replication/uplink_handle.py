@@ -56,6 +56,34 @@ MessageSink = Callable[[FromUplink], None]
 UPLINK_DIED = "the uplink process ended unexpectedly"
 
 
+def uplink_pid(primary_pid: int) -> int:
+    """The PID of the uplink process of the primary process ``primary_pid``: its child that
+    runs ``dirtyring.replication.uplink_process``. For tests and benchmarks that kill it (the
+    primary's host losing it alone). DirtyringError unless there is exactly one."""
+    found = []
+    try:
+        tasks = os.listdir(f"/proc/{primary_pid}/task")
+    except OSError:
+        tasks = []
+    for task in tasks:
+        try:
+            with open(f"/proc/{primary_pid}/task/{task}/children") as f:
+                kids = [int(k) for k in f.read().split()]
+        except OSError:
+            continue
+        for kid in kids:
+            try:
+                with open(f"/proc/{kid}/cmdline", "rb") as f:
+                    if b"uplink_process" in f.read():
+                        found.append(kid)
+            except OSError:
+                continue
+    if len(found) != 1:
+        raise DirtyringError(f"expected one uplink process under the primary {primary_pid}, "
+                             f"found {found}")
+    return found[0]
+
+
 class Uplink:
     """The epoch loop's handle on the uplink process."""
 

@@ -213,3 +213,34 @@ def test_a_malformed_message_from_the_uplink_stops_it_and_is_one_loss(uplink: An
     proc.ctrl.sendall(b"\x80\x05garbage")
     assert msgs.wait(1) == [Lost(up.UPLINK_DIED)]
     assert u.dead.wait(30) and proc.killed
+
+
+def test_uplink_pid_finds_the_one_uplink_child() -> None:
+    """``uplink_pid``: the child running uplink_process, among others; an error otherwise."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import pytest
+
+    from dirtyring.errors import DirtyringError
+    from dirtyring.replication.uplink_handle import uplink_pid
+
+    code = ("import subprocess, sys, time\n"
+            "kids = [subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)', a])"
+            " for a in ('other', 'uplink_process')]\n"
+            "print(kids[1].pid, flush=True)\n"
+            "time.sleep(60)\n")
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert parent.stdout is not None
+        want = int(parent.stdout.readline())
+        assert uplink_pid(parent.pid) == want
+        with pytest.raises(DirtyringError, match="expected one uplink process"):
+            uplink_pid(want)  # (the sleeper has no child at all)
+    finally:
+        for line in open(f"/proc/{parent.pid}/task/{parent.pid}/children").read().split():
+            os.kill(int(line), signal.SIGKILL)
+        parent.kill()
+        parent.wait()
