@@ -59,29 +59,46 @@ UPLINK_DIED = "the uplink process ended unexpectedly"
 def uplink_pid(primary_pid: int) -> int:
     """The PID of the uplink process of the primary process ``primary_pid``: its child that
     runs ``dirtyring.replication.uplink_process``. For tests and benchmarks that kill it (the
-    primary's host losing it alone). DirtyringError unless there is exactly one."""
-    found = []
-    try:
-        tasks = os.listdir(f"/proc/{primary_pid}/task")
-    except OSError:
-        tasks = []
-    for task in tasks:
-        try:
-            with open(f"/proc/{primary_pid}/task/{task}/children") as f:
-                kids = [int(k) for k in f.read().split()]
-        except OSError:
-            continue
-        for kid in kids:
+    primary's host losing it alone). DirtyringError unless there is exactly one.
+
+    A child caught inside its execve shows an empty command line for a moment (the parent of
+    a vfork-ed child resumes before the new image's arguments are in place): such a child is
+    looked at again, for up to a second."""
+    deadline = time.monotonic() + 1.0
+    while True:
+        found, starting = [], False
+        for kid in _children(primary_pid):
             try:
                 with open(f"/proc/{kid}/cmdline", "rb") as f:
-                    if b"uplink_process" in f.read():
-                        found.append(kid)
+                    cmdline = f.read()
             except OSError:
                 continue
+            starting |= not cmdline
+            if b"uplink_process" in cmdline:
+                found.append(kid)
+        if found or not starting or time.monotonic() >= deadline:
+            break
+        time.sleep(0.01)
     if len(found) != 1:
         raise DirtyringError(f"expected one uplink process under the primary {primary_pid}, "
                              f"found {found}")
     return found[0]
+
+
+def _children(pid: int) -> list[int]:
+    """The children of every thread of process ``pid`` (none if it is gone)."""
+    kids: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return kids
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                kids += [int(k) for k in f.read().split()]
+        except OSError:
+            continue
+    return kids
 
 
 class Uplink:
