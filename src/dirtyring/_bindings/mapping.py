@@ -109,8 +109,8 @@ def anonymous(size: int) -> Mapping:
     except MappingError:
         m.close()
         raise
-    if _libc.madvise(m.addr, size, MADV_HUGEPAGE) != 0:
-        pass  # THP not built in, or disabled: 4 KiB pages, as with a memfd
+    # A refusal (THP not built in, or disabled) leaves 4 KiB pages, as with a memfd.
+    _libc.madvise(m.addr, size, MADV_HUGEPAGE)
     return m
 
 

@@ -17,7 +17,7 @@ from typing import Any
 from ..errors import ConfigError
 from ..guests import NAMES
 from ..guests.protocol import GuestParams, Pattern, hash_chain
-from ..linux.runner import CRASH_STATUS
+from ..linux.runner import CRASH_STATUS, run_untracked
 from ..linux.signals import set_forwarding
 from ..machine.config import LINUX_GUEST, MachineConfig
 from ..machine.vm import Machine
@@ -211,20 +211,11 @@ def _run_restored_program(args: argparse.Namespace, m: Machine, t0: float) -> in
         _out(args, f"restored a Linux program ({m.config.data_bytes >> 20} MiB) in "
                    f"{(time.perf_counter() - t0) * 1e3:.1f} ms; running it", event="restored")
         m.resume_all()
-        end = time.monotonic() + args.seconds
-        while not m.wait_stopped(0.05):
-            m.drain_output(live=True)
-            if time.monotonic() >= end:
-                m.pause_all()
-                m.drain_output()
-                _out(args, f"still running after {args.seconds:g} s; stopped", event="done")
-                return 0
-            if signals.busy:
-                m.pause_all()
-                signals.deliver(m)
-                m.resume_all()
-    m.pause_all()
+        _, late = run_untracked(m, 0.05, signals, time.monotonic() + args.seconds)
     m.drain_output()
+    if late:
+        _out(args, f"still running after {args.seconds:g} s; stopped", event="done")
+        return 0
     if m.crashed:
         print(f"dirtyring: the program stopped: {m.crashed}", file=sys.stderr)
         return CRASH_STATUS

@@ -204,25 +204,36 @@ def _run_tracked(m: Machine, res: ProgramResult, interval: float, deadline: floa
 
 def _run_untracked(m: Machine, res: ProgramResult, interval: float, deadline: float | None,
                    seconds: float | None, signals: OutsideSignals) -> str | None:
-    """No tracker (``tracker="none"``): the program runs on; every ``interval`` its output is
-    drained while it runs, and it is paused only to pass it signals. The library OS's own cost,
-    with no write-protect faults. (Pausing it every 10 ms cost a busybox awk loop 3-7 %: each
-    pause and resume of a vCPU thread takes ~0.5 ms here.)"""
-    crash = None
+    """No tracker (``tracker="none"``): ``run_untracked``; why it was stopped early, if it
+    was."""
+    fetches, late = run_untracked(m, interval, signals, deadline)
+    res.epochs += fetches
+    return (f"still running after {seconds:g} s; stopped" if late else None) or m.crashed
+
+
+def run_untracked(m: Machine, interval: float, signals: OutsideSignals,
+                  deadline: float | None = None) -> tuple[int, bool]:
+    """Let a program's running machine, which no tracker watches, run on until it stops or
+    ``deadline`` (time.monotonic) passes: every ``interval`` its output is drained while it
+    runs, and it is paused only to pass it ``signals``. The library OS's own cost, with no
+    write-protect faults. (Pausing it every 10 ms cost a busybox awk loop 3-7 %: each pause
+    and resume of a vCPU thread takes ~0.5 ms here.) Leaves it paused; returns the output
+    fetches and whether the deadline ended it."""
+    fetches, late = 0, False
     while not m.wait_stopped(interval):
         m.drain_output(live=True)
-        res.epochs += 1
+        fetches += 1
         if m.crashed:
             break
         if deadline is not None and time.monotonic() >= deadline:
-            crash = f"still running after {seconds:g} s; stopped"
+            late = True
             break
         if signals.busy:
             m.pause_all()
             signals.deliver(m)
             m.resume_all()
     m.pause_all()
-    return crash or m.crashed
+    return fetches, late
 
 
 def syscall_label(nr: int) -> str:

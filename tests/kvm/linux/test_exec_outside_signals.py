@@ -24,6 +24,13 @@ def prog(static_build, tmp_path_factory: pytest.TempPathFactory) -> Path:
                         tmp_path_factory.mktemp("outside") / "outside_signals")
 
 
+def _end(p: subprocess.Popen[bytes]) -> None:
+    """End ``p`` by its PID if it is still running (whatever the test's outcome)."""
+    if p.poll() is None:
+        p.kill()
+        p.wait()
+
+
 def _drive(cmd: list[str], plan: dict[bytes, int]) -> tuple[list[bytes], int]:
     """Run ``cmd`` with an open, empty stdin; each time it prints a line of ``plan``, send it
     that signal. Returns its stdout lines and its status (a shell's: 128 + signal when killed).
@@ -48,9 +55,7 @@ def _drive(cmd: list[str], plan: dict[bytes, int]) -> tuple[list[bytes], int]:
                     p.send_signal(plan[line])
         status = p.wait(PATIENCE)
     finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
+        _end(p)
         if p.stdin is not None:
             p.stdin.close()
     return lines, 128 - status if status < 0 else status
@@ -97,9 +102,7 @@ def test_a_signal_before_the_program_runs_is_kept(prog: Path) -> None:
         p.send_signal(signal.SIGTERM)
         out, err = p.communicate(timeout=PATIENCE)
     finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
+        _end(p)
     # Before dirtyring takes SIGTERM over (while Python starts), the signal ends dirtyring
     # itself: a shell sees 143 either way.
     assert p.returncode in (128 + signal.SIGTERM, -signal.SIGTERM), err
@@ -126,8 +129,6 @@ def test_a_restored_program_gets_signals_too(prog: Path, tmp_path: Path) -> None
         p.send_signal(signal.SIGTERM)
         out, err = p.communicate(timeout=PATIENCE)
     finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
+        _end(p)
     assert p.returncode == 128 + signal.SIGTERM, seen + err
     assert out == b""
