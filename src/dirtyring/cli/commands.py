@@ -21,6 +21,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "restore": ("snapshot", "start a guest from a snapshot (any of a chain) and run it"),
     "migrate": ("migration", "boot a guest and migrate it live to `dirtyring receive`"),
     "receive": ("migration", "wait for an incoming migration and run the guest"),
+    "serve": ("serve", "a warm dirtyring: run commands for dirtyring-client without Python's "
+                       "start-up"),
 }
 
 

@@ -90,13 +90,26 @@ def build_parser(*, bench_commands: bool = True,
     return p
 
 
+_PARSERS: dict[str | None, argparse.ArgumentParser] = {}
+
+
+def _parser(command: str | None) -> argparse.ArgumentParser:
+    """``build_parser`` for ``command``, built once per process: a warm server's workers
+    (``server.py``) then find it built (it costs ~1-3 ms, mostly argparse's gettext lookups),
+    and parsing never changes a parser."""
+    if command not in _PARSERS:
+        _PARSERS[command] = build_parser(bench_commands=command in (None, "bench"),
+                                         command=command)
+    return _PARSERS[command]
+
+
 def main(argv: list[str] | None = None) -> int:
     # `kill -USR2 PID` prints every thread's Python stack to stderr: how a stuck process is
     # diagnosed in the field (SIGUSR1 kicks vCPUs, SIGALRM ends inline epochs).
     faulthandler.register(signal.SIGUSR2, all_threads=True)
     argv = list(sys.argv[1:] if argv is None else argv)
     command = _command(argv)
-    parser = build_parser(bench_commands=command in (None, "bench"), command=command)
+    parser = _parser(command)
     # Everything after the first "--" is the --exec program's own arguments. Split here, not
     # by argparse: a command with a positional of its own (snapshot DIR, protect ADDR) would
     # otherwise take them for another positional.

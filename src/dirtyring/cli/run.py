@@ -184,7 +184,8 @@ def run_exec(args: argparse.Namespace, prog: LinuxProgram) -> int:
                           "signal": res.signal, "tracker": args.tracker,
                           "interval_s": args.interval,
                           "epochs": res.epochs, "dirty_pages": res.dirty_pages,
-                          "missed_pages": res.missed_pages, "unsupported": res.unsupported}),
+                          "missed_pages": res.missed_pages, "unsupported": res.unsupported,
+                          "ended_monotonic": res.ended_at}),
               file=sys.stderr)
     return res.status
 

@@ -65,8 +65,9 @@ class ProgramResult:
     rewritten_sites: int = 0
     fast_calls: int = 0
     trapped_calls: int = 0
-    #: ``time.perf_counter()`` when the VMM saw the program end (before the machine is torn
-    #: down: closing a VM takes KVM ~7 ms here, which is not the program's time).
+    #: ``time.monotonic()`` when the VMM saw the program end (before the machine is torn
+    #: down: closing a VM takes KVM ~7 ms here, which is not the program's time). The clock
+    #: is the system's, so another process can compare it with its own start.
     ended_at: float = 0.0
 
 
@@ -148,7 +149,7 @@ def run_program(prog: LinuxProgram, *, write: Callable[[str, bytes], None],
             res.crash = _run_untracked(m, res, interval, deadline, seconds, fwd)
         else:
             res.crash = _run_tracked(m, res, interval, deadline, seconds, verify_every, fwd)
-        res.ended_at = time.perf_counter()
+        res.ended_at = time.monotonic()
         m.drain_output()  # anything queued after the last harvest (none once it has ended)
         res.io_exits = m.runners[0].exits[U.KVM_EXIT_IO]
         st = LinuxProgram.rewrite_stats(m)

@@ -67,7 +67,7 @@ _SRC = Path(__file__).with_name("native.c")
 _HEADER = Path(__file__).with_name("native.h")
 
 
-def _cache_dirs() -> list[Path]:
+def cache_dirs() -> list[Path]:
     """Where the built helper may live: the user's cache, else a private temporary one."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return [Path(base) / "dirtyring",
@@ -100,7 +100,7 @@ def _build_in(folder: Path, src: bytes) -> C.CDLL | None:
 def _build() -> C.CDLL | None:
     """The compiled helper, built if needed; None if it cannot be (no gcc, nowhere to put it)."""
     src = _source_key()
-    for folder in _cache_dirs():
+    for folder in cache_dirs():
         try:
             dll = _build_in(folder, src)
         except (OSError, subprocess.SubprocessError):

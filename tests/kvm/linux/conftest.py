@@ -1,10 +1,8 @@
-"""What the Linux-program tests share: building a static test program with gcc and glibc's
-libc.a (a missing compiler or library is a failure naming the package to install, never a
-skip), and the programs several files use."""
+"""What the Linux-program tests share: the programs several files use (built with
+``static_build``, from tests/kvm/conftest.py; a missing library is a failure naming the package
+to install, never a skip)."""
 from __future__ import annotations
 
-import shutil
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,43 +17,26 @@ LIBSQLITE = Path("/usr/lib/x86_64-linux-gnu/libsqlite3.a")
 Build = Callable[..., Path]
 
 
-def build_static(src: Path, out: Path, *libs: str) -> Path:
-    """``gcc -static -O1 -o out src libs...``; the test fails with gcc's message if it cannot."""
-    gcc = shutil.which("gcc")
-    if not gcc:
-        pytest.fail("gcc is missing: ./tools/install-test-deps installs it")
-    r = subprocess.run([gcc, "-static", "-O1", "-o", str(out), str(src), *libs],
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    return out
-
-
 @pytest.fixture(scope="session")
-def static_build() -> Build:
-    """``build_static`` for test files (a fixture: conftest modules are not imported by name)."""
-    return build_static
-
-
-@pytest.fixture(scope="session")
-def count_prog(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def count_prog(static_build: Build, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``programs/count.c``: prints a line per step of a hash chain, for as many steps as asked."""
-    return build_static(PROGRAMS / "count.c", tmp_path_factory.mktemp("count") / "count")
+    return static_build(PROGRAMS / "count.c", tmp_path_factory.mktemp("count") / "count")
 
 
 @pytest.fixture(scope="session")
-def sqlite_prog(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def sqlite_prog(static_build: Build, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The SQLite workload ``bench exec`` runs, linked with Debian's libsqlite3.a."""
     if not LIBSQLITE.exists():
         pytest.fail("libsqlite3.a is missing: ./tools/install-test-deps installs libsqlite3-dev")
-    return build_static(SQLITE_SRC, tmp_path_factory.mktemp("sqlite") / "sqlite_workload",
+    return static_build(SQLITE_SRC, tmp_path_factory.mktemp("sqlite") / "sqlite_workload",
                         "-lsqlite3", "-lm")
 
 
 @pytest.fixture(scope="session")
-def txn_prog(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def txn_prog(static_build: Build, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``programs/sqlite_txn.c``: numbered SQLite transactions, each number printed after its
     commit, then what the database holds; ``sqlite_txn N MODE STATUS``."""
     if not LIBSQLITE.exists():
         pytest.fail("libsqlite3.a is missing: ./tools/install-test-deps installs libsqlite3-dev")
-    return build_static(PROGRAMS / "sqlite_txn.c", tmp_path_factory.mktemp("txn") / "sqlite_txn",
+    return static_build(PROGRAMS / "sqlite_txn.c", tmp_path_factory.mktemp("txn") / "sqlite_txn",
                         "-lsqlite3", "-lm")

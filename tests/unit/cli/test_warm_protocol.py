@@ -1,0 +1,60 @@
+"""The warm server's protocol and places, without KVM: a request round-trips and every
+malformed one is refused in words; the C client and the server agree on the socket's default
+place; the spare's warm-up program is a valid static ELF."""
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from dirtyring.cli.client import client_path
+from dirtyring.cli.server import (MAX_REQUEST, RequestError, decode_request, default_socket,
+                                  encode_request, exit_program)
+from dirtyring.linux.elf import ElfImage
+
+
+def test_a_request_round_trips() -> None:
+    args = ["run", "--exec", "./prog", "--", "a b", "ü", ""]
+    req = decode_request(encode_request("/some/dir", args), [5, 6, 7])
+    assert (req.cwd, req.args, req.fds) == ("/some/dir", args, [5, 6, 7])
+
+
+@pytest.mark.parametrize("data, fds, words", [
+    (b"", [0, 1, 2], "not a dirtyring-client request"),
+    (b"DRW2\x04\x00\x00\x00abc\x00", [0, 1, 2], "not a dirtyring-client request"),
+    (encode_request("/", ["run"])[:-1], [0, 1, 2], "length is wrong"),
+    (encode_request("/", ["run"]) + b"x", [0, 1, 2], "length is wrong"),
+    (b"DRW1" + (MAX_REQUEST + 1).to_bytes(4, "little"), [0, 1, 2], "length is wrong"),
+    (b"DRW1\x03\x00\x00\x00abc", [0, 1, 2], "does not end"),
+    (encode_request("/", ["run"]), [0, 1], "carried 2 descriptors, not 3"),
+])
+def test_malformed_requests_are_refused_in_words(data: bytes, fds: list[int],
+                                                 words: str) -> None:
+    with pytest.raises(RequestError, match=words):
+        decode_request(data, fds)
+
+
+@pytest.mark.parametrize("env", [
+    {"DIRTYRING_SOCKET": "/x/y.sock", "XDG_RUNTIME_DIR": "/run/user/7"},
+    {"XDG_RUNTIME_DIR": "/run/user/7"},
+    {},
+])
+def test_client_and_server_agree_where_the_socket_is(env: dict[str, str],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    for k in ("DIRTYRING_SOCKET", "XDG_RUNTIME_DIR"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    where = subprocess.run([str(client_path()), "--where"], capture_output=True, text=True,
+                           env=dict(os.environ), timeout=60)
+    assert where.returncode == 0
+    assert Path(where.stdout.strip()) == default_socket()
+
+
+def test_the_warm_up_program_is_a_static_elf_that_exits() -> None:
+    data = exit_program()
+    img = ElfImage.parse(data, "warm-up")
+    assert img.entry == 0x400000 + 64 + 56
+    assert data[-2:] == b"\x0f\x05"  # ends in its syscall (exit 0)
