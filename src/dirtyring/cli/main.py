@@ -16,7 +16,7 @@ from .options import resolve_memory
 BENCH_HELP = "benchmarks (JSON + PNG out)"
 
 
-def _command(argv: list[str]) -> str | None:
+def command_name(argv: list[str]) -> str | None:
     """The subcommand ``argv`` names (its first word that is not an option), if any: the
     top-level parser has only flags (--help, --version), so that word is the command."""
     return next((a for a in argv if not a.startswith("-")), None)
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     # diagnosed in the field (SIGUSR1 kicks vCPUs, SIGALRM ends inline epochs).
     faulthandler.register(signal.SIGUSR2, all_threads=True)
     argv = list(sys.argv[1:] if argv is None else argv)
-    command = _command(argv)
+    command = command_name(argv)
     parser = _parser(command)
     # Everything after the first "--" is the --exec program's own arguments. Split here, not
     # by argparse: a command with a positional of its own (snapshot DIR, protect ADDR) would

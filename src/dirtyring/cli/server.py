@@ -39,12 +39,14 @@ import struct
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConfigError
 from .commands import COMMANDS
+from .main import command_name
 
 MAGIC = b"DRW1"
 #: The longest request (directory and arguments) a worker reads.
@@ -407,8 +409,12 @@ def _work(conn: socket.socket) -> int:
             os.chdir(req.cwd)
         except OSError as e:
             raise RequestError(f"cannot change to {req.cwd}: {e.strerror}") from None
-    except RequestError as e:
-        text = str(e).encode()[:4000]
+        if command_name(req.args) == "serve":
+            raise RequestError("a server is started with `dirtyring serve` itself, not "
+                               "through dirtyring-client")
+    except Exception as e:  # noqa: BLE001 - the client hears why, whatever it was
+        text = (str(e) if isinstance(e, RequestError)
+                else f"the worker failed: {type(e).__name__}: {e}").encode()[:4000]
         reply(conn, KIND_ERROR, len(text), text)
         return 2
     conn.settimeout(None)
@@ -421,6 +427,9 @@ def _work(conn: socket.socket) -> int:
         status = main(req.args)
     except SystemExit as e:  # argparse's errors and --help
         status = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException:  # noqa: BLE001 - a bug: what `dirtyring` itself would print
+        traceback.print_exc()
+        status = 1
     try:
         sys.stdout.flush()
         sys.stderr.flush()

@@ -125,6 +125,10 @@ def test_usage_errors_read_as_dirtyring_s(server: Served, client: Path) -> None:
                              env=server.env())
     assert missing.returncode == 1
     assert "cannot read the program" in missing.stderr and "Traceback" not in missing.stderr
+    nested = subprocess.run([str(client), "serve"], capture_output=True, text=True,
+                            timeout=PATIENCE, env=server.env())
+    assert nested.returncode == 2
+    assert "started with `dirtyring serve` itself" in nested.stderr
 
 
 def _spin(client: Path, prog: Path, server: Served) -> subprocess.Popen[bytes]:
