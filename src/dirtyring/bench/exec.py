@@ -14,11 +14,14 @@ same run, against issue 15's goals.
   (untracked: ``where="guest"``, the goal's figure). Beside it, tracked by the ring with 50 ms
   epochs (``guest-tracked``: what checkpointing costs on top; each page's first write in an
   epoch is a write-protect fault, a host cost reported per harvested page);
-- start-up: from building the program's machine to its end, for a program that returns at
-  once (the VMM's part; goal: <= 20 ms), and the whole command (``dirtyring run --exec``, a
-  new Python process) beside the interpreter alone starting and ending (``python -S -c
-  pass``) and with its site and numpy (``python -c "import numpy"``): the floors a Python
-  command that uses numpy cannot go under.
+- start-up, for a program that returns at once: from building the program's machine to its
+  end (the VMM's part; goal: <= 20 ms); and from the command to the program's end as its VMM
+  saw it (after its ``main``, so a bound on "to main"; goal: <= 20 ms) and to the command's
+  exit, both warm (``dirtyring-client`` with a ``dirtyring serve`` this bench starts: the
+  goal's figure) and cold (``dirtyring run --exec``, a new Python process), beside the
+  interpreter alone starting and ending (``python -S -c pass``) and with its site and numpy
+  (``python -c "import numpy"``): the floors a Python command that uses numpy cannot go
+  under.
 
 Each guest run reports the syscall sites the library OS rewrote, and how many calls came
 through them (fast) or still trapped; ``--no-rewrite`` runs every program with its code left
@@ -445,9 +448,11 @@ def command(args: argparse.Namespace) -> int:
         return 1
     print(json_lines(recs) if args.jsonl else format_table(recs), flush=True)
     for name, v in g.items():
-        floor = (f"; the Python interpreter alone takes {v['floor_python_ms']} ms, "
-                 f"{v['floor_python_numpy_ms']} ms with its site and numpy"
-                 if "floor_python_ms" in v else "")
+        floor = (f" ({v['command']}; to its exit {v['to_exit_ms']} ms). Cold, "
+                 f"dirtyring run --exec: {v['cold_command_ms']} ms (to its exit "
+                 f"{v['cold_to_exit_ms']} ms), of which the Python interpreter alone takes "
+                 f"{v['floor_python_ms']} ms, {v['floor_python_numpy_ms']} ms with its site "
+                 "and numpy" if "floor_python_ms" in v else "")
         print(f"goal {name}: {v['value']} (goal {v['goal']}): "
               f"{'met' if v['met'] else 'NOT met'}{floor}", file=sys.stderr)
     for name, v in context(recs).items():

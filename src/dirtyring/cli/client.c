@@ -117,6 +117,15 @@ int main(int argc, char **argv)
         return 2;
     }
 
+    /* Only a server of our own user gets our descriptors. */
+    struct ucred peer;
+    socklen_t plen = sizeof peer;
+    if (getsockopt(s, SOL_SOCKET, SO_PEERCRED, &peer, &plen) < 0 || peer.uid != getuid()) {
+        fprintf(stderr, "dirtyring-client: the server at %s is not yours; not using it\n",
+                path);
+        return 2;
+    }
+
     static char req[MAX_REQUEST];
     size_t len = 8;
     char cwd[PATH_MAX];

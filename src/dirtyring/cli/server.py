@@ -160,7 +160,9 @@ def prepare_socket(path: Path) -> None:
     if st.st_uid != os.getuid():
         raise ConfigError(f"{d} belongs to another user; name a socket of your own "
                           "(--socket PATH)")
-    if st.st_mode & 0o022:
+    if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+        # Another user could put a socket of theirs in ours' place, and have our clients
+        # hand it their descriptors (a sticky directory like /tmp lets nobody do that).
         raise ConfigError(f"{d} can be written by others; name a private socket "
                           "(--socket PATH)")
     if path.exists() or path.is_symlink():

@@ -4,6 +4,7 @@ place; the spare's warm-up program is a valid static ELF."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 from pathlib import Path
 
@@ -11,7 +12,8 @@ import pytest
 
 from dirtyring.cli.client import client_path
 from dirtyring.cli.server import (MAX_REQUEST, RequestError, decode_request, default_socket,
-                                  encode_request, exit_program)
+                                  encode_request, exit_program, prepare_socket)
+from dirtyring.errors import ConfigError
 from dirtyring.linux.elf import ElfImage
 
 
@@ -58,3 +60,33 @@ def test_the_warm_up_program_is_a_static_elf_that_exits() -> None:
     img = ElfImage.parse(data, "warm-up")
     assert img.entry == 0x400000 + 64 + 56
     assert data[-2:] == b"\x0f\x05"  # ends in its syscall (exit 0)
+
+
+def test_the_socket_s_place_must_be_private(tmp_path: Path) -> None:
+    """A directory others can write to (and that is not sticky) would let another user put a
+    socket of theirs in the server's place; a sticky one (like /tmp) does not."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(ConfigError, match="can be written by others"):
+        prepare_socket(shared / "s.sock")
+    shared.chmod(0o1777)
+    prepare_socket(shared / "s.sock")  # sticky: fine
+    (shared / "file").write_text("x")
+    with pytest.raises(ConfigError, match="exists and is not a socket"):
+        prepare_socket(shared / "file")
+
+
+def test_a_dead_server_s_socket_is_removed_and_a_live_one_refused(tmp_path: Path) -> None:
+    path = tmp_path / "s.sock"
+    live = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        live.bind(str(path))
+        live.listen(1)
+        with pytest.raises(ConfigError, match="already listens"):
+            prepare_socket(path)
+    finally:
+        live.close()  # the file stays: nobody listens now
+    assert path.exists()
+    prepare_socket(path)
+    assert not path.exists()
