@@ -172,10 +172,13 @@ def run_exec(args: argparse.Namespace, prog: LinuxProgram) -> int:
         warn(f"{prog.name}: {killed_line(res.signal)}")
     if args.save_files is not None and res.crash is None:
         try:
-            save_tree(res.files, Path(args.save_files))
+            left = save_tree(res.files, Path(args.save_files), res.links)
         except OSError as e:
             warn(f"--save-files {args.save_files}: {e.strerror}")
             return 1
+        for path in left:
+            warn(f"--save-files: the symbolic link {path} was not saved (something is there "
+                 "already, or a link is in its way)")
     if res.missed_pages:
         warn(f"MISSED DIRTY PAGES: {res.missed_pages} page(s) the tracker never reported")
         return 1 if res.status == 0 else res.status

@@ -25,7 +25,8 @@ PATH_MAX = 4096
 
 @dataclass(frozen=True, slots=True)
 class Entry:
-    """One file (``data``) or directory (``mode`` has S_IFDIR, no data) at ``path``."""
+    """One file (``data``), directory (``mode`` has S_IFDIR, no data) or symbolic link
+    (S_IFLNK; ``data`` is its target) at ``path``."""
 
     path: str
     mode: int
@@ -90,8 +91,10 @@ def unpack(buf: bytes) -> list[Entry]:
         pos += _pad(plen)
         if stat.S_ISDIR(mode) and size:
             raise broken(f"directory {path!r} has data")
-        if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
-            raise broken(f"entry {path!r} is neither a file nor a directory")
+        if stat.S_ISLNK(mode) and not 0 < size < PATH_MAX:
+            raise broken(f"symbolic link {path!r} has a target of {size} bytes")
+        if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
+            raise broken(f"entry {path!r} is neither a file, a directory nor a symbolic link")
         out.append(Entry(path, mode, bytes(buf[pos:pos + size])))
         pos += _pad(size)
     return out

@@ -10,6 +10,7 @@ so a page the tracker missed is reported, as ``dirtyring run`` does for built-in
 from __future__ import annotations
 
 from collections.abc import Callable
+import os
 import posixpath
 import stat
 import time
@@ -59,6 +60,8 @@ class ProgramResult:
     #: Every file the program's file system held at exit (with ``export_files``): path -> data;
     #: directories map to None.
     files: dict[str, bytes | None] = field(default_factory=dict)
+    #: ... and every symbolic link: path -> its target (bytes, as the program wrote it).
+    links: dict[str, bytes] = field(default_factory=dict)
     #: Syscall sites the library OS rewrote into jumps, the syscalls that came through them
     #: (no trap), and those that trapped (LinuxProgram's ``rewrite_syscalls``). As the guest
     #: counted them: figures to report, not to trust.
@@ -124,7 +127,10 @@ def run_program(prog: LinuxProgram, *, write: Callable[[str, bytes], None],
         elif kind == "files_export":  # on the vCPU thread, at the program's exit
             try:
                 for e in prog.exported(machine[0], *payload):
-                    res.files[e.path] = None if stat.S_ISDIR(e.mode) else e.data
+                    if stat.S_ISLNK(e.mode):
+                        res.links[e.path] = e.data
+                    else:
+                        res.files[e.path] = None if stat.S_ISDIR(e.mode) else e.data
             except ProgramError as err:
                 res.crash = str(err)
 
@@ -266,10 +272,14 @@ def _where(m: Machine, prog: LinuxProgram) -> str:
     return f"the program jumped to {rip:#x}, outside its code: "
 
 
-def save_tree(files: dict[str, bytes | None], root: Path) -> None:
-    """Write an exported file system under ``root`` (created if needed). Paths come from the
-    guest; ``archive.unpack`` already refused any that is not absolute, and normalising here
-    keeps every one inside ``root``."""
+def save_tree(files: dict[str, bytes | None], root: Path,
+              links: dict[str, bytes] | None = None) -> list[str]:
+    """Write an exported file system under ``root`` (created if needed): files and
+    directories, then symbolic links (so no write goes through one). Paths come from the guest;
+    ``archive.unpack`` already refused any that is not absolute, and normalising here keeps
+    every one inside ``root``. A link that would go under another link, or where something
+    already is, is left out (a program's own export never has one: the library OS packs a
+    link, not what it points to); returns the paths left out."""
     root.mkdir(parents=True, exist_ok=True)
     for path, data in sorted(files.items()):
         rel = posixpath.normpath(path).lstrip("/")
@@ -281,3 +291,18 @@ def save_tree(files: dict[str, bytes | None], root: Path) -> None:
         else:
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(data)
+    left: list[str] = []
+    for path, to in sorted((links or {}).items()):
+        rel = posixpath.normpath(path).lstrip("/")
+        parts = rel.split("/")
+        if not rel or rel.startswith("..") or any(
+                (root.joinpath(*parts[:i])).is_symlink() for i in range(1, len(parts))):
+            left.append(path)
+            continue
+        target = root / rel
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.symlink(os.fsdecode(to), target)
+        except OSError:
+            left.append(path)
+    return left

@@ -70,6 +70,8 @@ APPLETS = [
     ["gzip", "data.txt"],  # in place: writes data.txt.gz, removes data.txt
     ["cat", "data.txt"],  # sendfile to stdout
     ["cp", "data.txt", "copy.txt"],  # sendfile between files
+    ["ln", "-s", "data.txt", "link.txt"],  # a symbolic link (saved as one)
+    ["ln", "data.txt", "hard.txt"],  # a hard link
     # (not tar: its headers hold the file's mtime, which the guest's copy does not share)
 ]
 

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from dirtyring.errors import ProgramError
 from dirtyring.linux import archive as A
 
-FILE, DIR = stat.S_IFREG | 0o644, stat.S_IFDIR | 0o755
+FILE, DIR, LINK = stat.S_IFREG | 0o644, stat.S_IFDIR | 0o755, stat.S_IFLNK | 0o777
 
 
 def test_round_trip_normalises_paths() -> None:
@@ -22,6 +22,22 @@ def test_round_trip_normalises_paths() -> None:
     assert [(e.path, e.mode, e.data) for e in got] == [
         ("/d", DIR, b""), ("/d/x.txt", FILE, b"hello"), ("/y", FILE, b""),
         ("/big", FILE, bytes(range(256)) * 40)]
+
+
+def test_symbolic_links_come_back_with_their_targets() -> None:
+    got = A.unpack(A.pack([A.Entry("/l", LINK, b"../some/where")]))
+    assert [(e.path, e.mode, e.data) for e in got] == [("/l", LINK, b"../some/where")]
+
+
+@pytest.mark.parametrize("target", [b"", b"x" * A.PATH_MAX])
+def test_a_link_with_an_impossible_target_is_refused(target: bytes) -> None:
+    with pytest.raises(ProgramError, match="symbolic link '/l' has a target"):
+        A.unpack(A.pack([A.Entry("/l", LINK, target)]))
+
+
+def test_other_kinds_of_entry_are_refused() -> None:
+    with pytest.raises(ProgramError, match="neither a file, a directory nor a symbolic link"):
+        A.unpack(A.pack([A.Entry("/c", stat.S_IFCHR | 0o666)]))
 
 
 @pytest.mark.parametrize("path", ["/", "", "a\0b", "/" + "x" * 5000])

@@ -8,7 +8,11 @@
  * entries {u32 ino, u32 name length, name}, read and written with the file code.
  *
  * At start the VMM's archive (at fs_lo) is unpacked: the files the user named. At exit, when
- * asked, every regular file is packed into an archive for the VMM (PORT_EXPORT).
+ * asked, every regular file, directory and symbolic link is packed into an archive for the
+ * VMM (PORT_EXPORT).
+ *
+ * Symbolic links hold their target as their contents and are followed by path walks (at most
+ * MAXSYMLINKS per path); hard links are further directory entries of one inode (nlink).
  *
  * One process, one thread: record locks always succeed, a pipe never blocks (an empty pipe
  * with a writer still open reads as EAGAIN, not a deadlock), shared file mappings are copies
@@ -32,6 +36,14 @@
 #define S_IFCHR 0020000
 #define S_IFDIR 0040000
 #define S_IFREG 0100000
+#define S_IFLNK 0120000
+#define MAXSYMLINKS 40     /* symbolic links followed in one path, as Linux does */
+#define AT_SYMLINK_NOFOLLOW 0x100
+#define AT_SYMLINK_FOLLOW 0x400
+#define AT_EMPTY_PATH 0x1000
+#define O_NOFOLLOW 0400000
+#define UTIME_NOW ((1L << 30) - 1)
+#define UTIME_OMIT ((1L << 30) - 2)
 
 #define O_ACCMODE 3
 #define O_WRONLY 1
@@ -68,7 +80,7 @@ static u8 cloexec[MAX_FD];
 static struct shared_map shared[MAX_SHARED];
 static u32 cwd, cur_umask;          /* set by fs_init: .bss only (the loader copies no .data) */
 /* Path buffers: static, not on the library OS's 16 KiB stack (one thread, no reentry). */
-static char path_a[PATH_MAX], path_b[PATH_MAX];
+static char path_a[PATH_MAX], path_b[PATH_MAX], link_tmp[PATH_MAX];
 static u64 bump, free_list;
 
 /* --- blocks -------------------------------------------------------------------------------- */
@@ -204,13 +216,26 @@ static s64 dir_add(u32 dir, const char *name, u32 len, u32 ino) {
     s64 r = file_write(dp, off, (const u8 *)&e, sizeof e);
     return r < 0 ? r : 0;
 }
-static void dir_remove(u32 dir, u32 ino) {
+/* Remove the entry ``name`` (not "the entry of inode N": hard links give an inode several). */
+static void dir_remove(u32 dir, const char *name, u32 len) {
     struct inode *dp = &inodes[dir];
     struct dirent_rec e;
     for (u64 off = 0; off < dp->size; off += sizeof e) {
         file_read(dp, off, (u8 *)&e, 8);
-        if (e.ino == ino) { u32 z = 0; file_write(dp, off, (const u8 *)&z, 4); return; }
+        if (!e.ino || e.len != len) continue;
+        file_read(dp, off + 8, (u8 *)e.name, len);
+        u32 i = 0;
+        while (i < len && e.name[i] == name[i]) i++;
+        if (i == len) { u32 z = 0; file_write(dp, off, (const u8 *)&z, 4); return; }
     }
+}
+/* One name of ``ino`` fewer: a directory has only one; the inode goes once nothing names or
+ * holds it. */
+static void unname(u32 ino) {
+    struct inode *ip = &inodes[ino];
+    if ((ip->mode & S_IFMT) == S_IFDIR || ip->nlink <= 1) ip->nlink = 0;
+    else ip->nlink--;
+    inode_put(ino);
 }
 static int dir_empty(u32 dir) {
     struct inode *dp = &inodes[dir];
@@ -222,6 +247,7 @@ static int dir_empty(u32 dir) {
     return 1;
 }
 static int is_dir(u32 ino) { return (inodes[ino].mode & S_IFMT) == S_IFDIR; }
+static int is_link(u32 ino) { return (inodes[ino].mode & S_IFMT) == S_IFLNK; }
 
 /* The working directory holds its inode like an open descriptor: removed, it stays valid
  * (and nameless) until the program leaves it. */
@@ -245,14 +271,19 @@ static s64 copy_path(u64 user, char *out) {
 
 static u32 fd_ino(s64 fd);
 
-/* Walk ``path`` from ``dirfd``; stop before the last component when ``parent`` is set (its
- * directory goes to dir, its name to name and len). Returns the inode or -errno. */
-static s64 walk(s64 dirfd, const char *path, int parent, u32 *dir, const char **name, u32 *len) {
+/* Walk ``path`` (a PATH_MAX buffer it may rewrite) from ``dirfd``; stop before the last
+ * component when ``parent`` is set (its directory goes to dir, its name to name and len; the
+ * inode it names, or 0, is returned). Symbolic links are followed on the way, and in the last
+ * component when ``follow`` is set or a slash follows it: the link's target replaces it in
+ * the buffer (at most MAXSYMLINKS times: ELOOP). Returns the inode or -errno. */
+static s64 walk(s64 dirfd, char *path, int parent, int follow, u32 *dir, const char **name,
+                u32 *len) {
     u32 cur;
     if (path[0] == '/') cur = ROOT;
     else if ((s32)dirfd == AT_FDCWD) cur = cwd;
     else { cur = fd_ino(dirfd); if (!cur) return -EBADF; if (!is_dir(cur)) return -ENOTDIR; }
-    const char *p = path;
+    char *p = path;
+    int links = 0;
     for (;;) {
         while (*p == '/') p++;
         const char *s = p;
@@ -266,13 +297,29 @@ static s64 walk(s64 dirfd, const char *path, int parent, u32 *dir, const char **
         }
         if (n > NAME_MAX) return -ENAMETOOLONG;
         if (!is_dir(cur)) return -ENOTDIR;
-        if (parent && !*rest) { *dir = cur; *name = s; *len = n; return dir_lookup(cur, s, n); }
+        int last = !*rest;
         u32 next = dir_lookup(cur, s, n);
-        if (!next) return -ENOENT;
-        cur = next;
+        int through = next && is_link(next) && (!last || follow || *p == '/');
+        if (!through) {
+            if (parent && last) { *dir = cur; *name = s; *len = n; return next; }
+            if (!next) return -ENOENT;
+            cur = next;
+            continue;
+        }
+        /* The link's target, then what followed the link's name: the path from here on. */
+        if (++links > MAXSYMLINKS) return -ELOOP;
+        u64 tl = inodes[next].size, rl = 0;
+        while (p[rl]) rl++;
+        if (tl == 0) return -ENOENT;
+        if (tl + rl + 1 > PATH_MAX) return -ENAMETOOLONG;
+        file_read(&inodes[next], 0, (u8 *)link_tmp, tl);
+        lmemcpy(link_tmp + tl, p, rl + 1);
+        lmemcpy(path, link_tmp, tl + rl + 1);
+        p = path;
+        if (path[0] == '/') cur = ROOT;                /* else: from the link's directory */
     }
 }
-static s64 lookup(s64 dirfd, u64 upath, int empty_ok, s64 fd_for_empty) {
+static s64 lookup(s64 dirfd, u64 upath, int empty_ok, s64 fd_for_empty, int follow) {
     char *path = path_a;
     s64 r = copy_path(upath, path);
     if (r < 0) return r;
@@ -282,7 +329,7 @@ static s64 lookup(s64 dirfd, u64 upath, int empty_ok, s64 fd_for_empty) {
         return ino ? (s64)ino : -EBADF;
     }
     u32 d; const char *n; u32 l;
-    return walk(dirfd, path, 0, &d, &n, &l);
+    return walk(dirfd, path, 0, follow, &d, &n, &l);
 }
 
 /* --- descriptors --------------------------------------------------------------------------- */
@@ -420,8 +467,8 @@ static void export_tree(u32 dir, char *path, u64 plen, u8 **out, u8 *end, u64 *c
         lmemcpy(path + n, e.name, e.len);
         n += e.len;
         u32 type = ip->mode & S_IFMT;
-        if (type != S_IFREG && type != S_IFDIR) continue;
-        u64 size = type == S_IFREG ? ip->size : 0;
+        if (type != S_IFREG && type != S_IFDIR && type != S_IFLNK) continue;
+        u64 size = type == S_IFDIR ? 0 : ip->size;     /* a link's: its target */
         u8 *p = *out;
         u64 need = 16 + ((n + 7) & ~7UL) + ((size + 7) & ~7UL);
         if (p + need > end || p + need < p) { *out = end + 1; return; }
@@ -619,7 +666,8 @@ static s64 getdents(struct ofd *o, u64 buf, u64 cap) {
             if (!e.ino || e.len > NAME_MAX) { o->off++; continue; }
             ino = e.ino; name = e.name; len = e.len;
             u32 t = inodes[ino].mode & S_IFMT;
-            type = t == S_IFDIR ? 4 : t == S_IFREG ? 8 : t == S_IFCHR ? 2 : t == S_IFIFO ? 1 : 0;
+            type = t == S_IFDIR ? 4 : t == S_IFREG ? 8 : t == S_IFLNK ? 10 : t == S_IFCHR ? 2
+                 : t == S_IFIFO ? 1 : 0;
         }
         u64 rec = (19 + len + 1 + 7) & ~7UL;
         if (used + rec > cap) { if (!used) return -EINVAL; break; }
@@ -685,9 +733,11 @@ static s64 sys_openat(s64 dirfd, u64 upath, u64 flags, u64 mode) {
     if (r < 0) return r;
     if (r == 0) return -ENOENT;
     u32 dir; const char *name; u32 len;
-    s64 ino = walk(dirfd, path, 1, &dir, &name, &len);
+    int excl = (flags & O_CREAT) && (flags & O_EXCL);
+    s64 ino = walk(dirfd, path, 1, !excl && !(flags & O_NOFOLLOW), &dir, &name, &len);
     if (ino < 0) return ino;
-    if (ino && (flags & O_CREAT) && (flags & O_EXCL)) return -EEXIST;
+    if (ino && excl) return -EEXIST;                 /* a symbolic link too, dangling or not */
+    if (ino && is_link((u32)ino)) return -ELOOP;     /* O_NOFOLLOW */
     if (!ino) {
         if (!(flags & O_CREAT)) return -ENOENT;
         ino = inode_new(S_IFREG | ((u32)mode & 07777 & ~cur_umask));
@@ -712,7 +762,7 @@ static s64 sys_unlinkat(s64 dirfd, u64 upath, u64 flags) {
     s64 r = copy_path(upath, path);
     if (r < 0) return r;
     u32 dir; const char *name; u32 len;
-    s64 ino = walk(dirfd, path, 1, &dir, &name, &len);
+    s64 ino = walk(dirfd, path, 1, 0, &dir, &name, &len);
     if (ino < 0) return ino;
     if (!ino) return -ENOENT;
     if (ino == ROOT || (len == 1 && name[0] == '.')) return -EINVAL;
@@ -720,9 +770,8 @@ static s64 sys_unlinkat(s64 dirfd, u64 upath, u64 flags) {
         if (!is_dir((u32)ino)) return -ENOTDIR;
         if (!dir_empty((u32)ino)) return -ENOTEMPTY;
     } else if (is_dir((u32)ino)) return -EISDIR;
-    dir_remove(dir, (u32)ino);
-    inodes[ino].nlink = 0;
-    inode_put((u32)ino);
+    dir_remove(dir, name, len);
+    unname((u32)ino);
     return 0;
 }
 
@@ -731,7 +780,7 @@ static s64 sys_mkdirat(s64 dirfd, u64 upath, u64 mode) {
     s64 r = copy_path(upath, path);
     if (r < 0) return r;
     u32 dir; const char *name; u32 len;
-    s64 ino = walk(dirfd, path, 1, &dir, &name, &len);
+    s64 ino = walk(dirfd, path, 1, 0, &dir, &name, &len);
     if (ino < 0) return ino;
     if (ino) return -EEXIST;
     u32 d = inode_new(S_IFDIR | ((u32)mode & 07777 & ~cur_umask));
@@ -749,10 +798,10 @@ static s64 sys_renameat(s64 ofd_, u64 uold, s64 nfd, u64 unew, u64 flags) {
     r = copy_path(unew, b);
     if (r < 0) return r;
     u32 od, nd; const char *on, *nn; u32 ol, nl;
-    s64 src = walk(ofd_, a, 1, &od, &on, &ol);
+    s64 src = walk(ofd_, a, 1, 0, &od, &on, &ol);
     if (src < 0) return src;
     if (!src) return -ENOENT;
-    s64 dst = walk(nfd, b, 1, &nd, &nn, &nl);
+    s64 dst = walk(nfd, b, 1, 0, &nd, &nn, &nl);
     if (dst < 0) return dst;
     if (dst == src) return 0;
     if (is_dir((u32)src) && is_within(nd, (u32)src)) return -EINVAL;
@@ -762,14 +811,86 @@ static s64 sys_renameat(s64 ofd_, u64 uold, s64 nfd, u64 unew, u64 flags) {
             if (!is_dir((u32)src)) return -EISDIR;
             if (!dir_empty((u32)dst)) return -ENOTEMPTY;
         } else if (is_dir((u32)src)) return -ENOTDIR;
-        dir_remove(nd, (u32)dst);
-        inodes[dst].nlink = 0;
-        inode_put((u32)dst);
+        dir_remove(nd, nn, nl);
+        unname((u32)dst);
     }
     r = dir_add(nd, nn, nl, (u32)src);
     if (r < 0) return r;
-    dir_remove(od, (u32)src);
+    dir_remove(od, on, ol);
     if (is_dir((u32)src)) inodes[src].parent = nd;
+    return 0;
+}
+
+/* symlinkat: a link holds its target as its contents (any bytes but NUL, at most
+ * PATH_MAX - 1 of them). */
+static s64 sys_symlinkat(u64 utarget, s64 dirfd, u64 upath) {
+    s64 tl = copy_path(utarget, path_b);
+    if (tl < 0) return tl;
+    if (tl == 0) return -ENOENT;
+    s64 r = copy_path(upath, path_a);
+    if (r < 0) return r;
+    if (r == 0) return -ENOENT;
+    u32 dir; const char *name; u32 len;
+    s64 ino = walk(dirfd, path_a, 1, 0, &dir, &name, &len);
+    if (ino < 0) return ino;
+    if (ino) return -EEXIST;
+    u32 l = inode_new(S_IFLNK | 0777);
+    if (!l) return -ENOSPC;
+    r = file_write(&inodes[l], 0, (const u8 *)path_b, (u64)tl);
+    if (r >= 0) r = dir_add(dir, name, len, l);
+    if (r < 0) { inodes[l].nlink = 0; inode_put(l); return r; }
+    return 0;
+}
+static s64 sys_readlinkat(s64 dirfd, u64 upath, u64 buf, s64 cap) {
+    if (cap <= 0) return -EINVAL;
+    s64 ino = lookup(dirfd, upath, 0, 0, 0);
+    if (ino < 0) return ino;
+    if (!is_link((u32)ino)) return -EINVAL;
+    u64 n = inodes[ino].size < (u64)cap ? inodes[ino].size : (u64)cap;
+    if (!user_ok(buf, n)) return -EFAULT;
+    file_read(&inodes[ino], 0, (u8 *)buf, n);
+    return (s64)n;
+}
+/* linkat: another name for a file (never for a directory, as on Linux). */
+static s64 sys_linkat(s64 ofd_, u64 uold, s64 nfd, u64 unew, u64 flags) {
+    s64 r = copy_path(uold, path_a);
+    if (r < 0) return r;
+    if (r == 0) return -ENOENT;
+    r = copy_path(unew, path_b);
+    if (r < 0) return r;
+    if (r == 0) return -ENOENT;
+    u32 od, nd; const char *on, *nn; u32 ol, nl;
+    s64 src = walk(ofd_, path_a, 1, (flags & AT_SYMLINK_FOLLOW) != 0, &od, &on, &ol);
+    if (src < 0) return src;
+    if (!src) return -ENOENT;
+    if (is_dir((u32)src)) return -EPERM;
+    s64 dst = walk(nfd, path_b, 1, 0, &nd, &nn, &nl);
+    if (dst < 0) return dst;
+    if (dst) return -EEXIST;
+    r = dir_add(nd, nn, nl, (u32)src);
+    if (r < 0) return r;
+    inodes[src].nlink++;
+    return 0;
+}
+static s64 set_mode(s64 ino, u64 mode) {
+    if (ino < 0) return ino;
+    inodes[ino].mode = (inodes[ino].mode & S_IFMT) | ((u32)mode & 07777);
+    return 0;
+}
+/* The modification time from a timespec[2] (its second one), or now when ``ts`` is 0. */
+static s64 set_mtime(s64 ino, u64 ts) {
+    if (ino < 0) return ino;
+    s64 t = (s64)now_ns();
+    if (ts) {
+        if (!user_ok(ts, 32)) return -EFAULT;
+        s64 sec = *(s64 *)(ts + 16), nsec = *(s64 *)(ts + 24);
+        if (nsec == UTIME_OMIT) return 0;
+        if (nsec != UTIME_NOW) {
+            if (nsec < 0 || nsec >= 1000000000) return -EINVAL;
+            t = sec * 1000000000 + nsec;
+        }
+    }
+    inodes[ino].mtime = t;
     return 0;
 }
 
@@ -898,7 +1019,7 @@ s64 fs_syscall(u64 nr, u64 a, u64 b, u64 c, u64 d, u64 e, int *handled) {
     case 2: return sys_openat(AT_FDCWD, a, b, c);
     case 3: return fd_close((s64)a);
     case 4: case 6: {                                    /* stat, lstat */
-        s64 ino = lookup(AT_FDCWD, a, 0, 0);
+        s64 ino = lookup(AT_FDCWD, a, 0, 0, nr == 4);
         return ino < 0 ? ino : fill_stat((u32)ino, b);
     }
     case 5: if (!(o = ofd_of((s64)a))) return -EBADF; return fill_stat(o->ino, b);
@@ -918,7 +1039,7 @@ s64 fs_syscall(u64 nr, u64 a, u64 b, u64 c, u64 d, u64 e, int *handled) {
         u64 off = d;
         return do_rw_vec(o, b, c, &off, nr == 296, 1);
     }
-    case 21: { s64 ino = lookup(AT_FDCWD, a, 0, 0); return ino < 0 ? ino : 0; }   /* access */
+    case 21: { s64 ino = lookup(AT_FDCWD, a, 0, 0, 1); return ino < 0 ? ino : 0; } /* access */
     case 22: return sys_pipe2(a, 0);
     case 293: return sys_pipe2(a, b);
     case 32: {                                           /* dup */
@@ -937,7 +1058,7 @@ s64 fs_syscall(u64 nr, u64 a, u64 b, u64 c, u64 d, u64 e, int *handled) {
         sync_all();
         return 0;
     case 76: {                                           /* truncate */
-        s64 ino = lookup(AT_FDCWD, a, 0, 0);
+        s64 ino = lookup(AT_FDCWD, a, 0, 0, 1);
         if (ino < 0) return ino;
         if ((inodes[ino].mode & S_IFMT) != S_IFREG) return -EISDIR;
         return file_truncate(&inodes[ino], b);
@@ -958,7 +1079,7 @@ s64 fs_syscall(u64 nr, u64 a, u64 b, u64 c, u64 d, u64 e, int *handled) {
         return (s64)(n + 1);
     }
     case 80: {                                           /* chdir */
-        s64 ino = lookup(AT_FDCWD, a, 0, 0);
+        s64 ino = lookup(AT_FDCWD, a, 0, 0, 1);
         if (ino < 0) return ino;
         if (!is_dir((u32)ino)) return -ENOTDIR;
         set_cwd((u32)ino);
@@ -978,16 +1099,33 @@ s64 fs_syscall(u64 nr, u64 a, u64 b, u64 c, u64 d, u64 e, int *handled) {
     case 85: return sys_openat(AT_FDCWD, a, O_CREAT | O_WRONLY | O_TRUNC, b);  /* creat */
     case 87: return sys_unlinkat(AT_FDCWD, a, 0);
     case 263: return sys_unlinkat((s64)a, b, c);
-    case 89: {                                           /* readlink: no symbolic links */
-        s64 ino = lookup(AT_FDCWD, a, 0, 0);
-        return ino < 0 ? ino : -EINVAL;
+    case 86: return sys_linkat(AT_FDCWD, a, AT_FDCWD, b, 0);
+    case 265: return sys_linkat((s64)a, b, (s64)c, d, e);
+    case 88: return sys_symlinkat(a, AT_FDCWD, b);
+    case 266: return sys_symlinkat(a, (s64)b, c);
+    case 89: return sys_readlinkat(AT_FDCWD, a, b, (s64)c);
+    case 267: return sys_readlinkat((s64)a, b, c, (s64)d);
+    case 90: return set_mode(lookup(AT_FDCWD, a, 0, 0, 1), b);          /* chmod */
+    case 91: if (!(o = ofd_of((s64)a))) return -EBADF; return set_mode(o->ino, b);
+    case 268: return set_mode(lookup((s64)a, b, 0, 0, 1), c);           /* fchmodat */
+    case 92: case 94: {                                  /* chown, lchown: one user here */
+        s64 ino = lookup(AT_FDCWD, a, 0, 0, nr == 92);
+        return ino < 0 ? ino : 0;
     }
-    case 267: {                                          /* readlinkat */
-        s64 ino = lookup((s64)a, b, 0, 0);
-        return ino < 0 ? ino : -EINVAL;
+    case 93: return ofd_of((s64)a) ? 0 : -EBADF;         /* fchown */
+    case 260: {                                          /* fchownat */
+        s64 ino = lookup((s64)a, b, (e & AT_EMPTY_PATH) != 0, (s64)a,
+                         !(e & AT_SYMLINK_NOFOLLOW));
+        return ino < 0 ? ino : 0;
     }
-    case 90: case 91: case 92: case 93: case 94: case 260: case 268: case 280:
-        return 0;                    /* chmod, fchmod, chown family, fchmodat, utimensat */
+    case 280:                                            /* utimensat (futimens: no path) */
+        if (!b) {
+            if (!(o = ofd_of((s64)a))) return -EBADF;
+            return set_mtime(o->ino, c);
+        }
+        return set_mtime(lookup((s64)a, b, 0, 0, !(d & AT_SYMLINK_NOFOLLOW)), c);
+    case 162: sync_all(); return 0;                      /* sync */
+    case 306: if (!ofd_of((s64)a)) return -EBADF; sync_all(); return 0;   /* syncfs */
     case 95: { u32 old = cur_umask; cur_umask = (u32)a & 0777; return old; }
     case 221: return ofd_of((s64)a) ? 0 : -EBADF;        /* fadvise64 */
     case 285:                                            /* fallocate */
@@ -996,15 +1134,17 @@ s64 fs_syscall(u64 nr, u64 a, u64 b, u64 c, u64 d, u64 e, int *handled) {
         return 0;
     case 257: return sys_openat((s64)a, b, c, d);
     case 262: {                                          /* newfstatat */
-        s64 ino = lookup((s64)a, b, (d & 0x1000) != 0, (s64)a);
+        s64 ino = lookup((s64)a, b, (d & AT_EMPTY_PATH) != 0, (s64)a,
+                         !(d & AT_SYMLINK_NOFOLLOW));
         return ino < 0 ? ino : fill_stat((u32)ino, c);
     }
     case 332: {                                          /* statx */
-        s64 ino = lookup((s64)a, b, (c & 0x1000) != 0, (s64)a);
+        s64 ino = lookup((s64)a, b, (c & AT_EMPTY_PATH) != 0, (s64)a,
+                         !(c & AT_SYMLINK_NOFOLLOW));
         return ino < 0 ? ino : fill_statx((u32)ino, e);
     }
     case 269: case 439: {                                /* faccessat, faccessat2 */
-        s64 ino = lookup((s64)a, b, 0, 0);
+        s64 ino = lookup((s64)a, b, 0, 0, 1);
         return ino < 0 ? ino : 0;
     }
     default:

@@ -23,6 +23,7 @@
 #define ENOSPC 28
 #define ESPIPE 29
 #define ENAMETOOLONG 36
+#define ELOOP 40
 #define ENOSYS 38
 #define ENOTEMPTY 39
 #define EOPNOTSUPP 95
