@@ -271,10 +271,9 @@ def _startup(path: Path, rewrite: bool) -> float:
     """Seconds from building an empty program (``main`` returns at once) to the VMM seeing it
     end: start-up plus its exit, not the machine's teardown after it."""
     t0 = time.monotonic()
-    prog = LinuxProgram(path, [str(path), "0"], rewrite_syscalls=rewrite)
-    res = run_program(prog, write=lambda k, b: None, interval=EXEC_INTERVAL, tracker="none")
-    if res.crash or res.status != 0:
-        raise BenchError(f"{path.name} did not end cleanly: {res.crash or res.status}")
+    _, _, _, res = _guest(path, ["0"], rewrite=rewrite)
+    if res.status != 0:
+        raise BenchError(f"{path.name} did not end cleanly: status {res.status}")
     return res.ended_at - t0
 
 

@@ -215,15 +215,12 @@ static s64 read_timespec(u64 p, u64 *ns) {
     return 0;
 }
 static u64 add_sat(u64 a, u64 b) { return a + b < a ? ~0UL : a + b; }
-/* Wait until now_ns() reaches the deadline: nothing can interrupt a lone program's wait, and
- * CPL3 cannot halt, so spin (the VMM still pauses the vCPU for its checkpoints meanwhile). */
-static int proc_ext_pending_interrupts(void);
-
-/* Busy-wait until `deadline` (the vCPU has nothing else to run); 1 if a signal from outside
- * interrupted the wait first. */
+/* Busy-wait until `deadline` (CPL3 cannot halt, and the vCPU has nothing else to run; the VMM
+ * still pauses it for its checkpoints meanwhile); 1 if a signal from outside interrupted the
+ * wait first. */
 static int wait_until(u64 deadline) {
     while (now_ns() < deadline) {
-        if (proc_ext_pending_interrupts()) return 1;
+        if (proc_ext_interrupts()) return 1;
         __asm__ volatile("pause");
     }
     return 0;
@@ -307,19 +304,18 @@ static void take_external(void) {
     ext_taken = 1;
 }
 
-static int proc_ext_pending_interrupts(void) {
+int proc_ext_interrupts(void) {
     if (!ext()->pending) return 0;
     setup();
     take_external();
     return next_deliverable() != 0;
 }
-int proc_ext_interrupts(void) { return proc_ext_pending_interrupts(); }
 
 /* A wait only a signal can end: one from outside, if the VMM forwards them (else nothing ever
  * will: stop with `fault_code`). Waits in the VMM a slice at a time, so it does not spin. */
 static void wait_outside(u32 fault_code) {
     if (!ext()->forwarding) fault(fault_code);
-    while (!proc_ext_pending_interrupts()) outl(PORT_SIGNAL_WAIT, 0);
+    while (!proc_ext_interrupts()) outl(PORT_SIGNAL_WAIT, 0);
 }
 
 /* After a call that may have made a signal deliverable: if a handler must run, return to the
@@ -576,7 +572,7 @@ static s64 sys_rt_sigtimedwait(u64 set, u64 info, u64 timeout, u64 size) {
     if (!timeout) {
         if (!ext()->forwarding) fault(FAULT_SIGNAL_WAIT);
         for (;;) {                                 /* only one from outside can come */
-            int deliverable = proc_ext_pending_interrupts();
+            int deliverable = proc_ext_interrupts();
             if (pending_set() & want) return sys_rt_sigtimedwait(set, info, 0, size);
             if (deliverable) return -EINTR;
             outl(PORT_SIGNAL_WAIT, 0);
