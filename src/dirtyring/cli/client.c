@@ -42,11 +42,15 @@
 #define KIND_ERROR 3u
 
 static volatile sig_atomic_t worker_pid;
+/* Signals that came before the worker's pid did: sent on as soon as it is known. */
+static volatile sig_atomic_t early[NSIG];
 
 static void forward(int sig)
 {
     if (worker_pid > 0)
         kill((pid_t)worker_pid, sig);
+    else
+        early[sig] = 1;
 }
 
 /* The socket: $DIRTYRING_SOCKET, else $XDG_RUNTIME_DIR/dirtyring/serve.sock, else
@@ -80,9 +84,17 @@ static int read_full(int fd, void *buf, size_t n)
     return 0;
 }
 
-/* Without a server: the same command, run the slow way. */
+static const int sigs[] = {SIGHUP, SIGINT, SIGQUIT, SIGTERM};
+
+/* Without a server: the same command, run the slow way (a signal that came meanwhile acts as
+ * it would have without us). */
 static int run_cold(char **argv)
 {
+    for (unsigned i = 0; i < sizeof sigs / sizeof sigs[0]; i++) {
+        signal(sigs[i], SIG_DFL);
+        if (early[sigs[i]])
+            raise(sigs[i]);
+    }
     argv[0] = "dirtyring";
     execvp("dirtyring", argv);
     fprintf(stderr, "dirtyring-client: no warm server is listening, and `dirtyring` could not "
@@ -105,6 +117,14 @@ int main(int argc, char **argv)
     for (int fd = 0; fd < 3; fd++)
         if (fcntl(fd, F_GETFD) < 0 && open("/dev/null", fd ? O_WRONLY : O_RDONLY) != fd)
             return 2;
+
+    /* Signals a shell's foreground job gets go to the worker, which passes them on as
+     * `dirtyring` itself would (to an --exec program, for one); from now on, so none is lost
+     * before the worker is known. */
+    struct sigaction act = {.sa_handler = forward};
+    sigemptyset(&act.sa_mask);
+    for (unsigned i = 0; i < sizeof sigs / sizeof sigs[0]; i++)
+        sigaction(sigs[i], &act, NULL);
 
     int s = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
     struct sockaddr_un sa = {.sun_family = AF_UNIX};
@@ -175,14 +195,6 @@ int main(int argc, char **argv)
         return 2;
     }
 
-    /* Signals a shell's foreground job gets go to the worker, which passes them on as
-     * `dirtyring` itself would (to an --exec program, for one). */
-    struct sigaction act = {.sa_handler = forward};
-    sigemptyset(&act.sa_mask);
-    int sigs[] = {SIGHUP, SIGINT, SIGQUIT, SIGTERM};
-    for (unsigned i = 0; i < sizeof sigs / sizeof sigs[0]; i++)
-        sigaction(sigs[i], &act, NULL);
-
     for (;;) {
         uint32_t head[2];
         if (read_full(s, head, sizeof head) < 0) {
@@ -191,7 +203,16 @@ int main(int argc, char **argv)
             return 1;
         }
         if (head[0] == KIND_PID) {
+            sigset_t all, old;
+            sigfillset(&all);
+            sigprocmask(SIG_BLOCK, &all, &old);     /* no signal between the two steps */
             worker_pid = (sig_atomic_t)head[1];
+            for (int sig = 1; sig < NSIG; sig++)
+                if (early[sig]) {
+                    early[sig] = 0;
+                    kill((pid_t)worker_pid, sig);
+                }
+            sigprocmask(SIG_SETMASK, &old, NULL);
         } else if (head[0] == KIND_STATUS) {
             return (int)(head[1] & 0xFF);
         } else if (head[0] == KIND_ERROR && head[1] < 4096) {

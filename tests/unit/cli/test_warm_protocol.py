@@ -4,15 +4,18 @@ place; the spare's warm-up program is a valid static ELF."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import struct
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from dirtyring.cli.client import client_path
-from dirtyring.cli.server import (MAX_REQUEST, RequestError, decode_request, default_socket,
-                                  encode_request, exit_program, prepare_socket)
+from dirtyring.cli.server import (KIND_PID, KIND_STATUS, MAX_REQUEST, RequestError,
+                                  decode_request, default_socket, encode_request, exit_program,
+                                  prepare_socket)
 from dirtyring.errors import ConfigError
 from dirtyring.linux.elf import ElfImage
 
@@ -90,3 +93,38 @@ def test_a_dead_server_s_socket_is_removed_and_a_live_one_refused(tmp_path: Path
     assert path.exists()
     prepare_socket(path)
     assert not path.exists()
+
+
+def test_a_signal_before_the_worker_is_known_still_reaches_it(tmp_path: Path) -> None:
+    """Ctrl-C right after the command starts: the client keeps the signal until the worker's
+    pid arrives, then sends it on. A stand-in server plays the worker's part, with a process
+    of the test's as the "worker"."""
+    sock = tmp_path / "s.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(sock))
+    listener.listen(1)
+    worker = subprocess.Popen(["sleep", "600"])
+    client = subprocess.Popen([str(client_path()), "run", "--exec", "x"],
+                              env=dict(os.environ, DIRTYRING_SOCKET=str(sock)),
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE)
+    try:
+        listener.settimeout(60)
+        conn, _ = listener.accept()
+        with conn:
+            conn.settimeout(60)
+            data, fds, _, _ = socket.recv_fds(conn, 65536, 3)
+            for fd in fds:
+                os.close(fd)
+            assert data.startswith(b"DRW1")  # the client has its handlers by now
+            client.send_signal(signal.SIGTERM)  # pending on it before it learns the pid
+            conn.sendall(struct.pack("<II", KIND_PID, worker.pid))
+            assert worker.wait(60) == -signal.SIGTERM  # sent on to the worker
+            conn.sendall(struct.pack("<II", KIND_STATUS, 143))
+            assert client.wait(60) == 143
+    finally:
+        for p in (worker, client):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        listener.close()
