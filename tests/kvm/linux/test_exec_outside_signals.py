@@ -31,7 +31,7 @@ def _end(p: subprocess.Popen[bytes]) -> None:
         p.wait()
 
 
-def _drive(cmd: list[str], plan: dict[bytes, int]) -> tuple[list[bytes], int]:
+def _drive(cmd: list[str], plan: dict[bytes, int | bytes]) -> tuple[list[bytes], int]:
     """Run ``cmd`` with an open, empty stdin; each time it prints a line of ``plan``, send it
     that signal. Returns its stdout lines and its status (a shell's: 128 + signal when killed).
     The process is ended by its PID whatever happens."""
@@ -52,7 +52,13 @@ def _drive(cmd: list[str], plan: dict[bytes, int]) -> tuple[list[bytes], int]:
                 line, buf = buf.split(b"\n", 1)
                 lines.append(line)
                 if line in plan:
-                    p.send_signal(plan[line])
+                    act = plan[line]
+                    if isinstance(act, bytes):  # bytes for its stdin
+                        assert p.stdin is not None
+                        p.stdin.write(act)
+                        p.stdin.flush()
+                    else:
+                        p.send_signal(act)
         status = p.wait(PATIENCE)
     finally:
         _end(p)
@@ -65,9 +71,10 @@ def _guest(prog: Path, *args: str) -> list[str]:
     return [sys.executable, "-m", "dirtyring.cli.main", "run", "--exec", str(prog), "--", *args]
 
 
-PLAN = {b"ready-compute": signal.SIGINT, b"ready-sleep": signal.SIGTERM,
-        b"ready-read": signal.SIGHUP, b"ready-suspend": signal.SIGQUIT,
-        b"ready-sigwait": signal.SIGTERM}
+PLAN: dict[bytes, int | bytes] = {
+    b"ready-compute": signal.SIGINT, b"ready-sleep": signal.SIGTERM,
+    b"ready-read": signal.SIGHUP, b"ready-restart": signal.SIGHUP, b"handled": b"x",
+    b"ready-suspend": signal.SIGQUIT, b"ready-sigwait": signal.SIGTERM}
 
 
 @pytest.mark.parametrize("options", [(), ("--tracker", "ring")], ids=["untracked", "tracked"])
@@ -78,6 +85,7 @@ def test_handlers_run_wherever_the_program_is(prog: Path, options: tuple[str, ..
     guest = _drive(cmd, PLAN)
     assert native == ([b"ready-compute", b"compute: caught 2", b"ready-sleep",
                        b"sleep: caught 15", b"ready-read", b"read: caught 1",
+                       b"ready-restart", b"handled", b"restart: read 1 byte x caught 1",
                        b"ready-suspend", b"suspend: returned -1 errno EINTR, caught 3",
                        b"ready-sigwait", b"sigwait: got 15"], 0)
     assert guest == native

@@ -63,8 +63,9 @@ __attribute__((noreturn)) void libos_end(u32 done);
  * returns (entry.S's saved RCX), which a signal handler's delivery redirects. */
 s64 proc_syscall(u64 nr, u64 a, u64 b, u64 c, u64 d, u64 e, u64 g, u64 *rip, int *handled);
 /* Every syscall's way out: takes the signals sent from outside meanwhile and, if one must be
- * acted on, routes the return as a self-sent signal's would be. */
-s64 proc_syscall_exit(s64 r, u64 *rip);
+ * acted on, routes the return as a self-sent signal's would be (call `nr`: a stdin read it cut
+ * short is restarted after a SA_RESTART handler). */
+s64 proc_syscall_exit(s64 r, u64 *rip, u64 nr);
 /* While a syscall waits: has a signal from outside arrived that must interrupt it (EINTR)? */
 int proc_ext_interrupts(void);
 /* Where the VMM sends a program it interrupted in its own code (ext_signals.entry). */

@@ -363,12 +363,13 @@ static s64 dispatch(struct frame *f);
 
 static s64 serve(struct frame *f) {
     init_once();
-    if (!ctl()->strace) return proc_syscall_exit(dispatch(f), &f->rcx);
+    u64 nr = f->rax;
+    if (!ctl()->strace) return proc_syscall_exit(dispatch(f), &f->rcx, nr);
     u64 args[6] = {f->rdi, f->rsi, f->rdx, f->r10, f->r8, f->r9};
     if (f->rax == 60 || f->rax == 231) trace(f->rax, args, 0);   /* it will not return */
     s64 r = dispatch(f);
     trace(f->rax, args, r);
-    return proc_syscall_exit(r, &f->rcx);
+    return proc_syscall_exit(r, &f->rcx, nr);
 }
 
 /* A `syscall` instruction trapped into syscall_entry. */

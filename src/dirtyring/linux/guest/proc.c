@@ -328,6 +328,25 @@ static s64 after(s64 r, u64 *rip) {
     return r;
 }
 
+/* A read of stdin a signal from outside cut short is restarted after the handler when the
+ * handler has SA_RESTART, as Linux restarts a read of a terminal or a pipe: the handler returns
+ * to the `syscall` instruction (2 bytes before the return address: a rewritten site keeps it
+ * after its jump) with RAX = the call's number again, every other register as the call found
+ * it. Sleeps, pause, sigsuspend and sigtimedwait are never restarted, on Linux either. */
+static s64 after_interrupted(s64 r, u64 *rip, u64 nr) {
+    int sig = settle();
+    if (!sig) return r;
+    proc_resume_rip = *rip;
+    *rip = (u64)proc_signal_stub;
+    u64 at = proc_resume_rip - 2;
+    if (r == -EINTR && (nr == 0 || nr == 19) && (actions[sig].flags & SA_RESTART) &&
+        user_ok(at, 2) && *(const u16 *)at == 0x050f) {
+        proc_resume_rip = at;
+        return (s64)nr;
+    }
+    return r;
+}
+
 /* --- handler frames ------------------------------------------------------------------------- */
 static int on_altstack(u64 sp) {
     if (alt_flags & SS_AUTODISARM) return 0;
@@ -426,12 +445,12 @@ void proc_async_entry(void) {
     deliver_and_jump(&proc_ctx, blocked);
 }
 
-s64 proc_syscall_exit(s64 r, u64 *rip) {
+s64 proc_syscall_exit(s64 r, u64 *rip, u64 nr) {
     if (ext()->pending) { setup(); take_external(); }
     if (!ext_taken) return r;
     ext_taken = 0;
     if (*rip == (u64)proc_signal_stub) return r;   /* already bound for a handler */
-    return after(r, rip);
+    return after_interrupted(r, rip, nr);
 }
 
 /* --- the calls ------------------------------------------------------------------------------ */

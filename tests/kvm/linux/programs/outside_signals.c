@@ -1,5 +1,6 @@
 /* Signals sent from outside, wherever a program can be: computing in its own code (no
- * syscall), sleeping, blocked reading stdin, in sigsuspend and in sigwait. Before each it prints "ready-<phase>" and
+ * syscall), sleeping, blocked reading stdin (and again with SA_RESTART), in sigsuspend and in
+ * sigwait. Before each it prints "ready-<phase>" and
  * waits there for the signal the test then sends; after, which signal its handler caught.
  * "plain": no handlers, it only computes, so the signal's default action ends it. */
 #include <errno.h>
@@ -12,6 +13,10 @@
 static volatile sig_atomic_t got;
 
 static void on_signal(int sig) { got = sig; }
+static void on_restart(int sig) {
+    got = sig;
+    write(1, "handled\n", 8);
+}
 
 static void ready(const char *phase) {
     printf("ready-%s\n", phase);
@@ -59,6 +64,19 @@ int main(int argc, char **argv) {
     printf("read: caught %d\n", got);
     fprintf(stderr, "read %s\n", cut ? "cut short" : "not entered");
     got = 0;
+
+    /* SA_RESTART: a read of stdin the signal cuts short goes on after the handler (which
+     * says "handled"; the test then writes the byte the read returns). */
+    sa.sa_handler = on_restart;
+    sa.sa_flags = SA_RESTART;
+    sigaction(SIGHUP, &sa, 0);
+    ready("restart");
+    char b = 0;
+    ssize_t n = read(0, &b, 1);
+    printf("restart: read %zd byte %c caught %d\n", n, n == 1 ? b : '-', got);
+    got = 0;
+    sa.sa_handler = on_signal;
+    sa.sa_flags = 0;
 
     /* Waits only a signal can end, made race-free the usual way: the signal is blocked until
      * the wait itself unblocks it (sigsuspend) or takes it (sigwait). */
