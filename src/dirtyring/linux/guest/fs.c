@@ -1124,6 +1124,17 @@ s64 fs_syscall(u64 nr, u64 a, u64 b, u64 c, u64 d, u64 e, int *handled) {
             return set_mtime(o->ino, c);
         }
         return set_mtime(lookup((s64)a, b, 0, 0, !(d & AT_SYMLINK_NOFOLLOW)), c);
+    case 132: case 235: case 261: {                      /* utime, utimes, futimesat */
+        u64 t = nr == 261 ? c : b;
+        s64 ino = lookup(nr == 261 ? (s64)a : AT_FDCWD, nr == 261 ? b : a, 0, 0, 1);
+        if (ino < 0 || !t) return set_mtime(ino, 0);
+        if (!user_ok(t, 16 * (nr != 132) + 16)) return -EFAULT;
+        s64 sec = nr == 132 ? *(s64 *)(t + 8) : *(s64 *)(t + 16);    /* modtime / tv[1] */
+        s64 sub = nr == 132 ? 0 : *(s64 *)(t + 24);                   /* tv_usec */
+        if (sub < 0 || sub >= 1000000) return -EINVAL;
+        inodes[ino].mtime = sec * 1000000000 + sub * 1000;
+        return 0;
+    }
     case 162: sync_all(); return 0;                      /* sync */
     case 306: if (!ofd_of((s64)a)) return -EBADF; sync_all(); return 0;   /* syncfs */
     case 95: { u32 old = cur_umask; cur_umask = (u32)a & 0777; return old; }

@@ -8,7 +8,10 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/time.h>
 #include <unistd.h>
+#include <utime.h>
 
 #define SAY(what, expr) do { errno = 0; long r_ = (long)(expr); \
     printf("%-28s %ld errno %d\n", what, r_, r_ < 0 ? errno : 0); } while (0)
@@ -137,6 +140,18 @@ int main(void) {
     fstat(fd, &st);
     printf("mtime %ld.%09ld\n", (long)st.st_mtim.tv_sec, st.st_mtim.tv_nsec);
     SAY("utimensat missing", utimensat(AT_FDCWD, "missing", NULL, 0));
+    /* the old calls, made directly (glibc's wrappers may use utimensat) */
+    struct timeval tv[2] = {{.tv_sec = 1, .tv_usec = 0}, {.tv_sec = 1500000000, .tv_usec = 42}};
+    SAY("utimes", syscall(SYS_utimes, "m.txt", tv));
+    stat("m.txt", &st);
+    printf("mtime %ld.%09ld\n", (long)st.st_mtim.tv_sec, st.st_mtim.tv_nsec);
+    struct utimbuf ub = {.actime = 2, .modtime = 1600000000};
+    SAY("utime", syscall(SYS_utime, "m.txt", &ub));
+    stat("m.txt", &st);
+    printf("mtime %ld.%09ld\n", (long)st.st_mtim.tv_sec, st.st_mtim.tv_nsec);
+    tv[1].tv_usec = 1000000;
+    SAY("utimes bad usec", syscall(SYS_utimes, "m.txt", tv));
+    SAY("futimesat", syscall(SYS_futimesat, AT_FDCWD, "m.txt", NULL));
     SAY("chown", chown("m.txt", getuid(), getgid()));
     SAY("lchown", lchown("sub/up", getuid(), getgid()));
     SAY("syncfs", syncfs(fd));
