@@ -237,9 +237,22 @@ class LinuxProgram:
                 for i, k in enumerate(REWRITE_STATS_FIELDS)}
 
 
+def _entry(host: str, guest: str) -> archive.Entry:
+    """The entry for ``host`` inside a directory named with --file: a symbolic link stays a
+    link (as cp -a and tar keep it; os.walk does not go into one that points to a
+    directory), a directory is a directory, anything else is read as a file."""
+    st = os.lstat(host)
+    if stat.S_ISLNK(st.st_mode):
+        return archive.Entry(guest, st.st_mode, os.fsencode(os.readlink(host)))
+    if stat.S_ISDIR(st.st_mode):
+        return archive.Entry(guest, st.st_mode)
+    return archive.Entry(guest, stat.S_IFREG | (st.st_mode & 0o7777), Path(host).read_bytes())
+
+
 def _collect(files: Sequence[tuple[str, str | None]]) -> list[archive.Entry]:
-    """Archive entries for the (host, guest) pairs; a directory brings its tree. A host path
-    that cannot be read is a clear ProgramError naming it."""
+    """Archive entries for the (host, guest) pairs; a directory brings its tree, its symbolic
+    links as links (a path named itself is followed, as the user named what it points to). A
+    host path that cannot be read is a clear ProgramError naming it."""
     out: list[archive.Entry] = []
     for host, guest in files:
         target = archive.guest_path(guest if guest else host)
@@ -249,14 +262,9 @@ def _collect(files: Sequence[tuple[str, str | None]]) -> list[archive.Entry]:
                 out.append(archive.Entry(target, st.st_mode))
                 for root, dirs, names in os.walk(host):
                     rel = os.path.relpath(root, host)
-                    for d in sorted(dirs):
-                        p = os.path.join(root, d)
-                        out.append(archive.Entry(archive.guest_path(
-                            os.path.join(target, rel, d)), os.stat(p).st_mode))
-                    for n in sorted(names):
+                    for n in sorted(dirs) + sorted(names):
                         p = os.path.join(root, n)
-                        out.append(archive.Entry(archive.guest_path(os.path.join(target, rel, n)),
-                                                 os.stat(p).st_mode, Path(p).read_bytes()))
+                        out.append(_entry(p, archive.guest_path(os.path.join(target, rel, n))))
             else:
                 out.append(archive.Entry(target, stat.S_IFREG | (st.st_mode & 0o7777),
                                          Path(host).read_bytes()))

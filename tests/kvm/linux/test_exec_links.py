@@ -51,3 +51,27 @@ def test_links_modes_and_times_match_a_native_run(links_prog: Path, tmp_path: Pa
     got_files, got_links = _tree(saved)
     assert got_links == links and "w/sub/up" in links
     assert got_files == files
+
+
+def test_links_in_a_named_directory_come_in_and_go_out_as_links(tmp_path: Path) -> None:
+    """``--file DIR``: its symbolic links come in as links (to a file, to a directory,
+    dangling), the program sees them as such, and the export hands them back unchanged."""
+    from dirtyring.linux.program import LinuxProgram
+    from dirtyring.linux.runner import run_program
+    busybox = Path("/bin/busybox")
+    if not busybox.exists():
+        pytest.fail("/bin/busybox is missing: ./tools/install-test-deps installs busybox-static")
+    tree = tmp_path / "tree"
+    (tree / "sub").mkdir(parents=True)
+    (tree / "a.txt").write_bytes(b"hello\n")
+    (tree / "sub" / "s.txt").write_bytes(b"s\n")
+    for name, to in (("l", "a.txt"), ("ldir", "sub"), ("dang", "nowhere")):
+        os.symlink(to, tree / name)
+    out = bytearray()
+    prog = LinuxProgram(busybox, ["busybox", "cat", "tree/l", "tree/ldir/s.txt"],
+                        files=[(str(tree), "tree")], export_files=True)
+    res = run_program(prog, write=lambda k, b: out.extend(b), tracker="none")
+    assert res.status == 0 and res.crash is None, (res, bytes(out))
+    assert bytes(out) == b"hello\ns\n"  # through a link to a file, and one to a directory
+    assert res.links == {"/tree/l": b"a.txt", "/tree/ldir": b"sub", "/tree/dang": b"nowhere"}
+    assert res.files["/tree/a.txt"] == b"hello\n" and res.files["/tree/sub/s.txt"] == b"s\n"

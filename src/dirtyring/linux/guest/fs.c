@@ -409,11 +409,12 @@ static void import_archive(void) {
             if (k < plen && path[k] != '/') continue;
             u32 n = k - s;
             if (n && n <= NAME_MAX) {
-                if (k == plen && (mode & S_IFMT) == S_IFREG) {
-                    u32 ino = inode_new(mode);
+                u32 type = mode & S_IFMT;
+                if (k == plen && (type == S_IFREG || (type == S_IFLNK && size))) {
+                    u32 ino = inode_new(type == S_IFLNK ? S_IFLNK | 0777 : mode);
                     if (!ino) return;
                     dir_add(dir, path + s, n, ino);
-                    file_write(&inodes[ino], 0, (const u8 *)data, size);
+                    file_write(&inodes[ino], 0, (const u8 *)data, size);   /* a link: target */
                 } else {
                     dir = mkdir_in(dir, path + s, n);
                     if (!dir) return;
