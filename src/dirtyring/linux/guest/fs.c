@@ -311,7 +311,7 @@ static s64 walk(s64 dirfd, char *path, int parent, int follow, u32 *dir, const c
         u64 tl = inodes[next].size, rl = 0;
         while (p[rl]) rl++;
         if (tl == 0) return -ENOENT;
-        if (tl + rl + 1 > PATH_MAX) return -ENAMETOOLONG;
+        if (tl >= PATH_MAX || tl + rl + 1 > PATH_MAX) return -ENAMETOOLONG;
         file_read(&inodes[next], 0, (u8 *)link_tmp, tl);
         lmemcpy(link_tmp + tl, p, rl + 1);
         lmemcpy(path, link_tmp, tl + rl + 1);
