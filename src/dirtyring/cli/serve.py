@@ -42,6 +42,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"dirtyring serve: {line}; run commands with {client} ARGS...", flush=True)
 
     def log(line: str) -> None:
-        if not args.quiet:
+        if args.quiet:
+            return
+        try:
             print(f"dirtyring serve: {line}", file=sys.stderr, flush=True)
+        except OSError:
+            pass  # its terminal has gone: it serves on without a log
     return serve_main(path, ready, log)
