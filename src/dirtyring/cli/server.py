@@ -27,7 +27,6 @@ upgrade runs the code it started with: restart it after one.
 """
 from __future__ import annotations
 
-import errno
 import gc
 import importlib
 import os
@@ -49,6 +48,8 @@ from .commands import COMMANDS
 from .main import command_name
 
 MAGIC = b"DRW1"
+#: sockaddr_un's sun_path: a socket's path and its NUL.
+SUN_PATH = 108
 #: The longest request (directory and arguments) a worker reads.
 MAX_REQUEST = 1 << 20
 KIND_PID, KIND_STATUS, KIND_ERROR = 1, 2, 3
@@ -154,6 +155,9 @@ def peer_uid(conn: socket.socket) -> int:
 def prepare_socket(path: Path) -> None:
     """Make ``path``'s directory ours alone, and refuse a path a live server holds; a socket
     file left by a server that died is removed."""
+    if len(os.fsencode(path)) >= SUN_PATH:
+        raise ConfigError(f"{path} is too long for a Unix socket ({len(os.fsencode(path))} "
+                          f"bytes; at most {SUN_PATH - 1}): name a shorter one (--socket PATH)")
     d = path.parent
     d.mkdir(mode=0o700, parents=True, exist_ok=True)
     st = d.stat()
@@ -505,9 +509,7 @@ def serve_main(path: Path, ready: Callable[[str], None], log: Callable[[str], No
     try:
         server = Server(path, log)
     except OSError as e:
-        if e.errno in (errno.ENAMETOOLONG, errno.EINVAL):
-            raise ConfigError(f"{path}: too long for a Unix socket") from None
-        raise ConfigError(f"cannot listen at {path}: {e.strerror}") from None
+        raise ConfigError(f"cannot listen at {path}: {e.strerror or e}") from None
     server.serve(lambda: ready(f"listening on {path} (pid {os.getpid()})"))
     log(f"stopped after {server.served} command(s)")
     return 0

@@ -128,3 +128,10 @@ def test_a_signal_before_the_worker_is_known_still_reaches_it(tmp_path: Path) ->
                 p.kill()
                 p.wait()
         listener.close()
+
+
+def test_a_socket_path_too_long_is_refused_before_anything_is_made(tmp_path: Path) -> None:
+    path = tmp_path / ("d" * 100) / "s.sock"
+    with pytest.raises(ConfigError, match="too long for a Unix socket"):
+        prepare_socket(path)
+    assert not path.parent.exists()
