@@ -227,8 +227,11 @@ class Server:
         os.chmod(path, 0o600)
         self._listener.listen(64)
         self._ino = path.stat().st_ino
-        self._warm = path.with_name(path.name + ".warm")
-        self._warm.write_bytes(exit_program())
+        # The spares' warm-up program: in memory, so no file is left even when the server is
+        # killed (each spare reads it through its own /proc/self/fd).
+        self._warm_fd = os.memfd_create("dirtyring-warm-up", os.MFD_CLOEXEC)
+        os.write(self._warm_fd, exit_program())
+        self._warm = Path(f"/proc/self/fd/{self._warm_fd}")
         self._sel = selectors.DefaultSelector()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
@@ -280,12 +283,12 @@ class Server:
                 os.close(fd)
             except OSError:
                 pass
-        for p in (self._warm, self.path):
-            try:
-                if p != self.path or p.stat().st_ino == self._ino:
-                    p.unlink()
-            except OSError:
-                pass
+        os.close(self._warm_fd)
+        try:
+            if self.path.stat().st_ino == self._ino:
+                self.path.unlink()
+        except OSError:
+            pass
 
     def _on_signal(self, sig: int, frame: object) -> None:
         if sig != signal.SIGCHLD:
