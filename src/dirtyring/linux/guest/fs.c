@@ -727,6 +727,38 @@ static int is_within(u32 d, u32 anc) {
     return 1;
 }
 
+/* --- readiness (poll, select) --------------------------------------------------------------- */
+#define POLLIN 0x1
+#define POLLOUT 0x4
+#define POLLERR 0x8
+#define POLLHUP 0x10
+#define POLLNVAL 0x20
+#define POLLRDNORM 0x40
+#define POLLWRNORM 0x100
+
+/* As Linux answers: files, directories and devices are always ready (its DEFAULT_POLLMASK);
+ * a pipe's read end has POLLIN with data and POLLHUP once no writer is left; a write end, and
+ * stdout and stderr, are always writable (they never block here); stdin as a pipe would be. */
+u32 fs_poll_one(s64 fd, u32 events, int *may_change) {
+    struct ofd *o = ofd_of(fd);
+    if (!o) return POLLNVAL;
+    struct inode *ip = &inodes[o->ino];
+    u32 t = ip->mode & S_IFMT, r;
+    if (t == S_IFCHR && ip->dev == DEV_STDIN) {
+        int st = stdin_state();
+        r = (st & STDIN_DATA) ? POLLIN | POLLRDNORM : (st & STDIN_EOF) ? POLLHUP : 0;
+        if (!st) *may_change = 1;
+    } else if (t == S_IFCHR && (ip->dev == DEV_STDOUT || ip->dev == DEV_STDERR)) {
+        r = POLLOUT | POLLWRNORM;
+    } else if (t == S_IFIFO) {
+        if ((o->flags & O_ACCMODE) == O_WRONLY) r = POLLOUT | POLLWRNORM;
+        else r = (ip->size != ip->rpos ? POLLIN | POLLRDNORM : 0) | (ip->writers ? 0 : POLLHUP);
+    } else {
+        r = POLLIN | POLLRDNORM | POLLOUT | POLLWRNORM;
+    }
+    return r & (events | POLLERR | POLLHUP | POLLNVAL);
+}
+
 /* --- the system calls ---------------------------------------------------------------------- */
 static s64 sys_openat(s64 dirfd, u64 upath, u64 flags, u64 mode) {
     char *path = path_a;

@@ -54,6 +54,15 @@ int user_ok(u64 p, u64 n);
 void fill_random(u8 *buf, u64 len);
 s64 stdio_write(u32 fd, const u8 *buf, u64 len);
 s64 stdin_read(u8 *buf, u64 len, int nonblock);
+/* What stdin's ring holds now: STDIN_DATA and/or STDIN_EOF. */
+#define STDIN_DATA 1
+#define STDIN_EOF 2
+int stdin_state(void);
+/* Ask the VMM for stdin's next bytes, waiting at most `us` microseconds (0: its own slice). */
+void stdin_fill(u32 us);
+/* poll(2)'s revents of descriptor `fd` for `events`; *may_change set if they can change
+ * while the program waits (stdin: the VMM may bring input or its end). */
+u32 fs_poll_one(s64 fd, u32 events, int *may_change);
 void stdio_flush(void);
 void trace(u64 nr, const u64 *args, s64 ret);
 /* End the program: export its files if asked, flush its output, then DONE with `done`. */

@@ -109,6 +109,13 @@ s64 stdin_read(u8 *buf, u64 len, int nonblock) {
     }
 }
 
+int stdin_state(void) {
+    struct stdio_header *h = stdio();
+    return (h->stdin_prod != h->stdin_cons ? STDIN_DATA : 0) | (h->stdin_eof ? STDIN_EOF : 0);
+}
+
+void stdin_fill(u32 us) { outl(PORT_STDIN_WAIT, us); }
+
 void stdio_flush(void) { outl(PORT_STDIO_FLUSH, (u32)stdio()->prod); }
 
 void trace(u64 nr, const u64 *args, s64 ret) {

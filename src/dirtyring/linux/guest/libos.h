@@ -35,7 +35,8 @@ typedef unsigned char u8;
 #define PORT_FAULT 0x32             /* out32: the library OS stopped the program (a FAULT_ code) */
 #define PORT_EXPORT 0x33            /* out32: the export archive is at stdio_header.export_va */
 #define PORT_TRACE_FLUSH 0x34       /* out32: the trace ring is full; drain it */
-#define PORT_STDIN_WAIT 0x35        /* out32: stdin is empty; fill it (or set eof), or wait a bit */
+#define PORT_STDIN_WAIT 0x35        /* out32: stdin is empty; fill it (or set eof), or wait a bit:
+                                       at most the value's microseconds, if not 0 */
 #define PORT_ENTROPY 0x36           /* out32: the entropy pool is used up; refill it */
 #define PORT_SIGNAL_WAIT 0x37       /* out32: waiting for a signal from outside; wait a bit */
 
@@ -43,6 +44,7 @@ typedef unsigned char u8;
 #define FAULT_FUTEX_WAIT 2          /* it waits on a futex with no timeout: no thread can wake it */
 #define FAULT_SIGNAL_WAIT 3         /* pause/sigsuspend/sigtimedwait with nothing pending */
 #define FAULT_STOPPED 4             /* a stop signal (SIGSTOP...): nothing can send SIGCONT */
+#define FAULT_POLL_WAIT 5           /* poll/select with no timeout on what cannot become ready */
 
 struct linux_ctl {                  /* the VMM fills it before the program starts */
     u64 magic;        /* 0   "DRLINUX1" */

@@ -568,6 +568,155 @@ static s64 suspend(u64 mask, u64 *rip) {
     return -EINTR;
 }
 
+/* --- poll, ppoll, select, pselect6 ----------------------------------------------------------- */
+struct kpollfd { s32 fd; u16 events, revents; };
+/* select's sets as poll events (POLLIN|POLLRDNORM, POLLOUT|POLLWRNORM, POLLPRI), and the
+ * revents that make a descriptor readable (POLLIN, POLLHUP, POLLERR, POLLRDNORM) or writable
+ * (POLLOUT, POLLERR, POLLWRNORM), as Linux's select counts them. */
+static const u16 select_events[3] = {0x41, 0x104, 0x2}, select_ready[3] = {0x59, 0x10c, 0};
+#define POLL_MAX 1024                       /* descriptors: as many as the file system has */
+static struct kpollfd select_fds[POLL_MAX]; /* select's sets as poll entries */
+#define NO_DEADLINE (~0UL)
+
+/* Wait until one of `p` is ready (its count), `deadline` passes (0), or a signal from outside
+ * must be taken (-EINTR). Only stdin can become ready while a lone program waits (the VMM
+ * brings its input), so with no stdin to wait on the wait is a plain sleep, and without a
+ * timeout it could only end by a signal: where the VMM forwards none, the program ends with
+ * a report instead of hanging for ever. */
+static s64 poll_core(struct kpollfd *p, u64 n, u64 deadline) {
+    int filled = 0;
+    for (;;) {
+        s64 count = 0;
+        int may_change = 0;
+        for (u64 i = 0; i < n; i++) {
+            p[i].revents = p[i].fd < 0 ? 0 : (u16)fs_poll_one(p[i].fd, p[i].events,
+                                                               &may_change);
+            if (p[i].revents) count++;
+        }
+        if (count) return count;
+        u64 now = now_ns();
+        if (!may_change) {
+            if (deadline == NO_DEADLINE) { wait_outside(FAULT_POLL_WAIT); return -EINTR; }
+            return wait_until(deadline) ? -EINTR : 0;
+        }
+        if (proc_ext_interrupts()) return -EINTR;
+        if (now >= deadline && filled) return 0;
+        u64 us = deadline == NO_DEADLINE ? 0 : now >= deadline ? 1 : (deadline - now) / 1000 + 1;
+        stdin_fill(us > 10000 ? 0 : (u32)us);   /* (1 us: input already there counts) */
+        filled = 1;
+    }
+}
+
+/* The mask a ppoll or pselect6 waits with: on -EINTR the handler's frame restores the old one
+ * (as sigsuspend's), else it is restored here. Returns -errno or 0; *had says whether one was
+ * set. */
+static s64 wait_mask(u64 set, u64 size, u64 *old, int *had) {
+    *had = 0;
+    if (!set) return 0;
+    if (size != 8) return -EINVAL;
+    if (!user_ok(set, 8)) return -EFAULT;
+    *old = blocked;
+    blocked = *(u64 *)set & ~UNBLOCKABLE;
+    *had = 1;
+    return 0;
+}
+static s64 unmask(s64 r, u64 old, int had) {
+    if (!had) return r;
+    if (r == -EINTR) { saved_mask = old; have_saved_mask = 1; }
+    else blocked = old;
+    return r;
+}
+
+static s64 sys_ppoll(u64 fds, u64 n, u64 deadline, u64 set, u64 size) {
+    if (n > POLL_MAX) return -EINVAL;
+    if (n && !user_ok(fds, n * sizeof(struct kpollfd))) return -EFAULT;
+    u64 old = 0;
+    int had;
+    s64 e = wait_mask(set, size, &old, &had);
+    if (e) return e;
+    return unmask(poll_core((struct kpollfd *)fds, n, deadline), old, had);
+}
+static u64 deadline_ms(s64 ms) {
+    return ms < 0 ? NO_DEADLINE : add_sat(now_ns(), (u64)ms * 1000000);
+}
+/* ppoll and pselect6 write back into their timespec how much of it is left, as Linux does
+ * (glibc's select, made with pselect6, reports it from there). */
+static s64 time_left(s64 r, u64 ts, u64 deadline) {
+    if (ts && (r >= 0 || r == -EINTR)) {
+        u64 now = now_ns(), left = deadline > now ? deadline - now : 0;
+        *(s64 *)ts = (s64)(left / NS);
+        *(s64 *)(ts + 8) = (s64)(left % NS);
+    }
+    return r;
+}
+static s64 deadline_ts(u64 ts, u64 *deadline) {
+    if (!ts) { *deadline = NO_DEADLINE; return 0; }
+    u64 ns;
+    s64 e = read_timespec(ts, &ns);
+    if (e) return e;
+    *deadline = add_sat(now_ns(), ns);
+    return 0;
+}
+
+/* select's three sets (u64 words of `nfds` bits) as poll entries, and back: POLLIN, POLLHUP
+ * and POLLERR make a descriptor readable, POLLOUT and POLLERR writable, as on Linux; nothing
+ * is ever exceptional. A set descriptor that is not open: EBADF. */
+static s64 sys_pselect(s64 nfds, u64 r, u64 w, u64 x, u64 deadline, u64 set, u64 size) {
+    if (nfds < 0 || nfds > POLL_MAX) return -EINVAL;
+    u64 bytes = ((u64)nfds + 63) / 64 * 8;
+    u64 *sets[3] = {(u64 *)r, (u64 *)w, (u64 *)x};
+    for (int k = 0; k < 3; k++)
+        if (sets[k] && !user_ok((u64)sets[k], bytes)) return -EFAULT;
+    u64 n = 0;
+    for (s64 fd = 0; fd < nfds; fd++) {
+        u16 ev = 0;
+        for (int k = 0; k < 3; k++)
+            if (sets[k] && (sets[k][fd / 64] >> (fd % 64) & 1)) ev |= select_events[k];
+        if (!ev) continue;
+        int dummy = 0;
+        if (fs_poll_one(fd, 0, &dummy) & 0x20) return -EBADF;
+        select_fds[n].fd = (s32)fd;
+        select_fds[n].events = ev;
+        n++;
+    }
+    u64 old = 0;
+    int had;
+    s64 e = wait_mask(set, size, &old, &had);
+    if (e) return e;
+    s64 got = unmask(poll_core(select_fds, n, deadline), old, had);
+    if (got < 0) return got;
+    for (int k = 0; k < 3; k++)
+        if (sets[k]) lmemset(sets[k], 0, bytes);
+    s64 bits = 0;
+    for (u64 i = 0; i < n; i++) {
+        s64 fd = select_fds[i].fd;
+        u16 re = select_fds[i].revents, ev = select_fds[i].events;
+        for (int k = 0; k < 3; k++)
+            if (sets[k] && (ev & select_events[k]) && (re & select_ready[k])) {
+                sets[k][fd / 64] |= 1UL << (fd % 64);
+                bits++;
+            }
+    }
+    return bits;
+}
+/* select(2): its timeval says how much of the timeout is left afterwards, as Linux's does. */
+static s64 sys_select(s64 nfds, u64 r, u64 w, u64 x, u64 tv) {
+    u64 deadline = NO_DEADLINE;
+    if (tv) {
+        if (!user_ok(tv, 16)) return -EFAULT;
+        s64 sec = *(s64 *)tv, usec = *(s64 *)(tv + 8);
+        if (sec < 0 || usec < 0 || usec >= 1000000) return -EINVAL;
+        deadline = add_sat(now_ns(), (u64)sec * NS + (u64)usec * 1000);
+    }
+    s64 got = sys_pselect(nfds, r, w, x, deadline, 0, 0);
+    if (tv && got >= 0) {
+        u64 now = now_ns(), left = deadline > now ? deadline - now : 0;
+        *(s64 *)tv = (s64)(left / NS);
+        *(s64 *)(tv + 8) = (s64)(left % NS / 1000);
+    }
+    return got;
+}
+
 static s64 sys_rt_sigtimedwait(u64 set, u64 info, u64 timeout, u64 size) {
     if (size != 8) return -EINVAL;
     if (!user_ok(set, 8)) return -EFAULT;
@@ -782,6 +931,24 @@ s64 proc_syscall(u64 nr, u64 a, u64 b, u64 c, u64 d, u64 e, u64 g, u64 *rip, int
     case 24: return 0;                                  /* sched_yield: no one else to run */
     case 34: return suspend(blocked, rip);              /* pause */
     case 35: return sys_nanosleep(a, b);
+    case 7: return sys_ppoll(a, b, deadline_ms((s32)c), 0, 0);               /* poll */
+    case 271: {                                                               /* ppoll */
+        u64 dl;
+        s64 e2 = deadline_ts(c, &dl);
+        return e2 ? e2 : time_left(sys_ppoll(a, b, dl, d, e), c, dl);
+    }
+    case 23: return sys_select((s64)(s32)a, b, c, d, e);                     /* select */
+    case 270: {                                                               /* pselect6 */
+        u64 dl, set = 0, size = 0;
+        s64 e2 = deadline_ts(e, &dl);
+        if (e2) return e2;
+        if (g) {                                   /* {const sigset_t *ss; size_t ss_len} */
+            if (!user_ok(g, 16)) return -EFAULT;
+            set = *(u64 *)g;
+            size = *(u64 *)(g + 8);
+        }
+        return time_left(sys_pselect((s64)(s32)a, b, c, d, dl, set, size), e, dl);
+    }
     case 62: return after(sys_kill((s64)a, (s64)b), rip);
     case 98: return sys_getrusage((s64)a, b);
     case 100: return sys_times(a);

@@ -57,7 +57,10 @@ FAULTS = {2: "the program waits on a futex no other thread can wake (with no tim
              "timeout), and the library OS does not wait for one from outside: it would hang "
              "for ever",
           4: "the program was stopped by a stop signal (SIGSTOP, SIGTSTP, SIGTTIN or SIGTTOU) "
-             "and nothing can continue it"}
+             "and nothing can continue it",
+          5: "the program waits in poll or select with no timeout for what cannot become "
+             "ready (no other thread or process could change it), and the library OS does not "
+             "wait for a signal from outside: it would hang for ever"}
 
 
 class ContractBroken(Exception):
@@ -101,9 +104,10 @@ class StdioDevice:
                 self.drain()
             except ContractBroken as e:
                 self._stop(vcpu, str(e))
-        elif port == Port.STDIN_WAIT:
+        elif port == Port.STDIN_WAIT:  # the value: at most so many microseconds (0: a slice)
             try:
-                self._fill_stdin()
+                self._fill_stdin(min(self.STDIN_SLICE, value / 1e6) if value else
+                                 self.STDIN_SLICE)
             except ContractBroken as e:
                 self._stop(vcpu, str(e))
         elif port == Port.ENTROPY:
@@ -148,9 +152,10 @@ class StdioDevice:
             self._drain_trace()
             return self._drain_output()
 
-    def _fill_stdin(self) -> None:
-        """Put what is available of the program's stdin in its ring (waiting at most
-        STDIN_SLICE for some), or mark its end."""
+    def _fill_stdin(self, wait: float) -> None:
+        """Put what is available of the program's stdin in its ring (waiting at most ``wait``
+        seconds for some: a poll with a short timeout asks for less than STDIN_SLICE), or
+        mark its end."""
         base = layout.QUEUE_GPA
         cons = self.memory.read_u64(base + STDIO_HEADER_OFFSETS["stdin_cons"])
         if not self.stdin_prod - STDIN_RING <= cons <= self.stdin_prod:
@@ -161,7 +166,7 @@ class StdioDevice:
             return
         data = b""
         if self.stdin_fd is not None:
-            ready, _, _ = select.select([self.stdin_fd], [], [], self.STDIN_SLICE)
+            ready, _, _ = select.select([self.stdin_fd], [], [], wait)
             if not ready:
                 return  # nothing yet: the guest asks again (and can be paused meanwhile)
             try:

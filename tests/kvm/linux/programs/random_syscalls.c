@@ -17,8 +17,9 @@
  * rt_sigaction or rt_sigprocmask (both are still fuzzed); a pending signal found unblocked is
  * then discarded, never delivered. SIGKILL and SIGSTOP cannot be ignored or blocked: a kill
  * call carrying one of them is left out. Timed waits (nanosleep 35, clock_nanosleep 230,
- * futex 202, rt_sigtimedwait 128) get a short timeout unless theirs surely faults: random
- * bytes in the program's memory (its ELF header, say) can ask for years, and NULL is for ever. */
+ * futex 202, rt_sigtimedwait 128, poll 7, ppoll 271, select 23, pselect6 270) get a short
+ * timeout unless theirs surely faults: random bytes in the program's memory (its ELF header,
+ * say) can ask for years, and NULL (or a negative poll timeout) is for ever. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -108,6 +109,9 @@ int main(int argc, char **argv) {
         if (nr == 35) a[0] = short_time(a[0]);
         if (nr == 230) a[2] = short_time(a[2]);
         if (nr == 202 || nr == 128) a[3 - (nr == 128)] = short_time(a[3 - (nr == 128)]);
+        if (nr == 7) a[2] = (long)(rnd() % 3);                        /* poll: milliseconds */
+        if (nr == 271) a[2] = short_time(a[2]);                        /* ppoll */
+        if (nr == 23 || nr == 270) a[4] = short_time(a[4]);            /* select, pselect6 */
         long r = raw(nr, a[0], a[1], a[2], a[3], a[4], a[5]);
         if (nr == 13) shield_signal((int)a[0]);
         if (nr == 14) shield_mask();
