@@ -4,9 +4,11 @@ paying Python's start-up each time.
 Why: ``dirtyring run --exec`` of an empty program takes ~200 ms here, of which the VMM's part
 (build the machine, boot the library OS, run to the end) is ~9 ms; the rest is the interpreter,
 its site directory and numpy (~90 ms here) and our own modules. Issue 15 asks for 20 ms from the
-command to the program's ``main``. So the server imports everything once and forks a worker per
-command (as a zygote does); the client (``client.c``) is a small C program that hands over the
-command and its standard descriptors, forwards signals and exits with the worker's status.
+command to the program's ``main``. So the server imports everything once and keeps workers
+forked ahead of time (as a zygote does), each warmed up by running an empty program (so the
+memory a command touches is already its own, not copied on its first write); the client
+(``client.c``) is a small C program that hands over the command and its standard descriptors,
+forwards signals and exits with the worker's status.
 
 The protocol (one Unix stream connection per command; ``client.c`` speaks the other side)::
 
@@ -45,7 +47,8 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from .commands import COMMANDS
-from .main import command_name
+from .._bindings.vm import defer_teardown
+from .main import command_name, main
 
 MAGIC = b"DRW1"
 #: sockaddr_un's sun_path: a socket's path and its NUL.
@@ -429,8 +432,6 @@ def _work(conn: socket.socket) -> int:
     conn.settimeout(None)
     done = threading.Event()
     threading.Thread(target=_hang_up_with, args=(conn, done), daemon=True).start()
-    from .main import main
-    from .._bindings.vm import defer_teardown
     defer_teardown()  # the status first; this process's exit then destroys its VMs
     try:
         status = main(req.args)
@@ -462,7 +463,6 @@ def _spare(ctl: socket.socket, warm: Path) -> int:
     for fd in (0, 1, 2):
         os.dup2(null, fd)
     os.close(null)
-    from .main import main
     try:
         main(["run", "--exec", str(warm)])
     except BaseException:  # noqa: BLE001 - warming up is only an optimisation
