@@ -31,7 +31,10 @@ KINDS: dict[str, str] = {
     "madvise": "xud", "set_robust_list": "xu", "rseq": "xuxx", "ioctl": "dxx",
     "readlinkat": "Dsxu", "prctl": "dx", "sysinfo": "x", "gettid": "", "getuid": "",
     "geteuid": "", "getgid": "", "getegid": "", "getppid": "", "time": "x",
-    "gettimeofday": "xx",
+    "gettimeofday": "xx", "symlink": "ss", "symlinkat": "sDs", "link": "ss",
+    "linkat": "DsDsx", "chmod": "so", "fchmod": "do", "fchmodat": "Dso", "chown": "sdd",
+    "lchown": "sdd", "fchown": "ddd", "utimensat": "Dsxx", "sync": "", "syncfs": "d",
+    "poll": "xud", "ppoll": "xuxxu", "select": "dxxxx", "pselect6": "dxxxxx",
 }
 AT_FDCWD = -100
 

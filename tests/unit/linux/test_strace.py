@@ -25,3 +25,11 @@ def test_unknown_pointers_and_syscalls() -> None:
         "open(0xdead, 0, 00) = -1 EFAULT")
     assert format_call(999, (1, 2, 3, 4, 5, 6), -38 & M64, _read) == \
         "syscall 999(0x1, 0x2, 0x3, 0x4, 0x5, 0x6) = -1 ENOSYS (Function not implemented)"
+
+
+def test_links_modes_and_waits() -> None:
+    assert format_call(266, (0x1000, (-100) & M64, 0x2000, 0, 0, 0), 0, _read) == \
+        'symlinkat("/tmp/a", AT_FDCWD, "a \\"quoted\\"\\nname") = 0'
+    assert format_call(90, (0x1000, 0o600, 0, 0, 0, 0), 0, _read) == 'chmod("/tmp/a", 0600) = 0'
+    assert format_call(7, (0x7FFE0000, 2, -1 & M64, 0, 0, 0), 1, _read) == \
+        "poll(0x7ffe0000, 2, -1) = 1"
