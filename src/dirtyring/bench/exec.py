@@ -36,7 +36,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -46,6 +45,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from ..cli.child import stop_process
 from ..cli.client import client_path
 from ..errors import DirtyringError
 from ..linux.program import LinuxProgram
@@ -241,29 +241,18 @@ def _warm_server(sock: Path) -> Iterator[dict[str, str]]:
             raise BenchError(f"dirtyring serve did not start: {line}{p.communicate()[1]}")
         yield dict(os.environ, DIRTYRING_SOCKET=str(sock))
     finally:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-            try:
-                p.wait(60)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop_process(p, grace=60)
 
 
 def _timed_command(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, float]:
     """Seconds from starting ``cmd`` (a ``run --exec ... --json``) to its program's end, as
     its VMM saw it (the done event's ``ended_monotonic``), and to its exit."""
-    t0 = time.monotonic()
-    p = subprocess.run(cmd, capture_output=True, timeout=120, env=env)
-    t1 = time.monotonic()
-    if p.returncode != 0:
-        raise BenchError(f"{' '.join(cmd[:4])}... failed (status {p.returncode}): "
-                         f"{p.stderr[-300:]!r}")
+    t0, t1, err = _run_checked(cmd, env)
     try:
-        ended = json.loads(p.stderr.splitlines()[-1])["ended_monotonic"]
+        ended = json.loads(err.splitlines()[-1])["ended_monotonic"]
     except (IndexError, ValueError, KeyError):
         raise BenchError(f"{' '.join(cmd[:4])}... printed no done event: "
-                         f"{p.stderr[-300:]!r}") from None
+                         f"{err[-300:]!r}") from None
     return ended - t0, t1 - t0
 
 
@@ -277,15 +266,23 @@ def _startup(path: Path, rewrite: bool) -> float:
     return res.ended_at - t0
 
 
-def _timed(cmd: list[str]) -> float:
-    """Wall seconds of a command that must succeed."""
-    t0 = time.perf_counter()
-    p = subprocess.run(cmd, capture_output=True, timeout=120)
-    dt = time.perf_counter() - t0
+def _run_checked(cmd: list[str], env: dict[str, str] | None = None
+                 ) -> tuple[float, float, bytes]:
+    """Run a command that must succeed: when it started and ended (time.monotonic, the
+    system's clock a VMM's timestamps are on too) and its stderr."""
+    t0 = time.monotonic()
+    p = subprocess.run(cmd, capture_output=True, timeout=120, env=env)
+    t1 = time.monotonic()
     if p.returncode != 0:
         raise BenchError(f"{' '.join(cmd[:4])}... failed (status {p.returncode}): "
                          f"{p.stderr[-300:]!r}")
-    return dt
+    return t0, t1, p.stderr
+
+
+def _timed(cmd: list[str]) -> float:
+    """Wall seconds of a command that must succeed."""
+    t0, t1, _ = _run_checked(cmd)
+    return t1 - t0
 
 
 def _startup_records(sorted_s: list[float], what: str, **dims: str) -> list[Record]:

@@ -27,6 +27,28 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def stop_process(p: subprocess.Popen[Any], grace: float = 5.0) -> int:
+    """End a child by its PID: SIGCONT (in case it was stopped) and SIGTERM, then SIGKILL if it
+    is still there after ``grace`` seconds; idempotent. Returns its exit status (Popen's)."""
+    if p.poll() is None:
+        try:
+            os.kill(p.pid, signal.SIGCONT)
+            os.kill(p.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            p.wait(grace)
+        except subprocess.TimeoutExpired:
+            try:
+                os.kill(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            # A killed VMM's KVM teardown took over 10 s on a loaded host: wait it out (it
+            # cannot refuse SIGKILL), so the caller never leaves a process behind.
+            p.wait(STOP_WAIT_S)
+    return int(p.returncode)
+
+
 class ChildProcess:
     """``python -m dirtyring ARGS --json`` in a child; reader threads collect its events (every
     one, stats included, in order, each stamped with its arrival ``_rx``), its other stdout
@@ -130,22 +152,7 @@ class ChildProcess:
 
     def stop(self) -> None:
         """SIGTERM, then SIGKILL, by PID; idempotent. Also resumes a SIGSTOPped child."""
-        if self.p.poll() is None:
-            try:
-                os.kill(self.pid, signal.SIGCONT)
-                os.kill(self.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
-                self.p.wait(5)
-            except subprocess.TimeoutExpired:
-                try:
-                    os.kill(self.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                # A killed VMM's KVM teardown took over 10 s on a loaded host: wait it out
-                # (it cannot refuse SIGKILL), so the caller never leaves a process behind.
-                self.p.wait(STOP_WAIT_S)
+        stop_process(self.p)
         for t in self._readers:
             t.join(5)
         for f in (self.p.stdout, self.p.stderr):

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from dirtyring.cli.child import stop_process
 from dirtyring.cli.client import client_path
 from dirtyring.cli.server import KIND_ERROR, KIND_PID, SPARES, encode_request
 from dirtyring.linux.signals import killed_line
@@ -60,13 +61,7 @@ class Served:
         raise AssertionError(f"no log line matching {pattern!r} in {self.log[after:]!r}")
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                return self.proc.wait(PATIENCE)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        return self.proc.wait()
+        return stop_process(self.proc, grace=PATIENCE)
 
 
 @pytest.fixture(scope="module")
