@@ -447,11 +447,16 @@ def _work(conn: socket.socket) -> int:
         pass
     done.set()  # the client leaves once it has the status: that is no hangup
     reply(conn, KIND_STATUS, status & 0xFF)
-    # A reader of our output (a pipe, $(...)) sees its end now, not after our exit.
+    _stdio_to_null()  # a reader of our output (a pipe, $(...)) sees its end now, not at exit
+    return status & 0xFF
+
+
+def _stdio_to_null() -> None:
+    """Descriptors 0, 1 and 2 on /dev/null (none of the client's, or the server's, held)."""
     null = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(null, fd)
-    return status & 0xFF
+    os.close(null)
 
 
 def _spare(ctl: socket.socket, warm: Path) -> int:
@@ -459,10 +464,7 @@ def _spare(ctl: socket.socket, warm: Path) -> int:
     for s in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
         signal.signal(s, signal.SIG_DFL)
     signal.set_wakeup_fd(-1)
-    null = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(null, fd)
-    os.close(null)
+    _stdio_to_null()
     try:
         main(["run", "--exec", str(warm)])
     except BaseException:  # noqa: BLE001 - warming up is only an optimisation
