@@ -187,10 +187,9 @@ static void inode_put(u32 ino) {      /* drop it once nothing names or holds it 
     ip->mode = 0;
 }
 
-static u32 dir_lookup(u32 dir, const char *name, u32 len) {
+/* The inode of the entry ``name`` (its offset in the directory to *at, if asked), or 0. */
+static u32 dir_find(u32 dir, const char *name, u32 len, u64 *at) {
     struct inode *dp = &inodes[dir];
-    if (len == 1 && name[0] == '.') return dir;
-    if (len == 2 && name[0] == '.' && name[1] == '.') return dp->parent;
     struct dirent_rec e;
     for (u64 off = 0; off < dp->size; off += sizeof e) {
         file_read(dp, off, (u8 *)&e, 8);
@@ -198,9 +197,17 @@ static u32 dir_lookup(u32 dir, const char *name, u32 len) {
         file_read(dp, off + 8, (u8 *)e.name, len);
         u32 i = 0;
         while (i < len && e.name[i] == name[i]) i++;
-        if (i == len) return e.ino;
+        if (i == len) {
+            if (at) *at = off;
+            return e.ino;
+        }
     }
     return 0;
+}
+static u32 dir_lookup(u32 dir, const char *name, u32 len) {
+    if (len == 1 && name[0] == '.') return dir;
+    if (len == 2 && name[0] == '.' && name[1] == '.') return inodes[dir].parent;
+    return dir_find(dir, name, len, 0);
 }
 static s64 dir_add(u32 dir, const char *name, u32 len, u32 ino) {
     struct inode *dp = &inodes[dir];
@@ -218,16 +225,9 @@ static s64 dir_add(u32 dir, const char *name, u32 len, u32 ino) {
 }
 /* Remove the entry ``name`` (not "the entry of inode N": hard links give an inode several). */
 static void dir_remove(u32 dir, const char *name, u32 len) {
-    struct inode *dp = &inodes[dir];
-    struct dirent_rec e;
-    for (u64 off = 0; off < dp->size; off += sizeof e) {
-        file_read(dp, off, (u8 *)&e, 8);
-        if (!e.ino || e.len != len) continue;
-        file_read(dp, off + 8, (u8 *)e.name, len);
-        u32 i = 0;
-        while (i < len && e.name[i] == name[i]) i++;
-        if (i == len) { u32 z = 0; file_write(dp, off, (const u8 *)&z, 4); return; }
-    }
+    u64 off;
+    u32 z = 0;
+    if (dir_find(dir, name, len, &off)) file_write(&inodes[dir], off, (const u8 *)&z, 4);
 }
 /* One name of ``ino`` fewer: a directory has only one; the inode goes once nothing names or
  * holds it. */
